@@ -1,0 +1,307 @@
+"""The image-text shard format (schema version 1).
+
+A shard set is a directory (local path or any pyarrow filesystem URI) laid out as::
+
+    ROOT/
+      train/part-00000.parquet ...   one sub-directory per split
+      test/part-00000.parquet ...
+      vocab.txt        optional WordPiece vocabulary built for this corpus (synthetic set)
+      tags.txt         optional tag (object-class) vocabulary, one per line
+      concepts.txt     optional phrase-concept vocabulary, one tuple per line, words space-joined
+      manifest.json    optional build manifest (rows written / skipped by reason, files)
+
+Each Parquet file has these columns (``alignlab.schema_version = 1`` in the file metadata):
+
+=================  ========================================  ==========================================
+column             Arrow type                                meaning
+=================  ========================================  ==========================================
+image              binary                                    encoded image bytes (JPEG / PNG)
+image_id           string                                    unique per image
+caption            string                                    one caption; an image may have several rows
+caption_id         string                                    unique per caption
+split              string                                    train / val / test ...
+region_features*   list<fixed_size_list<float32>[D]>         N×D pooled region features, position-aware
+                                                             (last 6 = x1, y1, x2, y2, w, h normalised,
+                                                             as VinVL's 2054 = 2048 + 6)
+boxes*             list<fixed_size_list<float32>[4]>         N×4 boxes x1, y1, x2, y2 normalised to [0, 1]
+tags*              list<string>                              N object-class names, one per box
+phrases*           list<list<string>>                        phrase-concept tuples from the caption:
+                                                             [obj], [attr, obj], [subj, rel, obj]
+=================  ========================================  ==========================================
+
+Columns marked * are optional; when present, ``region_features``, ``boxes`` and ``tags`` have one
+entry per region. Extra columns (e.g. question / answer rows for VQA-style pre-training) are
+allowed and passed through.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"alignlab.schema_version"
+
+
+class ShardSchemaError(ValueError):
+    """A shard file does not follow the schema; the message names the file and the column."""
+
+
+REQUIRED_COLUMNS: dict[str, pa.DataType] = {
+    "image": pa.binary(),
+    "image_id": pa.string(),
+    "caption": pa.string(),
+    "caption_id": pa.string(),
+    "split": pa.string(),
+}
+
+OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases")
+
+
+def region_features_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.list_(pa.float32(), dim))
+
+
+BOXES_TYPE = pa.list_(pa.list_(pa.float32(), 4))
+TAGS_TYPE = pa.list_(pa.string())
+PHRASES_TYPE = pa.list_(pa.list_(pa.string()))
+
+
+def _check_optional(name: str, tp: pa.DataType) -> str | None:
+    """None if ``tp`` is acceptable for optional column ``name``, else the expected type."""
+    if name == "region_features":
+        ok = (pa.types.is_list(tp) or pa.types.is_large_list(tp)) and pa.types.is_fixed_size_list(tp.value_type) \
+            and pa.types.is_floating(tp.value_type.value_type)
+        return None if ok else "list<fixed_size_list<float32>[D]>"
+    if name == "boxes":
+        ok = (pa.types.is_list(tp) or pa.types.is_large_list(tp)) and pa.types.is_fixed_size_list(tp.value_type) \
+            and tp.value_type.list_size == 4 and pa.types.is_floating(tp.value_type.value_type)
+        return None if ok else "list<fixed_size_list<float32>[4]>"
+    if name == "tags":
+        ok = pa.types.is_list(tp) and (pa.types.is_string(tp.value_type) or pa.types.is_large_string(tp.value_type))
+        return None if ok else "list<string>"
+    if name == "phrases":
+        ok = pa.types.is_list(tp) and pa.types.is_list(tp.value_type) and pa.types.is_string(tp.value_type.value_type)
+        return None if ok else "list<list<string>>"
+    return None
+
+
+def validate_schema(schema: pa.Schema, where: str) -> None:
+    """Raise :class:`ShardSchemaError` naming ``where`` and the offending column."""
+    names = set(schema.names)
+    for col, tp in REQUIRED_COLUMNS.items():
+        if col not in names:
+            raise ShardSchemaError(
+                f"{where}: missing required column '{col}' ({tp}); found columns {sorted(names)}. "
+                f"See alignlab.platform.shards for the schema.")
+        got = schema.field(col).type
+        if not (got == tp or (tp == pa.string() and got == pa.large_string())
+                or (tp == pa.binary() and got == pa.large_binary())):
+            raise ShardSchemaError(f"{where}: column '{col}' has type {got}, expected {tp}")
+    for col in OPTIONAL_COLUMNS:
+        if col in names:
+            expected = _check_optional(col, schema.field(col).type)
+            if expected:
+                raise ShardSchemaError(
+                    f"{where}: column '{col}' has type {schema.field(col).type}, expected {expected}")
+    meta = schema.metadata or {}
+    version = meta.get(SCHEMA_VERSION_KEY)
+    if version is not None and int(version) > SCHEMA_VERSION:
+        raise ShardSchemaError(
+            f"{where}: written with shard schema version {int(version)}, this AlignLab reads up to "
+            f"{SCHEMA_VERSION}; upgrade alignlab")
+
+
+# --------------------------------------------------------------------------------------------
+# Filesystems
+# --------------------------------------------------------------------------------------------
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or any URI pyarrow understands (s3://, gs://, ...)."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def list_parquet(uri: str) -> list[str]:
+    """Parquet files under ``uri`` (a file or a directory, recursively), sorted."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no shards at {uri!r}")
+    if info.type == pafs.FileType.File:
+        return [path]
+    files = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(f.path for f in files if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+
+
+def child_uri(root: str, name: str) -> str:
+    """``ROOT/name`` for a local path or a URI."""
+    return f"{root.rstrip('/')}/{name}" if "://" in root else os.path.join(root, name)
+
+
+def read_text(uri: str) -> str | None:
+    """A small text file next to the shards, or None when absent."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def read_vocab_file(root: str, name: str) -> list[str]:
+    """One entry per line of ``ROOT/name`` (tags.txt, concepts.txt), or [] when absent."""
+    text = read_text(child_uri(root, name))
+    return [line for line in text.splitlines() if line.strip()] if text else []
+
+
+def validate_shards(uri: str) -> list[str]:
+    """Check every file's schema (cheap: footers only). Returns the files."""
+    files = list_parquet(uri)
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {uri!r}")
+    fs, _ = filesystem(uri)
+    for f in files:
+        validate_schema(pq.read_schema(f, filesystem=fs), f)
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One image-caption pair; ``None`` optional fields are left out of the file."""
+
+    image: bytes
+    image_id: str
+    caption: str
+    caption_id: str
+    split: str
+    region_features: np.ndarray | None = None  # (N, D) float32
+    boxes: np.ndarray | None = None  # (N, 4) float32 in [0, 1]
+    tags: list[str] | None = None
+    phrases: list[list[str]] | None = None
+
+
+def rows_to_table(rows: list[dict[str, Any]], region_dim: int | None = None) -> pa.Table:
+    """Rows (dicts with the schema's keys; arrays as numpy) -> a schema-conformant table."""
+    if not rows:
+        raise ValueError("rows_to_table needs at least one row")
+    keys = rows[0].keys()
+    fields = [pa.field(c, t) for c, t in REQUIRED_COLUMNS.items()]
+    arrays = [pa.array([r[c] for r in rows], type=t) for c, t in REQUIRED_COLUMNS.items()]
+    if "region_features" in keys and rows[0]["region_features"] is not None:
+        dim = region_dim or int(np.asarray(rows[0]["region_features"]).reshape(len(rows[0]["boxes"]), -1).shape[1])
+        values = [np.asarray(r["region_features"], dtype=np.float32).reshape(-1, dim) for r in rows]
+        arrays.append(_nested_fixed(values, dim))
+        fields.append(pa.field("region_features", region_features_type(dim)))
+    if "boxes" in keys and rows[0]["boxes"] is not None:
+        values = [np.asarray(r["boxes"], dtype=np.float32).reshape(-1, 4) for r in rows]
+        arrays.append(_nested_fixed(values, 4))
+        fields.append(pa.field("boxes", BOXES_TYPE))
+    if "tags" in keys and rows[0]["tags"] is not None:
+        arrays.append(pa.array([list(r["tags"]) for r in rows], type=TAGS_TYPE))
+        fields.append(pa.field("tags", TAGS_TYPE))
+    if "phrases" in keys and rows[0]["phrases"] is not None:
+        arrays.append(pa.array([[list(p) for p in r["phrases"]] for r in rows], type=PHRASES_TYPE))
+        fields.append(pa.field("phrases", PHRASES_TYPE))
+    extra = [k for k in keys if k not in REQUIRED_COLUMNS and k not in OPTIONAL_COLUMNS]
+    for k in extra:
+        arr = pa.array([r[k] for r in rows])
+        arrays.append(arr)
+        fields.append(pa.field(k, arr.type))
+    schema = pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _nested_fixed(values: list[np.ndarray], dim: int) -> pa.Array:
+    """list<fixed_size_list<float32>[dim]> from per-row (N_i, dim) arrays, without Python loops
+    over elements."""
+    counts = np.array([len(v) for v in values], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    flat = np.concatenate([v.reshape(-1) for v in values]) if values else np.zeros(0, np.float32)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.float32)), dim)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+class ShardWriter:
+    """Writes rows into ``ROOT/<split>/<prefix>-NNNNN.parquet`` files of at most
+    ``rows_per_file`` rows each. Use as a context manager; ``files`` lists what was written."""
+
+    def __init__(self, root: str, rows_per_file: int = 10_000, prefix: str = "part", region_dim: int | None = None):
+        if rows_per_file < 1:
+            raise ValueError("rows_per_file must be >= 1")
+        self.root = root
+        self.rows_per_file = rows_per_file
+        self.prefix = prefix
+        self.region_dim = region_dim
+        self.fs, self.path = filesystem(root)
+        self._buffers: dict[str, list[dict]] = {}
+        self._counters: dict[str, int] = {}
+        self.files: list[str] = []
+        self.rows_written = 0
+
+    def write(self, row: Row | dict) -> None:
+        r = row.__dict__ if isinstance(row, Row) else row
+        split = r["split"]
+        buf = self._buffers.setdefault(split, [])
+        buf.append(r)
+        if len(buf) >= self.rows_per_file:
+            self._flush(split)
+
+    def write_all(self, rows: Iterable[Row | dict]) -> None:
+        for r in rows:
+            self.write(r)
+
+    def _flush(self, split: str) -> None:
+        buf = self._buffers.get(split)
+        if not buf:
+            return
+        table = rows_to_table(buf, self.region_dim)
+        n = self._counters.get(split, 0)
+        self._counters[split] = n + 1
+        directory = posixpath.join(self.path, split)
+        self.fs.create_dir(directory, recursive=True)
+        path = posixpath.join(directory, f"{self.prefix}-{n:05d}.parquet")
+        pq.write_table(table, path, filesystem=self.fs, compression="zstd")
+        self.files.append(path)
+        self.rows_written += len(buf)
+        self._buffers[split] = []
+
+    def close(self) -> None:
+        for split in list(self._buffers):
+            self._flush(split)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+
+
+def write_manifest(root: str, manifest: dict) -> None:
+    write_text(child_uri(root, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def read_manifest(root: str) -> dict:
+    text = read_text(child_uri(root, "manifest.json"))
+    return json.loads(text) if text else {}
