@@ -1,0 +1,317 @@
+"""``alignlab data build``: a caption corpus in any understood layout -> Parquet shards, as a Ray Data
+job.
+
+The driver reads the captions (text only), drops bad rows with a counted reason, groups captions
+by image and plans *units*: consecutive images of one split holding at most ``rows_per_file``
+captions, each written as one ``ROOT/<split>/part-NNNNN.parquet``. A Ray Data ``map_batches`` over
+the units runs :class:`UnitBuilder` actors, which load the spaCy parser (MVPTR §3.1 phrase
+concepts), the region source and the feature backbone (MVPTR §3.1, SemVLP §3.1.1) once, then per
+unit: parse its captions with ``nlp.pipe``, decode / detect / pool each image once, and write the
+file. The manifest records every finished unit, so a re-run does only what is missing. Finally the
+concept vocabulary (tuples in >= ``min_count`` training sentences) and the tag vocabulary are
+computed from the written shards' columns, so they are right for resumed builds too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from alignlab.platform.databuild.config import BuildConfig
+from alignlab.platform.databuild.phrases import build_vocab
+from alignlab.platform.databuild.readers import ImageRef, Reader, open_reader
+from alignlab.platform.databuild.regions import (POSITION_DIM, VINVL_DIM, Featurizer, make_region_source,
+                                                 normalise_boxes, position_features, select)
+from alignlab.platform.shards import (SCHEMA_VERSION, child_uri, filesystem, read_manifest, rows_to_table,
+                                      write_manifest, write_text)
+
+log = logging.getLogger(__name__)
+
+# Skip reasons recorded in the manifest.
+EMPTY_CAPTION = "empty_caption"
+CAPTION_TOO_LONG = "caption_too_long"
+DUPLICATE_CAPTION_ID = "duplicate_caption_id"
+CONFLICTING_IMAGE_ID = "conflicting_image_id"  # one image_id naming two different images / splits
+NO_SPLIT = "no_split"
+MISSING_IMAGE = "missing_image"
+UNDECODABLE_IMAGE = "undecodable_image"
+
+
+class BuildError(RuntimeError):
+    """The build cannot proceed (e.g. resuming into shards built with other options)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Driver: planning
+# --------------------------------------------------------------------------------------------
+
+
+def plan_units(reader: Reader, cfg: BuildConfig, hints: dict[str, Any]) -> tuple[list[dict], Counter]:
+    """Group the reader's records by image and cut them into units; returns (units, skipped)."""
+    skipped: Counter[str] = Counter()
+    images: dict[str, dict] = {}
+    caption_ids: set[str] = set()
+    for rec in reader.records():
+        caption = " ".join(rec.caption.split())
+        if not rec.split:
+            skipped[NO_SPLIT] += 1
+            continue
+        if not caption:
+            skipped[EMPTY_CAPTION] += 1
+            continue
+        if len(caption.split()) > cfg.max_caption_words:
+            skipped[CAPTION_TOO_LONG] += 1
+            continue
+        if rec.caption_id in caption_ids:
+            skipped[DUPLICATE_CAPTION_ID] += 1
+            continue
+        if not rec.image.path:
+            skipped[MISSING_IMAGE] += 1
+            continue
+        item = images.get(rec.image_id)
+        if item is None:
+            item = images[rec.image_id] = {
+                "image_id": rec.image_id, "split": rec.split, "ref": [rec.image.path, rec.image.offset, rec.image.size],
+                "hint": hints.get(rec.image_id), "captions": []}
+        elif item["ref"] != [rec.image.path, rec.image.offset, rec.image.size] or item["split"] != rec.split:
+            skipped[CONFLICTING_IMAGE_ID] += 1
+            continue
+        caption_ids.add(rec.caption_id)
+        item["captions"].append([rec.caption_id, caption])
+
+    units: list[dict] = []
+    open_unit: dict[str, dict] = {}
+    counters: Counter[str] = Counter()
+    for item in images.values():
+        split = item["split"]
+        unit = open_unit.get(split)
+        if unit is None or unit["rows"] + len(item["captions"]) > cfg.rows_per_file and unit["images"]:
+            unit = {"name": f"{split}/part-{counters[split]:05d}.parquet", "rows": 0, "images": []}
+            counters[split] += 1
+            open_unit[split] = unit
+            units.append(unit)
+        unit["images"].append(item)
+        unit["rows"] += len(item["captions"])
+    return units, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: one unit -> one Parquet file
+# --------------------------------------------------------------------------------------------
+
+
+class UnitBuilder:
+    """Ray Data callable class: the models load once per actor; each batch row is one unit."""
+
+    def __init__(self, cfg: dict):
+        import cv2
+        import torch
+
+        # One Ray CPU per actor: intra-op threads would only oversubscribe the cores.
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+        self._cv2 = cv2
+        self.cfg = BuildConfig(**cfg)
+        self.phrases = None
+        if self.cfg.phrases:
+            from alignlab.platform.databuild.phrases import PhraseParser
+
+            self.phrases = PhraseParser(self.cfg.spacy_model, self.cfg.phrase_batch_size)
+        self.regions = make_region_source(self.cfg)
+        self._featurizer: Featurizer | None = None
+
+    def featurizer(self) -> Featurizer:
+        if self._featurizer is None:  # VinVL TSVs that carry features never need the backbone
+            self._featurizer = Featurizer(self.cfg.backbone, self.cfg.backbone_weights, self.cfg.feature_image_size)
+        return self._featurizer
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"name": [], "rows": [], "images": [], "skipped": [], "seconds": []}
+        for payload in batch["unit"]:
+            start = time.perf_counter()
+            unit = json.loads(payload)
+            rows, n_images, skipped = self.build_unit(unit)
+            out["name"].append(unit["name"])
+            out["rows"].append(rows)
+            out["images"].append(n_images)
+            out["skipped"].append(json.dumps(skipped))
+            out["seconds"].append(time.perf_counter() - start)
+        return out
+
+    def decode(self, ref: list) -> tuple[bytes | None, np.ndarray | None, str | None]:
+        try:
+            data = ImageRef(*ref).read()
+        except (OSError, ValueError):
+            return None, None, MISSING_IMAGE
+        bgr = self._cv2.imdecode(np.frombuffer(data, np.uint8), self._cv2.IMREAD_COLOR) if data else None
+        if bgr is None or bgr.size == 0:
+            return None, None, UNDECODABLE_IMAGE
+        return data, self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB), None
+
+    def image_regions(self, rgb: np.ndarray, hint: Any) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """(normalised boxes, tags, features with position) of one image."""
+        cfg = self.cfg
+        found = select(self.regions.detect(rgb, hint), cfg.score_threshold, cfg.max_regions, cfg.max_tags)
+        h, w = rgb.shape[:2]
+        boxes = normalise_boxes(found.boxes, w, h)
+        if found.features is not None:
+            appearance = found.features
+        elif len(boxes):
+            appearance = self.featurizer()(rgb, found.boxes)
+        else:
+            appearance = np.zeros((0, self.appearance_dim()), np.float32)
+        return boxes, found.tags, np.concatenate([appearance, position_features(boxes)], axis=1)
+
+    def appearance_dim(self) -> int:
+        if self.cfg.region_kind == "vinvl":
+            return VINVL_DIM - POSITION_DIM
+        return self.featurizer().dim
+
+    def build_unit(self, unit: dict) -> tuple[int, int, dict[str, int]]:
+        skipped: Counter[str] = Counter()
+        captions = [c for item in unit["images"] for c in item["captions"]]
+        tuples = iter(self.phrases.parse([c[1] for c in captions])) if self.phrases else None
+        rows: list[dict] = []
+        n_images = 0
+        for item in unit["images"]:
+            data, rgb, reason = self.decode(item["ref"])
+            item_tuples = [next(tuples) for _ in item["captions"]] if tuples else None
+            if reason:
+                skipped[reason] += len(item["captions"])
+                continue
+            n_images += 1
+            extra: dict[str, Any] = {}
+            if self.regions is not None:
+                boxes, tags, feats = self.image_regions(rgb, item["hint"])
+                extra = {"region_features": feats, "boxes": boxes, "tags": tags}
+            for k, (cid, caption) in enumerate(item["captions"]):
+                row = {"image": data, "image_id": item["image_id"], "caption": caption, "caption_id": cid,
+                       "split": item["split"], **extra}
+                if item_tuples is not None:
+                    row["phrases"] = item_tuples[k]
+                rows.append(row)
+        if rows:
+            dim = rows[0]["region_features"].shape[1] if self.regions is not None else None
+            table = rows_to_table(rows, dim)
+            fs, root = filesystem(self.cfg.out)
+            path = posixpath.join(root, unit["name"])
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+            pq.write_table(table, path, filesystem=fs, compression="zstd")
+        return len(rows), n_images, dict(skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver: run, resume, vocabularies, manifest
+# --------------------------------------------------------------------------------------------
+
+
+def _split_files(out: str, split: str | None = None) -> list[str]:
+    fs, root = filesystem(out)
+    base = posixpath.join(root, split) if split else root
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+
+
+def _vocabularies(cfg: BuildConfig) -> tuple[list[str] | None, list[str] | None]:
+    """(concepts, tags) from the written shards: concepts from the train split's ``phrases``
+    (MVPTR §3.1), tags by the number of images showing them."""
+    fs, _ = filesystem(cfg.out)
+    concepts = tags = None
+    if cfg.phrases:
+        sentences = []
+        for f in _split_files(cfg.out, "train"):
+            sentences.extend(pq.read_table(f, columns=["phrases"], filesystem=fs).column("phrases").to_pylist())
+        concepts = build_vocab(sentences, cfg.min_count)
+    if cfg.region_kind != "none":
+        per_image: dict[str, set[str]] = {}
+        for f in _split_files(cfg.out):
+            t = pq.read_table(f, columns=["image_id", "tags"], filesystem=fs)
+            for image_id, image_tags in zip(t.column("image_id").to_pylist(), t.column("tags").to_pylist()):
+                per_image.setdefault(image_id, set()).update(image_tags)
+        counts = Counter(tag for s in per_image.values() for tag in s)
+        tags = [t for t, _ in sorted(counts.items(), key=lambda tn: (-tn[1], tn[0]))]
+    return concepts, tags
+
+
+def _run_units(units: list[dict], cfg: BuildConfig, on_done) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.workers or os.cpu_count(), include_dashboard=False, configure_logging=False)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = max(1, min(cfg.workers or cpus, cpus, len(units)))
+    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+    results = ds.map_batches(UnitBuilder, fn_constructor_kwargs={"cfg": cfg.__dict__}, batch_size=1,
+                             concurrency=actors, num_cpus=1)
+    for row in results.iter_rows():
+        on_done(row)
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Run the build; returns the manifest (also written to ``OUT/manifest.json``)."""
+    cfg.validate()
+    started = time.time()
+    reader = open_reader(cfg.source, cfg.layout, cfg.image_root, cfg.default_split)
+    region_source = make_region_source(cfg)
+    hints = region_source.hints(reader) if region_source is not None else {}
+    units, plan_skipped = plan_units(reader, cfg, hints)
+
+    fingerprint = cfg.fingerprint()
+    manifest = read_manifest(cfg.out)
+    if manifest and not cfg.overwrite:
+        if manifest.get("build") != fingerprint:
+            changed = sorted(k for k in fingerprint if (manifest.get("build") or {}).get(k) != fingerprint[k])
+            raise BuildError(f"{child_uri(cfg.out, 'manifest.json')}: these shards were built with different "
+                             f"options ({', '.join(changed) or 'unknown'}); pass --overwrite or a new --out")
+    else:
+        fs, root = filesystem(cfg.out)
+        for f in _split_files(cfg.out):  # an overwrite must not leave parts of the old build behind
+            fs.delete_file(f)
+        manifest = {}
+    done: dict[str, dict] = {k: v for k, v in manifest.get("units", {}).items()
+                             if k in {u["name"] for u in units}}
+    manifest = {"schema_version": SCHEMA_VERSION, "layout": reader.name, "source": cfg.source,
+                "build": fingerprint, "units": done}
+
+    def save() -> None:
+        skipped = Counter(plan_skipped)
+        for u in done.values():
+            skipped.update(u["skipped"])
+        manifest.update(
+            rows_written=sum(u["rows"] for u in done.values()),
+            images_written=sum(u["images"] for u in done.values()),
+            rows_skipped=dict(sorted(skipped.items())),
+            files=sorted(k for k, u in done.items() if u["rows"]),
+            complete=len(done) == len(units))
+        write_manifest(cfg.out, manifest)
+
+    def on_done(row: dict) -> None:
+        done[row["name"]] = {"rows": int(row["rows"]), "images": int(row["images"]),
+                             "skipped": json.loads(row["skipped"])}
+        log.info("wrote %s: %d rows in %.1fs", row["name"], row["rows"], row["seconds"])
+        save()
+
+    todo = [u for u in units if u["name"] not in done]
+    manifest["units_skipped_as_done"] = len(units) - len(todo)
+    if todo:
+        _run_units(todo, cfg, on_done)
+    concepts, tags = _vocabularies(cfg)
+    if concepts is not None:
+        write_text(child_uri(cfg.out, "concepts.txt"), "".join(c + "\n" for c in concepts))
+        manifest["concepts"] = len(concepts)
+    if tags is not None:
+        write_text(child_uri(cfg.out, "tags.txt"), "".join(t + "\n" for t in tags))
+        manifest["tags"] = len(tags)
+    manifest["seconds"] = round(time.time() - started, 1)
+    save()
+    return manifest

@@ -1,0 +1,431 @@
+"""Readers for the caption-corpus layouts researchers arrive with.
+
+Every layout is one :class:`Reader` that yields :class:`Record` s — (image source, image_id,
+caption, caption_id, split) — in a deterministic order, so a resumed build plans the same shards.
+Images are never read here: a record carries an :class:`ImageRef` (a file, or a byte range inside
+a WebDataset tar) that a Ray worker reads once per image. Readers that know ground-truth boxes
+(COCO ``instances_*.json``) also return them per image for the ``gt`` region source.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+from alignlab.platform.shards import filesystem
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class LayoutError(ValueError):
+    """The input cannot be read as any (or the requested) layout; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image's encoded bytes live: a whole file, or ``size`` bytes at ``offset`` (a tar
+    member, read without scanning the tar again)."""
+
+    path: str
+    offset: int = 0
+    size: int = -1
+
+    def read(self) -> bytes:
+        fs, path = filesystem(self.path)
+        with fs.open_input_file(path) as f:
+            if self.size < 0:
+                return f.read()
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+@dataclass(frozen=True)
+class Record:
+    image: ImageRef
+    image_id: str
+    caption: str
+    caption_id: str
+    split: str
+
+
+@dataclass(frozen=True)
+class GroundTruthBox:
+    """A box in pixels (x1, y1, x2, y2) with its class name."""
+
+    box: tuple[float, float, float, float]
+    label: str
+
+
+class Reader:
+    """One input layout. ``records()`` yields every caption; ``ground_truth()`` maps image_id to its
+    boxes where the layout has them."""
+
+    name = ""
+    description = ""
+
+    def __init__(self, source: str, image_root: str | None = None, default_split: str = "train"):
+        self.source = source
+        self.image_root = image_root
+        self.default_split = default_split
+
+    @classmethod
+    def matches(cls, source: str) -> bool:
+        raise NotImplementedError
+
+    def records(self) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def ground_truth(self) -> dict[str, list[GroundTruthBox]]:
+        return {}
+
+    def _image_path(self, name: str, default_root: str) -> str:
+        if os.path.isabs(name) or "://" in name:
+            return name
+        return os.path.join(self.image_root or default_root, name)
+
+
+def _load_json(path: str) -> object:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise LayoutError(f"{path}: not valid JSON ({e})") from e
+
+
+def _stem(name: str) -> str:
+    return os.path.splitext(os.path.basename(name))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Flickr8k / Flickr30k token files
+# --------------------------------------------------------------------------------------------
+
+_FLICKR_TOKEN = re.compile(r"^(?P<image>[^\t#]+)#(?P<n>\d+)\t(?P<caption>.*)$")
+_FLICKR_SPLITS = {"train": "train", "dev": "val", "val": "val", "test": "test"}
+
+
+class FlickrReader(Reader):
+    """``<image>#<n>\\t<caption>`` token files (Flickr8k.token.txt, Flickr30k results_*.token) with
+    optional ``*_<split>Images.txt`` split files; without split files every image is ``train``."""
+
+    name = "flickr"
+    description = "Flickr8k/30k token file (<image>#<n>\\t<caption>) + *trainImages.txt split files"
+
+    @classmethod
+    def _token_file(cls, source: str) -> str | None:
+        if os.path.isfile(source):
+            return source if ".token" in os.path.basename(source) else None
+        hits = sorted(glob.glob(os.path.join(source, "*.token*")))
+        return hits[0] if hits else None
+
+    @classmethod
+    def matches(cls, source: str) -> bool:
+        return cls._token_file(source) is not None
+
+    def _image_dir(self, base: str) -> str:
+        for name in ("images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images"):
+            if os.path.isdir(os.path.join(base, name)):
+                return os.path.join(base, name)
+        return base
+
+    def _splits(self, base: str) -> dict[str, str]:
+        split_of: dict[str, str] = {}
+        for path in sorted(glob.glob(os.path.join(base, "*Images.txt"))):
+            m = re.search(r"(train|dev|val|test)Images\.txt$", os.path.basename(path))
+            if not m:
+                continue
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        split_of[line.strip()] = _FLICKR_SPLITS[m.group(1)]
+        return split_of
+
+    def records(self) -> Iterator[Record]:
+        token = self._token_file(self.source)
+        base = os.path.dirname(token)
+        image_dir = self._image_dir(base)
+        split_of = self._splits(base)
+        with open(token, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                m = _FLICKR_TOKEN.match(line)
+                if m is None:
+                    raise LayoutError(f"{token}:{lineno}: expected '<image>#<n>\\t<caption>', got {line[:80]!r}")
+                image = m.group("image")
+                # With split files, an image listed in none of them belongs to no requested split
+                # (e.g. the Flickr8k test images); the builder counts it as skipped ("no_split").
+                split = split_of.get(image, "" if split_of else self.default_split)
+                yield Record(ImageRef(self._image_path(image, image_dir)), _stem(image), m.group("caption"),
+                             f"{_stem(image)}#{m.group('n')}", split)
+
+
+# --------------------------------------------------------------------------------------------
+# COCO captions (+ instances)
+# --------------------------------------------------------------------------------------------
+
+
+class CocoReader(Reader):
+    """COCO ``captions_<split><year>.json`` (a file, or a folder holding them, e.g. ``annotations/``);
+    images in the sibling ``<split><year>/`` folder; boxes from ``instances_<split><year>.json``."""
+
+    name = "coco"
+    description = "COCO captions_*.json (+ instances_*.json for ground-truth boxes)"
+
+    @classmethod
+    def _caption_files(cls, source: str) -> list[str]:
+        if os.path.isfile(source):
+            return [source] if os.path.basename(source).startswith("captions_") else []
+        for folder in (source, os.path.join(source, "annotations")):
+            hits = sorted(glob.glob(os.path.join(folder, "captions_*.json")))
+            if hits:
+                return hits
+        return []
+
+    @classmethod
+    def matches(cls, source: str) -> bool:
+        return bool(cls._caption_files(source))
+
+    @staticmethod
+    def _split_tag(path: str) -> str:
+        return os.path.basename(path)[len("captions_"):-len(".json")]  # e.g. train2017
+
+    def _image_dir(self, captions_file: str) -> str:
+        tag = self._split_tag(captions_file)
+        ann_dir = os.path.dirname(os.path.abspath(captions_file))
+        for cand in (os.path.join(os.path.dirname(ann_dir), tag), os.path.join(ann_dir, tag),
+                     os.path.join(os.path.dirname(ann_dir), "images", tag)):
+            if os.path.isdir(cand):
+                return cand
+        return os.path.dirname(ann_dir)
+
+    def records(self) -> Iterator[Record]:
+        for path in self._caption_files(self.source):
+            data = _load_json(path)
+            if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+                raise LayoutError(f"{path}: a COCO captions file needs top-level 'images' and 'annotations'")
+            split = re.sub(r"\d+$", "", self._split_tag(path)) or self.default_split
+            image_dir = self._image_dir(path)
+            files = {}
+            for im in data["images"]:
+                try:
+                    files[im["id"]] = im["file_name"]
+                except KeyError as e:
+                    raise LayoutError(f"{path}: image entry {im!r:.120} lacks key {e}") from e
+            for ann in data["annotations"]:
+                try:
+                    image_id, caption, cap_id = ann["image_id"], ann["caption"], ann["id"]
+                except KeyError as e:
+                    raise LayoutError(f"{path}: caption annotation {ann!r:.120} lacks key {e}") from e
+                # A caption whose image_id is not in 'images' cannot be located; it reaches the
+                # builder with an empty path and is counted as a missing image.
+                file_name = files.get(image_id)
+                ref = ImageRef(self._image_path(file_name, image_dir) if file_name else "")
+                yield Record(ref, str(image_id), caption, str(cap_id), split)
+
+    def ground_truth(self) -> dict[str, list[GroundTruthBox]]:
+        boxes: dict[str, list[GroundTruthBox]] = {}
+        for captions in self._caption_files(self.source):
+            path = os.path.join(os.path.dirname(captions), f"instances_{self._split_tag(captions)}.json")
+            if not os.path.isfile(path):
+                continue
+            data = _load_json(path)
+            names = {c["id"]: c["name"] for c in data.get("categories", [])}
+            for ann in data.get("annotations", []):
+                x, y, w, h = ann["bbox"]
+                if w <= 0 or h <= 0:
+                    continue
+                label = names.get(ann["category_id"], str(ann["category_id"]))
+                boxes.setdefault(str(ann["image_id"]), []).append(GroundTruthBox((x, y, x + w, y + h), label))
+        return boxes
+
+
+# --------------------------------------------------------------------------------------------
+# Karpathy split JSON
+# --------------------------------------------------------------------------------------------
+
+
+class KarpathyReader(Reader):
+    """``dataset_coco.json`` / ``dataset_flickr30k.json``: ``images[*]`` with ``filename``, optional
+    ``filepath``, ``split`` and ``sentences[*].raw``. ``restval`` is folded into ``train``, as the
+    COCO pre-training corpora do. Images resolve under ``image_root`` (default: the JSON's folder)."""
+
+    name = "karpathy"
+    description = "Karpathy split JSON (dataset_coco.json / dataset_flickr30k.json)"
+
+    @classmethod
+    def _file(cls, source: str) -> str | None:
+        if os.path.isfile(source):
+            return source if re.match(r"dataset_.*\.json$", os.path.basename(source)) else None
+        hits = sorted(glob.glob(os.path.join(source, "dataset_*.json")))
+        return hits[0] if hits else None
+
+    @classmethod
+    def matches(cls, source: str) -> bool:
+        return cls._file(source) is not None
+
+    def records(self) -> Iterator[Record]:
+        path = self._file(self.source)
+        data = _load_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise LayoutError(f"{path}: a Karpathy split file needs a top-level 'images' list")
+        base = os.path.dirname(os.path.abspath(path))
+        for i, im in enumerate(data["images"]):
+            if "filename" not in im or "sentences" not in im:
+                raise LayoutError(f"{path}: images[{i}] lacks 'filename' or 'sentences'")
+            name = os.path.join(im.get("filepath", ""), im["filename"])
+            image_id = str(im.get("cocoid", im.get("imgid", _stem(im["filename"]))))
+            split = {"restval": "train"}.get(im.get("split", self.default_split), im.get("split", self.default_split))
+            for j, s in enumerate(im["sentences"]):
+                yield Record(ImageRef(self._image_path(name, base)), image_id, s.get("raw", ""),
+                             str(s.get("sentid", f"{image_id}#{j}")), split)
+
+
+# --------------------------------------------------------------------------------------------
+# CSV / JSONL tables
+# --------------------------------------------------------------------------------------------
+
+_IMAGE_KEYS = ("image", "image_path", "filepath", "file_name", "filename", "path")
+_CAPTION_KEYS = ("caption", "text", "sentence", "raw")
+
+
+class TableReader(Reader):
+    """A CSV (with header) or JSONL file of image path + caption. Recognised keys: image column one
+    of ``image, image_path, filepath, file_name, filename, path``; caption one of ``caption, text,
+    sentence, raw``; optional ``image_id``, ``caption_id``, ``split``."""
+
+    name = "table"
+    description = "CSV / JSONL with an image-path column and a caption column"
+
+    def __init__(self, source: str, image_root: str | None = None, default_split: str = "train",
+                 fmt: str | None = None):
+        super().__init__(source, image_root, default_split)
+        self.fmt = fmt or ("jsonl" if source.endswith((".jsonl", ".json")) else "csv")
+
+    @classmethod
+    def matches(cls, source: str) -> bool:
+        return os.path.isfile(source) and source.endswith((".csv", ".tsv", ".jsonl"))
+
+    def _rows(self) -> Iterator[tuple[int, dict]]:
+        with open(self.source, encoding="utf-8", newline="") as f:
+            if self.fmt == "jsonl":
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield lineno, json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise LayoutError(f"{self.source}:{lineno}: not valid JSON ({e})") from e
+            else:
+                reader = csv.DictReader(f, delimiter="\t" if self.source.endswith(".tsv") else ",")
+                for lineno, row in enumerate(reader, 2):
+                    yield lineno, row
+
+    def records(self) -> Iterator[Record]:
+        base = os.path.dirname(os.path.abspath(self.source))
+        image_key = caption_key = None
+        for lineno, row in self._rows():
+            if image_key is None:
+                image_key = next((k for k in _IMAGE_KEYS if k in row), None)
+                caption_key = next((k for k in _CAPTION_KEYS if k in row), None)
+                if image_key is None or caption_key is None:
+                    raise LayoutError(
+                        f"{self.source}:{lineno}: need an image column (one of {', '.join(_IMAGE_KEYS)}) and a "
+                        f"caption column (one of {', '.join(_CAPTION_KEYS)}); found {sorted(row)}")
+            name = str(row.get(image_key) or "")
+            image_id = str(row.get("image_id") or _stem(name))
+            yield Record(ImageRef(self._image_path(name, base) if name else ""), image_id,
+                         str(row.get(caption_key) or ""), str(row.get("caption_id") or f"{image_id}#{lineno}"),
+                         str(row.get("split") or self.default_split))
+
+
+# --------------------------------------------------------------------------------------------
+# WebDataset tar shards (img2dataset)
+# --------------------------------------------------------------------------------------------
+
+
+class WebDatasetReader(Reader):
+    """img2dataset output: ``*.tar`` files whose members share a key: ``KEY.jpg`` (or png/webp),
+    ``KEY.txt`` (caption) and optionally ``KEY.json`` (its ``caption`` is used when no .txt).
+    Images are referenced by byte range so workers read them without rescanning the tar."""
+
+    name = "webdataset"
+    description = "WebDataset *.tar shards as written by img2dataset (KEY.jpg + KEY.txt/KEY.json)"
+
+    @classmethod
+    def _tars(cls, source: str) -> list[str]:
+        if os.path.isfile(source):
+            return [source] if source.endswith(".tar") else []
+        return sorted(glob.glob(os.path.join(source, "*.tar")))
+
+    @classmethod
+    def matches(cls, source: str) -> bool:
+        return bool(cls._tars(source))
+
+    def records(self) -> Iterator[Record]:
+        for tar_path in self._tars(self.source):
+            samples: dict[str, dict] = {}
+            try:
+                with tarfile.open(tar_path) as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        key, ext = os.path.splitext(member.name)
+                        ext = ext.lower()
+                        entry = samples.setdefault(key, {})
+                        if ext in IMAGE_EXTENSIONS:
+                            entry["image"] = ImageRef(tar_path, member.offset_data, member.size)
+                        elif ext == ".txt":
+                            entry["txt"] = tar.extractfile(member).read().decode("utf-8", "replace")
+                        elif ext == ".json":
+                            entry["json"] = json.loads(tar.extractfile(member).read() or b"{}")
+            except tarfile.TarError as e:
+                raise LayoutError(f"{tar_path}: not a readable tar file ({e})") from e
+            for key, s in samples.items():
+                if "image" not in s and "txt" not in s and "json" not in s:
+                    continue
+                caption = s.get("txt", (s.get("json") or {}).get("caption") or "")
+                image_id = str((s.get("json") or {}).get("key") or os.path.basename(key))
+                yield Record(s.get("image", ImageRef("")), image_id, caption, image_id,
+                             self.default_split)
+
+
+READERS: dict[str, type[Reader]] = {
+    "flickr": FlickrReader,
+    "coco": CocoReader,
+    "karpathy": KarpathyReader,
+    "csv": TableReader,
+    "jsonl": TableReader,
+    "webdataset": WebDatasetReader,
+}
+_DETECTION_ORDER = (CocoReader, KarpathyReader, FlickrReader, WebDatasetReader, TableReader)
+
+
+def understood_layouts() -> str:
+    return "; ".join(f"{r.name if r is not TableReader else 'csv/jsonl'}: {r.description}"
+                     for r in _DETECTION_ORDER)
+
+
+def open_reader(source: str, layout: str = "auto", image_root: str | None = None,
+                default_split: str = "train") -> Reader:
+    """The reader for ``source``; ``layout='auto'`` recognises it from file names and contents."""
+    if not os.path.exists(source):
+        raise LayoutError(f"{source}: no such file or directory")
+    if layout == "auto":
+        cls = next((r for r in _DETECTION_ORDER if r.matches(source)), None)
+        if cls is None:
+            raise LayoutError(f"{source}: cannot recognise the input layout. Layouts understood: "
+                              f"{understood_layouts()}. Pass --layout to choose one explicitly.")
+    else:
+        cls = READERS[layout]
+        if not cls.matches(source):
+            raise LayoutError(f"{source}: does not look like layout '{layout}' ({cls.description})")
+    if cls is TableReader:
+        fmt = layout if layout in ("csv", "jsonl") else None
+        return TableReader(source, image_root, default_split, fmt=fmt)
+    return cls(source, image_root, default_split)
