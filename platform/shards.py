@@ -144,8 +144,12 @@ def list_parquet(uri: str) -> list[str]:
 
 
 def child_uri(root: str, name: str) -> str:
-    """``ROOT/name`` for a local path or a URI."""
-    return f"{root.rstrip('/')}/{name}" if "://" in root else os.path.join(root, name)
+    """``ROOT/name`` for a local path or a URI; a URI's query (``?endpoint_override=...``) stays
+    at the end, where pyarrow reads it."""
+    if "://" not in root:
+        return os.path.join(root, name)
+    base, sep, query = root.partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
 def read_text(uri: str) -> str | None:
