@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--rows-per-file", type=int, default=2000)
     synth.set_defaults(func=_synth)
+    from alignlab.platform.databuild.cli import add_subcommands
+    add_subcommands(data_sub)
     return parser
 
 

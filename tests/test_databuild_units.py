@@ -1,0 +1,231 @@
+"""Fast (no Ray) tests of the databuild parts: readers per layout, bad-row accounting, phrase tuples,
+region sources, features and the per-unit worker."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import test_databuild_fixtures as fx
+from alignlab.platform.databuild import builder
+from alignlab.platform.databuild.config import BuildConfig, BuildConfigError
+from alignlab.platform.databuild.phrases import PhraseParser, build_vocab
+from alignlab.platform.databuild.readers import LayoutError, open_reader
+from alignlab.platform.databuild.regions import (GroundTruthRegions, Regions, SSDMobileNetRegions, VinVLRegions,
+                                                 normalise_boxes, position_features, select)
+from alignlab.platform.shards import validate_schema
+from conftest import shared_data
+
+
+@pytest.fixture(scope="module")
+def parser() -> PhraseParser:
+    return PhraseParser()
+
+
+def _plan(source: str, **kw):
+    cfg = BuildConfig(source=source, out="/unused", **kw).validate()
+    reader = open_reader(cfg.source, cfg.layout, cfg.image_root, cfg.default_split)
+    hints = GroundTruthRegions().hints(reader) if cfg.region_kind == "gt" else {}
+    return reader, *builder.plan_units(reader, cfg, hints)
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+
+def test_flickr_reader_splits_and_skips(tmp_path):
+    reader, units, skipped = _plan(fx.flickr(str(tmp_path)))
+    assert reader.name == "flickr"
+    records = list(reader.records())
+    assert len(records) == 8 and records[0].image_id == "img0" and records[0].caption_id == "img0#0"
+    assert {r.image_id: r.split for r in records} == {"img0": "train", "img1": "train", "img2": "val", "img3": ""}
+    # img3 is in no split file (2 captions), img1#1 is empty; img2's missing file is found by the worker.
+    assert skipped == Counter({"no_split": 2, "empty_caption": 1})
+    assert [u["name"] for u in units] == ["train/part-00000.parquet", "val/part-00000.parquet"]
+    assert [u["rows"] for u in units] == [3, 2]
+
+
+def test_coco_reader_ground_truth_and_duplicate_ids(tmp_path):
+    reader, units, skipped = _plan(fx.coco(str(tmp_path)), regions="gt")
+    assert reader.name == "coco"
+    assert skipped == Counter({"duplicate_caption_id": 1})
+    (unit,) = units
+    assert unit["name"] == "train/part-00000.parquet" and unit["rows"] == 3
+    first = unit["images"][0]
+    assert first["image_id"] == "1" and first["ref"][0].endswith("train2017/000001.jpg")
+    assert first["hint"] == [[10, 8, 40, 30, "person"], [40, 0, 80, 12, "dog"]]
+
+
+def test_karpathy_reader_folds_restval_into_train(tmp_path):
+    reader, units, skipped = _plan(fx.karpathy(str(tmp_path)))
+    assert reader.name == "karpathy" and not skipped
+    records = list(reader.records())
+    assert [(r.image_id, r.split) for r in records[::2]] == [("100", "train"), ("101", "train"), ("102", "test")]
+    assert records[0].image.path == os.path.join(str(tmp_path), "val2014", "a.jpg")
+    assert {u["name"]: u["rows"] for u in units} == {"train/part-00000.parquet": 4, "test/part-00000.parquet": 2}
+
+
+def test_csv_and_jsonl_readers(tmp_path):
+    reader, units, skipped = _plan(fx.csv_table(str(tmp_path)))
+    assert reader.name == "table" and skipped == Counter({"caption_too_long": 1})
+    assert [i["image_id"] for i in units[0]["images"]] == ["p0", "p1", "broken"]
+    reader, units, skipped = _plan(fx.jsonl_table(str(tmp_path / "j")))
+    records = list(reader.records())
+    assert [(r.image_id, r.split, r.caption) for r in records] == [("q0", "val", fx.CAPTIONS[0]),
+                                                                  ("q1", "val", fx.CAPTIONS[1])]
+
+
+def test_webdataset_reader_reads_members_by_byte_range(tmp_path):
+    reader, units, skipped = _plan(fx.webdataset(str(tmp_path)))
+    records = list(reader.records())
+    assert reader.name == "webdataset" and [r.image_id for r in records] == ["000000000", "000000001", "000000002"]
+    assert records[1].image.read() == fx.jpeg(1)
+    assert records[1].caption == fx.CAPTIONS[1]
+    assert skipped == Counter({"missing_image": 1})  # the sample without a .jpg
+
+
+def test_unknown_layout_names_file_and_known_layouts(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(LayoutError) as e:
+        open_reader(str(tmp_path))
+    msg = str(e.value)
+    assert str(tmp_path) in msg and all(k in msg for k in ("flickr", "coco", "karpathy", "csv/jsonl", "webdataset"))
+    with pytest.raises(LayoutError, match="does not look like layout 'coco'"):
+        open_reader(str(tmp_path), "coco")
+    bad = tmp_path / "t.csv"
+    bad.write_text("url,alt\nx,y\n")
+    with pytest.raises(LayoutError, match=r"t.csv:2: need an image column .*found \['alt', 'url'\]"):
+        list(open_reader(str(bad)).records())
+
+
+def test_config_rejects_bad_values_naming_option():
+    with pytest.raises(BuildConfigError, match=r"invalid regions='yolo'.*none, gt, ssd"):
+        BuildConfig(source="s", out="o", regions="yolo").validate()
+    with pytest.raises(BuildConfigError, match=r"invalid layout='parquet'.*flickr"):
+        BuildConfig(source="s", out="o", layout="parquet").validate()
+    with pytest.raises(BuildConfigError, match="invalid min_count=0"):
+        BuildConfig(source="s", out="o", min_count=0).validate()
+    with pytest.raises(BuildConfigError, match="detector_weights"):
+        BuildConfig(source="s", out="o", regions="torchvision:fasterrcnn_mobilenet_v3_large_fpn").validate()
+    cfg = BuildConfig(source="s", out="o")
+    assert (cfg.min_count, cfg.max_regions, cfg.max_tags) == (50, 50, 20)
+
+
+# ---------------------------------------------------------------------------------------------- phrases
+
+
+def test_phrase_tuples_of_known_caption(parser):
+    tuples = parser.parse([fx.KNOWN_CAPTION, "Two dogs play with a red ball on the grass .", ""])
+    assert tuples[0] == fx.KNOWN_TUPLES
+    assert tuples[1] == [["dog"], ["two", "dog"], ["ball"], ["red", "ball"], ["grass"],
+                         ["dog", "play with", "ball"], ["ball", "on", "grass"]]
+    assert tuples[2] == []
+
+
+def test_concept_vocab_counts_sentences_not_occurrences():
+    sentences = [[["man"], ["man"], ["green", "shirt"]], [["man"]], [["dog"]]]
+    assert build_vocab(sentences, min_count=2) == ["man"]
+    assert build_vocab(sentences, min_count=1) == ["man", "dog", "green shirt"]
+
+
+# ---------------------------------------------------------------------------------------------- regions
+
+
+def test_select_applies_threshold_region_and_distinct_tag_limits():
+    r = Regions(np.array([[0, 0, 10, 10]] * 5, np.float32), np.array([0.9, 0.2, 0.8, 0.7, 0.6], np.float32),
+                ["dog", "cat", "dog", "man", "cup"])
+    kept = select(r, score_threshold=0.5, max_regions=10, max_tags=2)
+    assert kept.tags == ["dog", "dog", "man"] and kept.scores.tolist() == pytest.approx([0.9, 0.8, 0.7])
+    assert select(r, 0.0, max_regions=2, max_tags=20).tags == ["dog", "dog"]
+
+
+def test_boxes_normalised_and_position_features():
+    norm = normalise_boxes(np.array([[-5, 10, 70, 40]], np.float32), width=64, height=48)
+    assert norm[0].tolist() == pytest.approx([0.0, 10 / 48, 1.0, 40 / 48])
+    assert position_features(norm)[0].tolist() == pytest.approx([0, 10 / 48, 1, 40 / 48, 1, 30 / 48])
+
+
+def test_vinvl_tsv_import(tmp_path):
+    feats = np.arange(2 * 2048, dtype=np.float32).reshape(2, 2048)
+    with_pos = np.concatenate([feats[:1], np.full((1, 6), 7.0, np.float32)], axis=1)  # a 2054-d Oscar feature
+    path = tmp_path / "features.tsv"
+    lines = [
+        "img0\t" + json.dumps({"image_h": 48, "image_w": 64, "objects": [
+            {"class": "dog", "conf": 0.9, "rect": [0, 0, 32, 24], "feature": base64.b64encode(feats[0]).decode()},
+            {"class": "ball", "conf": 0.8, "rect": [32, 24, 64, 48], "feature": base64.b64encode(feats[1]).decode()}]}),
+        "img1\t" + json.dumps([{"class": "man", "rect": [0, 0, 64, 48],
+                                "feature": base64.b64encode(with_pos[0]).decode()}]),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    source = VinVLRegions(str(path))
+    hints = source.hints(None)
+    assert set(hints) == {"img0", "img1"}
+    r0 = source.detect(np.zeros((48, 64, 3), np.uint8), hints["img0"])
+    assert r0.tags == ["dog", "ball"] and np.array_equal(r0.features, feats)
+    assert r0.boxes.tolist() == [[0, 0, 32, 24], [32, 24, 64, 48]]
+    r1 = source.detect(np.zeros((48, 64, 3), np.uint8), hints["img1"])
+    assert r1.features.shape == (1, 2048) and np.array_equal(r1.features[0], feats[0])  # position part dropped
+    assert source.detect(np.zeros((4, 4, 3), np.uint8), None).boxes.shape == (0, 4)
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def test_unit_builder_gt_regions_phrases_and_features(tmp_path):
+    out = tmp_path / "out"
+    cfg = BuildConfig(source=fx.coco(str(tmp_path / "coco")), out=str(out), regions="gt", feature_image_size=64)
+    _, units, _ = _plan(cfg.source, regions="gt")
+    worker = builder.UnitBuilder(cfg.__dict__)
+    rows, images, skipped = worker.build_unit(units[0])
+    assert (rows, images, skipped) == (3, 2, {})
+    table = pq.read_table(out / "train" / "part-00000.parquet")
+    validate_schema(table.schema, "unit")
+    t = table.to_pydict()
+    assert t["caption_id"] == ["10", "11", "12"] and t["image_id"] == ["1", "1", "2"]
+    assert t["phrases"][0] == fx.KNOWN_TUPLES
+    # GT boxes sorted by area: person (30x22 px) then the dog box clipped at the right edge.
+    assert t["tags"][0] == ["person", "dog"]
+    assert np.array(t["boxes"][0]) == pytest.approx(np.array([[10 / 64, 8 / 48, 40 / 64, 30 / 48],
+                                                              [40 / 64, 0, 1, 12 / 48]]), abs=1e-6)
+    feats = np.array(t["region_features"][0])
+    assert feats.shape == (2, 1280 + 6) and np.isfinite(feats).all()
+    assert feats[0, -6:] == pytest.approx([10 / 64, 8 / 48, 40 / 64, 30 / 48, 30 / 64, 22 / 48], abs=1e-6)
+    assert t["image"][0] == fx.jpeg(0) and t["image"][0] == t["image"][1]  # same image bytes, decoded once
+
+
+def test_unit_builder_counts_missing_and_undecodable_images(tmp_path):
+    out = tmp_path / "out"
+    cfg = BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(out), phrases=False)
+    _, units, _ = _plan(cfg.source)
+    units[0]["images"].append({"image_id": "gone", "split": "train", "ref": [str(tmp_path / "gone.jpg"), 0, -1],
+                               "hint": None, "captions": [["gone#1", "x"], ["gone#2", "y"]]})
+    rows, images, skipped = builder.UnitBuilder(cfg.__dict__).build_unit(units[0])
+    assert (rows, images) == (2, 2)
+    assert skipped == {"undecodable_image": 1, "missing_image": 2}
+    assert "phrases" not in pq.read_schema(out / "train" / "part-00000.parquet").names
+
+
+def test_ssd_detects_person_on_real_coco_image():
+    image = shared_data("coco_mini") / "val2017" / "000000397133.jpg"
+    import cv2
+
+    rgb = cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB)
+    kept = select(SSDMobileNetRegions().detect(rgb, None), 0.5, 50, 20)
+    assert kept.tags and kept.tags[0] == "person" and kept.scores[0] > 0.8
+    norm = normalise_boxes(kept.boxes, rgb.shape[1], rgb.shape[0])
+    assert norm.min() >= 0.0 and norm.max() <= 1.0
+
+
+def test_real_flickr8k_token_format():
+    root = shared_data("flickr8k")
+    reader = open_reader(str(root))
+    assert reader.name == "flickr"
+    records = list(reader.records())
+    assert len(records) == 35_000
+    assert Counter(r.split for r in records) == {"train": 30_000, "val": 5_000}
+    assert records[0].image_id == "1000268201_693b08cb0e" and records[0].caption_id == "1000268201_693b08cb0e#0"
+    assert os.path.isfile(records[0].image.path)
