@@ -229,3 +229,25 @@ def test_real_flickr8k_token_format():
     assert Counter(r.split for r in records) == {"train": 30_000, "val": 5_000}
     assert records[0].image_id == "1000268201_693b08cb0e" and records[0].caption_id == "1000268201_693b08cb0e#0"
     assert os.path.isfile(records[0].image.path)
+
+
+def test_torchvision_detector_and_timm_backbone_from_weight_files(tmp_path):
+    import timm
+    import torch
+    import torchvision
+
+    from alignlab.platform.databuild.regions import Featurizer, TorchvisionRegions
+
+    torch.manual_seed(0)
+    det = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, weights_backbone=None)
+    torch.save(det.state_dict(), tmp_path / "det.pt")
+    source = TorchvisionRegions("fasterrcnn_mobilenet_v3_large_320_fpn", str(tmp_path / "det.pt"))
+    found = source.detect(np.full((48, 64, 3), 128, np.uint8), None)
+    assert found.boxes.shape == (len(found.tags), 4) and found.scores.shape == (len(found.tags),)
+    with pytest.raises(ValueError, match="no such torchvision detection model; choose one of .*fasterrcnn"):
+        TorchvisionRegions("yolo9000", str(tmp_path / "det.pt"))
+
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict(), tmp_path / "r18.pt")
+    feat = Featurizer("timm:resnet18", str(tmp_path / "r18.pt"), image_size=64)
+    out = feat(np.zeros((48, 64, 3), np.uint8), np.array([[0, 0, 32, 24], [10, 10, 60, 40]], np.float32))
+    assert feat.dim == 512 and out.shape == (2, 512) and np.isfinite(out).all()

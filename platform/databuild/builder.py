@@ -274,7 +274,7 @@ def build(cfg: BuildConfig) -> dict:
             raise BuildError(f"{child_uri(cfg.out, 'manifest.json')}: these shards were built with different "
                              f"options ({', '.join(changed) or 'unknown'}); pass --overwrite or a new --out")
     else:
-        fs, root = filesystem(cfg.out)
+        fs, _ = filesystem(cfg.out)
         for f in _split_files(cfg.out):  # an overwrite must not leave parts of the old build behind
             fs.delete_file(f)
         manifest = {}

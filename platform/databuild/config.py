@@ -6,7 +6,7 @@ the image's tags. Every value is checked at start-up so a typo fails before any 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 LAYOUTS = ("auto", "flickr", "coco", "karpathy", "csv", "jsonl", "webdataset")
