@@ -85,7 +85,8 @@ class ImageEncoderConfig:
 
 @dataclass
 class ModelConfig:
-    architecture: Literal["dual_encoder", "mvptr", "semvlp", "simla"] = "dual_encoder"
+    # An architecture registered in alignlab.models.registry.
+    architecture: Literal["dual_encoder"] = "dual_encoder"
     # Transformer width shared by the text stack (and region/fusion stacks).
     hidden_size: int = 768
     num_layers: int = 6
@@ -406,6 +407,12 @@ def from_dict(data: dict) -> Config:
 
 def check(cfg: Config) -> None:
     """Cross-field checks that single fields cannot express."""
+    from alignlab.models.registry import check_objectives
+
+    try:
+        check_objectives(cfg.model.architecture, cfg.objectives.weights)
+    except ValueError as e:
+        raise ConfigError(f"config key 'objectives.weights': {e}") from None
     if cfg.data.batch_size % cfg.scaling.num_workers:
         raise ConfigError(
             f"config key 'data.batch_size' = {cfg.data.batch_size} must divide evenly across "

@@ -252,7 +252,7 @@ def _run_units(units: list[dict], cfg: BuildConfig, on_done) -> None:
     actors = max(1, min(cfg.workers or cpus, cpus, len(units)))
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
     results = ds.map_batches(UnitBuilder, fn_constructor_kwargs={"cfg": cfg.__dict__}, batch_size=1,
-                             concurrency=actors, num_cpus=1)
+                             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1)
     for row in results.iter_rows():
         on_done(row)
 

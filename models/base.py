@@ -1,0 +1,79 @@
+"""The contract between a model and the platform.
+
+A model is an ``nn.Module`` whose ``forward(batch)`` returns a :class:`ModelOutput` of named,
+unweighted losses; the platform weights and sums them, and owns devices, precision, DDP, logging
+and checkpoints. What a model needs from the Ray Data CPU stage (pixels, regions, tags, phrases,
+masking) it declares in an :class:`InputSpec`, so the data stage prepares exactly that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Which inputs the CPU stage must prepare for a model."""
+
+    pixels: bool = False  # uint8 images (B, 3, H, W)
+    regions: bool = False  # region_features (B, K, D), region_mask, boxes
+    tags: bool = False  # tag_ids (B, T) of detected object classes (MVPTR's visual concepts)
+    phrases: bool = False  # phrase_ids (B, P) of phrase concepts (MVPTR §3.1)
+    mlm: bool = False  # mlm_input_ids / mlm_labels, masked at objectives.mlm_prob
+    mcr: bool = False  # mcr_tag_ids / mcr_labels, tags masked at objectives.mcr_prob
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """What a model needs to know of the tokenizer and the shard set's concept vocabularies."""
+
+    size: int
+    pad_id: int = 0
+    cls_id: int = 101
+    sep_id: int = 102
+    mask_id: int = 103
+    tags: tuple[str, ...] = ()
+    # Phrase concepts as token-id tuples (each tuple's words tokenised), for MVPTR's
+    # mean-of-tokens initialisation of phrase embeddings.
+    concepts: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass
+class ModelOutput:
+    losses: dict[str, torch.Tensor]
+    # Scalars worth logging besides the losses (accuracies, temperatures, ...).
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class PretrainingModel(nn.Module):
+    """Base class: names the objectives a model can produce and the retrieval interface."""
+
+    #: Every loss name ``forward`` may return; objective weights are validated against it.
+    objectives: tuple[str, ...] = ()
+
+    @classmethod
+    def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
+        """What the data stage must prepare, from the config alone (the driver asks before any
+        weights exist)."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def embed_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised global image embeddings (B, d) for uni-modal retrieval."""
+        raise NotImplementedError
+
+    def embed_texts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised global text embeddings (B, d) for uni-modal retrieval."""
+        raise NotImplementedError
+
+    def match_scores(self, images: dict[str, torch.Tensor], texts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """ITM match score per aligned (image, text) pair, shape (B,), for re-ranked retrieval;
+        None when the architecture has no multi-modal encoder."""
+        return None
+
+    def begin_step(self, step: int, steps_per_epoch: int) -> None:
+        """Called by the trainer before each optimiser step (schedules such as SIMLA's α ramp)."""

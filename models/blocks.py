@@ -1,0 +1,364 @@
+"""Shared building blocks for every architecture: BERT-style embeddings, one transformer layer with
+optional cross-attention, an encoder stack, a ViT / region image encoder, heads, and the loading of
+pretrained BERT and timm weights into them.
+
+MVPTR's three encoders, SemVLP's shared stack with cross-attention above L_s and SIMLA's
+cross-attending language encoder are all built from :class:`TransformerLayer`; a layer created with
+``cross_attention=True`` attends to ``context`` when one is given and behaves exactly as a
+self-attention-only layer when it is not (SIMLA's text/multi-modal weight sharing, §2.1).
+
+Layers are post-LayerNorm with the parameter names of Hugging Face's ``BertLayer`` flattened
+(``attention.query`` ...), so a BERT checkpoint maps onto them one tensor at a time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TransformerSize:
+    hidden_size: int = 768
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention over ``keys`` (= the queries' own sequence for self-attention).
+
+    ``key_mask`` is True where a key is a real token. With ``return_attention`` the probabilities
+    are computed explicitly (SIMLA's PSL reads the [CLS] row, eq. 8); otherwise the fused kernel
+    runs.
+    """
+
+    def __init__(self, size: TransformerSize, key_dim: int | None = None):
+        super().__init__()
+        h = size.hidden_size
+        if h % size.num_heads:
+            raise ValueError(f"hidden_size {h} is not divisible by num_heads {size.num_heads}")
+        self.num_heads = size.num_heads
+        self.head_dim = h // size.num_heads
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(key_dim or h, h)
+        self.value = nn.Linear(key_dim or h, h)
+        self.dense = nn.Linear(h, h)
+        self.dropout = size.dropout
+        self.layer_norm = nn.LayerNorm(h, eps=size.layer_norm_eps)
+        self.out_dropout = nn.Dropout(size.dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None,
+                return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(keys)), self._heads(self.value(keys))
+        bias = None
+        if key_mask is not None:
+            bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~key_mask.bool(), torch.finfo(q.dtype).min)[:, None, None, :]
+        probs = None
+        if return_attention:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if bias is not None:
+                scores = scores + bias
+            probs = scores.softmax(-1)
+            ctx = F.dropout(probs, self.dropout, self.training) @ v
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        ctx = ctx.transpose(1, 2).reshape(x.shape)
+        return self.layer_norm(x + self.out_dropout(self.dense(ctx))), probs
+
+
+class TransformerLayer(nn.Module):
+    """Self-attention, then (optionally) cross-attention to a context, then the feed-forward block.
+
+    A layer built with ``cross_attention=True`` skips its cross-attention when called without a
+    context, so one set of weights serves as a text-only and as a multi-modal layer.
+    """
+
+    def __init__(self, size: TransformerSize, cross_attention: bool = False, context_dim: int | None = None):
+        super().__init__()
+        self.attention = MultiHeadAttention(size)
+        self.crossattention = MultiHeadAttention(size, key_dim=context_dim) if cross_attention else None
+        self.intermediate = nn.Linear(size.hidden_size, size.intermediate_size)
+        self.output = nn.Linear(size.intermediate_size, size.hidden_size)
+        self.output_norm = nn.LayerNorm(size.hidden_size, eps=size.layer_norm_eps)
+        self.dropout = nn.Dropout(size.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, return_attention: bool = False):
+        x, attn = self.attention(x, x, mask, return_attention)
+        if context is not None:
+            if self.crossattention is None:
+                raise ValueError("this layer has no cross-attention, but a context was given")
+            x, _ = self.crossattention(x, context, context_mask)
+        x = self.output_norm(x + self.dropout(self.output(F.gelu(self.intermediate(x)))))
+        return x, attn
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of :class:`TransformerLayer`; ``cross_from`` is the index of the first layer with
+    cross-attention (None: no layer has one; SemVLP's L_s, SIMLA's fusion layers)."""
+
+    def __init__(self, size: TransformerSize, num_layers: int, cross_from: int | None = None,
+                 context_dim: int | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerLayer(size, cross_attention=cross_from is not None and i >= cross_from, context_dim=context_dim)
+            for i in range(num_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, return_attention: bool = False,
+                layers: slice = slice(None)):
+        """Runs ``layers`` (all by default). Context is used only by layers that cross-attend.
+        Returns the hidden states and, with ``return_attention``, the last layer's self-attention."""
+        attn = None
+        selected = self.layers[layers]
+        for i, layer in enumerate(selected):
+            ctx = context if layer.crossattention is not None else None
+            x, a = layer(x, mask, ctx, context_mask if ctx is not None else None,
+                         return_attention and i == len(selected) - 1)
+            attn = a if a is not None else attn
+        return x, attn
+
+
+class TextEmbeddings(nn.Module):
+    """BERT input embeddings: word + position + segment, LayerNorm, dropout (SemVLP §3.1.1)."""
+
+    def __init__(self, vocab_size: int, size: TransformerSize, max_positions: int = 512, type_vocab_size: int = 2):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, size.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(max_positions, size.hidden_size)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, size.hidden_size)
+        self.layer_norm = nn.LayerNorm(size.hidden_size, eps=size.layer_norm_eps)
+        self.dropout = nn.Dropout(size.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type: int = 0, position_offset: int = 0,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``extra`` (same shape as the word embeddings) is added before the LayerNorm, for inputs
+        that are embedded elsewhere but share positions and segments."""
+        n = input_ids.shape[1]
+        pos = torch.arange(position_offset, position_offset + n, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+        x = x + self.token_type_embeddings.weight[token_type]
+        if extra is not None:
+            x = x + extra
+        return self.dropout(self.layer_norm(x))
+
+
+class RegionEmbeddings(nn.Module):
+    """Position-aware region features (e.g. VinVL's 2048 + 6) linearly mapped to the hidden size
+    (MVPTR §3.1, SemVLP §3.1.1), with a LayerNorm as in Oscar/VinVL."""
+
+    def __init__(self, region_dim: int, size: TransformerSize):
+        super().__init__()
+        self.proj = nn.Linear(region_dim, size.hidden_size)
+        self.layer_norm = nn.LayerNorm(size.hidden_size, eps=size.layer_norm_eps)
+        self.dropout = nn.Dropout(size.dropout)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.layer_norm(self.proj(features)))
+
+
+class PredictionHead(nn.Module):
+    """BERT's MLM head shape: dense, GELU, LayerNorm, then a decoder over a vocabulary
+    (used for MLM, MCR and masked-object labels)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, layer_norm_eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.decoder = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(F.gelu(self.dense(x))))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation, applied before any pretrained weights are loaded."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained BERT
+# --------------------------------------------------------------------------------------------
+
+_BERT_LAYER_MAP = {
+    "attention.query": "attention.self.query",
+    "attention.key": "attention.self.key",
+    "attention.value": "attention.self.value",
+    "attention.dense": "attention.output.dense",
+    "attention.layer_norm": "attention.output.LayerNorm",
+    "intermediate": "intermediate.dense",
+    "output": "output.dense",
+    "output_norm": "output.LayerNorm",
+}
+
+_BERT_EMBEDDING_MAP = {
+    "word_embeddings": "word_embeddings",
+    "position_embeddings": "position_embeddings",
+    "token_type_embeddings": "token_type_embeddings",
+    "layer_norm": "LayerNorm",
+}
+
+
+@dataclass
+class BertCheckpoint:
+    """A BERT-family checkpoint's tensors, keyed like ``BertModel``'s state dict
+    (``embeddings.*``, ``encoder.layer.N.*``), and its config."""
+
+    state: dict[str, torch.Tensor]
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "BertCheckpoint":
+        """Loads through ``transformers.AutoModel.from_pretrained`` (a hub name or a local
+        directory), so any BERT-architecture checkpoint works, MiniLM included."""
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(name_or_path)
+        cfg = model.config
+        prefix = f"{model.base_model_prefix}."
+        state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in model.state_dict().items()}
+        return cls(state=state, num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+                   num_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+                   vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
+
+    def check_size(self, size: TransformerSize, where: str) -> None:
+        mismatch = [(n, a, b) for n, a, b in (("hidden_size", self.hidden_size, size.hidden_size),
+                                               ("num_heads", self.num_heads, size.num_heads),
+                                               ("intermediate_size", self.intermediate_size, size.intermediate_size))
+                    if a != b]
+        if mismatch:
+            detail = ", ".join(f"model.{n} = {b} but the checkpoint has {a}" for n, a, b in mismatch)
+            raise ValueError(f"{where}: {detail}; set the model size to the checkpoint's")
+
+    def load_embeddings(self, emb: TextEmbeddings) -> None:
+        with torch.no_grad():
+            for ours, theirs in _BERT_EMBEDDING_MAP.items():
+                target = getattr(emb, ours)
+                for p in ("weight", "bias"):
+                    src = self.state.get(f"embeddings.{theirs}.{p}")
+                    dst = getattr(target, p, None)
+                    if src is None or dst is None:
+                        continue
+                    rows = min(src.shape[0], dst.shape[0])
+                    dst[:rows].copy_(src[:rows])
+
+    def load_layer(self, layer: TransformerLayer, index: int) -> None:
+        """Copies BERT layer ``index`` into ``layer`` (its cross-attention, if any, stays as
+        initialised: BERT has none)."""
+        if not 0 <= index < self.num_layers:
+            raise IndexError(f"checkpoint has {self.num_layers} layers, asked for layer {index}")
+        ours = layer.state_dict()
+        with torch.no_grad():
+            for dst_prefix, src_prefix in _BERT_LAYER_MAP.items():
+                for p in ("weight", "bias"):
+                    ours[f"{dst_prefix}.{p}"].copy_(self.state[f"encoder.layer.{index}.{src_prefix}.{p}"])
+
+    def load_encoder(self, encoder: TransformerEncoder, layer_indices: list[int]) -> None:
+        if len(layer_indices) != len(encoder.layers):
+            raise ValueError(f"{len(layer_indices)} source layers for an encoder of {len(encoder.layers)}")
+        for layer, idx in zip(encoder.layers, layer_indices):
+            self.load_layer(layer, idx)
+
+
+def bert_layer_plan(checkpoint_layers: int, num_layers: int, offset: int) -> list[int]:
+    """Which checkpoint layers initialise ``num_layers`` layers that the paper takes from layer
+    ``offset`` on (MVPTR: text/visual encoders from layers 0-5 of BERT-base, the multi-modal
+    encoder from 6-11).
+
+    When the checkpoint is shallower than ``offset + num_layers`` (a 6-layer MiniLM for a 12-layer
+    plan), the stacks that would start past its end take its top ``num_layers`` layers instead,
+    i.e. both stacks start from the same pretrained layers; that keeps every layer pretrained
+    rather than leaving the multi-modal encoder random.
+    """
+    if num_layers > checkpoint_layers:
+        raise ValueError(f"the checkpoint has {checkpoint_layers} layers, fewer than the {num_layers} asked for")
+    start = offset if offset + num_layers <= checkpoint_layers else checkpoint_layers - num_layers
+    return list(range(start, start + num_layers))
+
+
+# --------------------------------------------------------------------------------------------
+# Image encoders
+# --------------------------------------------------------------------------------------------
+
+
+class PixelNormalize(nn.Module):
+    """uint8 pixels -> the backbone's normalised floats. Living in the model means the data stage
+    ships 1 byte per pixel and the statistics always match the loaded weights."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float() - self.mean) / self.std
+
+
+class ViTEncoder(nn.Module):
+    """A timm ViT returning its token sequence ([CLS] first).
+
+    Weights come through timm's own loading path: ``pretrained=True`` uses the model's
+    ``pretrained_cfg`` (hub), and ``checkpoint`` overlays ``pretrained_cfg`` with a local file,
+    so the same code loads an ImageNet ViT on a cluster and a saved file offline.
+    """
+
+    def __init__(self, timm_name: str, pretrained: bool = False, checkpoint: str = "", **overrides):
+        super().__init__()
+        import timm
+
+        kwargs = {k: v for k, v in overrides.items() if v}
+        if checkpoint:
+            kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint)
+        self.vit = timm.create_model(timm_name, pretrained=pretrained or bool(checkpoint), num_classes=0, **kwargs)
+        cfg = self.vit.pretrained_cfg
+        self.normalize = PixelNormalize(cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5)))
+        self.width = self.vit.num_features
+        self.num_prefix_tokens = getattr(self.vit, "num_prefix_tokens", 1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(self.normalize(pixels))
+
+
+class RegionTransformer(nn.Module):
+    """A transformer over [CLS; regions] (the region-feature image encoder of the baseline)."""
+
+    def __init__(self, region_dim: int, size: TransformerSize, num_layers: int):
+        super().__init__()
+        self.embed = RegionEmbeddings(region_dim, size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, size.hidden_size))
+        self.encoder = TransformerEncoder(size, num_layers)
+        self.width = size.hidden_size
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.cls.expand(features.shape[0], -1, -1), self.embed(features)], 1)
+        mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1).bool()
+        x, _ = self.encoder(x, mask)
+        return x, mask

@@ -1,0 +1,241 @@
+"""Ray Data ingest: stream Parquet shards through CPU workers that decode, augment, tokenize and
+mask, so that the Ray Train workers only compute.
+
+``read_parquet`` streams from a local path or any pyarrow filesystem URI. A row that cannot be
+used (an undecodable image, an empty caption, missing regions for a region model) is skipped,
+logged with its file and caption id, and counted by reason in a :class:`DataQualityCounter`
+actor, which the trainer reads to log ``data/skipped_*`` metrics. Nothing crashes on bad rows.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import zlib
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from alignlab.models.base import InputSpec
+from alignlab.platform import shards
+from alignlab.platform.config import DataConfig, ObjectivesConfig
+from alignlab.platform.masking import bert_mask
+
+log = logging.getLogger(__name__)
+
+
+def _ray():
+    import ray
+    return ray
+
+
+def make_counter():
+    """An actor holding skip counts by reason (``num_cpus=0``: it only counts)."""
+    ray = _ray()
+
+    @ray.remote(num_cpus=0)
+    class DataQualityCounter:
+        def __init__(self):
+            self.counts: Counter = Counter()
+            self.examples: list[str] = []
+
+        def add(self, counts: dict[str, int], examples: list[str]) -> None:
+            self.counts.update(counts)
+            self.examples.extend(examples[: max(0, 20 - len(self.examples))])
+
+        def snapshot(self) -> dict[str, Any]:
+            return {"counts": dict(self.counts), "examples": list(self.examples)}
+
+    return DataQualityCounter.remote()
+
+
+# --------------------------------------------------------------------------------------------
+# Image transforms (PIL on the CPU stage)
+# --------------------------------------------------------------------------------------------
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator,
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box sampling (10 tries, then the whole image)."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            x = int(rng.integers(0, width - w + 1))
+            y = int(rng.integers(0, height - h + 1))
+            return x, y, x + w, y + h
+    return 0, 0, width, height
+
+
+def decode_image(data: bytes, size: int, train: bool, scale: tuple[float, float], hflip: bool,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Encoded bytes -> uint8 (3, size, size). Raises on undecodable data."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if train and scale != (1.0, 1.0):
+            im = im.resize((size, size), Image.BICUBIC, box=random_resized_crop_box(*im.size, scale, rng))
+        else:
+            im = im.resize((size, size), Image.BICUBIC)
+        if train and hflip and rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def image_key(image_id: str) -> int:
+    """A stable 63-bit integer per image id, so the train step can tell captions of the same
+    image apart from true negatives without strings on the device."""
+    return zlib.crc32(image_id.encode()) | (zlib.adler32(image_id.encode()) << 31)
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU stage
+# --------------------------------------------------------------------------------------------
+
+
+class Preprocessor:
+    """Callable class for ``Dataset.map_batches``: one instance per Ray Data actor, so the
+    tokenizer loads once. Input: a numpy batch of shard columns. Output: fixed-shape arrays."""
+
+    def __init__(self, data: dict, objectives: dict, spec: dict, train: bool, counter=None, seed: int = 0):
+        from alignlab.platform.tokenization import load_tokenizer
+
+        self.data = DataConfig(**{**data, "crop_scale": tuple(data["crop_scale"])})
+        self.objectives = ObjectivesConfig(**objectives)
+        self.spec = InputSpec(**spec)
+        self.train = train
+        self.counter = counter
+        self.tokenizer = load_tokenizer(self.data.tokenizer, self.data.shards)
+        # Random replacements are drawn from the whole vocabulary, as BERT's and Hugging Face's
+        # MLM collators do.
+        self.random_range = (0, len(self.tokenizer))
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["caption"])
+        keep = np.ones(n, dtype=bool)
+        reasons: Counter = Counter()
+        examples: list[str] = []
+
+        def skip(i: int, reason: str, detail: str = "") -> None:
+            keep[i] = False
+            reasons[reason] += 1
+            where = f"{batch['path'][i]} caption_id={batch['caption_id'][i]}" if "path" in batch \
+                else f"caption_id={batch['caption_id'][i]}"
+            examples.append(f"{reason}: {where} {detail}".strip())
+
+        captions = [str(c).strip() if c is not None else "" for c in batch["caption"]]
+        for i, c in enumerate(captions):
+            if not c:
+                skip(i, "empty_caption")
+        if self.spec.regions and "region_features" not in batch:
+            raise shards.ShardSchemaError(
+                f"{self.data.shards}: the model needs region features but the shards have no "
+                f"'region_features' column; build them with `alignlab data build --regions ...`")
+        out: dict[str, Any] = {}
+        if self.spec.pixels:
+            pixels = np.zeros((n, 3, self.data.image_size, self.data.image_size), dtype=np.uint8)
+            for i in np.flatnonzero(keep):
+                try:
+                    pixels[i] = decode_image(batch["image"][i], self.data.image_size, self.train,
+                                             self.data.crop_scale, self.data.hflip, self.rng)
+                except Exception as e:  # any decoder failure is a bad row, not a crashed job
+                    skip(i, "undecodable_image", f"({type(e).__name__}: {e})")
+            out["pixels"] = pixels
+        if self.spec.regions:
+            feats, mask, boxes = self._regions(batch, keep, skip)
+            out.update(region_features=feats, region_mask=mask, boxes=boxes)
+
+        tok = self.tokenizer([c or "." for c in captions], padding="max_length", truncation=True,
+                             max_length=self.data.max_text_len, return_tensors="np")
+        out["input_ids"] = tok["input_ids"].astype(np.int64)
+        out["attention_mask"] = tok["attention_mask"].astype(np.int64)
+        if self.spec.mlm:
+            special = np.isin(out["input_ids"], self.tokenizer.all_special_ids)
+            out["mlm_input_ids"], out["mlm_labels"] = bert_mask(
+                out["input_ids"], ~special & (out["attention_mask"] > 0), self.objectives.mlm_prob,
+                self.tokenizer.mask_token_id, self.random_range, self.rng)
+        out["image_key"] = np.array([image_key(str(x)) for x in batch["image_id"]], dtype=np.int64)
+
+        if reasons:
+            for e in examples[:5]:
+                log.warning("skipped row: %s", e)
+            if self.counter is not None:
+                self.counter.add.remote(dict(reasons), examples)
+        return {k: v[keep] for k, v in out.items()}
+
+    def _regions(self, batch, keep, skip):
+        n, k = len(batch["caption"]), self.data.max_regions
+        first = next((np.asarray(list(r)) for r in batch["region_features"] if r is not None and len(r)), None)
+        dim = first.shape[-1] if first is not None else 1
+        feats = np.zeros((n, k, dim), dtype=np.float32)
+        boxes = np.zeros((n, k, 4), dtype=np.float32)
+        mask = np.zeros((n, k), dtype=bool)
+        for i, r in enumerate(batch["region_features"]):
+            if not keep[i]:
+                continue
+            if r is None or len(r) == 0:
+                skip(i, "no_regions")
+                continue
+            arr = np.stack(list(r)).astype(np.float32)[:k]
+            feats[i, : len(arr)] = arr
+            mask[i, : len(arr)] = True
+            if "boxes" in batch and batch["boxes"][i] is not None:
+                b = np.stack(list(batch["boxes"][i])).astype(np.float32)[:k]
+                boxes[i, : len(b)] = b
+        return feats, mask, boxes
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+_COLUMNS = ["image_id", "caption", "caption_id"]
+
+
+def columns_for(spec: InputSpec) -> list[str]:
+    cols = list(_COLUMNS)
+    if spec.pixels:
+        cols.append("image")
+    if spec.regions:
+        cols += ["region_features", "boxes"]
+    if spec.tags or spec.mcr:
+        cols.append("tags")
+    if spec.phrases:
+        cols.append("phrases")
+    return cols
+
+
+def count_rows(uri: str) -> int:
+    """Rows in a split, from the Parquet footers alone."""
+    fs, _ = shards.filesystem(uri)
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in shards.list_parquet(uri))
+
+
+def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, train: bool,
+                  counter=None, seed: int = 0):
+    """A lazily executed Ray Dataset of model-ready rows for one split. Schemas are validated
+    first (Parquet footers only), so a bad file fails at start-up, naming the file and column."""
+    ray = _ray()
+    uri = shards.child_uri(data.shards, split)
+    shards.validate_shards(uri)
+    ds = ray.data.read_parquet(uri, columns=columns_for(spec), file_extensions=["parquet"], include_paths=True)
+    if train:
+        ds = ds.randomize_block_order(seed=seed)
+        if data.max_train_rows:
+            ds = ds.limit(data.max_train_rows)
+    data_dict = asdict(data)
+    return ds.map_batches(
+        Preprocessor,
+        fn_constructor_kwargs=dict(data=data_dict, objectives=asdict(objectives), spec=asdict(spec), train=train,
+                                   counter=counter, seed=seed),
+        batch_size=data.preprocess_batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=data.preprocess_concurrency),
+    )

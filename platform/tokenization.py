@@ -1,0 +1,44 @@
+"""Tokenizers for the CPU stage: a Hugging Face tokenizer by name or path, or the WordPiece
+vocabulary a shard set ships (``vocab.txt``, e.g. the synthetic set's)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from functools import lru_cache
+
+from alignlab.models.base import Vocab
+from alignlab.platform import shards
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(spec: str, shards_root: str):
+    """``spec``: "auto" (the shard set's vocab.txt), a vocab.txt path, or a Hugging Face tokenizer
+    name / local directory (``AutoTokenizer.from_pretrained``). Cached per process, so each Ray
+    Data worker loads it once."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    if spec == "auto":
+        text = shards.read_text(shards.child_uri(shards_root, "vocab.txt"))
+        if text is None:
+            raise FileNotFoundError(
+                f"data.tokenizer = 'auto' but {shards.child_uri(shards_root, 'vocab.txt')} does not exist; "
+                f"set data.tokenizer to a Hugging Face tokenizer name or path, or a vocab.txt file")
+        # BertTokenizerFast reads a local file; object-storage vocabularies are copied down once.
+        fd, path = tempfile.mkstemp(suffix="-vocab.txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return BertTokenizerFast(vocab=path, do_lower_case=True)
+    if spec.endswith(".txt"):
+        return BertTokenizerFast(vocab=spec, do_lower_case=True)
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def vocab_info(tokenizer, shards_root: str) -> Vocab:
+    """The model-facing summary: sizes, special ids, and the shard set's tag and phrase-concept
+    vocabularies (concepts tokenised, for MVPTR's mean-of-tokens initialisation)."""
+    tags = tuple(shards.read_vocab_file(shards_root, "tags.txt"))
+    concepts = tuple(
+        tuple(tokenizer(line.replace(" | ", " "), add_special_tokens=False)["input_ids"])
+        for line in shards.read_vocab_file(shards_root, "concepts.txt"))
+    return Vocab(size=len(tokenizer), pad_id=tokenizer.pad_token_id, cls_id=tokenizer.cls_token_id,
+                 sep_id=tokenizer.sep_token_id, mask_id=tokenizer.mask_token_id, tags=tags, concepts=concepts)
