@@ -79,6 +79,19 @@ def test_csv_and_jsonl_readers(tmp_path):
                                                                   ("q1", "val", fx.CAPTIONS[1])]
 
 
+def test_conflicting_image_ids_are_skipped(tmp_path):
+    fx.write_images(str(tmp_path), ["a.jpg", "b.jpg"])
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"image": "a.jpg", "image_id": "x", "caption": "a dog"},
+            {"image": "b.jpg", "image_id": "x", "caption": "a cat"},  # same id, other picture
+            {"image": "a.jpg", "image_id": "x", "caption": "a dog", "split": "val"},  # same id, other split
+            {"image": "a.jpg", "image_id": "x", "caption": "a brown dog"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, units, skipped = _plan(str(path))
+    assert skipped == Counter({"conflicting_image_id": 2})
+    assert units[0]["images"][0]["captions"] == [["x#1", "a dog"], ["x#4", "a brown dog"]]
+
+
 def test_webdataset_reader_reads_members_by_byte_range(tmp_path):
     reader, units, skipped = _plan(fx.webdataset(str(tmp_path)))
     records = list(reader.records())

@@ -280,7 +280,8 @@ class KarpathyReader(Reader):
             if "filename" not in im or "sentences" not in im:
                 raise LayoutError(f"{path}: images[{i}] lacks 'filename' or 'sentences'")
             name = os.path.join(im.get("filepath", ""), im["filename"])
-            image_id = str(im.get("cocoid", im.get("imgid", _stem(im["filename"]))))
+            # COCO's own id, else the file stem (Flickr30k's id, the key VinVL/Oscar features use).
+            image_id = str(im.get("cocoid", _stem(im["filename"])))
             split = {"restval": "train"}.get(im.get("split", self.default_split), im.get("split", self.default_split))
             for j, s in enumerate(im["sentences"]):
                 yield Record(ImageRef(self._image_path(name, base)), image_id, s.get("raw", ""),
