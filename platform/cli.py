@@ -14,6 +14,43 @@ def _synth(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from alignlab.platform.config import load_config
+    from alignlab.platform.experiment import ensure_synthetic_data
+    from alignlab.platform.tracking import ui_command
+    from alignlab.platform.train import train
+
+    cfg = load_config(args.preset, args.overrides)
+    ensure_synthetic_data(cfg)
+    out = train(cfg)
+    for k, v in sorted(out["metrics"].items()):
+        if isinstance(v, float):
+            print(f"{k:32s} {v:.4f}")
+    print(f"checkpoint: {out['checkpoint']}")
+    print(f"MLflow run {out['mlflow_run_id']}; open the UI with:\n  {ui_command(out['mlflow_uri'])}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    import yaml
+
+    from alignlab.platform.config import ConfigError, load_config
+    from alignlab.platform.experiment import ensure_synthetic_data
+    from alignlab.platform.sweep import publish_comparison, run_sweep
+    from alignlab.platform.tracking import ui_command
+
+    cfg = load_config(args.preset, args.overrides)
+    grid = {}
+    for g in args.grid:
+        if "=" not in g:
+            raise ConfigError(f"--grid {g!r} must look like key=v1,v2")
+        key, values = g.split("=", 1)
+        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+    ensure_synthetic_data(cfg)
+    result = run_sweep(cfg, grid, args.name)
+    print(publish_comparison(result, list(grid), [args.metric], f"sweep {args.name}", f"outputs/{args.name}"))
+    print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,14 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--rows-per-file", type=int, default=2000)
     synth.set_defaults(func=_synth)
+
+    train = sub.add_parser("train", help="one pre-training run (Ray Train) tracked in MLflow")
+    train.add_argument("preset", help="a preset under experiments/configs/ or a YAML file")
+    train.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
+    train.set_defaults(func=_train)
+
+    sweep = sub.add_parser("sweep", help="a Ray Tune grid of config overrides, one MLflow child run per trial")
+    sweep.add_argument("preset")
+    sweep.add_argument("overrides", nargs="*")
+    sweep.add_argument("--grid", action="append", required=True, help="key=v1,v2 (repeatable)")
+    sweep.add_argument("--name", required=True, help="sweep name; re-running a name resumes it")
+    sweep.add_argument("--metric", default="eval/uni_rsum")
+    sweep.set_defaults(func=_sweep)
     from alignlab.platform.databuild.cli import add_subcommands
     add_subcommands(data_sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from alignlab.platform.config import ConfigError
+    from alignlab.platform.shards import ShardSchemaError
+
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ConfigError, ShardSchemaError, FileNotFoundError) as e:
+        # Start-up errors are the user's to fix: say what is wrong, not where in our code.
+        sys.exit(f"alignlab: error: {e}")
 
 
 if __name__ == "__main__":

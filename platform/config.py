@@ -430,5 +430,20 @@ def check(cfg: Config) -> None:
             "with scaling.use_gpu = false choose one of 'bf16', 'fp32', 'auto'")
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """Local relative paths made absolute against the driver's working directory: Ray workers run
+    elsewhere (``ray job submit --working-dir .`` unpacks the code into a session directory)."""
+    import os
+
+    def absolute(p: str) -> str:
+        return p if not p or "://" in p else os.path.abspath(p)
+
+    data = dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards),
+                               tokenizer=absolute(cfg.data.tokenizer) if os.path.exists(cfg.data.tokenizer)
+                               else cfg.data.tokenizer)
+    tracking = dataclasses.replace(cfg.tracking, storage_path=absolute(cfg.tracking.storage_path))
+    return dataclasses.replace(cfg, data=data, tracking=tracking)
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -326,6 +326,7 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
     from alignlab.platform import ingest
 
     init_ray()
+    cfg = config_lib.with_absolute_paths(cfg)
     info = prepare(cfg)
     spec: InputSpec = info["model_class"].input_spec(cfg.model, cfg.objectives)
     counter = ingest.make_counter()

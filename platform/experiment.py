@@ -1,0 +1,66 @@
+"""The shared driver of the experiment scripts (``experiments/*.py``): parse a preset and
+overrides, make sure the data exists, run the sweep, publish the comparison and say where to look.
+
+Works as plain ``python experiments/X.py`` (a local Ray cluster) and under
+``ray job submit --working-dir . -- python experiments/X.py`` (RAY_ADDRESS points at the cluster).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from alignlab.platform import config as config_lib
+from alignlab.platform import shards
+
+
+def ensure_synthetic_data(cfg: config_lib.Config) -> None:
+    """Generate the embedded synthetic set when a local shard path is configured but empty (the
+    demo presets point at data/synth)."""
+    root = cfg.data.shards
+    if "://" in root or (Path(root) / cfg.data.train_split).exists():
+        return
+    from alignlab.platform.synth import SynthConfig, generate
+
+    print(f"generating the synthetic data set into {root} ...", flush=True)
+    print(generate(root, SynthConfig()), flush=True)
+
+
+def parse_args(description: str, default_preset: str, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default=default_preset, help="a preset under experiments/configs/ or a YAML file")
+    parser.add_argument("--name", default="", help="sweep name (re-using one resumes that sweep)")
+    parser.add_argument("--seeds", type=int, default=0, help="number of seeds per grid point (0: the script's default)")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
+    return parser.parse_args(argv)
+
+
+def run_experiment(description: str, default_preset: str, grid: dict[str, list], group_by: list[str],
+                   metrics: list[str], title: str, argv: list[str] | None = None, seeds: int = 1) -> dict[str, Any]:
+    """Sweep ``grid`` (× ``seed`` over ``seeds`` seeds) on the preset and publish the comparison of
+    ``metrics`` grouped by ``group_by``. Returns the sweep result and the Markdown table."""
+    from alignlab.platform.sweep import publish_comparison, run_sweep
+    from alignlab.platform.tracking import ui_command
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(description, default_preset, argv)
+    cfg = config_lib.load_config(args.preset, args.overrides)
+    n_seeds = args.seeds or seeds
+    if n_seeds > 1:
+        grid = {**grid, "seed": [cfg.seed + i for i in range(n_seeds)]}
+    ensure_synthetic_data(cfg)
+    name = args.name or f"{Path(args.preset).stem}-{cfg.model.architecture}"
+    result = run_sweep(cfg, grid, name)
+    # Local files for the driver's printout; the durable copies are the parent run's artifacts.
+    out_dir = os.path.join("outputs", name)
+    markdown = publish_comparison(result, group_by, metrics, title, out_dir)
+    print(f"\n## {title}\n\n{markdown}")
+    failed = [t for t in result.trials if t.error]
+    for t in failed:
+        print(f"trial {t.overrides} failed: {t.error}")
+    print(f"MLflow parent run {result.parent_run_id} in {result.mlflow_uri}")
+    print(f"comparison artifacts: {out_dir}")
+    print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}")
+    return {"result": result, "markdown": markdown}

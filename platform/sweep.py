@@ -1,0 +1,274 @@
+"""Ray Tune sweeps of config overrides: each trial pre-trains (a Ray Train job) and evaluates, and
+MLflow holds one parent run per sweep with one child run per trial.
+
+The Train V2 pattern: a Tune *function* trainable launches ``TorchTrainer.fit()`` with a
+``TuneReportCallback``, so the Train workers' reports become the trial's results. Trials run as
+many at a time as the cluster's free CPUs and GPUs hold (one at a time on a 2-CPU machine). An
+interrupted sweep resumes with ``Tuner.restore``: finished trials are kept, unfinished ones
+restart and their Train runs resume from their own last checkpoints, logging into the same
+MLflow child runs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignlab.platform import config as config_lib
+from alignlab.platform import tracking
+from alignlab.platform.config import Config
+
+
+@dataclass
+class TrialResult:
+    overrides: dict[str, Any]
+    metrics: dict[str, float]
+    mlflow_run_id: str = ""
+    error: str = ""
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str
+    mlflow_uri: str
+    trials: list[TrialResult] = field(default_factory=list)
+
+
+def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """The cartesian product of a grid of override values, in a stable order."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def validate_grid(base: Config, grid: dict[str, list]) -> None:
+    """Every grid point must make a valid config: fail before any trial starts."""
+    if not grid:
+        raise config_lib.ConfigError("a sweep needs at least one key to vary")
+    for point in grid_points(grid):
+        config_lib.load_config(data=config_lib.to_dict(base), overrides=_as_overrides(point))
+
+
+def _as_overrides(point: dict[str, Any]) -> list[str]:
+    import json
+
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items()]
+
+
+def trial_concurrency(cfg: Config) -> int:
+    """How many trials the cluster holds at once: each needs its train workers plus about one
+    CPU for the Ray Data stage."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus_per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+    by_cpu = int(res.get("CPU", 1) // cpus_per_trial)
+    if cfg.scaling.use_gpu:
+        by_gpu = int(res.get("GPU", 0) // (cfg.scaling.num_workers * cfg.scaling.gpus_per_worker))
+        return max(1, min(by_cpu, by_gpu))
+    return max(1, by_cpu)
+
+
+def _trial(trial_config: dict[str, Any]) -> None:
+    """The Tune function trainable: one pre-training run and its evaluation."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from alignlab.platform.train import fit
+
+    overrides = trial_config["overrides"]
+    cfg = config_lib.load_config(data=trial_config["base"], overrides=_as_overrides(overrides))
+    ctx = ray.tune.get_context()
+    trial_name = ctx.get_trial_name()
+    uri = trial_config["mlflow_uri"]
+    run_id = _child_run(uri, cfg.tracking.experiment, trial_config["parent_run_id"], trial_config["sweep"], trial_name,
+                        overrides)
+    logger = tracking.RunLogger(uri, run_id)
+    logger.log_params({**config_lib.flatten(config_lib.to_dict(cfg)), **tracking.environment_params(),
+                       **{f"sweep.{k}": v for k, v in overrides.items()}})
+    logger.log_text(config_lib.dump_yaml(cfg), "config.yaml")
+    result = fit(cfg, uri, run_id, storage_path=trial_config["train_storage"],
+                 name=f"{trial_config['sweep']}-{trial_name}", callbacks=[TuneReportCallback()])
+    if result.error:
+        logger.finish("FAILED")
+        raise result.error
+    if result.checkpoint:
+        logger.set_tag("checkpoint", result.checkpoint.path)
+    logger.finish()
+
+
+def _child_run(uri: str, experiment: str, parent_run_id: str, sweep: str, trial: str, overrides: dict) -> str:
+    """The trial's child run; a restored trial finds and continues its own."""
+    client = tracking._client(uri)
+    found = client.search_runs([tracking.experiment_id(uri, experiment)],
+                               filter_string=f"tags.`alignlab.sweep` = '{sweep}' and tags.`alignlab.trial` = '{trial}'",
+                               max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+    return tracking.create_run(uri, experiment, f"{trial} [{label}]", parent_run_id,
+                               tags={"alignlab.sweep": sweep, "alignlab.trial": trial})
+
+
+def _parent_run(uri: str, experiment: str, sweep: str, grid: dict) -> str:
+    client = tracking._client(uri)
+    found = client.search_runs([tracking.experiment_id(uri, experiment)],
+                               filter_string=f"tags.`alignlab.sweep_parent` = '{sweep}'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    if found and found[0].info.status != "FINISHED":
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run_id = tracking.create_run(uri, experiment, sweep, tags={"alignlab.sweep_parent": sweep})
+    logger = tracking.RunLogger(uri, run_id)
+    logger.log_params({f"grid.{k}": v for k, v in grid.items()})
+    return run_id
+
+
+def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str | None = None) -> SweepResult:
+    """Runs (or resumes) sweep ``name``: one trial per grid point."""
+    import ray.tune
+
+    from alignlab.platform.train import init_ray, prepare
+
+    validate_grid(base, grid)
+    base = config_lib.with_absolute_paths(base)
+    init_ray()
+    prepare(base)  # schema and vocabulary checks once, before any trial
+    uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri)
+    parent = _parent_run(uri, base.tracking.experiment, name, grid)
+    root = storage_path or base.tracking.storage_path or str(Path.cwd() / "ray_results")
+    tune_path = _join(root, "tune")
+    param_space = {
+        "overrides": {k: ray.tune.grid_search(v) for k, v in grid.items()},
+        "base": config_lib.to_dict(base), "mlflow_uri": uri, "parent_run_id": parent, "sweep": name,
+        "train_storage": _join(root, "train"),
+    }
+    # The trainable itself only drives a Train job, whose workers request their own resources;
+    # Tune needs a non-empty request, so it asks for a sliver of a CPU.
+    trainable = ray.tune.with_resources(_trial, {"CPU": 0.1})
+    if ray.tune.Tuner.can_restore(_join(tune_path, name)):
+        tuner = ray.tune.Tuner.restore(_join(tune_path, name), trainable=trainable, resume_errored=True,
+                                       param_space=param_space)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=trial_concurrency(base)),
+            run_config=ray.tune.RunConfig(name=name, storage_path=tune_path,
+                                          failure_config=ray.tune.FailureConfig(max_failures=1)))
+    grid_result = tuner.fit()
+    children = _children_by_overrides(uri, base.tracking.experiment, name)
+    trials = []
+    for r in grid_result:
+        overrides = dict(r.config["overrides"]) if r.config else {}
+        key = tuple(sorted((f"sweep.{k}", str(v)) for k, v in overrides.items()))
+        trials.append(TrialResult(overrides=overrides, metrics=dict(r.metrics or {}),
+                                  mlflow_run_id=children.get(key, ""), error=str(r.error) if r.error else ""))
+    result = SweepResult(name=name, parent_run_id=parent, mlflow_uri=uri, trials=trials)
+    status = "FAILED" if any(t.error for t in trials) else "FINISHED"
+    tracking.RunLogger(uri, parent).finish(status)
+    return result
+
+
+def _children_by_overrides(uri: str, experiment: str, sweep: str) -> dict[tuple, str]:
+    """The sweep's child runs keyed by the ``sweep.*`` params each trial logged."""
+    client = tracking._client(uri)
+    runs = client.search_runs([tracking.experiment_id(uri, experiment)],
+                              filter_string=f"tags.`alignlab.sweep` = '{sweep}'", max_results=10_000)
+    return {tuple(sorted((k, v) for k, v in r.data.params.items() if k.startswith("sweep."))): r.info.run_id
+            for r in runs}
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts]) if "://" in root else os.path.join(root, *parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison artifacts
+# --------------------------------------------------------------------------------------------
+
+
+def comparison_table(trials: list[TrialResult], group_by: list[str], metrics: list[str]) -> list[dict[str, Any]]:
+    """One row per value of ``group_by`` (e.g. the ablation row), each metric as mean and std
+    over the remaining keys (e.g. seeds)."""
+    groups: dict[tuple, list[TrialResult]] = {}
+    for t in trials:
+        if t.error:
+            continue
+        groups.setdefault(tuple(t.overrides.get(k) for k in group_by), []).append(t)
+    rows = []
+    for key, members in groups.items():
+        row: dict[str, Any] = dict(zip(group_by, key))
+        row["n"] = len(members)
+        for m in metrics:
+            values = [t.metrics[m] for t in members if m in t.metrics]
+            mean = sum(values) / len(values) if values else float("nan")
+            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+            row[f"{m} mean"], row[f"{m} std"] = mean, math.sqrt(var)
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], metrics: list[str], group_by: list[str]) -> str:
+    header = group_by + ["n"] + metrics
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [str(r[k]) for k in group_by] + [str(r["n"])]
+        cells += [f"{r[f'{m} mean']:.2f} ± {r[f'{m} std']:.2f}" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def bar_chart(rows: list[dict[str, Any]], metrics: list[str], group_by: list[str], path: str, title: str) -> None:
+    """Grouped bars of each metric's mean with std error bars, one group per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [", ".join(str(r[k]) for k in group_by) for r in rows]
+    width = 0.8 / max(1, len(metrics))
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows) + 2), 3.6))
+    for i, m in enumerate(metrics):
+        xs = [j + i * width for j in range(len(rows))]
+        ax.bar(xs, [r[f"{m} mean"] for r in rows], width, yerr=[r[f"{m} std"] for r in rows], capsize=3, label=m)
+    ax.set_xticks([j + width * (len(metrics) - 1) / 2 for j in range(len(rows))], labels, rotation=15, ha="right")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def publish_comparison(result: SweepResult, group_by: list[str], metrics: list[str], title: str,
+                       out_dir: str) -> str:
+    """Writes the comparison table (Markdown, CSV) and bar chart, logs them to the sweep's parent
+    run, and returns the Markdown."""
+    rows = comparison_table(result.trials, group_by, metrics)
+    md = to_markdown(rows, metrics, group_by)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(md)
+    (out / "comparison.csv").write_text(to_csv(rows))
+    logger = tracking.RunLogger(result.mlflow_uri, result.parent_run_id)
+    logger.log_artifact(str(out / "comparison.md"))
+    logger.log_artifact(str(out / "comparison.csv"))
+    if rows:
+        bar_chart(rows, metrics, group_by, str(out / "comparison.png"), title)
+        logger.log_artifact(str(out / "comparison.png"))
+    return md

@@ -1,0 +1,74 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alignlab.platform import shards as S
+from alignlab.platform.ingest import count_rows
+
+
+def _row(i, split="train", regions=True):
+    return S.Row(image=b"\x89PNG", image_id=f"img{i // 2}", caption=f"caption {i}", caption_id=f"c{i}", split=split,
+                 region_features=np.full((3, 8), i, np.float32) if regions else None,
+                 boxes=np.array([[0, 0, .5, .5]] * 3, np.float32) if regions else None,
+                 tags=["dog", "cat", "man"] if regions else None,
+                 phrases=[["man"], ["green", "shirt"], ["man", "in", "shirt"]] if regions else None)
+
+
+def test_writer_bounds_rows_per_file_and_splits(tmp_path):
+    with S.ShardWriter(str(tmp_path), rows_per_file=4) as w:
+        w.write_all(_row(i) for i in range(10))
+        w.write_all(_row(i, "test") for i in range(3))
+    train = S.validate_shards(str(tmp_path / "train"))
+    assert len(train) == 3 and [pq.read_metadata(f).num_rows for f in train] == [4, 4, 2]
+    assert count_rows(str(tmp_path / "test")) == 3
+    t = pq.read_table(train[0])
+    assert t.schema.metadata[S.SCHEMA_VERSION_KEY] == b"1"
+    assert np.asarray(t.column("region_features")[1].as_py()).shape == (3, 8)
+    assert t.column("phrases")[0].as_py() == [["man"], ["green", "shirt"], ["man", "in", "shirt"]]
+
+
+def test_optional_columns_are_optional(tmp_path):
+    with S.ShardWriter(str(tmp_path)) as w:
+        w.write(_row(0, regions=False))
+    (f,) = S.validate_shards(str(tmp_path))
+    assert "region_features" not in pq.read_schema(f).names
+
+
+def _write(path, table):
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+def test_missing_column_names_file_and_column(tmp_path):
+    table = S.rows_to_table([_row(0).__dict__]).drop_columns(["caption_id"])
+    f = _write(tmp_path / "bad.parquet", table)
+    with pytest.raises(S.ShardSchemaError) as e:
+        S.validate_shards(str(tmp_path))
+    assert f in str(e.value) and "caption_id" in str(e.value)
+
+
+def test_mistyped_column_names_expected_type(tmp_path):
+    good = S.rows_to_table([_row(0).__dict__])
+    bad = good.set_column(good.schema.get_field_index("boxes"), "boxes",
+                          pa.array([[1.0, 2.0]], type=pa.list_(pa.float64())))
+    _write(tmp_path / "bad.parquet", bad)
+    with pytest.raises(S.ShardSchemaError, match=r"column 'boxes' has type .* expected list<fixed_size_list<float32>\[4\]>"):
+        S.validate_shards(str(tmp_path))
+    bad = good.set_column(good.schema.get_field_index("caption"), "caption", pa.array([3]))
+    _write(tmp_path / "bad.parquet", bad)
+    with pytest.raises(S.ShardSchemaError, match="column 'caption' has type int64, expected string"):
+        S.validate_shards(str(tmp_path))
+
+
+def test_newer_schema_version_is_refused(tmp_path):
+    t = S.rows_to_table([_row(0).__dict__])
+    t = t.replace_schema_metadata({S.SCHEMA_VERSION_KEY: b"99"})
+    _write(tmp_path / "new.parquet", t)
+    with pytest.raises(S.ShardSchemaError, match="version 99"):
+        S.validate_shards(str(tmp_path))
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shards at"):
+        S.validate_shards(str(tmp_path / "nope"))
