@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from alignlab.platform.config import OptimConfig
+from alignlab.platform.train import (lr_multiplier, param_groups, resolve_precision, weighted_total)
+
+
+def test_linear_warmup_then_linear_decay_to_zero():
+    o = OptimConfig(lr=1e-4, warmup_steps=10, max_steps=110, schedule="linear")
+    assert lr_multiplier(0, o) == 0.0
+    assert lr_multiplier(5, o) == 0.5
+    assert lr_multiplier(10, o) == 1.0
+    assert lr_multiplier(60, o) == pytest.approx(0.5)
+    assert lr_multiplier(110, o) == 0.0
+
+
+def test_cosine_decays_to_min_lr():
+    o = OptimConfig(lr=1e-4, min_lr=1e-5, warmup_ratio=0.1, max_steps=100, schedule="cosine")
+    assert lr_multiplier(10, o) == pytest.approx(1.0)
+    assert lr_multiplier(55, o) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(100, o) == pytest.approx(0.1)
+
+
+def test_precision_is_validated_against_the_device():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+
+
+def test_weighted_total_and_param_groups():
+    losses = {"itc": torch.tensor(2.0), "mlm": torch.tensor(3.0)}
+    assert weighted_total(losses, {"mlm": 0.5}).item() == 3.5
+    m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    decay, no_decay = param_groups(m, 0.01)
+    assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
