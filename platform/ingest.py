@@ -88,10 +88,10 @@ def decode_image(data: bytes, size: int, train: bool, scale: tuple[float, float]
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def image_key(image_id: str) -> int:
-    """A stable 63-bit integer per image id, so the train step can tell captions of the same
-    image apart from true negatives without strings on the device."""
-    return zlib.crc32(image_id.encode()) | (zlib.adler32(image_id.encode()) << 31)
+def image_key(identifier: str) -> int:
+    """A stable 63-bit integer per image (or caption) id, so the train step can tell captions of
+    the same image apart from true negatives without strings on the device."""
+    return zlib.crc32(identifier.encode()) | (zlib.adler32(identifier.encode()) << 31)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +162,7 @@ class Preprocessor:
                 out["input_ids"], ~special & (out["attention_mask"] > 0), self.objectives.mlm_prob,
                 self.tokenizer.mask_token_id, self.random_range, self.rng)
         out["image_key"] = np.array([image_key(str(x)) for x in batch["image_id"]], dtype=np.int64)
+        out["caption_key"] = np.array([image_key(str(x)) for x in batch["caption_id"]], dtype=np.int64)
 
         if reasons:
             for e in examples[:5]:

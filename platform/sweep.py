@@ -79,7 +79,7 @@ def _trial(trial_config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from alignlab.platform.train import fit
+    from alignlab.platform.train import close_run, fit, open_run
 
     overrides = trial_config["overrides"]
     cfg = config_lib.load_config(data=trial_config["base"], overrides=_as_overrides(overrides))
@@ -88,18 +88,10 @@ def _trial(trial_config: dict[str, Any]) -> None:
     uri = trial_config["mlflow_uri"]
     run_id = _child_run(uri, cfg.tracking.experiment, trial_config["parent_run_id"], trial_config["sweep"], trial_name,
                         overrides)
-    logger = tracking.RunLogger(uri, run_id)
-    logger.log_params({**config_lib.flatten(config_lib.to_dict(cfg)), **tracking.environment_params(),
-                       **{f"sweep.{k}": v for k, v in overrides.items()}})
-    logger.log_text(config_lib.dump_yaml(cfg), "config.yaml")
+    logger = open_run(uri, run_id, cfg, {f"sweep.{k}": v for k, v in overrides.items()})
     result = fit(cfg, uri, run_id, storage_path=trial_config["train_storage"],
                  name=f"{trial_config['sweep']}-{trial_name}", callbacks=[TuneReportCallback()])
-    if result.error:
-        logger.finish("FAILED")
-        raise result.error
-    if result.checkpoint:
-        logger.set_tag("checkpoint", result.checkpoint.path)
-    logger.finish()
+    close_run(logger, result)
 
 
 def _child_run(uri: str, experiment: str, parent_run_id: str, sweep: str, trial: str, overrides: dict) -> str:
@@ -117,16 +109,16 @@ def _child_run(uri: str, experiment: str, parent_run_id: str, sweep: str, trial:
 
 
 def _parent_run(uri: str, experiment: str, sweep: str, grid: dict) -> str:
+    """The sweep's parent run: re-running (restoring) a sweep keeps logging under the same one."""
     client = tracking._client(uri)
     found = client.search_runs([tracking.experiment_id(uri, experiment)],
                                filter_string=f"tags.`alignlab.sweep_parent` = '{sweep}'", max_results=1,
                                order_by=["attributes.start_time DESC"])
-    if found and found[0].info.status != "FINISHED":
+    if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run_id = tracking.create_run(uri, experiment, sweep, tags={"alignlab.sweep_parent": sweep})
-    logger = tracking.RunLogger(uri, run_id)
-    logger.log_params({f"grid.{k}": v for k, v in grid.items()})
+    tracking.RunLogger(uri, run_id).log_params({f"grid.{k}": v for k, v in grid.items()})
     return run_id
 
 

@@ -360,23 +360,38 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
 
 def train(cfg: Config, parent_run_id: str | None = None, run_name: str | None = None) -> dict[str, Any]:
     """A single pre-training run, tracked in MLflow. Returns the final metrics and locations."""
-    from alignlab.platform.tracking import RunLogger, create_run, environment_params, resolve_tracking_uri
+    from alignlab.platform.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.mlflow_uri)
     key = run_key(cfg)
     run_id = _find_or_create_run(uri, cfg, key, parent_run_id, run_name)
-    logger = RunLogger(uri, run_id)
-    logger.log_params({**config_lib.flatten(config_lib.to_dict(cfg)), **environment_params()})
-    logger.log_text(config_lib.dump_yaml(cfg), "config.yaml")
+    logger = open_run(uri, run_id, cfg)
     result = fit(cfg, uri, run_id, name=key)
+    close_run(logger, result)
+    return {"metrics": dict(result.metrics or {}), "mlflow_uri": uri, "mlflow_run_id": run_id,
+            "checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def open_run(uri: str, run_id: str, cfg: Config, extra_params: dict | None = None):
+    """A logger on the run with the flattened resolved config, git commit and package versions
+    as params, and the resolved config YAML as an artifact."""
+    from alignlab.platform.tracking import RunLogger, environment_params
+
+    logger = RunLogger(uri, run_id)
+    logger.log_params({**config_lib.flatten(config_lib.to_dict(cfg)), **environment_params(), **(extra_params or {})})
+    logger.log_text(config_lib.dump_yaml(cfg), "config.yaml")
+    return logger
+
+
+def close_run(logger, result) -> None:
+    """Marks the MLflow run finished (recording where its checkpoint is) or failed (re-raising)."""
     if result.error:
         logger.finish("FAILED")
         raise result.error
     if result.checkpoint:
         logger.set_tag("checkpoint", result.checkpoint.path)
+        logger.log_text(result.checkpoint.path + "\n", "checkpoint_location.txt")
     logger.finish()
-    return {"metrics": dict(result.metrics or {}), "mlflow_uri": uri, "mlflow_run_id": run_id,
-            "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
 def _find_or_create_run(uri: str, cfg: Config, key: str, parent_run_id: str | None, run_name: str | None) -> str:
