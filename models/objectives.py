@@ -8,13 +8,17 @@ Global batches: the papers' batch sizes are global (MVPTR 1024 on 8 GPUs, SIMLA 
 worker computes the loss of its own rows against the columns of *all* workers, with labels offset
 by its rank; features are gathered with an autograd-aware all-gather so that the gradient of
 every worker's loss reaches the rows that produced them. Averaging gradients over workers (DDP)
-then gives exactly the gradient of the loss over the concatenated batch.
+then gives exactly the gradient of the loss over the concatenated batch. Hard negatives are mined
+from the same global similarities (``global_hard_negatives``, ``gather_rows``) and SIMLA's queues
+take every worker's momentum features (``FeatureQueue``). With one worker, or no process group,
+every function here returns exactly the single-process result.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 
 # --------------------------------------------------------------------------------------------
@@ -28,25 +32,45 @@ def _distributed() -> bool:
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All workers' ``x`` concatenated along dim 0, differentiable with respect to the local
-    rows, and the offset of the local rows in it. A single process returns ``(x, 0)`` unchanged.
-    Every worker must hold the same number of rows (the data stage drops ragged last batches)."""
+    rows, and the offset of the local rows in it. A single process (or a 1-worker group) returns
+    ``(x, 0)`` untouched. Every worker must hold a tensor of the same shape (the data stage drops
+    ragged last batches and pads to fixed lengths).
+
+    The backward of the autograd-aware all-gather is a reduce-scatter that *sums* over workers
+    the gradients reaching each slice, so the local rows receive Σ_w ∂L_w/∂x; DDP's mean over
+    workers then yields ∂/∂θ of the mean of the workers' losses, i.e. of the loss over the
+    concatenated batch. The backward is itself a collective: every worker must backpropagate
+    through the result.
+    """
     if not _distributed():
         return x, 0
-    from torch.distributed.nn.functional import all_gather
+    # torch 2.14 deprecates torch.distributed.nn.functional.all_gather for this one (same
+    # gradient, one tensor instead of a tuple; works on gloo and NCCL).
+    from torch.distributed._functional_collectives import all_gather_single
 
-    parts = all_gather(x)
-    return torch.cat(parts, 0), dist.get_rank() * x.shape[0]
+    return all_gather_single(x.contiguous(), 0, dist.group.WORLD), dist.get_rank() * x.shape[0]
 
 
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """All workers' ``x`` concatenated, without gradient (momentum features for SIMLA's queues,
-    candidate ids for hard-negative lookup)."""
+    """All workers' ``x`` concatenated along dim 0, as constants (momentum features for SIMLA's
+    queues, image ids and token ids for hard-negative lookup). A single process returns ``x``
+    untouched. Shapes must match across workers, as for ``gather_with_grad``."""
     if not _distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, 0)
+
+
+def _gather_keeping_local(x: torch.Tensor) -> torch.Tensor:
+    """``gather_no_grad`` with the local slice put back as ``x`` itself, so that this worker's
+    rows keep their graph and only other workers' rows are constants (open_clip's
+    ``gather_features`` without ``torch.distributed.nn``)."""
+    if not _distributed():
+        return x
+    gathered, start = gather_no_grad(x), dist.get_rank() * x.shape[0]
+    return torch.cat([gathered[:start], x, gathered[start + x.shape[0]:]], 0)
 
 
 def global_view(x: torch.Tensor, negatives: str) -> tuple[torch.Tensor, int]:
@@ -131,10 +155,107 @@ def same_item_mask(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor
     return row_ids[:, None] == col_ids[None, :]
 
 
+# Global hard negatives. Each worker mines the negatives of its own rows from their similarities
+# to the whole global batch (the logits of ``contrastive_logits`` against the gathered columns),
+# so a row's negative may live on any worker. The multi-modal (fusion) pass of a negative pair
+# still runs on the worker that owns the positive, which keeps the ITM/WPG labels and the pair's
+# loss local: that worker fetches the chosen candidates' *inputs to the fusion encoder* — for an
+# image negative the unimodal image token states or region features and their mask, for a text
+# negative the caption's token ids and mask (or its unimodal token states) — by gathering them
+# from all workers and indexing the chosen global rows (``gather_rows``). This is BLIP's scheme
+# (ids gathered as constants, image embeddings with ``all_gather_with_grad``); ALBEF mines only
+# inside the local batch. The cost is one global batch of those inputs on every worker.
+
+
+def global_hard_negatives(logits: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor,
+                          mode: str = "sample", generator: torch.Generator | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hard negative per local row, as an index into the *global* batch (MVPTR §3.3 ITM/WPG
+    over p_v2s / p_s2v of eq. 1).
+
+    ``logits`` (n_local, N_global) are the local rows against all workers' columns; ``row_ids``
+    (n_local) and ``col_ids`` (N_global, e.g. ``gather_no_grad(image_ids)``) are image ids. A
+    column showing the row's image — its positive, or another caption of that image anywhere in
+    the global batch — is never chosen. Returns (global indices, valid) as
+    ``sample_hard_negatives``; feed the indices to ``gather_rows``.
+    """
+    if logits.shape != (row_ids.shape[0], col_ids.shape[0]):
+        raise ValueError(f"logits {tuple(logits.shape)} must be (rows {row_ids.shape[0]}, "
+                         f"global columns {col_ids.shape[0]})")
+    return sample_hard_negatives(logits, same_item_mask(row_ids, col_ids), mode, generator)
+
+
+def gather_rows(tensors: dict[str, torch.Tensor], global_idx: torch.Tensor, grad: bool = True
+                ) -> dict[str, torch.Tensor]:
+    """Rows ``global_idx`` of the global batch of each tensor (all workers' ``tensors[k]``
+    concatenated along dim 0), on this worker: how the owner of a positive fetches the fusion
+    inputs of hard negatives chosen by ``global_hard_negatives``. In one process it is plain
+    indexing, ``tensors[k][global_idx]``.
+
+    Gradients: rows of this worker's own slice always keep their graph. With ``grad=True`` (the
+    default) floating tensors are gathered with ``gather_with_grad``, so the loss on a negative
+    owned by another worker reaches that worker's encoder, exactly as in one process over the
+    concatenated batch (BLIP). ``grad=False`` treats other workers' rows as constants, sparing
+    the backward reduce-scatter at the price of those gradient terms. Integer tensors (ids, masks)
+    are gathered as constants. A collective: every worker calls it with the same keys in the same
+    order and, with ``grad=True``, backpropagates through the result.
+    """
+    rows = {}
+    for key, x in tensors.items():
+        gathered = gather_with_grad(x)[0] if grad and x.is_floating_point() else _gather_keeping_local(x)
+        rows[key] = gathered[global_idx]
+    return rows
+
+
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Binary image-text matching as 2-way cross-entropy over [no-match, match] (MVPTR eq. 4,
     SIMLA eq. 5)."""
     return F.cross_entropy(logits.float(), labels.long())
+
+
+# --------------------------------------------------------------------------------------------
+# Queues of momentum features (SIMLA's ITC, from MoCo / ALBEF)
+# --------------------------------------------------------------------------------------------
+
+
+class FeatureQueue(nn.Module):
+    """First-in-first-out queues of M momentum image and text features and their image ids,
+    used as extra contrastive columns (SIMLA §3.2 ITC, ALBEF eq. 1-2 with queues, MoCo).
+
+    Each ``enqueue`` writes the *global* batch — every worker's momentum features gathered
+    without gradient — so the queues stay identical on every worker, and the initial random
+    features come from a fixed seed for the same reason. ``idx_queue`` holds image ids (``-1``
+    for the initial entries; ids are ≥ 0) so that queued copies of a row's image are excluded
+    from its negatives with ``same_item_mask``. All buffers live in the state dict, so
+    checkpoints restore the queues and the pointer.
+    """
+
+    def __init__(self, size: int, dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        # Random unit vectors, as ALBEF: near-orthogonal to everything, so the initial entries
+        # are uninformative negatives until the first M pairs have been enqueued.
+        self.register_buffer("image_queue", F.normalize(torch.randn(size, dim, generator=g), dim=-1))
+        self.register_buffer("text_queue", F.normalize(torch.randn(size, dim, generator=g), dim=-1))
+        self.register_buffer("idx_queue", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> None:
+        """Write all workers' (n, d) momentum features and (n,) image ids at the pointer and
+        advance it, wrapping around. M must be a multiple of the global batch, so a batch never
+        straddles the end of the queue. A collective: every worker calls it every step."""
+        image_all, text_all = gather_no_grad(image_feat), gather_no_grad(text_feat)
+        idx_all = gather_no_grad(idx)
+        size, n = self.image_queue.shape[0], image_all.shape[0]
+        if size % n:
+            raise ValueError(f"queue size {size} must be a multiple of the global batch {n} "
+                             f"(rows per worker × workers)")
+        ptr = int(self.ptr)
+        self.image_queue[ptr:ptr + n] = image_all
+        self.text_queue[ptr:ptr + n] = text_all
+        self.idx_queue[ptr:ptr + n] = idx_all
+        self.ptr.fill_((ptr + n) % size)
 
 
 # --------------------------------------------------------------------------------------------
