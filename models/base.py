@@ -21,6 +21,11 @@ class InputSpec:
     regions: bool = False  # region_features (B, K, D), region_mask, boxes
     tags: bool = False  # tag_ids (B, T) of detected object classes (MVPTR's visual concepts)
     phrases: bool = False  # phrase_ids (B, P) of phrase concepts (MVPTR §3.1)
+    # SIMLA's MIM: a BEiT block-wise mask ``mim_mask`` (B, grid, grid) over the image patches,
+    # True where a patch is masked, its masked fraction drawn from ``mim_ratio`` per image.
+    mim: bool = False
+    mim_grid: int = 0
+    mim_ratio: tuple[float, float] = (0.0, 0.0)
     mlm: bool = False  # mlm_input_ids / mlm_labels, masked at objectives.mlm_prob
     mcr: bool = False  # mcr_tag_ids / mcr_labels, tags masked at objectives.mcr_prob
 

@@ -343,8 +343,19 @@ class ViTEncoder(nn.Module):
         self.width = self.vit.num_features
         self.num_prefix_tokens = getattr(self.vit, "num_prefix_tokens", 1)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_features(self.normalize(pixels))
+    def forward(self, pixels: torch.Tensor, patch_mask: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``patch_mask`` (B, N) True at masked patches, those patch embeddings are replaced
+        by ``mask_token`` (D,) before the position embeddings, as BEiT masks its input (SIMLA's
+        MIM); the stages are timm's own ``forward_features``."""
+        if patch_mask is None:
+            return self.vit.forward_features(self.normalize(pixels))
+        vit = self.vit
+        x = vit.patch_embed(self.normalize(pixels))
+        w = patch_mask.reshape(x.shape[0], -1, 1).to(x.dtype)
+        x = x * (1 - w) + mask_token.to(x.dtype) * w
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        return vit.norm(vit.blocks(x))
 
 
 class RegionTransformer(nn.Module):

@@ -272,3 +272,67 @@ def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     if not (labels != ignore_index).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+
+# --------------------------------------------------------------------------------------------
+# Momentum distillation and pseudo-label supervision (SIMLA)
+# --------------------------------------------------------------------------------------------
+
+
+def positive_targets(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
+    """The ground truth y^i2t / y^t2i of SIMLA eq. 2 as a distribution over the columns: uniform
+    over every column that shows the row's image (its own pair, other captions of that image in
+    the batch, queued copies of it), zero elsewhere.
+
+    The paper writes y as one-hot; with several captions per image in the batch and in the
+    queue, a one-hot target would push away true matches, so we read it as ALBEF's
+    image-id-aware targets (``idx``-based ``sim_targets``). A row with exactly one matching
+    column gets the one-hot vector. Every row must match at least one column (its own pair).
+    """
+    pos = same_item_mask(row_ids, col_ids).float()
+    return pos / pos.sum(-1, keepdim=True)
+
+
+def distillation_loss(logits: torch.Tensor, hard_targets: torch.Tensor, teacher_probs: torch.Tensor,
+                      alpha: float) -> torch.Tensor:
+    """Momentum distillation, SIMLA eq. 3-4 (ITC) and eq. 7 (MLM, MIM), from ALBEF:
+
+        (1 - α) H(y, p) + α H(p_m, p) = H((1 - α) y + α p_m, p),
+
+    the equality holding because the cross-entropy H(q, p) = -Σ q log p is linear in q. Rows of
+    ``logits`` (n, C) are predictions p (softmax over C), ``hard_targets`` the ground truth y
+    (one-hot or a distribution, n × C) and ``teacher_probs`` the momentum model's softmax p_m.
+    Mean over rows; 0 (with gradient) for no rows.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    targets = (1.0 - alpha) * hard_targets.float() + alpha * teacher_probs.float()
+    return -(targets * logits.float().log_softmax(-1)).sum(-1).mean()
+
+
+def psl_targets(attn_row: torch.Tensor, token_ids: torch.Tensor, special_mask: torch.Tensor, k: int,
+                vocab_size: int) -> torch.Tensor:
+    """SIMLA's hard pseudo-labels y^PSL (§2.4, appendix §3): the tokens at the k text positions
+    the multi-modal [CLS] attends to most in the last self-attention layer, as a multi-hot
+    vector over the vocabulary (B, V).
+
+    ``attn_row`` (B, N) is that [CLS] row (averaged over heads by the caller), ``token_ids``
+    (B, N) the caption, ``special_mask`` (B, N) True at [CLS], [SEP], [MASK] and padding, which
+    are never labels. A caption with fewer than k eligible tokens labels all of them. The top-k
+    is over *positions*, as the appendix states; a word repeated within the top k counts once.
+    """
+    scores = attn_row.float().masked_fill(special_mask, float("-inf"))
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=-1)
+    chosen = top.values > float("-inf")
+    # Unchosen slots (short captions) point at id 0 with value 0, which the max leaves as is.
+    ids = torch.where(chosen, token_ids.gather(1, top.indices), 0)
+    targets = torch.zeros(token_ids.shape[0], vocab_size, device=attn_row.device)
+    return targets.scatter_reduce_(1, ids, chosen.float(), reduce="amax")
+
+
+def multilabel_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """SIMLA eq. 8: binary cross-entropy of σ(logits) against ``targets`` in [0, 1], averaged
+    over the V vocabulary entries (the paper's 1/V) and over the rows. Eq. 9's distilled form is
+    this loss against (1 - α) y^PSL + α σ(p_m^PSL): BCE is linear in its target as well."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())

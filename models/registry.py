@@ -8,6 +8,7 @@ from alignlab.models.base import PretrainingModel, Vocab
 # Resolved lazily so that validating a config does not import every architecture.
 ARCHITECTURES: dict[str, str] = {
     "dual_encoder": "alignlab.models.dual_encoder:DualEncoder",
+    "simla": "alignlab.models.simla:SIMLA",
 }
 
 

@@ -84,9 +84,60 @@ class ImageEncoderConfig:
 
 
 @dataclass
+class SIMLAConfig:
+    """SIMLA (§2, §2.5): momentum distillation, feature queues, XMM's visual tokenizer and
+    block-wise image masking, PSL, and the Table-1 component switches."""
+
+    momentum: float = 0.995  # EMA coefficient of the momentum encoders and heads (§2.5)
+    # Length M of the image and text feature queues (65,536 in the paper); a multiple of the
+    # global batch (data.batch_size), so small runs size it to their batch.
+    queue_size: int = 65536
+    alpha: float = 0.4  # distillation coefficient, ramped linearly from 0 ...
+    alpha_ramp_epochs: float = 1.0  # ... over this many epochs (§2.5: the first epoch)
+    psl_k: int = 4  # pseudo-labels per caption (appendix §3: k = 4 is best)
+    # Layers of the language encoder from this index on hold cross-attention (the paper: all).
+    cross_from: int = 0
+    # Table-1 components; a disabled one contributes no loss and builds no head.
+    itm: bool = True
+    itc: bool = True
+    mlm: bool = True
+    mim: bool = True
+    psl: bool = True
+    # A named Table-1 row (see SIMLA_ROWS) overriding the flags above: one sweepable key.
+    row: Literal["", "a", "b", "c", "d", "e"] = ""
+    # MIM targets: "random_projection" (BEST-RQ's frozen random-projection quantizer, needs no
+    # weights: the default here) or "dvae" (a DALL-E / BEiT dVAE encoder loaded from dvae_path).
+    visual_tokenizer: Literal["random_projection", "dvae"] = "random_projection"
+    codebook_size: int = 8192  # visual vocabulary (the DALL-E dVAE's is 8192)
+    rpq_dim: int = 16  # projection width of the random-projection quantizer (BEST-RQ)
+    rpq_seed: int = 0  # seed of its frozen projection and codebook
+    dvae_path: str = ""
+    # BEiT block-wise masking: the fraction of image patches masked is drawn uniformly from
+    # these bounds per image (BEiT: 75 of 196 patches, about 0.4).
+    mim_ratio: tuple[float, float] = (0.35, 0.45)
+
+    def components(self) -> tuple[str, ...]:
+        """The enabled objectives: the named row's, or the flags'."""
+        if self.row:
+            return SIMLA_ROWS[self.row]
+        return tuple(c for c in ("itm", "itc", "mlm", "mim", "psl") if getattr(self, c))
+
+
+# SIMLA's Table-1 ablation rows as named component sets (the paper labels its last two rows both
+# "(d)"; here they are d and e). ``row: ""`` uses the component flags instead.
+SIMLA_ROWS: dict[str, tuple[str, ...]] = {
+    "a": ("itm",),
+    "b": ("itm", "itc"),
+    "c": ("itm", "itc", "mlm"),
+    "d": ("itm", "itc", "mlm", "mim"),
+    "e": ("itm", "itc", "mlm", "mim", "psl"),
+}
+
+
+@dataclass
 class ModelConfig:
     # An architecture registered in alignlab.models.registry.
-    architecture: Literal["dual_encoder"] = "dual_encoder"
+    architecture: Literal["dual_encoder", "simla"] = "dual_encoder"
     # Transformer width shared by the text stack (and region/fusion stacks).
     hidden_size: int = 768
     num_layers: int = 6
@@ -100,6 +151,7 @@ class ModelConfig:
     # Initial temperature of the learnable InfoNCE temperature (CLIP / ALBEF use 0.07).
     temperature: float = 0.07
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    simla: SIMLAConfig = field(default_factory=SIMLAConfig)
 
 
 @dataclass
@@ -413,6 +465,8 @@ def check(cfg: Config) -> None:
         check_objectives(cfg.model.architecture, cfg.objectives.weights)
     except ValueError as e:
         raise ConfigError(f"config key 'objectives.weights': {e}") from None
+    if cfg.model.architecture == "simla":
+        _check_simla(cfg)
     if cfg.data.batch_size % cfg.scaling.num_workers:
         raise ConfigError(
             f"config key 'data.batch_size' = {cfg.data.batch_size} must divide evenly across "
@@ -428,6 +482,31 @@ def check(cfg: Config) -> None:
         raise ConfigError(
             "config key 'precision.precision' = 'fp16' needs CUDA (autocast + GradScaler); "
             "with scaling.use_gpu = false choose one of 'bf16', 'fp32', 'auto'")
+
+
+def _check_simla(cfg: Config) -> None:
+    s, img = cfg.model.simla, cfg.model.image
+    components = s.components()
+    if "itc" in components and s.queue_size % cfg.data.batch_size:
+        raise ConfigError(f"config key 'model.simla.queue_size' = {s.queue_size} must be a multiple of the "
+                          f"global batch data.batch_size = {cfg.data.batch_size}")
+    if not 0.0 <= s.mim_ratio[0] <= s.mim_ratio[1] < 1.0:
+        raise ConfigError(f"config key 'model.simla.mim_ratio' = {list(s.mim_ratio)} must be 0 <= low <= high < 1")
+    if s.psl_k < 1:
+        raise ConfigError("config key 'model.simla.psl_k' must be >= 1")
+    if img.kind != "vit":
+        raise ConfigError("config key 'model.image.kind' must be 'vit' for simla (a ViT below the language encoder)")
+    if "mim" in components:
+        # The CPU stage draws the block-wise mask on the patch grid, so the grid must be explicit.
+        if not (img.img_size and img.patch_size) or img.img_size % img.patch_size:
+            raise ConfigError("simla's MIM needs model.image.img_size and model.image.patch_size set "
+                              "(img_size a multiple of patch_size): the data stage masks on that patch grid")
+        if cfg.data.image_size != img.img_size:
+            raise ConfigError(f"config key 'data.image_size' = {cfg.data.image_size} must equal "
+                              f"model.image.img_size = {img.img_size} for simla's MIM")
+        if s.visual_tokenizer == "dvae" and not s.dvae_path:
+            raise ConfigError("config key 'model.simla.dvae_path' must name a dVAE encoder file when "
+                              "model.simla.visual_tokenizer = 'dvae'")
 
 
 def with_absolute_paths(cfg: Config) -> Config:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from alignlab.models.base import InputSpec
 from alignlab.platform import shards
 from alignlab.platform.config import DataConfig, ObjectivesConfig
-from alignlab.platform.masking import bert_mask
+from alignlab.platform.masking import bert_mask, block_mask
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,9 @@ class Preprocessor:
             out["mlm_input_ids"], out["mlm_labels"] = bert_mask(
                 out["input_ids"], ~special & (out["attention_mask"] > 0), self.objectives.mlm_prob,
                 self.tokenizer.mask_token_id, self.random_range, self.rng)
+        if self.spec.mim:
+            # SIMLA's MIM: BEiT block-wise patch masks, drawn here so the train step only computes.
+            out["mim_mask"] = block_mask(n, self.spec.mim_grid, self.spec.mim_ratio, self.rng)
         out["image_key"] = np.array([image_key(str(x)) for x in batch["image_id"]], dtype=np.int64)
         out["caption_key"] = np.array([image_key(str(x)) for x in batch["caption_id"]], dtype=np.int64)
 

@@ -28,3 +28,44 @@ def bert_mask(ids: np.ndarray, maskable: np.ndarray, prob: float, mask_id: int, 
     randomise = selected & (roll >= 0.8) & (roll < 0.9)
     out[randomise] = rng.integers(random_range[0], random_range[1], size=int(randomise.sum()))
     return out, labels
+
+
+def block_mask(n: int, grid: int, ratio: tuple[float, float], rng: np.random.Generator, min_block: int = 4,
+               min_aspect: float = 0.3) -> np.ndarray:
+    """BEiT's block-wise masking of image patches (Bao et al., 2022, Algorithm 1), used by SIMLA's
+    MIM (§2.3): (n, grid, grid) booleans, True at masked patches.
+
+    Per image a target count t = round(r · grid²) is drawn with r ~ U(ratio); rectangles of area
+    U(min_block, t - masked) and log-uniform aspect ratio in [min_aspect, 1/min_aspect] are
+    placed at random, each kept only if it adds at least one and at most the remaining number of
+    new patches (10 tries per block). BEiT stops when a block fails to fit, which can leave an
+    image short of its target; we then mask random single patches up to t, so the masked
+    fraction always lies within ``ratio`` (up to rounding to whole patches).
+    """
+    total = grid * grid
+    lo, hi = int(np.ceil(ratio[0] * total)), int(np.floor(ratio[1] * total))
+    masks = np.zeros((n, grid, grid), dtype=bool)
+    log_aspect = (np.log(min_aspect), -np.log(min_aspect))
+    for mask in masks:
+        target = int(np.clip(round(rng.uniform(*ratio) * total), lo, hi)) if lo <= hi else round(ratio[0] * total)
+        count = 0
+        while count < target:
+            added = 0
+            for _ in range(10):
+                area = rng.uniform(min(min_block, target - count), target - count)
+                aspect = np.exp(rng.uniform(*log_aspect))
+                h, w = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+                if not (0 < h <= grid and 0 < w <= grid):
+                    continue
+                top, left = rng.integers(0, grid - h + 1), rng.integers(0, grid - w + 1)
+                new = h * w - int(mask[top:top + h, left:left + w].sum())
+                if 0 < new <= target - count:
+                    mask[top:top + h, left:left + w] = True
+                    added = new
+                    break
+            if not added:
+                free = np.flatnonzero(~mask.reshape(-1))
+                mask.reshape(-1)[rng.choice(free, target - count, replace=False)] = True
+                added = target - count
+            count += added
+    return masks

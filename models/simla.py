@@ -1,0 +1,324 @@
+"""SIMLA (Khan et al., 2022): single-stream multi-level alignment.
+
+A timm ViT E_v below a BERT-style language encoder E_l whose layers also cross-attend (§2.1). One
+set of weights serves two roles: given text alone it is the text encoder (cross-attention is
+skipped, :class:`~alignlab.models.blocks.TransformerLayer`); given text plus E_v's states it is
+the multi-modal encoder E_mm. A momentum copy of the encoders, projections and heads (EMA 0.995)
+provides the queue features and the distillation targets.
+
+Objectives (each its own loss, each weighted by the platform, eq. 10):
+
+* ``itc`` (eq. 1-4): online features against the momentum features of the (global) batch and the
+  queues, targets (1 - α) y + α p_m.
+* ``itm`` (eq. 5): one hard negative text per image and one hard negative image per text, drawn
+  from the contrastive similarities (ALBEF; BLIP's global-batch mining across workers).
+* ``mlm``, ``mim`` (eq. 6-7, XMM): masked caption tokens predicted by E_mm with the image as
+  context; masked image patches (BEiT block-wise) predicted as visual tokens by E_mm with the
+  *image patches as queries* and the caption as context (the appendix: "SIMLA's multimodal
+  encoder is capable of using both image patches and language tokens as queries"); both
+  distilled from the momentum model's predictions.
+* ``psl`` (eq. 8-9): the k tokens the multi-modal [CLS] attends to most in E_mm's last
+  self-attention layer are the image's pseudo-labels; a linear head on the unimodal image [CLS]
+  predicts them with a multi-label BCE over the vocabulary, distilled from the momentum head.
+
+α ramps linearly from 0 to ``simla.alpha`` over the first ``alpha_ramp_epochs`` epochs, and the
+momentum encoders are updated, in :meth:`SIMLA.begin_step`, which the trainer calls before each
+optimiser step.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlab.models.base import InputSpec, ModelOutput, PretrainingModel, Vocab
+from alignlab.models.blocks import (BertCheckpoint, PredictionHead, TextEmbeddings, TransformerEncoder,
+                                    TransformerSize, ViTEncoder, bert_layer_plan, init_weights)
+from alignlab.models.objectives import (FeatureQueue, clamp_logit_scale, distillation_loss, gather_no_grad,
+                                        gather_rows, global_hard_negatives, itm_loss, multilabel_bce,
+                                        positive_targets, psl_targets)
+from alignlab.models.visual_tokenizers import build_visual_tokenizer
+from alignlab.platform.masking import IGNORE
+
+
+class SIMLA(PretrainingModel):
+    objectives = ("itc", "itm", "mlm", "mim", "psl")
+
+    def __init__(self, model_cfg, objectives_cfg, vocab: Vocab):
+        super().__init__()
+        s = model_cfg.simla
+        self.cfg = s
+        self.components = s.components()
+        self.negatives = objectives_cfg.negatives
+        self.itm_negatives = objectives_cfg.itm_negatives
+        self.vocab_size = vocab.size
+        self.alpha = 0.0
+        self._momentum_step = -1
+        size = TransformerSize(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
+                               model_cfg.dropout)
+        img = model_cfg.image
+        # E_v: timm initialises (or loads) the ViT itself.
+        self.image = ViTEncoder(img.timm_name, pretrained=img.pretrained, checkpoint=img.checkpoint,
+                                img_size=img.img_size, patch_size=img.patch_size, embed_dim=img.embed_dim,
+                                depth=img.depth, num_heads=img.num_heads)
+        # E_l = E_mm: one stack, cross-attending to E_v's states from layer cross_from on.
+        self.embeddings = TextEmbeddings(vocab.size, size)
+        self.encoder = TransformerEncoder(size, model_cfg.num_layers, cross_from=s.cross_from,
+                                          context_dim=self.image.width)
+        self.vision_proj = nn.Linear(self.image.width, model_cfg.embed_dim)  # g_v
+        self.text_proj = nn.Linear(size.hidden_size, model_cfg.embed_dim)  # g_l
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / model_cfg.temperature)))
+        heads = []
+        if "itm" in self.components:
+            self.itm_head = nn.Linear(size.hidden_size, 2)
+            heads.append("itm_head")
+        if "mlm" in self.components:
+            self.mlm_head = PredictionHead(size.hidden_size, vocab.size)
+            heads.append("mlm_head")
+        if "mim" in self.components:
+            if self.image.width != size.hidden_size:
+                raise ValueError(f"simla's MIM feeds image patches to the language encoder as queries, so the "
+                                 f"ViT width ({self.image.width}) must equal model.hidden_size ({size.hidden_size})")
+            self.mask_token = nn.Parameter(torch.zeros(self.image.width))
+            self.mim_head = PredictionHead(size.hidden_size, s.codebook_size)
+            grid = img.img_size // img.patch_size
+            self.visual_tokenizer = build_visual_tokenizer(s, img.patch_size, grid)
+            heads.append("mim_head")
+        if "psl" in self.components:
+            self.psl_head = nn.Linear(self.image.width, vocab.size)  # "a single fully-connected layer"
+            heads.append("psl_head")
+        for name in ("embeddings", "encoder", "vision_proj", "text_proj", *heads):
+            init_weights(getattr(self, name))
+        if model_cfg.text_init:
+            ckpt = BertCheckpoint.from_pretrained(model_cfg.text_init)
+            ckpt.check_size(size, "model.text_init")
+            ckpt.load_embeddings(self.embeddings)
+            ckpt.load_encoder(self.encoder, bert_layer_plan(ckpt.num_layers, model_cfg.num_layers, 0))
+        self.register_buffer("special_ids", torch.tensor([vocab.pad_id, vocab.cls_id, vocab.sep_id, vocab.mask_id]),
+                             persistent=False)
+
+        # The momentum model: what the distilled objectives and the queues read. ITM (row a of
+        # Table 1 alone) needs none.
+        distilled = [c for c in ("itc", "mlm", "mim", "psl") if c in self.components]
+        self.momentum_names = ["image", "embeddings", "encoder"] if distilled else []
+        if "itc" in self.components:
+            self.momentum_names += ["vision_proj", "text_proj"]
+            self.queue = FeatureQueue(s.queue_size, model_cfg.embed_dim)
+        self.momentum_names += [f"{c}_head" for c in ("mlm", "mim", "psl") if c in self.components]
+        self.momentum = nn.ModuleDict({n: copy.deepcopy(getattr(self, n)) for n in self.momentum_names})
+        if "mim" in self.components:
+            self.momentum_mask_token = nn.Parameter(self.mask_token.detach().clone())
+        for p in self._momentum_params():
+            p.requires_grad_(False)  # updated by EMA only; the optimiser never sees them
+
+    @classmethod
+    def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
+        s, img = model_cfg.simla, model_cfg.image
+        mim = "mim" in s.components()
+        return InputSpec(pixels=True, mlm="mlm" in s.components(), mim=mim,
+                         mim_grid=img.img_size // img.patch_size if mim else 0,
+                         mim_ratio=tuple(s.mim_ratio) if mim else (0.0, 0.0))
+
+    # ----------------------------------------------------------------------------------------
+    # Momentum model and schedules
+    # ----------------------------------------------------------------------------------------
+
+    def _momentum_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = [pair for n in self.momentum_names
+                 for pair in zip(getattr(self, n).parameters(), self.momentum[n].parameters())]
+        if "mim" in self.components:
+            pairs.append((self.mask_token, self.momentum_mask_token))
+        return pairs
+
+    def _momentum_params(self) -> list[torch.Tensor]:
+        return [m for _, m in self._momentum_pairs()]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """θ_m ← m θ_m + (1 - m) θ (MoCo, ALBEF; m = ``simla.momentum``)."""
+        pairs = self._momentum_pairs()
+        if pairs:
+            online, momentum = zip(*pairs)
+            torch._foreach_mul_(momentum, self.cfg.momentum)
+            torch._foreach_add_(momentum, online, alpha=1.0 - self.cfg.momentum)
+
+    def begin_step(self, step: int, steps_per_epoch: int) -> None:
+        """α ramps linearly from 0 to ``alpha`` over the first ``alpha_ramp_epochs`` epochs (§2.5,
+        as ALBEF: α · min(1, i / steps of epoch 1)); the momentum model takes one EMA step per
+        optimiser step (once per step, even when the trainer calls again at an epoch boundary).
+        ALBEF updates before every forward; with gradient accumulation one update per optimiser
+        step is the same schedule, since the online weights only change at optimiser steps."""
+        ramp = max(1.0, self.cfg.alpha_ramp_epochs * steps_per_epoch)
+        self.alpha = self.cfg.alpha * min(1.0, step / ramp)
+        if step != self._momentum_step:
+            self.momentum_update()
+            self._momentum_step = step
+
+    # ----------------------------------------------------------------------------------------
+    # Encoders (``p`` is the online model's modules or the momentum copies)
+    # ----------------------------------------------------------------------------------------
+
+    def _parts(self, momentum: bool):
+        return self.momentum if momentum else {n: getattr(self, n) for n in ("image", "embeddings", "encoder")}
+
+    @staticmethod
+    def _text(p, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """E_l: the shared stack without context (text encoder role)."""
+        return p["encoder"](p["embeddings"](ids), mask)[0]
+
+    @staticmethod
+    def _fuse(p, ids: torch.Tensor, mask: torch.Tensor, image_states: torch.Tensor, return_attention: bool = False):
+        """E_mm with text as queries and E_v's states as keys and values."""
+        return p["encoder"](p["embeddings"](ids), mask, context=image_states, return_attention=return_attention)
+
+    @staticmethod
+    def _fuse_image_queries(p, image_states: torch.Tensor, text_states: torch.Tensor,
+                            text_mask: torch.Tensor) -> torch.Tensor:
+        """E_mm with image patches as queries and the caption's E_l states as keys and values (MIM)."""
+        return p["encoder"](image_states, None, context=text_states, context_mask=text_mask)[0]
+
+    def _columns(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_no_grad(x) if self.negatives == "global" else x
+
+    def _rows(self, tensors: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return gather_rows(tensors, idx) if self.negatives == "global" else {k: v[idx] for k, v in tensors.items()}
+
+    # ----------------------------------------------------------------------------------------
+    # Retrieval interface
+    # ----------------------------------------------------------------------------------------
+
+    def embed_images(self, batch):
+        return F.normalize(self.vision_proj(self.image(batch["pixels"])[:, 0]), dim=-1)
+
+    def embed_texts(self, batch):
+        states = self._text(self._parts(False), batch["input_ids"], batch["attention_mask"].bool())
+        return F.normalize(self.text_proj(states[:, 0]), dim=-1)
+
+    def match_scores(self, images, texts):
+        """p^itm(I, T) of the match class (eq. 5), for re-ranking."""
+        if "itm" not in self.components:
+            return None
+        mm, _ = self._fuse(self._parts(False), texts["input_ids"], texts["attention_mask"].bool(),
+                           self.image(images["pixels"]))
+        return self.itm_head(mm[:, 0]).float().softmax(-1)[:, 1]
+
+    # ----------------------------------------------------------------------------------------
+    # Training
+    # ----------------------------------------------------------------------------------------
+
+    def forward(self, batch):
+        c = self.components
+        ids, mask, pixels, keys = batch["input_ids"], batch["attention_mask"].bool(), batch["pixels"], batch["image_key"]
+        online = self._parts(False)
+        v = self.image(pixels)
+        text_states = self._text(online, ids, mask)
+        img_feat = F.normalize(self.vision_proj(v[:, 0]), dim=-1)
+        txt_feat = F.normalize(self.text_proj(text_states[:, 0]), dim=-1)
+        scale = clamp_logit_scale(self.log_scale)
+        losses: dict[str, torch.Tensor] = {}
+        metrics = {"alpha": torch.tensor(self.alpha), "temperature": 1.0 / scale.detach()}
+        with torch.no_grad():
+            v_m = self.momentum["image"](pixels) if self.momentum_names else None
+
+        if "itc" in c:
+            losses["itc"] = self._itc(v_m, ids, mask, img_feat, txt_feat, keys, scale)
+        if "itm" in c or "psl" in c:
+            mm, attn = self._fuse(online, ids, mask, v, return_attention="psl" in c)
+            if "itm" in c:
+                losses["itm"], metrics["itm_acc"] = self._itm(v, ids, mask, mm[:, 0], img_feat, txt_feat, keys, scale)
+            if "psl" in c:
+                losses["psl"], metrics["psl_labels"] = self._psl(v, v_m, ids, mask, attn)
+        if "mlm" in c:
+            losses["mlm"] = self._mlm(v, v_m, batch["mlm_input_ids"], mask, batch["mlm_labels"])
+        if "mim" in c:
+            losses["mim"] = self._mim(pixels, batch["mim_mask"].flatten(1).bool(), ids, mask, text_states)
+        return ModelOutput(losses=losses, metrics=metrics)
+
+    def _itc(self, v_m, ids, mask, img_feat, txt_feat, keys, scale) -> torch.Tensor:
+        """Eq. 1-4: online image (text) features against the momentum text (image) features of
+        the batch — all workers' with ``negatives: global`` — and the queue, with targets
+        (1 - α) y + α p_m, p_m being eq. 1 on the momentum features alone. The batch's momentum
+        features are enqueued afterwards."""
+        p = self.momentum
+        with torch.no_grad():
+            img_m = F.normalize(p["vision_proj"](v_m[:, 0]), dim=-1)
+            txt_m = F.normalize(p["text_proj"](self._text(p, ids, mask)[:, 0]), dim=-1)
+            img_cols = torch.cat([self._columns(img_m), self.queue.image_queue])
+            txt_cols = torch.cat([self._columns(txt_m), self.queue.text_queue])
+            hard = positive_targets(keys, torch.cat([self._columns(keys), self.queue.idx_queue]))
+            s = scale.detach()
+            teacher_i2t = (s * img_m @ txt_cols.t()).softmax(-1)
+            teacher_t2i = (s * txt_m @ img_cols.t()).softmax(-1)
+        loss = 0.5 * (distillation_loss(scale * img_feat @ txt_cols.t(), hard, teacher_i2t, self.alpha)
+                      + distillation_loss(scale * txt_feat @ img_cols.t(), hard, teacher_t2i, self.alpha))
+        self.queue.enqueue(img_m, txt_m, keys)
+        return loss
+
+    def _itm(self, v, ids, mask, pos_cls, img_feat, txt_feat, keys, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 5 over the batch's positive pairs, one hard negative text per image and one hard
+        negative image per text, drawn ∝ exp(S/τ) among the (global) batch's other images (ALBEF;
+        BLIP mines across workers and so do we with ``negatives: global``). Similarities are the
+        online features', detached, as BLIP's."""
+        with torch.no_grad():
+            col_ids = self._columns(keys)
+            sim_i2t = scale * img_feat @ self._columns(txt_feat).t()
+            sim_t2i = scale * txt_feat @ self._columns(img_feat).t()
+        neg_text, ok_i = global_hard_negatives(sim_i2t, keys, col_ids, self.itm_negatives)
+        neg_image, ok_t = global_hard_negatives(sim_t2i, keys, col_ids, self.itm_negatives)
+        texts = self._rows({"ids": ids, "mask": mask}, neg_text)
+        images = self._rows({"v": v}, neg_image)
+        neg_v = torch.cat([v[ok_i], images["v"][ok_t]])
+        neg_ids = torch.cat([texts["ids"][ok_i], ids[ok_t]])
+        neg_mask = torch.cat([texts["mask"][ok_i], mask[ok_t]])
+        neg_cls = self._fuse(self._parts(False), neg_ids, neg_mask, neg_v)[0][:, 0]
+        logits = self.itm_head(torch.cat([pos_cls, neg_cls]))
+        labels = torch.cat([torch.ones(len(pos_cls)), torch.zeros(len(neg_cls))]).to(logits.device)
+        return itm_loss(logits, labels), (logits.argmax(-1) == labels).float().mean().detach()
+
+    def _mlm(self, v, v_m, mlm_ids, mask, labels) -> torch.Tensor:
+        """Eq. 6-7, language side: masked tokens from the image-conditioned E_mm, distilled from
+        the momentum model's prediction on the same masked caption. Only masked positions are
+        decoded (the head over the vocabulary is the costly part)."""
+        selected = labels != IGNORE
+        logits = self.mlm_head(self._fuse(self._parts(False), mlm_ids, mask, v)[0][selected])
+        with torch.no_grad():
+            states_m = self._fuse(self.momentum, mlm_ids, mask, v_m)[0][selected]
+            teacher = self.momentum["mlm_head"](states_m).float().softmax(-1)
+        hard = F.one_hot(labels[selected], self.vocab_size)
+        return distillation_loss(logits, hard, teacher, self.alpha)
+
+    def _mim(self, pixels, patch_mask, ids, mask, text_states) -> torch.Tensor:
+        """Eq. 6-7, image side: the visual tokens of block-wise masked patches, predicted by E_mm
+        with the masked image's patches as queries and the caption as context, distilled from
+        the momentum model's prediction on the same masked image and caption."""
+        tokens = self.visual_tokenizer(pixels)  # of the unmasked image
+        prefix = self.image.num_prefix_tokens
+        v_hat = self.image(pixels, patch_mask, self.mask_token)
+        states = self._fuse_image_queries(self._parts(False), v_hat, text_states, mask)
+        logits = self.mim_head(states[:, prefix:][patch_mask])
+        with torch.no_grad():
+            p = self.momentum
+            v_hat_m = p["image"](pixels, patch_mask, self.momentum_mask_token)
+            states_m = self._fuse_image_queries(p, v_hat_m, self._text(p, ids, mask), mask)
+            teacher = p["mim_head"](states_m[:, prefix:][patch_mask]).float().softmax(-1)
+        hard = F.one_hot(tokens[patch_mask], self.cfg.codebook_size)
+        return distillation_loss(logits, hard, teacher, self.alpha)
+
+    def _psl(self, v, v_m, ids, mask, attn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 8-9: pseudo-labels from the [CLS] row of E_mm's last self-attention layer on the
+        positive pair (averaged over heads, detached: labels, not a path for gradients), predicted
+        from the unimodal image [CLS] by a linear head; targets (1 - α) y + α σ(p_m).
+
+        The appendix extracts the row from "the multi-modal encoder" without saying which copy;
+        we read it off the online model's positive ITM pass, which the step computes anyway (the
+        momentum model still recommends labels beyond the caption through its head, eq. 9)."""
+        row = attn[:, :, 0].mean(1).detach()  # (B, N): [CLS] attending to each text position
+        special = ~mask | torch.isin(ids, self.special_ids)
+        y = psl_targets(row, ids, special, self.cfg.psl_k, self.vocab_size)
+        logits = self.psl_head(v[:, 0])
+        with torch.no_grad():
+            teacher = torch.sigmoid(self.momentum["psl_head"](v_m[:, 0]).float())
+        return multilabel_bce(logits, (1.0 - self.alpha) * y + self.alpha * teacher), y.sum(-1).mean()

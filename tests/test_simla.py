@@ -1,0 +1,347 @@
+"""SIMLA: weight sharing of the text and multi-modal encoder, the momentum model (EMA, never the
+optimiser), the queues across steps, α's ramp, the ablation switches, PSL's pseudo-labels,
+block-wise masking, the distillation objectives and the visual tokenizers. Queue behaviour across
+DDP ranks is tested on FeatureQueue itself in test_global_batch.py."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlab.models.base import Vocab
+from alignlab.models.objectives import distillation_loss, multilabel_bce, positive_targets, psl_targets
+from alignlab.models.registry import build_model
+from alignlab.models.visual_tokenizers import DVAETokenizer, RandomProjectionQuantizer
+from alignlab.platform.config import ConfigError, load_config
+from alignlab.platform.masking import IGNORE, bert_mask, block_mask
+from alignlab.platform.train import param_groups
+
+B, L, VOCAB, GRID = 4, 8, 120, 4
+
+
+def tiny_cfg(**simla):
+    return load_config(data={
+        "model": {"architecture": "simla", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                  "intermediate_size": 64, "embed_dim": 16, "dropout": 0.0,
+                  "image": {"timm_name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "embed_dim": 32,
+                            "depth": 1, "num_heads": 2},
+                  "simla": {"queue_size": 8, "codebook_size": 16, **simla}},
+        "data": {"image_size": 32, "batch_size": B}})
+
+
+def tiny_model(**simla):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(**simla)
+    return build_model(cfg.model, cfg.objectives, Vocab(size=VOCAB))
+
+
+def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ids = torch.randint(110, VOCAB, (B, L), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, -3:] = 0
+    ids[0, -3:] = 0
+    mlm_ids, mlm_labels = bert_mask(ids.numpy(), mask.numpy() > 0, 0.4, 103, (110, VOCAB), rng,
+                                    selected=np.isin(np.arange(L), [2, 3])[None].repeat(B, 0))
+    return dict(input_ids=ids, attention_mask=mask,
+                pixels=torch.randint(0, 256, (B, 3, 32, 32), generator=g, dtype=torch.uint8),
+                image_key=torch.arange(B) + 100 * seed, mlm_input_ids=torch.tensor(mlm_ids),
+                mlm_labels=torch.tensor(mlm_labels), mim_mask=torch.tensor(block_mask(B, GRID, (0.25, 0.5), rng)))
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture
+# --------------------------------------------------------------------------------------------
+
+
+def _params_reached(model, loss) -> set[str]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_text_and_multimodal_encoder_share_every_non_cross_attention_weight():
+    model = tiny_model()
+    batch = make_batch()
+    text_only = _params_reached(model, model.embed_texts(batch).sum())
+    v = model.image(batch["pixels"]).detach()
+    mm = model._fuse(model._parts(False), batch["input_ids"], batch["attention_mask"].bool(), v)[0][:, 0]
+    # A random read-out: the plain sum of a LayerNorm output has no gradient but to its bias.
+    multimodal = _params_reached(model, (mm * torch.randn(mm.shape, generator=torch.Generator().manual_seed(0))).sum())
+    stack = {n for n, _ in model.named_parameters() if n.startswith(("encoder.", "embeddings."))}
+    cross = {n for n in stack if ".crossattention." in n}
+    assert cross and len(cross) == 2 * 10  # 2 layers × (q, k, v, dense, LayerNorm) × (weight, bias)
+    # The text encoder is the stack without its cross-attention; the multi-modal encoder is the
+    # same tensors plus the cross-attention: no second copy of any weight exists.
+    assert text_only - {"text_proj.weight", "text_proj.bias"} == stack - cross
+    assert multimodal == stack
+    # Behaviourally: a cross-attention-free layer weight moves both roles' outputs.
+    with torch.no_grad():
+        before_t, before_m = model.embed_texts(batch), model.match_scores(batch, batch)
+        model.encoder.layers[1].intermediate.weight.mul_(1.5)
+        assert not torch.allclose(model.embed_texts(batch), before_t)
+        assert not torch.allclose(model.match_scores(batch, batch), before_m)
+
+
+def test_mim_needs_equal_vit_and_text_widths():
+    cfg = tiny_cfg()
+    cfg.model.image.embed_dim = 48
+    with pytest.raises(ValueError, match="must equal model.hidden_size"):
+        build_model(cfg.model, cfg.objectives, Vocab(size=VOCAB))
+
+
+# --------------------------------------------------------------------------------------------
+# Momentum model, queues, α
+# --------------------------------------------------------------------------------------------
+
+
+def test_momentum_model_moves_by_ema_only_never_by_the_optimiser():
+    model = tiny_model()
+    m = model.cfg.momentum
+    momentum = dict(model.momentum.named_parameters())
+    assert momentum and all(not p.requires_grad for p in momentum.values())
+    assert not model.momentum_mask_token.requires_grad
+    optimised = {id(p) for g in param_groups(model, 0.02) for p in g["params"]}
+    assert not optimised & {id(p) for p in model._momentum_params()}
+
+    opt = torch.optim.AdamW(param_groups(model, 0.02), lr=1e-2)
+    model.begin_step(0, 10)  # θ_m = θ at initialisation, so the first EMA step is a no-op
+    for name, p in model.momentum.named_parameters():
+        torch.testing.assert_close(p, dict(model.named_parameters())[name])
+    out = model(make_batch())
+    sum(out.losses.values()).backward()
+    before = {n: p.detach().clone() for n, p in momentum.items()}
+    mask_before = model.momentum_mask_token.detach().clone()
+    opt.step()
+    # The optimiser changed the online weights but no momentum weight, and none has a gradient.
+    assert all(torch.equal(before[n], p) for n, p in momentum.items())
+    assert all(p.grad is None for p in momentum.values())
+    online = dict(model.named_parameters())
+    assert not torch.equal(online["encoder.layers.0.attention.query.weight"],
+                           before["encoder.layers.0.attention.query.weight"])
+    model.begin_step(1, 10)
+    for n, p in momentum.items():
+        expected = m * before[n] + (1 - m) * online[n].detach()
+        torch.testing.assert_close(p, expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(model.momentum_mask_token, m * mask_before + (1 - m) * model.mask_token.detach(),
+                               rtol=0, atol=1e-7)
+    # A second call for the same step (the trainer re-enters at an epoch boundary) adds nothing.
+    snapshot = {n: p.detach().clone() for n, p in momentum.items()}
+    model.begin_step(1, 10)
+    assert all(torch.equal(snapshot[n], p) for n, p in momentum.items())
+
+
+def test_alpha_ramps_linearly_over_the_first_epoch():
+    model = tiny_model()
+    got = []
+    for step in (0, 25, 50, 100, 150, 1000):
+        model.begin_step(step, 100)
+        got.append(model.alpha)
+    assert got == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.4, 0.4])
+    model.cfg.alpha_ramp_epochs = 2.0
+    model.begin_step(100, 100)
+    assert model.alpha == pytest.approx(0.2)
+
+
+def test_queues_take_each_steps_momentum_features_in_order_and_wrap():
+    model = tiny_model()  # queue of 8, batch of 4
+    seen = []
+    for step in range(3):
+        batch = make_batch(seed=step + 1)
+        model.begin_step(step, 10)
+        model(batch)
+        with torch.no_grad():  # what the momentum encoders make of this batch
+            p = model.momentum
+            img = F.normalize(p["vision_proj"](p["image"](batch["pixels"])[:, 0]), dim=-1)
+            txt = F.normalize(p["text_proj"](model._text(p, batch["input_ids"], batch["attention_mask"].bool())[:, 0]),
+                              dim=-1)
+        seen.append((img, txt, batch["image_key"]))
+        q = model.queue
+        assert int(q.ptr) == (4 * (step + 1)) % 8
+    # Step 3 overwrote step 1's slots; step 2's are in the second half.
+    order = [seen[2], seen[1]]
+    torch.testing.assert_close(model.queue.image_queue, torch.cat([o[0] for o in order]))
+    torch.testing.assert_close(model.queue.text_queue, torch.cat([o[1] for o in order]))
+    assert model.queue.idx_queue.tolist() == torch.cat([o[2] for o in order]).tolist()
+
+
+def test_queue_must_be_a_multiple_of_the_global_batch():
+    with pytest.raises(ConfigError, match="queue_size"):
+        load_config("simla_demo", ["model.simla.queue_size=1000"])
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation switches
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row,losses", [("a", {"itm"}), ("b", {"itm", "itc"}), ("c", {"itm", "itc", "mlm"}),
+                                        ("e", {"itm", "itc", "mlm", "mim", "psl"})])
+def test_table1_rows_produce_only_their_losses_and_heads(row, losses):
+    model = tiny_model(row=row)
+    out = model(make_batch())
+    assert set(out.losses) == losses
+    for head in ("itm_head", "mlm_head", "mim_head", "psl_head"):
+        assert hasattr(model, head) == (head.split("_")[0] in losses), head
+    assert hasattr(model, "queue") == ("itc" in losses)
+    assert hasattr(model, "mask_token") == ("mim" in losses)
+    if row == "a":  # ITM alone distils nothing: no momentum model at all
+        assert not list(model.momentum.parameters())
+    grads = _params_reached(model, sum(out.losses.values()))
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and n not in grads
+                and not n.startswith(("text_proj", "vision_proj", "log_scale"))]
+
+
+def test_flags_select_components_and_input_spec_follows():
+    cfg = tiny_cfg(mim=False, psl=False)
+    assert cfg.model.simla.components() == ("itm", "itc", "mlm")
+    spec = build_model(cfg.model, cfg.objectives, Vocab(size=VOCAB)).input_spec(cfg.model, cfg.objectives)
+    assert spec.pixels and spec.mlm and not spec.mim
+    spec = tiny_cfg()
+    full = build_model(spec.model, spec.objectives, Vocab(size=VOCAB)).input_spec(spec.model, spec.objectives)
+    assert full.mim and full.mim_grid == 4 and full.mim_ratio == (0.35, 0.45)
+
+
+# --------------------------------------------------------------------------------------------
+# PSL, masking, objectives
+# --------------------------------------------------------------------------------------------
+
+
+def test_psl_targets_take_the_top_k_attended_non_special_tokens():
+    #              [CLS]  red   cube  [SEP] [PAD]  (ids 101 11 12 102 0), second row: "a a b"
+    row = torch.tensor([[0.50, 0.10, 0.15, 0.20, 0.05],
+                        [0.40, 0.30, 0.20, 0.05, 0.05]])
+    ids = torch.tensor([[101, 11, 12, 102, 0],
+                        [101, 20, 20, 21, 102]])
+    special = torch.tensor([[True, False, False, True, True],
+                            [True, False, False, False, True]])
+    y = psl_targets(row, ids, special, k=1, vocab_size=30)
+    assert y.nonzero().tolist() == [[0, 12], [1, 20]]  # [CLS] and [SEP] rank higher but never count
+    y = psl_targets(row, ids, special, k=2, vocab_size=30)
+    assert y.nonzero().tolist() == [[0, 11], [0, 12], [1, 20]]  # "a" twice in the top 2: one label
+    y = psl_targets(row, ids, special, k=4, vocab_size=30)  # fewer eligible tokens than k: all of them
+    assert y.nonzero().tolist() == [[0, 11], [0, 12], [1, 20], [1, 21]]
+    assert y.max() == 1.0
+
+
+def test_model_psl_ignores_special_tokens_and_uses_k():
+    model = tiny_model(psl_k=2)
+    batch = make_batch()
+    out = model(batch)
+    assert out.metrics["psl_labels"] <= 2.0 and out.metrics["psl_labels"] > 0
+
+
+@pytest.mark.parametrize("grid,ratio", [(8, (0.35, 0.45)), (14, (0.3, 0.5)), (4, (0.25, 0.5)), (16, (0.4, 0.4))])
+def test_block_mask_ratio_stays_within_its_bounds(grid, ratio):
+    masks = block_mask(300, grid, ratio, np.random.default_rng(grid))
+    frac = masks.reshape(300, -1).mean(1)
+    tol = 0.5 / grid ** 2  # rounding to whole patches
+    assert frac.min() >= ratio[0] - tol and frac.max() <= ratio[1] + tol
+    assert masks.shape == (300, grid, grid) and masks.dtype == bool
+    if ratio[0] < ratio[1]:
+        assert frac.std() > 0  # the ratio is drawn per image
+    again = block_mask(300, grid, ratio, np.random.default_rng(grid))
+    assert np.array_equal(masks, again)
+
+
+def test_block_mask_is_blockwise():
+    """Masked patches come in blocks: most masked patches have a masked 4-neighbour."""
+    m = block_mask(200, 14, (0.4, 0.4), np.random.default_rng(1))
+    pad = np.pad(m, ((0, 0), (1, 1), (1, 1)))
+    neighbour = pad[:, :-2, 1:-1] | pad[:, 2:, 1:-1] | pad[:, 1:-1, :-2] | pad[:, 1:-1, 2:]
+    assert (neighbour & m).sum() / m.sum() > 0.9
+
+
+def test_distillation_loss_hand_computed():
+    logits = torch.tensor([[math.log(3.0), 0.0]])  # p = (0.75, 0.25)
+    hard = torch.tensor([[1.0, 0.0]])
+    teacher = torch.tensor([[0.5, 0.5]])
+    want = 0.7 * -math.log(0.75) + 0.3 * -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))
+    assert distillation_loss(logits, hard, teacher, 0.3).item() == pytest.approx(want, rel=1e-6)
+    assert distillation_loss(logits, hard, teacher, 0.0).item() == pytest.approx(-math.log(0.75), rel=1e-6)
+    empty = torch.zeros(0, 2, requires_grad=True)
+    assert distillation_loss(empty, torch.zeros(0, 2), torch.zeros(0, 2), 0.4).item() == 0.0
+
+
+def test_multilabel_bce_hand_computed():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # σ = (0.5, 0.75)
+    targets = torch.tensor([[1.0, 0.0]])
+    want = -(math.log(0.5) + math.log(0.25)) / 2  # mean over V = 2
+    assert multilabel_bce(logits, targets).item() == pytest.approx(want, rel=1e-6)
+    soft = torch.tensor([[0.5, 0.5]])
+    want = -(0.5 * math.log(0.5) + 0.5 * math.log(0.5) + 0.5 * math.log(0.75) + 0.5 * math.log(0.25)) / 2
+    assert multilabel_bce(logits, soft).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_positive_targets_spread_over_every_copy_of_the_image():
+    t = positive_targets(torch.tensor([7, 8]), torch.tensor([7, 8, 7, -1]))
+    assert t.tolist() == [[0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]]
+
+
+def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets():
+    model = tiny_model(row="b")
+    batch = make_batch()
+    model.begin_step(0, 10)  # α = 0
+    queue_img, queue_txt = model.queue.image_queue.clone(), model.queue.text_queue.clone()
+    out = model(batch)
+    with torch.no_grad():
+        img = model.embed_images(batch)
+        txt = model.embed_texts(batch)
+        scale = model.log_scale.exp()
+        # A fresh momentum copy equals the online model; the initial queue holds random unit
+        # vectors with id -1, so each row's only positive is its own pair: plain InfoNCE over
+        # the batch's 4 columns and the queue's 8.
+        cols_img, cols_txt = torch.cat([img, queue_img]), torch.cat([txt, queue_txt])
+        labels = torch.arange(B)
+        want = 0.5 * (F.cross_entropy(scale * img @ cols_txt.t(), labels)
+                      + F.cross_entropy(scale * txt @ cols_img.t(), labels))
+    torch.testing.assert_close(out.losses["itc"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.queue.image_queue[:B], img)  # then the batch was enqueued
+
+
+# --------------------------------------------------------------------------------------------
+# Visual tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def test_random_projection_quantizer_tokens_are_per_patch_in_row_major_order():
+    q = RandomProjectionQuantizer(patch_size=8, codebook_size=64, dim=8, seed=0)
+    assert not list(q.parameters())  # frozen: buffers only
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+    ids = q(pixels)
+    assert ids.shape == (2, 16) and ids.min() >= 0 and ids.max() < 64
+    changed = pixels.clone()
+    changed[0, :, 8:16, 16:24] = torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8)  # patch (1, 2)
+    diff = (q(changed) != ids).nonzero().tolist()
+    assert diff in ([], [[0, 1 * 4 + 2]])  # only that patch's token may change
+    assert torch.equal(RandomProjectionQuantizer(8, 64, 8, seed=0)(pixels), ids)  # deterministic
+
+
+def test_dvae_tokenizer_loads_an_encoder_file(tmp_path):
+    torch.manual_seed(0)
+    encoder = nn.Conv2d(3, 16, kernel_size=8, stride=8)  # stands in for DALL-E's encoder: /8, 16 logits
+    torch.save(encoder, tmp_path / "encoder.pkl")
+    tok = DVAETokenizer(str(tmp_path / "encoder.pkl"), grid=4)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    ids = tok(pixels)
+    x = F.interpolate(pixels.float() / 255, size=(32, 32), mode="bilinear", align_corners=False)
+    want = encoder(0.8 * x + 0.1).argmax(1).flatten(1)
+    assert ids.shape == (2, 16) and torch.equal(ids, want)
+    assert not any(p.requires_grad for p in tok.parameters())
+
+
+def test_model_uses_the_configured_visual_tokenizer(tmp_path):
+    torch.save(nn.Conv2d(3, 16, kernel_size=8, stride=8), tmp_path / "enc.pkl")
+    model = tiny_model(visual_tokenizer="dvae", dvae_path=str(tmp_path / "enc.pkl"))
+    assert isinstance(model.visual_tokenizer, DVAETokenizer)
+    assert "mim" in model(make_batch()).losses
+    with pytest.raises(ConfigError, match="dvae_path"):
+        tiny_cfg(visual_tokenizer="dvae")
+
