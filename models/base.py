@@ -26,8 +26,18 @@ class InputSpec:
     mim: bool = False
     mim_grid: int = 0
     mim_ratio: tuple[float, float] = (0.0, 0.0)
-    mlm: bool = False  # mlm_input_ids / mlm_labels, masked at objectives.mlm_prob
-    mcr: bool = False  # mcr_tag_ids / mcr_labels, tags masked at objectives.mcr_prob
+    # mlm_input_ids / mlm_labels, masked at objectives.mlm_prob; with phrases also mlm_phrase_ids
+    # (chain masking, MVPTR §3.3)
+    mlm: bool = False
+    mcr: bool = False  # mcr_tag_ids / mcr_labels (tag class index), tags masked at objectives.mcr_prob
+
+
+# Id layout of concept sequences (tag_ids and phrase_ids), shared by the data stage and the models:
+# 0 pads, 1 is the concept [MASK] (MCR's masked tags, chain-masked phrases), and entry k of
+# tags.txt / concepts.txt has id k + CONCEPT_OFFSET.
+CONCEPT_PAD = 0
+CONCEPT_MASK = 1
+CONCEPT_OFFSET = 2
 
 
 @dataclass(frozen=True)

@@ -142,12 +142,13 @@ class TextEmbeddings(nn.Module):
         self.dropout = nn.Dropout(size.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type: int = 0, position_offset: int = 0,
-                extra: torch.Tensor | None = None) -> torch.Tensor:
+                extra: torch.Tensor | None = None, table: nn.Embedding | None = None) -> torch.Tensor:
         """``extra`` (same shape as the word embeddings) is added before the LayerNorm, for inputs
-        that are embedded elsewhere but share positions and segments."""
+        that are embedded elsewhere but share positions and segments. ``table`` embeds the ids
+        through another vocabulary's rows (MVPTR's phrase concepts) instead of the word table."""
         n = input_ids.shape[1]
         pos = torch.arange(position_offset, position_offset + n, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+        x = (table or self.word_embeddings)(input_ids) + self.position_embeddings(pos)[None]
         x = x + self.token_type_embeddings.weight[token_type]
         if extra is not None:
             x = x + extra

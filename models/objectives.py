@@ -214,6 +214,41 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Weakly-supervised phrase grounding (MVPTR §3.3)
+# --------------------------------------------------------------------------------------------
+
+
+def wpg_similarity(phrases: torch.Tensor, regions: torch.Tensor, phrase_mask: torch.Tensor,
+                   region_mask: torch.Tensor) -> torch.Tensor:
+    """S_wpg(V, S) of MVPTR eq. 2, one value per pair: the mean over the M phrases of the max over
+    the K regions of the cosine similarity of their multi-modal outputs,
+
+        S_wpg = 1/M Σ_i max_j g(c̃_i)ᵀ g(r̃_j).
+
+    ``phrases`` (B, P, d) and ``regions`` (B, K, d) are the multi-modal encoder's outputs of one
+    batch of pairs; masks are True at real phrases / regions. We read g as the L2 normalisation
+    itself ("L2-normalized representations ... denoted as g(·)"), so WPG adds no parameters. A
+    pair without phrases gets 0 (callers leave such rows out of the loss).
+    """
+    sim = F.normalize(phrases.float(), dim=-1) @ F.normalize(regions.float(), dim=-1).transpose(1, 2)
+    sim = sim.masked_fill(~region_mask.bool()[:, None, :], float("-inf")).amax(-1)  # (B, P)
+    pm = phrase_mask.bool()
+    sim = sim.masked_fill(~pm, 0.0)
+    return sim.sum(-1) / pm.sum(-1).clamp(min=1)
+
+
+def wpg_hinge(positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """L_wpg of MVPTR §3.3: mean over pairs of max(0, margin + S_wpg(V_i', S_i) - S_wpg(V_i, S_i)),
+    with V_i' a hard negative image of text S_i.
+
+    The paper prints min(0, ·): that is unbounded below (it keeps rewarding the gap after the
+    margin is met and gives no gradient while the margin is violated). The authors'
+    implementation clamps at zero from below, the usual triplet hinge (VSE++), and so do we.
+    """
+    return (margin + negative - positive).clamp(min=0).mean()
+
+
+# --------------------------------------------------------------------------------------------
 # Queues of momentum features (SIMLA's ITC, from MoCo / ALBEF)
 # --------------------------------------------------------------------------------------------
 

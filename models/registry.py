@@ -9,6 +9,7 @@ from alignlab.models.base import PretrainingModel, Vocab
 ARCHITECTURES: dict[str, str] = {
     "dual_encoder": "alignlab.models.dual_encoder:DualEncoder",
     "simla": "alignlab.models.simla:SIMLA",
+    "mvptr": "alignlab.models.mvptr:MVPTR",
 }
 
 

@@ -84,6 +84,23 @@ class ImageEncoderConfig:
 
 
 @dataclass
+class MVPTRConfig:
+    """MVPTR-specific options (Li et al., 2022, §3 and Table 4)."""
+
+    # Table 4's rows: the full model, without masked concept recovering, without MCR and the tag
+    # input, without weakly-supervised phrase grounding, without WPG and the phrase input. A
+    # removed component contributes no parameters, no inputs and no loss.
+    ablation: Literal["full", "wo_mcr", "wo_mcr_tag", "wo_wpg", "wo_wpg_phrase"] = "full"
+    # WPG hinge margin (§3.3).
+    wpg_margin: float = 0.2
+    # Layers of the textual, visual and multi-modal encoders (6 each in the paper: the uni-modal
+    # encoders from BERT-base layers 0-5, the multi-modal encoder from layers 6-11).
+    text_layers: int = 6
+    visual_layers: int = 6
+    fusion_layers: int = 6
+
+
+@dataclass
 class SIMLAConfig:
     """SIMLA (§2, §2.5): momentum distillation, feature queues, XMM's visual tokenizer and
     block-wise image masking, PSL, and the Table-1 component switches."""
@@ -137,7 +154,7 @@ SIMLA_ROWS: dict[str, tuple[str, ...]] = {
 @dataclass
 class ModelConfig:
     # An architecture registered in alignlab.models.registry.
-    architecture: Literal["dual_encoder", "simla"] = "dual_encoder"
+    architecture: Literal["dual_encoder", "mvptr", "simla"] = "dual_encoder"
     # Transformer width shared by the text stack (and region/fusion stacks).
     hidden_size: int = 768
     num_layers: int = 6
@@ -152,6 +169,7 @@ class ModelConfig:
     temperature: float = 0.07
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     simla: SIMLAConfig = field(default_factory=SIMLAConfig)
+    mvptr: MVPTRConfig = field(default_factory=MVPTRConfig)
 
 
 @dataclass
@@ -465,6 +483,9 @@ def check(cfg: Config) -> None:
         check_objectives(cfg.model.architecture, cfg.objectives.weights)
     except ValueError as e:
         raise ConfigError(f"config key 'objectives.weights': {e}") from None
+    if cfg.model.architecture == "mvptr" and cfg.model.image.kind != "regions":
+        raise ConfigError("config key 'model.image.kind' must be 'regions' for model.architecture = 'mvptr' "
+                          "(its visual encoder reads detector regions and tags, §3.1)")
     if cfg.model.architecture == "simla":
         _check_simla(cfg)
     if cfg.data.batch_size % cfg.scaling.num_workers:
@@ -521,7 +542,10 @@ def with_absolute_paths(cfg: Config) -> Config:
                                tokenizer=absolute(cfg.data.tokenizer) if os.path.exists(cfg.data.tokenizer)
                                else cfg.data.tokenizer)
     tracking = dataclasses.replace(cfg.tracking, storage_path=absolute(cfg.tracking.storage_path))
-    return dataclasses.replace(cfg, data=data, tracking=tracking)
+    # A local checkpoint directory (e.g. the offline MiniLM in the venv), not a hub name.
+    model = dataclasses.replace(cfg.model, text_init=absolute(cfg.model.text_init)
+                                if os.path.exists(cfg.model.text_init) else cfg.model.text_init)
+    return dataclasses.replace(cfg, data=data, model=model, tracking=tracking)
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from alignlab.models.base import InputSpec
+from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, InputSpec
 from alignlab.platform import shards
 from alignlab.platform.config import DataConfig, ObjectivesConfig
-from alignlab.platform.masking import bert_mask, block_mask
+from alignlab.platform.masking import IGNORE, bert_mask, block_mask, chain_mask
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,14 @@ class Preprocessor:
         # MLM collators do.
         self.random_range = (0, len(self.tokenizer))
         self.rng = np.random.default_rng(seed)
+        # Tag and phrase-concept vocabularies of the shard set (ids: models.base CONCEPT_*).
+        self.tag_index = {t: i for i, t in enumerate(shards.read_vocab_file(self.data.shards, "tags.txt"))} \
+            if self.spec.tags else {}
+        concepts = shards.read_vocab_file(self.data.shards, "concepts.txt") if self.spec.phrases else []
+        self.concept_index = {c.replace(" | ", " "): i for i, c in enumerate(concepts)}
+        # Each concept's token ids, for chain masking (tokenised as vocab_info does for the model).
+        self.concept_tokens = [frozenset(self.tokenizer(c, add_special_tokens=False)["input_ids"])
+                               for c in self.concept_index]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["caption"])
@@ -161,6 +169,23 @@ class Preprocessor:
             out["mlm_input_ids"], out["mlm_labels"] = bert_mask(
                 out["input_ids"], ~special & (out["attention_mask"] > 0), self.objectives.mlm_prob,
                 self.tokenizer.mask_token_id, self.random_range, self.rng)
+        if self.spec.tags:
+            out["tag_ids"] = self._concept_ids(batch["tags"], str, self.tag_index, self.data.max_tags)
+            out["tag_mask"] = out["tag_ids"] >= CONCEPT_OFFSET
+            if self.spec.mcr:
+                # MCR (§3.2): BERT's recipe at mcr_prob over the real tags, random replacements
+                # drawn from the tag vocabulary; labels are tag classes for the MCR head.
+                out["mcr_tag_ids"], labels = bert_mask(
+                    out["tag_ids"], out["tag_mask"], self.objectives.mcr_prob, CONCEPT_MASK,
+                    (CONCEPT_OFFSET, CONCEPT_OFFSET + len(self.tag_index)), self.rng)
+                out["mcr_labels"] = np.where(labels != IGNORE, labels - CONCEPT_OFFSET, IGNORE)
+        if self.spec.phrases:
+            out["phrase_ids"] = self._concept_ids(batch["phrases"], lambda p: " ".join(map(str, p)), self.concept_index,
+                                                  self.data.max_phrases, unique=True)
+            out["phrase_mask"] = out["phrase_ids"] >= CONCEPT_OFFSET
+            if self.spec.mlm:
+                out["mlm_phrase_ids"] = chain_mask(out["phrase_ids"], self.concept_tokens, out["input_ids"],
+                                                   out["mlm_labels"] != IGNORE, CONCEPT_MASK, CONCEPT_OFFSET)
         if self.spec.mim:
             # SIMLA's MIM: BEiT block-wise patch masks, drawn here so the train step only computes.
             out["mim_mask"] = block_mask(n, self.spec.mim_grid, self.spec.mim_ratio, self.rng)
@@ -173,6 +198,20 @@ class Preprocessor:
             if self.counter is not None:
                 self.counter.add.remote(dict(reasons), examples)
         return {k: v[keep] for k, v in out.items()}
+
+    @staticmethod
+    def _concept_ids(column, key, index: dict[str, int], length: int, unique: bool = False) -> np.ndarray:
+        """Per row, the ids of the entries of ``column`` found in ``index`` (others are dropped:
+        MVPTR keeps only frequent concepts, §3.1), in order, padded / cut to ``length``."""
+        ids = np.zeros((len(column), length), dtype=np.int64)
+        for i, entries in enumerate(column):
+            row: list[int] = []
+            for e in entries if entries is not None else ():
+                k = index.get(key(e))
+                if k is not None and not (unique and k + CONCEPT_OFFSET in row):
+                    row.append(k + CONCEPT_OFFSET)
+            ids[i, : min(length, len(row))] = row[:length]
+        return ids
 
     def _regions(self, batch, keep, skip):
         n, k = len(batch["caption"]), self.data.max_regions

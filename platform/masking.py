@@ -30,6 +30,29 @@ def bert_mask(ids: np.ndarray, maskable: np.ndarray, prob: float, mask_id: int, 
     return out, labels
 
 
+def chain_mask(phrase_ids: np.ndarray, concept_tokens: list[frozenset[int]], input_ids: np.ndarray,
+               selected: np.ndarray, mask_id: int, offset: int) -> np.ndarray:
+    """MVPTR's chain masking (§3.3): "if a token is masked, phrase concepts containing the token
+    will be masked synchronously", so MLM cannot read a masked word back from its phrase.
+
+    ``phrase_ids`` (B, P) hold concept ``k`` as ``k + offset`` (smaller ids are padding or
+    specials); ``concept_tokens[k]`` is the set of token ids of concept k; ``selected`` (B, L) are
+    the token positions MLM chose (all of BERT's 80/10/10 outcomes: a kept or randomised token is
+    still predicted, so its phrase must not reveal it). A phrase "contains" a token when the
+    token's id is among the phrase's ids: a repeated word ("red" of two red shapes) masks every
+    phrase with that word, which over-masks rather than leaks. Masked phrases become ``mask_id``.
+    """
+    out = phrase_ids.copy()
+    for b in range(phrase_ids.shape[0]):
+        masked = set(input_ids[b][selected[b]].tolist())
+        if not masked:
+            continue
+        for p, pid in enumerate(phrase_ids[b]):
+            if pid >= offset and concept_tokens[pid - offset] & masked:
+                out[b, p] = mask_id
+    return out
+
+
 def block_mask(n: int, grid: int, ratio: tuple[float, float], rng: np.random.Generator, min_block: int = 4,
                min_aspect: float = 0.3) -> np.ndarray:
     """BEiT's block-wise masking of image patches (Bao et al., 2022, Algorithm 1), used by SIMLA's

@@ -1,0 +1,295 @@
+"""MVPTR: multi-stage vision-language pre-training via multi-level semantic alignment
+(Li et al., 2022).
+
+Three encoders (§3.1-3.3), built from the shared blocks:
+
+* a textual encoder over {w, c}: the caption's tokens, then its phrase concepts (segment 1,
+  positions after the words). Phrase concepts have their own embedding rows, each initialised as
+  the mean of its tokens' word embeddings (§3.1);
+* a visual encoder over {t_cls, t, r}: a learnt [CLS], the detector's tags embedded as tokens of
+  the tag vocabulary, and the position-aware region features linearly mapped to the hidden size;
+* a multi-modal encoder over {w̃, c̃, r̃}, the uni-modal outputs concatenated. Tags are left out
+  so that MLM has no shortcut through them (§3.3).
+
+Five objectives, each its own loss (eq. 5 sums them; the platform applies the weights):
+MCR on the visual encoder's masked tags, VSC on the uni-modal [CLS] outputs, WPG, MLM and ITM on
+the multi-modal encoder. All masking (MLM with chain masking, MCR) is done by the Ray Data CPU
+stage (``platform/ingest.py``); this module only computes.
+
+Table 4's ablations (``model.mvptr.ablation``) remove a component entirely: its parameters, its
+inputs (the data stage does not even prepare them, see ``input_spec``) and its loss.
+
+Initialisation (§4.1): the textual and visual encoders from BERT layers 0-5, the multi-modal
+encoder from layers 6-11, through ``bert_layer_plan``. A 6-layer checkpoint (MiniLM) has no
+layers 6-11: the plan then gives the multi-modal encoder the same layers 0-5, so all three
+encoders start pretrained. BERT's embeddings initialise the word, position and segment
+embeddings of the textual encoder; the tag embeddings, region projection and heads start from
+BERT's random initialisation.
+
+Readings where the paper leaves a choice:
+
+* ITM (eq. 4) is over "n matched and n hard negative pairs", the negatives "sampled from p_v2s,
+  p_s2v". We take n negatives in all: the first ⌈n/2⌉ texts each get a negative image drawn from
+  p_s2v, the remaining images each a negative text drawn from p_v2s (ALBEF would take 2n).
+  ``objectives.itm_negatives = hardest`` takes the most similar candidate instead. A candidate
+  showing the row's image (its positive or another caption of it) is never drawn; a row without
+  any candidate is dropped from the negatives.
+* WPG (eq. 2, text-to-image only) reuses those image negatives and the positive pass, so it adds
+  no multi-modal forward; its mean runs over the ⌈n/2⌉ texts that got a negative image and have
+  at least one phrase. The hinge is clamped at zero from below (see ``objectives.wpg_hinge``).
+* VSC uses the [CLS] outputs themselves, L2-normalised, without a projection ("we take the
+  L2-normalized output representations of [CLS]"); τ is learnable (``model.temperature`` its
+  initial value).
+* One visual pass on the MCR-masked tags feeds MCR, VSC and the multi-modal encoder: tags never
+  enter the multi-modal encoder, so their masking cannot leak into MLM or ITM. The MLM pass
+  re-runs the textual encoder on the masked caption and chain-masked phrases, then the
+  multi-modal encoder, batched with the ITM/WPG pairs into one multi-modal call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, InputSpec, ModelOutput, PretrainingModel, Vocab
+from alignlab.models.blocks import (BertCheckpoint, PredictionHead, RegionEmbeddings, TextEmbeddings,
+                                    TransformerEncoder, TransformerSize, bert_layer_plan, init_weights)
+from alignlab.models.objectives import (clamp_logit_scale, contrastive_logits, contrastive_loss, gather_no_grad,
+                                        gather_rows, global_hard_negatives, global_view, itm_loss,
+                                        masked_token_loss, wpg_hinge, wpg_similarity)
+
+# Label of positions the data stage did not mask (platform.masking.IGNORE, cross-entropy's default).
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Components:
+    """Which optional parts a Table-4 row keeps."""
+
+    tags: bool  # tag input to the visual encoder
+    mcr: bool  # masked concept recovering (needs tags)
+    phrases: bool  # phrase-concept input to the textual encoder
+    wpg: bool  # weakly-supervised phrase grounding (needs phrases)
+
+    @classmethod
+    def of(cls, ablation: str) -> "Components":
+        rows = {"full": cls(True, True, True, True),
+                "wo_mcr": cls(True, False, True, True),
+                "wo_mcr_tag": cls(False, False, True, True),
+                "wo_wpg": cls(True, True, True, False),
+                "wo_wpg_phrase": cls(True, True, False, False)}
+        if ablation not in rows:
+            raise ValueError(f"model.mvptr.ablation = {ablation!r}; valid: {', '.join(rows)}")
+        return rows[ablation]
+
+
+class MVPTR(PretrainingModel):
+    objectives = ("vsc", "mcr", "wpg", "mlm", "itm")
+
+    def __init__(self, model_cfg, objectives_cfg, vocab: Vocab):
+        super().__init__()
+        cfg = model_cfg.mvptr
+        self.parts = Components.of(cfg.ablation)
+        self.margin = cfg.wpg_margin
+        self.negatives = objectives_cfg.negatives
+        self.negative_mode = objectives_cfg.itm_negatives
+        size = TransformerSize(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
+                               model_cfg.dropout)
+        h = size.hidden_size
+        if self.parts.tags and not vocab.tags:
+            raise ValueError("MVPTR with tags needs the shard set's tags.txt (or ablation 'wo_mcr_tag')")
+        if self.parts.phrases and not vocab.concepts:
+            raise ValueError("MVPTR with phrases needs the shard set's concepts.txt (or ablation 'wo_wpg_phrase')")
+
+        self.text_embeddings = TextEmbeddings(vocab.size, size)
+        self.text_encoder = TransformerEncoder(size, cfg.text_layers)
+        self.visual_cls = nn.Parameter(torch.zeros(1, 1, h))
+        self.region_embeddings = RegionEmbeddings(model_cfg.image.region_dim, size)
+        self.visual_encoder = TransformerEncoder(size, cfg.visual_layers)
+        self.fusion_encoder = TransformerEncoder(size, cfg.fusion_layers)
+        self.mlm_head = PredictionHead(h, vocab.size)  # words only: phrases are no MLM candidates (§3.3)
+        self.itm_head = PredictionHead(h, 2)
+        if self.parts.phrases:
+            self.phrase_embeddings = nn.Embedding(len(vocab.concepts) + CONCEPT_OFFSET, h, padding_idx=0)
+        if self.parts.tags:
+            self.tag_embeddings = TextEmbeddings(len(vocab.tags) + CONCEPT_OFFSET, size)
+        if self.parts.mcr:
+            self.mcr_head = PredictionHead(h, len(vocab.tags))
+        init_weights(self)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / model_cfg.temperature)))
+
+        if model_cfg.text_init:
+            ckpt = BertCheckpoint.from_pretrained(model_cfg.text_init)
+            ckpt.check_size(size, "model.text_init")
+            ckpt.load_embeddings(self.text_embeddings)
+            ckpt.load_encoder(self.text_encoder, bert_layer_plan(ckpt.num_layers, cfg.text_layers, 0))
+            ckpt.load_encoder(self.visual_encoder, bert_layer_plan(ckpt.num_layers, cfg.visual_layers, 0))
+            ckpt.load_encoder(self.fusion_encoder,
+                              bert_layer_plan(ckpt.num_layers, cfg.fusion_layers, cfg.text_layers))
+        if self.parts.phrases:
+            self._init_phrases(vocab)
+
+    @torch.no_grad()
+    def _init_phrases(self, vocab: Vocab) -> None:
+        """Each phrase concept's row = the mean of its tokens' word embeddings (§3.1); the concept
+        [MASK] row = the word [MASK]'s."""
+        words = self.text_embeddings.word_embeddings.weight
+        self.phrase_embeddings.weight[CONCEPT_MASK] = words[vocab.mask_id]
+        for k, tokens in enumerate(vocab.concepts):
+            if tokens:
+                self.phrase_embeddings.weight[k + CONCEPT_OFFSET] = words[list(tokens)].mean(0)
+
+    @classmethod
+    def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
+        parts = Components.of(model_cfg.mvptr.ablation)
+        return InputSpec(regions=True, tags=parts.tags, phrases=parts.phrases, mlm=True, mcr=parts.mcr)
+
+    # ----------------------------------------------------------------------------------------
+    # Encoders
+    # ----------------------------------------------------------------------------------------
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    phrase_ids: torch.Tensor | None = None, phrase_mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """{w̃, c̃}: (B, L + P, d) and its key mask; P = 0 without phrases."""
+        x, mask = self.text_embeddings(input_ids), attention_mask.bool()
+        if self.parts.phrases:
+            c = self.text_embeddings(phrase_ids, token_type=1, position_offset=input_ids.shape[1],
+                                     table=self.phrase_embeddings)
+            x, mask = torch.cat([x, c], 1), torch.cat([mask, phrase_mask.bool()], 1)
+        return self.text_encoder(x, mask)[0], mask
+
+    def encode_image(self, batch: dict[str, torch.Tensor], tag_ids: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """{t̃_cls, t̃, r̃}: (B, 1 + T + K, d), its key mask, and where the regions start (1 + T).
+        ``tag_ids`` defaults to the unmasked tags."""
+        feats, rmask = batch["region_features"], batch["region_mask"].bool()
+        b = feats.shape[0]
+        parts, masks = [self.visual_cls.expand(b, -1, -1)], [torch.ones_like(rmask[:, :1])]
+        if self.parts.tags:
+            parts.append(self.tag_embeddings(batch["tag_ids"] if tag_ids is None else tag_ids))
+            masks.append(batch["tag_mask"].bool())
+        start = sum(p.shape[1] for p in parts)
+        parts.append(self.region_embeddings(feats))
+        masks.append(rmask)
+        mask = torch.cat(masks, 1)
+        return self.visual_encoder(torch.cat(parts, 1), mask)[0], mask, start
+
+    def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor
+             ) -> torch.Tensor:
+        """The multi-modal encoder over {w̃, c̃, r̃} (tags excluded, §3.3)."""
+        return self.fusion_encoder(torch.cat([text, regions], 1), torch.cat([text_mask, region_mask], 1))[0]
+
+    # ----------------------------------------------------------------------------------------
+    # Retrieval interface (§4.2)
+    # ----------------------------------------------------------------------------------------
+
+    def embed_images(self, batch):
+        """The L2-normalised visual [CLS] output (VSC's global image embedding, no projection)."""
+        return F.normalize(self.encode_image(batch)[0][:, 0], dim=-1)
+
+    def embed_texts(self, batch):
+        return F.normalize(self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("phrase_ids"),
+                                            batch.get("phrase_mask"))[0][:, 0], dim=-1)
+
+    def match_scores(self, images, texts):
+        """p_itm(match) of each aligned pair, for re-ranking the uni-modal top-k."""
+        vis, vmask, start = self.encode_image(images)
+        txt, tmask = self.encode_text(texts["input_ids"], texts["attention_mask"], texts.get("phrase_ids"),
+                                      texts.get("phrase_mask"))
+        fused = self.fuse(txt, tmask, vis[:, start:], vmask[:, start:])
+        return self.itm_head(fused[:, 0]).float().softmax(-1)[:, 1]
+
+    # ----------------------------------------------------------------------------------------
+    # Objectives
+    # ----------------------------------------------------------------------------------------
+
+    def mcr_loss(self, tag_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """L_mcr (§3.2): the tag-vocabulary MLP over the visual encoder's outputs at masked tags
+        only (``labels`` = tag class there, IGNORE elsewhere)."""
+        sel = labels != IGNORE
+        return masked_token_loss(self.mcr_head(tag_states[sel]), labels[sel])
+
+    def mlm_loss(self, word_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """L_mlm (eq. 3) over the multi-modal outputs at masked words, over the word vocabulary."""
+        sel = labels != IGNORE
+        return masked_token_loss(self.mlm_head(word_states[sel]), labels[sel])
+
+    def _rows(self, tensors: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` (indices into the candidate columns) of each tensor: of the global batch
+        with ``negatives = global`` (fetched from their workers), of the local one otherwise."""
+        if self.negatives == "global":
+            return gather_rows(tensors, idx)
+        return {k: v[idx] for k, v in tensors.items()}
+
+    def forward(self, batch):
+        p = self.parts
+        n, n_words = batch["input_ids"].shape
+        losses: dict[str, torch.Tensor] = {}
+
+        # Stage 1, uni-modal. One visual pass on the MCR-masked tags serves MCR, VSC and the
+        # multi-modal inputs (tags never reach the multi-modal encoder, so their masking cannot
+        # leak there).
+        vis, vmask, start = self.encode_image(batch, batch["mcr_tag_ids"] if p.mcr else None)
+        regions, rmask = vis[:, start:], vmask[:, start:]
+        if p.mcr:
+            losses["mcr"] = self.mcr_loss(vis[:, 1:start], batch["mcr_labels"])
+        txt, tmask = self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("phrase_ids"),
+                                      batch.get("phrase_mask"))
+
+        # VSC (eq. 1) on the L2-normalised uni-modal [CLS] outputs, against the global batch.
+        img_g, txt_g = F.normalize(vis[:, 0], dim=-1), F.normalize(txt[:, 0], dim=-1)
+        img_all, offset = global_view(img_g, self.negatives)
+        txt_all, _ = global_view(txt_g, self.negatives)
+        scale = clamp_logit_scale(self.log_scale)
+        losses["vsc"] = contrastive_loss(img_g, txt_g, scale, img_all, txt_all, offset)
+
+        # Hard negatives for ITM (n positives + n negatives, eq. 4): the first half of the texts
+        # get an image from p_s2v, the second half of the images a text from p_v2s, so both
+        # directions of eq. 1 are used. WPG (text-to-image only) reuses the image negatives.
+        with torch.no_grad():
+            logits_i2t, logits_t2i = contrastive_logits(img_g, txt_g, scale, img_all, txt_all)
+            keys = batch["image_key"]
+            keys_all = gather_no_grad(keys) if self.negatives == "global" else keys
+        h = (n + 1) // 2
+        neg_img, ok_img = global_hard_negatives(logits_t2i[:h], keys[:h], keys_all, self.negative_mode)
+        neg_txt, ok_txt = global_hard_negatives(logits_i2t[h:], keys[h:], keys_all, self.negative_mode)
+        img_rows = self._rows({"states": regions, "mask": rmask}, neg_img)
+        txt_rows = self._rows({"states": txt, "mask": tmask}, neg_txt)
+
+        # Stage 2: one multi-modal pass over [positives; negatives; MLM inputs].
+        texts = [txt, txt[:h][ok_img], txt_rows["states"][ok_txt]]
+        text_masks = [tmask, tmask[:h][ok_img], txt_rows["mask"][ok_txt]]
+        images = [regions, img_rows["states"][ok_img], regions[h:][ok_txt]]
+        image_masks = [rmask, img_rows["mask"][ok_img], rmask[h:][ok_txt]]
+        mlm_txt, mlm_mask = self.encode_text(batch["mlm_input_ids"], batch["attention_mask"],
+                                             batch.get("mlm_phrase_ids"), batch.get("phrase_mask"))
+        texts.append(mlm_txt), text_masks.append(mlm_mask), images.append(regions), image_masks.append(rmask)
+        text_mask_all = torch.cat(text_masks)
+        fused = self.fuse(torch.cat(texts), text_mask_all, torch.cat(images), torch.cat(image_masks))
+        n_pairs = n + int(ok_img.sum()) + int(ok_txt.sum())
+
+        itm_logits = self.itm_head(fused[:n_pairs, 0])
+        itm_labels = torch.zeros(n_pairs, dtype=torch.long, device=fused.device)
+        itm_labels[:n] = 1
+        losses["itm"] = itm_loss(itm_logits, itm_labels)
+        losses["mlm"] = self.mlm_loss(fused[n_pairs:, :n_words], batch["mlm_labels"])
+
+        if p.wpg:
+            # Eq. 2 on the positive pairs of the first half and their image negatives.
+            n_neg_img = int(ok_img.sum())
+            pairs = torch.cat([torch.arange(h, device=fused.device)[ok_img],
+                               n + torch.arange(n_neg_img, device=fused.device)])
+            phrase_end = txt.shape[1]
+            s = wpg_similarity(fused[pairs, n_words:phrase_end], fused[pairs, phrase_end:],
+                               text_mask_all[pairs, n_words:], torch.cat(image_masks)[pairs])
+            has_phrases = text_mask_all[pairs[:n_neg_img], n_words:].any(-1)
+            pos, neg = s[:n_neg_img][has_phrases], s[n_neg_img:][has_phrases]
+            losses["wpg"] = wpg_hinge(pos, neg, self.margin) if len(pos) else fused.sum() * 0.0
+
+        with torch.no_grad():
+            itm_acc = (itm_logits.argmax(-1) == itm_labels).float().mean()
+        return ModelOutput(losses=losses, metrics={"temperature": 1.0 / scale.detach(), "itm_acc": itm_acc})

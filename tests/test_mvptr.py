@@ -1,0 +1,354 @@
+"""MVPTR (Li et al., 2022): the WPG similarity and hinge against hand-computed values, chain
+masking on a known caption, MCR over masked tags only, hard negatives never the positive, Table 4's
+ablation rows removing exactly their parameters, inputs and losses, gradients through all three
+encoders, and BERT layer mapping."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignlab.models import mvptr as mvptr_module
+from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, InputSpec, Vocab
+from alignlab.models.mvptr import MVPTR
+from alignlab.models.objectives import wpg_hinge, wpg_similarity
+from alignlab.models.registry import build_model
+from alignlab.platform.config import ConfigError, load_config
+from alignlab.platform.ingest import columns_for
+from alignlab.platform.masking import IGNORE, chain_mask
+
+ROWS = ["full", "wo_mcr", "wo_mcr_tag", "wo_wpg", "wo_wpg_phrase"]
+VOCAB = Vocab(size=30, pad_id=0, cls_id=1, sep_id=2, mask_id=3, tags=("circle", "square", "triangle"),
+              concepts=((5,), (6, 5), (7,), (5, 8, 7)))
+
+
+def _cfg(ablation="full", *extra):
+    return load_config(None, ["model.architecture=mvptr", "model.image.kind=regions", "model.image.region_dim=8",
+                              "model.hidden_size=16", "model.num_heads=2", "model.intermediate_size=32",
+                              "model.dropout=0.0", "model.mvptr.text_layers=1", "model.mvptr.visual_layers=1",
+                              "model.mvptr.fusion_layers=1", f"model.mvptr.ablation={ablation}",
+                              "objectives.negatives=local", *extra])
+
+
+def _model(ablation="full", *extra):
+    torch.manual_seed(0)
+    cfg = _cfg(ablation, *extra)
+    return build_model(cfg.model, cfg.objectives, VOCAB)
+
+
+def _batch(n=4, image_keys=None):
+    """A hand-made batch in the data stage's layout (models.base CONCEPT_* ids)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 30, (n, 6), generator=g)
+    ids[:, 0], ids[:, -1] = 1, 2
+    mlm_ids, mlm_labels = ids.clone(), torch.full_like(ids, IGNORE)
+    mlm_ids[:, 2], mlm_labels[:, 2] = 3, ids[:, 2]
+    tags = torch.randint(CONCEPT_OFFSET, CONCEPT_OFFSET + 3, (n, 3), generator=g)
+    tags[:, 2] = 0
+    mcr_ids, mcr_labels = tags.clone(), torch.full_like(tags, IGNORE)
+    mcr_ids[:, 0], mcr_labels[:, 0] = CONCEPT_MASK, tags[:, 0] - CONCEPT_OFFSET
+    phrases = torch.tensor([[2, 3, 0]] * n)
+    region_mask = torch.ones(n, 3, dtype=torch.bool)
+    region_mask[0, 2] = False
+    keys = torch.arange(n) if image_keys is None else torch.tensor(image_keys)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), mlm_input_ids=mlm_ids, mlm_labels=mlm_labels,
+                tag_ids=tags, tag_mask=tags >= CONCEPT_OFFSET, mcr_tag_ids=mcr_ids, mcr_labels=mcr_labels,
+                phrase_ids=phrases, phrase_mask=phrases >= CONCEPT_OFFSET,
+                mlm_phrase_ids=torch.tensor([[2, CONCEPT_MASK, 0]] * n),
+                region_features=torch.randn(n, 3, 8, generator=g), region_mask=region_mask,
+                image_key=keys, caption_key=torch.arange(n))
+
+
+# --------------------------------------------------------------------------------------------
+# WPG (eq. 2 and the hinge)
+# --------------------------------------------------------------------------------------------
+
+
+def test_wpg_similarity_two_phrases_three_regions_by_hand():
+    # Unnormalised vectors: only directions count. A third phrase and a fourth region are padding
+    # that would change the result if they were read.
+    phrases = torch.tensor([[[3.0, 0.0], [0.0, 0.5], [-1.0, 0.0]]])
+    regions = torch.tensor([[[1.0, 0.0], [2.0, 2.0], [0.0, -2.0], [0.0, 5.0]]])
+    phrase_mask = torch.tensor([[True, True, False]])
+    region_mask = torch.tensor([[True, True, True, False]])
+    # phrase 1: cosines (1, 1/√2, 0) -> max 1; phrase 2: cosines (0, 1/√2, -1) -> max 1/√2.
+    expected = (1.0 + 1 / math.sqrt(2)) / 2
+    s = wpg_similarity(phrases, regions, phrase_mask, region_mask)
+    assert s.shape == (1,)
+    assert s.item() == pytest.approx(expected, abs=1e-6)
+    # The region mask matters: with region 4 visible, phrase 2's max becomes 1.
+    assert wpg_similarity(phrases, regions, phrase_mask, torch.ones(1, 4, dtype=torch.bool)).item() == pytest.approx(1.0)
+
+
+def test_wpg_hinge_is_bounded_below_with_margin():
+    pos = torch.tensor([0.8536, 0.8536], requires_grad=True)
+    neg = torch.tensor([0.5, 0.7], requires_grad=True)
+    loss = wpg_hinge(pos, neg, margin=0.2)
+    # Pair 1 meets the margin (0.2 + 0.5 - 0.8536 < 0): contributes 0, no gradient.
+    assert loss.item() == pytest.approx((0.2 + 0.7 - 0.8536) / 2, abs=1e-6)
+    loss.backward()
+    assert pos.grad.tolist() == pytest.approx([0.0, -0.5])
+    assert neg.grad.tolist() == pytest.approx([0.0, 0.5])
+    assert wpg_hinge(torch.tensor([1.0]), torch.tensor([-1.0])).item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Masking (CPU stage)
+# --------------------------------------------------------------------------------------------
+
+
+def test_chain_masking_on_a_known_caption():
+    # "[CLS] a red circle left of a blue square [SEP]" with token ids:
+    words = {"[CLS]": 1, "a": 10, "red": 11, "circle": 12, "left": 13, "of": 14, "blue": 15, "square": 16,
+             "[SEP]": 2}
+    caption = ["[CLS]", "a", "red", "circle", "left", "of", "a", "blue", "square", "[SEP]"]
+    input_ids = np.array([[words[w] for w in caption]])
+    concepts = [("circle",), ("red", "circle"), ("square",), ("blue", "square"), ("circle", "left", "of", "square")]
+    concept_tokens = [frozenset(words[w] for w in c) for c in concepts]
+    phrase_ids = np.array([[k + CONCEPT_OFFSET for k in range(5)] + [0]])
+    # MLM selected "red" (position 2): only the phrase "red circle" contains it.
+    selected = np.zeros_like(input_ids, dtype=bool)
+    selected[0, 2] = True
+    out = chain_mask(phrase_ids, concept_tokens, input_ids, selected, CONCEPT_MASK, CONCEPT_OFFSET)
+    assert out.tolist() == [[2, CONCEPT_MASK, 4, 5, 6, 0]]
+    # Selecting "circle" masks every phrase containing it: circle, red circle, circle left of square.
+    selected[0, 2], selected[0, 3] = False, True
+    out = chain_mask(phrase_ids, concept_tokens, input_ids, selected, CONCEPT_MASK, CONCEPT_OFFSET)
+    assert out.tolist() == [[CONCEPT_MASK, CONCEPT_MASK, 4, 5, CONCEPT_MASK, 0]]
+    # Nothing selected: phrases untouched, padding never masked.
+    out = chain_mask(phrase_ids, concept_tokens, input_ids, np.zeros_like(selected), CONCEPT_MASK, CONCEPT_OFFSET)
+    assert out.tolist() == phrase_ids.tolist()
+
+
+def test_preprocessor_prepares_tags_phrases_and_chain_masks(tmp_path):
+    """The CPU stage on synthetic rows: tag and phrase ids from tags.txt / concepts.txt, MCR labels
+    only at masked tags, and every phrase holding a masked token masked (and no other)."""
+    from dataclasses import asdict
+
+    import pyarrow.parquet as pq
+
+    from alignlab.platform import shards
+    from alignlab.platform.ingest import Preprocessor
+    from alignlab.platform.synth import SynthConfig, generate
+
+    generate(str(tmp_path), SynthConfig(n_train_images=40, n_test_images=4, rows_per_file=100))
+    cfg = load_config("mvptr_demo", [f"data.shards={tmp_path}", "objectives.mlm_prob=0.3", "objectives.mcr_prob=0.5"])
+    spec = MVPTR.input_spec(cfg.model, cfg.objectives)
+    table = pq.read_table(shards.list_parquet(str(tmp_path / "train"))[0], columns=columns_for(spec))
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    pre = Preprocessor(asdict(cfg.data), asdict(cfg.objectives), asdict(spec), train=True)
+    out = pre(batch)
+    tags = shards.read_vocab_file(str(tmp_path), "tags.txt")
+    concepts = shards.read_vocab_file(str(tmp_path), "concepts.txt")
+    n_tags = 0
+    for i in range(len(out["input_ids"])):
+        expected = [tags.index(t) + CONCEPT_OFFSET for t in batch["tags"][i]][: cfg.data.max_tags]
+        assert out["tag_ids"][i][: len(expected)].tolist() == expected
+        n_tags += len(expected)
+    # MCR: labels exactly where masking selected a real tag, holding its class index.
+    sel = out["mcr_labels"] != IGNORE
+    assert not (sel & ~out["tag_mask"]).any()
+    assert (out["mcr_labels"][sel] == out["tag_ids"][sel] - CONCEPT_OFFSET).all()
+    assert 0.3 < sel.sum() / n_tags < 0.7
+    assert (out["mcr_tag_ids"][sel] == CONCEPT_MASK).mean() > 0.6
+    assert (out["mcr_tag_ids"][~sel] == out["tag_ids"][~sel]).all()
+    # Chain masking.
+    masked_phrases = 0
+    for i in range(len(out["input_ids"])):
+        masked = set(out["input_ids"][i][out["mlm_labels"][i] != IGNORE].tolist())
+        for pid, mid in zip(out["phrase_ids"][i], out["mlm_phrase_ids"][i]):
+            if pid < CONCEPT_OFFSET:
+                assert mid == pid
+                continue
+            tokens = set(pre.tokenizer(concepts[pid - CONCEPT_OFFSET], add_special_tokens=False)["input_ids"])
+            assert (mid == CONCEPT_MASK) == bool(tokens & masked)
+            masked_phrases += mid == CONCEPT_MASK
+    assert masked_phrases > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives inside the model
+# --------------------------------------------------------------------------------------------
+
+
+def test_mcr_loss_reads_only_masked_tags():
+    model = _model()
+    states = torch.randn(2, 3, 16, requires_grad=True)
+    labels = torch.tensor([[1, IGNORE, IGNORE], [IGNORE, IGNORE, 2]])
+    loss = model.mcr_loss(states, labels)
+    by_hand = F.cross_entropy(model.mcr_head(torch.stack([states[0, 0], states[1, 2]])), torch.tensor([1, 2]))
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
+    loss.backward()
+    touched = states.grad.abs().sum(-1) > 0
+    assert touched.tolist() == [[True, False, False], [False, False, True]]
+
+
+@pytest.mark.parametrize("mode", ["sample", "hardest"])
+def test_hard_negatives_never_show_the_rows_own_image(monkeypatch, mode):
+    seen = []
+    real = mvptr_module.global_hard_negatives
+
+    def spy(logits, row_ids, col_ids, mode_, generator=None):
+        idx, valid = real(logits, row_ids, col_ids, mode_, generator)
+        seen.append((row_ids, col_ids[idx], valid))
+        return idx, valid
+
+    monkeypatch.setattr(mvptr_module, "global_hard_negatives", spy)
+    model = _model("full", f"objectives.itm_negatives={mode}")
+    # Rows 0/1 and 2/3 are captions of the same image, rows 4/5 of two other images.
+    batch = _batch(6, image_keys=[7, 7, 8, 8, 9, 10])
+    with torch.no_grad():
+        for _ in range(8):
+            model(batch)
+    for rows, chosen, valid in seen:
+        assert valid.all()
+        assert (rows != chosen).all()
+
+
+def test_a_batch_of_one_image_has_no_negatives_and_still_trains():
+    out = _model()(_batch(4, image_keys=[3, 3, 3, 3]))
+    assert set(out.losses) == {"vsc", "mcr", "wpg", "mlm", "itm"}
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    assert out.losses["wpg"].item() == 0.0
+
+
+def test_phrase_rows_start_as_the_mean_of_their_tokens():
+    model = _model()
+    words = model.text_embeddings.word_embeddings.weight
+    phrases = model.phrase_embeddings.weight
+    torch.testing.assert_close(phrases[CONCEPT_OFFSET + 1], (words[6] + words[5]) / 2)
+    torch.testing.assert_close(phrases[CONCEPT_OFFSET + 3], words[[5, 8, 7]].mean(0))
+    torch.testing.assert_close(phrases[CONCEPT_MASK], words[VOCAB.mask_id])
+
+
+def test_gradients_reach_all_three_encoders_and_every_input_embedding():
+    model = _model()
+    out = model(_batch())
+    assert set(out.losses) == {"vsc", "mcr", "wpg", "mlm", "itm"}
+    sum(out.losses.values()).backward()
+    for name in ("text_encoder", "visual_encoder", "fusion_encoder"):
+        for pname, p in getattr(model, name).named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname}"
+    for name in ("region_embeddings", "tag_embeddings", "phrase_embeddings", "mcr_head", "mlm_head", "itm_head"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, name).parameters()), name
+    assert model.visual_cls.grad.abs().sum() > 0 and model.log_scale.grad.abs() > 0
+
+
+def test_retrieval_interface():
+    model = _model().eval()
+    b = _batch()
+    img, txt = model.embed_images(b), model.embed_texts(b)
+    assert img.shape == txt.shape == (4, 16)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(4))
+    p = model.match_scores(b, b)
+    assert p.shape == (4,) and ((p > 0) & (p < 1)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Table 4's rows
+# --------------------------------------------------------------------------------------------
+
+
+def _modules(model) -> set[str]:
+    return {n.split(".")[0] for n, _ in model.named_parameters()}
+
+
+def test_each_ablation_row_removes_exactly_its_parameters_inputs_and_losses():
+    full = _model("full")
+    full_params = dict(full.named_parameters())
+    removed = {"full": set(), "wo_mcr": {"mcr_head"}, "wo_mcr_tag": {"mcr_head", "tag_embeddings"},
+               "wo_wpg": set(), "wo_wpg_phrase": {"phrase_embeddings"}}
+    specs = {"full": InputSpec(regions=True, tags=True, phrases=True, mlm=True, mcr=True),
+             "wo_mcr": InputSpec(regions=True, tags=True, phrases=True, mlm=True, mcr=False),
+             "wo_mcr_tag": InputSpec(regions=True, tags=False, phrases=True, mlm=True, mcr=False),
+             "wo_wpg": InputSpec(regions=True, tags=True, phrases=True, mlm=True, mcr=True),
+             "wo_wpg_phrase": InputSpec(regions=True, tags=True, phrases=False, mlm=True, mcr=True)}
+    losses = {"full": {"vsc", "mcr", "wpg", "mlm", "itm"}, "wo_mcr": {"vsc", "wpg", "mlm", "itm"},
+              "wo_mcr_tag": {"vsc", "wpg", "mlm", "itm"}, "wo_wpg": {"vsc", "mcr", "mlm", "itm"},
+              "wo_wpg_phrase": {"vsc", "mcr", "mlm", "itm"}}
+    for row in ROWS:
+        model = _model(row)
+        assert _modules(full) - _modules(model) == removed[row], row
+        params = dict(model.named_parameters())
+        # Everything else is kept with the same shapes.
+        assert {n: p.shape for n, p in params.items()} == \
+            {n: p.shape for n, p in full_params.items() if n.split(".")[0] not in removed[row]}, row
+        cfg = _cfg(row)
+        spec = MVPTR.input_spec(cfg.model, cfg.objectives)
+        assert spec == specs[row], row
+        cols = columns_for(spec)
+        assert ("tags" in cols) == spec.tags and ("phrases" in cols) == spec.phrases
+        # The model runs on exactly the inputs its spec asks for.
+        batch = _batch()
+        if not spec.tags:
+            batch = {k: v for k, v in batch.items() if not k.startswith(("tag_", "mcr_"))}
+        if not spec.mcr:
+            batch = {k: v for k, v in batch.items() if not k.startswith("mcr_")}
+        if not spec.phrases:
+            batch = {k: v for k, v in batch.items() if "phrase" not in k}
+        assert set(model(batch).losses) == losses[row], row
+    # Without tags the visual sequence is [CLS; regions] only.
+    vis, mask, start = _model("wo_mcr_tag").encode_image(_batch())
+    assert start == 1 and vis.shape[1] == 1 + 3
+
+
+def test_mvptr_needs_region_inputs():
+    with pytest.raises(ConfigError, match="model.image.kind"):
+        load_config(None, ["model.architecture=mvptr", "model.image.kind=vit"])
+
+
+def test_encoders_initialise_from_bert_layers(tmp_path):
+    """Text and visual encoders from layers 0..L-1, the multi-modal one from the next L; a
+    checkpoint too shallow for that gives the multi-modal encoder its top L layers."""
+    from transformers import BertConfig, BertModel
+
+    for n_layers, fusion_src in ((2, 1), (1, 0)):
+        torch.manual_seed(0)
+        BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=n_layers, num_attention_heads=2,
+                             intermediate_size=32, max_position_embeddings=64)).save_pretrained(tmp_path / f"b{n_layers}")
+        hf = BertModel.from_pretrained(tmp_path / f"b{n_layers}")
+        model = _model("full", f"model.text_init={tmp_path / f'b{n_layers}'}")
+        q = lambda i: hf.encoder.layer[i].attention.self.query.weight  # noqa: E731
+        torch.testing.assert_close(model.text_encoder.layers[0].attention.query.weight, q(0))
+        torch.testing.assert_close(model.visual_encoder.layers[0].attention.query.weight, q(0))
+        torch.testing.assert_close(model.fusion_encoder.layers[0].attention.query.weight, q(fusion_src))
+        torch.testing.assert_close(model.text_embeddings.word_embeddings.weight, hf.embeddings.word_embeddings.weight)
+        # Phrase rows are initialised from the *loaded* word embeddings.
+        torch.testing.assert_close(model.phrase_embeddings.weight[CONCEPT_OFFSET + 1],
+                                   hf.embeddings.word_embeddings.weight[[6, 5]].mean(0))
+
+
+# --------------------------------------------------------------------------------------------
+# End to end through the platform
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mvptr_demo_trains_and_evaluates_through_the_platform(ray_session, tmp_path):
+    """The demo preset, shrunk: Ray Data masks, Ray Train steps, every loss is logged, and the
+    evaluation reports uni-modal and ITM re-ranked RSUM."""
+    from mlflow.tracking import MlflowClient
+
+    from alignlab.platform.synth import SynthConfig, generate
+    from alignlab.platform.train import train
+
+    generate(str(tmp_path / "synth"), SynthConfig(n_train_images=64, n_test_images=16, rows_per_file=64))
+    cfg = load_config("mvptr_demo", [
+        f"data.shards={tmp_path / 'synth'}", "data.batch_size=16", "data.eval_batch_size=16",
+        "data.eval_max_images=16", "data.preprocess_batch_size=16", "data.shuffle_buffer=0",
+        "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64", "model.mvptr.text_layers=1",
+        "model.mvptr.visual_layers=1", "model.mvptr.fusion_layers=1", "optim.max_steps=4", "tracking.log_every=2",
+        "eval.k_captions=4", "eval.k_images=2", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.storage_path={tmp_path}/ray_results", "tracking.run_name=mvptr-e2e"])
+    out = train(cfg)
+    m = out["metrics"]
+    assert m["train/step"] == 4.0
+    assert 0.0 <= m["eval/uni_rsum"] <= 600.0 and 0.0 <= m["eval/rsum"] <= 600.0
+    # 16 images x 4 captions + 32 captions x 2 images re-scored by the ITM head.
+    assert m["eval/itm_pairs"] == 16 * 4 + 32 * 2
+    logged = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(out["mlflow_run_id"]).data.metrics
+    for loss in ("vsc", "mcr", "wpg", "mlm", "itm"):
+        assert math.isfinite(logged[f"loss/{loss}"]), loss
+    # Eq. 5: the total is the unweighted sum of the five.
+    assert m["loss/total"] == pytest.approx(sum(m[f"loss/{k}"] for k in ("vsc", "mcr", "wpg", "mlm", "itm")), rel=1e-5)
