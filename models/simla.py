@@ -113,6 +113,9 @@ class SIMLA(PretrainingModel):
             self.momentum_mask_token = nn.Parameter(self.mask_token.detach().clone())
         for p in self._momentum_params():
             p.requires_grad_(False)  # updated by EMA only; the optimiser never sees them
+        # Without ITC (Table 1 row a) the projections and temperature only rank ITM negatives,
+        # without gradient, so DDP must allow parameters that receive none.
+        self.find_unused_parameters = "itc" not in self.components
 
     @classmethod
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
@@ -220,11 +223,12 @@ class SIMLA(PretrainingModel):
         scale = clamp_logit_scale(self.log_scale)
         losses: dict[str, torch.Tensor] = {}
         metrics = {"alpha": torch.tensor(self.alpha), "temperature": 1.0 / scale.detach()}
-        with torch.no_grad():
+        with torch.no_grad():  # the momentum model's unimodal states, shared by its objectives
             v_m = self.momentum["image"](pixels) if self.momentum_names else None
+            text_m = self._text(self.momentum, ids, mask) if "itc" in c or "mim" in c else None
 
         if "itc" in c:
-            losses["itc"] = self._itc(v_m, ids, mask, img_feat, txt_feat, keys, scale)
+            losses["itc"] = self._itc(v_m, text_m, img_feat, txt_feat, keys, scale)
         if "itm" in c or "psl" in c:
             mm, attn = self._fuse(online, ids, mask, v, return_attention="psl" in c)
             if "itm" in c:
@@ -234,10 +238,10 @@ class SIMLA(PretrainingModel):
         if "mlm" in c:
             losses["mlm"] = self._mlm(v, v_m, batch["mlm_input_ids"], mask, batch["mlm_labels"])
         if "mim" in c:
-            losses["mim"] = self._mim(pixels, batch["mim_mask"].flatten(1).bool(), ids, mask, text_states)
+            losses["mim"] = self._mim(pixels, batch["mim_mask"].flatten(1).bool(), mask, text_states, text_m)
         return ModelOutput(losses=losses, metrics=metrics)
 
-    def _itc(self, v_m, ids, mask, img_feat, txt_feat, keys, scale) -> torch.Tensor:
+    def _itc(self, v_m, text_m, img_feat, txt_feat, keys, scale) -> torch.Tensor:
         """Eq. 1-4: online image (text) features against the momentum text (image) features of
         the batch — all workers' with ``negatives: global`` — and the queue, with targets
         (1 - α) y + α p_m, p_m being eq. 1 on the momentum features alone. The batch's momentum
@@ -245,7 +249,7 @@ class SIMLA(PretrainingModel):
         p = self.momentum
         with torch.no_grad():
             img_m = F.normalize(p["vision_proj"](v_m[:, 0]), dim=-1)
-            txt_m = F.normalize(p["text_proj"](self._text(p, ids, mask)[:, 0]), dim=-1)
+            txt_m = F.normalize(p["text_proj"](text_m[:, 0]), dim=-1)
             img_cols = torch.cat([self._columns(img_m), self.queue.image_queue])
             txt_cols = torch.cat([self._columns(txt_m), self.queue.text_queue])
             hard = positive_targets(keys, torch.cat([self._columns(keys), self.queue.idx_queue]))
@@ -268,11 +272,11 @@ class SIMLA(PretrainingModel):
             sim_t2i = scale * txt_feat @ self._columns(img_feat).t()
         neg_text, ok_i = global_hard_negatives(sim_i2t, keys, col_ids, self.itm_negatives)
         neg_image, ok_t = global_hard_negatives(sim_t2i, keys, col_ids, self.itm_negatives)
-        texts = self._rows({"ids": ids, "mask": mask}, neg_text)
+        texts = self._rows({"ids": ids, "mask": mask.long()}, neg_text)
         images = self._rows({"v": v}, neg_image)
         neg_v = torch.cat([v[ok_i], images["v"][ok_t]])
         neg_ids = torch.cat([texts["ids"][ok_i], ids[ok_t]])
-        neg_mask = torch.cat([texts["mask"][ok_i], mask[ok_t]])
+        neg_mask = torch.cat([texts["mask"][ok_i].bool(), mask[ok_t]])
         neg_cls = self._fuse(self._parts(False), neg_ids, neg_mask, neg_v)[0][:, 0]
         logits = self.itm_head(torch.cat([pos_cls, neg_cls]))
         labels = torch.cat([torch.ones(len(pos_cls)), torch.zeros(len(neg_cls))]).to(logits.device)
@@ -290,7 +294,7 @@ class SIMLA(PretrainingModel):
         hard = F.one_hot(labels[selected], self.vocab_size)
         return distillation_loss(logits, hard, teacher, self.alpha)
 
-    def _mim(self, pixels, patch_mask, ids, mask, text_states) -> torch.Tensor:
+    def _mim(self, pixels, patch_mask, mask, text_states, text_m) -> torch.Tensor:
         """Eq. 6-7, image side: the visual tokens of block-wise masked patches, predicted by E_mm
         with the masked image's patches as queries and the caption as context, distilled from
         the momentum model's prediction on the same masked image and caption."""
@@ -302,7 +306,7 @@ class SIMLA(PretrainingModel):
         with torch.no_grad():
             p = self.momentum
             v_hat_m = p["image"](pixels, patch_mask, self.momentum_mask_token)
-            states_m = self._fuse_image_queries(p, v_hat_m, self._text(p, ids, mask), mask)
+            states_m = self._fuse_image_queries(p, v_hat_m, text_m, mask)
             teacher = p["mim_head"](states_m[:, prefix:][patch_mask]).float().softmax(-1)
         hard = F.one_hot(tokens[patch_mask], self.cfg.codebook_size)
         return distillation_loss(logits, hard, teacher, self.alpha)
@@ -314,7 +318,11 @@ class SIMLA(PretrainingModel):
 
         The appendix extracts the row from "the multi-modal encoder" without saying which copy;
         we read it off the online model's positive ITM pass, which the step computes anyway (the
-        momentum model still recommends labels beyond the caption through its head, eq. 9)."""
+        momentum model still recommends labels beyond the caption through its head, eq. 9).
+        The appendix orders cross-attention before the self-attention whose row is read; our
+        layers (BERT / ALBEF order) self-attend first, so the row read in the last layer is over
+        states that the earlier layers have already fused with the image — with a single layer
+        it would be text-only, so keep num_layers >= 2."""
         row = attn[:, :, 0].mean(1).detach()  # (B, N): [CLS] attending to each text position
         special = ~mask | torch.isin(ids, self.special_ids)
         y = psl_targets(row, ids, special, self.cfg.psl_k, self.vocab_size)

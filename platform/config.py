@@ -50,6 +50,9 @@ class DataConfig:
     # default because they silently invert "left of"/"right of" in captions.
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = False
+    # RandAugment without colour changes on training images (ALBEF's recipe, SIMLA §2.5: two
+    # of identity, auto-contrast, equalize, brightness, sharpness, shear, translate, rotate).
+    randaugment: bool = False
     batch_size: int = 64  # global: split evenly across train workers
     eval_batch_size: int = 128
     eval_max_images: int = 1000

@@ -38,9 +38,12 @@ def parse_args(description: str, default_preset: str, argv: list[str] | None = N
 
 
 def run_experiment(description: str, default_preset: str, grid: dict[str, list], group_by: list[str],
-                   metrics: list[str], title: str, argv: list[str] | None = None, seeds: int = 1) -> dict[str, Any]:
+                   metrics: list[str], title: str, argv: list[str] | None = None, seeds: int = 1,
+                   name_suffix: str = "", line_x: str | None = None) -> dict[str, Any]:
     """Sweep ``grid`` (× ``seed`` over ``seeds`` seeds) on the preset and publish the comparison of
-    ``metrics`` grouped by ``group_by``. Returns the sweep result and the Markdown table."""
+    ``metrics`` grouped by ``group_by`` (and a line plot against ``line_x``, a numeric key).
+    ``name_suffix`` tells apart several sweeps of one script (a re-used name resumes a sweep).
+    Returns the sweep result and the Markdown table."""
     from alignlab.platform.sweep import publish_comparison, run_sweep
     from alignlab.platform.tracking import ui_command
 
@@ -51,11 +54,11 @@ def run_experiment(description: str, default_preset: str, grid: dict[str, list],
     if n_seeds > 1:
         grid = {**grid, "seed": [cfg.seed + i for i in range(n_seeds)]}
     ensure_synthetic_data(cfg)
-    name = args.name or f"{Path(args.preset).stem}-{cfg.model.architecture}"
+    name = (args.name or f"{Path(args.preset).stem}-{cfg.model.architecture}") + name_suffix
     result = run_sweep(cfg, grid, name)
     # Local files for the driver's printout; the durable copies are the parent run's artifacts.
     out_dir = os.path.join("outputs", name)
-    markdown = publish_comparison(result, group_by, metrics, title, out_dir)
+    markdown = publish_comparison(result, group_by, metrics, title, out_dir, line_x)
     print(f"\n## {title}\n\n{markdown}")
     failed = [t for t in result.trials if t.error]
     for t in failed:

@@ -72,8 +72,47 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return 0, 0, width, height
 
 
+# ALBEF's RandAugment op list (SIMLA §2.5 follows it): colour-changing ops (Color, Solarize,
+# Posterize, Invert, Contrast) removed, since captions name colours.
+RANDAUGMENT_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness", "shear_x", "shear_y",
+                   "translate_x", "translate_y", "rotate")
+
+
+def rand_augment(im, rng: np.random.Generator, n: int = 2, magnitude: int = 7):
+    """RandAugment (Cubuk et al., 2020) as ALBEF applies it: ``n`` ops drawn from
+    ``RANDAUGMENT_OPS``, each applied with probability 0.5 at ``magnitude`` of 10 with a random
+    sign for the geometric ones."""
+    from PIL import Image, ImageEnhance, ImageOps
+
+    m = magnitude / 10.0
+    for name in rng.choice(RANDAUGMENT_OPS, size=n):
+        if rng.random() < 0.5:
+            continue
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        w, h = im.size
+        if name == "autocontrast":
+            im = ImageOps.autocontrast(im)
+        elif name == "equalize":
+            im = ImageOps.equalize(im)
+        elif name == "brightness":
+            im = ImageEnhance.Brightness(im).enhance(1.0 + sign * 0.9 * m)
+        elif name == "sharpness":
+            im = ImageEnhance.Sharpness(im).enhance(1.0 + sign * 0.9 * m)
+        elif name in ("shear_x", "shear_y"):
+            s = sign * 0.3 * m
+            coeffs = (1, s, 0, 0, 1, 0) if name == "shear_x" else (1, 0, 0, s, 1, 0)
+            im = im.transform(im.size, Image.AFFINE, coeffs, fillcolor=(128, 128, 128))
+        elif name in ("translate_x", "translate_y"):
+            t = sign * 0.45 * m
+            coeffs = (1, 0, t * w, 0, 1, 0) if name == "translate_x" else (1, 0, 0, 0, 1, t * h)
+            im = im.transform(im.size, Image.AFFINE, coeffs, fillcolor=(128, 128, 128))
+        elif name == "rotate":
+            im = im.rotate(sign * 30.0 * m, fillcolor=(128, 128, 128))
+    return im
+
+
 def decode_image(data: bytes, size: int, train: bool, scale: tuple[float, float], hflip: bool,
-                 rng: np.random.Generator) -> np.ndarray:
+                 rng: np.random.Generator, randaugment: bool = False) -> np.ndarray:
     """Encoded bytes -> uint8 (3, size, size). Raises on undecodable data."""
     from PIL import Image
 
@@ -85,6 +124,8 @@ def decode_image(data: bytes, size: int, train: bool, scale: tuple[float, float]
             im = im.resize((size, size), Image.BICUBIC)
         if train and hflip and rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        if train and randaugment:
+            im = rand_augment(im, rng)
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
@@ -152,7 +193,8 @@ class Preprocessor:
             for i in np.flatnonzero(keep):
                 try:
                     pixels[i] = decode_image(batch["image"][i], self.data.image_size, self.train,
-                                             self.data.crop_scale, self.data.hflip, self.rng)
+                                             self.data.crop_scale, self.data.hflip, self.rng,
+                                             self.data.randaugment)
                 except Exception as e:  # any decoder failure is a bad row, not a crashed job
                     skip(i, "undecodable_image", f"({type(e).__name__}: {e})")
             out["pixels"] = pixels

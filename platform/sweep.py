@@ -247,10 +247,34 @@ def bar_chart(rows: list[dict[str, Any]], metrics: list[str], group_by: list[str
     plt.close(fig)
 
 
+def line_chart(rows: list[dict[str, Any]], metrics: list[str], x_key: str, path: str, title: str) -> None:
+    """Each metric's mean (with std error bars) against a numeric key of the rows, e.g. SIMLA's
+    retrieval against the number of pseudo-labels k, or any metric against a swept size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(rows, key=lambda r: float(r[x_key]))
+    xs = [float(r[x_key]) for r in ordered]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for m in metrics:
+        ax.errorbar(xs, [r[f"{m} mean"] for r in ordered], yerr=[r[f"{m} std"] for r in ordered], marker="o",
+                    capsize=3, label=m)
+    ax.set_xticks(xs, [str(r[x_key]) for r in ordered])
+    ax.set_xlabel(x_key)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def publish_comparison(result: SweepResult, group_by: list[str], metrics: list[str], title: str,
-                       out_dir: str) -> str:
+                       out_dir: str, line_x: str | None = None) -> str:
     """Writes the comparison table (Markdown, CSV) and bar chart, logs them to the sweep's parent
-    run, and returns the Markdown."""
+    run, and returns the Markdown. With ``line_x`` (a numeric ``group_by`` key) a line plot of
+    the metrics against it is published too (``comparison_line.png``)."""
     rows = comparison_table(result.trials, group_by, metrics)
     md = to_markdown(rows, metrics, group_by)
     out = Path(out_dir)
@@ -263,4 +287,7 @@ def publish_comparison(result: SweepResult, group_by: list[str], metrics: list[s
     if rows:
         bar_chart(rows, metrics, group_by, str(out / "comparison.png"), title)
         logger.log_artifact(str(out / "comparison.png"))
+        if line_x:
+            line_chart(rows, metrics, line_x, str(out / "comparison_line.png"), title)
+            logger.log_artifact(str(out / "comparison_line.png"))
     return md

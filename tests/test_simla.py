@@ -16,7 +16,7 @@ from alignlab.models.base import Vocab
 from alignlab.models.objectives import distillation_loss, multilabel_bce, positive_targets, psl_targets
 from alignlab.models.registry import build_model
 from alignlab.models.visual_tokenizers import DVAETokenizer, RandomProjectionQuantizer
-from alignlab.platform.config import ConfigError, load_config
+from alignlab.platform.config import SIMLA_ROWS, ConfigError, load_config
 from alignlab.platform.masking import IGNORE, bert_mask, block_mask
 from alignlab.platform.train import param_groups
 
@@ -345,3 +345,53 @@ def test_model_uses_the_configured_visual_tokenizer(tmp_path):
     with pytest.raises(ConfigError, match="dvae_path"):
         tiny_cfg(visual_tokenizer="dvae")
 
+
+
+# --------------------------------------------------------------------------------------------
+# Data stage: RandAugment without colour changes (§2.5)
+# --------------------------------------------------------------------------------------------
+
+
+def test_randaugment_changes_geometry_and_intensity_but_never_colour():
+    import io
+
+    from PIL import Image
+
+    from alignlab.platform.ingest import decode_image
+
+    im = np.zeros((32, 32, 3), dtype=np.uint8)
+    im[..., 0], im[..., 1:] = 200, 30  # a red image
+    im[8:16, 8:24] = (30, 30, 200)  # with a blue bar
+    buf = io.BytesIO()
+    Image.fromarray(im).save(buf, format="PNG")
+    plain = decode_image(buf.getvalue(), 32, True, (1.0, 1.0), False, np.random.default_rng(0))
+    changed = 0
+    for seed in range(40):
+        out = decode_image(buf.getvalue(), 32, True, (1.0, 1.0), False, np.random.default_rng(seed), randaugment=True)
+        assert out.shape == (3, 32, 32) and out.dtype == np.uint8
+        r, g, b = out.astype(int)
+        grey = (r == g) & (g == b)  # the fill of shears, translations and rotations
+        red, blue = (r > g) & (r > b), (b > r) & (b > g)
+        # Interpolated edges between red, blue and grey are mixtures; no pixel turns green.
+        assert not ((g > r) & (g > b)).any()
+        assert (red | blue | grey).mean() > 0.9
+        changed += not np.array_equal(out, plain)
+    assert changed > 10
+    # Evaluation rows are never augmented.
+    assert np.array_equal(decode_image(buf.getvalue(), 32, False, (1.0, 1.0), False, np.random.default_rng(3),
+                                       randaugment=True), plain)
+
+
+def test_presets_validate_and_carry_the_papers_settings():
+    paper = load_config("simla_paper")
+    s = paper.model.simla
+    assert (paper.data.batch_size, s.queue_size, s.momentum, s.alpha, s.psl_k) == (512, 65536, 0.995, 0.4, 4)
+    assert (paper.optim.weight_decay, paper.optim.lr, paper.optim.min_lr, paper.optim.schedule) == \
+        (0.02, 1e-4, 1e-5, "cosine")
+    assert paper.data.image_size == paper.model.image.img_size == 256 and paper.data.randaugment
+    assert paper.model.image.timm_name == "vit_base_patch16_224" and paper.model.text_init == "bert-base-uncased"
+    assert paper.precision.precision == "fp16" and paper.model.simla.components() == SIMLA_ROWS["e"]
+    for name in ("simla_demo", "simla_flickr8k"):
+        cfg = load_config(name)
+        assert cfg.model.architecture == "simla" and cfg.tracking.eval_every > 0
+        assert cfg.model.simla.queue_size % cfg.data.batch_size == 0

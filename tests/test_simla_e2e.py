@@ -7,7 +7,7 @@ from alignlab.platform.synth import SynthConfig, generate
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
         "model.embed_dim=16", "model.image.img_size=32", "model.image.patch_size=8", "model.image.embed_dim=32",
         "model.image.depth=1", "model.image.num_heads=2", "data.image_size=32", "data.batch_size=16",
         "data.eval_max_images=16", "data.eval_batch_size=16", "data.preprocess_batch_size=16",
