@@ -96,10 +96,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, synth, tmp_pat
                             start_new_session=True)
     run_dir = tmp_path / "ray_results" / "killme"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+    # A checkpoint counts once Ray Train has registered it in the run's snapshot.
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline and not snapshot.exists():
         assert proc.poll() is None, "the run ended before it was killed"
         time.sleep(0.5)
-    assert list(run_dir.glob("checkpoint_*")), "no checkpoint appeared"
+    assert snapshot.exists(), "no checkpoint was registered"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # let Ray reap the driver's actors
