@@ -96,29 +96,17 @@ def _trial(trial_config: dict[str, Any]) -> None:
 
 def _child_run(uri: str, experiment: str, parent_run_id: str, sweep: str, trial: str, overrides: dict) -> str:
     """The trial's child run; a restored trial finds and continues its own."""
-    client = tracking._client(uri)
-    found = client.search_runs([tracking.experiment_id(uri, experiment)],
-                               filter_string=f"tags.`alignlab.sweep` = '{sweep}' and tags.`alignlab.trial` = '{trial}'",
-                               max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
     label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
-    return tracking.create_run(uri, experiment, f"{trial} [{label}]", parent_run_id,
-                               tags={"alignlab.sweep": sweep, "alignlab.trial": trial})
+    run_id, _ = tracking.find_or_create_run(uri, experiment, {"alignlab.sweep": sweep, "alignlab.trial": trial},
+                                            f"{trial} [{label}]", parent_run_id)
+    return run_id
 
 
 def _parent_run(uri: str, experiment: str, sweep: str, grid: dict) -> str:
     """The sweep's parent run: re-running (restoring) a sweep keeps logging under the same one."""
-    client = tracking._client(uri)
-    found = client.search_runs([tracking.experiment_id(uri, experiment)],
-                               filter_string=f"tags.`alignlab.sweep_parent` = '{sweep}'", max_results=1,
-                               order_by=["attributes.start_time DESC"])
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run_id = tracking.create_run(uri, experiment, sweep, tags={"alignlab.sweep_parent": sweep})
-    tracking.RunLogger(uri, run_id).log_params({f"grid.{k}": v for k, v in grid.items()})
+    run_id, created = tracking.find_or_create_run(uri, experiment, {"alignlab.sweep_parent": sweep}, sweep)
+    if created:
+        tracking.RunLogger(uri, run_id).log_params({f"grid.{k}": v for k, v in grid.items()})
     return run_id
 
 
@@ -169,7 +157,7 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
 
 def _children_by_overrides(uri: str, experiment: str, sweep: str) -> dict[tuple, str]:
     """The sweep's child runs keyed by the ``sweep.*`` params each trial logged."""
-    client = tracking._client(uri)
+    client = tracking.client(uri)
     runs = client.search_runs([tracking.experiment_id(uri, experiment)],
                               filter_string=f"tags.`alignlab.sweep` = '{sweep}'", max_results=10_000)
     return {tuple(sorted((k, v) for k, v in r.data.params.items() if k.startswith("sweep."))): r.info.run_id

@@ -30,14 +30,14 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def _client(uri: str):
+def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
 def experiment_id(uri: str, name: str) -> str:
-    client = _client(uri)
+    client = client(uri)
     exp = client.get_experiment_by_name(name)
     return exp.experiment_id if exp else client.create_experiment(name)
 
@@ -48,8 +48,24 @@ def create_run(uri: str, experiment: str, run_name: str, parent_run_id: str | No
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = _client(uri).create_run(experiment_id(uri, experiment), run_name=run_name or None, tags=all_tags)
+    run = client(uri).create_run(experiment_id(uri, experiment), run_name=run_name or None, tags=all_tags)
     return run.info.run_id
+
+
+def find_or_create_run(uri: str, experiment: str, tags: dict[str, str], run_name: str,
+                       parent_run_id: str | None = None, include_finished: bool = True) -> tuple[str, bool]:
+    """The latest run carrying all ``tags`` (set back to RUNNING: a resumed run or restored sweep
+    keeps logging into it), or a new one. Returns (run id, whether it was created)."""
+    c = client(uri)
+    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    if not include_finished:
+        conditions.append("attributes.status != 'FINISHED'")
+    found = c.search_runs([experiment_id(uri, experiment)], filter_string=" and ".join(conditions), max_results=1,
+                          order_by=["attributes.start_time DESC"])
+    if found:
+        c.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, False
+    return create_run(uri, experiment, run_name, parent_run_id, tags=tags), True
 
 
 def git_commit() -> str:
@@ -75,7 +91,7 @@ class RunLogger:
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
-        self.client = _client(uri)
+        self.client = client(uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -168,7 +168,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model.train()
     window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
-    sums: dict[str, float] = {}
+    # Per key: (sum over steps, number of steps that produced it). A loss present in only some
+    # steps (SemVLP's per-mode losses) is averaged over those steps, not diluted by the others.
+    sums: dict[str, tuple[float, int]] = {}
     last_metrics: dict[str, float] = {}
     while step < cfg.optim.max_steps:
         batches = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
@@ -190,8 +192,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             scheduler.step()
             step += 1
             for k, v in step_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            sums["_n"] = sums.get("_n", 0) + 1
+                total, count = sums.get(k, (0.0, 0))
+                sums[k] = (total + v, count + 1)
             if step == cfg.optim.max_steps:
                 break
             logged = step % cfg.tracking.log_every == 0
@@ -257,13 +259,13 @@ def _skip_metrics(counter) -> dict[str, float]:
     return out
 
 
-def _window_metrics(sums: dict[str, float], window: dict, world: int, device: torch.device) -> dict[str, float]:
+def _window_metrics(sums: dict[str, tuple[float, int]], window: dict, world: int, device: torch.device
+                    ) -> dict[str, float]:
     """Means over the logging window, averaged across workers so rank 0 logs the global view."""
     import torch.distributed as dist
 
-    n = max(1, sums.get("_n", 1))
-    keys = sorted(k for k in sums if k != "_n")
-    values = torch.tensor([sums[k] / n for k in keys], dtype=torch.float64, device=device)
+    keys = sorted(sums)
+    values = torch.tensor([sums[k][0] / sums[k][1] for k in keys], dtype=torch.float64, device=device)
     if world > 1 and dist.is_initialized():
         dist.all_reduce(values)
         values /= world
@@ -397,13 +399,8 @@ def close_run(logger, result) -> None:
 def _find_or_create_run(uri: str, cfg: Config, key: str, parent_run_id: str | None, run_name: str | None) -> str:
     """The unfinished MLflow run of this Train run name (a resumed run keeps logging into it),
     or a new one."""
-    from alignlab.platform.tracking import _client, create_run, experiment_id
+    from alignlab.platform.tracking import find_or_create_run
 
-    client = _client(uri)
-    runs = client.search_runs([experiment_id(uri, cfg.tracking.experiment)],
-                              filter_string=f"tags.`alignlab.run_key` = '{key}' and attributes.status != 'FINISHED'",
-                              max_results=1, order_by=["attributes.start_time DESC"])
-    if runs:
-        client.update_run(runs[0].info.run_id, status="RUNNING")
-        return runs[0].info.run_id
-    return create_run(uri, cfg.tracking.experiment, run_name or key, parent_run_id, tags={"alignlab.run_key": key})
+    run_id, _ = find_or_create_run(uri, cfg.tracking.experiment, {"alignlab.run_key": key}, run_name or key,
+                                   parent_run_id, include_finished=False)
+    return run_id

@@ -1,0 +1,31 @@
+from pathlib import Path
+
+from alignlab.platform import tracking
+
+
+def test_tracking_uri_defaults_to_local_sqlite(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{Path(tmp_path) / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
+    assert tracking.resolve_tracking_uri() == "http://head:5000"
+    assert tracking.resolve_tracking_uri("file:///x") == "file:///x"
+    assert tracking.ui_command("sqlite:///a.db") == "mlflow ui --backend-store-uri sqlite:///a.db"
+
+
+def test_runs_are_found_again_for_resume_and_params_batch(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id, created = tracking.find_or_create_run(uri, "exp", {"alignlab.run_key": "k"}, "k")
+    assert created
+    logger = tracking.RunLogger(uri, run_id)
+    logger.log_params({f"p{i}": i for i in range(250)})  # over MLflow's 100-per-call limit
+    logger.log_params({"p0": 0, "extra": "x"})  # re-logging on resume is harmless
+    again, created = tracking.find_or_create_run(uri, "exp", {"alignlab.run_key": "k"}, "k", include_finished=False)
+    assert again == run_id and not created
+    logger.finish()
+    fresh, created = tracking.find_or_create_run(uri, "exp", {"alignlab.run_key": "k"}, "k", include_finished=False)
+    assert created and fresh != run_id
+    params = tracking.client(uri).get_run(run_id).data.params
+    assert len(params) == 251 and params["p249"] == "249"
+    child, _ = tracking.find_or_create_run(uri, "exp", {"t": "c"}, "child", parent_run_id=run_id)
+    assert tracking.client(uri).get_run(child).data.tags["mlflow.parentRunId"] == run_id
