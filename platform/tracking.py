@@ -37,9 +37,9 @@ def client(uri: str):
 
 
 def experiment_id(uri: str, name: str) -> str:
-    client = client(uri)
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
 
 
 def create_run(uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,

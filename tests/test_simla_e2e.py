@@ -15,7 +15,9 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
         "tracking.log_every=2", "tracking.eval_every=3", "optim.max_steps=6", "tracking.checkpoint_every=100"]
 
 
-def test_simla_demo_trains_through_the_platform_and_logs_every_objective(ray_session, tmp_path):
+def test_simla_demo_trains_with_two_ddp_workers_and_logs_every_objective(ray_session, tmp_path):
+    """Two DDP workers: global contrastive columns, queues of the global batch, hard negatives
+    fetched from the other worker (gather_rows), the momentum EMA on every rank."""
     from mlflow.tracking import MlflowClient
 
     from alignlab.platform.train import train
@@ -23,7 +25,7 @@ def test_simla_demo_trains_through_the_platform_and_logs_every_objective(ray_ses
     generate(str(tmp_path / "synth"), SynthConfig(n_train_images=64, n_test_images=16, rows_per_file=32))
     cfg = load_config("simla_demo", [*TINY, f"data.shards={tmp_path / 'synth'}",
                                      f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
-                                     f"tracking.storage_path={tmp_path}/ray_results"])
+                                     f"tracking.storage_path={tmp_path}/ray_results", "scaling.num_workers=2"])
     out = train(cfg)
     assert out["metrics"]["train/step"] == 6.0
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
@@ -41,3 +43,4 @@ def test_simla_demo_trains_through_the_platform_and_logs_every_objective(ray_ses
     alpha = client.get_metric_history(run.info.run_id, "model/alpha")
     assert 0 < alpha[-1].value < 0.4
     assert run.data.params["model.simla.visual_tokenizer"] == "random_projection"
+    assert run.data.params["scaling.num_workers"] == "2"
