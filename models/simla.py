@@ -82,7 +82,8 @@ class SIMLA(PretrainingModel):
             if self.image.width != size.hidden_size:
                 raise ValueError(f"simla's MIM feeds image patches to the language encoder as queries, so the "
                                  f"ViT width ({self.image.width}) must equal model.hidden_size ({size.hidden_size})")
-            self.mask_token = nn.Parameter(torch.zeros(self.image.width))
+            # BEiT's learnable [MASK] patch embedding, initialised N(0, 0.02²) as BEiT's.
+            self.mask_token = nn.Parameter(torch.randn(self.image.width) * 0.02)
             self.mim_head = PredictionHead(size.hidden_size, s.codebook_size)
             grid = img.img_size // img.patch_size
             self.visual_tokenizer = build_visual_tokenizer(s, img.patch_size, grid)
