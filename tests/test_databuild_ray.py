@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -47,32 +46,15 @@ def test_build_counts_skips_and_resumes(ray_session, tmp_path):
         build(BuildConfig(source=src, out=str(out), max_caption_words=5))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_build_to_s3(ray_session, tmp_path):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="test",
-                     aws_secret_access_key="test", region_name="us-east-1").create_bucket(Bucket="shards")
-        uri = f"s3://test:test@shards/wds?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        m = build(BuildConfig(source=fx.webdataset(str(tmp_path / "wds")), out=uri, phrases=False))
-        assert (m["rows_written"], m["rows_skipped"]) == (2, {"missing_image": 1})
-        assert read_manifest(uri)["files"] == ["train/part-00000.parquet"]
-        (path,) = validate_shards(uri)
-        fs, _ = filesystem(uri)
-        t = pq.read_table(path, filesystem=fs).to_pydict()
-        assert t["image_id"] == ["000000000", "000000001"] and t["image"][1] == fx.jpeg(1)
-    finally:
-        server.stop()
+def test_build_to_s3(ray_session, tmp_path, s3_root):
+    uri = s3_root("wds")
+    m = build(BuildConfig(source=fx.webdataset(str(tmp_path / "wds")), out=uri, phrases=False))
+    assert (m["rows_written"], m["rows_skipped"]) == (2, {"missing_image": 1})
+    assert read_manifest(uri)["files"] == ["train/part-00000.parquet"]
+    (path,) = validate_shards(uri)
+    fs, _ = filesystem(uri)
+    t = pq.read_table(path, filesystem=fs).to_pydict()
+    assert t["image_id"] == ["000000000", "000000001"] and t["image"][1] == fx.jpeg(1)
 
 
 def test_cli_build_gt_regions_then_stats(ray_session, tmp_path, capsys):
