@@ -30,6 +30,11 @@ class InputSpec:
     # (chain masking, MVPTR §3.3)
     mlm: bool = False
     mcr: bool = False  # mcr_tag_ids / mcr_labels (tag class index), tags masked at objectives.mcr_prob
+    # SemVLP's masked object prediction (§3.3.1): objects selected at objectives.object_mask_prob,
+    # ``object_mask`` (B, K) True there, ``masked_region_features`` with those rows zeroed, and
+    # ``object_labels`` (B, K) the detected label (tags.txt index of the region's tag) at selected
+    # regions, IGNORE elsewhere and at tags outside tags.txt. Needs regions (and their tags).
+    objects: bool = False
 
 
 # Id layout of concept sequences (tag_ids and phrase_ids), shared by the data stage and the models:

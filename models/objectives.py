@@ -309,6 +309,18 @@ def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return F.cross_entropy(logits, labels, ignore_index=ignore_index)
 
 
+def feature_regression_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SemVLP's RoI-feature regression (§3.3.1), LXMERT's: the mean squared error between the
+    predicted and the detector's feature of each masked object, averaged over those objects and
+    the D feature dimensions (a per-dimension mean keeps the loss on the scale of the other,
+    equally weighted losses for any D). ``predicted`` and ``target`` are (n_masked, D), already
+    restricted to the masked objects. LXMERT's paper states an L2 loss, its code a smooth L1; we
+    follow the paper. Returns 0 (with gradient) when no object is masked."""
+    if predicted.shape[0] == 0:
+        return predicted.sum() * 0.0
+    return F.mse_loss(predicted.float(), target.float())
+
+
 # --------------------------------------------------------------------------------------------
 # Momentum distillation and pseudo-label supervision (SIMLA)
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ ARCHITECTURES: dict[str, str] = {
     "dual_encoder": "alignlab.models.dual_encoder:DualEncoder",
     "simla": "alignlab.models.simla:SIMLA",
     "mvptr": "alignlab.models.mvptr:MVPTR",
+    "semvlp": "alignlab.models.semvlp:SemVLP",
 }
 
 

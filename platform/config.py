@@ -155,9 +155,30 @@ SIMLA_ROWS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
+class SemVLPConfig:
+    """SemVLP (Li et al., 2021, §3 and §4.3-4.4): one shared encoder run in single-stream and
+    two-stream mode, with cross-modal attention in the layers above ``cross_layer``."""
+
+    # Pre-training mode (Table 4): single-stream only, two-stream only, or both, alternating per
+    # mini-batch with probability ``single_prob`` of single-stream (§3.3.2: 0.5). "single" builds
+    # no cross-modal attention at all.
+    mode: Literal["single", "two", "both"] = "both"
+    single_prob: float = 0.5
+    # L_s (§3.2.2): layers 1..L_s of the object stream are self-attention only, layers above
+    # L_s also cross-attend to the text's last-layer states (the paper: 6 of 12).
+    cross_layer: int = 6
+    # Mode of the ITM re-ranking at evaluation (Table 5: either works after pre-training; the
+    # paper found single-stream better). "auto": single-stream unless pre-trained two-stream only.
+    eval_mode: Literal["auto", "single", "two"] = "auto"
+    # Image-QA answer classes (§3.3.1); 0 builds no QA head. The head trains on batches that
+    # carry ``answer_labels``.
+    num_answers: int = 0
+
+
+@dataclass
 class ModelConfig:
     # An architecture registered in alignlab.models.registry.
-    architecture: Literal["dual_encoder", "mvptr", "simla"] = "dual_encoder"
+    architecture: Literal["dual_encoder", "mvptr", "simla", "semvlp"] = "dual_encoder"
     # Transformer width shared by the text stack (and region/fusion stacks).
     hidden_size: int = 768
     num_layers: int = 6
@@ -173,6 +194,7 @@ class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     simla: SIMLAConfig = field(default_factory=SIMLAConfig)
     mvptr: MVPTRConfig = field(default_factory=MVPTRConfig)
+    semvlp: SemVLPConfig = field(default_factory=SemVLPConfig)
 
 
 @dataclass
@@ -186,6 +208,7 @@ class ObjectivesConfig:
     negatives: Literal["global", "local"] = "global"
     mlm_prob: float = 0.15  # BERT, MVPTR eq. 3
     mcr_prob: float = 0.25  # MVPTR §3.2
+    object_mask_prob: float = 0.15  # SemVLP §3.3.1 masked object prediction (LXMERT)
     # ITM hard negatives: sample from the contrastive distribution (MVPTR eq. 1, ALBEF)
     # or take the hardest one.
     itm_negatives: Literal["sample", "hardest"] = "sample"
@@ -491,6 +514,8 @@ def check(cfg: Config) -> None:
                           "(its visual encoder reads detector regions and tags, §3.1)")
     if cfg.model.architecture == "simla":
         _check_simla(cfg)
+    if cfg.model.architecture == "semvlp":
+        _check_semvlp(cfg)
     if cfg.data.batch_size % cfg.scaling.num_workers:
         raise ConfigError(
             f"config key 'data.batch_size' = {cfg.data.batch_size} must divide evenly across "
@@ -499,7 +524,8 @@ def check(cfg: Config) -> None:
         raise ConfigError("config key 'optim.grad_accum' must be >= 1")
     if cfg.optim.max_steps < 1:
         raise ConfigError("config key 'optim.max_steps' must be >= 1")
-    for key, v in (("objectives.mlm_prob", cfg.objectives.mlm_prob), ("objectives.mcr_prob", cfg.objectives.mcr_prob)):
+    for key, v in (("objectives.mlm_prob", cfg.objectives.mlm_prob), ("objectives.mcr_prob", cfg.objectives.mcr_prob),
+                   ("objectives.object_mask_prob", cfg.objectives.object_mask_prob)):
         if not 0.0 <= v < 1.0:
             raise ConfigError(f"config key '{key}' = {v} must be in [0, 1)")
     if cfg.precision.precision == "fp16" and not cfg.scaling.use_gpu:
@@ -531,6 +557,25 @@ def _check_simla(cfg: Config) -> None:
         if s.visual_tokenizer == "dvae" and not s.dvae_path:
             raise ConfigError("config key 'model.simla.dvae_path' must name a dVAE encoder file when "
                               "model.simla.visual_tokenizer = 'dvae'")
+
+
+def _check_semvlp(cfg: Config) -> None:
+    s, layers = cfg.model.semvlp, cfg.model.num_layers
+    if cfg.model.image.kind != "regions":
+        raise ConfigError("config key 'model.image.kind' must be 'regions' for semvlp (objects are detector "
+                          "regions with boxes and labels, §3.1.1)")
+    if not 0 <= s.cross_layer <= layers:
+        raise ConfigError(f"config key 'model.semvlp.cross_layer' = {s.cross_layer} must be in 0..model.num_layers "
+                          f"= {layers}")
+    if s.mode != "single" and s.cross_layer == layers:
+        raise ConfigError(f"config key 'model.semvlp.cross_layer' = {layers} leaves no cross-attending layer, so "
+                          f"two-stream mode (model.semvlp.mode = {s.mode!r}) could not fuse; use L_s < "
+                          f"{layers} or mode 'single'")
+    if s.mode == "single" and s.eval_mode == "two" or s.mode == "two" and s.eval_mode == "single":
+        raise ConfigError(f"config key 'model.semvlp.eval_mode' = {s.eval_mode!r} was not pre-trained "
+                          f"(model.semvlp.mode = {s.mode!r})")
+    if not 0.0 < s.single_prob < 1.0 and s.mode == "both":
+        raise ConfigError("config key 'model.semvlp.single_prob' must be in (0, 1) for mode 'both'")
 
 
 def with_absolute_paths(cfg: Config) -> Config:

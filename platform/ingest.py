@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, InputSpec
 from alignlab.platform import shards
 from alignlab.platform.config import DataConfig, ObjectivesConfig
-from alignlab.platform.masking import IGNORE, bert_mask, block_mask, chain_mask
+from alignlab.platform.masking import IGNORE, bert_mask, block_mask, chain_mask, object_mask
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class Preprocessor:
         self.rng = np.random.default_rng(seed)
         # Tag and phrase-concept vocabularies of the shard set (ids: models.base CONCEPT_*).
         self.tag_index = {t: i for i, t in enumerate(shards.read_vocab_file(self.data.shards, "tags.txt"))} \
-            if self.spec.tags else {}
+            if self.spec.tags or self.spec.objects else {}
         concepts = shards.read_vocab_file(self.data.shards, "concepts.txt") if self.spec.phrases else []
         self.concept_index = {c.replace(" | ", " "): i for i, c in enumerate(concepts)}
         # Each concept's token ids, for chain masking (tokenised as vocab_info does for the model).
@@ -228,6 +228,13 @@ class Preprocessor:
             if self.spec.mlm:
                 out["mlm_phrase_ids"] = chain_mask(out["phrase_ids"], self.concept_tokens, out["input_ids"],
                                                    out["mlm_labels"] != IGNORE, CONCEPT_MASK, CONCEPT_OFFSET)
+        if self.spec.objects:
+            # SemVLP's masked object prediction: features zeroed, labels = the region's own tag.
+            selected = object_mask(out["region_mask"], self.objectives.object_mask_prob, self.rng)
+            out["object_mask"] = selected
+            out["masked_region_features"] = np.where(selected[..., None], 0.0, out["region_features"]).astype(np.float32)
+            labels = self._region_labels(batch["tags"], out["region_mask"].shape[1])
+            out["object_labels"] = np.where(selected, labels, IGNORE)
         if self.spec.mim:
             # SIMLA's MIM: BEiT block-wise patch masks, drawn here so the train step only computes.
             out["mim_mask"] = block_mask(n, self.spec.mim_grid, self.spec.mim_ratio, self.rng)
@@ -254,6 +261,15 @@ class Preprocessor:
                     row.append(k + CONCEPT_OFFSET)
             ids[i, : min(length, len(row))] = row[:length]
         return ids
+
+    def _region_labels(self, column, length: int) -> np.ndarray:
+        """Per region, its tag's index in tags.txt (the shard format stores one tag per box, in box
+        order), IGNORE for a tag outside tags.txt or past the row's regions."""
+        labels = np.full((len(column), length), IGNORE, dtype=np.int64)
+        for i, entries in enumerate(column):
+            for j, tag in enumerate(list(entries if entries is not None else ())[:length]):
+                labels[i, j] = self.tag_index.get(str(tag), IGNORE)
+        return labels
 
     def _regions(self, batch, keep, skip):
         n, k = len(batch["caption"]), self.data.max_regions
@@ -290,7 +306,7 @@ def columns_for(spec: InputSpec) -> list[str]:
         cols.append("image")
     if spec.regions:
         cols += ["region_features", "boxes"]
-    if spec.tags or spec.mcr:
+    if spec.tags or spec.mcr or spec.objects:
         cols.append("tags")
     if spec.phrases:
         cols.append("phrases")

@@ -30,6 +30,14 @@ def bert_mask(ids: np.ndarray, maskable: np.ndarray, prob: float, mask_id: int, 
     return out, labels
 
 
+def object_mask(region_mask: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
+    """SemVLP's masked object prediction (§3.3.1, from LXMERT): each real object (``region_mask``
+    True) is selected with probability ``prob`` (15%). Returns the (B, K) selection; the caller
+    zeroes those objects' features ("the object features are masked with zeros") and keeps their
+    boxes, so the model knows where a masked object is but not what it looks like."""
+    return region_mask & (rng.random(region_mask.shape) < prob)
+
+
 def chain_mask(phrase_ids: np.ndarray, concept_tokens: list[frozenset[int]], input_ids: np.ndarray,
                selected: np.ndarray, mask_id: int, offset: int) -> np.ndarray:
     """MVPTR's chain masking (§3.3): "if a token is masked, phrase concepts containing the token

@@ -1,0 +1,218 @@
+"""SemVLP: vision-language pre-training by aligning semantics at multiple levels (Li et al., 2021).
+
+One shared stack of L transformer blocks (self-attention φ_S + FFN φ_F) serves two modes (§3.2):
+
+* **single-stream** (feature-level alignment, §3.2.1): the blocks run over the concatenation
+  S⁰ = [o_IMG, o_1..o_n; e_CLS, e_1..e_m], so objects and words attend to each other in every
+  layer;
+* **two-stream** (high-level alignment, §3.2.2): the text runs alone through all L blocks
+  (H^L); the objects run through the *same* blocks, and in each block l > L_s they also
+  cross-attend (φ_C^l) to the text's last-layer states H^L. Only text → image, as the paper's
+  equations and footnote state: the text never sees the image in this mode.
+
+The blocks are :class:`~alignlab.models.blocks.TransformerEncoder` built with ``cross_from = L_s``:
+layers below L_s have no cross-attention, layers from L_s on own one and skip it when called
+without context. So the text pass and the single-stream pass use exactly the tensors the object
+pass uses, and two-stream adds only the φ_C modules (``mode = "single"`` builds none).
+
+Inputs (§3.1.1): BERT word + position + segment embeddings for the words; for each object its
+region feature f_j concatenated with its normalised box l_j = (x1, y1, x2, y2), linearly projected
+to the hidden size; a learnt [IMG] embedding in front of the objects. Region features that
+already carry a position part (VinVL's and the synthetic set's +6) keep it: the box is the
+paper's l_j either way, and the duplicate costs four inputs.
+
+Pre-training tasks (§3.3.1), computed from one forward pass in the step's mode, each its own loss
+named ``<task>_<mode>`` so that every task has a curve per mode (the platform averages a loss
+over the steps that produced it):
+
+* ``mlm``: masked words (15%, the CPU stage's BERT masking) predicted from H^L — with the image in
+  single-stream mode, from the text alone in two-stream mode;
+* ``roi_regression`` and ``object_label``: objects masked at 15% by the CPU stage (features
+  zeroed, boxes kept) and predicted from O^L: their detector feature (mean squared error,
+  ``objectives.feature_regression_loss``) and their detected label (the region's tag) — only at
+  masked objects;
+* ``itm``: in half of the pairs the sentence is replaced by a random caption of another image
+  (LXMERT, which SemVLP follows); a classifier on h_CLS (single-stream) or o_IMG (two-stream)
+  tells them apart. MLM and object losses are not taken on mismatched pairs (§3.3.1);
+* ``qa`` (image QA as classification over ``semvlp.num_answers`` answers, on h_CLS / o_IMG): its
+  loss is taken when a batch carries ``answer_labels`` (IGNORE on caption rows). The data stage
+  does not yet turn VQA / GQA rows into such batches (see the README).
+
+Alternation (§3.3.2): :meth:`SemVLP.begin_step` draws the step's mode from a generator seeded by the
+step, so every DDP rank takes the same mode (and a resumed run replays the same sequence); the
+cross-attention gets no gradient in single-stream steps, hence ``find_unused_parameters``.
+
+Readings where the paper leaves a choice:
+
+* L_s counts blocks from 1 ("l > L_s"), so 0-based layer i cross-attends when i >= L_s; L_s = L
+  leaves no fusion at all and is only valid for ``mode = "single"``.
+* One set of heads (MLM, object, ITM, QA) serves both modes: the paper keeps "only one copy of
+  parameter set", and its parameter counts (110M / 140M) differ by the cross-attention only.
+* The mismatched sentence is drawn uniformly from the local batch's captions of other images
+  (LXMERT samples at random, not hard negatives); a row whose batch has no such caption stays
+  matched. One pass serves every task, as in LXMERT, so ITM sees the masked inputs too.
+* Retrieval (§4, evaluated as MVPTR's): SemVLP has no contrastive objective, so the uni-modal
+  embeddings (:meth:`embed_images`, :meth:`embed_texts`) only shortlist candidates; the ranking
+  that matters is the ITM re-ranking in ``semvlp.eval_mode`` (Table 5: single-stream by default).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlab.models.base import InputSpec, ModelOutput, PretrainingModel, Vocab
+from alignlab.models.blocks import (BertCheckpoint, PredictionHead, RegionEmbeddings, TextEmbeddings,
+                                    TransformerEncoder, TransformerSize, bert_layer_plan, init_weights)
+from alignlab.models.objectives import (feature_regression_loss, itm_loss, masked_token_loss,
+                                        same_item_mask, sample_hard_negatives)
+from alignlab.platform.masking import IGNORE
+
+MODES = ("single", "two")
+TASKS = ("mlm", "roi_regression", "object_label", "itm", "qa")
+BOX_DIM = 4  # l_j = (x1/W, y1/H, x2/W, y2/H), §3.1.1
+
+
+class SemVLP(PretrainingModel):
+    objectives = tuple(f"{task}_{mode}" for mode in MODES for task in TASKS)
+
+    def __init__(self, model_cfg, objectives_cfg, vocab: Vocab):
+        super().__init__()
+        cfg = model_cfg.semvlp
+        if not vocab.tags:
+            raise ValueError("SemVLP's detected-label classification needs the shard set's tags.txt")
+        self.modes = MODES if cfg.mode == "both" else (cfg.mode,)
+        self.single_prob = cfg.single_prob
+        self.cross_layer = cfg.cross_layer
+        self.eval_mode = cfg.eval_mode if cfg.eval_mode != "auto" else ("two" if cfg.mode == "two" else "single")
+        self.mode = self.modes[0]  # until the trainer's first begin_step
+        size = TransformerSize(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
+                               model_cfg.dropout)
+        h, region_dim = size.hidden_size, model_cfg.image.region_dim
+
+        self.text_embeddings = TextEmbeddings(vocab.size, size)
+        self.object_embeddings = RegionEmbeddings(region_dim + BOX_DIM, size)
+        self.img_token = nn.Parameter(torch.zeros(1, 1, h))  # [IMG]
+        # The shared blocks; φ_C only in layers >= L_s, and only when two-stream mode is used.
+        self.encoder = TransformerEncoder(size, model_cfg.num_layers,
+                                          cross_from=None if cfg.mode == "single" else cfg.cross_layer)
+        self.mlm_head = PredictionHead(h, vocab.size)
+        self.feature_head = PredictionHead(h, region_dim)  # RoI-feature regression
+        self.label_head = PredictionHead(h, len(vocab.tags))  # detected-label classification
+        self.itm_head = PredictionHead(h, 2)
+        self.qa_head = PredictionHead(h, cfg.num_answers) if cfg.num_answers else None
+        init_weights(self)
+        if model_cfg.text_init:
+            ckpt = BertCheckpoint.from_pretrained(model_cfg.text_init)
+            ckpt.check_size(size, "model.text_init")
+            ckpt.load_embeddings(self.text_embeddings)
+            ckpt.load_encoder(self.encoder, bert_layer_plan(ckpt.num_layers, model_cfg.num_layers, 0))
+        # Single-stream steps leave the cross-attention without gradient, caption-only batches the
+        # QA head.
+        self.find_unused_parameters = cfg.mode == "both" or self.qa_head is not None
+
+    @classmethod
+    def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
+        return InputSpec(regions=True, mlm=True, objects=True)
+
+    def begin_step(self, step: int, steps_per_epoch: int) -> None:
+        """The step's mode: single-stream with probability ``single_prob``, from a generator seeded
+        by the step alone, so all DDP ranks agree without communicating."""
+        if len(self.modes) == 1:
+            return
+        draw = torch.rand((), generator=torch.Generator().manual_seed(step)).item()
+        self.mode = "single" if draw < self.single_prob else "two"
+
+    # ----------------------------------------------------------------------------------------
+    # Encoding
+    # ----------------------------------------------------------------------------------------
+
+    def embed_objects(self, features: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[o_IMG, o'_1..o'_n] (B, 1 + K, d) and its key mask: o'_j = W [f_j; l_j] (§3.1.1)."""
+        objects = self.object_embeddings(torch.cat([features, boxes.to(features.dtype)], -1))
+        x = torch.cat([self.img_token.expand(features.shape[0], -1, -1).to(objects.dtype), objects], 1)
+        return x, torch.cat([torch.ones_like(region_mask[:, :1]), region_mask], 1).bool()
+
+    def encode(self, mode: str, objects: torch.Tensor, object_mask: torch.Tensor, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(O^L, H^L): the object states ([IMG] first) and the text states ([CLS] first)."""
+        words, text_mask = self.text_embeddings(input_ids), attention_mask.bool()
+        if mode == "single":
+            s = self.encoder(torch.cat([objects, words], 1), torch.cat([object_mask, text_mask], 1))[0]
+            return s[:, :objects.shape[1]], s[:, objects.shape[1]:]
+        text = self.encoder(words, text_mask)[0]
+        return self.encoder(objects, object_mask, context=text, context_mask=text_mask)[0], text
+
+    def pooled(self, mode: str, objects: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The cross-modal representation: h_CLS in single-stream mode, o_IMG in two-stream."""
+        return text[:, 0] if mode == "single" else objects[:, 0]
+
+    # ----------------------------------------------------------------------------------------
+    # Retrieval interface
+    # ----------------------------------------------------------------------------------------
+
+    def embed_images(self, batch):
+        """o_IMG of the objects encoded alone (two-stream's object stream with its cross-attention
+        skipped), L2-normalised. No objective aligns it with :meth:`embed_texts`: it only
+        shortlists candidates for the ITM re-ranking."""
+        x, mask = self.embed_objects(batch["region_features"], batch["boxes"], batch["region_mask"])
+        return F.normalize(self.encoder(x, mask)[0][:, 0], dim=-1)
+
+    def embed_texts(self, batch):
+        """h_CLS of the text encoded alone (two-stream's text stream), L2-normalised."""
+        words = self.text_embeddings(batch["input_ids"])
+        return F.normalize(self.encoder(words, batch["attention_mask"].bool())[0][:, 0], dim=-1)
+
+    def match_scores(self, images, texts):
+        """p_itm(match) of each aligned pair, encoded in ``semvlp.eval_mode``."""
+        x, mask = self.embed_objects(images["region_features"], images["boxes"], images["region_mask"])
+        objects, text = self.encode(self.eval_mode, x, mask, texts["input_ids"], texts["attention_mask"])
+        return self.itm_head(self.pooled(self.eval_mode, objects, text)).float().softmax(-1)[:, 1]
+
+    # ----------------------------------------------------------------------------------------
+    # Pre-training
+    # ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def mismatch(image_key: torch.Tensor, prob: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM pairing (LXMERT): (text row per pair, matched). With probability ``prob`` a pair's
+        sentence is replaced by a caption, drawn uniformly from the batch, of another image."""
+        n = image_key.shape[0]
+        other, valid = sample_hard_negatives(torch.zeros(n, n, device=image_key.device),
+                                             same_item_mask(image_key, image_key))
+        swap = valid & (torch.rand(n, device=image_key.device) < prob)
+        return torch.where(swap, other, torch.arange(n, device=image_key.device)), ~swap
+
+    def forward(self, batch):
+        mode = self.mode
+        text_rows, matched = self.mismatch(batch["image_key"])
+        objects, object_mask = self.embed_objects(batch["masked_region_features"], batch["boxes"],
+                                                  batch["region_mask"])
+        o, h = self.encode(mode, objects, object_mask, batch["mlm_input_ids"][text_rows],
+                           batch["attention_mask"][text_rows])
+        regions = o[:, 1:]
+        losses: dict[str, torch.Tensor] = {}
+
+        # No masked-prediction loss on a mismatched pair (§3.3.1).
+        mlm_labels = batch["mlm_labels"][text_rows].masked_fill(~matched[:, None], IGNORE)
+        sel = mlm_labels != IGNORE
+        losses[f"mlm_{mode}"] = masked_token_loss(self.mlm_head(h[sel]), mlm_labels[sel])
+        masked = batch["object_mask"].bool() & matched[:, None]
+        losses[f"roi_regression_{mode}"] = feature_regression_loss(self.feature_head(regions[masked]),
+                                                                   batch["region_features"][masked])
+        labels = batch["object_labels"].masked_fill(~masked, IGNORE)
+        sel = labels != IGNORE
+        losses[f"object_label_{mode}"] = masked_token_loss(self.label_head(regions[sel]), labels[sel])
+
+        pooled = self.pooled(mode, o, h)
+        itm_logits = self.itm_head(pooled)
+        losses[f"itm_{mode}"] = itm_loss(itm_logits, matched)
+        if self.qa_head is not None and "answer_labels" in batch:
+            answers = batch["answer_labels"][text_rows].masked_fill(~matched, IGNORE)
+            losses[f"qa_{mode}"] = masked_token_loss(self.qa_head(pooled), answers)
+
+        with torch.no_grad():
+            itm_acc = (itm_logits.argmax(-1) == matched.long()).float().mean()
+        metrics = {"mode_single": torch.tensor(float(mode == "single")), f"itm_acc_{mode}": itm_acc}
+        return ModelOutput(losses=losses, metrics=metrics)
