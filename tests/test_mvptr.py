@@ -352,3 +352,54 @@ def test_mvptr_demo_trains_and_evaluates_through_the_platform(ray_session, tmp_p
         assert math.isfinite(logged[f"loss/{loss}"]), loss
     # Eq. 5: the total is the unweighted sum of the five.
     assert m["loss/total"] == pytest.approx(sum(m[f"loss/{k}"] for k in ("vsc", "mcr", "wpg", "mlm", "itm")), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Two DDP workers (gloo, CPU)
+# --------------------------------------------------------------------------------------------
+
+DDP_KEYS = [7, 7, 8, 9]  # rank 0 holds two captions of image 7: its negatives live on rank 1
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        valid = []
+        real = mvptr_module.global_hard_negatives
+
+        def spy(*args, **kwargs):
+            idx, ok = real(*args, **kwargs)
+            valid.append(ok.clone())
+            return idx, ok
+
+        mvptr_module.global_hard_negatives = spy
+        model = _model("full", "objectives.negatives=global")
+        batch = {k: v[2 * rank: 2 * rank + 2] for k, v in _batch(4, image_keys=DDP_KEYS).items()}
+        out = model(batch)
+        sum(out.losses.values()).backward()
+        torch.save({"vsc": out.losses["vsc"].detach(), "valid": valid,
+                    "grad": model.visual_encoder.layers[0].attention.query.weight.grad.abs().sum()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_workers_take_vsc_over_the_global_batch_and_negatives_from_each_other(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = _model("full")(_batch(4, image_keys=DDP_KEYS)).losses["vsc"]
+    # The mean of the workers' VSC is the single-process VSC over the concatenated batch.
+    assert ((ranks[0]["vsc"] + ranks[1]["vsc"]) / 2).item() == pytest.approx(single.item(), rel=1e-5)
+    # Rank 0's rows show only image 7 locally, yet each found a negative: on rank 1.
+    assert all(v.all() for r in ranks for v in r["valid"])
+    assert all(r["grad"] > 0 for r in ranks)
