@@ -44,11 +44,11 @@ if __name__ == "__main__":
             description=__doc__, default_preset="semvlp_demo",
             grid={"model.semvlp.cross_layer": cross_layers(layers), "model.semvlp.mode": ["two"]},
             group_by=["model.semvlp.cross_layer"], metrics=METRICS,
-            title="SemVLP Figure 3: two-stream pre-training against L_s (ITM-reranked retrieval)",
+            title="SemVLP Fig. 3: two-stream retrieval vs L_s",
             argv=rest, name_suffix="-L_s", line_x="model.semvlp.cross_layer")
     if known.only in (None, "modes"):
         run_experiment(
             description=__doc__, default_preset="semvlp_demo",
             grid={"model.semvlp.mode": MODES}, group_by=["model.semvlp.mode"], metrics=METRICS,
-            title="SemVLP Table 4: pre-training mode (ITM-reranked retrieval)",
+            title="SemVLP Table 4: pre-training mode",
             argv=rest, name_suffix="-modes")
