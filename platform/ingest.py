@@ -12,7 +12,7 @@ import io
 import logging
 import zlib
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -324,6 +324,10 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     """A lazily executed Ray Dataset of model-ready rows for one split. Schemas are validated
     first (Parquet footers only), so a bad file fails at start-up, naming the file and column."""
     ray = _ray()
+    if not train:
+        # Evaluation reads clean inputs: masking for the pre-training objectives would only
+        # cost CPU and ship unused columns.
+        spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False)
     uri = shards.child_uri(data.shards, split)
     shards.validate_shards(uri)
     ds = ray.data.read_parquet(uri, columns=columns_for(spec), file_extensions=["parquet"], include_paths=True)

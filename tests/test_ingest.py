@@ -65,6 +65,9 @@ def test_tokenize_and_mask_in_the_cpu_stage(ray_session, shard_root):
     ids = np.stack([x["input_ids"] for x in rows])
     assert masked.any() and (labels[masked] == ids[masked]).all()
     assert not masked[:, 0].any()  # never [CLS]
+    # Evaluation rows come unmasked: no work spent on objectives that do not run there.
+    clean = build_dataset(cfg.data, cfg.objectives, spec, "train", train=False).take(2)
+    assert "mlm_labels" not in clean[0] and "mlm_input_ids" not in clean[0] and "input_ids" in clean[0]
 
 
 def test_schema_error_names_the_file_before_anything_runs(ray_session, tmp_path):
