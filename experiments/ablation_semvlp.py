@@ -37,6 +37,8 @@ if __name__ == "__main__":
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--only", choices=["L_s", "modes"], default=None, help="run one of the two sweeps")
     known, rest = pre.parse_known_args(sys.argv[1:])
+    if known.only is None and any(a.startswith("--grid") for a in rest):
+        pre.error("--grid restricts one sweep's axis: name that sweep with --only")
     args = parse_args(__doc__, "semvlp_demo", rest)
     layers = config_lib.load_config(args.preset, args.overrides).model.num_layers
     if known.only in (None, "L_s"):

@@ -28,6 +28,8 @@ if __name__ == "__main__":
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--only", choices=["rows", "k"], default=None, help="run one of the two sweeps")
     known, rest = pre.parse_known_args(sys.argv[1:])
+    if known.only is None and any(a.startswith("--grid") for a in rest):
+        pre.error("--grid restricts one sweep's axis: name that sweep with --only")
     if known.only in (None, "rows"):
         run_experiment(
             description=__doc__, default_preset="simla_demo",

@@ -33,8 +33,32 @@ def parse_args(description: str, default_preset: str, argv: list[str] | None = N
     parser.add_argument("--preset", default=default_preset, help="a preset under experiments/configs/ or a YAML file")
     parser.add_argument("--name", default="", help="sweep name (re-using one resumes that sweep)")
     parser.add_argument("--seeds", type=int, default=0, help="number of seeds per grid point (0: the script's default)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="run only these values of one of the sweep's axes (repeatable)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
     return parser.parse_args(argv)
+
+
+def restrict_grid(grid: dict[str, list], choices: list[str]) -> dict[str, list]:
+    """``grid`` with the axes named in ``choices`` (``KEY=V1,V2``) cut to those values, e.g. a
+    subset of ablation rows on a small budget. Values keep the type of the axis's own values."""
+    grid = dict(grid)
+    for choice in choices:
+        key, sep, values = choice.partition("=")
+        if not sep or key not in grid:
+            raise SystemExit(f"--grid {choice!r}: expected KEY=V1,V2 with KEY one of this sweep's axes "
+                             f"{sorted(grid)}")
+        kind = type(grid[key][0])
+        try:
+            picked = [kind(v) for v in values.split(",") if v]
+        except ValueError as e:
+            raise SystemExit(f"--grid {choice!r}: {e}") from None
+        unknown = [v for v in picked if v not in grid[key]]
+        if unknown or not picked:
+            raise SystemExit(f"--grid {choice!r}: {unknown or 'no values'}; the sweep's values of {key} are "
+                             f"{grid[key]}")
+        grid[key] = picked
+    return grid
 
 
 def run_experiment(description: str, default_preset: str, grid: dict[str, list], group_by: list[str],
@@ -50,6 +74,7 @@ def run_experiment(description: str, default_preset: str, grid: dict[str, list],
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(description, default_preset, argv)
     cfg = config_lib.load_config(args.preset, args.overrides)
+    grid = restrict_grid(grid, args.grid)
     n_seeds = args.seeds or seeds
     if n_seeds > 1:
         grid = {**grid, "seed": [cfg.seed + i for i in range(n_seeds)]}
