@@ -35,6 +35,10 @@ class InputSpec:
     # ``object_labels`` (B, K) the detected label (tags.txt index of the region's tag) at selected
     # regions, IGNORE elsewhere and at tags outside tags.txt. Needs regions (and their tags).
     objects: bool = False
+    # Image QA (SemVLP §3.3.1): ``answer_labels`` (B,), the answers.txt index of a QA row's answer,
+    # IGNORE on caption rows and for answers outside answers.txt. Only for a split whose shards
+    # carry the question / answer columns; a caption-only split yields no answer_labels.
+    qa: bool = False
 
 
 # Id layout of concept sequences (tag_ids and phrase_ids), shared by the data stage and the models:
@@ -58,6 +62,8 @@ class Vocab:
     # Phrase concepts as token-id tuples (each tuple's words tokenised), for MVPTR's
     # mean-of-tokens initialisation of phrase embeddings.
     concepts: tuple[tuple[int, ...], ...] = ()
+    # Image-QA answers (answers.txt), most frequent first; entry k is answer class k.
+    answers: tuple[str, ...] = ()
 
 
 @dataclass

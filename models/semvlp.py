@@ -34,9 +34,13 @@ over the steps that produced it):
 * ``itm``: in half of the pairs the sentence is replaced by a random caption of another image
   (LXMERT, which SemVLP follows); a classifier on h_CLS (single-stream) or o_IMG (two-stream)
   tells them apart. MLM and object losses are not taken on mismatched pairs (§3.3.1);
-* ``qa`` (image QA as classification over ``semvlp.num_answers`` answers, on h_CLS / o_IMG): its
-  loss is taken when a batch carries ``answer_labels`` (IGNORE on caption rows). The data stage
-  does not yet turn VQA / GQA rows into such batches (see the README).
+* ``qa`` (image QA as classification over ``semvlp.num_answers`` answers, on h_CLS / o_IMG): on
+  shards built from VQA v2 / GQA (``alignlab data build``: question rows, whose caption is the
+  question, with an ``answer`` column and the shard set's ``answers.txt``), the CPU stage gives
+  each row ``answer_labels``, its answer's line in answers.txt (IGNORE on caption rows and rare
+  answers), and the loss is taken on matched pairs. ``num_answers`` = 0 turns it off; otherwise
+  it must cover answers.txt. A split without question rows yields no ``answer_labels`` and no
+  ``qa`` loss.
 
 Alternation (§3.3.2): :meth:`SemVLP.begin_step` draws the step's mode from a generator seeded by the
 step, so every DDP rank takes the same mode (and a resumed run replays the same sequence); the
@@ -81,6 +85,14 @@ class SemVLP(PretrainingModel):
         cfg = model_cfg.semvlp
         if not vocab.tags:
             raise ValueError("SemVLP's detected-label classification needs the shard set's tags.txt")
+        if cfg.num_answers and not vocab.answers:
+            raise ValueError(f"model.semvlp.num_answers = {cfg.num_answers} turns image QA on, but the shard set "
+                             f"has no answers.txt: build it from VQA / GQA (`alignlab data build`), or set "
+                             f"model.semvlp.num_answers=0")
+        if cfg.num_answers and cfg.num_answers < len(vocab.answers):
+            raise ValueError(f"model.semvlp.num_answers = {cfg.num_answers} is smaller than the shard set's "
+                             f"answers.txt ({len(vocab.answers)} answers); set model.semvlp.num_answers="
+                             f"{len(vocab.answers)}")
         self.modes = MODES if cfg.mode == "both" else (cfg.mode,)
         self.single_prob = cfg.single_prob
         self.cross_layer = cfg.cross_layer
@@ -113,7 +125,7 @@ class SemVLP(PretrainingModel):
 
     @classmethod
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
-        return InputSpec(regions=True, mlm=True, objects=True)
+        return InputSpec(regions=True, mlm=True, objects=True, qa=model_cfg.semvlp.num_answers > 0)
 
     def begin_step(self, step: int, steps_per_epoch: int) -> None:
         """The step's mode: single-stream with probability ``single_prob``, from a generator seeded

@@ -170,8 +170,8 @@ class SemVLPConfig:
     # Mode of the ITM re-ranking at evaluation (Table 5: either works after pre-training; the
     # paper found single-stream better). "auto": single-stream unless pre-trained two-stream only.
     eval_mode: Literal["auto", "single", "two"] = "auto"
-    # Image-QA answer classes (§3.3.1); 0 builds no QA head. The head trains on batches that
-    # carry ``answer_labels``.
+    # Image-QA answer classes (§3.3.1); 0 builds no QA head. Otherwise at least the lines of the
+    # shard set's answers.txt (built from VQA / GQA); the head trains on question rows.
     num_answers: int = 0
 
 

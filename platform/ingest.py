@@ -5,6 +5,8 @@ mask, so that the Ray Train workers only compute.
 used (an undecodable image, an empty caption, missing regions for a region model) is skipped,
 logged with its file and caption id, and counted by reason in a :class:`DataQualityCounter`
 actor, which the trainer reads to log ``data/skipped_*`` metrics. Nothing crashes on bad rows.
+A row kept with a flaw (an image-QA answer outside answers.txt: no QA loss, the other
+objectives still train on it) is counted as a note, logged as ``data/<note>``.
 """
 from __future__ import annotations
 
@@ -32,21 +34,24 @@ def _ray():
 
 
 def make_counter():
-    """An actor holding skip counts by reason (``num_cpus=0``: it only counts)."""
+    """An actor holding skip counts by reason and note counts by kind (``num_cpus=0``: it only
+    counts)."""
     ray = _ray()
 
     @ray.remote(num_cpus=0)
     class DataQualityCounter:
         def __init__(self):
             self.counts: Counter = Counter()
+            self.notes: Counter = Counter()
             self.examples: list[str] = []
 
-        def add(self, counts: dict[str, int], examples: list[str]) -> None:
+        def add(self, counts: dict[str, int], examples: list[str], notes: dict[str, int] | None = None) -> None:
             self.counts.update(counts)
+            self.notes.update(notes or {})
             self.examples.extend(examples[: max(0, 20 - len(self.examples))])
 
         def snapshot(self) -> dict[str, Any]:
-            return {"counts": dict(self.counts), "examples": list(self.examples)}
+            return {"counts": dict(self.counts), "notes": dict(self.notes), "examples": list(self.examples)}
 
     return DataQualityCounter.remote()
 
@@ -165,11 +170,14 @@ class Preprocessor:
         # Each concept's token ids, for chain masking (tokenised as vocab_info does for the model).
         self.concept_tokens = [frozenset(self.tokenizer(c, add_special_tokens=False)["input_ids"])
                                for c in self.concept_index]
+        self.answer_index = {a: i for i, a in enumerate(shards.read_vocab_file(self.data.shards, "answers.txt"))} \
+            if self.spec.qa else {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["caption"])
         keep = np.ones(n, dtype=bool)
         reasons: Counter = Counter()
+        notes: Counter = Counter()
         examples: list[str] = []
 
         def skip(i: int, reason: str, detail: str = "") -> None:
@@ -238,15 +246,31 @@ class Preprocessor:
         if self.spec.mim:
             # SIMLA's MIM: BEiT block-wise patch masks, drawn here so the train step only computes.
             out["mim_mask"] = block_mask(n, self.spec.mim_grid, self.spec.mim_ratio, self.rng)
+        if self.spec.qa and "answer" in batch:  # last: notes are counted on kept rows only
+            out["answer_labels"] = self._answer_labels(batch["question"], batch["answer"], keep, notes)
         out["image_key"] = np.array([image_key(str(x)) for x in batch["image_id"]], dtype=np.int64)
         out["caption_key"] = np.array([image_key(str(x)) for x in batch["caption_id"]], dtype=np.int64)
 
-        if reasons:
-            for e in examples[:5]:
-                log.warning("skipped row: %s", e)
-            if self.counter is not None:
-                self.counter.add.remote(dict(reasons), examples)
+        for e in examples[:5]:
+            log.warning("skipped row: %s", e)
+        if (reasons or notes) and self.counter is not None:
+            self.counter.add.remote(dict(reasons), examples, dict(notes))
         return {k: v[keep] for k, v in out.items()}
+
+    def _answer_labels(self, questions, answers, keep: np.ndarray, notes: Counter) -> np.ndarray:
+        """Per row, its answer's index in answers.txt; IGNORE on a caption row (null question) and
+        on an answer outside answers.txt, which is counted as a note, not skipped: the build
+        leaves rare answers out of answers.txt on purpose (``min_answer_count``)."""
+        labels = np.full(len(answers), IGNORE, dtype=np.int64)
+        for i in np.flatnonzero(keep):
+            if questions[i] is None:
+                continue
+            k = self.answer_index.get(answers[i])
+            if k is None:
+                notes["answer_not_in_vocab"] += 1
+            else:
+                labels[i] = k
+        return labels
 
     @staticmethod
     def _concept_ids(column, key, index: dict[str, int], length: int, unique: bool = False) -> np.ndarray:
@@ -310,6 +334,8 @@ def columns_for(spec: InputSpec) -> list[str]:
         cols.append("tags")
     if spec.phrases:
         cols.append("phrases")
+    if spec.qa:
+        cols += list(shards.QA_COLUMNS)
     return cols
 
 
@@ -327,9 +353,11 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     if not train:
         # Evaluation reads clean inputs: masking for the pre-training objectives would only
         # cost CPU and ship unused columns.
-        spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False)
+        spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False, qa=False)
     uri = shards.child_uri(data.shards, split)
     shards.validate_shards(uri)
+    if spec.qa and not shards.has_qa_rows(uri):
+        spec = replace(spec, qa=False)  # a caption-only split: no QA columns to read, no answer_labels
     ds = ray.data.read_parquet(uri, columns=columns_for(spec), file_extensions=["parquet"], include_paths=True)
     if train:
         ds = ds.randomize_block_order(seed=seed)

@@ -8,6 +8,7 @@ A shard set is a directory (local path or any pyarrow filesystem URI) laid out a
       vocab.txt        optional WordPiece vocabulary built for this corpus (synthetic set)
       tags.txt         optional tag (object-class) vocabulary, one per line
       concepts.txt     optional phrase-concept vocabulary, one tuple per line, words space-joined
+      answers.txt      optional image-QA answer vocabulary, one answer per line, most frequent first
       manifest.json    optional build manifest (rows written / skipped by reason, files)
 
 Each Parquet file has these columns (``alignlab.schema_version = 1`` in the file metadata):
@@ -27,11 +28,20 @@ boxes*             list<fixed_size_list<float32>[4]>         N×4 boxes x1, y1, 
 tags*              list<string>                              N object-class names, one per box
 phrases*           list<list<string>>                        phrase-concept tuples from the caption:
                                                              [obj], [attr, obj], [subj, rel, obj]
+question*          string                                    non-null on an image-QA row (VQA, GQA):
+                                                             the question, which ``caption`` repeats;
+                                                             null on a caption row
+answer*            string                                    the answer of an image-QA row, null on a
+                                                             caption row
 =================  ========================================  ==========================================
 
 Columns marked * are optional; when present, ``region_features``, ``boxes`` and ``tags`` have one
-entry per region. Extra columns (e.g. question / answer rows for VQA-style pre-training) are
-allowed and passed through.
+entry per region. ``question`` and ``answer`` come together. An image-QA row keeps its question
+in ``caption`` as well, so that every row has text for the caption objectives (MLM, ITM) and
+readers that know nothing of QA still work; the QA objective reads ``answer``, mapped to its
+line in ``answers.txt`` (an answer outside it gets no QA loss). The files of one split carry the
+QA columns all or none, since the training read asks every file of a split for the same columns.
+Extra columns are allowed and passed through.
 """
 from __future__ import annotations
 
@@ -62,7 +72,8 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
     "split": pa.string(),
 }
 
-OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases")
+OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases", "question", "answer")
+QA_COLUMNS = ("question", "answer")
 
 
 def region_features_type(dim: int) -> pa.DataType:
@@ -90,6 +101,8 @@ def _check_optional(name: str, tp: pa.DataType) -> str | None:
     if name == "phrases":
         ok = pa.types.is_list(tp) and pa.types.is_list(tp.value_type) and pa.types.is_string(tp.value_type.value_type)
         return None if ok else "list<list<string>>"
+    if name in QA_COLUMNS:
+        return None if pa.types.is_string(tp) or pa.types.is_large_string(tp) else "string"
     return None
 
 
@@ -111,6 +124,10 @@ def validate_schema(schema: pa.Schema, where: str) -> None:
             if expected:
                 raise ShardSchemaError(
                     f"{where}: column '{col}' has type {schema.field(col).type}, expected {expected}")
+    qa = [c for c in QA_COLUMNS if c in names]
+    if qa and len(qa) < len(QA_COLUMNS):
+        raise ShardSchemaError(f"{where}: has column '{qa[0]}' without its partner; image-QA rows need both "
+                               f"{' and '.join(repr(c) for c in QA_COLUMNS)}")
     meta = schema.metadata or {}
     version = meta.get(SCHEMA_VERSION_KEY)
     if version is not None and int(version) > SCHEMA_VERSION:
@@ -169,7 +186,7 @@ def write_text(uri: str, text: str) -> None:
 
 
 def read_vocab_file(root: str, name: str) -> list[str]:
-    """One entry per line of ``ROOT/name`` (tags.txt, concepts.txt), or [] when absent."""
+    """One entry per line of ``ROOT/name`` (tags.txt, concepts.txt, answers.txt), or [] when absent."""
     text = read_text(child_uri(root, name))
     return [line for line in text.splitlines() if line.strip()] if text else []
 
@@ -183,6 +200,20 @@ def validate_shards(uri: str) -> list[str]:
     for f in files:
         validate_schema(pq.read_schema(f, filesystem=fs), f)
     return files
+
+
+def has_qa_rows(uri: str) -> bool:
+    """Whether the files under ``uri`` (one split) carry the image-QA columns (footers only). A
+    split mixing files with and without them is an error naming one of each: a Parquet read asks
+    every file for the same columns."""
+    fs, _ = filesystem(uri)
+    with_qa, without = [], []
+    for f in list_parquet(uri):
+        (with_qa if QA_COLUMNS[0] in pq.read_schema(f, filesystem=fs).names else without).append(f)
+    if with_qa and without:
+        raise ShardSchemaError(f"{without[0]}: has no '{QA_COLUMNS[0]}' / '{QA_COLUMNS[1]}' columns, which "
+                               f"{with_qa[0]} of the same split has; a split's files carry them all or none")
+    return bool(with_qa)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +234,8 @@ class Row:
     boxes: np.ndarray | None = None  # (N, 4) float32 in [0, 1]
     tags: list[str] | None = None
     phrases: list[list[str]] | None = None
+    question: str | None = None  # set on an image-QA row, whose caption is the same question
+    answer: str | None = None
 
 
 def rows_to_table(rows: list[dict[str, Any]], region_dim: int | None = None) -> pa.Table:
@@ -227,6 +260,12 @@ def rows_to_table(rows: list[dict[str, Any]], region_dim: int | None = None) -> 
     if "phrases" in keys and rows[0]["phrases"] is not None:
         arrays.append(pa.array([[list(p) for p in r["phrases"]] for r in rows], type=PHRASES_TYPE))
         fields.append(pa.field("phrases", PHRASES_TYPE))
+    # Unlike the region columns, a QA column is null on caption rows, so any QA row in the file
+    # brings it in (typed, since a column of nulls alone would not infer string).
+    for c in QA_COLUMNS:
+        if any(r.get(c) is not None for r in rows):
+            arrays.append(pa.array([r.get(c) for r in rows], type=pa.string()))
+            fields.append(pa.field(c, pa.string()))
     extra = [k for k in keys if k not in REQUIRED_COLUMNS and k not in OPTIONAL_COLUMNS]
     for k in extra:
         arr = pa.array([r[k] for r in rows])

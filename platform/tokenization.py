@@ -34,11 +34,12 @@ def load_tokenizer(spec: str, shards_root: str):
 
 
 def vocab_info(tokenizer, shards_root: str) -> Vocab:
-    """The model-facing summary: sizes, special ids, and the shard set's tag and phrase-concept
-    vocabularies (concepts tokenised, for MVPTR's mean-of-tokens initialisation)."""
+    """The model-facing summary: sizes, special ids, and the shard set's tag, phrase-concept and
+    answer vocabularies (concepts tokenised, for MVPTR's mean-of-tokens initialisation)."""
     tags = tuple(shards.read_vocab_file(shards_root, "tags.txt"))
     concepts = tuple(
         tuple(tokenizer(line.replace(" | ", " "), add_special_tokens=False)["input_ids"])
         for line in shards.read_vocab_file(shards_root, "concepts.txt"))
     return Vocab(size=len(tokenizer), pad_id=tokenizer.pad_token_id, cls_id=tokenizer.cls_token_id,
-                 sep_id=tokenizer.sep_token_id, mask_id=tokenizer.mask_token_id, tags=tags, concepts=concepts)
+                 sep_id=tokenizer.sep_token_id, mask_id=tokenizer.mask_token_id, tags=tags, concepts=concepts,
+                 answers=tuple(shards.read_vocab_file(shards_root, "answers.txt")))

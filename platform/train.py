@@ -253,9 +253,12 @@ def _accumulate(model, batches, cfg: Config, world: int, local_batch: int, scale
 def _skip_metrics(counter) -> dict[str, float]:
     import ray
 
-    skipped = ray.get(counter.snapshot.remote())["counts"]
+    snapshot = ray.get(counter.snapshot.remote())
+    skipped = snapshot["counts"]
     out = {f"data/skipped_{k}": float(v) for k, v in skipped.items()}
     out["data/skipped_total"] = float(sum(skipped.values()))
+    # Notes are rows kept with a flaw: logged apart, never in the skipped total.
+    out.update({f"data/{k}": float(v) for k, v in snapshot["notes"].items()})
     return out
 
 

@@ -18,7 +18,7 @@ from alignlab.platform.databuild.phrases import PhraseParser, build_vocab
 from alignlab.platform.databuild.readers import LayoutError, open_reader
 from alignlab.platform.databuild.regions import (GroundTruthRegions, Regions, SSDMobileNetRegions, VinVLRegions,
                                                  normalise_boxes, position_features, select)
-from alignlab.platform.shards import validate_schema
+from alignlab.platform.shards import read_vocab_file, validate_schema
 from conftest import shared_data
 
 
@@ -242,6 +242,60 @@ def test_real_flickr8k_token_format():
     assert Counter(r.split for r in records) == {"train": 30_000, "val": 5_000}
     assert records[0].image_id == "1000268201_693b08cb0e" and records[0].caption_id == "1000268201_693b08cb0e#0"
     assert os.path.isfile(records[0].image.path)
+
+
+def _build_in_process(monkeypatch, cfg: BuildConfig) -> dict:
+    """``builder.build`` with its units run here, one UnitBuilder in this process, not Ray Data."""
+    def run_units(units, cfg, on_done):
+        worker = builder.UnitBuilder(cfg.__dict__)
+        for unit in units:
+            on_done({k: v[0] for k, v in worker({"unit": [json.dumps(unit)]}).items()})
+
+    monkeypatch.setattr(builder, "_run_units", run_units)
+    return builder.build(cfg)
+
+
+def test_real_vqa_and_gqa_layouts_build_question_rows_and_answers(monkeypatch, tmp_path):
+    root = shared_data("vl_fixtures")
+    out = tmp_path / "vqa"
+    m = _build_in_process(monkeypatch, BuildConfig(source=str(root / "vqav2"), out=str(out), phrases=False))
+    assert m["layout"] == "vqa" and (m["rows_written"], m["images_written"], m["rows_skipped"]) == (3, 1, {})
+    t = pq.read_table(out / "train").to_pydict()
+    validate_schema(pq.read_schema(out / "train" / "part-00000.parquet"), "vqa")
+    row = t["caption_id"].index("458752000")
+    # 6 of its 10 annotators answered "net" (others: netting, mesh, pitcher, orange).
+    assert (t["question"][row], t["answer"][row]) == ("What is this photo taken looking through?", "net")
+    assert t["caption"] == t["question"] and t["image_id"] == ["458752"] * 3
+    assert t["image"][0] == (root / "images" / "vqav2" / "COCO_train2014_000000458752.jpg").read_bytes()
+    assert sorted(zip(t["caption_id"], t["answer"]))[1:] == [("458752001", "pitcher"), ("458752002", "orange")]
+    assert read_vocab_file(str(out), "answers.txt") == ["net", "orange", "pitcher"] and m["answers"] == 3
+
+    out = tmp_path / "gqa"
+    m = _build_in_process(monkeypatch, BuildConfig(source=str(root / "gqa"), out=str(out), phrases=False))
+    assert m["layout"] == "gqa" and m["rows_written"] == 1
+    t = pq.read_table(out / "train").to_pydict()
+    assert (t["image_id"], t["caption"], t["answer"]) == (["n578564"], ["What is hanging above the chalkboard?"],
+                                                          ["picture"])
+    assert read_vocab_file(str(out), "answers.txt") == ["picture"]
+    # A folder of question files (GQA's all-questions form) with the images elsewhere; answers
+    # below min_answer_count stay out of answers.txt.
+    out = tmp_path / "gqa_dir"
+    m = _build_in_process(monkeypatch, BuildConfig(source=str(root / "gqa" / "question_dir"), out=str(out),
+                                                   image_root=str(root / "images" / "gqa"), phrases=False,
+                                                   min_answer_count=2))
+    assert m["rows_written"] == 2 and m["answers"] == 0
+    assert sorted(pq.read_table(out / "train").column("answer").to_pylist()) == ["picture", "yes"]
+
+
+def test_qa_questions_without_answers_are_skipped(tmp_path):
+    fx.write_images(str(tmp_path / "images"), ["1.jpg", "2.jpg"])
+    with open(tmp_path / "val_questions.json", "w") as f:
+        json.dump({"10": {"imageId": "1", "question": "Is it red?", "answer": "  no "},
+                   "11": {"imageId": "2", "question": "What is it?"}}, f)
+    reader, units, skipped = _plan(str(tmp_path))
+    assert reader.name == "gqa" and skipped == {"missing_answer": 1}
+    assert units[0]["name"] == "val/part-00000.parquet"
+    assert units[0]["images"][0]["captions"] == [["10", "Is it red?", "no"]]  # answer whitespace-normalised
 
 
 def test_torchvision_detector_and_timm_backbone_from_weight_files(tmp_path):

@@ -1,8 +1,10 @@
 """SemVLP (Li et al., 2021): the two modes share every self-attention and FFN tensor and differ by
 the cross-attention above L_s only; two-stream text never sees the image; the mode alternates at
 about 0.5 and identically on every rank; mismatched pairs carry no MLM or object loss; the object
-losses read masked objects only; the CPU stage masks objects; BERT initialisation."""
-from dataclasses import asdict
+losses read masked objects only; the CPU stage masks objects and labels QA rows with their
+answers.txt index; BERT initialisation."""
+from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,10 +29,10 @@ def _cfg(*extra):
                               *extra])
 
 
-def _model(*extra) -> SemVLP:
+def _model(*extra, vocab: Vocab = VOCAB) -> SemVLP:
     torch.manual_seed(0)
     cfg = _cfg(*extra)
-    return build_model(cfg.model, cfg.objectives, VOCAB)
+    return build_model(cfg.model, cfg.objectives, vocab)
 
 
 def _batch(n=6, seed=1):
@@ -276,7 +278,7 @@ def test_feature_regression_loss_by_hand():
 
 def test_qa_head_trains_on_rows_with_answers_only(monkeypatch):
     _fix_pairs(monkeypatch, [True, False] * 3)
-    model = _model("model.semvlp.num_answers=5")
+    model = _model("model.semvlp.num_answers=5", vocab=replace(VOCAB, answers=tuple("abcde")))
     b = _batch()
     assert "qa_single" not in model(b).losses  # caption batches carry no answers
     b["answer_labels"] = torch.tensor([4, 2, IGNORE, 1, 0, 3])
@@ -286,6 +288,20 @@ def test_qa_head_trains_on_rows_with_answers_only(monkeypatch):
                         b["mlm_input_ids"], b["attention_mask"])
     expected = torch.nn.functional.cross_entropy(model.qa_head(h[[0, 4], 0]), torch.tensor([4, 0]))
     torch.testing.assert_close(out, expected)
+
+
+def test_num_answers_turns_qa_on_and_must_cover_answers_txt():
+    with pytest.raises(ValueError, match=r"model.semvlp.num_answers = 5 turns image QA on, but the shard set has "
+                                         r"no answers.txt"):
+        _model("model.semvlp.num_answers=5")
+    with pytest.raises(ValueError, match=r"model.semvlp.num_answers = 5 is smaller than the shard set's answers.txt "
+                                         r"\(6 answers\); set model.semvlp.num_answers=6"):
+        _model("model.semvlp.num_answers=5", vocab=replace(VOCAB, answers=tuple("abcdef")))
+    assert _model("model.semvlp.num_answers=7", vocab=replace(VOCAB, answers=tuple("abcdef"))).qa_head is not None
+    # num_answers = 0 is off whatever the shard set holds: no head, and the CPU stage reads no QA columns.
+    assert _model(vocab=replace(VOCAB, answers=tuple("ab"))).qa_head is None
+    off, on = _cfg(), _cfg("model.semvlp.num_answers=2")
+    assert not SemVLP.input_spec(off.model, off.objectives).qa and SemVLP.input_spec(on.model, on.objectives).qa
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,3 +373,81 @@ def test_preprocessor_zeroes_masked_objects_and_labels_them_with_their_tags(tmp_
     for i, j in zip(*np.nonzero(sel)):
         assert out["object_labels"][i, j] == tags.index(batch["tags"][i][j])
     assert "mlm_labels" in out and "boxes" in out
+
+
+ANSWERS = ["yes", "no", "red"]
+
+
+@pytest.fixture(scope="module")
+def qa_shards(tmp_path_factory):
+    """A small synthetic shard set with an answers.txt."""
+    from alignlab.platform.synth import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("qa")
+    generate(str(root), SynthConfig(n_train_images=6, n_test_images=2, captions_per_image=1, rows_per_file=100))
+    (root / "answers.txt").write_text("".join(a + "\n" for a in ANSWERS))
+    return root
+
+
+def _qa_batches(root):
+    """(config, spec, caption batch, mixed batch) in the shard columns' numpy layout. The mixed
+    batch: rows 0-1 caption rows, rows 2-5 QA rows (question repeated in caption, as the shards
+    store it) answered "blue" (not in answers.txt), "no", "yes", "red"."""
+    import pyarrow.parquet as pq
+
+    from alignlab.platform import shards
+    from alignlab.platform.ingest import columns_for
+
+    cfg = load_config("semvlp_demo", [f"data.shards={root}", f"model.semvlp.num_answers={len(ANSWERS)}"])
+    spec = SemVLP.input_spec(cfg.model, cfg.objectives)
+    assert spec.qa and columns_for(spec)[-2:] == ["question", "answer"]
+    table = pq.read_table(shards.list_parquet(str(root / "train"))[0], columns=columns_for(replace(spec, qa=False)))
+    captions = {c: table.column(c).to_numpy(zero_copy_only=False)[:6] for c in table.column_names}
+    mixed = {k: v.copy() for k, v in captions.items()}
+    questions = [None, None, "what colour is the circle", "is there a square", "is it a circle", "what colour"]
+    mixed["question"] = np.array(questions, dtype=object)
+    mixed["answer"] = np.array([None, None, "blue", "no", "yes", "red"], dtype=object)
+    mixed["caption"][2:] = questions[2:]
+    return cfg, spec, captions, mixed
+
+
+def test_preprocessor_labels_qa_rows_with_their_answers_txt_index(qa_shards):
+    from alignlab.platform.ingest import Preprocessor
+
+    cfg, spec, captions, mixed = _qa_batches(qa_shards)
+    calls = []
+    counter = SimpleNamespace(add=SimpleNamespace(remote=lambda *args: calls.append(args)))
+    pre = Preprocessor(asdict(cfg.data), asdict(cfg.objectives), asdict(spec), train=True, counter=counter)
+    out = pre(mixed)
+    assert out["answer_labels"].dtype == np.int64
+    assert out["answer_labels"].tolist() == [IGNORE, IGNORE, IGNORE, 1, 0, 2]
+    # An answer outside answers.txt is a note, not a skip: its row keeps its other objectives.
+    assert len(out["input_ids"]) == 6 and calls == [({}, [], {"answer_not_in_vocab": 1})]
+    # Shards without QA columns (caption corpora) yield no answer_labels at all.
+    assert "answer_labels" not in pre(captions)
+
+
+@pytest.mark.parametrize("mode", ["single", "two"])
+def test_qa_loss_from_preprocessed_qa_rows_trains_the_qa_head(monkeypatch, qa_shards, mode):
+    from alignlab.platform.ingest import Preprocessor
+    from alignlab.platform.tokenization import load_tokenizer, vocab_info
+
+    cfg, spec, captions, mixed = _qa_batches(qa_shards)
+    vocab = vocab_info(load_tokenizer(cfg.data.tokenizer, str(qa_shards)), str(qa_shards))
+    assert vocab.answers == tuple(ANSWERS)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.objectives, vocab)
+    pre = Preprocessor(asdict(cfg.data), asdict(cfg.objectives), asdict(spec), train=True)
+    _fix_pairs(monkeypatch, [True] * 6)
+    as_torch = lambda b: {k: torch.from_numpy(v) for k, v in pre(b).items()}  # noqa: E731
+
+    grads, out = _grads(model, as_torch(mixed), mode)
+    loss = out.losses[f"qa_{mode}"]
+    assert torch.isfinite(loss) and loss > 0
+    assert {"qa_head.decoder.weight", "qa_head.decoder.bias"} <= grads
+    # Caption rows only: no QA columns, no qa loss; QA columns but null questions, a zero one.
+    _, out = _grads(model, as_torch(captions), mode)
+    assert not any(k.startswith("qa_") for k in out.losses)
+    mixed_captions = {**mixed, "question": np.array([None] * 6, dtype=object)}
+    grads, out = _grads(model, as_torch(mixed_captions), mode)
+    assert out.losses[f"qa_{mode}"].item() == 0.0 and not any(n.startswith("qa_head") for n in grads)

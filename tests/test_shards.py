@@ -72,3 +72,29 @@ def test_newer_schema_version_is_refused(tmp_path):
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards at"):
         S.validate_shards(str(tmp_path / "nope"))
+
+
+def test_qa_columns_are_typed_checked_and_uniform_per_split(tmp_path):
+    caption, question = _row(0, regions=False), _row(1, regions=False)
+    question.question, question.answer = question.caption, "yes"
+    with S.ShardWriter(str(tmp_path / "mixed"), prefix="a") as w:  # a caption row beside a QA row: nulls
+        w.write_all([caption, question])
+    (f,) = S.validate_shards(str(tmp_path / "mixed"))
+    t = pq.read_table(f)
+    assert t.column("question").to_pylist() == [None, "caption 1"] and t.column("answer").to_pylist() == [None, "yes"]
+    assert S.has_qa_rows(str(tmp_path / "mixed"))
+    with S.ShardWriter(str(tmp_path / "captions")) as w:
+        w.write(caption)
+    assert not S.has_qa_rows(str(tmp_path / "captions"))
+    # A split whose files disagree cannot be read with one column list: named at start-up.
+    with S.ShardWriter(str(tmp_path / "mixed"), prefix="b") as w:
+        w.write(caption)
+    with pytest.raises(S.ShardSchemaError, match=r"b-00000.parquet: has no 'question' / 'answer' columns"):
+        S.has_qa_rows(str(tmp_path / "mixed"))
+
+    bad = t.set_column(t.schema.get_field_index("answer"), "answer", pa.array([None, 3], type=pa.int64()))
+    f = _write(tmp_path / "bad.parquet", bad)
+    with pytest.raises(S.ShardSchemaError, match=f"{f}: column 'answer' has type int64, expected string"):
+        S.validate_schema(bad.schema, f)
+    with pytest.raises(S.ShardSchemaError, match="has column 'question' without its partner"):
+        S.validate_schema(t.drop_columns(["answer"]).schema, f)

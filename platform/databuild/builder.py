@@ -3,13 +3,16 @@ job.
 
 The driver reads the captions (text only), drops bad rows with a counted reason, groups captions
 by image and plans *units*: consecutive images of one split holding at most ``rows_per_file``
-captions, each written as one ``ROOT/<split>/part-NNNNN.parquet``. A Ray Data ``map_batches`` over
-the units runs :class:`UnitBuilder` actors, which load the spaCy parser (MVPTR §3.1 phrase
-concepts), the region source and the feature backbone (MVPTR §3.1, SemVLP §3.1.1) once, then per
-unit: parse its captions with ``nlp.pipe``, decode / detect / pool each image once, and write the
-file. The manifest records every finished unit, so a re-run does only what is missing. Finally the
-concept vocabulary (tuples in >= ``min_count`` training sentences) and the tag vocabulary are
-computed from the written shards' columns, so they are right for resumed builds too.
+captions, each written as one ``ROOT/<split>/part-NNNNN.parquet``. Image-QA layouts (VQA, GQA)
+plan their questions as captions, each with its answer, and write them as QA rows (``question``,
+``answer``; see :mod:`alignlab.platform.shards`). A Ray Data ``map_batches`` over the units runs
+:class:`UnitBuilder` actors, which load the spaCy parser (MVPTR §3.1 phrase concepts), the region
+source and the feature backbone (MVPTR §3.1, SemVLP §3.1.1) once, then per unit: parse its
+captions with ``nlp.pipe``, decode / detect / pool each image once, and write the file. The
+manifest records every finished unit, so a re-run does only what is missing. Finally the concept
+vocabulary (tuples in >= ``min_count`` training sentences), the tag vocabulary and, for QA shards,
+the answer vocabulary (answers of >= ``min_answer_count`` training questions) are computed from
+the written shards' columns, so they are right for resumed builds too.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ CONFLICTING_IMAGE_ID = "conflicting_image_id"  # one image_id naming two differe
 NO_SPLIT = "no_split"
 MISSING_IMAGE = "missing_image"
 UNDECODABLE_IMAGE = "undecodable_image"
+MISSING_ANSWER = "missing_answer"  # a QA layout's question without an answer (its test sets)
 
 
 class BuildError(RuntimeError):
@@ -76,6 +80,11 @@ def plan_units(reader: Reader, cfg: BuildConfig, hints: dict[str, Any]) -> tuple
         if not rec.image.path:
             skipped[MISSING_IMAGE] += 1
             continue
+        # Whitespace-normalised like captions, which also keeps an answer on one line of answers.txt.
+        answer = None if rec.answer is None else " ".join(rec.answer.split())
+        if answer == "":
+            skipped[MISSING_ANSWER] += 1
+            continue
         item = images.get(rec.image_id)
         if item is None:
             item = images[rec.image_id] = {
@@ -85,7 +94,8 @@ def plan_units(reader: Reader, cfg: BuildConfig, hints: dict[str, Any]) -> tuple
             skipped[CONFLICTING_IMAGE_ID] += 1
             continue
         caption_ids.add(rec.caption_id)
-        item["captions"].append([rec.caption_id, caption])
+        # [caption_id, caption], or [caption_id, question, answer] for a QA record.
+        item["captions"].append([rec.caption_id, caption] if answer is None else [rec.caption_id, caption, answer])
 
     units: list[dict] = []
     open_unit: dict[str, dict] = {}
@@ -192,9 +202,11 @@ class UnitBuilder:
             if self.regions is not None:
                 boxes, tags, feats = self.image_regions(rgb, item["hint"])
                 extra = {"region_features": feats, "boxes": boxes, "tags": tags}
-            for k, (cid, caption) in enumerate(item["captions"]):
+            for k, (cid, caption, *answer) in enumerate(item["captions"]):
                 row = {"image": data, "image_id": item["image_id"], "caption": caption, "caption_id": cid,
                        "split": item["split"], **extra}
+                if answer:
+                    row.update(question=caption, answer=answer[0])
                 if item_tuples is not None:
                     row["phrases"] = item_tuples[k]
                 rows.append(row)
@@ -222,25 +234,37 @@ def _split_files(out: str, split: str | None = None) -> list[str]:
     return sorted(i.path for i in infos if i.path.endswith(".parquet"))
 
 
-def _vocabularies(cfg: BuildConfig) -> tuple[list[str] | None, list[str] | None]:
-    """(concepts, tags) from the written shards: concepts from the train split's ``phrases``
-    (MVPTR §3.1), tags by the number of images showing them."""
+def _by_count(counts: Counter) -> list[str]:
+    """Most frequent first, ties alphabetically (deterministic for any build order)."""
+    return [k for k, _ in sorted(counts.items(), key=lambda kn: (-kn[1], kn[0]))]
+
+
+def _vocabularies(cfg: BuildConfig) -> dict[str, list[str]]:
+    """The shard set's vocabularies by name (``<name>.txt``), from the written shards: ``concepts``
+    from the train split's ``phrases`` (MVPTR §3.1), ``tags`` by the number of images showing
+    them, ``answers`` (QA shards) by the number of training questions with that answer, kept from
+    ``min_answer_count`` on."""
     fs, _ = filesystem(cfg.out)
-    concepts = tags = None
+    vocabs: dict[str, list[str]] = {}
     if cfg.phrases:
         sentences = []
         for f in _split_files(cfg.out, "train"):
             sentences.extend(pq.read_table(f, columns=["phrases"], filesystem=fs).column("phrases").to_pylist())
-        concepts = build_vocab(sentences, cfg.min_count)
+        vocabs["concepts"] = build_vocab(sentences, cfg.min_count)
     if cfg.region_kind != "none":
         per_image: dict[str, set[str]] = {}
         for f in _split_files(cfg.out):
             t = pq.read_table(f, columns=["image_id", "tags"], filesystem=fs)
             for image_id, image_tags in zip(t.column("image_id").to_pylist(), t.column("tags").to_pylist()):
                 per_image.setdefault(image_id, set()).update(image_tags)
-        counts = Counter(tag for s in per_image.values() for tag in s)
-        tags = [t for t, _ in sorted(counts.items(), key=lambda tn: (-tn[1], tn[0]))]
-    return concepts, tags
+        vocabs["tags"] = _by_count(Counter(tag for s in per_image.values() for tag in s))
+    qa_files = [f for f in _split_files(cfg.out, "train") if "answer" in pq.read_schema(f, filesystem=fs).names]
+    if qa_files:
+        answers = Counter(a for f in qa_files
+                          for a in pq.read_table(f, columns=["answer"], filesystem=fs).column("answer").to_pylist()
+                          if a is not None)
+        vocabs["answers"] = _by_count(Counter({a: n for a, n in answers.items() if n >= cfg.min_answer_count}))
+    return vocabs
 
 
 def _run_units(units: list[dict], cfg: BuildConfig, on_done) -> None:
@@ -305,13 +329,9 @@ def build(cfg: BuildConfig) -> dict:
     manifest["units_skipped_as_done"] = len(units) - len(todo)
     if todo:
         _run_units(todo, cfg, on_done)
-    concepts, tags = _vocabularies(cfg)
-    if concepts is not None:
-        write_text(child_uri(cfg.out, "concepts.txt"), "".join(c + "\n" for c in concepts))
-        manifest["concepts"] = len(concepts)
-    if tags is not None:
-        write_text(child_uri(cfg.out, "tags.txt"), "".join(t + "\n" for t in tags))
-        manifest["tags"] = len(tags)
+    for name, entries in _vocabularies(cfg).items():
+        write_text(child_uri(cfg.out, f"{name}.txt"), "".join(e + "\n" for e in entries))
+        manifest[name] = len(entries)
     manifest["seconds"] = round(time.time() - started, 1)
     save()
     return manifest

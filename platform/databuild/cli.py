@@ -15,6 +15,7 @@ _HELP = {
     "image_root": "folder that relative image paths resolve against (default: beside the input)",
     "default_split": "split for layouts without one (CSV, JSONL, WebDataset)",
     "min_count": "keep concepts seen in at least this many training sentences (MVPTR: 50)",
+    "min_answer_count": "QA layouts: keep answers given to at least this many training questions",
     "regions": "none | gt | ssd | torchvision:<model> | vinvl:<features.tsv>",
     "detector_weights": "state_dict file for regions=torchvision:<model>",
     "score_threshold": "minimum detector score for a region",
@@ -39,7 +40,7 @@ def _build(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     manifest = build(cfg)
     summary = {k: manifest[k] for k in ("rows_written", "images_written", "rows_skipped", "files",
-                                        "concepts", "tags", "seconds") if k in manifest}
+                                        "concepts", "tags", "answers", "seconds") if k in manifest}
     print(json.dumps(summary, indent=2))
 
 
@@ -54,7 +55,7 @@ def _stats(args: argparse.Namespace) -> None:
 def add_subcommands(data_subparsers) -> None:
     """Register ``build`` and ``stats`` under ``alignlab data``."""
     p = data_subparsers.add_parser("build", help="build shards from a caption corpus (Ray Data job)")
-    p.add_argument("source", help="input file or folder (Flickr, COCO, Karpathy, CSV/JSONL, WebDataset)")
+    p.add_argument("source", help="input file or folder (Flickr, COCO, Karpathy, CSV/JSONL, WebDataset, VQA, GQA)")
     p.add_argument("--out", required=True, help="output directory or URI (s3://bucket/path?...)")
     for f in fields(BuildConfig):
         if f.name in ("source", "out"):

