@@ -118,7 +118,7 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
 
     validate_grid(base, grid)
     base = config_lib.with_absolute_paths(base)
-    init_ray()
+    init_ray(base)
     prepare(base)  # schema and vocabulary checks once, before any trial
     uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri)
     parent = _parent_run(uri, base.tracking.experiment, name, grid)

@@ -112,6 +112,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Ray starts workers with one OpenMP thread whatever they hold; a CPU worker that holds
+        # scaling.cpus_per_worker cores should compute on all of them.
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     precision = resolve_precision(cfg.precision.precision, device)
     autocast = autocast_factory(precision, device)
 
@@ -284,11 +288,11 @@ def _window_metrics(sums: dict[str, tuple[float, int]], window: dict, world: int
 # --------------------------------------------------------------------------------------------
 
 
-def init_ray() -> None:
+def init_ray(cfg: Config | None = None) -> None:
     """Join the cluster this process runs on (``ray job submit`` sets RAY_ADDRESS), or start a
-    local one. A local cluster declares at least 4 logical CPUs: Ray schedules by slots, and one
-    train worker plus the Parquet read and preprocessing stages need three, which a 2-core
-    laptop or CI machine would otherwise deadlock on."""
+    local one. A local cluster declares enough logical CPUs for the train workers, the Parquet read
+    and preprocessing stages and a Tune trial's slot (at least 4): Ray schedules by slots, and a
+    2-core laptop or CI machine would otherwise deadlock with the stages waiting on the workers'."""
     import ray
 
     if ray.is_initialized():
@@ -297,8 +301,15 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, configure_logging=False)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), runtime_env=env, configure_logging=False,
+        ray.init(num_cpus=local_cluster_cpus(cfg), runtime_env=env, configure_logging=False,
                  include_dashboard=False)
+
+
+def local_cluster_cpus(cfg: Config | None) -> int:
+    """Logical CPUs of a local cluster: the machine's, but at least 4 and at least the train
+    workers' CPUs plus 3 (the Parquet read, the preprocessing actor, a Tune trial's slot)."""
+    workers = 0 if cfg is None else math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    return max(4, os.cpu_count() or 1, workers + 3)
 
 
 def prepare(cfg: Config) -> dict[str, Any]:
@@ -330,7 +341,7 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
     from alignlab.models.base import InputSpec
     from alignlab.platform import ingest
 
-    init_ray()
+    init_ray(cfg)
     cfg = config_lib.with_absolute_paths(cfg)
     info = prepare(cfg)
     spec: InputSpec = info["model_class"].input_spec(cfg.model, cfg.objectives)

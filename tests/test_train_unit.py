@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from alignlab.platform.config import OptimConfig
-from alignlab.platform.train import (lr_multiplier, param_groups, resolve_precision, weighted_total)
+from alignlab.platform.config import OptimConfig, load_config
+from alignlab.platform.train import (local_cluster_cpus, lr_multiplier, param_groups, resolve_precision,
+                                     weighted_total)
 
 
 def test_linear_warmup_then_linear_decay_to_zero():
@@ -52,3 +53,14 @@ def test_window_mean_of_a_loss_counts_only_the_steps_that_produced_it():
     window = {"samples": 4, "wait": 0.0, "start": 0.0}
     out = _window_metrics(sums, window, world=1, device=torch.device("cpu"))
     assert out["loss/mlm_single"] == 3.0 and out["loss/mlm_two"] == 6.0 and out["model/mode_single"] == 0.5
+
+
+def test_local_cluster_has_slots_for_the_workers_and_the_data_stages(monkeypatch):
+    """A 2-core machine still declares 4 slots (train worker, read, preprocess, Tune trial), and a
+    worker holding more CPUs raises the count so the data stages never wait on its slots."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert local_cluster_cpus(None) == 4
+    assert local_cluster_cpus(load_config(None, [])) == 4
+    assert local_cluster_cpus(load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.5"])) == 6
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert local_cluster_cpus(load_config(None, ["scaling.num_workers=2"])) == 16
