@@ -61,12 +61,13 @@ def _as_overrides(point: dict[str, Any]) -> list[str]:
 
 
 def trial_concurrency(cfg: Config) -> int:
-    """How many trials the cluster holds at once: each needs its train workers plus about one
-    CPU for the Ray Data stage."""
+    """How many trials the cluster holds at once: each needs its train workers plus the slots of
+    its data stages (``train.local_cluster_cpus``: a Tune slot, read and preprocess for train and
+    eval)."""
     import ray
 
     res = ray.cluster_resources()
-    cpus_per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+    cpus_per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 5
     by_cpu = int(res.get("CPU", 1) // cpus_per_trial)
     if cfg.scaling.use_gpu:
         by_gpu = int(res.get("GPU", 0) // (cfg.scaling.num_workers * cfg.scaling.gpus_per_worker))

@@ -290,9 +290,9 @@ def _window_metrics(sums: dict[str, tuple[float, int]], window: dict, world: int
 
 def init_ray(cfg: Config | None = None) -> None:
     """Join the cluster this process runs on (``ray job submit`` sets RAY_ADDRESS), or start a
-    local one. A local cluster declares enough logical CPUs for the train workers, the Parquet read
-    and preprocessing stages and a Tune trial's slot (at least 4): Ray schedules by slots, and a
-    2-core laptop or CI machine would otherwise deadlock with the stages waiting on the workers'."""
+    local one, with enough logical CPUs for the workers and the data stages
+    (:func:`local_cluster_cpus`): Ray schedules by slots, and on a 2-core laptop or CI machine the
+    stages would otherwise wait on the workers' slots."""
     import ray
 
     if ray.is_initialized():
@@ -306,10 +306,13 @@ def init_ray(cfg: Config | None = None) -> None:
 
 
 def local_cluster_cpus(cfg: Config | None) -> int:
-    """Logical CPUs of a local cluster: the machine's, but at least 4 and at least the train
-    workers' CPUs plus 3 (the Parquet read, the preprocessing actor, a Tune trial's slot)."""
+    """Logical CPUs of a local cluster: the machine's, and at least the train workers' CPUs plus
+    5 slots: a Tune trial's, and a Parquet read and a preprocessing actor for each of the train
+    and eval datasets. The train pipeline keeps its actor until its epoch ends, even when
+    training stops mid-epoch, so without the eval pipeline's own slots the final evaluation
+    would wait for the rest of the epoch to be preprocessed."""
     workers = 0 if cfg is None else math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    return max(4, os.cpu_count() or 1, workers + 3)
+    return max(os.cpu_count() or 1, workers + 5)
 
 
 def prepare(cfg: Config) -> dict[str, Any]:

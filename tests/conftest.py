@@ -21,12 +21,16 @@ def shared_data(sub: str) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray cluster for the whole session. Four logical CPUs on a 2-core machine leave room
-    for two train workers beside the Ray Data CPU stage."""
+    """A local Ray cluster for the whole session, with the slots the driver's own local cluster
+    would declare for two train workers and their data stages."""
     import ray
 
+    from alignlab.platform.config import load_config
+    from alignlab.platform.train import local_cluster_cpus
+
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+        ray.init(num_cpus=local_cluster_cpus(load_config(None, ["scaling.num_workers=2"])),
+                 include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

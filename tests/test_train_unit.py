@@ -56,11 +56,12 @@ def test_window_mean_of_a_loss_counts_only_the_steps_that_produced_it():
 
 
 def test_local_cluster_has_slots_for_the_workers_and_the_data_stages(monkeypatch):
-    """A 2-core machine still declares 4 slots (train worker, read, preprocess, Tune trial), and a
-    worker holding more CPUs raises the count so the data stages never wait on its slots."""
+    """A 2-core machine still declares 6 slots (train worker, Tune trial, read and preprocess for
+    train and for eval), and a worker holding more CPUs raises the count so the data stages never
+    wait on its slots."""
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert local_cluster_cpus(None) == 4
-    assert local_cluster_cpus(load_config(None, [])) == 4
-    assert local_cluster_cpus(load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.5"])) == 6
+    assert local_cluster_cpus(None) == 5
+    assert local_cluster_cpus(load_config(None, [])) == 6
+    assert local_cluster_cpus(load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.5"])) == 8
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert local_cluster_cpus(load_config(None, ["scaling.num_workers=2"])) == 16
