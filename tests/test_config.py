@@ -70,3 +70,15 @@ def test_yaml_base_inheritance_and_round_trip(tmp_path):
     assert again == cfg
     flat = C.flatten(C.to_dict(cfg))
     assert flat["optim.max_steps"] == 7 and flat["model.image.kind"] == "vit"
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in C.PRESET_DIR.glob("*.yaml")))
+def test_every_preset_loads_and_passes_its_checks(preset):
+    cfg = C.load_config(preset)
+    assert cfg.optim.max_steps > 0
+    if preset.endswith("_cpu"):
+        # The CPU budget presets keep their base's data and initialisation, on a CPU precision.
+        base = C.load_config(preset.removesuffix("_cpu"))
+        assert (cfg.data.shards, cfg.model.text_init, cfg.model.architecture) == \
+            (base.data.shards, base.model.text_init, base.model.architecture)
+        assert cfg.precision.precision in ("bf16", "fp32") and not cfg.scaling.use_gpu
