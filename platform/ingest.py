@@ -14,16 +14,16 @@ import io
 import logging
 import zlib
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, InputSpec
+from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, InputSpec
 from alignlab.platform import shards
 from alignlab.platform.config import DataConfig, ObjectivesConfig
-from alignlab.platform.masking import IGNORE, bert_mask, block_mask, chain_mask, object_mask
+from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,11 @@ class Preprocessor:
     """Callable class for ``Dataset.map_batches``: one instance per Ray Data actor, so the
     tokenizer loads once. Input: a numpy batch of shard columns. Output: fixed-shape arrays."""
 
-    def __init__(self, data: dict, objectives: dict, spec: dict, train: bool, counter=None, seed: int = 0):
+    def __init__(self, data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, train: bool, counter=None,
+                 seed: int = 0):
         from alignlab.platform.tokenization import load_tokenizer
 
-        self.data = DataConfig(**{**data, "crop_scale": tuple(data["crop_scale"])})
-        self.objectives = ObjectivesConfig(**objectives)
-        self.spec = InputSpec(**spec)
+        self.data, self.objectives, self.spec = data, objectives, spec
         self.train = train
         self.counter = counter
         self.tokenizer = load_tokenizer(self.data.tokenizer, self.data.shards)
@@ -166,7 +165,7 @@ class Preprocessor:
         self.tag_index = {t: i for i, t in enumerate(shards.read_vocab_file(self.data.shards, "tags.txt"))} \
             if self.spec.tags or self.spec.objects else {}
         concepts = shards.read_vocab_file(self.data.shards, "concepts.txt") if self.spec.phrases else []
-        self.concept_index = {c.replace(" | ", " "): i for i, c in enumerate(concepts)}
+        self.concept_index = {c: i for i, c in enumerate(concepts)}
         # Each concept's token ids, for chain masking (tokenised as vocab_info does for the model).
         self.concept_tokens = [frozenset(self.tokenizer(c, add_special_tokens=False)["input_ids"])
                                for c in self.concept_index]
@@ -230,7 +229,7 @@ class Preprocessor:
                     (CONCEPT_OFFSET, CONCEPT_OFFSET + len(self.tag_index)), self.rng)
                 out["mcr_labels"] = np.where(labels != IGNORE, labels - CONCEPT_OFFSET, IGNORE)
         if self.spec.phrases:
-            out["phrase_ids"] = self._concept_ids(batch["phrases"], lambda p: " ".join(map(str, p)), self.concept_index,
+            out["phrase_ids"] = self._concept_ids(batch["phrases"], shards.concept_key, self.concept_index,
                                                   self.data.max_phrases, unique=True)
             out["phrase_mask"] = out["phrase_ids"] >= CONCEPT_OFFSET
             if self.spec.mlm:
@@ -363,11 +362,10 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
         ds = ds.randomize_block_order(seed=seed)
         if data.max_train_rows:
             ds = ds.limit(data.max_train_rows)
-    data_dict = asdict(data)
     return ds.map_batches(
         Preprocessor,
-        fn_constructor_kwargs=dict(data=data_dict, objectives=asdict(objectives), spec=asdict(spec), train=train,
-                                   counter=counter, seed=seed),
+        fn_constructor_kwargs=dict(data=data, objectives=objectives, spec=spec, train=train, counter=counter,
+                                   seed=seed),
         batch_size=data.preprocess_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=data.preprocess_concurrency),

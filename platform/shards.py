@@ -185,6 +185,12 @@ def write_text(uri: str, text: str) -> None:
         f.write(text.encode("utf-8"))
 
 
+def concept_key(concept: Iterable[str]) -> str:
+    """A phrase-concept tuple's line in concepts.txt (its words space-joined): how the builders
+    write the vocabulary and how the data stage and the tokenizer look tuples up in it."""
+    return " ".join(map(str, concept))
+
+
 def read_vocab_file(root: str, name: str) -> list[str]:
     """One entry per line of ``ROOT/name`` (tags.txt, concepts.txt, answers.txt), or [] when absent."""
     text = read_text(child_uri(root, name))

@@ -62,13 +62,13 @@ def _as_overrides(point: dict[str, Any]) -> list[str]:
 
 def trial_concurrency(cfg: Config) -> int:
     """How many trials the cluster holds at once: each needs its train workers plus the slots of
-    its data stages (``train.local_cluster_cpus``: a Tune slot, read and preprocess for train and
-    eval)."""
+    its data stages (``train.trial_cpus``)."""
     import ray
 
+    from alignlab.platform.train import trial_cpus
+
     res = ray.cluster_resources()
-    cpus_per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 5
-    by_cpu = int(res.get("CPU", 1) // cpus_per_trial)
+    by_cpu = int(res.get("CPU", 1) // trial_cpus(cfg))
     if cfg.scaling.use_gpu:
         by_gpu = int(res.get("GPU", 0) // (cfg.scaling.num_workers * cfg.scaling.gpus_per_worker))
         return max(1, min(by_cpu, by_gpu))
@@ -80,7 +80,7 @@ def _trial(trial_config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from alignlab.platform.train import close_run, fit, open_run
+    from alignlab.platform.train import fit
 
     overrides = trial_config["overrides"]
     cfg = config_lib.load_config(data=trial_config["base"], overrides=_as_overrides(overrides))
@@ -89,10 +89,11 @@ def _trial(trial_config: dict[str, Any]) -> None:
     uri = trial_config["mlflow_uri"]
     run_id = _child_run(uri, cfg.tracking.experiment, trial_config["parent_run_id"], trial_config["sweep"], trial_name,
                         overrides)
-    logger = open_run(uri, run_id, cfg, {f"sweep.{k}": v for k, v in overrides.items()})
-    result = fit(cfg, uri, run_id, storage_path=trial_config["train_storage"],
-                 name=f"{trial_config['sweep']}-{trial_name}", callbacks=[TuneReportCallback()])
-    close_run(logger, result)
+    logger = tracking.open_run(uri, run_id, cfg, {f"sweep.{k}": v for k, v in overrides.items()})
+    with tracking.failure_marks(logger):
+        result = fit(cfg, uri, run_id, storage_path=trial_config["train_storage"],
+                     name=f"{trial_config['sweep']}-{trial_name}", callbacks=[TuneReportCallback()])
+    tracking.close_run(logger, result)
 
 
 def _child_run(uri: str, experiment: str, parent_run_id: str, sweep: str, trial: str, overrides: dict) -> str:
@@ -123,7 +124,7 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
     prepare(base)  # schema and vocabulary checks once, before any trial
     uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri)
     parent = _parent_run(uri, base.tracking.experiment, name, grid)
-    root = storage_path or base.tracking.storage_path or str(Path.cwd() / "ray_results")
+    root = storage_path or tracking.resolve_storage(base.tracking.storage_path)
     tune_path = _join(root, "tune")
     param_space = {
         "overrides": {k: ray.tune.grid_search(v) for k, v in grid.items()},

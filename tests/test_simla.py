@@ -16,8 +16,10 @@ from alignlab.models.base import Vocab
 from alignlab.models.objectives import distillation_loss, multilabel_bce, positive_targets, psl_targets
 from alignlab.models.registry import build_model
 from alignlab.models.visual_tokenizers import DVAETokenizer, RandomProjectionQuantizer
-from alignlab.platform.config import SIMLA_ROWS, ConfigError, load_config
-from alignlab.platform.masking import IGNORE, bert_mask, block_mask
+from alignlab.models.simla import TABLE1
+from alignlab.platform.config import ConfigError, load_config
+from alignlab.models.base import IGNORE
+from alignlab.platform.masking import bert_mask, block_mask
 from alignlab.platform.train import param_groups
 
 B, L, VOCAB, GRID = 4, 8, 120, 4
@@ -390,7 +392,7 @@ def test_presets_validate_and_carry_the_papers_settings():
         (0.02, 1e-4, 1e-5, "cosine")
     assert paper.data.image_size == paper.model.image.img_size == 256 and paper.data.randaugment
     assert paper.model.image.timm_name == "vit_base_patch16_224" and paper.model.text_init == "bert-base-uncased"
-    assert paper.precision.precision == "fp16" and paper.model.simla.components() == SIMLA_ROWS["e"]
+    assert paper.precision.precision == "fp16" and paper.model.simla.components() == TABLE1["e"]
     for name in ("simla_demo", "simla_flickr8k"):
         cfg = load_config(name)
         assert cfg.model.architecture == "simla" and cfg.tracking.eval_every > 0
