@@ -8,8 +8,10 @@ A checkpoint is a directory of three files:
 * ``trainer_state.pt``: the optimiser, LR schedule, gradient scaler and RNG states, read back with
   ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only and
   refuses anything else (a crafted pickle raises instead of running);
-* ``trainer_state.json``: the format version, the step and epoch, and the resolved config as
-  plain data, readable without torch.
+* ``trainer_state.json``: the format version, the step and epoch, the resolved config and the
+  vocabulary summary the model was built with (:class:`~alignlab.models.base.Vocab`: sizes,
+  special ids, tags, phrase concepts, answers) as plain data, readable without torch, so the model
+  can be rebuilt from the checkpoint alone.
 
 A missing, truncated or crafted file raises :class:`CheckpointError` naming it.
 """
@@ -39,8 +41,19 @@ class CheckpointContents:
     step: int
     epoch: int
     config: dict[str, Any]
+    vocab: dict[str, Any] = field(default_factory=dict)
     # optimizer / scheduler / scaler / rng: state dicts of tensors and plain values.
     trainer: dict[str, Any] = field(default_factory=dict)
+
+    def model_vocab(self):
+        """The :class:`~alignlab.models.base.Vocab` the model was built with."""
+        from alignlab.models.base import Vocab
+
+        v = dict(self.vocab)
+        v["tags"] = tuple(v.get("tags", ()))
+        v["answers"] = tuple(v.get("answers", ()))
+        v["concepts"] = tuple(tuple(c) for c in v.get("concepts", ()))
+        return Vocab(**v)
 
 
 def write_checkpoint(directory: str | Path, contents: CheckpointContents) -> None:
@@ -54,7 +67,8 @@ def write_checkpoint(directory: str | Path, contents: CheckpointContents) -> Non
                else v.detach().contiguous() for k, v in contents.model.items()}, str(d / MODEL_FILE))
     torch.save(contents.trainer, d / STATE_FILE)
     (d / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": contents.step,
-                                           "epoch": contents.epoch, "config": contents.config}, indent=1))
+                                           "epoch": contents.epoch, "config": contents.config,
+                                           "vocab": contents.vocab}))
 
 
 def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> CheckpointContents:
@@ -72,6 +86,7 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     try:
         meta = json.loads(meta_path.read_text())
         version, step, epoch, config = meta["format_version"], int(meta["step"]), int(meta["epoch"]), meta["config"]
+        vocab = meta.get("vocab", {})
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint file {meta_path} is not a valid trainer state ({type(e).__name__}: {e})") \
             from None
@@ -88,4 +103,24 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise CheckpointError(f"checkpoint file {state_path} was refused: it is corrupt or holds more than tensors "
                               f"and plain values ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                               f"nothing in it was executed") from None
-    return CheckpointContents(model=model, step=step, epoch=epoch, config=config, trainer=trainer)
+    return CheckpointContents(model=model, step=step, epoch=epoch, config=config, vocab=vocab, trainer=trainer)
+
+
+def load_trained(directory: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                 map_location: str | torch.device = "cpu"):
+    """(config, model, contents) of a training checkpoint: the model rebuilt from the
+    checkpoint's own config and vocabulary (``overrides`` applied, e.g. another data split), its
+    weights loaded, in eval mode. Initialisation sources (``model.text_init``, a ViT checkpoint or
+    hub weights) are not read: the checkpoint holds every weight."""
+    from alignlab.models.registry import get_spec
+    from alignlab.platform import config as config_lib
+
+    contents = read_checkpoint(directory, map_location)
+    cfg = config_lib.load_config(data=contents.config, overrides=[
+        *overrides, "model.text_init=", "model.image.pretrained=false", "model.image.checkpoint="])
+    model = get_spec(cfg.model.architecture).build(cfg.model, cfg.objectives, contents.model_vocab())
+    missing, unexpected = model.load_state_dict(contents.model, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {directory}: its weights do not fit the model its config builds "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return cfg, model.to(map_location).eval(), contents

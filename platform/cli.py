@@ -51,6 +51,21 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from alignlab.platform.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.max_images, args.overrides,
+                                  mlflow_uri=args.mlflow_uri)
+    run_id = metrics.pop("mlflow_run_id", None)
+    print(f"{int(metrics['eval_images'])} images, {int(metrics['eval_captions'])} captions scored")
+    for prefix, label in (("uni_", "uni-modal"), ("", "ITM re-ranked")):
+        if f"{prefix}rsum" in metrics:
+            cells = "  ".join(f"{d}_r{k} {metrics[f'{prefix}{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+            print(f"{label:14s} {cells}  RSUM {metrics[f'{prefix}rsum']:.1f}")
+    if run_id:
+        print(f"logged as eval/<split>/* in MLflow run {run_id}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("preset", help="a preset under experiments/configs/ or a YAML file")
     train.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="retrieval of a trained checkpoint on any split, logged to MLflow")
+    ev.add_argument("checkpoint", help="a checkpoint directory or an MLflow run id (its 'checkpoint' tag)")
+    ev.add_argument("--shards", default="", help="shard set (default: the checkpoint's own)")
+    ev.add_argument("--split", default="", help="split to score (default: the checkpoint's data.eval_split)")
+    ev.add_argument("--max-images", type=int, default=0, help="gallery size cap (default: the checkpoint's)")
+    ev.add_argument("--mlflow-uri", default="", help="store to find a run id in (default: $MLFLOW_TRACKING_URI, "
+                                                      "else the local store)")
+    ev.add_argument("overrides", nargs="*", help="config overrides such as eval.k_captions=64")
+    ev.set_defaults(func=_eval)
 
     sweep = sub.add_parser("sweep", help="a Ray Tune grid of config overrides, one MLflow child run per trial")
     sweep.add_argument("preset")

@@ -153,3 +153,87 @@ def chance_rsum(n_images: int, captions_per_image: float) -> float:
               for k in KS)
     t2i = sum(100.0 * min(1.0, k / n_images) for k in KS)
     return float(i2t + t2i)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a saved checkpoint (`alignlab eval`)
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(source: str, mlflow_uri: str = "") -> tuple[str, str | None]:
+    """(checkpoint directory, MLflow run id or None) for a checkpoint path or an MLflow run id,
+    whose ``checkpoint`` tag names the run's final checkpoint."""
+    from pathlib import Path
+
+    from alignlab.platform import tracking
+
+    if "://" in source or Path(source).exists():
+        return source, None
+    uri = tracking.resolve_tracking_uri(mlflow_uri)
+    try:
+        run = tracking.client(uri).get_run(source)
+    except Exception:
+        raise FileNotFoundError(f"{source!r} is neither a checkpoint directory nor an MLflow run id in {uri}") from None
+    path = run.data.tags.get("checkpoint")
+    if not path:
+        raise FileNotFoundError(f"MLflow run {source} has no 'checkpoint' tag (it did not finish?)")
+    return path, run.info.run_id
+
+
+def check_vocabularies(trained, eval_vocab, shards_root: str) -> None:
+    """The eval shard set must share the training set's vocabularies: the data stage maps tags,
+    phrase concepts and answers to ids by their lines, which the trained model's rows follow."""
+    from alignlab.models.base import ConfigError
+
+    for name, field_ in (("tags.txt", "tags"), ("concepts.txt", "concepts"), ("answers.txt", "answers")):
+        ours, theirs = getattr(trained, field_), getattr(eval_vocab, field_)
+        if ours and ours != theirs:
+            raise ConfigError(f"{shards_root}/{name} differs from the vocabulary the checkpoint was trained with "
+                              f"({len(theirs)} vs {len(ours)} entries); build the evaluation set with "
+                              f"`alignlab data build ... --vocab-from <training shards>`")
+    if trained.size != eval_vocab.size:
+        raise ConfigError(f"the tokenizer (data.tokenizer) has {eval_vocab.size} tokens but the checkpoint was "
+                          f"trained with {trained.size}")
+
+
+def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max_images: int = 0,
+                        overrides: list[str] | tuple[str, ...] = (), log: bool = True, mlflow_uri: str = ""
+                        ) -> dict[str, float]:
+    """Retrieval (uni-modal and ITM re-ranked) of a checkpoint on any split, on this process's
+    device, with the training run's evaluation settings; metrics logged as ``eval/<split>/...``
+    in the run the checkpoint came from (found by its ``checkpoint`` tag), or in a new run. The
+    shard set and split default to the checkpoint's own evaluation data. ``mlflow_uri`` is the
+    store a run id is looked up in (default: ``$MLFLOW_TRACKING_URI``, else the local one)."""
+    import torch
+
+    from alignlab.platform import ingest, tracking
+    from alignlab.platform.checkpoint import load_trained
+    from alignlab.platform.tokenization import load_tokenizer, vocab_info
+    from alignlab.platform.train import autocast_factory, resolve_precision
+
+    path, run_id = resolve_checkpoint(source, mlflow_uri)
+    extra = [f"data.shards={shards_root}"] if shards_root else []
+    extra += [f"data.eval_split={split}"] if split else []
+    extra += [f"data.eval_max_images={max_images}"] if max_images else []
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model, contents = load_trained(path, [*overrides, *extra], map_location=device)
+    shards_root, split = cfg.data.shards, cfg.data.eval_split
+    check_vocabularies(contents.model_vocab(), vocab_info(load_tokenizer(cfg.data.tokenizer, shards_root), shards_root),
+                       shards_root)
+    spec = model.input_spec(cfg.model, cfg.objectives)
+    batches = ingest.local_eval_batches(cfg.data, cfg.objectives, spec, split, cfg.data.eval_batch_size)
+    # The training run's precision where this device has it (fp16 needs CUDA).
+    precision = cfg.precision.precision if device.type == "cuda" or cfg.precision.precision != "fp16" else "fp32"
+    precision = resolve_precision(precision, device)
+    metrics = evaluate_retrieval(model, batches, device, max_images=cfg.data.eval_max_images,
+                                 k_captions=cfg.eval.k_captions, k_images=cfg.eval.k_images, rerank_itm=cfg.eval.rerank,
+                                 autocast=autocast_factory(precision, device))
+    if log:
+        uri = tracking.resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
+        if run_id is None:
+            found = tracking.find_run(uri, cfg.tracking.experiment, {"checkpoint": path})
+            run_id = found.info.run_id if found else tracking.create_run(
+                uri, cfg.tracking.experiment, f"eval {split}", tags={"checkpoint": path, "alignlab.eval_of": path})
+        tracking.RunLogger(uri, run_id).log_metrics({f"eval/{split}/{k}": v for k, v in metrics.items()}, contents.step)
+        metrics["mlflow_run_id"] = run_id  # type: ignore[assignment]
+    return metrics

@@ -15,7 +15,7 @@ import logging
 import zlib
 from collections import Counter
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -344,19 +344,52 @@ def count_rows(uri: str) -> int:
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in shards.list_parquet(uri))
 
 
+def _split_inputs(spec: InputSpec, uri: str, train: bool) -> InputSpec:
+    """The inputs to prepare for one split, after validating its schemas (Parquet footers only, so
+    a bad file fails at start-up naming the file and column). Evaluation reads clean inputs:
+    masking for the pre-training objectives would only cost CPU and ship unused columns."""
+    shards.validate_shards(uri)
+    if not train:
+        spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False, qa=False)
+    if spec.qa and not shards.has_qa_rows(uri):
+        spec = replace(spec, qa=False)  # a caption-only split: no QA columns to read, no answer_labels
+    return spec
+
+
+def local_eval_batches(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str,
+                       batch_size: int) -> Iterator[dict[str, Any]]:
+    """One split's evaluation rows as torch batches, prepared in this process by the same CPU
+    stage as on Ray Data (files in name order, rows in file order): for scoring a checkpoint
+    without a cluster. Bad rows are skipped and logged as in training."""
+    import torch
+
+    uri = shards.child_uri(data.shards, split)
+    spec = _split_inputs(spec, uri, train=False)
+    pre = Preprocessor(data, objectives, spec, train=False)
+    fs, _ = shards.filesystem(uri)
+    pending: dict[str, list[np.ndarray]] = {}
+    for path in shards.list_parquet(uri):
+        pf = pq.ParquetFile(path, filesystem=fs)
+        for record_batch in pf.iter_batches(batch_size=data.preprocess_batch_size, columns=columns_for(spec)):
+            batch = {c: record_batch.column(c).to_numpy(zero_copy_only=False) for c in record_batch.schema.names}
+            batch["path"] = np.array([path] * record_batch.num_rows, dtype=object)
+            for k, v in pre(batch).items():
+                pending.setdefault(k, []).append(v)
+            while pending and sum(len(v) for v in pending["image_key"]) >= batch_size:
+                merged = {k: np.concatenate(v) for k, v in pending.items()}
+                yield {k: torch.from_numpy(v[:batch_size]) for k, v in merged.items()}
+                pending = {k: [v[batch_size:]] for k, v in merged.items()}
+    if pending and sum(len(v) for v in pending["image_key"]):
+        yield {k: torch.from_numpy(np.concatenate(v)) for k, v in pending.items()}
+
+
 def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, train: bool,
                   counter=None, seed: int = 0):
     """A lazily executed Ray Dataset of model-ready rows for one split. Schemas are validated
     first (Parquet footers only), so a bad file fails at start-up, naming the file and column."""
     ray = _ray()
-    if not train:
-        # Evaluation reads clean inputs: masking for the pre-training objectives would only
-        # cost CPU and ship unused columns.
-        spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False, qa=False)
     uri = shards.child_uri(data.shards, split)
-    shards.validate_shards(uri)
-    if spec.qa and not shards.has_qa_rows(uri):
-        spec = replace(spec, qa=False)  # a caption-only split: no QA columns to read, no answer_labels
+    spec = _split_inputs(spec, uri, train)
     ds = ray.data.read_parquet(uri, columns=columns_for(spec), file_extensions=["parquet"], include_paths=True)
     if train:
         ds = ds.randomize_block_order(seed=seed)

@@ -35,7 +35,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Iterable, Iterator, Protocol
 
@@ -238,7 +238,7 @@ class Runner:
             trainer["cuda_rng"] = torch.cuda.get_rng_state(self.ctx.device)
         write_checkpoint(directory, CheckpointContents(model=self.model.state_dict(), step=self.step,
                                                        epoch=self.epoch, config=config_lib.to_dict(self.cfg),
-                                                       trainer=trainer))
+                                                       vocab=asdict(self.vocab), trainer=trainer))
 
     def load_checkpoint(self, directory: str) -> None:
         ckpt = read_checkpoint(directory, map_location=self.ctx.device)

@@ -87,6 +87,17 @@ def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
     history = _client(tmp_path).get_metric_history(run.info.run_id, "loss/itc")
     assert [m.step for m in history] == [2, 4, 6]
 
+    # `alignlab eval` on the run's checkpoint, by path and by run id, reproduces its final
+    # evaluation exactly and logs it under eval/<split>/ in the same run.
+    from alignlab.platform.evaluate import evaluate_checkpoint
+
+    for source in (out["checkpoint"], out["mlflow_run_id"]):
+        again = evaluate_checkpoint(source, str(synth), "test", mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        assert again.pop("mlflow_run_id") == run.info.run_id
+        assert again == {k.removeprefix("eval/"): v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    logged = _client(tmp_path).get_run(run.info.run_id).data.metrics
+    assert logged["eval/test/uni_rsum"] == run.data.metrics["eval/uni_rsum"]
+
 
 def test_killed_run_resumes_from_its_last_checkpoint(ray_session, synth, tmp_path):
     """SIGKILL the driver mid-run, run the same command again: training continues from the
