@@ -318,3 +318,42 @@ def test_torchvision_detector_and_timm_backbone_from_weight_files(tmp_path):
     feat = Featurizer("timm:resnet18", str(tmp_path / "r18.pt"), image_size=64)
     out = feat(np.zeros((48, 64, 3), np.uint8), np.array([[0, 0, 32, 24], [10, 10, 60, 40]], np.float32))
     assert feat.dim == 512 and out.shape == (2, 512) and np.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------- ownership
+
+
+def _md5s(root) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_built_set_survives_synth_and_build_pointed_at_it(monkeypatch, tmp_path):
+    """The probe of issue #17: the synthetic generator pointed (by a typo) at a built set wrote over
+    its files. Now it, and a build of another kind, stop before writing anything."""
+    from alignlab.platform.shards import ShardFolderError
+    from alignlab.platform.synth import SynthConfig, generate
+
+    built = tmp_path / "built"
+    m = _build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(built),
+                                                   phrases=False))
+    assert m["rows_written"] == 2
+    before = _md5s(built)
+    assert {"manifest.json", "train/part-00000.parquet"} <= set(before)
+    with pytest.raises(ShardFolderError, match=rf"{built}: holds a shard set made by alignlab data build"):
+        generate(str(built), SynthConfig(n_train_images=4, n_test_images=2, rows_per_file=100))
+    assert _md5s(built) == before
+
+    synth = tmp_path / "synth"
+    generate(str(synth), SynthConfig(n_train_images=4, n_test_images=2, rows_per_file=100))
+    before = _md5s(synth)
+    for overwrite in (False, True):
+        with pytest.raises(ShardFolderError, match=rf"{synth}: holds a shard set made by alignlab data synth"):
+            _build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(synth),
+                                                       phrases=False, overwrite=overwrite))
+    assert _md5s(synth) == before
+    # Each writer still resumes / regenerates its own set.
+    assert _build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(built),
+                                                      phrases=False))["units_skipped_as_done"] == 1

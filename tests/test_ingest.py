@@ -23,7 +23,7 @@ def _png(colour) -> bytes:
 def shard_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("ingest")
     generate(str(root), SynthConfig(n_train_images=8, n_test_images=4, captions_per_image=1, rows_per_file=100))
-    with S.ShardWriter(str(root / "bad"), rows_per_file=100) as w:
+    with S.ShardWriter(str(root / "bad"), "tests", rows_per_file=100) as w:
         rows = [dict(image=_png((i * 40, 0, 0)), image_id=f"i{i}", caption=f"a red square {i}", caption_id=f"c{i}",
                      split="train") for i in range(6)]
         rows[2]["image"] = b"this is not an image"

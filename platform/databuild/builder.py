@@ -33,10 +33,12 @@ from alignlab.platform.databuild.phrases import build_vocab
 from alignlab.platform.databuild.readers import ImageRef, Reader, open_reader
 from alignlab.platform.databuild.regions import (POSITION_DIM, VINVL_DIM, Featurizer, make_region_source,
                                                  normalise_boxes, position_features, select)
-from alignlab.platform.shards import (SCHEMA_VERSION, child_uri, filesystem, read_manifest, rows_to_table,
-                                      write_manifest, write_text)
+from alignlab.platform.shards import (SCHEMA_VERSION, child_uri, claim_folder, filesystem, read_manifest,
+                                      rows_to_table, write_manifest, write_text)
 
 log = logging.getLogger(__name__)
+
+PRODUCER = "alignlab data build"  # the manifest's producer: the builder writes only into its own sets
 
 # Skip reasons recorded in the manifest.
 EMPTY_CAPTION = "empty_caption"
@@ -284,6 +286,7 @@ def _run_units(units: list[dict], cfg: BuildConfig, on_done) -> None:
 def build(cfg: BuildConfig) -> dict:
     """Run the build; returns the manifest (also written to ``OUT/manifest.json``)."""
     cfg.validate()
+    claim_folder(cfg.out, PRODUCER)  # before anything, --overwrite's deletions included
     started = time.time()
     reader = open_reader(cfg.source, cfg.layout, cfg.image_root, cfg.default_split)
     region_source = make_region_source(cfg)
@@ -317,7 +320,7 @@ def build(cfg: BuildConfig) -> dict:
             rows_skipped=dict(sorted(skipped.items())),
             files=sorted(k for k, u in done.items() if u["rows"]),
             complete=len(done) == len(units))
-        write_manifest(cfg.out, manifest)
+        write_manifest(cfg.out, manifest, PRODUCER)
 
     def on_done(row: dict) -> None:
         done[row["name"]] = {"rows": int(row["rows"]), "images": int(row["images"]),
@@ -330,7 +333,7 @@ def build(cfg: BuildConfig) -> dict:
     if todo:
         _run_units(todo, cfg, on_done)
     for name, entries in _vocabularies(cfg).items():
-        write_text(child_uri(cfg.out, f"{name}.txt"), "".join(e + "\n" for e in entries))
+        write_text(cfg.out, f"{name}.txt", "".join(e + "\n" for e in entries), PRODUCER)
         manifest[name] = len(entries)
     manifest["seconds"] = round(time.time() - started, 1)
     save()
