@@ -169,7 +169,8 @@ def test_table_rows_with_bad_fields_json_or_bytes_are_skipped(tmp_path):
     _, units, skipped = _plan(str(tmp_path / "pairs.jsonl"))
     assert skipped.counts == {"malformed_line": 2, "invalid_utf8": 1}
     assert [s["where"].rsplit(":", 1)[1] for s in skipped.listed] == ["2", "3", "4"]
-    assert skipped.listed[0]["detail"].startswith("not valid JSON") and "not a JSON object" in skipped.listed[1]["detail"]
+    assert skipped.listed[0]["detail"].startswith("not valid JSON")
+    assert "not a JSON object" in skipped.listed[1]["detail"]
     assert [c[1] for c in units[0]["images"][0]["captions"]] == ["a dog"]
 
 

@@ -111,7 +111,8 @@ def test_unreadable_file_is_named_at_start_up(tmp_path, damage):
         w.write_all(_row(i) for i in range(4))
     (f,) = S.list_parquet(str(tmp_path))
     data = open(f, "rb").read()
-    open(f, "wb").write({"truncated": data[: len(data) // 2], "empty": b"", "not_parquet": b"caption\tx\n" * 20}[damage])
+    damaged = {"truncated": data[: len(data) // 2], "empty": b"", "not_parquet": b"caption\tx\n" * 20}
+    open(f, "wb").write(damaged[damage])
     with pytest.raises(S.ShardSchemaError, match=rf"{f}: not a readable Parquet file \(.+\); it may be truncated"):
         S.validate_shards(str(tmp_path))
 
