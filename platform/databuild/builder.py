@@ -9,15 +9,15 @@ plan their questions as captions, each with its answer, and write them as QA row
 :class:`UnitBuilder` actors, which load the spaCy parser (MVPTR §3.1 phrase concepts), the region
 source and the feature backbone (MVPTR §3.1, SemVLP §3.1.1) once, then per unit: parse its
 captions with ``nlp.pipe``, decode / detect / pool each image once, and write the file. The
-manifest records every finished unit, so a re-run does only what is missing.
+manifest records every finished unit, so a re-run does only what is missing. Finally the concept
+vocabulary (tuples in >= ``min_count`` training sentences), the tag vocabulary and, for QA shards,
+the answer vocabulary (answers of >= ``min_answer_count`` training questions) are computed from
+the written shards' columns, so they are right for resumed builds too.
 
 No bad input stops a build: a malformed line or record, a mis-encoded string, an empty or
 duplicate caption, a missing or undecodable image is skipped and counted by reason
 (``rows_skipped``), and the first :data:`MAX_LISTED` of them are listed in ``skipped_rows`` with
-where they were (``file:line``, a JSON file's record, or the image file) and why. Finally the concept
-vocabulary (tuples in >= ``min_count`` training sentences), the tag vocabulary and, for QA shards,
-the answer vocabulary (answers of >= ``min_answer_count`` training questions) are computed from
-the written shards' columns, so they are right for resumed builds too.
+where they were (``file:line``, a JSON file's record, or the image file) and why.
 """
 from __future__ import annotations
 
