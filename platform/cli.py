@@ -111,12 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from alignlab.platform.checkpoint import CheckpointError
     from alignlab.platform.config import ConfigError
-    from alignlab.platform.shards import ShardSchemaError
+    from alignlab.platform.shards import ShardFolderError, ShardSchemaError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ShardSchemaError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, ShardSchemaError, ShardFolderError, CheckpointError, FileNotFoundError) as e:
         # Start-up errors are the user's to fix: say what is wrong, not where in our code.
         sys.exit(f"alignlab: error: {e}")
 

@@ -68,7 +68,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
-from alignlab.platform.shards import Row, ShardWriter, child_uri, filesystem, write_manifest, write_text
+from alignlab.platform.shards import Row, ShardWriter, claim_folder, filesystem, write_manifest, write_text
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -94,6 +94,7 @@ PUNCTUATION = (",", ":", ".")
 POOL = 4  # region crop pooled to POOL × POOL cells
 REGION_DIM = POOL * POOL * 3 + 6
 SPLITS = ("train", "test")
+PRODUCER = "alignlab data synth"  # the manifest's producer: this generator writes only into its own sets
 
 _BACKGROUND = 48  # grey level; noise of ±_NOISE keeps it far from every colour
 _NOISE = 8
@@ -352,11 +353,12 @@ def generate(out: str, cfg: SynthConfig | None = None) -> dict:
     """Write the synthetic shard set to ``out`` (local path or URI) and return a summary:
     images and rows per split, files, region dimension and vocabulary sizes."""
     cfg = cfg or SynthConfig()
+    claim_folder(out, PRODUCER)  # before the stale parts go: a built set in `out` stays untouched
     _remove_stale_parts(out)
     counts = {"train": cfg.n_train_images, "test": cfg.n_test_images}
     concept_counts: dict[str, int] = {}
     rows_per_split = {}
-    with ShardWriter(out, rows_per_file=cfg.rows_per_file, region_dim=REGION_DIM) as writer:
+    with ShardWriter(out, PRODUCER, rows_per_file=cfg.rows_per_file, region_dim=REGION_DIM) as writer:
         for split in SPLITS:
             n_rows = 0
             for row in split_rows(split, counts[split], cfg):
@@ -370,9 +372,9 @@ def generate(out: str, cfg: SynthConfig | None = None) -> dict:
     concepts = [c for c, n in sorted(concept_counts.items(), key=lambda cn: (-cn[1], cn[0]))
                 if n >= cfg.min_concept_count]
     vocab = build_vocab()
-    write_text(child_uri(out, "vocab.txt"), "\n".join(vocab) + "\n")
-    write_text(child_uri(out, "tags.txt"), "\n".join(SHAPES) + "\n")
-    write_text(child_uri(out, "concepts.txt"), "\n".join(concepts) + "\n")
+    write_text(out, "vocab.txt", "\n".join(vocab) + "\n", PRODUCER)
+    write_text(out, "tags.txt", "\n".join(SHAPES) + "\n", PRODUCER)
+    write_text(out, "concepts.txt", "\n".join(concepts) + "\n", PRODUCER)
     summary = {
         "out": out,
         "splits": {s: {"images": counts[s], "rows": rows_per_split[s]} for s in SPLITS},
@@ -392,5 +394,5 @@ def generate(out: str, cfg: SynthConfig | None = None) -> dict:
         "vocab_size": len(vocab),
         "tags": len(SHAPES),
         "concepts": len(concepts),
-    })
+    }, PRODUCER)
     return summary

@@ -166,6 +166,9 @@ class WorkerContext(Protocol):
     def data_metrics(self) -> dict[str, float]:
         """Data-quality counters (``data/skipped_*``) to log."""
 
+    def epoch_started(self, epoch: int) -> None:
+        """Rank 0 opens a training epoch (the data counters count distinct rows per epoch)."""
+
 
 class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -257,6 +260,8 @@ class Runner:
 
     def _next_batch(self) -> dict[str, torch.Tensor] | None:
         if self._batches is None:
+            if self.ctx.rank == 0:
+                self.ctx.epoch_started(self.epoch)
             self._batches = iter(self.ctx.train_batches(self.cfg.data.batch_size // self.ctx.world))
         t0 = time.perf_counter()
         batch = next(self._batches, None)
@@ -461,6 +466,9 @@ class LocalContext:
     def data_metrics(self):
         return {}
 
+    def epoch_started(self, epoch):
+        pass
+
 
 # --------------------------------------------------------------------------------------------
 # On Ray Train
@@ -535,6 +543,12 @@ class RayContext:
         # Notes are rows kept with a flaw: logged apart, never in the skipped total.
         out.update({f"data/{k}": float(v) for k, v in snapshot["notes"].items()})
         return out
+
+    def epoch_started(self, epoch):
+        if self.counter is not None:
+            import ray
+
+            ray.get(self.counter.begin_epoch.remote(epoch))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

@@ -423,7 +423,7 @@ def test_preprocessor_labels_qa_rows_with_their_answers_txt_index(qa_shards):
     assert out["answer_labels"].dtype == np.int64
     assert out["answer_labels"].tolist() == [IGNORE, IGNORE, IGNORE, 1, 0, 2]
     # An answer outside answers.txt is a note, not a skip: its row keeps its other objectives.
-    assert len(out["input_ids"]) == 6 and calls == [({}, [], {"answer_not_in_vocab": 1})]
+    assert len(out["input_ids"]) == 6 and calls == [([], [("answer_not_in_vocab", str(mixed["caption_id"][2]))], True)]
     # Shards without QA columns (caption corpora) yield no answer_labels at all.
     assert "answer_labels" not in pre(captions)
 

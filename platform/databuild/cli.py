@@ -41,6 +41,8 @@ def _build(args: argparse.Namespace) -> None:
     manifest = build(cfg)
     summary = {k: manifest[k] for k in ("rows_written", "images_written", "rows_skipped", "files",
                                         "concepts", "tags", "answers", "seconds") if k in manifest}
+    if manifest["skipped_rows"]:
+        summary["first_skipped_rows"] = manifest["skipped_rows"][:5]  # the rest: skipped_rows in manifest.json
     print(json.dumps(summary, indent=2))
 
 
