@@ -149,8 +149,12 @@ class Preprocessor:
     """Callable class for ``Dataset.map_batches``: one instance per Ray Data actor, so the
     tokenizer loads once. Input: a numpy batch of shard columns. Output: fixed-shape arrays."""
 
-    def __init__(self, data: dict, objectives: dict, spec: dict, train: bool, counter=None, seed: int = 0):
+    def __init__(self, data: dict, objectives: dict, spec: dict, train: bool, counter=None, seed: int = 0,
+                 id_columns: tuple[str, ...] = ()):
         from alignlab.platform.tokenization import load_tokenizer
+
+        # Integer columns passed through as int64, e.g. a compositional split's candidate type and group.
+        self.id_columns = tuple(id_columns)
 
         self.data = DataConfig(**{**data, "crop_scale": tuple(data["crop_scale"])})
         self.objectives = ObjectivesConfig(**objectives)
@@ -248,6 +252,8 @@ class Preprocessor:
             out["mim_mask"] = block_mask(n, self.spec.mim_grid, self.spec.mim_ratio, self.rng)
         if self.spec.qa and "answer" in batch:  # last: notes are counted on kept rows only
             out["answer_labels"] = self._answer_labels(batch["question"], batch["answer"], keep, notes)
+        for c in self.id_columns:
+            out[c] = np.asarray(batch[c], dtype=np.int64)
         out["image_key"] = np.array([image_key(str(x)) for x in batch["image_id"]], dtype=np.int64)
         out["caption_key"] = np.array([image_key(str(x)) for x in batch["caption_id"]], dtype=np.int64)
 
@@ -346,9 +352,10 @@ def count_rows(uri: str) -> int:
 
 
 def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, train: bool,
-                  counter=None, seed: int = 0):
+                  counter=None, seed: int = 0, id_columns: tuple[str, ...] = ()):
     """A lazily executed Ray Dataset of model-ready rows for one split. Schemas are validated
-    first (Parquet footers only), so a bad file fails at start-up, naming the file and column."""
+    first (Parquet footers only), so a bad file fails at start-up, naming the file and column.
+    ``id_columns`` (integer columns, such as shards.COMPOSITIONAL_COLUMNS) pass through unchanged."""
     ray = _ray()
     if not train:
         # Evaluation reads clean inputs: masking for the pre-training objectives would only
@@ -356,9 +363,16 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
         spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False, qa=False)
     uri = shards.child_uri(data.shards, split)
     shards.validate_shards(uri)
+    fs, _ = shards.filesystem(uri)
+    for f in shards.list_parquet(uri) if id_columns else ():
+        absent = [c for c in id_columns if c not in pq.read_schema(f, filesystem=fs).names]
+        if absent:
+            raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; reading split '{split}' needs the integer "
+                                          f"columns {list(id_columns)}")
     if spec.qa and not shards.has_qa_rows(uri):
         spec = replace(spec, qa=False)  # a caption-only split: no QA columns to read, no answer_labels
-    ds = ray.data.read_parquet(uri, columns=columns_for(spec), file_extensions=["parquet"], include_paths=True)
+    ds = ray.data.read_parquet(uri, columns=columns_for(spec) + list(id_columns), file_extensions=["parquet"],
+                               include_paths=True)
     if train:
         ds = ds.randomize_block_order(seed=seed)
         if data.max_train_rows:
@@ -367,7 +381,7 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     return ds.map_batches(
         Preprocessor,
         fn_constructor_kwargs=dict(data=data_dict, objectives=asdict(objectives), spec=asdict(spec), train=train,
-                                   counter=counter, seed=seed),
+                                   counter=counter, seed=seed, id_columns=tuple(id_columns)),
         batch_size=data.preprocess_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=data.preprocess_concurrency),

@@ -87,3 +87,10 @@ def test_reads_shards_from_object_storage(ray_session, s3_root, tmp_path):
     cfg = load_config("dual_encoder_demo", [f"data.shards={uri}", "data.image_size=32"])
     rows = build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train", train=False).take_all()
     assert len(rows) == 4 and rows[0]["pixels"].shape == (3, 32, 32)
+
+
+def test_a_split_without_the_requested_id_columns_fails_naming_the_file(shard_root):
+    cfg = _cfg(shard_root)
+    with pytest.raises(S.ShardSchemaError, match=r"train/part-00000.parquet: no column 'candidate_type'"):
+        build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train", train=False,
+                      id_columns=S.COMPOSITIONAL_COLUMNS)
