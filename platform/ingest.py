@@ -153,14 +153,13 @@ class Preprocessor:
                  id_columns: tuple[str, ...] = ()):
         from alignlab.platform.tokenization import load_tokenizer
 
-        # Integer columns passed through as int64, e.g. a compositional split's candidate type and group.
-        self.id_columns = tuple(id_columns)
-
         self.data = DataConfig(**{**data, "crop_scale": tuple(data["crop_scale"])})
         self.objectives = ObjectivesConfig(**objectives)
         self.spec = InputSpec(**spec)
         self.train = train
         self.counter = counter
+        # Integer columns passed through as int64 (a compositional split's candidate type and group).
+        self.id_columns = tuple(id_columns)
         self.tokenizer = load_tokenizer(self.data.tokenizer, self.data.shards)
         # Random replacements are drawn from the whole vocabulary, as BERT's and Hugging Face's
         # MLM collators do.
@@ -363,12 +362,13 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
         spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False, qa=False)
     uri = shards.child_uri(data.shards, split)
     shards.validate_shards(uri)
-    fs, _ = shards.filesystem(uri)
-    for f in shards.list_parquet(uri) if id_columns else ():
-        absent = [c for c in id_columns if c not in pq.read_schema(f, filesystem=fs).names]
-        if absent:
-            raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; reading split '{split}' needs the integer "
-                                          f"columns {list(id_columns)}")
+    if id_columns:
+        fs, _ = shards.filesystem(uri)
+        for f in shards.list_parquet(uri):
+            absent = [c for c in id_columns if c not in pq.read_schema(f, filesystem=fs).names]
+            if absent:
+                raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; reading split '{split}' needs the "
+                                              f"integer columns {list(id_columns)}")
     if spec.qa and not shards.has_qa_rows(uri):
         spec = replace(spec, qa=False)  # a caption-only split: no QA columns to read, no answer_labels
     ds = ray.data.read_parquet(uri, columns=columns_for(spec) + list(id_columns), file_extensions=["parquet"],

@@ -27,7 +27,9 @@ Families
     each image binds them in its own way (a distinct assignment of the colours, sizes and counts to
     the shapes) and places its objects on its own. Every split, the retrieval gallery included, is
     made of families, so a caption's hardest competitors use the same words; training batches hold
-    such hard negatives too.
+    such hard negatives too. On the default 200-image test gallery, a scorer that knows every
+    image's and caption's bag exactly but nothing of binding reaches a Uni-RSUM of about 440 of 600
+    (random tie-breaks among a family); 330 with ``family_size = 8``.
 
 Boxes, tags and regions
     One region per object (no whole-image region). ``boxes`` are the tight pixel bounding boxes

@@ -94,3 +94,17 @@ def test_a_split_without_the_requested_id_columns_fails_naming_the_file(shard_ro
     with pytest.raises(S.ShardSchemaError, match=r"train/part-00000.parquet: no column 'candidate_type'"):
         build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train", train=False,
                       id_columns=S.COMPOSITIONAL_COLUMNS)
+
+
+def test_the_compositional_split_carries_candidate_type_and_group_through_ray(ray_session, shard_root):
+    import pyarrow.parquet as pq
+
+    cfg = _cfg(shard_root)
+    ds = build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "compositional", train=False,
+                       id_columns=S.COMPOSITIONAL_COLUMNS)
+    got = []
+    for batch in ds.iter_torch_batches(batch_size=8):
+        got += zip(batch["caption_key"].tolist(), batch["candidate_type"].tolist(), batch["group_id"].tolist())
+    table = pq.read_table(shard_root / "compositional").to_pylist()
+    assert sorted(got) == sorted((image_key(r["caption_id"]), r["candidate_type"], r["group_id"]) for r in table)
+    assert {t for _, t, _ in got} >= {0, 3, 4}  # true captions, wrong counts, replaced objects
