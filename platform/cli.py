@@ -35,7 +35,8 @@ def _sweep(args: argparse.Namespace) -> None:
 
     from alignlab.platform.config import ConfigError, load_config
     from alignlab.platform.experiment import ensure_synthetic_data
-    from alignlab.platform.sweep import publish_comparison, run_sweep
+    from alignlab.platform.report import publish_comparison
+    from alignlab.platform.sweep import run_sweep
     from alignlab.platform.tracking import ui_command
 
     cfg = load_config(args.preset, args.overrides)

@@ -41,6 +41,9 @@ class DataConfig:
     shards: str = "data/synth"
     train_split: str = "train"
     eval_split: str = "test"
+    # A split of candidate captions (shards.COMPOSITIONAL_COLUMNS; the synthetic set writes
+    # "compositional") scored by evaluate_compositional beside retrieval; empty: none.
+    compositional_split: str = ""
     # "auto": the shard directory's own vocab.txt (written by `alignlab data synth`); otherwise
     # a Hugging Face tokenizer name or local path, or a WordPiece vocab.txt file.
     tokenizer: str = "auto"

@@ -4,6 +4,10 @@ the top ``k_images`` images per caption are re-scored by the multi-modal ITM hea
 
 Re-ranking runs N_images·k_c + N_captions·k_i multi-modal forward passes, never N², so it scales
 to the 5K-image COCO test set.
+
+Compositional evaluation (ARO / Winoground style, :func:`evaluate_compositional`): on a split of
+candidate captions (see :mod:`alignlab.platform.shards`), how often an image's true caption scores
+above each of its perturbations, per perturbation type, by both scorers.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from alignlab.platform.shards import CANDIDATE_TYPES
 
 KS = (1, 5, 10)
 
@@ -153,6 +159,68 @@ def chance_rsum(n_images: int, captions_per_image: float) -> float:
               for k in KS)
     t2i = sum(100.0 * min(1.0, k / n_images) for k in KS)
     return float(i2t + t2i)
+
+
+def pairwise_accuracy(scores: torch.Tensor, candidate_type: torch.Tensor, group_id: torch.Tensor
+                      ) -> dict[int, tuple[float, int]]:
+    """Per candidate type t > 0: (fraction of its candidates that score below their group's true
+    caption, type 0, a tie counting one half, and the number of such pairs). A scorer blind to
+    what a perturbation changed ties on it and lands exactly on chance, 0.5."""
+    true = candidate_type == 0
+    groups = group_id[true].tolist()
+    if len(set(groups)) != len(groups):
+        raise ValueError(f"a group has two true captions (candidate_type 0): groups {sorted(groups)}")
+    true_score = dict(zip(groups, scores[true].tolist()))
+    values, types, group_of = scores.tolist(), candidate_type.tolist(), group_id.tolist()
+    wins: dict[int, list[float]] = {}
+    for s, t, g in zip(values, types, group_of):
+        if t == 0:
+            continue
+        if g not in true_score:
+            raise ValueError(f"group {g} has a candidate of type {t} but no true caption (candidate_type 0)")
+        wins.setdefault(t, []).append(1.0 if true_score[g] > s else 0.5 if true_score[g] == s else 0.0)
+    return {t: (sum(w) / len(w), len(w)) for t, w in sorted(wins.items())}
+
+
+@torch.no_grad()
+def evaluate_compositional(model, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, autocast=None,
+                           type_names: tuple[str, ...] = CANDIDATE_TYPES) -> dict[str, float]:
+    """Pairwise (ARO-style) accuracy of the true caption over each of its perturbations on a
+    compositional split whose rows carry ``candidate_type`` and ``group_id`` (build its dataset
+    with ``id_columns=shards.COMPOSITIONAL_COLUMNS``). Scored by the uni-modal cosine of
+    ``embed_images`` / ``embed_texts`` (``compo/uni_acc_<type>``) and, where the model has an ITM
+    head, by ``match_scores`` (``compo/itm_acc_<type>``); ``compo/<scorer>_acc_mean`` averages the
+    types, ``compo/pairs_<type>`` counts the pairs and ``compo/chance`` is 0.5."""
+    from contextlib import nullcontext
+
+    autocast = autocast or nullcontext
+    was_training = model.training
+    model.eval()
+    uni, itm, types, groups = [], [], [], []
+    for batch in batches:
+        dev = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            uni.append((model.embed_images(dev).float() * model.embed_texts(dev).float()).sum(-1).cpu())
+            scores = model.match_scores({k: v for k, v in dev.items() if k in IMAGE_KEYS},
+                                        {k: v for k, v in dev.items() if k in TEXT_KEYS})
+        if scores is not None:
+            itm.append(scores.float().cpu())
+        types.append(batch["candidate_type"].cpu())
+        groups.append(batch["group_id"].cpu())
+    model.train(was_training)
+    if not types:
+        raise ValueError("compositional split yielded no rows")
+    candidate_type, group_id = torch.cat(types), torch.cat(groups)
+    metrics = {"compo/chance": 0.5}
+    for scorer, parts in (("uni", uni), ("itm", itm)):
+        if not parts:
+            continue
+        acc = pairwise_accuracy(torch.cat(parts), candidate_type, group_id)
+        for t, (a, n) in acc.items():
+            metrics[f"compo/{scorer}_acc_{type_names[t]}"] = a
+            metrics[f"compo/pairs_{type_names[t]}"] = float(n)
+        metrics[f"compo/{scorer}_acc_mean"] = sum(a for a, _ in acc.values()) / len(acc)
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------

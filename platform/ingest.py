@@ -204,12 +204,14 @@ class Preprocessor:
     tokenizer loads once. Input: a numpy batch of shard columns. Output: fixed-shape arrays."""
 
     def __init__(self, data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, train: bool, counter=None,
-                 seed: int = 0):
+                 seed: int = 0, id_columns: tuple[str, ...] = ()):
         from alignlab.platform.tokenization import load_tokenizer
 
         self.data, self.objectives, self.spec = data, objectives, spec
         self.train = train
         self.counter = counter
+        # Integer columns passed through as int64 (a compositional split's candidate type and group).
+        self.id_columns = tuple(id_columns)
         self.tokenizer = load_tokenizer(self.data.tokenizer, self.data.shards)
         # Random replacements are drawn from the whole vocabulary, as BERT's and Hugging Face's
         # MLM collators do.
@@ -306,6 +308,8 @@ class Preprocessor:
             out["mim_mask"] = block_mask(n, self.spec.mim_grid, self.spec.mim_ratio, self.rng)
         if self.spec.qa and "answer" in batch:  # last: notes are counted on kept rows only
             out["answer_labels"] = self._answer_labels(batch["question"], text["answer"], keep, note)
+        for c in self.id_columns:
+            out[c] = np.asarray(batch[c], dtype=np.int64)
         out["image_key"] = np.array([image_key(str(x)) for x in batch["image_id"]], dtype=np.int64)
         out["caption_key"] = np.array([image_key(str(x)) for x in batch["caption_id"]], dtype=np.int64)
 
@@ -427,11 +431,20 @@ def read_schema(files: list[str], columns: list[str], uri: str) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _split_inputs(spec: InputSpec, uri: str, train: bool) -> tuple[InputSpec, list[str]]:
+def _split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str, ...] = ()
+                  ) -> tuple[InputSpec, list[str]]:
     """The inputs to prepare for one split and its files, after validating their footers and
-    schemas (a bad file fails at start-up naming the file and column). Evaluation reads clean
-    inputs: masking for the pre-training objectives would only cost CPU and ship unused columns."""
+    schemas (a bad file fails at start-up naming the file and column; so does a file without one
+    of ``id_columns``). Evaluation reads clean inputs: masking for the pre-training objectives
+    would only cost CPU and ship unused columns."""
     files = shards.validate_shards(uri)
+    if id_columns:
+        fs, _ = shards.filesystem(uri)
+        for f in files:
+            absent = [c for c in id_columns if c not in pq.read_schema(f, filesystem=fs).names]
+            if absent:
+                raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; reading this split needs the "
+                                              f"integer columns {list(id_columns)}")
     if not train:
         spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False, qa=False)
     if spec.qa and not shards.has_qa_rows(uri):
@@ -440,17 +453,17 @@ def _split_inputs(spec: InputSpec, uri: str, train: bool) -> tuple[InputSpec, li
 
 
 def local_eval_batches(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str,
-                       batch_size: int) -> Iterator[dict[str, Any]]:
+                       batch_size: int, id_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
     """One split's evaluation rows as torch batches, prepared in this process by the same CPU
     stage as on Ray Data (files in name order, rows in file order): for scoring a checkpoint
     without a cluster. Bad rows are skipped and logged as in training."""
     import torch
 
     uri = shards.child_uri(data.shards, split)
-    spec, files = _split_inputs(spec, uri, train=False)
-    pre = Preprocessor(data, objectives, spec, train=False)
+    spec, files = _split_inputs(spec, uri, train=False, id_columns=id_columns)
+    pre = Preprocessor(data, objectives, spec, train=False, id_columns=id_columns)
     fs, _ = shards.filesystem(uri)
-    columns = columns_for(spec)
+    columns = columns_for(spec) + list(id_columns)
     schema = read_schema(files, columns, uri)
     pending: dict[str, list[np.ndarray]] = {}
     for path in files:
@@ -469,13 +482,14 @@ def local_eval_batches(data: DataConfig, objectives: ObjectivesConfig, spec: Inp
 
 
 def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, train: bool,
-                  counter=None, seed: int = 0):
+                  counter=None, seed: int = 0, id_columns: tuple[str, ...] = ()):
     """A lazily executed Ray Dataset of model-ready rows for one split. Footers and schemas are
-    validated first, so a bad file fails at start-up, naming the file and column."""
+    validated first, so a bad file fails at start-up, naming the file and column.
+    ``id_columns`` (integer columns, such as shards.COMPOSITIONAL_COLUMNS) pass through unchanged."""
     ray = _ray()
     uri = shards.child_uri(data.shards, split)
-    spec, files = _split_inputs(spec, uri, train)
-    columns = columns_for(spec)
+    spec, files = _split_inputs(spec, uri, train, id_columns)
+    columns = columns_for(spec) + list(id_columns)
     ds = ray.data.read_parquet(uri, columns=columns, schema=read_schema(files, columns, uri),
                                file_extensions=["parquet"], include_paths=True)
     if train:
@@ -485,7 +499,7 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     return ds.map_batches(
         Preprocessor,
         fn_constructor_kwargs=dict(data=data, objectives=objectives, spec=spec, train=train, counter=counter,
-                                   seed=seed),
+                                   seed=seed, id_columns=tuple(id_columns)),
         batch_size=data.preprocess_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=data.preprocess_concurrency),

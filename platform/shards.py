@@ -43,6 +43,12 @@ readers that know nothing of QA still work; the QA objective reads ``answer``, m
 line in ``answers.txt`` (an answer outside it gets no QA loss). The files of one split carry the
 QA columns all or none, since the training read asks every file of a split for the same columns.
 Extra columns are allowed and passed through.
+
+A compositional split (ARO / Winoground style; the synthetic set writes ``compositional/``) holds
+candidate captions of its images: each row carries one candidate in ``caption`` and ``phrases``
+and two more int64 columns, :data:`COMPOSITIONAL_COLUMNS`: ``candidate_type``, an index into
+:data:`CANDIDATE_TYPES` (0 = the true caption), and ``group_id``, shared by an image's true
+caption and its perturbations, which are false of the image.
 """
 from __future__ import annotations
 
@@ -80,6 +86,8 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
 
 OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases", "question", "answer")
 QA_COLUMNS = ("question", "answer")
+COMPOSITIONAL_COLUMNS = ("candidate_type", "group_id")
+CANDIDATE_TYPES = ("true", "swap_attribute", "swap_relation", "wrong_count", "replace_object")
 
 
 def region_features_type(dim: int) -> pa.DataType:

@@ -134,7 +134,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, synth, tmp_pat
 
 
 def test_two_trial_sweep_has_one_parent_and_two_children(ray_session, synth, tmp_path):
-    from alignlab.platform.sweep import publish_comparison, run_sweep
+    from alignlab.platform.report import publish_comparison
+    from alignlab.platform.sweep import run_sweep
 
     cfg = load_config("dual_encoder_demo", _overrides(synth, tmp_path, "optim.max_steps=4",
                                                         "tracking.checkpoint_every=100"))

@@ -109,8 +109,6 @@ def _dirty_table(root) -> pa.Table:
 
 
 def test_preprocessor_skips_non_utf8_captions_and_non_finite_regions(shard_root):
-    from dataclasses import asdict
-
     from alignlab.platform.ingest import Preprocessor, columns_for, read_schema
 
     cfg = _cfg(shard_root)
@@ -122,7 +120,7 @@ def test_preprocessor_skips_non_utf8_captions_and_non_finite_regions(shard_root)
     assert isinstance(batch["caption"][0], bytes)  # read as bytes: no Arrow decoding to fail
     calls = []
     counter = SimpleNamespace(add=SimpleNamespace(remote=lambda *args: calls.append(args)))
-    out = Preprocessor(asdict(cfg.data), asdict(cfg.objectives), asdict(spec), train=True, counter=counter)(batch)
+    out = Preprocessor(cfg.data, cfg.objectives, spec, train=True, counter=counter)(batch)
     assert len(out["input_ids"]) == len(table) - 3 and np.isfinite(out["region_features"]).all()
     ((skipped, notes, train),) = calls
     ids = table.column("caption_id").to_pylist()
@@ -169,3 +167,24 @@ def test_bad_rows_read_through_ray_are_skipped_and_counted_once(ray_session, sha
     want = {"invalid_utf8_caption": 1, "non_finite_regions": 2}
     assert snap["counts"] == want and snap["train_epochs"] == {0: want, 1: want}
     assert any("dirty" in e and "part-00000.parquet" in e and "invalid_utf8_caption" in e for e in snap["examples"])
+
+
+def test_a_split_without_the_requested_id_columns_fails_naming_the_file(shard_root):
+    cfg = _cfg(shard_root)
+    with pytest.raises(S.ShardSchemaError, match=r"train/part-00000.parquet: no column 'candidate_type'"):
+        build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train", train=False,
+                      id_columns=S.COMPOSITIONAL_COLUMNS)
+
+
+def test_the_compositional_split_carries_candidate_type_and_group_through_ray(ray_session, shard_root):
+    import pyarrow.parquet as pq
+
+    cfg = _cfg(shard_root)
+    ds = build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "compositional", train=False,
+                       id_columns=S.COMPOSITIONAL_COLUMNS)
+    got = []
+    for batch in ds.iter_torch_batches(batch_size=8):
+        got += zip(batch["caption_key"].tolist(), batch["candidate_type"].tolist(), batch["group_id"].tolist())
+    table = pq.read_table(shard_root / "compositional").to_pylist()
+    assert sorted(got) == sorted((image_key(r["caption_id"]), r["candidate_type"], r["group_id"]) for r in table)
+    assert {t for _, t, _ in got} >= {0, 3, 4}  # true captions, wrong counts, replaced objects
