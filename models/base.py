@@ -132,12 +132,16 @@ class PretrainingModel(nn.Module):
 class Ablation:
     """One of a paper's ablation sweeps: ``grid`` maps config keys to the values swept (a key with
     one value fixes it for the sweep), ``group_by`` is the key whose values are the table's rows,
-    and ``line`` asks for a plot against it (a numeric axis such as SIMLA's k)."""
+    and ``line`` asks for a plot against it (a numeric axis such as SIMLA's k). ``reference`` names
+    the row every other is compared with (paired over seeds), and ``claims`` are the paper's
+    claims the sweep can test: (text, row A, row B, metric, +1 if A should exceed B else -1)."""
 
     title: str
     grid: Mapping[str, tuple]
     group_by: str
     line: bool = False
+    reference: str = ""
+    claims: tuple[tuple[str, str, str, str, int], ...] = ()
 
 
 def _no_check(cfg: Any) -> None:

@@ -152,13 +152,22 @@ def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], device
     return metrics
 
 
+def chance_recall(n_images: int, captions_per_image: float) -> dict[str, float]:
+    """R@k both ways and RSUM of a random ranking (in %), named as :func:`recall_metrics` names
+    them, to state how far above chance a model is: image-to-text hits when any of an image's
+    captions is among k drawn without replacement, text-to-image when its one image is."""
+    n_txt = n_images * captions_per_image
+    out = {}
+    for k in KS:
+        out[f"i2t_r{k}"] = 100.0 * min(1.0, 1 - float(np.prod([(n_txt - captions_per_image - j) / (n_txt - j)
+                                                               for j in range(k)])))
+        out[f"t2i_r{k}"] = 100.0 * min(1.0, k / n_images)
+    out["rsum"] = sum(out.values())
+    return out
+
+
 def chance_rsum(n_images: int, captions_per_image: float) -> float:
-    """RSUM of a random ranking, to state how far above chance a model is."""
-    i2t = sum(100.0 * min(1.0, 1 - np.prod([(n_images * captions_per_image - captions_per_image - j) /
-                                            (n_images * captions_per_image - j) for j in range(k)]))
-              for k in KS)
-    t2i = sum(100.0 * min(1.0, k / n_images) for k in KS)
-    return float(i2t + t2i)
+    return chance_recall(n_images, captions_per_image)["rsum"]
 
 
 def pairwise_accuracy(scores: torch.Tensor, candidate_type: torch.Tensor, group_id: torch.Tensor
@@ -274,7 +283,7 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
     store a run id is looked up in (default: ``$MLFLOW_TRACKING_URI``, else the local one)."""
     import torch
 
-    from alignlab.platform import ingest, tracking
+    from alignlab.platform import ingest, shards, tracking
     from alignlab.platform.checkpoint import load_trained
     from alignlab.platform.tokenization import load_tokenizer, vocab_info
     from alignlab.platform.train import autocast_factory, resolve_precision
@@ -293,9 +302,14 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
     # The training run's precision where this device has it (fp16 needs CUDA).
     precision = cfg.precision.precision if device.type == "cuda" or cfg.precision.precision != "fp16" else "fp32"
     precision = resolve_precision(precision, device)
+    autocast = autocast_factory(precision, device)
     metrics = evaluate_retrieval(model, batches, device, max_images=cfg.data.eval_max_images,
                                  k_captions=cfg.eval.k_captions, k_images=cfg.eval.k_images, rerank_itm=cfg.eval.rerank,
-                                 autocast=autocast_factory(precision, device))
+                                 autocast=autocast)
+    if cfg.data.compositional_split:
+        metrics.update(evaluate_compositional(model, ingest.local_eval_batches(
+            cfg.data, cfg.objectives, spec, cfg.data.compositional_split, cfg.data.eval_batch_size,
+            id_columns=shards.COMPOSITIONAL_COLUMNS), device, autocast))
     if log:
         uri = tracking.resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
         if run_id is None:

@@ -80,6 +80,22 @@ def restrict_grid(grid: dict[str, tuple], choices: list[str]) -> dict[str, list]
     return grid
 
 
+def chance_levels(result, metrics: list[str]) -> dict[str, float]:
+    """What a random scorer gets on each metric, from the evaluated gallery's size: RSUM of a
+    random ranking, R@k, and 0.5 for the pairwise compositional accuracies."""
+    from alignlab.platform.evaluate import chance_recall
+
+    done = [t.metrics for t in result.trials if not t.error and "eval/eval_images" in t.metrics]
+    out: dict[str, float] = {}
+    if done:
+        n_img, n_txt = done[0]["eval/eval_images"], done[0]["eval/eval_captions"]
+        random = chance_recall(int(n_img), n_txt / n_img)
+        out = {m: random[m.rsplit("/", 1)[-1].removeprefix("uni_")] for m in metrics
+               if m.rsplit("/", 1)[-1].removeprefix("uni_") in random}
+    out.update({m: 0.5 for m in metrics if "/compo/" in m and "_acc_" in m})
+    return out
+
+
 def run_experiment(description: str, default_preset: str, metrics: list[str], argv: list[str] | None = None,
                    seeds: int = 1) -> list[dict[str, Any]]:
     """Runs the preset's architecture's ablation sweeps (its spec's ``ablations``; ``--only`` picks
@@ -113,8 +129,12 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
         result = run_sweep(cfg, grid, name)
         # Files for the driver's printout; the durable copies are the parent run's artifacts.
         out_dir = str(alignlab_home() / "outputs" / name)
+        claims = [c for c in ablation.claims if c[3] in metrics and
+                  {c[1], c[2]} <= {str(v) for v in grid[ablation.group_by]}]
         markdown = publish_comparison(result, [ablation.group_by], metrics, ablation.title, out_dir,
-                                      ablation.group_by if ablation.line else None)
+                                      ablation.group_by if ablation.line else None,
+                                      reference=ablation.reference if ablation.reference in map(str, grid[ablation.group_by])
+                                      else None, chance=chance_levels(result, metrics), claims=claims)
         print(f"\n## {ablation.title}\n\n{markdown}")
         for t in result.trials:
             if t.error:

@@ -121,9 +121,12 @@ def trial_cpus(cfg: Config | None) -> int:
     """Logical CPUs one run occupies: its train workers' plus 5 slots — the Tune trial's, and a
     Parquet read and a preprocessing actor for each of the train and eval datasets. The train
     pipeline keeps its actor until its epoch ends, even when training stops mid-epoch, so without
-    the eval pipeline's own slots the final evaluation would wait for the rest of the epoch."""
-    workers = 0 if cfg is None else math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    return workers + 5
+    the eval pipeline's own slots the final evaluation would wait for the rest of the epoch. A
+    compositional evaluation split adds its own two."""
+    if cfg is None:
+        return 5
+    workers = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    return workers + 5 + (2 if cfg.data.compositional_split else 0)  # its own read and preprocess
 
 
 def local_cluster_cpus(cfg: Config | None) -> int:
@@ -153,6 +156,9 @@ class WorkerContext(Protocol):
 
     def eval_batches(self, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
         """The evaluation split (rank 0 only), on CPU."""
+
+    def compositional_batches(self, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
+        """The compositional split (``data.compositional_split``; rank 0 only), on CPU."""
 
     def latest_checkpoint(self) -> ContextManager[str | None]:
         """The directory of the checkpoint to resume from, or None."""
@@ -363,8 +369,9 @@ class Runner:
     # -- evaluation -----------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Zero-shot retrieval on the evaluation split (rank 0); the other ranks wait."""
-        from alignlab.platform.evaluate import evaluate_retrieval
+        """Zero-shot retrieval on the evaluation split, and the compositional accuracies where a
+        compositional split is configured (rank 0); the other ranks wait."""
+        from alignlab.platform.evaluate import evaluate_compositional, evaluate_retrieval
 
         metrics: dict[str, float] = {}
         if self.ctx.rank == 0:
@@ -377,6 +384,10 @@ class Runner:
                 self.model, self.ctx.eval_batches(self.cfg.data.eval_batch_size), self.ctx.device,
                 max_images=self.cfg.data.eval_max_images, k_captions=ev.k_captions, k_images=ev.k_images,
                 rerank_itm=ev.rerank, autocast=self.autocast).items()}
+            if self.cfg.data.compositional_split:
+                metrics.update({f"eval/{k}": v for k, v in evaluate_compositional(
+                    self.model, self.ctx.compositional_batches(self.cfg.data.eval_batch_size), self.ctx.device,
+                    self.autocast).items()})
             self._record(metrics)
         self.ctx.all_mean(torch.zeros(1, device=self.ctx.device))  # a barrier
         return metrics
@@ -429,8 +440,8 @@ class LocalContext:
     rank, world = 0, 1
 
     def __init__(self, train_epoch, eval_epoch=lambda: [], checkpoint_root: str | None = None,
-                 device: str | torch.device = "cpu"):
-        self.train_epoch, self.eval_epoch = train_epoch, eval_epoch
+                 device: str | torch.device = "cpu", compositional_epoch=lambda: []):
+        self.train_epoch, self.eval_epoch, self.compositional_epoch = train_epoch, eval_epoch, compositional_epoch
         self.root = Path(checkpoint_root) if checkpoint_root else None
         self.device = torch.device(device)
         self.reports: list[tuple[dict[str, float], bool]] = []
@@ -443,6 +454,9 @@ class LocalContext:
 
     def eval_batches(self, batch_size):
         return self.eval_epoch()
+
+    def compositional_batches(self, batch_size):
+        return self.compositional_epoch()
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -504,6 +518,11 @@ class RayContext:
         import ray.train
 
         return ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=batch_size)
+
+    def compositional_batches(self, batch_size):
+        import ray.train
+
+        return ray.train.get_dataset_shard("compositional").iter_torch_batches(batch_size=batch_size)
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -600,8 +619,9 @@ def prepare(cfg: Config) -> Prepared:
     from alignlab.platform.tokenization import load_tokenizer, vocab_info
 
     train_uri = shards.child_uri(cfg.data.shards, cfg.data.train_split)
-    shards.validate_shards(train_uri)
-    shards.validate_shards(shards.child_uri(cfg.data.shards, cfg.data.eval_split))
+    for split in (cfg.data.train_split, cfg.data.eval_split, cfg.data.compositional_split):
+        if split:
+            shards.validate_shards(shards.child_uri(cfg.data.shards, split))
     vocab = vocab_info(load_tokenizer(cfg.data.tokenizer, cfg.data.shards), cfg.data.shards)
     rows = ingest.count_rows(train_uri)
     if cfg.data.max_train_rows:
@@ -616,7 +636,7 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from alignlab.platform import ingest
+    from alignlab.platform import ingest, shards
     from alignlab.platform.tracking import resolve_storage
 
     init_ray(cfg)
@@ -630,6 +650,10 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         "eval": ingest.build_dataset(cfg.data, cfg.objectives, inputs, cfg.data.eval_split, train=False,
                                      counter=counter, seed=cfg.seed),
     }
+    if cfg.data.compositional_split:
+        datasets["compositional"] = ingest.build_dataset(
+            cfg.data, cfg.objectives, inputs, cfg.data.compositional_split, train=False, counter=counter,
+            seed=cfg.seed, id_columns=shards.COMPOSITIONAL_COLUMNS)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
