@@ -2,7 +2,7 @@
 section, written as JSON. Shared machines are noisy, so each section names what it compares and
 its figures are rates or ratios taken in the same run; absolute times are context only.
 
-``--gpu`` (CUDA GPUs; about 5 minutes on one H200):
+``--gpu`` (CUDA GPUs; a few minutes, models past a 330 s budget skipped):
 
 * **training**: each model of ``experiments/bench.yaml`` (every architecture at its paper's base
   size) trains on synthetic batches shaped as the data stage shapes real ones
@@ -17,7 +17,19 @@ its figures are rates or ratios taken in the same run; absolute times are contex
   (``models.objectives.gather_with_grad``), one process per GPU over NCCL: gathered values and the
   backward's gradient checked against hand-computed ones, and the bus bandwidth at a few sizes.
 
-The JSON: ``{"bench": "gpu", "environment": {python, torch, cuda, gpu, gpu_count, driver,
+``--quick`` (CPU, no Ray; under a minute on 2 idle cores):
+
+* **objectives**: the batched WPG (``wpg_similarity`` + ``wpg_hinge``), hard-negative sampling
+  (``global_hard_negatives``) and PSL pseudo-labels (``psl_targets``) against per-sample Python
+  loops computing the same (``*_loop`` below) on the same inputs at batch 256 and the papers'
+  shapes, timed in turn; ``same_result`` checks them equal (sampling with the same generator).
+* **evaluation**: ``evaluate.rerank`` at N = 1k and 5k images of 5 captions with a cheap match
+  function: multi-modal pairs (N·k_c + 5N·k_i), their time, and the uni-modal N x 5N part.
+* **step shares**: the demo-size training step of each architecture split into forward, backward
+  and optimiser, and the cost of an objective as the step-time difference between a variant
+  without it (the configs' own ablation switches, listed in ``bench.yaml``) and its reference.
+
+The JSON: ``{"bench": "gpu" | "quick", "environment": {python, torch, cuda, gpu, gpu_count, driver,
 peak_tflops, ...}, "sections": [{"name", "compares", "seconds", "error", "rows": [...]}]}``.
 A row that failed holds an ``error``; the command then exits non-zero, after writing everything
 it measured. The JSON is rewritten after every row, so a run stopped by a timeout keeps its
@@ -285,6 +297,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class PhaseTimer:
+    """Wall time between marks, added up per phase name; the device is synchronised at each mark."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.last = device, {}, 0.0
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
 class TrainingBench:
     """One model's training steps on synthetic batches, as the trainer runs them (forward and
     backward under autocast, the GradScaler, gradient clipping, AdamW); every measurement starts
@@ -305,40 +334,55 @@ class TrainingBench:
         return {k: v.to(self.device) for k, v in synthetic_batch(self.spec, self.cfg, self.vocab, n, self.seed).items()}
 
     def step(self, batch: dict[str, torch.Tensor], optimizer, scaler, autocast, index: int,
-             counter: contextlib.AbstractContextManager | None = None) -> dict[str, torch.Tensor]:
-        """One optimiser step at step ``index``; ``counter`` wraps the forward and backward only.
-        Returns the step's losses (detached)."""
+             counter: contextlib.AbstractContextManager | None = None,
+             timer: PhaseTimer | None = None) -> dict[str, torch.Tensor]:
+        """One optimiser step at step ``index``; ``counter`` wraps the forward and backward only;
+        ``timer`` adds up the forward, backward and optimiser phases. Returns the losses (detached)."""
         from alignlab.platform.train import weighted_total
 
         model, cfg = self.model, self.cfg
+        if timer:
+            timer.start()
         model.begin_step(index, STEPS_PER_EPOCH)
         with counter or contextlib.nullcontext():
             with autocast():
                 out = model(batch)
                 total = weighted_total(out.losses, cfg.objectives.weights)
+            if timer:
+                timer.mark("forward")
             scaler.scale(total).backward()
+            if timer:
+                timer.mark("backward")
         if cfg.optim.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if timer:
+            timer.mark("optimizer")
         return {k: v.detach() for k, v in out.losses.items()}
 
-    def measure(self, precision: str, batch_size: int, steps: int, peak: float | None = None) -> dict[str, Any]:
-        """Steps 0..steps-1 once with their FLOPs counted (also the warm-up), then again timed."""
-        from torch.utils.flop_counter import FlopCounterMode
-
+    def start(self, precision: str):
+        """The initial weights in training mode, and a fresh AdamW, GradScaler and autocast for
+        ``precision``, as the trainer makes them."""
         from alignlab.platform.train import autocast_factory, param_groups, resolve_precision
 
         cfg, device = self.cfg, self.device
         precision = resolve_precision(precision, device)
-        autocast = autocast_factory(precision, device)
         self.model.load_state_dict(self.initial)
         self.model.train()
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=cfg.optim.betas, eps=cfg.optim.eps)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        return optimizer, scaler, autocast_factory(precision, device)
+
+    def measure(self, precision: str, batch_size: int, steps: int, peak: float | None = None) -> dict[str, Any]:
+        """Steps 0..steps-1 once with their FLOPs counted (also the warm-up), then again timed."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        device = self.device
+        optimizer, scaler, autocast = self.start(precision)
         batch = self.batch(batch_size)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -398,7 +442,7 @@ def load_plan(kind: str, path: Path = PLAN_FILE) -> list[dict[str, Any]]:
     for m in plan["models"]:
         overrides = list(plan.get("common", [])) + list(m.get("overrides", []))
         entries.append({"name": m["name"], "preset": m["preset"], "overrides": overrides,
-                        "cfg": config_lib.load_config(m["preset"], overrides)})
+                        "reference": m.get("reference"), "cfg": config_lib.load_config(m["preset"], overrides)})
     return entries
 
 
@@ -506,6 +550,204 @@ def nccl_all_gather(world: int, backend: str = "nccl", sizes_mib: tuple[int, ...
 
 
 # --------------------------------------------------------------------------------------------
+# Objectives: batched against a per-sample loop (--quick)
+# --------------------------------------------------------------------------------------------
+# The loops below compute what the batched objectives in models/objectives.py compute, one sample
+# at a time, the way the papers' equations read. They are the reference the batched versions are
+# timed against, and tests/test_bench.py checks that both give the same result.
+
+
+def wpg_similarity_loop(phrases: torch.Tensor, regions: torch.Tensor, phrase_mask: torch.Tensor,
+                        region_mask: torch.Tensor) -> torch.Tensor:
+    """S_wpg (MVPTR eq. 2) pair by pair: the mean over its phrases of the best cosine over its regions."""
+    import torch.nn.functional as F
+
+    out = []
+    for c, r, pm, rm in zip(phrases, regions, phrase_mask.bool(), region_mask.bool()):
+        c, r = F.normalize(c[pm].float(), dim=-1), F.normalize(r[rm].float(), dim=-1)
+        out.append((c @ r.t()).amax(-1).mean() if len(c) else c.new_zeros(()))
+    return torch.stack(out)
+
+
+def wpg_hinge_loop(positive: torch.Tensor, negative: torch.Tensor, margin: float) -> torch.Tensor:
+    return torch.stack([(margin + n - p).clamp(min=0) for p, n in zip(positive, negative)]).mean()
+
+
+def hard_negatives_loop(logits: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor, mode: str = "sample",
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hard negative per row from p ∝ exp(S/τ) over the columns of other images, row by row."""
+    idx, valid = [], []
+    for row, key in zip(logits, row_ids):
+        w = row.float().softmax(-1).masked_fill(col_ids == key, 0.0)
+        ok = bool(w.sum() > 0)
+        w = w if ok else torch.ones_like(w)
+        idx.append(w.argmax() if mode == "hardest" else torch.multinomial(w, 1, generator=generator)[0])
+        valid.append(ok)
+    return torch.stack(idx), torch.tensor(valid)
+
+
+def psl_targets_loop(attn_row: torch.Tensor, token_ids: torch.Tensor, special_mask: torch.Tensor, k: int,
+                     vocab_size: int) -> torch.Tensor:
+    """SIMLA's pseudo-labels caption by caption: the tokens at its k most attended eligible positions."""
+    targets = torch.zeros(token_ids.shape[0], vocab_size)
+    for b in range(token_ids.shape[0]):
+        eligible = (~special_mask[b]).nonzero().squeeze(1)
+        top = eligible[attn_row[b, eligible].float().topk(min(k, len(eligible))).indices]
+        targets[b, token_ids[b, top]] = 1.0
+    return targets
+
+
+def objective_inputs(n: int = 256, seed: int = 0) -> dict[str, Any]:
+    """Inputs at the papers' shapes for ``n`` captions, 5 per image: MVPTR's multi-modal phrase and
+    region states (5 phrases, 50 regions, width 768) of each caption with its image and with a hard
+    negative image, the contrastive logits of the batch, and SIMLA's [CLS] attention rows over
+    30 tokens with BERT's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    phrases, regions, length, vocab = 5, 50, 30, 30522
+
+    def counts(lo: int, hi: int) -> torch.Tensor:
+        return torch.randint(lo, hi + 1, (n, 1), generator=g)
+
+    keys = torch.arange(n) // 5
+    specials = torch.arange(length)[None] >= counts(8, length)  # padding after each caption
+    specials[:, 0] = True  # [CLS]
+    return {
+        "wpg": dict(phrases=[torch.randn(n, phrases, 768, generator=g) for _ in range(2)],
+                    regions=[torch.randn(n, regions, 768, generator=g) for _ in range(2)],
+                    phrase_mask=torch.arange(phrases)[None] < counts(0, phrases),
+                    region_mask=[torch.arange(regions)[None] < counts(10, regions) for _ in range(2)]),
+        "negatives": dict(logits=torch.randn(n, n, generator=g) / 0.07, row_ids=keys, col_ids=keys),
+        "psl": dict(attn_row=torch.rand(n, length, generator=g).softmax(-1),
+                    token_ids=torch.randint(999, vocab, (n, length), generator=g), special_mask=specials,
+                    k=4, vocab_size=vocab),
+    }
+
+
+def objective_pairs(inputs: dict[str, Any]) -> list[tuple[str, Callable[[], Any], Callable[[], Any]]]:
+    """(name, batched, loop) per objective on ``inputs``; each returns what is compared."""
+    from alignlab.models.objectives import global_hard_negatives, psl_targets, wpg_hinge, wpg_similarity
+
+    w, h, p = inputs["wpg"], inputs["negatives"], inputs["psl"]
+
+    def wpg(similarity, hinge):
+        s = [similarity(w["phrases"][i], w["regions"][i], w["phrase_mask"], w["region_mask"][i]) for i in (0, 1)]
+        return torch.stack(s), hinge(s[0], s[1], 0.2)
+
+    def negatives(fn):
+        return fn(h["logits"], h["row_ids"], h["col_ids"], "sample", torch.Generator().manual_seed(0))
+
+    return [("wpg_similarity + wpg_hinge", lambda: wpg(wpg_similarity, wpg_hinge),
+             lambda: wpg(wpg_similarity_loop, wpg_hinge_loop)),
+            ("global_hard_negatives (sample)", lambda: negatives(global_hard_negatives),
+             lambda: negatives(hard_negatives_loop)),
+            ("psl_targets", lambda: psl_targets(**p), lambda: psl_targets_loop(**p))]
+
+
+def same_result(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same_result(x, y) for x, y in zip(a, b))
+    if a.dtype.is_floating_point:
+        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    return torch.equal(a, b)
+
+
+def interleaved_ms(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median milliseconds of each function, timed in turn ``repeats`` times, so load on a shared
+    machine falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            start = time.perf_counter()
+            fn()
+            t.append(1e3 * (time.perf_counter() - start))
+    return [float(np.median(t)) for t in times]
+
+
+def bench_objectives(report: Report, n: int = 256, repeats: int = 7) -> None:
+    with report.section("objectives", f"batched objective vs a per-sample Python loop on the same inputs, batch {n} "
+                                      f"(median of {repeats}, interleaved); target speedup >= 10") as rows:
+        for name, batched, loop in objective_pairs(objective_inputs(n)):
+            batched_ms, loop_ms = interleaved_ms([batched, loop], repeats)
+            rows.append({"objective": name, "loop_ms": loop_ms, "batched_ms": batched_ms,
+                         "speedup": loop_ms / batched_ms, "same_result": same_result(batched(), loop())})
+            report.write()
+
+
+def bench_step_shares(report: Report, plan: list[dict[str, Any]], repeats: int = 3) -> None:
+    """Each plan entry's CPU training step at its preset's batch, the entries' steps interleaved
+    round by round (after one warm-up round), medians per phase."""
+    compares = ("CPU training step per variant (median of interleaved steps) split into forward, backward and "
+                "optimiser; removed_share = (reference step - this step) / reference step, the share of the "
+                "reference's step that the objective(s) this variant lacks cost")
+    with report.section("step shares", compares) as rows:
+        vocab, cpu = synthetic_vocab(), torch.device("cpu")
+        runs = []
+        for entry in plan:
+            tb = TrainingBench(entry["cfg"], vocab, cpu)
+            batch = tb.batch(entry["cfg"].data.batch_size)
+            runs.append((entry, tb, batch, *tb.start("fp32"), []))
+        for r in range(repeats + 1):
+            for entry, tb, batch, optimizer, scaler, autocast, times in runs:
+                timer = PhaseTimer(cpu)
+                tb.step(batch, optimizer, scaler, autocast, r, timer=timer)
+                if r:
+                    times.append(timer.seconds)
+        step_ms = {}
+        for entry, tb, batch, *_, times in runs:
+            phases = {f"{k}_ms": 1e3 * float(np.median([t[k] for t in times])) for k in times[0]}
+            step_ms[entry["name"]] = 1e3 * float(np.median([sum(t.values()) for t in times]))
+            ref = entry["reference"]
+            rows.append({"model": entry["name"], "batch": len(batch["input_ids"]), "step_ms": step_ms[entry["name"]],
+                         **phases, "reference": ref,
+                         "removed_share": 1 - step_ms[entry["name"]] / step_ms[ref] if ref else None})
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation growth (--quick)
+# --------------------------------------------------------------------------------------------
+
+
+def bench_rerank(report: Report, sizes: tuple[int, ...] = (1000, 5000), captions_per_image: int = 5,
+                 k_captions: int = 128, k_images: int = 64, dim: int = 64) -> None:
+    """``evaluate.rerank`` with a cheap match function (a dot product of small embeddings), so its
+    time is the re-ranking's own: ``match_s`` the multi-modal pairs, N·k_c + 5N·k_i of them
+    (linear in N), ``unimodal_s`` the N x 5N similarities and their top-k (quadratic in N, but
+    cheap per entry)."""
+    from alignlab.platform.evaluate import rerank
+
+    compares = (f"re-ranked retrieval at N images x {captions_per_image} captions, k_c={k_captions}, k_i={k_images}, "
+                f"cheap match: pairs must be N*k_c + {captions_per_image}N*k_i (linear in N), the similarities "
+                f"and top-k N^2; the last row is the ratio of the largest N to the smallest")
+    with report.section("evaluation", compares) as rows:
+        for n in sizes:
+            g = torch.Generator().manual_seed(n)
+            img = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+            txt = torch.nn.functional.normalize(torch.randn(captions_per_image * n, dim, generator=g), dim=-1)
+            match_s = 0.0
+
+            def match(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                nonlocal match_s
+                start = time.perf_counter()
+                score = (img[i] * txt[t]).sum(-1)
+                match_s += time.perf_counter() - start
+                return score
+
+            start = time.perf_counter()
+            scores = img @ txt.t()
+            _, _, pairs = rerank(scores, k_captions, k_images, match)
+            rows.append({"images": n, "captions": captions_per_image * n, "pairs": pairs,
+                         "pairs_expected": n * k_captions + captions_per_image * n * k_images,
+                         "match_s": match_s, "unimodal_s": time.perf_counter() - start - match_s,
+                         "total_s": time.perf_counter() - start})
+            del scores
+            report.write()
+        first, last = rows[0], rows[-1]
+        rows.append({"images": f"{last['images']}/{first['images']}", "pairs": last["pairs"] / first["pairs"],
+                     "pairs_expected": last["pairs_expected"] / first["pairs_expected"],
+                     **{k: last[k] / first[k] for k in ("match_s", "unimodal_s", "total_s")}})
+
+
+# --------------------------------------------------------------------------------------------
 # The commands
 # --------------------------------------------------------------------------------------------
 
@@ -574,13 +816,20 @@ def run_gpu(args: argparse.Namespace, out: str) -> Report:
     return report
 
 
+def run_quick(out: str) -> Report:
+    report = Report("quick", out, environment())
+    report.write()
+    bench_objectives(report)
+    bench_rerank(report)
+    bench_step_shares(report, load_plan("quick"))
+    return report
+
+
 def run(args: argparse.Namespace) -> None:
     """``alignlab bench``: exits non-zero when a bench cannot run or a figure failed."""
     out = args.out or f"bench-{'gpu' if args.gpu else 'quick'}.json"
     try:
-        if not args.gpu:
-            raise BenchError("--quick is not built yet")
-        report = run_gpu(args, out)
+        report = run_gpu(args, out) if args.gpu else run_quick(out)
     except BenchError as e:
         sys.exit(f"alignlab bench: error: {e}")
     print(f"\nfigures written to {out}")

@@ -129,3 +129,39 @@ def test_report_json_has_the_documented_keys(tmp_path):
     assert "error" in broken and report.failed()  # a failed model is a row, the others still run
     (row,) = gather["rows"]
     assert row["world"] == 2 and row["values_ok"] and row["grad_ok"] and row["busbw_gbs"] > 0
+
+
+def test_batched_objectives_match_their_per_sample_loops():
+    inputs = bench.objective_inputs(n=30)
+    for name, batched, loop in bench.objective_pairs(inputs):
+        assert bench.same_result(batched(), loop()), name
+    h = inputs["negatives"]
+    from alignlab.models.objectives import global_hard_negatives
+
+    hardest = global_hard_negatives(h["logits"], h["row_ids"], h["col_ids"], "hardest")
+    assert bench.same_result(hardest, bench.hard_negatives_loop(h["logits"], h["row_ids"], h["col_ids"], "hardest"))
+    assert hardest[1].all() and (h["row_ids"][hardest[0]] != h["row_ids"]).all()  # never a caption of the same image
+    wpg_scores, _ = bench.objective_pairs(inputs)[0][1]()
+    assert (wpg_scores == 0).any() and (wpg_scores != 0).any()  # captions without phrases are in the inputs
+
+
+def test_rerank_bench_counts_pairs_linear_in_n():
+    report = bench.Report("quick", None, {})
+    bench.bench_rerank(report, sizes=(20, 40), k_captions=4, k_images=2)
+    small, large, ratio = report.data["sections"][0]["rows"]
+    assert small["pairs"] == small["pairs_expected"] == 20 * 4 + 100 * 2
+    assert large["pairs"] == 2 * small["pairs"] and ratio["pairs"] == 2
+
+
+def test_step_shares_split_phases_and_compare_a_variant_with_its_reference(tmp_path):
+    plan_file = tmp_path / "bench.yaml"
+    plan_file.write_text(json.dumps({"quick": {"common": [*TINY, "data.batch_size=10"], "models": [
+        {"name": "full", "preset": "mvptr_demo"},
+        {"name": "-wpg", "preset": "mvptr_demo", "overrides": ["model.mvptr.ablation=wo_wpg"], "reference": "full"}]}}))
+    report = bench.Report("quick", None, {})
+    bench.bench_step_shares(report, bench.load_plan("quick", plan_file), repeats=1)
+    full, variant = report.data["sections"][0]["rows"]
+    assert full["removed_share"] is None and variant["reference"] == "full"
+    for row in (full, variant):
+        assert row["step_ms"] == pytest.approx(row["forward_ms"] + row["backward_ms"] + row["optimizer_ms"])
+    assert variant["removed_share"] == pytest.approx(1 - variant["step_ms"] / full["step_ms"])
