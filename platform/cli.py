@@ -67,6 +67,12 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"logged as eval/<split>/* in MLflow run {run_id}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from alignlab.platform.bench import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--name", required=True, help="sweep name; re-running a name resumes it")
     sweep.add_argument("--metric", default="eval/uni_rsum")
     sweep.set_defaults(func=_sweep)
+
+    bench = sub.add_parser("bench", help="speed figures, each measured side by side in one run (platform/bench.py)")
+    mode = bench.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--quick", action="store_true", help="CPU benchmarks of the objectives and evaluation: minutes")
+    mode.add_argument("--gpu", action="store_true",
+                      help="each architecture's training steps at paper size, and NCCL, on the visible GPUs")
+    bench.add_argument("--out", help="JSON file for the figures (default: bench-gpu.json / bench-quick.json)")
+    bench.add_argument("--peak-tflops", type=float, help="the GPU's dense fp16/bf16 peak, for MFU on a GPU the "
+                                                        "bench does not know (H200, H100, A100)")
+    bench.set_defaults(func=_bench)
     from alignlab.platform.databuild.cli import add_subcommands
     add_subcommands(data_sub)
     return parser

@@ -1,0 +1,900 @@
+"""``alignlab bench``: AlignLab's speed as figures measured side by side in one run, one table per
+section, written as JSON. Shared machines are noisy, so each section names what it compares and
+its figures are rates or ratios taken in the same run; absolute times are context only.
+
+``--gpu`` (CUDA GPUs; a few minutes, models past a 330 s budget skipped):
+
+* **training**: each model of ``experiments/bench.yaml`` (every architecture at its paper's base
+  size) trains on synthetic batches shaped as the data stage shapes real ones
+  (:func:`synthetic_batch`), in fp16 autocast with a GradScaler and in bf16 autocast. Each step is
+  a training step: forward, backward, gradient clipping and AdamW. Per precision: samples/s per
+  GPU, MFU, peak memory, the steps the GradScaler skipped on overflow, and the losses that went
+  NaN or Inf. MFU = FLOPs of the forward and backward passes, counted by torch's
+  ``FlopCounterMode`` on one pass over step indices 0..n-1, divided by the wall time of a second,
+  uninstrumented pass over the same indices (the steps whose work depends on the index, such as
+  SemVLP's mode, match), over the GPU's dense fp16/bf16 peak.
+* **nccl all-gather**: the all-gather with gradient under the global-batch objectives
+  (``models.objectives.gather_with_grad``), one process per GPU over NCCL: gathered values and the
+  backward's gradient checked against hand-computed ones, and the bus bandwidth at a few sizes.
+
+``--quick`` (CPU, no Ray; under a minute on 2 idle cores):
+
+* **objectives**: the batched WPG (``wpg_similarity`` + ``wpg_hinge``), hard-negative sampling
+  (``global_hard_negatives``) and PSL pseudo-labels (``psl_targets``) against per-sample Python
+  loops computing the same (``*_loop`` below) on the same inputs at batch 256 and the papers'
+  shapes, timed in turn; ``same_result`` checks them equal (sampling with the same generator).
+* **evaluation**: ``evaluate.rerank`` at N = 1k and 5k images of 5 captions with a cheap match
+  function: multi-modal pairs (N·k_c + 5N·k_i), their time, and the uni-modal N x 5N part.
+* **step shares**: the demo-size training step of each architecture split into forward, backward
+  and optimiser, and the cost of an objective as the step-time difference between a variant
+  without it (the configs' own ablation switches, listed in ``bench.yaml``) and its reference.
+
+The JSON: ``{"bench": "gpu" | "quick", "environment": {python, torch, cuda, gpu, gpu_count, driver,
+peak_tflops, ...}, "sections": [{"name", "compares", "seconds", "error", "rows": [...]}]}``.
+A row that failed holds an ``error``; the command then exits non-zero, after writing everything
+it measured. The JSON is rewritten after every row, so a run stopped by a timeout keeps its
+figures.
+
+``--gpu`` imports nothing of Ray or MLflow, so it runs where only torch, timm, numpy, pyyaml and
+pyarrow are installed (``experiments/gpu_check.sh``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform as host
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import yaml
+
+from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, CONCEPT_PAD, InputSpec, Vocab
+from alignlab.platform import config as config_lib
+from alignlab.platform.config import Config
+from alignlab.platform.ingest import image_key
+from alignlab.platform.masking import IGNORE, bert_mask, block_mask, chain_mask, object_mask
+
+PLAN_FILE = config_lib.PRESET_DIR.parent / "bench.yaml"
+
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity) by GPU name, first match wins.
+PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
+
+GPU_PRECISIONS = ("fp16", "bf16")
+GPU_STEPS = 8  # counted, then timed, step indices
+GPU_BUDGET_S = 330.0  # models still untried after this are skipped, so the run ends well inside 7 min
+NCCL_SIZES_MIB = (1, 16, 128)
+NCCL_TIMEOUT_S = 90
+# SIMLA's α ramp reads the epoch length; any value far beyond the steps run keeps α near its start.
+STEPS_PER_EPOCH = 1000
+
+
+class BenchError(RuntimeError):
+    """A bench that cannot run here (no GPU, a malformed plan); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Output: one printer and one JSON writer for every section
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "-"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows as aligned columns (the union of their keys, in first-seen order); nested figures
+    (dicts, such as the last losses) are left to the JSON."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k, v in r.items() if k not in columns and not isinstance(v, dict)]
+    cells = [columns] + [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+class Report:
+    """Sections of figures, printed as each ends and written to ``out`` as JSON after every change."""
+
+    def __init__(self, bench: str, out: str | Path | None, environment: dict[str, Any]):
+        self.out = Path(out) if out else None
+        self.data: dict[str, Any] = {"bench": bench, "environment": environment, "sections": []}
+
+    @contextlib.contextmanager
+    def section(self, name: str, compares: str) -> Iterator[list[dict[str, Any]]]:
+        """Yields the section's row list; the caller appends rows (calling :meth:`write` to save
+        them as they come). An exception ends the section as its ``error``, not the run."""
+        sec: dict[str, Any] = {"name": name, "compares": compares, "seconds": None, "error": None, "rows": []}
+        self.data["sections"].append(sec)
+        start = time.perf_counter()
+        try:
+            yield sec["rows"]
+        except Exception as e:  # one broken section must not cost the others' figures
+            traceback.print_exc()
+            sec["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            sec["seconds"] = round(time.perf_counter() - start, 3)
+            self.print_section(sec)
+            self.write()
+
+    @staticmethod
+    def print_section(sec: dict[str, Any]) -> None:
+        print(f"\n== {sec['name']} ({sec['seconds']:.1f} s): {sec['compares']}")
+        if sec["rows"]:
+            print(format_table(sec["rows"]))
+        if sec["error"]:
+            print(f"ERROR: {sec['error']}")
+        sys.stdout.flush()
+
+    def write(self) -> None:
+        if self.out:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.out.with_suffix(self.out.suffix + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2, default=str))
+            tmp.replace(self.out)
+
+    def failed(self) -> bool:
+        return any(s["error"] or any("error" in r for r in s["rows"]) for s in self.data["sections"])
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {"python": host.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "gpu": None, "gpu_count": 0, "driver": None}
+    if torch.cuda.is_available():
+        env.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(), driver=_driver_version())
+    return env
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def peak_tflops(gpu_name: str | None) -> float | None:
+    for key, tflops in PEAK_TFLOPS:
+        if gpu_name and key in gpu_name:
+            return tflops
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic batches, shaped as the data stage shapes real ones
+# --------------------------------------------------------------------------------------------
+
+
+def synthetic_vocab(size: int = 30522, tags: int = 1600, concepts: int = 5000, answers: int = 0,
+                    seed: int = 0) -> Vocab:
+    """A :class:`Vocab` of BERT-base-uncased's size and special ids (the papers' tokenizer), a tag
+    vocabulary of Visual Genome's 1600 object classes, and phrase concepts of 1 to 3 random word
+    ids each (MVPTR's [obj], [attr, obj], [subj, rel, obj])."""
+    rng = np.random.default_rng(seed)
+    first_word = Vocab(size).mask_id + 1
+    return Vocab(size=size, tags=tuple(f"tag{i}" for i in range(tags)),
+                 concepts=tuple(tuple(int(t) for t in rng.integers(first_word, size, rng.integers(1, 4)))
+                                for _ in range(concepts)),
+                 answers=tuple(f"answer{i}" for i in range(answers)))
+
+
+def synthetic_batch(spec: InputSpec, cfg: Config, vocab: Vocab, n: int, seed: int = 0,
+                    captions_per_image: int = 5) -> dict[str, torch.Tensor]:
+    """A training batch of ``n`` rows with every key, dtype and shape that
+    :class:`~alignlab.platform.ingest.Preprocessor` yields for ``spec`` under ``cfg.data`` and
+    ``cfg.objectives``, with random content: captions of random length, ``captions_per_image``
+    rows per image (as COCO and Flickr, so hard negatives must skip the other captions of an
+    image), between half and all of ``max_regions`` regions per image with one tag per region,
+    phrase concepts whose words occur in the caption (so chain masking has words to follow), and
+    all masking done by the data stage's own functions (``platform/masking.py``)."""
+    rng = np.random.default_rng(seed)
+    data, objectives = cfg.data, cfg.objectives
+    image_of = np.arange(n) // captions_per_image
+    n_images = int(image_of[-1]) + 1
+    out: dict[str, np.ndarray] = {}
+
+    # Captions: [CLS] words [SEP] [PAD]...; phrase concepts' words written at the front.
+    length = data.max_text_len
+    lengths = rng.integers(max(3, length // 2), length + 1, n)
+    first_word = max(vocab.pad_id, vocab.cls_id, vocab.sep_id, vocab.mask_id) + 1
+    ids = rng.integers(first_word, vocab.size, (n, length))
+    if spec.phrases:
+        phrase_ids = np.full((n, data.max_phrases), CONCEPT_PAD, dtype=np.int64)
+        for i in range(n):
+            pos, kept = 1, []
+            drawn = min(len(vocab.concepts), rng.integers(1, data.max_phrases + 1))
+            for c in rng.choice(len(vocab.concepts), drawn, replace=False):
+                words = vocab.concepts[c]
+                if pos + len(words) < lengths[i] - 1:
+                    ids[i, pos:pos + len(words)] = words
+                    pos += len(words)
+                    kept.append(c + CONCEPT_OFFSET)
+            phrase_ids[i, :len(kept)] = kept
+        out["phrase_ids"], out["phrase_mask"] = phrase_ids, phrase_ids >= CONCEPT_OFFSET
+    attention = np.arange(length)[None] < lengths[:, None]
+    ids[:, 0] = vocab.cls_id
+    ids[np.arange(n), lengths - 1] = vocab.sep_id
+    out["input_ids"] = np.where(attention, ids, vocab.pad_id).astype(np.int64)
+    out["attention_mask"] = attention.astype(np.int64)
+    if spec.mlm:
+        special = np.isin(out["input_ids"], [vocab.pad_id, vocab.cls_id, vocab.sep_id, vocab.mask_id])
+        out["mlm_input_ids"], out["mlm_labels"] = bert_mask(out["input_ids"], ~special & attention,
+                                                            objectives.mlm_prob, vocab.mask_id, (0, vocab.size), rng)
+        if spec.phrases:
+            out["mlm_phrase_ids"] = chain_mask(out["phrase_ids"], [frozenset(c) for c in vocab.concepts],
+                                               out["input_ids"], out["mlm_labels"] != IGNORE, CONCEPT_MASK,
+                                               CONCEPT_OFFSET)
+
+    if spec.pixels:
+        size = data.image_size
+        out["pixels"] = rng.integers(0, 256, (n_images, 3, size, size), dtype=np.uint8)[image_of]
+    if spec.regions or spec.tags or spec.objects:
+        k, dim = data.max_regions, cfg.model.image.region_dim
+        counts = rng.integers(max(1, k // 2), k + 1, n_images)
+        region_mask = np.arange(k)[None] < counts[:, None]
+        corner = rng.random((n_images, k, 2)) * 0.7
+        boxes = np.concatenate([corner, corner + 0.1 + 0.2 * rng.random((n_images, k, 2))], -1) * region_mask[..., None]
+        # Pooled detector features are non-negative; the last 6 are the box and its size (shards.py).
+        feats = rng.random((n_images, k, dim)) * region_mask[..., None]
+        if dim > 6:
+            feats[..., -6:] = np.concatenate([boxes, boxes[..., 2:] - boxes[..., :2]], -1)
+        region_tags = rng.integers(0, max(1, len(vocab.tags)), (n_images, k))
+        region_mask, boxes, feats, region_tags = (a[image_of] for a in (region_mask, boxes, feats, region_tags))
+        out.update(region_features=feats.astype(np.float32), region_mask=region_mask, boxes=boxes.astype(np.float32))
+        if spec.tags:
+            tag_ids = np.full((n, data.max_tags), CONCEPT_PAD, dtype=np.int64)
+            t = min(k, data.max_tags)
+            tag_ids[:, :t] = np.where(region_mask, region_tags + CONCEPT_OFFSET, CONCEPT_PAD)[:, :t]
+            out["tag_ids"], out["tag_mask"] = tag_ids, tag_ids >= CONCEPT_OFFSET
+            if spec.mcr:
+                out["mcr_tag_ids"], labels = bert_mask(tag_ids, out["tag_mask"], objectives.mcr_prob, CONCEPT_MASK,
+                                                       (CONCEPT_OFFSET, CONCEPT_OFFSET + len(vocab.tags)), rng)
+                out["mcr_labels"] = np.where(labels != IGNORE, labels - CONCEPT_OFFSET, IGNORE)
+        if spec.objects:
+            selected = object_mask(region_mask, objectives.object_mask_prob, rng)
+            out["object_mask"] = selected
+            out["masked_region_features"] = np.where(selected[..., None], 0.0, out["region_features"]).astype(np.float32)
+            out["object_labels"] = np.where(selected, region_tags, IGNORE).astype(np.int64)
+    if spec.mim:
+        out["mim_mask"] = block_mask(n, spec.mim_grid, spec.mim_ratio, rng)
+    if spec.qa and vocab.answers:
+        out["answer_labels"] = rng.integers(0, len(vocab.answers), n).astype(np.int64)
+    out["image_key"] = np.array([image_key(f"bench-image-{i}") for i in image_of], dtype=np.int64)
+    out["caption_key"] = np.array([image_key(f"bench-caption-{i}") for i in range(n)], dtype=np.int64)
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Training steps of one model
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Wall time between marks, added up per phase name; the device is synchronised at each mark."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.last = device, {}, 0.0
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+class TrainingBench:
+    """One model's training steps on synthetic batches, as the trainer runs them (forward and
+    backward under autocast, the GradScaler, gradient clipping, AdamW); every measurement starts
+    from the same initial weights, with a fresh optimiser and scaler."""
+
+    def __init__(self, cfg: Config, vocab: Vocab, device: torch.device, seed: int = 0):
+        from alignlab.models.registry import build_model, get_spec
+
+        self.cfg, self.vocab, self.device, self.seed = cfg, vocab, torch.device(device), seed
+        self.spec = get_spec(cfg.model.architecture).input_spec(cfg.model, cfg.objectives)
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, cfg.objectives, vocab)  # on the CPU: some modules seed CPU generators
+        self.initial = {k: v.clone() for k, v in model.state_dict().items()}
+        self.model = model.to(self.device)
+        self.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def batch(self, n: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in synthetic_batch(self.spec, self.cfg, self.vocab, n, self.seed).items()}
+
+    def step(self, batch: dict[str, torch.Tensor], optimizer, scaler, autocast, index: int,
+             counter: contextlib.AbstractContextManager | None = None,
+             timer: PhaseTimer | None = None) -> dict[str, torch.Tensor]:
+        """One optimiser step at step ``index``; ``counter`` wraps the forward and backward only;
+        ``timer`` adds up the forward, backward and optimiser phases. Returns the losses (detached)."""
+        from alignlab.platform.train import weighted_total
+
+        model, cfg = self.model, self.cfg
+        if timer:
+            timer.start()
+        model.begin_step(index, STEPS_PER_EPOCH)
+        with counter or contextlib.nullcontext():
+            with autocast():
+                out = model(batch)
+                total = weighted_total(out.losses, cfg.objectives.weights)
+            if timer:
+                timer.mark("forward")
+            scaler.scale(total).backward()
+            if timer:
+                timer.mark("backward")
+        if cfg.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if timer:
+            timer.mark("optimizer")
+        return {k: v.detach() for k, v in out.losses.items()}
+
+    def start(self, precision: str):
+        """The initial weights in training mode, and a fresh AdamW, GradScaler and autocast for
+        ``precision``, as the trainer makes them."""
+        from alignlab.platform.train import autocast_factory, param_groups, resolve_precision
+
+        cfg, device = self.cfg, self.device
+        precision = resolve_precision(precision, device)
+        self.model.load_state_dict(self.initial)
+        self.model.train()
+        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=cfg.optim.betas, eps=cfg.optim.eps)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        return optimizer, scaler, autocast_factory(precision, device)
+
+    def measure(self, precision: str, batch_size: int, steps: int, peak: float | None = None) -> dict[str, Any]:
+        """Steps 0..steps-1 once with their FLOPs counted (also the warm-up), then again timed."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        device = self.device
+        optimizer, scaler, autocast = self.start(precision)
+        batch = self.batch(batch_size)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        flops, skipped, losses = 0, 0, []
+
+        def run(index: int, counter=None) -> None:
+            nonlocal skipped
+            scale = scaler.get_scale()
+            losses.append(self.step(batch, optimizer, scaler, autocast, index, counter))
+            skipped += scaler.get_scale() < scale  # the scaler backs off exactly when it skipped a step
+
+        # Both passes draw the same random numbers (masks, sampled negatives), so the work whose
+        # amount depends on a draw (rows reaching a prediction head) is the same in both.
+        torch.manual_seed(self.seed)
+        for i in range(steps):
+            counter = FlopCounterMode(display=False)
+            run(i, counter)
+            flops += counter.get_total_flops()
+        torch.manual_seed(self.seed)
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            run(i)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        tflops = flops / seconds / 1e12
+        nonfinite = sorted({k for step in losses for k, v in step.items() if not torch.isfinite(v).all()})
+        return {"samples_per_s": batch_size * steps / seconds, "step_ms": 1e3 * seconds / steps,
+                "tflop_per_step": flops / steps / 1e12, "tflops": tflops, "mfu": tflops / peak if peak else None,
+                "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                "skipped_steps": skipped, "steps": 2 * steps, "nonfinite_losses": nonfinite,
+                "last_losses": {k: round(float(v), 4) for k, v in losses[-1].items()}}
+
+    def measure_fitting(self, precision: str, batch_size: int, steps: int, peak: float | None = None
+                        ) -> dict[str, Any]:
+        """:meth:`measure` at ``batch_size``, halved while it runs out of GPU memory."""
+        while True:
+            try:
+                return {"batch": batch_size, **self.measure(precision, batch_size, steps, peak)}
+            except torch.cuda.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+            # Outside the except block: its traceback no longer holds the failed step's tensors.
+            self.model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            batch_size //= 2
+
+
+def load_plan(kind: str, path: Path = PLAN_FILE) -> list[dict[str, Any]]:
+    """The models of ``bench.yaml``'s ``kind`` list, each with its loaded config."""
+    with open(path) as f:
+        plan = (yaml.safe_load(f) or {}).get(kind)
+    if not plan or not plan.get("models"):
+        raise BenchError(f"{path}: no '{kind}: models:' list")
+    entries = []
+    for m in plan["models"]:
+        overrides = list(plan.get("common", [])) + list(m.get("overrides", []))
+        entries.append({"name": m["name"], "preset": m["preset"], "overrides": overrides,
+                        "reference": m.get("reference"), "cfg": config_lib.load_config(m["preset"], overrides)})
+    return entries
+
+
+# --------------------------------------------------------------------------------------------
+# NCCL all-gather with gradient
+# --------------------------------------------------------------------------------------------
+
+
+def all_gather_fn() -> tuple[str, Callable]:
+    """The functional all-gather that ``gather_with_grad`` calls (``all_gather_single``, torch >=
+    2.13), or on older torch its predecessor with the same arguments and gradient."""
+    from torch.distributed import _functional_collectives as fc
+
+    name = "all_gather_single" if hasattr(fc, "all_gather_single") else "all_gather_tensor_autograd"
+    return name, getattr(fc, name)
+
+
+def _wait(x: torch.Tensor) -> torch.Tensor:
+    """A functional collective's result, completed (its AsyncCollectiveTensor waited on)."""
+    return x.wait() if hasattr(x, "wait") else x
+
+
+def _gather_worker(rank: int, world: int, port: int, backend: str, sizes_mib: tuple[int, ...], iters: int,
+                   result: str) -> None:
+    import torch.distributed as dist
+
+    from alignlab.models.objectives import gather_with_grad
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    name, fn = all_gather_fn()
+    # gather_with_grad leaves a 1-worker group alone, and needs all_gather_single: otherwise the
+    # function under it is called directly.
+    via = "gather_with_grad" if world > 1 and name == "all_gather_single" else name
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        return gather_with_grad(x)[0] if via == "gather_with_grad" else fn(x.contiguous(), 0, dist.group.WORLD)
+
+    rows = []
+    for mib in sizes_mib:
+        cols = 1024
+        n = max(1, mib * 2**20 // (4 * cols))
+        base = torch.arange(n * cols, dtype=torch.float32, device=device).view(n, cols) % 4096
+        x = (base + 4096 * rank).requires_grad_()
+        out = gather(x)
+        expected = torch.cat([base + 4096 * r for r in range(world)])
+        weights = torch.arange(world * n, dtype=torch.float32, device=device)[:, None] % 7 + 1
+        (out * weights).sum().backward()
+        # The backward reduce-scatters: each rank's rows get the sum of every rank's gradient.
+        grad_ok = torch.equal(x.grad, world * weights[rank * n:(rank + 1) * n].expand(n, cols))
+        values_ok = torch.equal(out.detach(), expected)
+        with torch.no_grad():
+            for i in range(3 + iters):
+                if i == 3:
+                    _sync(device)
+                    start = time.perf_counter()
+                _wait(gather(x))
+            _sync(device)
+            seconds = (time.perf_counter() - start) / iters
+        algbw = world * x.numel() * 4 / seconds / 1e9  # bytes landed per rank per second
+        rows.append({"world": world, "backend": backend, "via": via, "mib_per_rank": round(n * cols * 4 / 2**20, 2),
+                     "values_ok": values_ok, "grad_ok": grad_ok, "ms": 1e3 * seconds, "algbw_gbs": algbw,
+                     # nccl-tests' convention: (world - 1) / world of the output crosses links
+                     "busbw_gbs": algbw * (world - 1) / world})
+    if rank == 0:
+        Path(result).write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def nccl_all_gather(world: int, backend: str = "nccl", sizes_mib: tuple[int, ...] = NCCL_SIZES_MIB, iters: int = 10,
+                    timeout_s: float = NCCL_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Runs :func:`_gather_worker` in ``world`` spawned processes (loopback rendezvous); a hang is
+    ended after ``timeout_s``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as d:
+        result = os.path.join(d, "rows.json")
+        procs = [ctx.Process(target=_gather_worker, args=(r, world, port, backend, tuple(sizes_mib), iters, result))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        if hung:
+            raise TimeoutError(f"all-gather ranks {hung} still running after {timeout_s:.0f} s")
+        failed = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode}
+        if failed:
+            raise RuntimeError(f"all-gather ranks exited with codes {failed} (their traceback is above)")
+        return json.loads(Path(result).read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives: batched against a per-sample loop (--quick)
+# --------------------------------------------------------------------------------------------
+# The loops below compute what the batched objectives in models/objectives.py compute, one sample
+# at a time, the way the papers' equations read. They are the reference the batched versions are
+# timed against, and tests/test_bench.py checks that both give the same result.
+
+
+def wpg_similarity_loop(phrases: torch.Tensor, regions: torch.Tensor, phrase_mask: torch.Tensor,
+                        region_mask: torch.Tensor) -> torch.Tensor:
+    """S_wpg (MVPTR eq. 2) pair by pair: the mean over its phrases of the best cosine over its regions."""
+    import torch.nn.functional as F
+
+    out = []
+    for c, r, pm, rm in zip(phrases, regions, phrase_mask.bool(), region_mask.bool()):
+        c, r = F.normalize(c[pm].float(), dim=-1), F.normalize(r[rm].float(), dim=-1)
+        out.append((c @ r.t()).amax(-1).mean() if len(c) else c.new_zeros(()))
+    return torch.stack(out)
+
+
+def wpg_hinge_loop(positive: torch.Tensor, negative: torch.Tensor, margin: float) -> torch.Tensor:
+    return torch.stack([(margin + n - p).clamp(min=0) for p, n in zip(positive, negative)]).mean()
+
+
+def hard_negatives_loop(logits: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor, mode: str = "sample",
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hard negative per row from p ∝ exp(S/τ) over the columns of other images, row by row."""
+    idx, valid = [], []
+    for row, key in zip(logits, row_ids):
+        w = row.float().softmax(-1).masked_fill(col_ids == key, 0.0)
+        ok = bool(w.sum() > 0)
+        w = w if ok else torch.ones_like(w)
+        idx.append(w.argmax() if mode == "hardest" else torch.multinomial(w, 1, generator=generator)[0])
+        valid.append(ok)
+    return torch.stack(idx), torch.tensor(valid)
+
+
+def psl_targets_loop(attn_row: torch.Tensor, token_ids: torch.Tensor, special_mask: torch.Tensor, k: int,
+                     vocab_size: int) -> torch.Tensor:
+    """SIMLA's pseudo-labels caption by caption: the tokens at its k most attended eligible positions."""
+    targets = torch.zeros(token_ids.shape[0], vocab_size)
+    for b in range(token_ids.shape[0]):
+        eligible = (~special_mask[b]).nonzero().squeeze(1)
+        top = eligible[attn_row[b, eligible].float().topk(min(k, len(eligible))).indices]
+        targets[b, token_ids[b, top]] = 1.0
+    return targets
+
+
+def objective_inputs(n: int = 256, seed: int = 0) -> dict[str, Any]:
+    """Inputs at the papers' shapes for ``n`` captions, 5 per image: MVPTR's multi-modal phrase and
+    region states (5 phrases, 50 regions, width 768) of each caption with its image and with a hard
+    negative image, the contrastive logits of the batch, and SIMLA's [CLS] attention rows over
+    30 tokens with BERT's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    phrases, regions, length, vocab = 5, 50, 30, 30522
+
+    def counts(lo: int, hi: int) -> torch.Tensor:
+        return torch.randint(lo, hi + 1, (n, 1), generator=g)
+
+    keys = torch.arange(n) // 5
+    specials = torch.arange(length)[None] >= counts(8, length)  # padding after each caption
+    specials[:, 0] = True  # [CLS]
+    return {
+        "wpg": dict(phrases=[torch.randn(n, phrases, 768, generator=g) for _ in range(2)],
+                    regions=[torch.randn(n, regions, 768, generator=g) for _ in range(2)],
+                    phrase_mask=torch.arange(phrases)[None] < counts(0, phrases),
+                    region_mask=[torch.arange(regions)[None] < counts(10, regions) for _ in range(2)]),
+        "negatives": dict(logits=torch.randn(n, n, generator=g) / 0.07, row_ids=keys, col_ids=keys),
+        "psl": dict(attn_row=torch.rand(n, length, generator=g).softmax(-1),
+                    token_ids=torch.randint(999, vocab, (n, length), generator=g), special_mask=specials,
+                    k=4, vocab_size=vocab),
+    }
+
+
+def objective_pairs(inputs: dict[str, Any]) -> list[tuple[str, Callable[[], Any], Callable[[], Any]]]:
+    """(name, batched, loop) per objective on ``inputs``; each returns what is compared."""
+    from alignlab.models.objectives import global_hard_negatives, psl_targets, wpg_hinge, wpg_similarity
+
+    w, h, p = inputs["wpg"], inputs["negatives"], inputs["psl"]
+
+    def wpg(similarity, hinge):
+        s = [similarity(w["phrases"][i], w["regions"][i], w["phrase_mask"], w["region_mask"][i]) for i in (0, 1)]
+        return torch.stack(s), hinge(s[0], s[1], 0.2)
+
+    def negatives(fn):
+        return fn(h["logits"], h["row_ids"], h["col_ids"], "sample", torch.Generator().manual_seed(0))
+
+    return [("wpg_similarity + wpg_hinge", lambda: wpg(wpg_similarity, wpg_hinge),
+             lambda: wpg(wpg_similarity_loop, wpg_hinge_loop)),
+            ("global_hard_negatives (sample)", lambda: negatives(global_hard_negatives),
+             lambda: negatives(hard_negatives_loop)),
+            ("psl_targets", lambda: psl_targets(**p), lambda: psl_targets_loop(**p))]
+
+
+def same_result(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same_result(x, y) for x, y in zip(a, b))
+    if a.dtype.is_floating_point:
+        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    return torch.equal(a, b)
+
+
+def interleaved_ms(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median milliseconds of each function, timed in turn ``repeats`` times, so load on a shared
+    machine falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            start = time.perf_counter()
+            fn()
+            t.append(1e3 * (time.perf_counter() - start))
+    return [float(np.median(t)) for t in times]
+
+
+def bench_objectives(report: Report, n: int = 256, repeats: int = 7) -> None:
+    with report.section("objectives", f"batched objective vs a per-sample Python loop on the same inputs, batch {n} "
+                                      f"(median of {repeats}, interleaved); target speedup >= 10") as rows:
+        for name, batched, loop in objective_pairs(objective_inputs(n)):
+            batched_ms, loop_ms = interleaved_ms([batched, loop], repeats)
+            rows.append({"objective": name, "loop_ms": loop_ms, "batched_ms": batched_ms,
+                         "speedup": loop_ms / batched_ms, "same_result": same_result(batched(), loop())})
+            report.write()
+
+
+def bench_step_shares(report: Report, plan: list[dict[str, Any]], repeats: int = 3) -> None:
+    """Each plan entry's CPU training step at its preset's batch, the entries' steps interleaved
+    round by round (after one warm-up round), medians per phase."""
+    compares = ("CPU training step per variant (median of interleaved steps) split into forward, backward and "
+                "optimiser; removed_share = (reference step - this step) / reference step, the share of the "
+                "reference's step that the objective(s) this variant lacks cost")
+    with report.section("step shares", compares) as rows:
+        vocab, cpu = synthetic_vocab(), torch.device("cpu")
+        runs = []
+        for entry in plan:
+            tb = TrainingBench(entry["cfg"], vocab, cpu)
+            batch = tb.batch(entry["cfg"].data.batch_size)
+            runs.append((entry, tb, batch, *tb.start("fp32"), []))
+        for r in range(repeats + 1):
+            for entry, tb, batch, optimizer, scaler, autocast, times in runs:
+                timer = PhaseTimer(cpu)
+                tb.step(batch, optimizer, scaler, autocast, r, timer=timer)
+                if r:
+                    times.append(timer.seconds)
+        step_ms = {}
+        for entry, tb, batch, *_, times in runs:
+            phases = {f"{k}_ms": 1e3 * float(np.median([t[k] for t in times])) for k in times[0]}
+            step_ms[entry["name"]] = 1e3 * float(np.median([sum(t.values()) for t in times]))
+            ref = entry["reference"]
+            rows.append({"model": entry["name"], "batch": len(batch["input_ids"]), "step_ms": step_ms[entry["name"]],
+                         **phases, "reference": ref,
+                         "removed_share": 1 - step_ms[entry["name"]] / step_ms[ref] if ref else None})
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation growth (--quick)
+# --------------------------------------------------------------------------------------------
+
+
+def bench_rerank(report: Report, sizes: tuple[int, ...] = (1000, 5000), captions_per_image: int = 5,
+                 k_captions: int = 128, k_images: int = 64, dim: int = 64) -> None:
+    """``evaluate.rerank`` with a cheap match function (a dot product of small embeddings), so its
+    time is the re-ranking's own: ``match_s`` the multi-modal pairs, N·k_c + 5N·k_i of them
+    (linear in N), ``unimodal_s`` the N x 5N similarities and their top-k (quadratic in N, but
+    cheap per entry)."""
+    from alignlab.platform.evaluate import rerank
+
+    compares = (f"re-ranked retrieval at N images x {captions_per_image} captions, k_c={k_captions}, k_i={k_images}, "
+                f"cheap match: pairs must be N*k_c + {captions_per_image}N*k_i (linear in N), the similarities "
+                f"and top-k N^2; the last row is the ratio of the largest N to the smallest")
+    with report.section("evaluation", compares) as rows:
+        for n in sizes:
+            g = torch.Generator().manual_seed(n)
+            img = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+            txt = torch.nn.functional.normalize(torch.randn(captions_per_image * n, dim, generator=g), dim=-1)
+            match_s = 0.0
+
+            def match(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                nonlocal match_s
+                start = time.perf_counter()
+                score = (img[i] * txt[t]).sum(-1)
+                match_s += time.perf_counter() - start
+                return score
+
+            start = time.perf_counter()
+            scores = img @ txt.t()
+            _, _, pairs = rerank(scores, k_captions, k_images, match)
+            rows.append({"images": n, "captions": captions_per_image * n, "pairs": pairs,
+                         "pairs_expected": n * k_captions + captions_per_image * n * k_images,
+                         "match_s": match_s, "unimodal_s": time.perf_counter() - start - match_s,
+                         "total_s": time.perf_counter() - start})
+            del scores
+            report.write()
+        first, last = rows[0], rows[-1]
+        rows.append({"images": f"{last['images']}/{first['images']}", "pairs": last["pairs"] / first["pairs"],
+                     "pairs_expected": last["pairs_expected"] / first["pairs_expected"],
+                     **{k: last[k] / first[k] for k in ("match_s", "unimodal_s", "total_s")}})
+
+
+# --------------------------------------------------------------------------------------------
+# The commands
+# --------------------------------------------------------------------------------------------
+
+
+def bench_training(report: Report, plan: list[dict[str, Any]], device: torch.device, precisions: tuple[str, ...],
+                   steps: int, peak: float | None, budget_s: float) -> None:
+    """The training section: every model of ``plan`` at its paper's per-GPU batch, per precision;
+    models not started within ``budget_s`` are skipped."""
+    start = time.perf_counter()
+    vocab = synthetic_vocab()
+    compares = (f"training steps (fwd+bwd+clip+AdamW) per precision at the paper's per-GPU batch; MFU = counted "
+                f"FLOPs / wall time / {peak or 'unknown'} TFLOP/s peak; skipped = GradScaler overflow steps of "
+                f"{2 * steps}")
+    with report.section("training", compares) as rows:
+        for entry in plan:
+            cfg = entry["cfg"]
+            head = {"model": entry["name"], "precision": None}
+            if time.perf_counter() - start > budget_s:
+                rows.append({**head, "error": f"skipped: past the {budget_s:.0f} s budget"})
+                continue
+            paper_batch = cfg.data.batch_size // cfg.scaling.num_workers
+            t0 = time.perf_counter()
+            bench = None
+            try:
+                bench = TrainingBench(cfg, vocab, device)
+                for precision in precisions:
+                    row = {**head, "precision": precision, "paper_batch": paper_batch, "params_m": bench.params / 1e6}
+                    try:
+                        row.update(bench.measure_fitting(precision, paper_batch, steps, peak))
+                    except Exception as e:  # the other precision still runs
+                        traceback.print_exc()
+                        row["error"] = f"{type(e).__name__}: {e}"
+                    row["seconds"] = round(time.perf_counter() - t0, 1)
+                    rows.append(row)
+                    report.write()
+            except Exception as e:  # the model did not build: the next one still runs
+                traceback.print_exc()
+                rows.append({**head, "error": f"{type(e).__name__}: {e}", "seconds": round(time.perf_counter() - t0, 1)})
+            del bench
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def bench_runner_resume(report: Report, device: torch.device, precision: str = "fp16", steps: int = 16,
+                        preset: str = "mvptr_demo") -> None:
+    """The trainer itself on the device: :class:`~alignlab.platform.train.Runner` in ``precision``
+    (fp16: autocast + GradScaler) over synthetic batches, ``steps`` straight against ``steps / 2``,
+    a checkpoint written and read back onto the device, and ``steps / 2`` more, resuming at an epoch
+    boundary (a resumed stream restarts its epoch); the weights of the two runs must agree up to
+    the device's non-deterministic reductions."""
+    import tempfile
+
+    from alignlab.models.registry import get_spec
+    from alignlab.platform.train import LocalContext, Runner
+
+    compares = (f"the real Runner on {device.type} in {precision}: {steps} steps straight vs {steps // 2} + "
+                f"checkpoint + resume + {steps // 2}; max weight difference, GradScaler scale, skipped steps")
+    with report.section("runner resume", compares) as rows:
+        cfg = config_lib.load_config(preset, ["model.text_init=", f"precision.precision={precision}",
+                                              f"scaling.use_gpu={str(device.type == 'cuda').lower()}",
+                                              f"optim.max_steps={steps}", "optim.warmup_steps=2"])
+        spec = get_spec(cfg.model.architecture)
+        vocab = synthetic_vocab(size=1000, tags=20, concepts=50)
+        inputs = spec.input_spec(cfg.model, cfg.objectives)
+        epoch = [{k: v.to(device) for k, v in synthetic_batch(inputs, cfg, vocab, cfg.data.batch_size, seed=i).items()}
+                 for i in range(steps // 2)]
+
+        def runner(root: str | None = None) -> Runner:
+            return Runner(cfg, spec, vocab, LocalContext(lambda: epoch, checkpoint_root=root, device=device),
+                          steps_per_epoch=len(epoch)).setup()
+
+        def train(r: Runner, n: int) -> dict[str, float]:
+            r.model.train()
+            for _ in range(n):
+                while (means := r.train_step()) is None:
+                    pass
+            return means
+
+        t0 = time.perf_counter()
+        straight = runner()
+        last = train(straight, steps)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as root:
+            first = runner()
+            train(first, steps // 2)
+            first.save_checkpoint(f"{root}/latest")
+            resumed = runner(root)
+            resumed_at, scale_at = resumed.step, resumed.scaler.get_scale() if resumed.scaler.is_enabled() else None
+            train(resumed, steps - steps // 2)
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in
+                   zip(straight.model.state_dict().values(), resumed.model.state_dict().values()))
+        rows.append({"model": cfg.model.architecture, "precision": precision, "steps_per_s": steps / seconds,
+                     "resumed_at_step": resumed_at, "scale_after_resume": scale_at,
+                     "scale_saved": first.scaler.get_scale() if first.scaler.is_enabled() else None,
+                     "nonfinite_skipped": straight.nonfinite_skipped, "max_weight_diff": diff,
+                     "final_loss": last["loss/total"]})
+
+
+def bench_all_gather(report: Report, world: int, backend: str = "nccl",
+                     sizes_mib: tuple[int, ...] = NCCL_SIZES_MIB) -> None:
+    with report.section(f"{backend} all-gather", f"{all_gather_fn()[0]} with gradient (what gather_with_grad runs) on "
+                                                 f"{world} process(es): values and gradient checked, bandwidth per "
+                                                 f"size") as rows:
+        rows += nccl_all_gather(world, backend, sizes_mib)
+
+
+def run_gpu(args: argparse.Namespace, out: str) -> Report:
+    if not torch.cuda.is_available():
+        raise BenchError(f"--gpu needs a CUDA GPU and torch sees none (torch {torch.__version__}, built for CUDA "
+                         f"{torch.version.cuda or 'no CUDA: a CPU-only build'}); run it on a GPU machine, e.g. "
+                         f"experiments/gpu_check.sh")
+    env = environment()
+    peak = args.peak_tflops or peak_tflops(env["gpu"])
+    env.update(peak_tflops=peak, peak_source="--peak-tflops" if args.peak_tflops else "table" if peak else None)
+    print(json.dumps(env))
+    report = Report("gpu", out, env)
+    report.write()
+    bench_runner_resume(report, torch.device("cuda", 0))
+    bench_training(report, load_plan("gpu"), torch.device("cuda", 0), GPU_PRECISIONS, GPU_STEPS, peak, GPU_BUDGET_S)
+    bench_all_gather(report, torch.cuda.device_count())
+    return report
+
+
+def run_quick(out: str) -> Report:
+    report = Report("quick", out, environment())
+    report.write()
+    bench_objectives(report)
+    bench_rerank(report)
+    bench_step_shares(report, load_plan("quick"))
+    return report
+
+
+def run(args: argparse.Namespace) -> None:
+    """``alignlab bench``: exits non-zero when a bench cannot run or a figure failed."""
+    out = args.out or f"bench-{'gpu' if args.gpu else 'quick'}.json"
+    try:
+        report = run_gpu(args, out) if args.gpu else run_quick(out)
+    except BenchError as e:
+        sys.exit(f"alignlab bench: error: {e}")
+    print(f"\nfigures written to {out}")
+    if report.failed():
+        sys.exit("alignlab bench: some figures failed (their error is in the table and the JSON)")
+
+
+if __name__ == "__main__":
+    from alignlab.platform.cli import main
+
+    main(["bench", *sys.argv[1:]])

@@ -1,0 +1,180 @@
+"""`alignlab bench`: the synthetic batch is what the data stage would yield, every architecture
+trains on it, FLOPs scale with the batch, the all-gather check holds on gloo, and --gpu refuses
+without CUDA. Tiny models on the CPU; the figures themselves come from the bench, not from here."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from alignlab.models.registry import get_spec
+from alignlab.platform import bench
+from alignlab.platform.config import load_config
+from alignlab.platform.ingest import Preprocessor, columns_for
+from alignlab.platform.synth import SynthConfig, generate
+from alignlab.platform.tokenization import load_tokenizer, vocab_info
+
+pytestmark = pytest.mark.timeout(120)
+
+ARCHITECTURES = ("mvptr", "semvlp", "simla", "dual_encoder")
+# The demo presets, smaller still; SIMLA's queue (128) is a multiple of every batch used here.
+TINY = ["model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64", "model.num_layers=2",
+        "model.image.embed_dim=32", "model.image.depth=1", "model.image.num_heads=2", "data.max_text_len=12"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine OpenMP's spinning threads
+    make them ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-synth")
+    generate(str(root), SynthConfig(n_train_images=6, n_test_images=2, rows_per_file=100))
+    return root
+
+
+def tiny_cfg(arch: str, root="data/synth"):
+    extra = {"semvlp": ["model.semvlp.cross_layer=1"],
+             "simla": ["data.image_size=32", "model.image.img_size=32", "model.simla.codebook_size=64"]}.get(arch, [])
+    return load_config(f"{arch}_demo", [f"data.shards={root}", *TINY, *extra])
+
+
+def test_synthetic_batch_has_the_data_stage_keys_dtypes_and_shapes(synth_root):
+    vocab = vocab_info(load_tokenizer("auto", str(synth_root)), str(synth_root))
+    for arch in ARCHITECTURES:
+        cfg = tiny_cfg(arch, synth_root)
+        spec = get_spec(arch).input_spec(cfg.model, cfg.objectives)
+        files = sorted((synth_root / "train").glob("*.parquet"))
+        rows = pq.read_table(files[0], columns=columns_for(spec)).slice(0, 10).to_pydict()
+        real = Preprocessor(cfg.data, cfg.objectives, spec, train=True)(rows)
+        fake = bench.synthetic_batch(spec, cfg, vocab, 10)
+        assert set(fake) == set(real), arch
+        for k, v in real.items():
+            assert (fake[k].numpy().dtype, fake[k].shape[1:]) == (v.dtype, v.shape[1:]), (arch, k)
+
+
+def test_synthetic_batch_content_follows_the_id_layouts():
+    cfg = load_config("mvptr_demo")
+    vocab = bench.synthetic_vocab(size=300, tags=20, concepts=40)
+    b = bench.synthetic_batch(get_spec("mvptr").input_spec(cfg.model, cfg.objectives), cfg, vocab, 10)
+    assert b["image_key"].unique().numel() == 2  # 5 captions per image
+    assert (b["input_ids"][:, 0] == vocab.cls_id).all() and (b["attention_mask"].sum(1) >= 3).all()
+    masked = b["mlm_labels"] != -100
+    assert masked.any() and (b["mlm_labels"][masked] == b["input_ids"][masked]).all()
+    assert ((b["tag_ids"] >= 2) == b["tag_mask"]).all() and (b["tag_ids"] < 2 + 20).all()
+    sel = b["mcr_labels"] != -100
+    assert (b["mcr_labels"][sel] == b["tag_ids"][sel] - 2).all()
+    # Each phrase concept's words are in its caption.
+    for ids, phrases in zip(b["input_ids"].tolist(), b["phrase_ids"].tolist()):
+        for p in phrases:
+            assert p == 0 or set(vocab.concepts[p - 2]) <= set(ids)
+
+
+def test_every_architecture_trains_with_finite_losses_on_synthetic_batches():
+    vocab = bench.synthetic_vocab(size=300, tags=20, concepts=40)
+    for arch in ARCHITECTURES:
+        tb = bench.TrainingBench(tiny_cfg(arch), vocab, torch.device("cpu"))
+        for precision in ("fp32", "bf16"):
+            r = tb.measure(precision, 8, steps=1)
+            assert r["nonfinite_losses"] == [] and r["skipped_steps"] == 0, (arch, precision)
+            assert r["last_losses"] and all(np.isfinite(v) for v in r["last_losses"].values()), (arch, precision)
+            assert r["samples_per_s"] > 0 and r["tflop_per_step"] > 0 and r["steps"] == 2
+
+
+def test_flops_double_with_the_batch():
+    tb = bench.TrainingBench(tiny_cfg("mvptr"), bench.synthetic_vocab(size=300, tags=20, concepts=40),
+                             torch.device("cpu"))
+    small, large = (tb.measure("fp32", n, steps=1)["tflop_per_step"] for n in (10, 20))
+    assert 1.8 < large / small < 2.2
+
+
+def test_gpu_refuses_without_cuda(monkeypatch, tmp_path, capsys):
+    from alignlab.platform.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--gpu", "--out", str(tmp_path / "b.json")])
+    assert "--gpu needs a CUDA GPU and torch sees none" in str(e.value.code)
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_report_json_has_the_documented_keys(tmp_path):
+    plan_file = tmp_path / "bench.yaml"
+    plan_file.write_text(json.dumps({"gpu": {"common": TINY, "models": [
+        {"name": "mvptr", "preset": "mvptr_demo", "overrides": ["data.batch_size=10"]},
+        {"name": "broken", "preset": "mvptr_demo", "overrides": ["model.num_heads=5"]}]}}))
+    out = tmp_path / "bench.json"
+    report = bench.Report("gpu", out, bench.environment())
+    bench.bench_training(report, bench.load_plan("gpu", plan_file), torch.device("cpu"), ("fp32",), 1, 100.0, 60)
+    bench.bench_all_gather(report, 2, "gloo", sizes_mib=(1,))
+    data = json.loads(out.read_text())
+    assert data["bench"] == "gpu"
+    assert {"python", "torch", "cuda", "gpu", "gpu_count", "driver"} <= set(data["environment"])
+    train, gather = data["sections"]
+    assert [s["name"] for s in data["sections"]] == ["training", "gloo all-gather"]
+    assert all({"compares", "seconds", "error", "rows"} <= set(s) for s in data["sections"])
+    ok, broken = train["rows"]
+    assert {"model", "precision", "paper_batch", "batch", "params_m", "samples_per_s", "step_ms", "tflop_per_step",
+            "tflops", "mfu", "peak_mem_gib", "skipped_steps", "nonfinite_losses", "seconds"} <= set(ok)
+    assert ok["batch"] == ok["paper_batch"] == 10 and ok["mfu"] == pytest.approx(ok["tflops"] / 100.0)
+    assert "error" in broken and report.failed()  # a failed model is a row, the others still run
+    (row,) = gather["rows"]
+    assert row["world"] == 2 and row["values_ok"] and row["grad_ok"] and row["busbw_gbs"] > 0
+
+
+def test_batched_objectives_match_their_per_sample_loops():
+    inputs = bench.objective_inputs(n=30)
+    for name, batched, loop in bench.objective_pairs(inputs):
+        assert bench.same_result(batched(), loop()), name
+    h = inputs["negatives"]
+    from alignlab.models.objectives import global_hard_negatives
+
+    hardest = global_hard_negatives(h["logits"], h["row_ids"], h["col_ids"], "hardest")
+    assert bench.same_result(hardest, bench.hard_negatives_loop(h["logits"], h["row_ids"], h["col_ids"], "hardest"))
+    assert hardest[1].all() and (h["row_ids"][hardest[0]] != h["row_ids"]).all()  # never a caption of the same image
+    wpg_scores, _ = bench.objective_pairs(inputs)[0][1]()
+    assert (wpg_scores == 0).any() and (wpg_scores != 0).any()  # captions without phrases are in the inputs
+
+
+def test_rerank_bench_counts_pairs_linear_in_n():
+    report = bench.Report("quick", None, {})
+    bench.bench_rerank(report, sizes=(20, 40), k_captions=4, k_images=2)
+    small, large, ratio = report.data["sections"][0]["rows"]
+    assert small["pairs"] == small["pairs_expected"] == 20 * 4 + 100 * 2
+    assert large["pairs"] == 2 * small["pairs"] and ratio["pairs"] == 2
+
+
+def test_step_shares_split_phases_and_compare_a_variant_with_its_reference(tmp_path):
+    plan_file = tmp_path / "bench.yaml"
+    plan_file.write_text(json.dumps({"quick": {"common": [*TINY, "data.batch_size=10"], "models": [
+        {"name": "full", "preset": "mvptr_demo"},
+        {"name": "-wpg", "preset": "mvptr_demo", "overrides": ["model.mvptr.ablation=wo_wpg"], "reference": "full"}]}}))
+    report = bench.Report("quick", None, {})
+    bench.bench_step_shares(report, bench.load_plan("quick", plan_file), repeats=1)
+    full, variant = report.data["sections"][0]["rows"]
+    assert full["removed_share"] is None and variant["reference"] == "full"
+    for row in (full, variant):
+        assert row["step_ms"] == pytest.approx(row["forward_ms"] + row["backward_ms"] + row["optimizer_ms"])
+    assert variant["removed_share"] == pytest.approx(1 - variant["step_ms"] / full["step_ms"])
+
+
+def test_runner_resume_section_resumes_the_real_runner_exactly_on_cpu():
+    """The GPU check's trainer section, on the CPU in bf16: a checkpointed and resumed run ends
+    with the same weights as a straight one."""
+    import torch
+
+    report = bench.Report("test", None, {})
+    bench.bench_runner_resume(report, torch.device("cpu"), precision="bf16", steps=6)
+    (section,) = report.data["sections"]
+    assert section["error"] is None
+    (row,) = section["rows"]
+    assert row["resumed_at_step"] == 3 and row["max_weight_diff"] == 0.0 and row["nonfinite_skipped"] == 0
