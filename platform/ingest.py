@@ -453,15 +453,16 @@ def _split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str,
 
 
 def local_eval_batches(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str,
-                       batch_size: int, id_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+                       batch_size: int, id_columns: tuple[str, ...] = (), counter=None) -> Iterator[dict[str, Any]]:
     """One split's evaluation rows as torch batches, prepared in this process by the same CPU
     stage as on Ray Data (files in name order, rows in file order): for scoring a checkpoint
-    without a cluster. Bad rows are skipped and logged as in training."""
+    without a cluster. Bad rows are skipped and logged as in training, and counted in ``counter``
+    when given (anything with ``add.remote``, as a :class:`DataQuality` actor)."""
     import torch
 
     uri = shards.child_uri(data.shards, split)
     spec, files = _split_inputs(spec, uri, train=False, id_columns=id_columns)
-    pre = Preprocessor(data, objectives, spec, train=False, id_columns=id_columns)
+    pre = Preprocessor(data, objectives, spec, train=False, counter=counter, id_columns=id_columns)
     fs, _ = shards.filesystem(uri)
     columns = columns_for(spec) + list(id_columns)
     schema = read_schema(files, columns, uri)

@@ -639,9 +639,9 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
     from alignlab.platform import ingest, shards
     from alignlab.platform.tracking import resolve_storage
 
-    init_ray(cfg)
     cfg = config_lib.with_absolute_paths(cfg)
-    info = prepare(cfg)
+    info = prepare(cfg)  # bad shards are named before a local cluster starts
+    init_ray(cfg)
     inputs = info.spec.input_spec(cfg.model, cfg.objectives)
     counter = ingest.make_counter()
     datasets = {
