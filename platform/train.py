@@ -16,8 +16,8 @@ it) and Ray Train V2 restores a run whose name and storage it finds. The step co
 learning-rate schedule continue from the checkpoint; the data stream restarts its epoch (a
 streaming order cannot be rewound).
 
-Metrics reach MLflow exactly once per step: rank 0 holds each window's metrics until the next
-checkpoint has been reported, then logs them. A run killed between checkpoints resumes from the
+Metrics reach MLflow exactly once per step: rank 0 holds each window's metrics until Ray Train
+has registered the next checkpoint, then logs them. A run killed between checkpoints resumes from the
 last one and logs the steps after it afresh, so no step appears twice in a metric's history
 (MLflow's history is append-only). The console shows every window as it happens.
 
@@ -540,6 +540,12 @@ class RayContext:
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
                          if checkpoint_dir else None)
+        if checkpoint_dir:
+            # report() only queues the checkpoint: Ray Train registers it (and writes the run's
+            # snapshot, which a restarted driver reads) when its controller next polls the
+            # workers, up to RAY_TRAIN_HEALTH_CHECK_INTERVAL_S later. A kill in between resumes
+            # from the checkpoint before, so the metrics flushed after this return must wait.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     def all_mean(self, values):
         import torch.distributed as dist

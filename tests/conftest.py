@@ -42,6 +42,9 @@ def ray_session():
     from alignlab.platform.train import local_cluster_cpus
 
     if not ray.is_initialized():
+        # Ray Train's controller takes one report per worker each time it polls them (every 2 s by
+        # default), which paces tiny test runs; every process of the cluster inherits this.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         cfg = load_config(None, ["scaling.num_workers=2", "data.compositional_split=compositional"])
         ray.init(num_cpus=local_cluster_cpus(cfg),
                  include_dashboard=False, configure_logging=False,
