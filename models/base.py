@@ -11,6 +11,7 @@ platform reads specs through ``models/registry.py`` and never names an architect
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -25,6 +26,14 @@ IGNORE = -100
 class ConfigError(ValueError):
     """A configuration problem, raised before any work starts. Its message names the dotted key
     and what would be valid."""
+
+
+def load_refusal(error: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one sentence: the unpickler's own
+    reason (the object the file tried to build, or the opcode it met). torch's message around it
+    advises ``weights_only=False`` or allow-listing the global, the unsafe way, and is left out."""
+    reason = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(error), re.S)
+    return " ".join((reason.group(1) if reason else str(error)).split()).split(". ")[0][:160]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignlab.models.base import load_refusal
+
 
 class RandomProjectionQuantizer(nn.Module):
     """BEST-RQ's quantizer on image patches: ids = argmax_c <normalize(P x), normalize(e_c)>."""
@@ -154,13 +156,8 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError as e:
         raise DVAEError(f"{path}: no such dVAE encoder file") from e
     except pickle.UnpicklingError as e:
-        # torch's message advises weights_only=False or allow-listing the global, the opposite of
-        # what is safe: keep only the unpickler's first sentence (the object the file tried to
-        # build, or the opcode it refused).
-        reason = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(e), re.S)
-        first = " ".join((reason.group(1) if reason else str(e)).split()).split(". ")[0][:160]
         raise DVAEError(f"{path}: not a state dict of tensors (the weights-only unpickler refused it, so nothing "
-                        f"in it ran: {first}). {_CONVERT}") from e
+                        f"in it ran: {load_refusal(e)}). {_CONVERT}") from e
     except Exception as e:  # safetensors' and torch's errors on other bytes: not a state dict either
         raise DVAEError(f"{path}: not a state dict of tensors ({type(e).__name__}: {str(e)[:160]}). {_CONVERT}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from alignlab.models.base import load_refusal
+
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -101,8 +103,8 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         trainer = torch.load(state_path, map_location=map_location, weights_only=True)
     except Exception as e:  # weights_only refuses code; a truncated file raises from the unpickler
         raise CheckpointError(f"checkpoint file {state_path} was refused: it is corrupt or holds more than tensors "
-                              f"and plain values ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              f"nothing in it was executed") from None
+                              f"and plain values ({type(e).__name__}: {load_refusal(e)}); nothing in it was "
+                              f"executed") from None
     return CheckpointContents(model=model, step=step, epoch=epoch, config=config, vocab=vocab, trainer=trainer)
 
 
