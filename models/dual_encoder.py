@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab.models.base import InputSpec, ModelOutput, PretrainingModel, Vocab
+from alignlab.models.base import Ablation, InputSpec, ModelOutput, ModelSpec, PretrainingModel, Vocab
 from alignlab.models.blocks import (BertCheckpoint, RegionTransformer, TextEmbeddings, TransformerEncoder,
                                     TransformerSize, ViTEncoder, bert_layer_plan, init_weights)
 from alignlab.models.objectives import clamp_logit_scale, contrastive_loss, global_view
@@ -87,3 +87,10 @@ class DualEncoder(PretrainingModel):
         scale = clamp_logit_scale(self.log_scale)
         loss = contrastive_loss(img, txt, scale, img_all, txt_all, offset)
         return ModelOutput(losses={"itc": loss}, metrics={"temperature": 1.0 / scale.detach()})
+
+
+SPEC = ModelSpec(
+    name="dual_encoder", model=DualEncoder, image_kinds=("vit", "regions"),
+    ablations=lambda cfg: {"image_encoder": Ablation("Dual-encoder baseline: image encoder",
+                                                     {"model.image.kind": ("vit", "regions")}, "model.image.kind")},
+)

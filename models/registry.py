@@ -1,37 +1,50 @@
-"""Architecture names -> model classes. A config names an architecture, never a class path."""
+"""Architecture names -> :class:`~alignlab.models.base.ModelSpec`. A config names an architecture
+(``model.architecture: mvptr``), never a class path; the platform asks this registry for the spec.
+
+The built-in architectures are imported lazily, by module, so that validating a config imports only
+the architecture it names. Another architecture registers itself with :func:`register` (a research
+fork, a test's toy model); its module must then be importable wherever the config is read again
+(Ray pickles the spec to the train workers by reference).
+"""
 from __future__ import annotations
 
 import importlib
 
-from alignlab.models.base import PretrainingModel, Vocab
+from alignlab.models.base import ConfigError, ModelSpec, PretrainingModel, Vocab
 
-# Resolved lazily so that validating a config does not import every architecture.
-ARCHITECTURES: dict[str, str] = {
-    "dual_encoder": "alignlab.models.dual_encoder:DualEncoder",
-    "simla": "alignlab.models.simla:SIMLA",
-    "mvptr": "alignlab.models.mvptr:MVPTR",
-    "semvlp": "alignlab.models.semvlp:SemVLP",
+# Each module defines ``SPEC``.
+BUILTIN: dict[str, str] = {
+    "dual_encoder": "alignlab.models.dual_encoder",
+    "mvptr": "alignlab.models.mvptr",
+    "semvlp": "alignlab.models.semvlp",
+    "simla": "alignlab.models.simla",
 }
 
+_registered: dict[str, ModelSpec] = {}
 
-def model_class(architecture: str) -> type[PretrainingModel]:
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Adds (or replaces) an architecture; returns the spec, so a module can write
+    ``SPEC = register(ModelSpec(...))``."""
+    _registered[spec.name] = spec
+    return spec
+
+
+def names() -> list[str]:
+    return sorted(set(BUILTIN) | set(_registered))
+
+
+def get_spec(architecture: str) -> ModelSpec:
+    if architecture not in _registered and architecture in BUILTIN:
+        spec = importlib.import_module(BUILTIN[architecture]).SPEC
+        _registered.setdefault(spec.name, spec)
     try:
-        module, name = ARCHITECTURES[architecture].split(":")
+        return _registered[architecture]
     except KeyError:
-        raise ValueError(f"model.architecture = {architecture!r} is not implemented; "
-                         f"available: {', '.join(sorted(ARCHITECTURES))}") from None
-    return getattr(importlib.import_module(module), name)
-
-
-def check_objectives(architecture: str, weights: dict[str, float]) -> None:
-    """Objective weights may only name losses the architecture produces."""
-    valid = model_class(architecture).objectives
-    unknown = sorted(set(weights) - set(valid))
-    if unknown:
-        raise ValueError(f"objectives.weights names {unknown}, which {architecture} does not produce; "
-                         f"valid objectives: {', '.join(valid)}")
+        raise ConfigError(f"config key 'model.architecture' = {architecture!r} is not a registered "
+                          f"architecture; valid choices: {', '.join(map(repr, names()))}") from None
 
 
 def build_model(model_cfg, objectives_cfg, vocab: Vocab) -> PretrainingModel:
-    check_objectives(model_cfg.architecture, objectives_cfg.weights)
-    return model_class(model_cfg.architecture)(model_cfg, objectives_cfg, vocab)
+    """The model of ``model_cfg.architecture`` (the config was checked when it was loaded)."""
+    return get_spec(model_cfg.architecture).build(model_cfg, objectives_cfg, vocab)

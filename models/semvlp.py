@@ -61,16 +61,42 @@ Readings where the paper leaves a choice:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab.models.base import InputSpec, ModelOutput, PretrainingModel, Vocab
+from alignlab.models.base import (IGNORE, Ablation, ConfigError, InputSpec, ModelOutput, ModelSpec, PretrainingModel,
+                                  Vocab)
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, RegionEmbeddings, TextEmbeddings,
                                     TransformerEncoder, TransformerSize, bert_layer_plan, init_weights)
 from alignlab.models.objectives import (feature_regression_loss, itm_loss, masked_token_loss,
                                         same_item_mask, sample_hard_negatives)
-from alignlab.platform.masking import IGNORE
+
+
+@dataclass
+class SemVLPConfig:
+    """``model.semvlp`` (Li et al., 2021, §3 and §4.3-4.4): one shared encoder run in
+    single-stream and two-stream mode, with cross-modal attention in the layers above
+    ``cross_layer``."""
+
+    # Pre-training mode (Table 4): single-stream only, two-stream only, or both, alternating per
+    # mini-batch with probability ``single_prob`` of single-stream (§3.3.2: 0.5). "single" builds
+    # no cross-modal attention at all.
+    mode: Literal["single", "two", "both"] = "both"
+    single_prob: float = 0.5
+    # L_s (§3.2.2): layers 1..L_s of the object stream are self-attention only, layers above
+    # L_s also cross-attend to the text's last-layer states (the paper: 6 of 12).
+    cross_layer: int = 6
+    # Mode of the ITM re-ranking at evaluation (Table 5: either works after pre-training; the
+    # paper found single-stream better). "auto": single-stream unless pre-trained two-stream only.
+    eval_mode: Literal["auto", "single", "two"] = "auto"
+    # Image-QA answer classes (§3.3.1); 0 builds no QA head. Otherwise at least the lines of the
+    # shard set's answers.txt (built from VQA / GQA); the head trains on question rows.
+    num_answers: int = 0
+
 
 MODES = ("single", "two")
 TASKS = ("mlm", "roi_regression", "object_label", "itm", "qa")
@@ -228,3 +254,42 @@ class SemVLP(PretrainingModel):
             itm_acc = (itm_logits.argmax(-1) == matched.long()).float().mean()
         metrics = {"mode_single": torch.tensor(float(mode == "single")), f"itm_acc_{mode}": itm_acc}
         return ModelOutput(losses=losses, metrics=metrics)
+
+
+def cross_layers(num_layers: int) -> tuple[int, ...]:
+    """Figure 3's L_s = 2, 4, 6, 8, 10 of 12 layers as fractions k/6 of L, rounded, distinct and
+    below L (L_s = L would leave two-stream mode without fusion)."""
+    return tuple(sorted({min(num_layers - 1, max(1, round(k * num_layers / 6))) for k in range(1, 6)}))
+
+
+def check_config(cfg) -> None:
+    s, layers = cfg.model.semvlp, cfg.model.num_layers
+    if not 0 <= s.cross_layer <= layers:
+        raise ConfigError(f"config key 'model.semvlp.cross_layer' = {s.cross_layer} must be in 0..model.num_layers "
+                          f"= {layers}")
+    if s.mode != "single" and s.cross_layer == layers:
+        raise ConfigError(f"config key 'model.semvlp.cross_layer' = {layers} leaves no cross-attending layer, so "
+                          f"two-stream mode (model.semvlp.mode = {s.mode!r}) could not fuse; use L_s < "
+                          f"{layers} or mode 'single'")
+    if s.mode == "single" and s.eval_mode == "two" or s.mode == "two" and s.eval_mode == "single":
+        raise ConfigError(f"config key 'model.semvlp.eval_mode' = {s.eval_mode!r} was not pre-trained "
+                          f"(model.semvlp.mode = {s.mode!r})")
+    if not 0.0 < s.single_prob < 1.0 and s.mode == "both":
+        raise ConfigError("config key 'model.semvlp.single_prob' must be in (0, 1) for mode 'both'")
+    if s.num_answers < 0:
+        raise ConfigError("config key 'model.semvlp.num_answers' must be >= 0")
+
+
+SPEC = ModelSpec(
+    name="semvlp", model=SemVLP, config=SemVLPConfig, check_config=check_config,
+    # Objects are detector regions with boxes and labels (§3.1.1).
+    image_kinds=("regions",),
+    ablations=lambda cfg: {
+        # §4.3 pre-trains "with only high-level semantic alignment" to place L_s (Figure 3).
+        "L_s": Ablation("SemVLP Fig. 3: two-stream retrieval vs L_s",
+                        {"model.semvlp.cross_layer": cross_layers(cfg.model.num_layers), "model.semvlp.mode": ("two",)},
+                        "model.semvlp.cross_layer", line=True),
+        "modes": Ablation("SemVLP Table 4: pre-training mode", {"model.semvlp.mode": ("single", "two", "both")},
+                          "model.semvlp.mode"),
+    },
+)

@@ -29,19 +29,72 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignlab.models.base import InputSpec, ModelOutput, PretrainingModel, Vocab
+from alignlab.models.base import (IGNORE, Ablation, ConfigError, InputSpec, ModelOutput, ModelSpec, PretrainingModel,
+                                  Vocab)
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, TextEmbeddings, TransformerEncoder,
                                     TransformerSize, ViTEncoder, bert_layer_plan, init_weights)
 from alignlab.models.objectives import (FeatureQueue, clamp_logit_scale, distillation_loss, gather_no_grad,
                                         gather_rows, global_hard_negatives, itm_loss, multilabel_bce,
                                         positive_targets, psl_targets)
 from alignlab.models.visual_tokenizers import build_visual_tokenizer
-from alignlab.platform.masking import IGNORE
+
+# Table 1's rows as component sets (the paper labels its last two rows both "(d)"; here they are
+# d and e).
+TABLE1: dict[str, tuple[str, ...]] = {
+    "a": ("itm",),
+    "b": ("itm", "itc"),
+    "c": ("itm", "itc", "mlm"),
+    "d": ("itm", "itc", "mlm", "mim"),
+    "e": ("itm", "itc", "mlm", "mim", "psl"),
+}
+PSL_K = (1, 2, 4, 8)  # the appendix's sweep of pseudo-labels per caption
+
+
+@dataclass
+class SIMLAConfig:
+    """``model.simla`` (§2, §2.5): momentum distillation, feature queues, XMM's visual tokenizer
+    and block-wise image masking, PSL, and the Table-1 component switches."""
+
+    momentum: float = 0.995  # EMA coefficient of the momentum encoders and heads (§2.5)
+    # Length M of the image and text feature queues (65,536 in the paper); a multiple of the
+    # global batch (data.batch_size), so small runs size it to their batch.
+    queue_size: int = 65536
+    alpha: float = 0.4  # distillation coefficient, ramped linearly from 0 ...
+    alpha_ramp_epochs: float = 1.0  # ... over this many epochs (§2.5: the first epoch)
+    psl_k: int = 4  # pseudo-labels per caption (appendix §3: k = 4 is best)
+    # Layers of the language encoder from this index on hold cross-attention (the paper: all).
+    cross_from: int = 0
+    # Table-1 components; a disabled one contributes no loss and builds no head.
+    itm: bool = True
+    itc: bool = True
+    mlm: bool = True
+    mim: bool = True
+    psl: bool = True
+    # A named Table-1 row (TABLE1) overriding the flags above: one sweepable key.
+    row: Literal[("",) + tuple(TABLE1)] = ""
+    # MIM targets: "random_projection" (BEST-RQ's frozen random-projection quantizer, needs no
+    # weights: the default here) or "dvae" (a DALL-E / BEiT dVAE encoder loaded from dvae_path).
+    visual_tokenizer: Literal["random_projection", "dvae"] = "random_projection"
+    codebook_size: int = 8192  # visual vocabulary (the DALL-E dVAE's is 8192)
+    rpq_dim: int = 16  # projection width of the random-projection quantizer (BEST-RQ)
+    rpq_seed: int = 0  # seed of its frozen projection and codebook
+    dvae_path: str = ""
+    # BEiT block-wise masking: the fraction of image patches masked is drawn uniformly from
+    # these bounds per image (BEiT: 75 of 196 patches, about 0.4).
+    mim_ratio: tuple[float, float] = (0.35, 0.45)
+
+    def components(self) -> tuple[str, ...]:
+        """The enabled objectives: the named row's, or the flags'."""
+        if self.row:
+            return TABLE1[self.row]
+        return tuple(c for c in ("itm", "itc", "mlm", "mim", "psl") if getattr(self, c))
 
 
 class SIMLA(PretrainingModel):
@@ -331,3 +384,43 @@ class SIMLA(PretrainingModel):
         with torch.no_grad():
             teacher = torch.sigmoid(self.momentum["psl_head"](v_m[:, 0]).float())
         return multilabel_bce(logits, (1.0 - self.alpha) * y + self.alpha * teacher), y.sum(-1).mean()
+
+
+def check_config(cfg) -> None:
+    s, img = cfg.model.simla, cfg.model.image
+    components = s.components()
+    if "itc" in components and s.queue_size % cfg.data.batch_size:
+        raise ConfigError(f"config key 'model.simla.queue_size' = {s.queue_size} must be a multiple of the "
+                          f"global batch data.batch_size = {cfg.data.batch_size}")
+    if not 0.0 <= s.mim_ratio[0] <= s.mim_ratio[1] < 1.0:
+        raise ConfigError(f"config key 'model.simla.mim_ratio' = {list(s.mim_ratio)} must be 0 <= low <= high < 1")
+    if s.psl_k < 1:
+        raise ConfigError("config key 'model.simla.psl_k' must be >= 1")
+    if not 0.0 <= s.momentum < 1.0:
+        raise ConfigError(f"config key 'model.simla.momentum' = {s.momentum} must be in [0, 1)")
+    if not 0.0 <= s.alpha <= 1.0:
+        raise ConfigError(f"config key 'model.simla.alpha' = {s.alpha} must be in [0, 1]")
+    if "mim" in components:
+        # The CPU stage draws the block-wise mask on the patch grid, so the grid must be explicit.
+        if not (img.img_size and img.patch_size) or img.img_size % img.patch_size:
+            raise ConfigError("simla's MIM needs model.image.img_size and model.image.patch_size set "
+                              "(img_size a multiple of patch_size): the data stage masks on that patch grid")
+        if cfg.data.image_size != img.img_size:
+            raise ConfigError(f"config key 'data.image_size' = {cfg.data.image_size} must equal "
+                              f"model.image.img_size = {img.img_size} for simla's MIM")
+        if s.visual_tokenizer == "dvae" and not s.dvae_path:
+            raise ConfigError("config key 'model.simla.dvae_path' must name a dVAE encoder file when "
+                              "model.simla.visual_tokenizer = 'dvae'")
+
+
+SPEC = ModelSpec(
+    name="simla", model=SIMLA, config=SIMLAConfig, check_config=check_config,
+    image_kinds=("vit",),  # a ViT below the language encoder (§2.1)
+    # The rows and k are two sweeps rather than one product grid: k means nothing without PSL.
+    ablations=lambda cfg: {
+        "rows": Ablation("SIMLA Table 1: components (a ITM, b +ITC, c +MLM, d +MIM, e +PSL)",
+                         {"model.simla.row": tuple(TABLE1)}, "model.simla.row"),
+        "k": Ablation("SIMLA: retrieval against the number of PSL pseudo-labels k",
+                      {"model.simla.psl_k": PSL_K}, "model.simla.psl_k", line=True),
+    },
+)

@@ -8,13 +8,17 @@ config):
   2022). Each patch's pixels are standardised, projected by a frozen random matrix and assigned to
   the nearest of ``codebook_size`` frozen random unit vectors (cosine). It needs no downloaded or
   trained weights, is deterministic given its seed, and its buffers live in the checkpoint.
-* ``dvae``: a DALL-E / BEiT discrete VAE encoder loaded from a user-given file, the paper's
-  tokenizer, for users who have the weights.
+* ``dvae``: a DALL-E / BEiT discrete VAE encoder whose weights (a state dict) are loaded from a
+  user-given file into :class:`DVAEEncoder`, the paper's tokenizer, for users who have them.
 
 Both are frozen (no parameters reach the optimiser) and map uint8 pixels (B, 3, H, W) to token
 ids (B, grid²) in patch order (row-major, as timm's ViT flattens patches).
 """
 from __future__ import annotations
+
+import pickle
+import re
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +49,129 @@ class RandomProjectionQuantizer(nn.Module):
         return (z @ self.codebook.t()).argmax(-1)
 
 
+class DVAEError(ValueError):
+    """A dVAE encoder file cannot be used; the message names the file and what to do."""
+
+
+class _Conv(nn.Module):
+    """A same-padded convolution whose parameters are named ``w`` and ``b``, as in DALL-E's
+    encoder, so its state dict loads unchanged."""
+
+    def __init__(self, n_in: int, n_out: int, kernel: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(n_out, n_in, kernel, kernel))
+        self.b = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.w, self.b, padding=(self.w.shape[-1] - 1) // 2)
+
+
+class _EncoderBlock(nn.Module):
+    """DALL-E's residual block: identity (or a 1x1 projection when the width changes) plus the
+    bottleneck path relu-3x3-relu-3x3-relu-3x3-relu-1x1 at a quarter of the width, scaled by
+    1 / n_layers² (the encoder's post-gain)."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int):
+        super().__init__()
+        hidden = n_out // 4
+        self.id_path = _Conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", _Conv(n_in, hidden, 3)),
+            ("relu_2", nn.ReLU()), ("conv_2", _Conv(hidden, hidden, 3)),
+            ("relu_3", nn.ReLU()), ("conv_3", _Conv(hidden, hidden, 3)),
+            ("relu_4", nn.ReLU()), ("conv_4", _Conv(hidden, n_out, 1))]))
+        self.post_gain = 1.0 / n_layers ** 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DVAEEncoder(nn.Module):
+    """The encoder of DALL-E's discrete VAE (Ramesh et al., 2021), the tokenizer BEiT and SIMLA
+    use: a 7x7 input convolution to ``hidden`` channels, four groups of ``blocks_per_group``
+    residual blocks at 1, 2, 4 and 8 x ``hidden`` channels, max-pooled by 2 after each of the
+    first three (so the grid is the image side / 8), and a relu + 1x1 convolution to
+    ``vocab_size`` logits. Parameter names follow OpenAI's ``dall_e`` package (``blocks.input.w``,
+    ``blocks.group_1.block_1.res_path.conv_1.w``, ..., ``blocks.output.conv.b``): the state dict
+    of its ``encoder.pkl`` loads as is. OpenAI's defaults: hidden 256, 2 blocks per group, 8192
+    tokens."""
+
+    GROUPS = 4
+
+    def __init__(self, hidden: int = 256, blocks_per_group: int = 2, vocab_size: int = 8192, in_channels: int = 3):
+        super().__init__()
+        n_layers = self.GROUPS * blocks_per_group
+        groups: list[tuple[str, nn.Module]] = [("input", _Conv(in_channels, hidden, 7))]
+        width = hidden
+        for g in range(self.GROUPS):
+            out = hidden * 2 ** g
+            layers: list[tuple[str, nn.Module]] = []
+            for i in range(blocks_per_group):
+                layers.append((f"block_{i + 1}", _EncoderBlock(width, out, n_layers)))
+                width = out
+            if g < self.GROUPS - 1:
+                layers.append(("pool", nn.MaxPool2d(kernel_size=2)))
+            groups.append((f"group_{g + 1}", nn.Sequential(OrderedDict(layers))))
+        groups.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()),
+                                                            ("conv", _Conv(width, vocab_size, 1))]))))
+        self.blocks = nn.Sequential(OrderedDict(groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], where: str) -> "DVAEEncoder":
+        """The encoder whose sizes the state dict's shapes give, with its weights loaded (strict)."""
+        try:
+            hidden, in_channels = state["blocks.input.w"].shape[:2]
+            vocab_size = state["blocks.output.conv.w"].shape[0]
+        except (KeyError, AttributeError, ValueError) as e:
+            raise DVAEError(f"{where}: not a DALL-E dVAE encoder state dict (no {e} tensor); found keys "
+                            f"{sorted(state)[:6]}...") from e
+        blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))}
+        encoder = cls(int(hidden), max(blocks, default=1), int(vocab_size), int(in_channels))
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as e:
+            raise DVAEError(f"{where}: the tensors do not fit a DALL-E dVAE encoder: {' '.join(str(e).split())}") from e
+        return encoder
+
+
+_CONVERT = ("Convert a pickled encoder once, in an environment you trust, e.g. torch.save(torch.load("
+            "'encoder.pkl', weights_only=False).state_dict(), 'encoder.pt'), or save it with safetensors")
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors by name from a ``.safetensors`` file or a ``torch.save``-d state dict. Never
+    unpickles objects: a file holding code (a pickled module such as OpenAI's ``encoder.pkl``)
+    is refused, naming the file, before anything in it runs."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise DVAEError(f"{path}: no such dVAE encoder file") from e
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False or allow-listing the global, the opposite of
+        # what is safe: keep only the unpickler's first sentence (the object the file tried to
+        # build, or the opcode it refused).
+        reason = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(e), re.S)
+        first = " ".join((reason.group(1) if reason else str(e)).split()).split(". ")[0][:160]
+        raise DVAEError(f"{path}: not a state dict of tensors (the weights-only unpickler refused it, so nothing "
+                        f"in it ran: {first}). {_CONVERT}") from e
+    except Exception as e:  # safetensors' and torch's errors on other bytes: not a state dict either
+        raise DVAEError(f"{path}: not a state dict of tensors ({type(e).__name__}: {str(e)[:160]}). {_CONVERT}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DVAEError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
 class DVAETokenizer(nn.Module):
-    """A DALL-E dVAE encoder (BEiT's tokenizer) loaded from ``path``: a ``torch.save``-d module,
-    such as OpenAI's ``encoder.pkl`` (its ``dall_e`` package must be importable to unpickle it).
+    """SIMLA's MIM targets from a DALL-E dVAE encoder whose weights are read from ``path``, a
+    state dict (``.safetensors``, or ``torch.save`` of ``encoder.state_dict()``) of
+    :class:`DVAEEncoder`.
 
     As BEiT, the image is resized to 8 × grid pixels (the encoder downsamples by 8, so 112 px for
     a 14 × 14 grid of a 224 px image), mapped with DALL-E's ``map_pixels``, and each position's
@@ -58,7 +182,7 @@ class DVAETokenizer(nn.Module):
 
     def __init__(self, path: str, grid: int):
         super().__init__()
-        self.encoder = torch.load(path, map_location="cpu", weights_only=False)
+        self.encoder = DVAEEncoder.from_state_dict(load_state_dict(path), path)
         self.encoder.requires_grad_(False)
         self.grid = grid
 

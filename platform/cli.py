@@ -35,7 +35,8 @@ def _sweep(args: argparse.Namespace) -> None:
 
     from alignlab.platform.config import ConfigError, load_config
     from alignlab.platform.experiment import ensure_synthetic_data
-    from alignlab.platform.sweep import publish_comparison, run_sweep
+    from alignlab.platform.report import publish_comparison
+    from alignlab.platform.sweep import run_sweep
     from alignlab.platform.tracking import ui_command
 
     cfg = load_config(args.preset, args.overrides)
@@ -49,6 +50,21 @@ def _sweep(args: argparse.Namespace) -> None:
     result = run_sweep(cfg, grid, args.name)
     print(publish_comparison(result, list(grid), [args.metric], f"sweep {args.name}", f"outputs/{args.name}"))
     print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from alignlab.platform.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.max_images, args.overrides,
+                                  mlflow_uri=args.mlflow_uri)
+    run_id = metrics.pop("mlflow_run_id", None)
+    print(f"{int(metrics['eval_images'])} images, {int(metrics['eval_captions'])} captions scored")
+    for prefix, label in (("uni_", "uni-modal"), ("", "ITM re-ranked")):
+        if f"{prefix}rsum" in metrics:
+            cells = "  ".join(f"{d}_r{k} {metrics[f'{prefix}{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+            print(f"{label:14s} {cells}  RSUM {metrics[f'{prefix}rsum']:.1f}")
+    if run_id:
+        print(f"logged as eval/<split>/* in MLflow run {run_id}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -77,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
     train.set_defaults(func=_train)
 
+    ev = sub.add_parser("eval", help="retrieval of a trained checkpoint on any split, logged to MLflow")
+    ev.add_argument("checkpoint", help="a checkpoint directory or an MLflow run id (its 'checkpoint' tag)")
+    ev.add_argument("--shards", default="", help="shard set (default: the checkpoint's own)")
+    ev.add_argument("--split", default="", help="split to score (default: the checkpoint's data.eval_split)")
+    ev.add_argument("--max-images", type=int, default=0, help="gallery size cap (default: the checkpoint's)")
+    ev.add_argument("--mlflow-uri", default="", help="store to find a run id in (default: $MLFLOW_TRACKING_URI, "
+                                                      "else the local store)")
+    ev.add_argument("overrides", nargs="*", help="config overrides such as eval.k_captions=64")
+    ev.set_defaults(func=_eval)
+
     sweep = sub.add_parser("sweep", help="a Ray Tune grid of config overrides, one MLflow child run per trial")
     sweep.add_argument("preset")
     sweep.add_argument("overrides", nargs="*")
@@ -100,13 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from alignlab.platform.checkpoint import CheckpointError
     from alignlab.platform.config import ConfigError
-    from alignlab.platform.shards import ShardSchemaError
+    from alignlab.platform.shards import ShardFolderError, ShardSchemaError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ShardSchemaError, FileNotFoundError) as e:
+    except (ConfigError, ShardSchemaError, ShardFolderError, CheckpointError, FileNotFoundError) as e:
         # Start-up errors are the user's to fix: say what is wrong, not where in our code.
         sys.exit(f"alignlab: error: {e}")
 

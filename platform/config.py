@@ -5,13 +5,17 @@ Every key is checked at start-up: an unknown key, a value of the wrong type or a
 a ``Literal`` fails with a :class:`ConfigError` naming the dotted key and the valid choices, so a
 typo never surfaces an hour into a cluster run.
 
-A config names an architecture (``model.architecture: mvptr``), never a class path; the model
-registry maps names to builders.
+A config names an architecture (``model.architecture``), never a class path. The sections every
+architecture shares live here; each architecture's own section (``model.<name>``) is the dataclass
+its :class:`~alignlab.models.base.ModelSpec` declares beside its model, found through
+``alignlab.models.registry``, so this module knows no architecture by name.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,9 +24,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, raised before any work starts."""
+from alignlab.models.base import ConfigError
+from alignlab.models.registry import get_spec
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,6 +41,9 @@ class DataConfig:
     shards: str = "data/synth"
     train_split: str = "train"
     eval_split: str = "test"
+    # A split of candidate captions (shards.COMPOSITIONAL_COLUMNS; the synthetic set writes
+    # "compositional") scored by evaluate_compositional beside retrieval; empty: none.
+    compositional_split: str = ""
     # "auto": the shard directory's own vocab.txt (written by `alignlab data synth`); otherwise
     # a Hugging Face tokenizer name or local path, or a WordPiece vocab.txt file.
     tokenizer: str = "auto"
@@ -87,114 +93,37 @@ class ImageEncoderConfig:
 
 
 @dataclass
-class MVPTRConfig:
-    """MVPTR-specific options (Li et al., 2022, §3 and Table 4)."""
-
-    # Table 4's rows: the full model, without masked concept recovering, without MCR and the tag
-    # input, without weakly-supervised phrase grounding, without WPG and the phrase input. A
-    # removed component contributes no parameters, no inputs and no loss.
-    ablation: Literal["full", "wo_mcr", "wo_mcr_tag", "wo_wpg", "wo_wpg_phrase"] = "full"
-    # WPG hinge margin (§3.3).
-    wpg_margin: float = 0.2
-    # Layers of the textual, visual and multi-modal encoders (6 each in the paper: the uni-modal
-    # encoders from BERT-base layers 0-5, the multi-modal encoder from layers 6-11).
-    text_layers: int = 6
-    visual_layers: int = 6
-    fusion_layers: int = 6
-
-
-@dataclass
-class SIMLAConfig:
-    """SIMLA (§2, §2.5): momentum distillation, feature queues, XMM's visual tokenizer and
-    block-wise image masking, PSL, and the Table-1 component switches."""
-
-    momentum: float = 0.995  # EMA coefficient of the momentum encoders and heads (§2.5)
-    # Length M of the image and text feature queues (65,536 in the paper); a multiple of the
-    # global batch (data.batch_size), so small runs size it to their batch.
-    queue_size: int = 65536
-    alpha: float = 0.4  # distillation coefficient, ramped linearly from 0 ...
-    alpha_ramp_epochs: float = 1.0  # ... over this many epochs (§2.5: the first epoch)
-    psl_k: int = 4  # pseudo-labels per caption (appendix §3: k = 4 is best)
-    # Layers of the language encoder from this index on hold cross-attention (the paper: all).
-    cross_from: int = 0
-    # Table-1 components; a disabled one contributes no loss and builds no head.
-    itm: bool = True
-    itc: bool = True
-    mlm: bool = True
-    mim: bool = True
-    psl: bool = True
-    # A named Table-1 row (see SIMLA_ROWS) overriding the flags above: one sweepable key.
-    row: Literal["", "a", "b", "c", "d", "e"] = ""
-    # MIM targets: "random_projection" (BEST-RQ's frozen random-projection quantizer, needs no
-    # weights: the default here) or "dvae" (a DALL-E / BEiT dVAE encoder loaded from dvae_path).
-    visual_tokenizer: Literal["random_projection", "dvae"] = "random_projection"
-    codebook_size: int = 8192  # visual vocabulary (the DALL-E dVAE's is 8192)
-    rpq_dim: int = 16  # projection width of the random-projection quantizer (BEST-RQ)
-    rpq_seed: int = 0  # seed of its frozen projection and codebook
-    dvae_path: str = ""
-    # BEiT block-wise masking: the fraction of image patches masked is drawn uniformly from
-    # these bounds per image (BEiT: 75 of 196 patches, about 0.4).
-    mim_ratio: tuple[float, float] = (0.35, 0.45)
-
-    def components(self) -> tuple[str, ...]:
-        """The enabled objectives: the named row's, or the flags'."""
-        if self.row:
-            return SIMLA_ROWS[self.row]
-        return tuple(c for c in ("itm", "itc", "mlm", "mim", "psl") if getattr(self, c))
-
-
-# SIMLA's Table-1 ablation rows as named component sets (the paper labels its last two rows both
-# "(d)"; here they are d and e). ``row: ""`` uses the component flags instead.
-SIMLA_ROWS: dict[str, tuple[str, ...]] = {
-    "a": ("itm",),
-    "b": ("itm", "itc"),
-    "c": ("itm", "itc", "mlm"),
-    "d": ("itm", "itc", "mlm", "mim"),
-    "e": ("itm", "itc", "mlm", "mim", "psl"),
-}
-
-
-@dataclass
-class SemVLPConfig:
-    """SemVLP (Li et al., 2021, §3 and §4.3-4.4): one shared encoder run in single-stream and
-    two-stream mode, with cross-modal attention in the layers above ``cross_layer``."""
-
-    # Pre-training mode (Table 4): single-stream only, two-stream only, or both, alternating per
-    # mini-batch with probability ``single_prob`` of single-stream (§3.3.2: 0.5). "single" builds
-    # no cross-modal attention at all.
-    mode: Literal["single", "two", "both"] = "both"
-    single_prob: float = 0.5
-    # L_s (§3.2.2): layers 1..L_s of the object stream are self-attention only, layers above
-    # L_s also cross-attend to the text's last-layer states (the paper: 6 of 12).
-    cross_layer: int = 6
-    # Mode of the ITM re-ranking at evaluation (Table 5: either works after pre-training; the
-    # paper found single-stream better). "auto": single-stream unless pre-trained two-stream only.
-    eval_mode: Literal["auto", "single", "two"] = "auto"
-    # Image-QA answer classes (§3.3.1); 0 builds no QA head. Otherwise at least the lines of the
-    # shard set's answers.txt (built from VQA / GQA); the head trains on question rows.
-    num_answers: int = 0
-
-
-@dataclass
 class ModelConfig:
+    """Sizes and encoders every architecture shares, and the architecture's own section.
+
+    ``section`` holds ``model.<architecture>``: the dataclass its spec declares (MVPTR's
+    ``model.mvptr``, ...), read as ``cfg.model.mvptr`` and written under that key in YAML,
+    overrides and MLflow params. Only the chosen architecture's section exists.
+    """
+
     # An architecture registered in alignlab.models.registry.
-    architecture: Literal["dual_encoder", "mvptr", "simla", "semvlp"] = "dual_encoder"
+    architecture: str = "dual_encoder"
     # Transformer width shared by the text stack (and region/fusion stacks).
     hidden_size: int = 768
     num_layers: int = 6
     num_heads: int = 12
     intermediate_size: int = 3072
     dropout: float = 0.1
-    # Hugging Face BERT checkpoint name or path for the text stack ("" = random init).
+    # Text stack initialisation ("" = random): a Hugging Face BERT checkpoint name, a local
+    # directory, or pkg://<python package>/<folder> for a checkpoint a package ships.
     text_init: str = ""
     # Width of the shared contrastive space (g_v, g_l in SIMLA; 256 as in ALBEF).
     embed_dim: int = 256
     # Initial temperature of the learnable InfoNCE temperature (CLIP / ALBEF use 0.07).
     temperature: float = 0.07
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    simla: SIMLAConfig = field(default_factory=SIMLAConfig)
-    mvptr: MVPTRConfig = field(default_factory=MVPTRConfig)
-    semvlp: SemVLPConfig = field(default_factory=SemVLPConfig)
+    section: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not fields: ``cfg.model.<architecture>``.
+        if not name.startswith("_") and name == self.__dict__.get("architecture") and self.section is not None:
+            return self.section
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
 
 @dataclass
@@ -230,6 +159,9 @@ class OptimConfig:
     max_steps: int = 1000
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
+    # Steps with a non-finite loss are skipped (as fp16 overflows are); this many in a row fail
+    # the run.
+    nonfinite_patience: int = 10
 
 
 @dataclass
@@ -249,13 +181,13 @@ class ScalingConfig:
 
 @dataclass
 class TrackingConfig:
-    # "" = $MLFLOW_TRACKING_URI, else a local SQLite store in the working directory.
+    # "" = $MLFLOW_TRACKING_URI, else a SQLite store under $ALIGNLAB_HOME (~/.alignlab).
     mlflow_uri: str = ""
     experiment: str = "alignlab"
     run_name: str = ""
     log_every: int = 10
     checkpoint_every: int = 200
-    # Ray Train storage for checkpoints: local dir or object-storage URI ("" = ./ray_results).
+    # Ray Train storage for checkpoints: local dir or object-storage URI ("" = $ALIGNLAB_HOME/ray_results).
     storage_path: str = ""
     # Ray Train restarts on worker failure before giving up.
     max_failures: int = 2
@@ -317,14 +249,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"config key '{key}' = {value!r} is not of type {_type_name(tp)}")
     if origin is tuple:
         args = get_args(tp)
@@ -344,6 +275,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' = {value!r} must be a float")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' = {value!r} must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -364,11 +297,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not (cls is ModelConfig and f.name == "section")}
+
+
+def _acronym(key: str) -> str:
+    return "".join(part[0] for part in key.split("_") if part)
 
 
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    """The error for a key that does not exist, with the closest valid key: by spelling, or by
+    initials (``learning_rate`` -> ``lr``)."""
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, valid, n=1) or [v for v in valid if v == _acronym(name)]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(sorted(valid))}")
 
@@ -376,22 +316,48 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     types_ = _field_types(cls)
     kwargs = {}
+    data = dict(data)
+    if cls is ModelConfig:
+        kwargs["section"] = _build_section(data, prefix)
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in types_:
             raise _unknown_key(key, list(types_))
         kwargs[k] = _coerce(v, types_[k], key)
-    obj = cls(**kwargs)
-    validate = getattr(obj, "__validate__", None)
-    if validate:
-        validate()
-    return obj
+    return cls(**kwargs)
+
+
+def _build_section(data: dict, prefix: str) -> Any:
+    """Pops ``model.<architecture>`` from ``data`` and builds it with the spec's dataclass (its
+    defaults when absent). A section of another architecture is an error, not silently ignored."""
+    from alignlab.models.registry import names
+
+    arch = data.get("architecture", ModelConfig.architecture)
+    if not isinstance(arch, str):
+        raise ConfigError(f"config key '{prefix}.architecture' = {arch!r} must be a string")
+    spec = get_spec(arch)
+    for other in names():
+        if other != arch and other in data:
+            raise ConfigError(f"config key '{prefix}.{other}' configures architecture {other!r}, but "
+                              f"{prefix}.architecture = {arch!r}; remove it or set {prefix}.architecture={other}")
+    section = data.pop(arch, {})
+    if spec.config is None:
+        if section:
+            raise ConfigError(f"config key '{prefix}.{arch}': architecture {arch!r} has no options of its own")
+        return None
+    return _coerce(section, spec.config, f"{prefix}.{arch}")
 
 
 def to_dict(cfg: Any) -> dict:
-    """Plain nested dict (tuples become lists), suitable for YAML and Ray's config passing."""
+    """Plain nested dict (tuples become lists), suitable for YAML and MLflow params; the
+    architecture's section appears under its own name (``model.mvptr``)."""
 
     def conv(v):
+        if isinstance(v, ModelConfig):
+            out = {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "section"}
+            if v.section is not None:
+                out[v.architecture] = conv(v.section)
+            return out
         if dataclasses.is_dataclass(v):
             return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (list, tuple)):
@@ -501,98 +467,80 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
-def check(cfg: Config) -> None:
-    """Cross-field checks that single fields cannot express."""
-    from alignlab.models.registry import check_objectives
+# Ranges of single values that would otherwise only fail minutes later, in a worker.
+_AT_LEAST_ONE = ("data.max_text_len", "data.max_phrases", "data.max_regions", "data.max_tags", "data.image_size",
+                 "data.batch_size", "data.eval_batch_size", "data.eval_max_images", "data.preprocess_batch_size",
+                 "data.preprocess_concurrency", "model.hidden_size", "model.num_layers", "model.num_heads",
+                 "model.intermediate_size", "model.embed_dim", "model.image.region_dim", "optim.max_steps",
+                 "optim.grad_accum", "optim.nonfinite_patience", "scaling.num_workers", "tracking.log_every", "tracking.checkpoint_every",
+                 "eval.k_captions", "eval.k_images")
+_NON_NEGATIVE = ("data.prefetch_batches", "data.shuffle_buffer", "data.max_train_rows", "optim.min_lr",
+                 "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "tracking.max_failures",
+                 "tracking.eval_every", "scaling.gpus_per_worker")
+_POSITIVE = ("optim.lr", "optim.eps", "model.temperature", "scaling.cpus_per_worker")
+_UNIT_INTERVAL = ("model.dropout", "optim.warmup_ratio", "objectives.mlm_prob", "objectives.mcr_prob",
+                  "objectives.object_mask_prob", "optim.betas[0]", "optim.betas[1]")  # [0, 1)
 
-    try:
-        check_objectives(cfg.model.architecture, cfg.objectives.weights)
-    except ValueError as e:
-        raise ConfigError(f"config key 'objectives.weights': {e}") from None
-    if cfg.model.architecture == "mvptr" and cfg.model.image.kind != "regions":
-        raise ConfigError("config key 'model.image.kind' must be 'regions' for model.architecture = 'mvptr' "
-                          "(its visual encoder reads detector regions and tags, §3.1)")
-    if cfg.model.architecture == "simla":
-        _check_simla(cfg)
-    if cfg.model.architecture == "semvlp":
-        _check_semvlp(cfg)
+
+def _value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.replace("[", ".").replace("]", "").split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def check(cfg: Config) -> None:
+    """Ranges and cross-field checks that single fields cannot express, then the architecture's
+    own (its spec's ``check_config``)."""
+    for key in _AT_LEAST_ONE:
+        if _value(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}' = {_value(cfg, key)} must be >= 1")
+    for key in _NON_NEGATIVE:
+        if _value(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' = {_value(cfg, key)} must be >= 0")
+    for key in _POSITIVE:
+        if _value(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' = {_value(cfg, key)} must be > 0")
+    for key in _UNIT_INTERVAL:
+        if not 0.0 <= _value(cfg, key) < 1.0:
+            raise ConfigError(f"config key '{key}' = {_value(cfg, key)} must be in [0, 1)")
+    spec = get_spec(cfg.model.architecture)
+    unknown = sorted(set(cfg.objectives.weights) - set(spec.objectives))
+    if unknown:
+        raise ConfigError(f"config key 'objectives.weights' names {unknown}, which {spec.name} does not produce; "
+                          f"valid objectives: {', '.join(spec.objectives)}")
+    if spec.image_kinds and cfg.model.image.kind not in spec.image_kinds:
+        raise ConfigError(f"config key 'model.image.kind' = {cfg.model.image.kind!r} is not read by "
+                          f"model.architecture = {spec.name!r}; valid choices: {', '.join(map(repr, spec.image_kinds))}")
     if cfg.data.batch_size % cfg.scaling.num_workers:
         raise ConfigError(
             f"config key 'data.batch_size' = {cfg.data.batch_size} must divide evenly across "
             f"scaling.num_workers = {cfg.scaling.num_workers} (it is the global batch)")
-    if cfg.optim.grad_accum < 1:
-        raise ConfigError("config key 'optim.grad_accum' must be >= 1")
-    if cfg.optim.max_steps < 1:
-        raise ConfigError("config key 'optim.max_steps' must be >= 1")
-    for key, v in (("objectives.mlm_prob", cfg.objectives.mlm_prob), ("objectives.mcr_prob", cfg.objectives.mcr_prob),
-                   ("objectives.object_mask_prob", cfg.objectives.object_mask_prob)):
-        if not 0.0 <= v < 1.0:
-            raise ConfigError(f"config key '{key}' = {v} must be in [0, 1)")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"config key 'optim.min_lr' = {cfg.optim.min_lr} must not exceed optim.lr = {cfg.optim.lr}")
     if cfg.precision.precision == "fp16" and not cfg.scaling.use_gpu:
         raise ConfigError(
             "config key 'precision.precision' = 'fp16' needs CUDA (autocast + GradScaler); "
             "with scaling.use_gpu = false choose one of 'bf16', 'fp32', 'auto'")
-
-
-def _check_simla(cfg: Config) -> None:
-    s, img = cfg.model.simla, cfg.model.image
-    components = s.components()
-    if "itc" in components and s.queue_size % cfg.data.batch_size:
-        raise ConfigError(f"config key 'model.simla.queue_size' = {s.queue_size} must be a multiple of the "
-                          f"global batch data.batch_size = {cfg.data.batch_size}")
-    if not 0.0 <= s.mim_ratio[0] <= s.mim_ratio[1] < 1.0:
-        raise ConfigError(f"config key 'model.simla.mim_ratio' = {list(s.mim_ratio)} must be 0 <= low <= high < 1")
-    if s.psl_k < 1:
-        raise ConfigError("config key 'model.simla.psl_k' must be >= 1")
-    if img.kind != "vit":
-        raise ConfigError("config key 'model.image.kind' must be 'vit' for simla (a ViT below the language encoder)")
-    if "mim" in components:
-        # The CPU stage draws the block-wise mask on the patch grid, so the grid must be explicit.
-        if not (img.img_size and img.patch_size) or img.img_size % img.patch_size:
-            raise ConfigError("simla's MIM needs model.image.img_size and model.image.patch_size set "
-                              "(img_size a multiple of patch_size): the data stage masks on that patch grid")
-        if cfg.data.image_size != img.img_size:
-            raise ConfigError(f"config key 'data.image_size' = {cfg.data.image_size} must equal "
-                              f"model.image.img_size = {img.img_size} for simla's MIM")
-        if s.visual_tokenizer == "dvae" and not s.dvae_path:
-            raise ConfigError("config key 'model.simla.dvae_path' must name a dVAE encoder file when "
-                              "model.simla.visual_tokenizer = 'dvae'")
-
-
-def _check_semvlp(cfg: Config) -> None:
-    s, layers = cfg.model.semvlp, cfg.model.num_layers
-    if cfg.model.image.kind != "regions":
-        raise ConfigError("config key 'model.image.kind' must be 'regions' for semvlp (objects are detector "
-                          "regions with boxes and labels, §3.1.1)")
-    if not 0 <= s.cross_layer <= layers:
-        raise ConfigError(f"config key 'model.semvlp.cross_layer' = {s.cross_layer} must be in 0..model.num_layers "
-                          f"= {layers}")
-    if s.mode != "single" and s.cross_layer == layers:
-        raise ConfigError(f"config key 'model.semvlp.cross_layer' = {layers} leaves no cross-attending layer, so "
-                          f"two-stream mode (model.semvlp.mode = {s.mode!r}) could not fuse; use L_s < "
-                          f"{layers} or mode 'single'")
-    if s.mode == "single" and s.eval_mode == "two" or s.mode == "two" and s.eval_mode == "single":
-        raise ConfigError(f"config key 'model.semvlp.eval_mode' = {s.eval_mode!r} was not pre-trained "
-                          f"(model.semvlp.mode = {s.mode!r})")
-    if not 0.0 < s.single_prob < 1.0 and s.mode == "both":
-        raise ConfigError("config key 'model.semvlp.single_prob' must be in (0, 1) for mode 'both'")
+    if cfg.scaling.use_gpu and cfg.scaling.gpus_per_worker <= 0:
+        raise ConfigError("config key 'scaling.gpus_per_worker' must be > 0 with scaling.use_gpu = true")
+    spec.check_config(cfg)
 
 
 def with_absolute_paths(cfg: Config) -> Config:
     """Local relative paths made absolute against the driver's working directory: Ray workers run
-    elsewhere (``ray job submit --working-dir .`` unpacks the code into a session directory)."""
-    import os
+    elsewhere (``ray job submit --working-dir .`` unpacks the code into a session directory).
+    URIs, ``pkg://`` resources and hub names are left as they are: each process resolves them."""
 
     def absolute(p: str) -> str:
         return p if not p or "://" in p else os.path.abspath(p)
 
-    data = dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards),
-                               tokenizer=absolute(cfg.data.tokenizer) if os.path.exists(cfg.data.tokenizer)
-                               else cfg.data.tokenizer)
+    def existing(p: str) -> str:
+        return absolute(p) if p and "://" not in p and os.path.exists(p) else p
+
+    data = dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards), tokenizer=existing(cfg.data.tokenizer))
     tracking = dataclasses.replace(cfg.tracking, storage_path=absolute(cfg.tracking.storage_path))
-    # A local checkpoint directory (e.g. the offline MiniLM in the venv), not a hub name.
-    model = dataclasses.replace(cfg.model, text_init=absolute(cfg.model.text_init)
-                                if os.path.exists(cfg.model.text_init) else cfg.model.text_init)
+    model = dataclasses.replace(cfg.model, text_init=existing(cfg.model.text_init))
     return dataclasses.replace(cfg, data=data, model=model, tracking=tracking)
 
 

@@ -4,6 +4,10 @@ the top ``k_images`` images per caption are re-scored by the multi-modal ITM hea
 
 Re-ranking runs N_images·k_c + N_captions·k_i multi-modal forward passes, never N², so it scales
 to the 5K-image COCO test set.
+
+Compositional evaluation (ARO / Winoground style, :func:`evaluate_compositional`): on a split of
+candidate captions (see :mod:`alignlab.platform.shards`), how often an image's true caption scores
+above each of its perturbations, per perturbation type, by both scorers.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from alignlab.platform.shards import CANDIDATE_TYPES
 
 KS = (1, 5, 10)
 
@@ -146,10 +152,170 @@ def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], device
     return metrics
 
 
+def chance_recall(n_images: int, captions_per_image: float) -> dict[str, float]:
+    """R@k both ways and RSUM of a random ranking (in %), named as :func:`recall_metrics` names
+    them, to state how far above chance a model is: image-to-text hits when any of an image's
+    captions is among k drawn without replacement, text-to-image when its one image is."""
+    n_txt = n_images * captions_per_image
+    out = {}
+    for k in KS:
+        out[f"i2t_r{k}"] = 100.0 * min(1.0, 1 - float(np.prod([(n_txt - captions_per_image - j) / (n_txt - j)
+                                                               for j in range(k)])))
+        out[f"t2i_r{k}"] = 100.0 * min(1.0, k / n_images)
+    out["rsum"] = sum(out.values())
+    return out
+
+
 def chance_rsum(n_images: int, captions_per_image: float) -> float:
-    """RSUM of a random ranking, to state how far above chance a model is."""
-    i2t = sum(100.0 * min(1.0, 1 - np.prod([(n_images * captions_per_image - captions_per_image - j) /
-                                            (n_images * captions_per_image - j) for j in range(k)]))
-              for k in KS)
-    t2i = sum(100.0 * min(1.0, k / n_images) for k in KS)
-    return float(i2t + t2i)
+    return chance_recall(n_images, captions_per_image)["rsum"]
+
+
+def pairwise_accuracy(scores: torch.Tensor, candidate_type: torch.Tensor, group_id: torch.Tensor
+                      ) -> dict[int, tuple[float, int]]:
+    """Per candidate type t > 0: (fraction of its candidates that score below their group's true
+    caption, type 0, a tie counting one half, and the number of such pairs). A scorer blind to
+    what a perturbation changed ties on it and lands exactly on chance, 0.5."""
+    true = candidate_type == 0
+    groups = group_id[true].tolist()
+    if len(set(groups)) != len(groups):
+        raise ValueError(f"a group has two true captions (candidate_type 0): groups {sorted(groups)}")
+    true_score = dict(zip(groups, scores[true].tolist()))
+    values, types, group_of = scores.tolist(), candidate_type.tolist(), group_id.tolist()
+    wins: dict[int, list[float]] = {}
+    for s, t, g in zip(values, types, group_of):
+        if t == 0:
+            continue
+        if g not in true_score:
+            raise ValueError(f"group {g} has a candidate of type {t} but no true caption (candidate_type 0)")
+        wins.setdefault(t, []).append(1.0 if true_score[g] > s else 0.5 if true_score[g] == s else 0.0)
+    return {t: (sum(w) / len(w), len(w)) for t, w in sorted(wins.items())}
+
+
+@torch.no_grad()
+def evaluate_compositional(model, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, autocast=None,
+                           type_names: tuple[str, ...] = CANDIDATE_TYPES) -> dict[str, float]:
+    """Pairwise (ARO-style) accuracy of the true caption over each of its perturbations on a
+    compositional split whose rows carry ``candidate_type`` and ``group_id`` (build its dataset
+    with ``id_columns=shards.COMPOSITIONAL_COLUMNS``). Scored by the uni-modal cosine of
+    ``embed_images`` / ``embed_texts`` (``compo/uni_acc_<type>``) and, where the model has an ITM
+    head, by ``match_scores`` (``compo/itm_acc_<type>``); ``compo/<scorer>_acc_mean`` averages the
+    types, ``compo/pairs_<type>`` counts the pairs and ``compo/chance`` is 0.5."""
+    from contextlib import nullcontext
+
+    autocast = autocast or nullcontext
+    was_training = model.training
+    model.eval()
+    uni, itm, types, groups = [], [], [], []
+    for batch in batches:
+        dev = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            uni.append((model.embed_images(dev).float() * model.embed_texts(dev).float()).sum(-1).cpu())
+            scores = model.match_scores({k: v for k, v in dev.items() if k in IMAGE_KEYS},
+                                        {k: v for k, v in dev.items() if k in TEXT_KEYS})
+        if scores is not None:
+            itm.append(scores.float().cpu())
+        types.append(batch["candidate_type"].cpu())
+        groups.append(batch["group_id"].cpu())
+    model.train(was_training)
+    if not types:
+        raise ValueError("compositional split yielded no rows")
+    candidate_type, group_id = torch.cat(types), torch.cat(groups)
+    metrics = {"compo/chance": 0.5}
+    for scorer, parts in (("uni", uni), ("itm", itm)):
+        if not parts:
+            continue
+        acc = pairwise_accuracy(torch.cat(parts), candidate_type, group_id)
+        for t, (a, n) in acc.items():
+            metrics[f"compo/{scorer}_acc_{type_names[t]}"] = a
+            metrics[f"compo/pairs_{type_names[t]}"] = float(n)
+        metrics[f"compo/{scorer}_acc_mean"] = sum(a for a, _ in acc.values()) / len(acc)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a saved checkpoint (`alignlab eval`)
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(source: str, mlflow_uri: str = "") -> tuple[str, str | None]:
+    """(checkpoint directory, MLflow run id or None) for a checkpoint path or an MLflow run id,
+    whose ``checkpoint`` tag names the run's final checkpoint."""
+    from pathlib import Path
+
+    from alignlab.platform import tracking
+
+    if "://" in source or Path(source).exists():
+        return source, None
+    uri = tracking.resolve_tracking_uri(mlflow_uri)
+    try:
+        run = tracking.client(uri).get_run(source)
+    except Exception:
+        raise FileNotFoundError(f"{source!r} is neither a checkpoint directory nor an MLflow run id in {uri}") from None
+    path = run.data.tags.get("checkpoint")
+    if not path:
+        raise FileNotFoundError(f"MLflow run {source} has no 'checkpoint' tag (it did not finish?)")
+    return path, run.info.run_id
+
+
+def check_vocabularies(trained, eval_vocab, shards_root: str) -> None:
+    """The eval shard set must share the training set's vocabularies: the data stage maps tags,
+    phrase concepts and answers to ids by their lines, which the trained model's rows follow."""
+    from alignlab.models.base import ConfigError
+
+    for name, field_ in (("tags.txt", "tags"), ("concepts.txt", "concepts"), ("answers.txt", "answers")):
+        ours, theirs = getattr(trained, field_), getattr(eval_vocab, field_)
+        if ours and ours != theirs:
+            raise ConfigError(f"{shards_root}/{name} differs from the vocabulary the checkpoint was trained with "
+                              f"({len(theirs)} vs {len(ours)} entries); build the evaluation set with "
+                              f"`alignlab data build ... --vocab-from <training shards>`")
+    if trained.size != eval_vocab.size:
+        raise ConfigError(f"the tokenizer (data.tokenizer) has {eval_vocab.size} tokens but the checkpoint was "
+                          f"trained with {trained.size}")
+
+
+def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max_images: int = 0,
+                        overrides: list[str] | tuple[str, ...] = (), log: bool = True, mlflow_uri: str = ""
+                        ) -> dict[str, float]:
+    """Retrieval (uni-modal and ITM re-ranked) of a checkpoint on any split, on this process's
+    device, with the training run's evaluation settings; metrics logged as ``eval/<split>/...``
+    in the run the checkpoint came from (found by its ``checkpoint`` tag), or in a new run. The
+    shard set and split default to the checkpoint's own evaluation data. ``mlflow_uri`` is the
+    store a run id is looked up in (default: ``$MLFLOW_TRACKING_URI``, else the local one)."""
+    import torch
+
+    from alignlab.platform import ingest, shards, tracking
+    from alignlab.platform.checkpoint import load_trained
+    from alignlab.platform.tokenization import load_tokenizer, vocab_info
+    from alignlab.platform.train import autocast_factory, resolve_precision
+
+    path, run_id = resolve_checkpoint(source, mlflow_uri)
+    extra = [f"data.shards={shards_root}"] if shards_root else []
+    extra += [f"data.eval_split={split}"] if split else []
+    extra += [f"data.eval_max_images={max_images}"] if max_images else []
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model, contents = load_trained(path, [*overrides, *extra], map_location=device)
+    shards_root, split = cfg.data.shards, cfg.data.eval_split
+    check_vocabularies(contents.model_vocab(), vocab_info(load_tokenizer(cfg.data.tokenizer, shards_root), shards_root),
+                       shards_root)
+    spec = model.input_spec(cfg.model, cfg.objectives)
+    batches = ingest.local_eval_batches(cfg.data, cfg.objectives, spec, split, cfg.data.eval_batch_size)
+    # The training run's precision where this device has it (fp16 needs CUDA).
+    precision = cfg.precision.precision if device.type == "cuda" or cfg.precision.precision != "fp16" else "fp32"
+    precision = resolve_precision(precision, device)
+    autocast = autocast_factory(precision, device)
+    metrics = evaluate_retrieval(model, batches, device, max_images=cfg.data.eval_max_images,
+                                 k_captions=cfg.eval.k_captions, k_images=cfg.eval.k_images, rerank_itm=cfg.eval.rerank,
+                                 autocast=autocast)
+    if cfg.data.compositional_split:
+        metrics.update(evaluate_compositional(model, ingest.local_eval_batches(
+            cfg.data, cfg.objectives, spec, cfg.data.compositional_split, cfg.data.eval_batch_size,
+            id_columns=shards.COMPOSITIONAL_COLUMNS), device, autocast))
+    if log:
+        uri = tracking.resolve_tracking_uri(mlflow_uri or cfg.tracking.mlflow_uri)
+        if run_id is None:
+            found = tracking.find_run(uri, cfg.tracking.experiment, {"checkpoint": path})
+            run_id = found.info.run_id if found else tracking.create_run(
+                uri, cfg.tracking.experiment, f"eval {split}", tags={"checkpoint": path, "alignlab.eval_of": path})
+        tracking.RunLogger(uri, run_id).log_metrics({f"eval/{split}/{k}": v for k, v in metrics.items()}, contents.step)
+        metrics["mlflow_run_id"] = run_id  # type: ignore[assignment]
+    return metrics

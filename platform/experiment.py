@@ -1,5 +1,6 @@
 """The shared driver of the experiment scripts (``experiments/*.py``): parse a preset and
-overrides, make sure the data exists, run the sweep, publish the comparison and say where to look.
+overrides, make sure the data exists, run the architecture's named ablation sweeps (its spec's
+``ablations``), publish each comparison and say where to look.
 
 Works as plain ``python experiments/X.py`` (a local Ray cluster) and under
 ``ray job submit --working-dir . -- python experiments/X.py`` (RAY_ADDRESS points at the cluster).
@@ -13,36 +14,54 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.platform import config as config_lib
-from alignlab.platform import shards
+
+# The embedded synthetic set is generated here, and only here, when it is missing.
+DEMO_SHARDS = config_lib.DataConfig().shards
 
 
 def ensure_synthetic_data(cfg: config_lib.Config) -> None:
-    """Generate the embedded synthetic set when a local shard path is configured but empty (the
-    demo presets point at data/synth)."""
+    """Generate the embedded synthetic set when the config points at the demo's own default path
+    (``data/synth``) and nothing is there yet. Any other missing shard path is an error that names
+    it: a typo must never train on (or write over) other data."""
+    from alignlab.platform import shards
+
     root = cfg.data.shards
-    if "://" in root or (Path(root) / cfg.data.train_split).exists():
+    train = shards.child_uri(root, cfg.data.train_split)
+    if "://" not in root and Path(train).exists() or "://" in root:
         return
+    if os.path.abspath(root) != os.path.abspath(DEMO_SHARDS) or Path(root).exists():
+        raise config_lib.ConfigError(
+            f"config key 'data.shards' = {root!r}: no split {cfg.data.train_split!r} there ({train} does not exist); "
+            f"build a shard set with `alignlab data build` / `alignlab data synth`, or fix data.shards / "
+            f"data.train_split")
     from alignlab.platform.synth import SynthConfig, generate
 
     print(f"generating the synthetic data set into {root} ...", flush=True)
     print(generate(root, SynthConfig()), flush=True)
 
 
-def parse_args(description: str, default_preset: str, argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(description: str, default_preset: str, sweeps: list[str], argv: list[str] | None = None
+               ) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=default_preset, help="a preset under experiments/configs/ or a YAML file")
     parser.add_argument("--name", default="", help="sweep name (re-using one resumes that sweep)")
     parser.add_argument("--seeds", type=int, default=0, help="number of seeds per grid point (0: the script's default)")
+    if len(sweeps) > 1:
+        parser.add_argument("--only", choices=sweeps, default=None, help="run one of the sweeps")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="run only these values of one of the sweep's axes (repeatable)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.only = getattr(args, "only", None) or (sweeps[0] if len(sweeps) == 1 else None)
+    if args.grid and args.only is None:
+        parser.error(f"--grid restricts one sweep's axis: name that sweep with --only {{{','.join(sweeps)}}}")
+    return args
 
 
-def restrict_grid(grid: dict[str, list], choices: list[str]) -> dict[str, list]:
+def restrict_grid(grid: dict[str, tuple], choices: list[str]) -> dict[str, list]:
     """``grid`` with the axes named in ``choices`` (``KEY=V1,V2``) cut to those values, e.g. a
     subset of ablation rows on a small budget. Values keep the type of the axis's own values."""
-    grid = dict(grid)
+    grid = {k: list(v) for k, v in grid.items()}
     for choice in choices:
         key, sep, values = choice.partition("=")
         if not sep or key not in grid:
@@ -61,34 +80,67 @@ def restrict_grid(grid: dict[str, list], choices: list[str]) -> dict[str, list]:
     return grid
 
 
-def run_experiment(description: str, default_preset: str, grid: dict[str, list], group_by: list[str],
-                   metrics: list[str], title: str, argv: list[str] | None = None, seeds: int = 1,
-                   name_suffix: str = "", line_x: str | None = None) -> dict[str, Any]:
-    """Sweep ``grid`` (× ``seed`` over ``seeds`` seeds) on the preset and publish the comparison of
-    ``metrics`` grouped by ``group_by`` (and a line plot against ``line_x``, a numeric key).
-    ``name_suffix`` tells apart several sweeps of one script (a re-used name resumes a sweep).
-    Returns the sweep result and the Markdown table."""
+def chance_levels(result, metrics: list[str]) -> dict[str, float]:
+    """What a random scorer gets on each metric, from the evaluated gallery's size: RSUM of a
+    random ranking, R@k, and 0.5 for the pairwise compositional accuracies."""
+    from alignlab.platform.evaluate import chance_recall
+
+    done = [t.metrics for t in result.trials if not t.error and "eval/eval_images" in t.metrics]
+    out: dict[str, float] = {}
+    if done:
+        n_img, n_txt = done[0]["eval/eval_images"], done[0]["eval/eval_captions"]
+        random = chance_recall(int(n_img), n_txt / n_img)
+        out = {m: random[m.rsplit("/", 1)[-1].removeprefix("uni_")] for m in metrics
+               if m.rsplit("/", 1)[-1].removeprefix("uni_") in random}
+    out.update({m: 0.5 for m in metrics if "/compo/" in m and "_acc_" in m})
+    return out
+
+
+def run_experiment(description: str, default_preset: str, metrics: list[str], argv: list[str] | None = None,
+                   seeds: int = 1) -> list[dict[str, Any]]:
+    """Runs the preset's architecture's ablation sweeps (its spec's ``ablations``; ``--only`` picks
+    one), each grid point over ``seeds`` seeds, and publishes the comparison of ``metrics`` for
+    each. Returns, per sweep, the sweep result and the Markdown table."""
+    from alignlab.models.registry import get_spec
     from alignlab.platform.sweep import publish_comparison, run_sweep
-    from alignlab.platform.tracking import ui_command
+    from alignlab.platform.tracking import alignlab_home, ui_command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(description, default_preset, argv)
+    # The preset decides the architecture, and so which sweeps exist: read it before the rest.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=default_preset)
+    known, _ = pre.parse_known_args(argv)
+    preset_cfg = config_lib.load_config(known.preset)
+    sweeps = dict(get_spec(preset_cfg.model.architecture).ablations(preset_cfg))
+    args = parse_args(description, default_preset, list(sweeps), argv)
     cfg = config_lib.load_config(args.preset, args.overrides)
-    grid = restrict_grid(grid, args.grid)
-    n_seeds = args.seeds or seeds
-    if n_seeds > 1:
-        grid = {**grid, "seed": [cfg.seed + i for i in range(n_seeds)]}
+    sweeps = dict(get_spec(cfg.model.architecture).ablations(cfg))  # sizes may come from the overrides
     ensure_synthetic_data(cfg)
-    name = (args.name or f"{Path(args.preset).stem}-{cfg.model.architecture}") + name_suffix
-    result = run_sweep(cfg, grid, name)
-    # Local files for the driver's printout; the durable copies are the parent run's artifacts.
-    out_dir = os.path.join("outputs", name)
-    markdown = publish_comparison(result, group_by, metrics, title, out_dir, line_x)
-    print(f"\n## {title}\n\n{markdown}")
-    failed = [t for t in result.trials if t.error]
-    for t in failed:
-        print(f"trial {t.overrides} failed: {t.error}")
-    print(f"MLflow parent run {result.parent_run_id} in {result.mlflow_uri}")
-    print(f"comparison artifacts: {out_dir}")
-    print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}")
-    return {"result": result, "markdown": markdown}
+    n_seeds = args.seeds or seeds
+    outputs = []
+    for sweep_name, ablation in sweeps.items():
+        if args.only not in (None, sweep_name):
+            continue
+        grid = restrict_grid(dict(ablation.grid), args.grid if args.only == sweep_name else [])
+        if n_seeds > 1:
+            grid["seed"] = [cfg.seed + i for i in range(n_seeds)]
+        name = (args.name or f"{Path(args.preset).stem}-{cfg.model.architecture}") + \
+            (f"-{sweep_name}" if len(sweeps) > 1 else "")
+        result = run_sweep(cfg, grid, name)
+        # Files for the driver's printout; the durable copies are the parent run's artifacts.
+        out_dir = str(alignlab_home() / "outputs" / name)
+        claims = [c for c in ablation.claims if c[3] in metrics and
+                  {c[1], c[2]} <= {str(v) for v in grid[ablation.group_by]}]
+        markdown = publish_comparison(result, [ablation.group_by], metrics, ablation.title, out_dir,
+                                      ablation.group_by if ablation.line else None,
+                                      reference=ablation.reference if ablation.reference in map(str, grid[ablation.group_by])
+                                      else None, chance=chance_levels(result, metrics), claims=claims)
+        print(f"\n## {ablation.title}\n\n{markdown}")
+        for t in result.trials:
+            if t.error:
+                print(f"trial {t.overrides} failed: {t.error}")
+        print(f"MLflow parent run {result.parent_run_id} in {result.mlflow_uri}")
+        print(f"comparison artifacts: {out_dir}")
+        print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}")
+        outputs.append({"result": result, "markdown": markdown})
+    return outputs

@@ -2,11 +2,16 @@
 mask, so that the Ray Train workers only compute.
 
 ``read_parquet`` streams from a local path or any pyarrow filesystem URI. A row that cannot be
-used (an undecodable image, an empty caption, missing regions for a region model) is skipped,
-logged with its file and caption id, and counted by reason in a :class:`DataQualityCounter`
-actor, which the trainer reads to log ``data/skipped_*`` metrics. Nothing crashes on bad rows.
-A row kept with a flaw (an image-QA answer outside answers.txt: no QA loss, the other
-objectives still train on it) is counted as a note, logged as ``data/<note>``.
+used (an undecodable image, an empty caption or one that is not UTF-8, missing or non-finite
+regions for a region model) is skipped, logged with its file and caption id, and counted by
+reason in a :class:`DataQuality` actor, which the trainer reads to log ``data/skipped_*``
+metrics. Nothing crashes on bad rows. A row kept with a flaw (an image-QA answer outside
+answers.txt: no QA loss, the other objectives still train on it) is counted as a note, logged as
+``data/<note>``. Each row counts once however often it is read (epochs, evaluation passes).
+
+The text columns (:data:`TEXT_COLUMNS`) are read as bytes and decoded here, row by row: Arrow
+turns a string column holding one invalid UTF-8 byte into an ``ArrowException`` that fails the
+whole read, naming no file.
 """
 from __future__ import annotations
 
@@ -14,16 +19,17 @@ import io
 import logging
 import zlib
 from collections import Counter
-from dataclasses import asdict, replace
-from typing import Any
+from dataclasses import replace
+from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, InputSpec
+from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, InputSpec
 from alignlab.platform import shards
 from alignlab.platform.config import DataConfig, ObjectivesConfig
-from alignlab.platform.masking import IGNORE, bert_mask, block_mask, chain_mask, object_mask
+from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +39,55 @@ def _ray():
     return ray
 
 
+MAX_EXAMPLES = 20
+
+
+class DataQuality:
+    """Skipped and noted rows, each counted once per ``(reason, caption_id)`` however often it is
+    read: every epoch and every evaluation pass reads a bad row again. Skips of the training read
+    are also kept per epoch, once the trainer marks epochs with :meth:`begin_epoch`."""
+
+    def __init__(self):
+        self.skipped: set[tuple[str, str]] = set()
+        self.noted: set[tuple[str, str]] = set()
+        self.epoch = 0
+        self.train_epochs: dict[int, set[tuple[str, str]]] = {}
+        self.examples: list[str] = []
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Training reads from now on belong to ``epoch``."""
+        self.epoch = epoch
+
+    def add(self, skipped: list[tuple[str, str, str]], notes: list[tuple[str, str]], train: bool) -> None:
+        """``skipped``: (reason, caption_id, example) per skipped row of one batch; ``notes``:
+        (note, caption_id) per kept row with a flaw; ``train``: whether the batch is of the
+        training read."""
+        for reason, caption_id, example in skipped:
+            key = (reason, caption_id)
+            if key not in self.skipped:
+                self.skipped.add(key)
+                if len(self.examples) < MAX_EXAMPLES:
+                    self.examples.append(example)
+            if train:
+                self.train_epochs.setdefault(self.epoch, set()).add(key)
+        self.noted.update(notes)
+
+    def snapshot(self) -> dict[str, Any]:
+        """``counts`` (distinct skipped rows by reason), ``notes`` (distinct noted rows by kind),
+        ``train_epochs`` ({epoch: distinct rows skipped by reason in that epoch's training read})
+        and ``examples`` (the first skipped rows, with file and caption id)."""
+        return {"counts": _by_reason(self.skipped), "notes": _by_reason(self.noted),
+                "train_epochs": {e: _by_reason(keys) for e, keys in sorted(self.train_epochs.items())},
+                "examples": list(self.examples)}
+
+
+def _by_reason(keys: set[tuple[str, str]]) -> dict[str, int]:
+    return dict(Counter(reason for reason, _ in keys))
+
+
 def make_counter():
-    """An actor holding skip counts by reason and note counts by kind (``num_cpus=0``: it only
-    counts)."""
-    ray = _ray()
-
-    @ray.remote(num_cpus=0)
-    class DataQualityCounter:
-        def __init__(self):
-            self.counts: Counter = Counter()
-            self.notes: Counter = Counter()
-            self.examples: list[str] = []
-
-        def add(self, counts: dict[str, int], examples: list[str], notes: dict[str, int] | None = None) -> None:
-            self.counts.update(counts)
-            self.notes.update(notes or {})
-            self.examples.extend(examples[: max(0, 20 - len(self.examples))])
-
-        def snapshot(self) -> dict[str, Any]:
-            return {"counts": dict(self.counts), "notes": dict(self.notes), "examples": list(self.examples)}
-
-    return DataQualityCounter.remote()
+    """A :class:`DataQuality` actor (``num_cpus=0``: it only counts)."""
+    return _ray().remote(num_cpus=0)(DataQuality).remote()
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,19 +178,40 @@ def image_key(identifier: str) -> int:
 # The CPU stage
 # --------------------------------------------------------------------------------------------
 
+# Free-text columns, read as bytes (see the module docstring) and decoded by :func:`decode_text`.
+TEXT_COLUMNS = ("caption", "question", "answer")
+
+
+def decode_text(column, name: str, skip) -> list[str | None]:
+    """One text column of a batch as str (None stays None, so a caption row's null question
+    stays null), calling ``skip(i, "invalid_utf8_<name>", detail)`` for a value that is not
+    UTF-8 and giving it ""."""
+    out: list[str | None] = []
+    for i, v in enumerate(column):
+        if isinstance(v, bytes):
+            try:
+                v = v.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skip(i, f"invalid_utf8_{name}", f"(byte 0x{v[e.start]:02x} at offset {e.start}: {v[:60]!r})")
+                v = ""
+        out.append(v)
+    return out
+
+
 
 class Preprocessor:
     """Callable class for ``Dataset.map_batches``: one instance per Ray Data actor, so the
     tokenizer loads once. Input: a numpy batch of shard columns. Output: fixed-shape arrays."""
 
-    def __init__(self, data: dict, objectives: dict, spec: dict, train: bool, counter=None, seed: int = 0):
+    def __init__(self, data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, train: bool, counter=None,
+                 seed: int = 0, id_columns: tuple[str, ...] = ()):
         from alignlab.platform.tokenization import load_tokenizer
 
-        self.data = DataConfig(**{**data, "crop_scale": tuple(data["crop_scale"])})
-        self.objectives = ObjectivesConfig(**objectives)
-        self.spec = InputSpec(**spec)
+        self.data, self.objectives, self.spec = data, objectives, spec
         self.train = train
         self.counter = counter
+        # Integer columns passed through as int64 (a compositional split's candidate type and group).
+        self.id_columns = tuple(id_columns)
         self.tokenizer = load_tokenizer(self.data.tokenizer, self.data.shards)
         # Random replacements are drawn from the whole vocabulary, as BERT's and Hugging Face's
         # MLM collators do.
@@ -166,7 +221,7 @@ class Preprocessor:
         self.tag_index = {t: i for i, t in enumerate(shards.read_vocab_file(self.data.shards, "tags.txt"))} \
             if self.spec.tags or self.spec.objects else {}
         concepts = shards.read_vocab_file(self.data.shards, "concepts.txt") if self.spec.phrases else []
-        self.concept_index = {c.replace(" | ", " "): i for i, c in enumerate(concepts)}
+        self.concept_index = {c: i for i, c in enumerate(concepts)}
         # Each concept's token ids, for chain masking (tokenised as vocab_info does for the model).
         self.concept_tokens = [frozenset(self.tokenizer(c, add_special_tokens=False)["input_ids"])
                                for c in self.concept_index]
@@ -176,20 +231,25 @@ class Preprocessor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["caption"])
         keep = np.ones(n, dtype=bool)
-        reasons: Counter = Counter()
-        notes: Counter = Counter()
-        examples: list[str] = []
+        skipped: list[tuple[str, str, str]] = []
+        notes: list[tuple[str, str]] = []
 
         def skip(i: int, reason: str, detail: str = "") -> None:
+            if not keep[i]:  # one reason per row: the first found
+                return
             keep[i] = False
-            reasons[reason] += 1
             where = f"{batch['path'][i]} caption_id={batch['caption_id'][i]}" if "path" in batch \
                 else f"caption_id={batch['caption_id'][i]}"
-            examples.append(f"{reason}: {where} {detail}".strip())
+            skipped.append((reason, str(batch["caption_id"][i]), f"{reason}: {where} {detail}".strip()))
 
-        captions = [str(c).strip() if c is not None else "" for c in batch["caption"]]
+        def note(i: int, kind: str) -> None:
+            notes.append((kind, str(batch["caption_id"][i])))
+
+        # The question only needs to be told from null: it repeats the caption, decoded here.
+        text = {c: decode_text(batch[c], c, skip) for c in ("caption", "answer") if c in batch}
+        captions = [(c or "").strip() for c in text["caption"]]
         for i, c in enumerate(captions):
-            if not c:
+            if keep[i] and not c:
                 skip(i, "empty_caption")
         if self.spec.regions and "region_features" not in batch:
             raise shards.ShardSchemaError(
@@ -230,7 +290,7 @@ class Preprocessor:
                     (CONCEPT_OFFSET, CONCEPT_OFFSET + len(self.tag_index)), self.rng)
                 out["mcr_labels"] = np.where(labels != IGNORE, labels - CONCEPT_OFFSET, IGNORE)
         if self.spec.phrases:
-            out["phrase_ids"] = self._concept_ids(batch["phrases"], lambda p: " ".join(map(str, p)), self.concept_index,
+            out["phrase_ids"] = self._concept_ids(batch["phrases"], shards.concept_key, self.concept_index,
                                                   self.data.max_phrases, unique=True)
             out["phrase_mask"] = out["phrase_ids"] >= CONCEPT_OFFSET
             if self.spec.mlm:
@@ -247,27 +307,29 @@ class Preprocessor:
             # SIMLA's MIM: BEiT block-wise patch masks, drawn here so the train step only computes.
             out["mim_mask"] = block_mask(n, self.spec.mim_grid, self.spec.mim_ratio, self.rng)
         if self.spec.qa and "answer" in batch:  # last: notes are counted on kept rows only
-            out["answer_labels"] = self._answer_labels(batch["question"], batch["answer"], keep, notes)
+            out["answer_labels"] = self._answer_labels(batch["question"], text["answer"], keep, note)
+        for c in self.id_columns:
+            out[c] = np.asarray(batch[c], dtype=np.int64)
         out["image_key"] = np.array([image_key(str(x)) for x in batch["image_id"]], dtype=np.int64)
         out["caption_key"] = np.array([image_key(str(x)) for x in batch["caption_id"]], dtype=np.int64)
 
-        for e in examples[:5]:
+        for _, _, e in skipped[:5]:
             log.warning("skipped row: %s", e)
-        if (reasons or notes) and self.counter is not None:
-            self.counter.add.remote(dict(reasons), examples, dict(notes))
+        if (skipped or notes) and self.counter is not None:
+            self.counter.add.remote(skipped, notes, self.train)
         return {k: v[keep] for k, v in out.items()}
 
-    def _answer_labels(self, questions, answers, keep: np.ndarray, notes: Counter) -> np.ndarray:
+    def _answer_labels(self, questions, answers: list[str], keep: np.ndarray, note) -> np.ndarray:
         """Per row, its answer's index in answers.txt; IGNORE on a caption row (null question) and
-        on an answer outside answers.txt, which is counted as a note, not skipped: the build
-        leaves rare answers out of answers.txt on purpose (``min_answer_count``)."""
+        on an answer outside answers.txt, which is noted (``note(i, kind)``), not skipped: the
+        build leaves rare answers out of answers.txt on purpose (``min_answer_count``)."""
         labels = np.full(len(answers), IGNORE, dtype=np.int64)
         for i in np.flatnonzero(keep):
             if questions[i] is None:
                 continue
             k = self.answer_index.get(answers[i])
             if k is None:
-                notes["answer_not_in_vocab"] += 1
+                note(i, "answer_not_in_vocab")
             else:
                 labels[i] = k
         return labels
@@ -308,11 +370,19 @@ class Preprocessor:
             if r is None or len(r) == 0:
                 skip(i, "no_regions")
                 continue
-            arr = np.stack(list(r)).astype(np.float32)[:k]
+            arr = np.stack(list(r)).astype(np.float32)
+            b = np.stack(list(batch["boxes"][i])).astype(np.float32) \
+                if "boxes" in batch and batch["boxes"][i] is not None and len(batch["boxes"][i]) else None
+            # One NaN feature turns every loss and embedding it touches into NaN.
+            if not np.isfinite(arr).all() or (b is not None and not np.isfinite(b).all()):
+                skip(i, "non_finite_regions", f"({(~np.isfinite(arr)).sum()} feature values, "
+                                               f"{0 if b is None else (~np.isfinite(b)).sum()} box values)")
+                continue
+            arr = arr[:k]
             feats[i, : len(arr)] = arr
             mask[i, : len(arr)] = True
-            if "boxes" in batch and batch["boxes"][i] is not None:
-                b = np.stack(list(batch["boxes"][i])).astype(np.float32)[:k]
+            if b is not None:
+                b = b[:k]
                 boxes[i, : len(b)] = b
         return feats, mask, boxes
 
@@ -345,29 +415,91 @@ def count_rows(uri: str) -> int:
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in shards.list_parquet(uri))
 
 
-def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, train: bool,
-                  counter=None, seed: int = 0):
-    """A lazily executed Ray Dataset of model-ready rows for one split. Schemas are validated
-    first (Parquet footers only), so a bad file fails at start-up, naming the file and column."""
-    ray = _ray()
+def read_schema(files: list[str], columns: list[str], uri: str) -> pa.Schema:
+    """The Arrow schema to read ``columns`` with: the first file's types (every file's are
+    validated alike), the :data:`TEXT_COLUMNS` as bytes, so no string is decoded by Arrow."""
+    fs, _ = shards.filesystem(uri)
+    schema = pq.read_schema(files[0], filesystem=fs)
+    fields = []
+    for c in columns:
+        if c not in schema.names:
+            continue
+        tp = schema.field(c).type
+        if c in TEXT_COLUMNS:
+            tp = pa.large_binary() if pa.types.is_large_string(tp) else pa.binary()
+        fields.append(pa.field(c, tp))
+    return pa.schema(fields)
+
+
+def _split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str, ...] = ()
+                  ) -> tuple[InputSpec, list[str]]:
+    """The inputs to prepare for one split and its files, after validating their footers and
+    schemas (a bad file fails at start-up naming the file and column; so does a file without one
+    of ``id_columns``). Evaluation reads clean inputs: masking for the pre-training objectives
+    would only cost CPU and ship unused columns."""
+    files = shards.validate_shards(uri)
+    if id_columns:
+        fs, _ = shards.filesystem(uri)
+        for f in files:
+            absent = [c for c in id_columns if c not in pq.read_schema(f, filesystem=fs).names]
+            if absent:
+                raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; reading this split needs the "
+                                              f"integer columns {list(id_columns)}")
     if not train:
-        # Evaluation reads clean inputs: masking for the pre-training objectives would only
-        # cost CPU and ship unused columns.
         spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False, qa=False)
-    uri = shards.child_uri(data.shards, split)
-    shards.validate_shards(uri)
     if spec.qa and not shards.has_qa_rows(uri):
         spec = replace(spec, qa=False)  # a caption-only split: no QA columns to read, no answer_labels
-    ds = ray.data.read_parquet(uri, columns=columns_for(spec), file_extensions=["parquet"], include_paths=True)
+    return spec, files
+
+
+def local_eval_batches(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str,
+                       batch_size: int, id_columns: tuple[str, ...] = ()) -> Iterator[dict[str, Any]]:
+    """One split's evaluation rows as torch batches, prepared in this process by the same CPU
+    stage as on Ray Data (files in name order, rows in file order): for scoring a checkpoint
+    without a cluster. Bad rows are skipped and logged as in training."""
+    import torch
+
+    uri = shards.child_uri(data.shards, split)
+    spec, files = _split_inputs(spec, uri, train=False, id_columns=id_columns)
+    pre = Preprocessor(data, objectives, spec, train=False, id_columns=id_columns)
+    fs, _ = shards.filesystem(uri)
+    columns = columns_for(spec) + list(id_columns)
+    schema = read_schema(files, columns, uri)
+    pending: dict[str, list[np.ndarray]] = {}
+    for path in files:
+        table = pq.read_table(path, columns=columns, schema=schema, filesystem=fs)
+        for record_batch in table.to_batches(max_chunksize=data.preprocess_batch_size):
+            batch = {c: record_batch.column(c).to_numpy(zero_copy_only=False) for c in record_batch.schema.names}
+            batch["path"] = np.array([path] * record_batch.num_rows, dtype=object)
+            for k, v in pre(batch).items():
+                pending.setdefault(k, []).append(v)
+            while pending and sum(len(v) for v in pending["image_key"]) >= batch_size:
+                merged = {k: np.concatenate(v) for k, v in pending.items()}
+                yield {k: torch.from_numpy(v[:batch_size]) for k, v in merged.items()}
+                pending = {k: [v[batch_size:]] for k, v in merged.items()}
+    if pending and sum(len(v) for v in pending["image_key"]):
+        yield {k: torch.from_numpy(np.concatenate(v)) for k, v in pending.items()}
+
+
+def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, train: bool,
+                  counter=None, seed: int = 0, id_columns: tuple[str, ...] = ()):
+    """A lazily executed Ray Dataset of model-ready rows for one split. Footers and schemas are
+    validated first, so a bad file fails at start-up, naming the file and column.
+    ``id_columns`` (integer columns, such as shards.COMPOSITIONAL_COLUMNS) pass through unchanged."""
+    ray = _ray()
+    uri = shards.child_uri(data.shards, split)
+    spec, files = _split_inputs(spec, uri, train, id_columns)
+    columns = columns_for(spec) + list(id_columns)
+    ds = ray.data.read_parquet(uri, columns=columns, schema=read_schema(files, columns, uri),
+                               file_extensions=["parquet"], include_paths=True)
     if train:
         ds = ds.randomize_block_order(seed=seed)
         if data.max_train_rows:
             ds = ds.limit(data.max_train_rows)
-    data_dict = asdict(data)
     return ds.map_batches(
         Preprocessor,
-        fn_constructor_kwargs=dict(data=data_dict, objectives=asdict(objectives), spec=asdict(spec), train=train,
-                                   counter=counter, seed=seed),
+        fn_constructor_kwargs=dict(data=data, objectives=objectives, spec=spec, train=train, counter=counter,
+                                   seed=seed, id_columns=tuple(id_columns)),
         batch_size=data.preprocess_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=data.preprocess_concurrency),

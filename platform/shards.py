@@ -9,7 +9,8 @@ A shard set is a directory (local path or any pyarrow filesystem URI) laid out a
       tags.txt         optional tag (object-class) vocabulary, one per line
       concepts.txt     optional phrase-concept vocabulary, one tuple per line, words space-joined
       answers.txt      optional image-QA answer vocabulary, one answer per line, most frequent first
-      manifest.json    optional build manifest (rows written / skipped by reason, files)
+      manifest.json    build manifest (rows written / skipped by reason, files) and its ``producer``,
+                       the writer that made the set: no other writer ever writes into the folder
 
 Each Parquet file has these columns (``alignlab.schema_version = 1`` in the file metadata):
 
@@ -42,6 +43,12 @@ readers that know nothing of QA still work; the QA objective reads ``answer``, m
 line in ``answers.txt`` (an answer outside it gets no QA loss). The files of one split carry the
 QA columns all or none, since the training read asks every file of a split for the same columns.
 Extra columns are allowed and passed through.
+
+A compositional split (ARO / Winoground style; the synthetic set writes ``compositional/``) holds
+candidate captions of its images: each row carries one candidate in ``caption`` and ``phrases``
+and two more int64 columns, :data:`COMPOSITIONAL_COLUMNS`: ``candidate_type``, an index into
+:data:`CANDIDATE_TYPES` (0 = the true caption), and ``group_id``, shared by an image's true
+caption and its perturbations, which are false of the image.
 """
 from __future__ import annotations
 
@@ -64,6 +71,11 @@ class ShardSchemaError(ValueError):
     """A shard file does not follow the schema; the message names the file and the column."""
 
 
+class ShardFolderError(ValueError):
+    """A writer was pointed at a folder holding a shard set another writer made; nothing was
+    written. The message names the folder and both writers."""
+
+
 REQUIRED_COLUMNS: dict[str, pa.DataType] = {
     "image": pa.binary(),
     "image_id": pa.string(),
@@ -74,6 +86,8 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
 
 OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases", "question", "answer")
 QA_COLUMNS = ("question", "answer")
+COMPOSITIONAL_COLUMNS = ("candidate_type", "group_id")
+CANDIDATE_TYPES = ("true", "swap_attribute", "swap_relation", "wrong_count", "replace_object")
 
 
 def region_features_type(dim: int) -> pa.DataType:
@@ -178,11 +192,19 @@ def read_text(uri: str) -> str | None:
         return f.read().decode("utf-8")
 
 
-def write_text(uri: str, text: str) -> None:
-    fs, path = filesystem(uri)
+def write_text(root: str, name: str, text: str, producer: str) -> None:
+    """Write ``ROOT/name`` on behalf of ``producer`` (see :func:`claim_folder`)."""
+    claim_folder(root, producer)
+    fs, path = filesystem(child_uri(root, name))
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode("utf-8"))
+
+
+def concept_key(concept: Iterable[str]) -> str:
+    """A phrase-concept tuple's line in concepts.txt (its words space-joined): how the builders
+    write the vocabulary and how the data stage and the tokenizer look tuples up in it."""
+    return " ".join(map(str, concept))
 
 
 def read_vocab_file(root: str, name: str) -> list[str]:
@@ -192,13 +214,19 @@ def read_vocab_file(root: str, name: str) -> list[str]:
 
 
 def validate_shards(uri: str) -> list[str]:
-    """Check every file's schema (cheap: footers only). Returns the files."""
+    """Check every file's footer and schema (cheap: footers only), so that a truncated or
+    unreadable file fails at start-up, named, instead of in a Ray Data read. Returns the files."""
     files = list_parquet(uri)
     if not files:
         raise FileNotFoundError(f"no .parquet files under {uri!r}")
     fs, _ = filesystem(uri)
     for f in files:
-        validate_schema(pq.read_schema(f, filesystem=fs), f)
+        try:
+            schema = pq.read_schema(f, filesystem=fs)
+        except (pa.ArrowException, OSError) as e:
+            raise ShardSchemaError(f"{f}: not a readable Parquet file ({e}); it may be truncated or still being "
+                                   f"written. Rebuild it, or remove it from the shard set") from e
+        validate_schema(schema, f)
     return files
 
 
@@ -287,11 +315,14 @@ def _nested_fixed(values: list[np.ndarray], dim: int) -> pa.Array:
 
 class ShardWriter:
     """Writes rows into ``ROOT/<split>/<prefix>-NNNNN.parquet`` files of at most
-    ``rows_per_file`` rows each. Use as a context manager; ``files`` lists what was written."""
+    ``rows_per_file`` rows each, on behalf of ``producer`` (see :func:`claim_folder`, checked
+    before anything is written). Use as a context manager; ``files`` lists what was written."""
 
-    def __init__(self, root: str, rows_per_file: int = 10_000, prefix: str = "part", region_dim: int | None = None):
+    def __init__(self, root: str, producer: str, rows_per_file: int = 10_000, prefix: str = "part",
+                 region_dim: int | None = None):
         if rows_per_file < 1:
             raise ValueError("rows_per_file must be >= 1")
+        claim_folder(root, producer)
         self.root = root
         self.rows_per_file = rows_per_file
         self.prefix = prefix
@@ -341,10 +372,50 @@ class ShardWriter:
             self.close()
 
 
-def write_manifest(root: str, manifest: dict) -> None:
-    write_text(child_uri(root, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True))
+MANIFEST = "manifest.json"
+
+
+def write_manifest(root: str, manifest: dict, producer: str) -> None:
+    """``ROOT/manifest.json``, stamped with its ``producer``, the writer that owns the folder."""
+    write_text(root, MANIFEST, json.dumps({**manifest, "producer": producer}, indent=2, sort_keys=True), producer)
 
 
 def read_manifest(root: str) -> dict:
-    text = read_text(child_uri(root, "manifest.json"))
+    text = read_text(child_uri(root, MANIFEST))
     return json.loads(text) if text else {}
+
+
+# Manifests written before the ``producer`` key: the synthetic generator's names its module as
+# the source, the corpus builder's records its options under ``build``.
+_LEGACY_PRODUCERS = (("alignlab data synth", lambda m: m.get("source") == "alignlab.platform.synth"),
+                     ("alignlab data build", lambda m: "build" in m))
+
+
+def producer_of(manifest: dict) -> str | None:
+    """The writer that made a shard set, from its manifest; None when it does not say."""
+    if "producer" in manifest:
+        return str(manifest["producer"])
+    return next((name for name, made in _LEGACY_PRODUCERS if made(manifest)), None)
+
+
+def claim_folder(root: str, producer: str) -> None:
+    """Raise :class:`ShardFolderError` unless ``ROOT`` holds no manifest.json or one that
+    ``producer`` wrote. Every shard writer calls this before writing anything, so a mistyped path
+    (a split name, an output folder) can never overwrite a shard set another writer built."""
+    try:
+        text = read_text(child_uri(root, MANIFEST))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardFolderError(f"{root}: its {MANIFEST} cannot be read ({e}), so it may hold another writer's "
+                               f"shard set; {producer} writes nothing there") from e
+    if text is None:
+        return
+    try:
+        manifest = json.loads(text)
+        owner = producer_of(manifest) if isinstance(manifest, dict) else None
+    except json.JSONDecodeError:
+        owner = None
+    if owner != producer:
+        raise ShardFolderError(
+            f"{root}: holds a shard set made by {owner or 'an unknown writer'} (its {MANIFEST} says so), and "
+            f"{producer} never writes into another writer's folder; nothing was written. Choose another output "
+            f"folder, or delete {root} first if you mean to replace that set")

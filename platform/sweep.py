@@ -10,10 +10,7 @@ MLflow child runs.
 """
 from __future__ import annotations
 
-import csv
-import io
 import itertools
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +19,8 @@ from typing import Any
 from alignlab.platform import config as config_lib
 from alignlab.platform import tracking
 from alignlab.platform.config import Config
+# The comparison artifacts moved to report.py; experiment.py still imports publish_comparison from here.
+from alignlab.platform.report import publish_comparison  # noqa: F401
 
 
 @dataclass
@@ -62,13 +61,13 @@ def _as_overrides(point: dict[str, Any]) -> list[str]:
 
 def trial_concurrency(cfg: Config) -> int:
     """How many trials the cluster holds at once: each needs its train workers plus the slots of
-    its data stages (``train.local_cluster_cpus``: a Tune slot, read and preprocess for train and
-    eval)."""
+    its data stages (``train.trial_cpus``)."""
     import ray
 
+    from alignlab.platform.train import trial_cpus
+
     res = ray.cluster_resources()
-    cpus_per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 5
-    by_cpu = int(res.get("CPU", 1) // cpus_per_trial)
+    by_cpu = int(res.get("CPU", 1) // trial_cpus(cfg))
     if cfg.scaling.use_gpu:
         by_gpu = int(res.get("GPU", 0) // (cfg.scaling.num_workers * cfg.scaling.gpus_per_worker))
         return max(1, min(by_cpu, by_gpu))
@@ -80,7 +79,7 @@ def _trial(trial_config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from alignlab.platform.train import close_run, fit, open_run
+    from alignlab.platform.train import fit
 
     overrides = trial_config["overrides"]
     cfg = config_lib.load_config(data=trial_config["base"], overrides=_as_overrides(overrides))
@@ -89,10 +88,11 @@ def _trial(trial_config: dict[str, Any]) -> None:
     uri = trial_config["mlflow_uri"]
     run_id = _child_run(uri, cfg.tracking.experiment, trial_config["parent_run_id"], trial_config["sweep"], trial_name,
                         overrides)
-    logger = open_run(uri, run_id, cfg, {f"sweep.{k}": v for k, v in overrides.items()})
-    result = fit(cfg, uri, run_id, storage_path=trial_config["train_storage"],
-                 name=f"{trial_config['sweep']}-{trial_name}", callbacks=[TuneReportCallback()])
-    close_run(logger, result)
+    logger = tracking.open_run(uri, run_id, cfg, {f"sweep.{k}": v for k, v in overrides.items()})
+    with tracking.failure_marks(logger):
+        result = fit(cfg, uri, run_id, storage_path=trial_config["train_storage"],
+                     name=f"{trial_config['sweep']}-{trial_name}", callbacks=[TuneReportCallback()])
+    tracking.close_run(logger, result)
 
 
 def _child_run(uri: str, experiment: str, parent_run_id: str, sweep: str, trial: str, overrides: dict) -> str:
@@ -123,7 +123,7 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
     prepare(base)  # schema and vocabulary checks once, before any trial
     uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri)
     parent = _parent_run(uri, base.tracking.experiment, name, grid)
-    root = storage_path or base.tracking.storage_path or str(Path.cwd() / "ray_results")
+    root = storage_path or tracking.resolve_storage(base.tracking.storage_path)
     tune_path = _join(root, "tune")
     param_space = {
         "overrides": {k: ray.tune.grid_search(v) for k, v in grid.items()},
@@ -167,116 +167,3 @@ def _children_by_overrides(uri: str, experiment: str, sweep: str) -> dict[tuple,
 
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts]) if "://" in root else os.path.join(root, *parts)
-
-
-# --------------------------------------------------------------------------------------------
-# Comparison artifacts
-# --------------------------------------------------------------------------------------------
-
-
-def comparison_table(trials: list[TrialResult], group_by: list[str], metrics: list[str]) -> list[dict[str, Any]]:
-    """One row per value of ``group_by`` (e.g. the ablation row), each metric as mean and std
-    over the remaining keys (e.g. seeds)."""
-    groups: dict[tuple, list[TrialResult]] = {}
-    for t in trials:
-        if t.error:
-            continue
-        groups.setdefault(tuple(t.overrides.get(k) for k in group_by), []).append(t)
-    rows = []
-    for key, members in groups.items():
-        row: dict[str, Any] = dict(zip(group_by, key))
-        row["n"] = len(members)
-        for m in metrics:
-            values = [t.metrics[m] for t in members if m in t.metrics]
-            mean = sum(values) / len(values) if values else float("nan")
-            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-            row[f"{m} mean"], row[f"{m} std"] = mean, math.sqrt(var)
-        rows.append(row)
-    return rows
-
-
-def to_markdown(rows: list[dict[str, Any]], metrics: list[str], group_by: list[str]) -> str:
-    header = group_by + ["n"] + metrics
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [str(r[k]) for k in group_by] + [str(r["n"])]
-        cells += [f"{r[f'{m} mean']:.2f} ± {r[f'{m} std']:.2f}" for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def bar_chart(rows: list[dict[str, Any]], metrics: list[str], group_by: list[str], path: str, title: str) -> None:
-    """Grouped bars of each metric's mean with std error bars, one group per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [", ".join(str(r[k]) for k in group_by) for r in rows]
-    width = 0.8 / max(1, len(metrics))
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows) + 2), 3.6))
-    for i, m in enumerate(metrics):
-        xs = [j + i * width for j in range(len(rows))]
-        ax.bar(xs, [r[f"{m} mean"] for r in rows], width, yerr=[r[f"{m} std"] for r in rows], capsize=3, label=m)
-    ax.set_xticks([j + width * (len(metrics) - 1) / 2 for j in range(len(rows))], labels, rotation=15, ha="right")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def line_chart(rows: list[dict[str, Any]], metrics: list[str], x_key: str, path: str, title: str) -> None:
-    """Each metric's mean (with std error bars) against a numeric key of the rows, e.g. SIMLA's
-    retrieval against the number of pseudo-labels k, or any metric against a swept size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ordered = sorted(rows, key=lambda r: float(r[x_key]))
-    xs = [float(r[x_key]) for r in ordered]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for m in metrics:
-        ax.errorbar(xs, [r[f"{m} mean"] for r in ordered], yerr=[r[f"{m} std"] for r in ordered], marker="o",
-                    capsize=3, label=m)
-    ax.set_xticks(xs, [str(r[x_key]) for r in ordered])
-    ax.set_xlabel(x_key)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def publish_comparison(result: SweepResult, group_by: list[str], metrics: list[str], title: str,
-                       out_dir: str, line_x: str | None = None) -> str:
-    """Writes the comparison table (Markdown, CSV) and bar chart, logs them to the sweep's parent
-    run, and returns the Markdown. With ``line_x`` (a numeric ``group_by`` key) a line plot of
-    the metrics against it is published too (``comparison_line.png``)."""
-    rows = comparison_table(result.trials, group_by, metrics)
-    md = to_markdown(rows, metrics, group_by)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(md)
-    (out / "comparison.csv").write_text(to_csv(rows))
-    logger = tracking.RunLogger(result.mlflow_uri, result.parent_run_id)
-    logger.log_artifact(str(out / "comparison.md"))
-    logger.log_artifact(str(out / "comparison.csv"))
-    if rows:
-        bar_chart(rows, metrics, group_by, str(out / "comparison.png"), title)
-        logger.log_artifact(str(out / "comparison.png"))
-        if line_x:
-            line_chart(rows, metrics, line_x, str(out / "comparison_line.png"), title)
-            logger.log_artifact(str(out / "comparison_line.png"))
-    return md

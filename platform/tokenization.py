@@ -13,9 +13,11 @@ from alignlab.platform import shards
 @lru_cache(maxsize=4)
 def load_tokenizer(spec: str, shards_root: str):
     """``spec``: "auto" (the shard set's vocab.txt), a vocab.txt path, or a Hugging Face tokenizer
-    name / local directory (``AutoTokenizer.from_pretrained``). Cached per process, so each Ray
-    Data worker loads it once."""
+    name / local directory / ``pkg://`` folder (``AutoTokenizer.from_pretrained``). Cached per
+    process, so each Ray Data worker loads it once."""
     from transformers import AutoTokenizer, BertTokenizerFast
+
+    from alignlab.models.blocks import resolve_pretrained
 
     if spec == "auto":
         text = shards.read_text(shards.child_uri(shards_root, "vocab.txt"))
@@ -30,7 +32,7 @@ def load_tokenizer(spec: str, shards_root: str):
         return BertTokenizerFast(vocab=path, do_lower_case=True)
     if spec.endswith(".txt"):
         return BertTokenizerFast(vocab=spec, do_lower_case=True)
-    return AutoTokenizer.from_pretrained(spec)
+    return AutoTokenizer.from_pretrained(resolve_pretrained(spec))
 
 
 def vocab_info(tokenizer, shards_root: str) -> Vocab:
@@ -38,7 +40,7 @@ def vocab_info(tokenizer, shards_root: str) -> Vocab:
     answer vocabularies (concepts tokenised, for MVPTR's mean-of-tokens initialisation)."""
     tags = tuple(shards.read_vocab_file(shards_root, "tags.txt"))
     concepts = tuple(
-        tuple(tokenizer(line.replace(" | ", " "), add_special_tokens=False)["input_ids"])
+        tuple(tokenizer(line, add_special_tokens=False)["input_ids"])
         for line in shards.read_vocab_file(shards_root, "concepts.txt"))
     return Vocab(size=len(tokenizer), pad_id=tokenizer.pad_token_id, cls_id=tokenizer.cls_token_id,
                  sep_id=tokenizer.sep_token_id, mask_id=tokenizer.mask_token_id, tags=tags, concepts=concepts,

@@ -2,28 +2,41 @@
 train worker logs into its run by id, so params, per-objective losses, throughput and downstream
 metrics of every trial land side by side in the MLflow UI.
 
-The default store is a local SQLite file in the working directory; ``MLFLOW_TRACKING_URI`` or
-``tracking.mlflow_uri`` overrides it (on a cluster: the head node's ``mlflow server``).
+The default store is a SQLite file under ``$ALIGNLAB_HOME`` (``~/.alignlab``); ``MLFLOW_TRACKING_URI``
+or ``tracking.mlflow_uri`` overrides it (on a cluster: the head node's ``mlflow server``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 PACKAGES = ("torch", "torchvision", "ray", "transformers", "timm", "mlflow", "pyarrow", "alignlab")
 
 
+def alignlab_home() -> Path:
+    """Where local runs keep their state by default: ``$ALIGNLAB_HOME``, else ``~/.alignlab``.
+    An absolute, stable place, so every run of a user lands in one store, including
+    ``ray job submit --working-dir .`` jobs, whose working directory is a per-session copy."""
+    return Path(os.environ.get("ALIGNLAB_HOME") or "~/.alignlab").expanduser().resolve()
+
+
 def resolve_tracking_uri(configured: str = "") -> str:
-    """Config, then $MLFLOW_TRACKING_URI, then ``sqlite:///<cwd>/mlflow.db`` (absolute, so Ray
-    workers in other directories write to the same store)."""
+    """Config, then $MLFLOW_TRACKING_URI, then ``sqlite:///<alignlab_home>/mlflow.db``."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
-        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        alignlab_home().mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{alignlab_home() / 'mlflow.db'}"
     return uri
+
+
+def resolve_storage(configured: str = "") -> str:
+    """Ray Train / Tune storage: ``tracking.storage_path``, else ``<alignlab_home>/ray_results``."""
+    return configured or str(alignlab_home() / "ray_results")
 
 
 def ui_command(uri: str) -> str:
@@ -52,20 +65,63 @@ def create_run(uri: str, experiment: str, run_name: str, parent_run_id: str | No
     return run.info.run_id
 
 
+def _search(uri: str, experiment: str, tags: dict[str, str], extra: list[str] | None = None):
+    c = client(uri)
+    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + list(extra or [])
+    found = c.search_runs([experiment_id(uri, experiment)], filter_string=" and ".join(conditions), max_results=1,
+                          order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
+
+
+def find_run(uri: str, experiment: str, tags: dict[str, str], status: str | None = None):
+    """The latest run carrying all ``tags`` (and in ``status``, if given), or None."""
+    return _search(uri, experiment, tags, [f"attributes.status = '{status}'"] if status else None)
+
+
 def find_or_create_run(uri: str, experiment: str, tags: dict[str, str], run_name: str,
                        parent_run_id: str | None = None, include_finished: bool = True) -> tuple[str, bool]:
     """The latest run carrying all ``tags`` (set back to RUNNING: a resumed run or restored sweep
     keeps logging into it), or a new one. Returns (run id, whether it was created)."""
-    c = client(uri)
-    conditions = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-    if not include_finished:
-        conditions.append("attributes.status != 'FINISHED'")
-    found = c.search_runs([experiment_id(uri, experiment)], filter_string=" and ".join(conditions), max_results=1,
-                          order_by=["attributes.start_time DESC"])
+    found = _search(uri, experiment, tags, None if include_finished else ["attributes.status != 'FINISHED'"])
     if found:
-        c.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id, False
+        client(uri).update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id, False
     return create_run(uri, experiment, run_name, parent_run_id, tags=tags), True
+
+
+def open_run(uri: str, run_id: str, cfg, extra_params: dict | None = None) -> "RunLogger":
+    """A logger on the run with the flattened resolved config, git commit and package versions
+    as params, and the resolved config YAML as an artifact."""
+    from alignlab.platform import config as config_lib
+
+    logger = RunLogger(uri, run_id)
+    logger.log_params({**config_lib.flatten(config_lib.to_dict(cfg)), **environment_params(), **(extra_params or {})})
+    logger.log_text(config_lib.dump_yaml(cfg), "config.yaml")
+    return logger
+
+
+@contextlib.contextmanager
+def failure_marks(logger: "RunLogger") -> Iterator[None]:
+    """Marks the run FAILED, with the error as the ``alignlab.error`` tag, when the block raises
+    (Ray Train's ``fit()`` raises once its retries are spent), so no failed run stays RUNNING."""
+    try:
+        yield
+    except BaseException as e:
+        logger.set_tag("alignlab.error", f"{type(e).__name__}: {e}"[:5000])
+        logger.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def close_run(logger: "RunLogger", result) -> None:
+    """Marks the MLflow run finished (recording where its checkpoint is) or failed (re-raising)."""
+    if result.error:
+        logger.set_tag("alignlab.error", f"{type(result.error).__name__}: {result.error}"[:5000])
+        logger.finish("FAILED")
+        raise result.error
+    if result.checkpoint:
+        logger.set_tag("checkpoint", result.checkpoint.path)
+        logger.log_text(result.checkpoint.path + "\n", "checkpoint_location.txt")
+    logger.finish()
 
 
 def git_commit() -> str:

@@ -1,13 +1,30 @@
-"""Ray Train pre-training: DDP over ``scaling.num_workers`` workers, fp16 autocast + GradScaler on
-CUDA (bf16 or fp32 elsewhere), AdamW with warm-up and decay, gradient accumulation and clipping,
-checkpoints every ``tracking.checkpoint_every`` steps and at the end, and resume.
+"""Pre-training: a small :class:`Runner` (set-up and resume, ``train_step``, ``log``, ``evaluate``,
+``save_checkpoint`` / ``load_checkpoint``, ``run``) and the Ray Train driver around it: DDP over
+``scaling.num_workers`` workers, fp16 autocast + GradScaler on CUDA (bf16 or fp32 elsewhere),
+AdamW with warm-up and decay, gradient accumulation and clipping, checkpoints every
+``tracking.checkpoint_every`` steps and at the end, and resume.
 
-Resume: every checkpoint holds model, optimiser, scheduler, scaler, step and epoch. A worker
-failure restarts the workers (``FailureConfig``) from the latest checkpoint; a killed driver
-resumes the same way when the same command is run again, because the Train run name is derived
-from the resolved config (``tracking.run_name`` overrides it) and Ray Train V2 restores a run
-whose name and storage it finds. The step count and learning-rate schedule continue from the
-checkpoint; the data stream restarts its epoch (a streaming order cannot be rewound).
+The runner reaches its environment only through a :class:`WorkerContext` (rank, data, the
+latest checkpoint, reporting), so every method runs without Ray in the unit tests; on Ray Train
+the context is :class:`RayContext`.
+
+Resume: every checkpoint (``platform/checkpoint.py``) holds the model, optimiser, scheduler,
+scaler, RNG, step and epoch. A worker failure restarts the workers (``FailureConfig``) from the
+latest checkpoint; a killed driver resumes the same way when the same command is run again,
+because the Train run name is derived from the resolved config (``tracking.run_name`` overrides
+it) and Ray Train V2 restores a run whose name and storage it finds. The step count and
+learning-rate schedule continue from the checkpoint; the data stream restarts its epoch (a
+streaming order cannot be rewound).
+
+Metrics reach MLflow exactly once per step: rank 0 holds each window's metrics until the next
+checkpoint has been reported, then logs them. A run killed between checkpoints resumes from the
+last one and logs the steps after it afresh, so no step appears twice in a metric's history
+(MLflow's history is append-only). The console shows every window as it happens.
+
+Non-finite losses: a step whose total loss is NaN or Inf on any worker is skipped like an fp16
+overflow (no optimiser step, counted in ``train/nonfinite_skipped``); after
+``optim.nonfinite_patience`` such steps in a row the run fails with :class:`NonFiniteLossError`,
+naming the step and the losses. Evaluation refuses non-finite weights.
 """
 from __future__ import annotations
 
@@ -18,22 +35,27 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager, Iterable, Iterator, Protocol
 
 import torch
 
+from alignlab.models.base import ModelSpec, PretrainingModel, Vocab
 from alignlab.platform import config as config_lib
+from alignlab.platform.checkpoint import CheckpointContents, read_checkpoint, write_checkpoint
 from alignlab.platform.config import Config, OptimConfig
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "state.pt"
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced non-finite losses for ``optim.nonfinite_patience`` steps in a row, or
+    evaluation found non-finite weights."""
 
 
 # --------------------------------------------------------------------------------------------
-# Pieces of the loop, usable without Ray
+# Pure pieces of the loop
 # --------------------------------------------------------------------------------------------
 
 
@@ -54,12 +76,14 @@ def lr_multiplier(step: int, optim: OptimConfig) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings' padding-free 1-d tensors and temperatures."""
+    """No weight decay on biases, norms and other 1-d tensors, nor on what the model names in
+    ``no_weight_decay()`` (timm's hook; temperatures here)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "log_scale" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -93,194 +117,467 @@ def run_key(cfg: Config) -> str:
     return f"{cfg.model.architecture}-{digest}"
 
 
+def trial_cpus(cfg: Config | None) -> int:
+    """Logical CPUs one run occupies: its train workers' plus 5 slots — the Tune trial's, and a
+    Parquet read and a preprocessing actor for each of the train and eval datasets. The train
+    pipeline keeps its actor until its epoch ends, even when training stops mid-epoch, so without
+    the eval pipeline's own slots the final evaluation would wait for the rest of the epoch. A
+    compositional evaluation split adds its own two."""
+    if cfg is None:
+        return 5
+    workers = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    return workers + 5 + (2 if cfg.data.compositional_split else 0)  # its own read and preprocess
+
+
+def local_cluster_cpus(cfg: Config | None) -> int:
+    """Logical CPUs of a local cluster: the machine's, and at least one run's
+    (:func:`trial_cpus`): Ray schedules by slots, and on a 2-core laptop or CI machine the data
+    stages would otherwise wait on the workers' slots."""
+    return max(os.cpu_count() or 1, trial_cpus(cfg))
+
+
 # --------------------------------------------------------------------------------------------
-# The per-worker loop
+# The runner
 # --------------------------------------------------------------------------------------------
+
+
+class WorkerContext(Protocol):
+    """What a :class:`Runner` needs from the process it runs in."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def wrap(self, model: PretrainingModel) -> torch.nn.Module:
+        """The model as trained (DDP across workers), sharing ``model``'s parameters."""
+
+    def train_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch of this worker's training batches, on ``device``."""
+
+    def eval_batches(self, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
+        """The evaluation split (rank 0 only), on CPU."""
+
+    def compositional_batches(self, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
+        """The compositional split (``data.compositional_split``; rank 0 only), on CPU."""
+
+    def latest_checkpoint(self) -> ContextManager[str | None]:
+        """The directory of the checkpoint to resume from, or None."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        """Hands metrics (and rank 0's checkpoint) over; every rank calls it at the same steps."""
+
+    def all_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over workers (identity for one)."""
+
+    def data_metrics(self) -> dict[str, float]:
+        """Data-quality counters (``data/skipped_*``) to log."""
+
+    def epoch_started(self, epoch: int) -> None:
+        """Rank 0 opens a training epoch (the data counters count distinct rows per epoch)."""
+
+
+class MetricSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+@dataclass
+class Window:
+    """Per-key (sum over steps, steps that produced it), and the samples and data wait since the
+    window opened. A loss present in only some steps (SemVLP's per-mode losses) is averaged over
+    those steps, not diluted by the others."""
+
+    sums: dict[str, tuple[float, int]] = field(default_factory=dict)
+    samples: int = 0
+    wait: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, step_means: dict[str, float]) -> None:
+        for k, v in step_means.items():
+            total, count = self.sums.get(k, (0.0, 0))
+            self.sums[k] = (total + v, count + 1)
+
+
+class Runner:
+    """One worker's pre-training loop. ``sink`` (rank 0 only) receives the metrics once their
+    step is covered by a reported checkpoint."""
+
+    def __init__(self, cfg: Config, spec: ModelSpec, vocab: Vocab, ctx: WorkerContext, steps_per_epoch: int,
+                 sink: MetricSink | None = None):
+        self.cfg, self.spec, self.vocab, self.ctx = cfg, spec, vocab, ctx
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.sink = sink
+        self.step = self.epoch = 0
+        self.nonfinite_run = self.nonfinite_skipped = 0
+        self.pending: list[tuple[dict[str, float], int]] = []
+        self.window = Window()
+        self.last_metrics: dict[str, float] = {}
+        self._batches: Iterator | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def setup(self) -> "Runner":
+        cfg, device = self.cfg, self.ctx.device
+        if device.type == "cpu":
+            # Ray starts workers with one OpenMP thread whatever they hold; a CPU worker that
+            # holds scaling.cpus_per_worker cores should compute on all of them.
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        self.precision = resolve_precision(cfg.precision.precision, device)
+        self.autocast = autocast_factory(self.precision, device)
+        torch.manual_seed(cfg.seed)
+        self.model = self.spec.build(cfg.model, cfg.objectives, self.vocab).to(device)
+        self.trained = self.ctx.wrap(self.model)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                           betas=cfg.optim.betas, eps=cfg.optim.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg.optim))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        with self.ctx.latest_checkpoint() as d:
+            if d:
+                self.load_checkpoint(d)
+                log.info("rank %d resumed from step %d (epoch %d)", self.ctx.rank, self.step, self.epoch)
+                self._record({"train/resumed_from_step": float(self.step)})
+        return self
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str) -> None:
+        trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
+                   "nonfinite_skipped": self.nonfinite_skipped}
+        if self.ctx.device.type == "cuda":
+            trainer["cuda_rng"] = torch.cuda.get_rng_state(self.ctx.device)
+        write_checkpoint(directory, CheckpointContents(model=self.model.state_dict(), step=self.step,
+                                                       epoch=self.epoch, config=config_lib.to_dict(self.cfg),
+                                                       vocab=asdict(self.vocab), trainer=trainer))
+
+    def load_checkpoint(self, directory: str) -> None:
+        ckpt = read_checkpoint(directory, map_location=self.ctx.device)
+        self.model.load_state_dict(ckpt.model)
+        t = ckpt.trainer
+        self.optimizer.load_state_dict(t["optimizer"])
+        self.scheduler.load_state_dict(t["scheduler"])
+        self.scaler.load_state_dict(t["scaler"])
+        torch.set_rng_state(t["rng"].cpu())
+        if "cuda_rng" in t and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(t["cuda_rng"].cpu(), self.ctx.device)
+        self.nonfinite_skipped = int(t.get("nonfinite_skipped", 0))
+        self.step, self.epoch = ckpt.step, ckpt.epoch
+
+    # -- one optimiser step ---------------------------------------------------------------
+
+    def _next_batch(self) -> dict[str, torch.Tensor] | None:
+        if self._batches is None:
+            if self.ctx.rank == 0:
+                self.ctx.epoch_started(self.epoch)
+            self._batches = iter(self.ctx.train_batches(self.cfg.data.batch_size // self.ctx.world))
+        t0 = time.perf_counter()
+        batch = next(self._batches, None)
+        self.window.wait += time.perf_counter() - t0
+        return batch
+
+    def train_step(self) -> dict[str, float] | None:
+        """Forward/backward over ``grad_accum`` micro-batches (DDP syncs gradients on the last
+        only), then one optimiser step. Returns the step's mean losses, or None when the epoch
+        ran out first (a partial accumulation is dropped, not stepped, and the epoch advances)."""
+        cfg = self.cfg
+        self.model.begin_step(self.step, self.steps_per_epoch)
+        accum = cfg.optim.grad_accum
+        means: dict[str, float] = {}
+        finite = True
+        for micro in range(accum):
+            batch = self._next_batch()
+            if batch is None:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.epoch += 1
+                self._batches = None
+                return None
+            sync = micro == accum - 1 or self.ctx.world == 1
+            with contextlib.nullcontext() if sync else self.trained.no_sync():
+                with self.autocast():
+                    out = self.trained(batch)
+                    total = weighted_total(out.losses, cfg.objectives.weights)
+                self.scaler.scale(total / accum).backward()
+            finite = finite and bool(torch.isfinite(total.detach()))
+            self.window.samples += len(batch["input_ids"]) * self.ctx.world
+            for k, v in {**{f"loss/{k}": v for k, v in out.losses.items()}, "loss/total": total}.items():
+                means[k] = means.get(k, 0.0) + float(v.detach()) / accum
+            for k, v in out.metrics.items():
+                means[f"model/{k}"] = means.get(f"model/{k}", 0.0) + float(v) / accum
+        # Every worker must agree to skip: the flag is the minimum over workers.
+        if self.ctx.all_mean(torch.tensor([float(finite)], device=self.ctx.device)).item() < 1.0:
+            self._skip_nonfinite(means)
+            if self.scaler.is_enabled():  # as after an fp16 overflow: a smaller scale next step
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        else:
+            self.nonfinite_run = 0
+            if cfg.optim.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.window.add(means)
+        return means
+
+    def _skip_nonfinite(self, means: dict[str, float]) -> None:
+        self.nonfinite_run += 1
+        self.nonfinite_skipped += 1
+        log.warning("step %d: non-finite loss on a worker, step skipped (%s)", self.step,
+                    ", ".join(f"{k}={v:.4g}" for k, v in sorted(means.items()) if k.startswith("loss/")))
+        if self.nonfinite_run >= self.cfg.optim.nonfinite_patience:
+            losses = {k: v for k, v in means.items() if k.startswith("loss/")}
+            raise NonFiniteLossError(f"non-finite loss for {self.nonfinite_run} steps in a row, the last at step "
+                                     f"{self.step} (optim.nonfinite_patience = {self.cfg.optim.nonfinite_patience}); "
+                                     f"losses there: {losses}")
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def log(self) -> dict[str, float]:
+        """Closes the logging window: its per-key means (averaged across workers, so rank 0
+        holds the global view), throughput, data wait, LR and data counters."""
+        w, keys = self.window, sorted(self.window.sums)
+        values = torch.tensor([w.sums[k][0] / w.sums[k][1] for k in keys], dtype=torch.float64,
+                              device=self.ctx.device)
+        if keys:
+            values = self.ctx.all_mean(values)
+        out = {k: float(v) for k, v in zip(keys, values.tolist())}
+        elapsed = max(1e-9, time.perf_counter() - w.start)
+        out.update({"throughput/samples_per_s": w.samples / elapsed,
+                    "time/data_wait_fraction": min(1.0, w.wait / elapsed),
+                    "lr": self.scheduler.get_last_lr()[0], "train/epoch": self.step / self.steps_per_epoch,
+                    "train/step": float(self.step), "train/nonfinite_skipped": float(self.nonfinite_skipped)})
+        if self.ctx.rank == 0:
+            out.update(self.ctx.data_metrics())
+            log.info("step %d/%d  %.1f samples/s  loss %.4f  data wait %.0f%%", self.step, self.cfg.optim.max_steps,
+                     out["throughput/samples_per_s"], out.get("loss/total", float("nan")),
+                     100 * out["time/data_wait_fraction"])
+        self.window = Window()
+        self._record(out)
+        return out
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        self.last_metrics.update(metrics)
+        if self.sink is not None:
+            self.pending.append((dict(metrics), self.step))
+
+    def _flush(self) -> None:
+        for metrics, step in self.pending:
+            self.sink.log_metrics(metrics, step)
+        self.pending.clear()
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Zero-shot retrieval on the evaluation split, and the compositional accuracies where a
+        compositional split is configured (rank 0); the other ranks wait."""
+        from alignlab.platform.evaluate import evaluate_compositional, evaluate_retrieval
+
+        metrics: dict[str, float] = {}
+        if self.ctx.rank == 0:
+            bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise NonFiniteLossError(f"step {self.step}: non-finite weights in {bad[:5]} (of {len(bad)}); "
+                                         f"not evaluating a diverged model")
+            ev = self.cfg.eval
+            metrics = {f"eval/{k}": v for k, v in evaluate_retrieval(
+                self.model, self.ctx.eval_batches(self.cfg.data.eval_batch_size), self.ctx.device,
+                max_images=self.cfg.data.eval_max_images, k_captions=ev.k_captions, k_images=ev.k_images,
+                rerank_itm=ev.rerank, autocast=self.autocast).items()}
+            if self.cfg.data.compositional_split:
+                metrics.update({f"eval/{k}": v for k, v in evaluate_compositional(
+                    self.model, self.ctx.compositional_batches(self.cfg.data.eval_batch_size), self.ctx.device,
+                    self.autocast).items()})
+            self._record(metrics)
+        self.ctx.all_mean(torch.zeros(1, device=self.ctx.device))  # a barrier
+        return metrics
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Reports the step's metrics with rank 0's checkpoint, then releases the pending metrics
+        to MLflow: they are now covered by a checkpoint, so they will never be logged again."""
+        with tempfile.TemporaryDirectory() as d:
+            if self.ctx.rank == 0:
+                self.save_checkpoint(d)
+            self.ctx.report(dict(self.last_metrics), d if self.ctx.rank == 0 else None)
+        if self.sink is not None:
+            self._flush()
+
+    def run(self) -> dict[str, float]:
+        cfg = self.cfg
+        if self.step >= cfg.optim.max_steps:
+            log.info("rank %d: the checkpoint is at step %d of %d; nothing to train", self.ctx.rank, self.step,
+                     cfg.optim.max_steps)
+        self.model.train()
+        while self.step < cfg.optim.max_steps:
+            if self.train_step() is None:
+                continue
+            at_end = self.step == cfg.optim.max_steps
+            logged = self.step % cfg.tracking.log_every == 0 and not at_end
+            if logged:
+                self.log()
+            if cfg.tracking.eval_every and self.step % cfg.tracking.eval_every == 0 and not at_end:
+                self.evaluate()
+            # Every rank reports at the same steps: the report is a barrier.
+            if self.step % cfg.tracking.checkpoint_every == 0 and not at_end:
+                self.checkpoint()
+            elif logged:
+                self.ctx.report(dict(self.last_metrics), None)
+        if self.window.sums or not self.last_metrics:
+            self.log()
+        self.evaluate()
+        self.checkpoint()
+        return dict(self.last_metrics)
+
+
+class LocalContext:
+    """:class:`WorkerContext` of one in-process worker without Ray (unit tests, notebooks,
+    benchmarks): ``train_epoch()`` yields one epoch of batches (already sized), ``eval_epoch()``
+    the evaluation split, and reported checkpoints are kept as ``checkpoint_root/latest``, which
+    the next runner on the same root resumes from."""
+
+    rank, world = 0, 1
+
+    def __init__(self, train_epoch, eval_epoch=lambda: [], checkpoint_root: str | None = None,
+                 device: str | torch.device = "cpu", compositional_epoch=lambda: []):
+        self.train_epoch, self.eval_epoch, self.compositional_epoch = train_epoch, eval_epoch, compositional_epoch
+        self.root = Path(checkpoint_root) if checkpoint_root else None
+        self.device = torch.device(device)
+        self.reports: list[tuple[dict[str, float], bool]] = []
+
+    def wrap(self, model):
+        return model
+
+    def train_batches(self, batch_size):
+        return iter(self.train_epoch())
+
+    def eval_batches(self, batch_size):
+        return self.eval_epoch()
+
+    def compositional_batches(self, batch_size):
+        return self.compositional_epoch()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        latest = self.root / "latest" if self.root else None
+        yield str(latest) if latest and latest.is_dir() else None
+
+    def report(self, metrics, checkpoint_dir):
+        import shutil
+
+        self.reports.append((metrics, checkpoint_dir is not None))
+        if checkpoint_dir and self.root:
+            staging = self.root / "incoming"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, staging)
+            shutil.rmtree(self.root / "latest", ignore_errors=True)
+            staging.rename(self.root / "latest")
+
+    def all_mean(self, values):
+        return values
+
+    def data_metrics(self):
+        return {}
+
+    def epoch_started(self, epoch):
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# On Ray Train
+# --------------------------------------------------------------------------------------------
+
+
+class RayContext:
+    """:class:`WorkerContext` of a Ray Train worker."""
+
+    def __init__(self, cfg: Config, spec: ModelSpec, counter=None):
+        import ray.train
+        import ray.train.torch
+
+        self.cfg, self.spec, self.counter = cfg, spec, counter
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": model.find_unused_parameters})
+
+    def train_batches(self, batch_size):
+        import ray.train
+
+        return ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=batch_size, drop_last=True, device=self.device, prefetch_batches=self.cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None)
+
+    def eval_batches(self, batch_size):
+        import ray.train
+
+        return ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=batch_size)
+
+    def compositional_batches(self, batch_size):
+        import ray.train
+
+        return ray.train.get_dataset_shard("compositional").iter_torch_batches(batch_size=batch_size)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield d
+
+    def report(self, metrics, checkpoint_dir):
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                         if checkpoint_dir else None)
+
+    def all_mean(self, values):
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_initialized():
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world
+        return values
+
+    def data_metrics(self):
+        if self.counter is None:
+            return {}
+        import ray
+
+        snapshot = ray.get(self.counter.snapshot.remote())
+        skipped = snapshot["counts"]
+        out = {f"data/skipped_{k}": float(v) for k, v in skipped.items()}
+        out["data/skipped_total"] = float(sum(skipped.values()))
+        # Notes are rows kept with a flaw: logged apart, never in the skipped total.
+        out.update({f"data/{k}": float(v) for k, v in snapshot["notes"].items()})
+        return out
+
+    def epoch_started(self, epoch):
+        if self.counter is not None:
+            import ray
+
+            ray.get(self.counter.begin_epoch.remote(epoch))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-
-    from alignlab.models.base import Vocab
-    from alignlab.models.registry import build_model
-    from alignlab.platform.evaluate import evaluate_retrieval
     from alignlab.platform.tracking import RunLogger
 
-    cfg = config_lib.from_dict(loop_config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        # Ray starts workers with one OpenMP thread whatever they hold; a CPU worker that holds
-        # scaling.cpus_per_worker cores should compute on all of them.
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    precision = resolve_precision(cfg.precision.precision, device)
-    autocast = autocast_factory(precision, device)
-
-    torch.manual_seed(cfg.seed)
-    raw = build_model(cfg.model, cfg.objectives, Vocab(**loop_config["vocab"]))
-    model = ray.train.torch.prepare_model(
-        raw, parallel_strategy_kwargs={"find_unused_parameters": getattr(raw, "find_unused_parameters", False)})
-    optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg.optim))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    step, epoch = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=False)
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch = state["step"], state["epoch"]
-        log.info("rank %d resumed from step %d (epoch %d)", rank, step, epoch)
-
-    logger = RunLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
-    counter = loop_config.get("counter")
-    if logger:
-        logger.log_metrics({"train/resumed_from_step": float(step)}, step)
-    local_batch = cfg.data.batch_size // world
-    steps_per_epoch = max(1, loop_config["steps_per_epoch"])
-    shard = ray.train.get_dataset_shard("train")
-
-    def save_and_report(metrics: dict[str, float]) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                torch.save({"model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                            "step": step, "epoch": epoch, "config": loop_config["cfg"]}, Path(d) / CHECKPOINT_FILE)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
-
-    def evaluate() -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if rank == 0:
-            batches = ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=cfg.data.eval_batch_size)
-            metrics = {f"eval/{k}": v for k, v in evaluate_retrieval(
-                raw, batches, device, max_images=cfg.data.eval_max_images, k_captions=cfg.eval.k_captions,
-                k_images=cfg.eval.k_images, rerank_itm=cfg.eval.rerank, autocast=autocast).items()}
-            logger.log_metrics(metrics, step)
-        if world > 1:
-            dist.barrier()
-        return metrics
-
-    model.train()
-    window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
-    # Per key: (sum over steps, number of steps that produced it). A loss present in only some
-    # steps (SemVLP's per-mode losses) is averaged over those steps, not diluted by the others.
-    sums: dict[str, tuple[float, int]] = {}
-    last_metrics: dict[str, float] = {}
-    while step < cfg.optim.max_steps:
-        batches = iter(shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device,
-                                                prefetch_batches=cfg.data.prefetch_batches,
-                                                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None))
-        while step < cfg.optim.max_steps:
-            raw.begin_step(step, steps_per_epoch)
-            step_sums = _accumulate(model, batches, cfg, world, local_batch, scaler, autocast, window)
-            if step_sums is None:  # epoch exhausted; a partial accumulation is dropped, not stepped
-                optimizer.zero_grad(set_to_none=True)
-                epoch += 1
-                break
-            if cfg.optim.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            for k, v in step_sums.items():
-                total, count = sums.get(k, (0.0, 0))
-                sums[k] = (total + v, count + 1)
-            if step == cfg.optim.max_steps:
-                break
-            logged = step % cfg.tracking.log_every == 0
-            if logged:
-                last_metrics = _window_metrics(sums, window, world, device)
-                last_metrics.update({"lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
-                                     "train/step": float(step)})
-                if counter is not None and rank == 0:
-                    last_metrics.update(_skip_metrics(counter))
-                if logger:
-                    logger.log_metrics(last_metrics, step)
-                sums, window = {}, {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
-            if cfg.tracking.eval_every and step % cfg.tracking.eval_every == 0:
-                last_metrics.update(evaluate())
-            # Every rank reports at the same steps: ray.train.report is a barrier.
-            if step % cfg.tracking.checkpoint_every == 0:
-                save_and_report(last_metrics)
-            elif logged:
-                ray.train.report(last_metrics)
-    final = _window_metrics(sums, window, world, device) if sums else {}
-    final.update({"lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch, "train/step": float(step)})
-    if counter is not None and rank == 0:
-        final.update(_skip_metrics(counter))
-    if logger:
-        logger.log_metrics(final, step)
-    final.update(evaluate())
-    save_and_report(final)
-
-
-def _accumulate(model, batches, cfg: Config, world: int, local_batch: int, scaler, autocast, window: dict
-                ) -> dict[str, float] | None:
-    """Forward/backward over ``grad_accum`` micro-batches (DDP syncs gradients only on the last).
-    Returns the step's mean losses, or None when the epoch ran out first."""
-    out_sums: dict[str, float] = {}
-    accum = cfg.optim.grad_accum
-    for micro in range(accum):
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        window["wait"] += time.perf_counter() - t0
-        if batch is None:
-            return None
-        last = micro == accum - 1
-        with (contextlib.nullcontext() if last or world == 1 else model.no_sync()):
-            with autocast():
-                out = model(batch)
-                total = weighted_total(out.losses, cfg.objectives.weights)
-            scaler.scale(total / accum).backward()
-        window["samples"] += local_batch * world
-        for k, v in out.losses.items():
-            out_sums[f"loss/{k}"] = out_sums.get(f"loss/{k}", 0.0) + v.item() / accum
-        out_sums["loss/total"] = out_sums.get("loss/total", 0.0) + total.item() / accum
-        for k, v in out.metrics.items():
-            out_sums[f"model/{k}"] = out_sums.get(f"model/{k}", 0.0) + float(v) / accum
-    return out_sums
-
-
-def _skip_metrics(counter) -> dict[str, float]:
-    import ray
-
-    snapshot = ray.get(counter.snapshot.remote())
-    skipped = snapshot["counts"]
-    out = {f"data/skipped_{k}": float(v) for k, v in skipped.items()}
-    out["data/skipped_total"] = float(sum(skipped.values()))
-    # Notes are rows kept with a flaw: logged apart, never in the skipped total.
-    out.update({f"data/{k}": float(v) for k, v in snapshot["notes"].items()})
-    return out
-
-
-def _window_metrics(sums: dict[str, tuple[float, int]], window: dict, world: int, device: torch.device
-                    ) -> dict[str, float]:
-    """Means over the logging window, averaged across workers so rank 0 logs the global view."""
-    import torch.distributed as dist
-
-    keys = sorted(sums)
-    values = torch.tensor([sums[k][0] / sums[k][1] for k in keys], dtype=torch.float64, device=device)
-    if world > 1 and dist.is_initialized():
-        dist.all_reduce(values)
-        values /= world
-    out = {k: float(v) for k, v in zip(keys, values.tolist())}
-    elapsed = max(1e-9, time.perf_counter() - window["start"])
-    out["throughput/samples_per_s"] = window["samples"] / elapsed
-    out["time/data_wait_fraction"] = min(1.0, window["wait"] / elapsed)
-    return out
+    cfg: Config = loop_config["cfg"]
+    ctx = RayContext(cfg, loop_config["spec"], loop_config.get("counter"))
+    sink = RunLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if ctx.rank == 0 else None
+    runner = Runner(cfg, loop_config["spec"], loop_config["vocab"], ctx, loop_config["steps_per_epoch"], sink)
+    runner.setup().run()
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,9 +587,7 @@ def _window_metrics(sums: dict[str, tuple[float, int]], window: dict, world: int
 
 def init_ray(cfg: Config | None = None) -> None:
     """Join the cluster this process runs on (``ray job submit`` sets RAY_ADDRESS), or start a
-    local one, with enough logical CPUs for the workers and the data stages
-    (:func:`local_cluster_cpus`): Ray schedules by slots, and on a 2-core laptop or CI machine the
-    stages would otherwise wait on the workers' slots."""
+    local one with :func:`local_cluster_cpus` slots."""
     import ray
 
     if ray.is_initialized():
@@ -305,34 +600,34 @@ def init_ray(cfg: Config | None = None) -> None:
                  include_dashboard=False)
 
 
-def local_cluster_cpus(cfg: Config | None) -> int:
-    """Logical CPUs of a local cluster: the machine's, and at least the train workers' CPUs plus
-    5 slots: a Tune trial's, and a Parquet read and a preprocessing actor for each of the train
-    and eval datasets. The train pipeline keeps its actor until its epoch ends, even when
-    training stops mid-epoch, so without the eval pipeline's own slots the final evaluation
-    would wait for the rest of the epoch to be preprocessed."""
-    workers = 0 if cfg is None else math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    return max(os.cpu_count() or 1, workers + 5)
+@dataclass
+class Prepared:
+    """Driver-side facts of a run, computed once: the architecture, the vocabulary summary and
+    the epoch length."""
+
+    spec: ModelSpec
+    vocab: Vocab
+    steps_per_epoch: int
+    train_rows: int
 
 
-def prepare(cfg: Config) -> dict[str, Any]:
-    """Driver-side work shared by a single run and every sweep trial: schema validation, the
+def prepare(cfg: Config) -> Prepared:
+    """Shared by a single run and every sweep trial: schema validation of both splits, the
     vocabulary summary and the epoch length."""
-    from alignlab.models.registry import check_objectives, model_class
-    from alignlab.models.base import Vocab
+    from alignlab.models.registry import get_spec
     from alignlab.platform import ingest, shards
     from alignlab.platform.tokenization import load_tokenizer, vocab_info
 
-    check_objectives(cfg.model.architecture, cfg.objectives.weights)
     train_uri = shards.child_uri(cfg.data.shards, cfg.data.train_split)
-    shards.validate_shards(train_uri)
-    shards.validate_shards(shards.child_uri(cfg.data.shards, cfg.data.eval_split))
-    vocab: Vocab = vocab_info(load_tokenizer(cfg.data.tokenizer, cfg.data.shards), cfg.data.shards)
+    for split in (cfg.data.train_split, cfg.data.eval_split, cfg.data.compositional_split):
+        if split:
+            shards.validate_shards(shards.child_uri(cfg.data.shards, split))
+    vocab = vocab_info(load_tokenizer(cfg.data.tokenizer, cfg.data.shards), cfg.data.shards)
     rows = ingest.count_rows(train_uri)
     if cfg.data.max_train_rows:
         rows = min(rows, cfg.data.max_train_rows)
-    return {"vocab": asdict(vocab), "steps_per_epoch": rows // (cfg.data.batch_size * cfg.optim.grad_accum),
-            "train_rows": rows, "model_class": model_class(cfg.model.architecture)}
+    return Prepared(spec=get_spec(cfg.model.architecture), vocab=vocab,
+                    steps_per_epoch=rows // (cfg.data.batch_size * cfg.optim.grad_accum), train_rows=rows)
 
 
 def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | None = None, name: str | None = None,
@@ -341,33 +636,36 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from alignlab.models.base import InputSpec
-    from alignlab.platform import ingest
+    from alignlab.platform import ingest, shards
+    from alignlab.platform.tracking import resolve_storage
 
     init_ray(cfg)
     cfg = config_lib.with_absolute_paths(cfg)
     info = prepare(cfg)
-    spec: InputSpec = info["model_class"].input_spec(cfg.model, cfg.objectives)
+    inputs = info.spec.input_spec(cfg.model, cfg.objectives)
     counter = ingest.make_counter()
     datasets = {
-        "train": ingest.build_dataset(cfg.data, cfg.objectives, spec, cfg.data.train_split, train=True,
+        "train": ingest.build_dataset(cfg.data, cfg.objectives, inputs, cfg.data.train_split, train=True,
                                       counter=counter, seed=cfg.seed),
-        "eval": ingest.build_dataset(cfg.data, cfg.objectives, spec, cfg.data.eval_split, train=False,
+        "eval": ingest.build_dataset(cfg.data, cfg.objectives, inputs, cfg.data.eval_split, train=False,
                                      counter=counter, seed=cfg.seed),
     }
+    if cfg.data.compositional_split:
+        datasets["compositional"] = ingest.build_dataset(
+            cfg.data, cfg.objectives, inputs, cfg.data.compositional_split, train=False, counter=counter,
+            seed=cfg.seed, id_columns=shards.COMPOSITIONAL_COLUMNS)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": config_lib.to_dict(cfg), "vocab": info["vocab"],
-                           "steps_per_epoch": info["steps_per_epoch"], "mlflow_uri": mlflow_uri,
-                           "mlflow_run_id": mlflow_run_id, "counter": counter},
+        train_loop_config={"cfg": cfg, "spec": info.spec, "vocab": info.vocab, "steps_per_epoch": info.steps_per_epoch,
+                           "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id, "counter": counter},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name or run_key(cfg),
-            storage_path=storage_path or cfg.tracking.storage_path or str(Path.cwd() / "ray_results"),
+            storage_path=storage_path or resolve_storage(cfg.tracking.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.tracking.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or []),
@@ -378,46 +676,23 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
 
 
 def train(cfg: Config, parent_run_id: str | None = None, run_name: str | None = None) -> dict[str, Any]:
-    """A single pre-training run, tracked in MLflow. Returns the final metrics and locations."""
-    from alignlab.platform.tracking import resolve_tracking_uri
+    """A single pre-training run, tracked in MLflow. Returns the final metrics and locations.
+    A config whose run already finished is not trained again: its metrics are returned."""
+    from alignlab.platform import tracking
 
-    uri = resolve_tracking_uri(cfg.tracking.mlflow_uri)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.mlflow_uri)
     key = run_key(cfg)
-    run_id = _find_or_create_run(uri, cfg, key, parent_run_id, run_name)
-    logger = open_run(uri, run_id, cfg)
-    result = fit(cfg, uri, run_id, name=key)
-    close_run(logger, result)
+    done = tracking.find_run(uri, cfg.tracking.experiment, {"alignlab.run_key": key}, status="FINISHED")
+    if done is not None:
+        log.warning("run %s (MLflow run %s) already finished; to train again, set tracking.run_name=<new name> "
+                    "or change the config", key, done.info.run_id)
+        return {"metrics": dict(done.data.metrics), "mlflow_uri": uri, "mlflow_run_id": done.info.run_id,
+                "checkpoint": done.data.tags.get("checkpoint"), "already_finished": True}
+    run_id, _ = tracking.find_or_create_run(uri, cfg.tracking.experiment, {"alignlab.run_key": key}, run_name or key,
+                                            parent_run_id, include_finished=False)
+    logger = tracking.open_run(uri, run_id, cfg)
+    with tracking.failure_marks(logger):
+        result = fit(cfg, uri, run_id, name=key)
+    tracking.close_run(logger, result)
     return {"metrics": dict(result.metrics or {}), "mlflow_uri": uri, "mlflow_run_id": run_id,
             "checkpoint": result.checkpoint.path if result.checkpoint else None}
-
-
-def open_run(uri: str, run_id: str, cfg: Config, extra_params: dict | None = None):
-    """A logger on the run with the flattened resolved config, git commit and package versions
-    as params, and the resolved config YAML as an artifact."""
-    from alignlab.platform.tracking import RunLogger, environment_params
-
-    logger = RunLogger(uri, run_id)
-    logger.log_params({**config_lib.flatten(config_lib.to_dict(cfg)), **environment_params(), **(extra_params or {})})
-    logger.log_text(config_lib.dump_yaml(cfg), "config.yaml")
-    return logger
-
-
-def close_run(logger, result) -> None:
-    """Marks the MLflow run finished (recording where its checkpoint is) or failed (re-raising)."""
-    if result.error:
-        logger.finish("FAILED")
-        raise result.error
-    if result.checkpoint:
-        logger.set_tag("checkpoint", result.checkpoint.path)
-        logger.log_text(result.checkpoint.path + "\n", "checkpoint_location.txt")
-    logger.finish()
-
-
-def _find_or_create_run(uri: str, cfg: Config, key: str, parent_run_id: str | None, run_name: str | None) -> str:
-    """The unfinished MLflow run of this Train run name (a resumed run keeps logging into it),
-    or a new one."""
-    from alignlab.platform.tracking import find_or_create_run
-
-    run_id, _ = find_or_create_run(uri, cfg.tracking.experiment, {"alignlab.run_key": key}, run_name or key,
-                                   parent_run_id, include_finished=False)
-    return run_id

@@ -19,6 +19,19 @@ def shared_data(sub: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def alignlab_home(tmp_path_factory):
+    """Runs that name no store write under $ALIGNLAB_HOME: a temporary one, never the user's."""
+    home = tmp_path_factory.mktemp("alignlab_home")
+    old = os.environ.get("ALIGNLAB_HOME")
+    os.environ["ALIGNLAB_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("ALIGNLAB_HOME", None)
+    else:
+        os.environ["ALIGNLAB_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray cluster for the whole session, with the slots the driver's own local cluster

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from alignlab.models.registry import model_class
+from alignlab.models.registry import get_spec
 from alignlab.platform import bench
 from alignlab.platform.config import load_config
 from alignlab.platform.ingest import Preprocessor, columns_for
@@ -52,10 +52,10 @@ def test_synthetic_batch_has_the_data_stage_keys_dtypes_and_shapes(synth_root):
     vocab = vocab_info(load_tokenizer("auto", str(synth_root)), str(synth_root))
     for arch in ARCHITECTURES:
         cfg = tiny_cfg(arch, synth_root)
-        spec = model_class(arch).input_spec(cfg.model, cfg.objectives)
+        spec = get_spec(arch).input_spec(cfg.model, cfg.objectives)
         files = sorted((synth_root / "train").glob("*.parquet"))
         rows = pq.read_table(files[0], columns=columns_for(spec)).slice(0, 10).to_pydict()
-        real = Preprocessor(dict(vars(cfg.data)), dict(vars(cfg.objectives)), dict(vars(spec)), train=True)(rows)
+        real = Preprocessor(cfg.data, cfg.objectives, spec, train=True)(rows)
         fake = bench.synthetic_batch(spec, cfg, vocab, 10)
         assert set(fake) == set(real), arch
         for k, v in real.items():
@@ -65,7 +65,7 @@ def test_synthetic_batch_has_the_data_stage_keys_dtypes_and_shapes(synth_root):
 def test_synthetic_batch_content_follows_the_id_layouts():
     cfg = load_config("mvptr_demo")
     vocab = bench.synthetic_vocab(size=300, tags=20, concepts=40)
-    b = bench.synthetic_batch(model_class("mvptr").input_spec(cfg.model, cfg.objectives), cfg, vocab, 10)
+    b = bench.synthetic_batch(get_spec("mvptr").input_spec(cfg.model, cfg.objectives), cfg, vocab, 10)
     assert b["image_key"].unique().numel() == 2  # 5 captions per image
     assert (b["input_ids"][:, 0] == vocab.cls_id).all() and (b["attention_mask"].sum(1) >= 3).all()
     masked = b["mlm_labels"] != -100
@@ -163,5 +163,16 @@ def test_step_shares_split_phases_and_compare_a_variant_with_its_reference(tmp_p
     full, variant = report.data["sections"][0]["rows"]
     assert full["removed_share"] is None and variant["reference"] == "full"
     for row in (full, variant):
-        assert row["step_ms"] == pytest.approx(row["forward_ms"] + row["backward_ms"] + row["optimizer_ms"])
+        assert min(row["forward_ms"], row["backward_ms"], row["optimizer_ms"]) > 0
     assert variant["removed_share"] == pytest.approx(1 - variant["step_ms"] / full["step_ms"])
+
+
+def test_bench_plans_load_every_model():
+    gpu = bench.load_plan("gpu")
+    assert {e["cfg"].model.architecture for e in gpu} == set(ARCHITECTURES)
+    for e in gpu:  # nothing may need a file or the network on the GPU machine
+        assert e["cfg"].model.text_init == "" and not e["cfg"].model.image.pretrained
+        assert e["cfg"].data.batch_size // e["cfg"].scaling.num_workers >= 64
+    quick = bench.load_plan("quick")
+    names = {e["name"] for e in quick}
+    assert all(e["reference"] in names for e in quick if e["reference"])

@@ -44,7 +44,10 @@ def test_flickr_reader_splits_and_skips(tmp_path):
     assert len(records) == 8 and records[0].image_id == "img0" and records[0].caption_id == "img0#0"
     assert {r.image_id: r.split for r in records} == {"img0": "train", "img1": "train", "img2": "val", "img3": ""}
     # img3 is in no split file (2 captions), img1#1 is empty; img2's missing file is found by the worker.
-    assert skipped == Counter({"no_split": 2, "empty_caption": 1})
+    assert skipped.counts == Counter({"no_split": 2, "empty_caption": 1})
+    token = os.path.join(str(tmp_path), "Flickr8k.token.txt")
+    assert [(s["reason"], s["where"]) for s in skipped.listed] == [
+        ("empty_caption", f"{token}:4"), ("no_split", f"{token}:7"), ("no_split", f"{token}:8")]
     assert [u["name"] for u in units] == ["train/part-00000.parquet", "val/part-00000.parquet"]
     assert [u["rows"] for u in units] == [3, 2]
 
@@ -52,7 +55,7 @@ def test_flickr_reader_splits_and_skips(tmp_path):
 def test_coco_reader_ground_truth_and_duplicate_ids(tmp_path):
     reader, units, skipped = _plan(fx.coco(str(tmp_path)), regions="gt")
     assert reader.name == "coco"
-    assert skipped == Counter({"duplicate_caption_id": 1})
+    assert skipped.counts == Counter({"duplicate_caption_id": 1})
     (unit,) = units
     assert unit["name"] == "train/part-00000.parquet" and unit["rows"] == 3
     first = unit["images"][0]
@@ -62,7 +65,7 @@ def test_coco_reader_ground_truth_and_duplicate_ids(tmp_path):
 
 def test_karpathy_reader_folds_restval_into_train(tmp_path):
     reader, units, skipped = _plan(fx.karpathy(str(tmp_path)))
-    assert reader.name == "karpathy" and not skipped
+    assert reader.name == "karpathy" and not skipped.counts and not skipped.listed
     records = list(reader.records())
     assert [(r.image_id, r.split) for r in records[::2]] == [("100", "train"), ("101", "train"), ("102", "test")]
     assert records[0].image.path == os.path.join(str(tmp_path), "val2014", "a.jpg")
@@ -71,7 +74,7 @@ def test_karpathy_reader_folds_restval_into_train(tmp_path):
 
 def test_csv_and_jsonl_readers(tmp_path):
     reader, units, skipped = _plan(fx.csv_table(str(tmp_path)))
-    assert reader.name == "table" and skipped == Counter({"caption_too_long": 1})
+    assert reader.name == "table" and skipped.counts == Counter({"caption_too_long": 1})
     assert [i["image_id"] for i in units[0]["images"]] == ["p0", "p1", "broken"]
     reader, units, skipped = _plan(fx.jsonl_table(str(tmp_path / "j")))
     records = list(reader.records())
@@ -88,7 +91,7 @@ def test_conflicting_image_ids_are_skipped(tmp_path):
             {"image": "a.jpg", "image_id": "x", "caption": "a brown dog"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, units, skipped = _plan(str(path))
-    assert skipped == Counter({"conflicting_image_id": 2})
+    assert skipped.counts == Counter({"conflicting_image_id": 2})
     assert units[0]["images"][0]["captions"] == [["x#1", "a dog"], ["x#4", "a brown dog"]]
 
 
@@ -98,7 +101,7 @@ def test_webdataset_reader_reads_members_by_byte_range(tmp_path):
     assert reader.name == "webdataset" and [r.image_id for r in records] == ["000000000", "000000001", "000000002"]
     assert records[1].image.read() == fx.jpeg(1)
     assert records[1].caption == fx.CAPTIONS[1]
-    assert skipped == Counter({"missing_image": 1})  # the sample without a .jpg
+    assert skipped.counts == Counter({"missing_image": 1})  # the sample without a .jpg
 
 
 def test_unknown_layout_names_file_and_known_layouts(tmp_path):
@@ -113,6 +116,88 @@ def test_unknown_layout_names_file_and_known_layouts(tmp_path):
     bad.write_text("url,alt\nx,y\n")
     with pytest.raises(LayoutError, match=r"t.csv:2: need an image column .*found \['alt', 'url'\]"):
         list(open_reader(str(bad)).records())
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _flickr_with_bad_lines(root) -> str:
+    """Token file lines: 1 good, 2 no tab, 3 Latin-1 byte, 4 no '#n', 5 good (CRLF), 6 blank."""
+    fx.write_images(str(root / "images"), ["img0.jpg", "img1.jpg"])
+    token = root / "Flickr8k.token.txt"
+    token.write_bytes(b"img0.jpg#0\ta dog runs on the grass\n"
+                      b"img0.jpg#1 a dog without a tab\n"
+                      b"img1.jpg#0\tun caf\xe9 au lait on a table\n"
+                      b"img1.jpg\ta caption without its number\n"
+                      b"img1.jpg#1\ta cup of coffee on a table\r\n"
+                      b"\n")
+    return str(token)
+
+
+def test_malformed_and_mis_encoded_lines_are_skipped_listed_and_counted(tmp_path):
+    token = _flickr_with_bad_lines(tmp_path)
+    _, units, skipped = _plan(token)
+    assert skipped.counts == {"malformed_line": 2, "invalid_utf8": 1}
+    assert [(s["reason"], s["where"]) for s in skipped.listed] == [
+        ("malformed_line", f"{token}:2"), ("invalid_utf8", f"{token}:3"), ("malformed_line", f"{token}:4")]
+    assert "expected '<image>#<n>\\t<caption>'" in skipped.listed[0]["detail"]
+    assert skipped.listed[1]["detail"].startswith("caption has byte 0xe9 at character 6, not UTF-8")
+    assert [c for i in units[0]["images"] for c in i["captions"]] == [
+        ["img0#0", "a dog runs on the grass"], ["img1#1", "a cup of coffee on a table"]]
+
+
+def test_table_rows_with_bad_fields_json_or_bytes_are_skipped(tmp_path):
+    fx.write_images(str(tmp_path), ["a.jpg"])
+    (tmp_path / "pairs.csv").write_bytes(b"image,caption\n"
+                                         b"a.jpg,a dog\n"
+                                         b"a.jpg,a cat,surplus\n"
+                                         b"a.jpg\n"
+                                         b"a.jpg,caf\xe9 cr\xe8me\n"
+                                         b"a.jpg,a bird\n")
+    reader, units, skipped = _plan(str(tmp_path / "pairs.csv"))
+    assert skipped.counts == {"malformed_line": 2, "invalid_utf8": 1}
+    where = str(tmp_path / "pairs.csv")
+    assert [(s["where"], s["detail"][:36]) for s in skipped.listed] == [
+        (f"{where}:3", "3 fields where the header has 2"), (f"{where}:4", "1 fields where the header has 2"),
+        (f"{where}:5", "caption has byte 0xe9 at character 3")]
+    assert [c[1] for c in units[0]["images"][0]["captions"]] == ["a dog", "a bird"]
+
+    (tmp_path / "pairs.jsonl").write_bytes(b'{"image": "a.jpg", "caption": "a dog"}\n'
+                                           b'{"image": "a.jpg", "caption": "a cat"\n'
+                                           b'["a.jpg", "a list"]\n'
+                                           b'{"image": "a.jpg", "caption": "caf\xe9"}\n')
+    _, units, skipped = _plan(str(tmp_path / "pairs.jsonl"))
+    assert skipped.counts == {"malformed_line": 2, "invalid_utf8": 1}
+    assert [s["where"].rsplit(":", 1)[1] for s in skipped.listed] == ["2", "3", "4"]
+    assert skipped.listed[0]["detail"].startswith("not valid JSON")
+    assert "not a JSON object" in skipped.listed[1]["detail"]
+    assert [c[1] for c in units[0]["images"][0]["captions"]] == ["a dog"]
+
+
+def test_json_layout_records_with_bad_bytes_or_keys_are_skipped(tmp_path):
+    root = fx.coco(str(tmp_path))
+    path = os.path.join(root, "annotations", "captions_train2017.json")
+    data = json.load(open(path))
+    data["annotations"][1]["caption"] = "CAFE_PLACEHOLDER"
+    del data["annotations"][2]["caption"]
+    open(path, "wb").write(json.dumps(data).encode().replace(b"CAFE_PLACEHOLDER", b"un caf\xe9"))
+    _, units, skipped = _plan(root)
+    assert skipped.counts == {"invalid_utf8": 1, "malformed_record": 1}  # id 12's second caption is no duplicate now
+    assert [(s["reason"], s["where"]) for s in skipped.listed] == [
+        ("invalid_utf8", f"{path} annotations[1]"), ("malformed_record", f"{path} annotations[2]")]
+    assert "lacks key 'caption'" in skipped.listed[1]["detail"]
+    assert [c[0] for i in units[0]["images"] for c in i["captions"]] == ["10", "12"]
+
+
+def test_manifest_lists_skipped_rows_with_file_and_line_up_to_its_bound(monkeypatch, tmp_path):
+    token = _flickr_with_bad_lines(tmp_path)
+    m = _build_in_process(monkeypatch, BuildConfig(source=token, out=str(tmp_path / "out"), phrases=False))
+    assert m["rows_written"] == 2 and m["rows_skipped"] == {"invalid_utf8": 1, "malformed_line": 2}
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["where"] for s in on_disk["skipped_rows"]] == [f"{token}:{n}" for n in (2, 3, 4)]
+    monkeypatch.setattr(builder, "MAX_LISTED", 2)
+    m = _build_in_process(monkeypatch, BuildConfig(source=token, out=str(tmp_path / "bounded"), phrases=False))
+    assert len(m["skipped_rows"]) == 2 and sum(m["rows_skipped"].values()) == 3
 
 
 def test_config_rejects_bad_values_naming_option():
@@ -194,7 +279,7 @@ def test_unit_builder_gt_regions_phrases_and_features(tmp_path):
     _, units, _ = _plan(cfg.source, regions="gt")
     worker = builder.UnitBuilder(cfg.__dict__)
     rows, images, skipped = worker.build_unit(units[0])
-    assert (rows, images, skipped) == (3, 2, {})
+    assert (rows, images, skipped.counts) == (3, 2, {})
     table = pq.read_table(out / "train" / "part-00000.parquet")
     validate_schema(table.schema, "unit")
     t = table.to_pydict()
@@ -218,7 +303,11 @@ def test_unit_builder_counts_missing_and_undecodable_images(tmp_path):
                                "hint": None, "captions": [["gone#1", "x"], ["gone#2", "y"]]})
     rows, images, skipped = builder.UnitBuilder(cfg.__dict__).build_unit(units[0])
     assert (rows, images) == (2, 2)
-    assert skipped == {"undecodable_image": 1, "missing_image": 2}
+    assert skipped.counts == {"undecodable_image": 1, "missing_image": 2}
+    assert [(s["reason"], s["where"]) for s in skipped.listed] == [
+        ("undecodable_image", os.path.join(str(tmp_path), "csv", "pics", "broken.jpg")),
+        ("missing_image", str(tmp_path / "gone.jpg"))]
+    assert "its 2 caption(s) skipped" in skipped.listed[1]["detail"]
     assert "phrases" not in pq.read_schema(out / "train" / "part-00000.parquet").names
 
 
@@ -293,7 +382,7 @@ def test_qa_questions_without_answers_are_skipped(tmp_path):
         json.dump({"10": {"imageId": "1", "question": "Is it red?", "answer": "  no "},
                    "11": {"imageId": "2", "question": "What is it?"}}, f)
     reader, units, skipped = _plan(str(tmp_path))
-    assert reader.name == "gqa" and skipped == {"missing_answer": 1}
+    assert reader.name == "gqa" and skipped.counts == {"missing_answer": 1}
     assert units[0]["name"] == "val/part-00000.parquet"
     assert units[0]["images"][0]["captions"] == [["10", "Is it red?", "no"]]  # answer whitespace-normalised
 
@@ -318,3 +407,42 @@ def test_torchvision_detector_and_timm_backbone_from_weight_files(tmp_path):
     feat = Featurizer("timm:resnet18", str(tmp_path / "r18.pt"), image_size=64)
     out = feat(np.zeros((48, 64, 3), np.uint8), np.array([[0, 0, 32, 24], [10, 10, 60, 40]], np.float32))
     assert feat.dim == 512 and out.shape == (2, 512) and np.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------- ownership
+
+
+def _md5s(root) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_built_set_survives_synth_and_build_pointed_at_it(monkeypatch, tmp_path):
+    """The probe of issue #17: the synthetic generator pointed (by a typo) at a built set wrote over
+    its files. Now it, and a build of another kind, stop before writing anything."""
+    from alignlab.platform.shards import ShardFolderError
+    from alignlab.platform.synth import SynthConfig, generate
+
+    built = tmp_path / "built"
+    m = _build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(built),
+                                                   phrases=False))
+    assert m["rows_written"] == 2
+    before = _md5s(built)
+    assert {"manifest.json", "train/part-00000.parquet"} <= set(before)
+    with pytest.raises(ShardFolderError, match=rf"{built}: holds a shard set made by alignlab data build"):
+        generate(str(built), SynthConfig(n_train_images=4, n_test_images=2, rows_per_file=100))
+    assert _md5s(built) == before
+
+    synth = tmp_path / "synth"
+    generate(str(synth), SynthConfig(n_train_images=4, n_test_images=2, rows_per_file=100))
+    before = _md5s(synth)
+    for overwrite in (False, True):
+        with pytest.raises(ShardFolderError, match=rf"{synth}: holds a shard set made by alignlab data synth"):
+            _build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(synth),
+                                                       phrases=False, overwrite=overwrite))
+    assert _md5s(synth) == before
+    # Each writer still resumes / regenerates its own set.
+    assert _build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(built),
+                                                      phrases=False))["units_skipped_as_done"] == 1

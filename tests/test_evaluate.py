@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from alignlab.platform.evaluate import chance_rsum, ranks_i2t, ranks_t2i, recall_metrics, rerank
+from alignlab.platform.evaluate import chance_rsum, pairwise_accuracy, ranks_i2t, ranks_t2i, recall_metrics, rerank
 
 
 def test_recall_on_a_known_ranking():
@@ -49,3 +49,115 @@ def test_rerank_scores_n_times_k_pairs_and_reorders():
     # Candidates outside the top-k keep their uni-modal order.
     outside = torch.ones_like(scores, dtype=torch.bool).scatter_(1, scores.topk(8, 1).indices, False)
     assert torch.equal(i2t[outside], scores[outside])
+
+
+# --------------------------------------------------------------------------------------------
+# Compositional evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def test_pairwise_accuracy_on_known_scores():
+    # Group 7: true 0.9 beats swap_attribute (0.5), ties swap_relation (0.9).
+    # Group 3: true 0.2 loses to swap_attribute (0.4), beats wrong_count (0.1).
+    scores = torch.tensor([0.9, 0.5, 0.9, 0.4, 0.2, 0.1])
+    types = torch.tensor([0, 1, 2, 1, 0, 3])
+    groups = torch.tensor([7, 7, 7, 3, 3, 3])
+    assert pairwise_accuracy(scores, types, groups) == {1: (0.5, 2), 2: (0.5, 1), 3: (1.0, 1)}
+    with pytest.raises(ValueError, match="group 3 has a candidate of type 1 but no true caption"):
+        pairwise_accuracy(scores[:4], types[:4], groups[:4])
+    with pytest.raises(ValueError, match="two true captions"):
+        pairwise_accuracy(scores, torch.tensor([0, 1, 2, 1, 0, 3]), torch.tensor([7, 7, 7, 7, 7, 7]))
+
+
+class _Scored(torch.nn.Module):
+    """A model whose uni-modal cosine is ``input_ids[:, 0] / 10`` (image (1, 0), text (s, √(1-s²)))
+    and whose ITM score is ``input_ids[:, 1]``; ``itm=False``: no multi-modal head."""
+
+    def __init__(self, itm: bool = True):
+        super().__init__()
+        self.itm = itm
+
+    def embed_images(self, batch):
+        return torch.tensor([[1.0, 0.0]]).expand(len(batch["pixels"]), 2)
+
+    def embed_texts(self, batch):
+        s = batch["input_ids"][:, 0].float() / 10
+        return torch.stack([s, (1 - s ** 2).sqrt()], dim=1)
+
+    def match_scores(self, images, texts):
+        assert "pixels" in images and "input_ids" in texts
+        return texts["input_ids"][:, 1].float() if self.itm else None
+
+
+def test_evaluate_compositional_reports_each_type_by_each_scorer():
+    from alignlab.platform.evaluate import evaluate_compositional
+
+    # (candidate_type, group_id, uni score x10, itm score) per row, in two batches.
+    rows = [(0, 0, 8, 5), (1, 0, 6, 6), (2, 0, 9, 1),  # uni: swap_attr win, swap_rel loss; itm: loss, win
+            (0, 1, 5, 5), (1, 1, 5, 2), (4, 1, 2, 9)]  # uni: tie, win; itm: win, loss
+    batches = []
+    for part in (rows[:4], rows[4:]):
+        t = torch.tensor(part)
+        batches.append({"candidate_type": t[:, 0], "group_id": t[:, 1], "input_ids": t[:, 2:],
+                        "pixels": torch.zeros(len(part), 3, 2, 2)})
+    model = _Scored()
+    model.train()
+    m = evaluate_compositional(model, batches, torch.device("cpu"))
+    assert model.training  # restored
+    assert m["compo/chance"] == 0.5
+    assert m["compo/uni_acc_swap_attribute"] == 0.75 and m["compo/itm_acc_swap_attribute"] == 0.5
+    assert m["compo/uni_acc_swap_relation"] == 0.0 and m["compo/itm_acc_swap_relation"] == 1.0
+    assert m["compo/uni_acc_replace_object"] == 1.0 and m["compo/itm_acc_replace_object"] == 0.0
+    assert m["compo/pairs_swap_attribute"] == 2 and m["compo/pairs_replace_object"] == 1
+    assert m["compo/uni_acc_mean"] == pytest.approx((0.75 + 0.0 + 1.0) / 3)
+    assert "compo/uni_acc_wrong_count" not in m  # no such candidate in the split
+    uni_only = evaluate_compositional(_Scored(itm=False), batches, torch.device("cpu"))
+    assert not any(k.startswith("compo/itm") for k in uni_only)
+    assert uni_only["compo/uni_acc_swap_attribute"] == 0.75
+
+
+def test_a_bag_of_words_scorer_is_at_chance_on_attribute_swaps(tmp_path):
+    """The synthetic compositional split through the CPU stage (candidate_type and group_id passed
+    through): a bag-of-words text embedding cannot tell an attribute swap from the truth, so it
+    ties on every one and scores chance exactly, while it sees a replaced object."""
+
+    import pyarrow.parquet as pq
+
+    from alignlab.models.base import CONCEPT_OFFSET, InputSpec
+    from alignlab.platform import shards
+    from alignlab.platform.config import load_config
+    from alignlab.platform.evaluate import evaluate_compositional
+    from alignlab.platform.ingest import Preprocessor, columns_for
+    from alignlab.platform.synth import SynthConfig, generate
+
+    generate(str(tmp_path), SynthConfig(n_train_images=8, n_test_images=40, rows_per_file=1000))
+    cfg = load_config("dual_encoder_demo", [f"data.shards={tmp_path}"])
+    spec = InputSpec(tags=True)
+    table = pq.read_table(tmp_path / "compositional", columns=columns_for(spec) + list(shards.COMPOSITIONAL_COLUMNS))
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    pre = Preprocessor(cfg.data, cfg.objectives, spec, train=False,
+                       id_columns=shards.COMPOSITIONAL_COLUMNS)
+    out = {k: torch.from_numpy(v) for k, v in pre(batch).items()}
+    assert out["candidate_type"].tolist() == batch["candidate_type"].tolist()
+    assert out["group_id"].tolist() == batch["group_id"].tolist()
+
+    vocab = len(pre.tokenizer)
+    shape_token = torch.tensor(pre.tokenizer.convert_tokens_to_ids(shards.read_vocab_file(str(tmp_path), "tags.txt")))
+
+    class BagOfWords(torch.nn.Module):
+        def embed_images(self, b):  # the image's shape words
+            ids = torch.where(b["tag_mask"], shape_token[(b["tag_ids"] - CONCEPT_OFFSET).clamp(min=0)], 0)
+            bag = torch.zeros(len(ids), vocab).scatter_add_(1, ids, b["tag_mask"].float())
+            return torch.nn.functional.normalize(bag, dim=-1)
+
+        def embed_texts(self, b):  # the caption's words, order ignored
+            words = b["input_ids"] * (b["input_ids"] > 4)  # specials (ids 0-4) out
+            bag = torch.zeros(len(words), vocab).scatter_add_(1, words, (words > 0).float())
+            return torch.nn.functional.normalize(bag, dim=-1)
+
+        def match_scores(self, images, texts):
+            return None
+
+    m = evaluate_compositional(BagOfWords(), [out], torch.device("cpu"))
+    assert m["compo/pairs_swap_attribute"] >= 30 and m["compo/uni_acc_swap_attribute"] == 0.5
+    assert m["compo/uni_acc_replace_object"] > 0.6

@@ -1,6 +1,7 @@
 import numpy as np
 
-from alignlab.platform.masking import IGNORE, bert_mask
+from alignlab.models.base import IGNORE
+from alignlab.platform.masking import bert_mask
 
 
 def test_bert_mask_rates_and_labels():

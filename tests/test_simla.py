@@ -15,9 +15,11 @@ from torch import nn
 from alignlab.models.base import Vocab
 from alignlab.models.objectives import distillation_loss, multilabel_bce, positive_targets, psl_targets
 from alignlab.models.registry import build_model
-from alignlab.models.visual_tokenizers import DVAETokenizer, RandomProjectionQuantizer
-from alignlab.platform.config import SIMLA_ROWS, ConfigError, load_config
-from alignlab.platform.masking import IGNORE, bert_mask, block_mask
+from alignlab.models.base import IGNORE
+from alignlab.models.simla import TABLE1
+from alignlab.models.visual_tokenizers import DVAEEncoder, DVAEError, DVAETokenizer, RandomProjectionQuantizer
+from alignlab.platform.config import ConfigError, load_config
+from alignlab.platform.masking import bert_mask, block_mask
 from alignlab.platform.train import param_groups
 
 B, L, VOCAB, GRID = 4, 8, 120, 4
@@ -324,22 +326,112 @@ def test_random_projection_quantizer_tokens_are_per_patch_in_row_major_order():
     assert torch.equal(RandomProjectionQuantizer(8, 64, 8, seed=0)(pixels), ids)  # deterministic
 
 
-def test_dvae_tokenizer_loads_an_encoder_file(tmp_path):
-    torch.manual_seed(0)
-    encoder = nn.Conv2d(3, 16, kernel_size=8, stride=8)  # stands in for DALL-E's encoder: /8, 16 logits
-    torch.save(encoder, tmp_path / "encoder.pkl")
-    tok = DVAETokenizer(str(tmp_path / "encoder.pkl"), grid=4)
+def tiny_dvae(seed: int = 0) -> DVAEEncoder:
+    """A small DALL-E encoder (16 channels, 1 block per group, 16 tokens) with random weights."""
+    torch.manual_seed(seed)
+    encoder = DVAEEncoder(hidden=16, blocks_per_group=1, vocab_size=16)
+    for p in encoder.parameters():
+        nn.init.normal_(p, std=0.3)
+    return encoder
+
+
+def test_dvae_encoder_has_dall_e_parameter_names_and_shapes():
+    """OpenAI's encoder (hidden 256, 2 blocks per group, 8192 tokens): its state dict's names and
+    shapes, so the converted encoder.pkl loads strict; the grid is the input side / 8."""
+    with torch.device("meta"):
+        state = DVAEEncoder().state_dict()
+    assert {k: tuple(state[k].shape) for k in (
+        "blocks.input.w", "blocks.group_1.block_2.res_path.conv_1.w", "blocks.group_2.block_1.id_path.w",
+        "blocks.group_4.block_2.res_path.conv_4.w", "blocks.output.conv.b")} == {
+        "blocks.input.w": (256, 3, 7, 7), "blocks.group_1.block_2.res_path.conv_1.w": (64, 256, 3, 3),
+        "blocks.group_2.block_1.id_path.w": (512, 256, 1, 1),
+        "blocks.group_4.block_2.res_path.conv_4.w": (2048, 512, 1, 1), "blocks.output.conv.b": (8192,)}
+    assert "blocks.group_1.block_1.id_path.w" not in state  # same width: identity path
+    assert len(state) == 74 and sum(v.numel() for v in state.values()) == 53_786_240
+    assert tiny_dvae()(torch.rand(2, 3, 24, 24)).shape == (2, 16, 3, 3)
+
+
+def test_dvae_block_is_identity_plus_scaled_residual():
+    """DALL-E's block: x + res(x) / n_layers², n_layers = 4 groups x blocks per group."""
+    encoder = tiny_dvae()
+    block = encoder.blocks.group_1.block_1
+    x = torch.randn(1, 16, 5, 5)
+    assert torch.allclose(block(x), x + block.res_path(x) / (4 * 1) ** 2)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_dvae_tokenizer_loads_an_encoder_state_dict(tmp_path, suffix):
+    encoder = tiny_dvae()
+    path = tmp_path / f"encoder{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(encoder.state_dict(), path)
+    else:
+        torch.save(encoder.state_dict(), path)
+    tok = DVAETokenizer(str(path), grid=4)
     pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     ids = tok(pixels)
     x = F.interpolate(pixels.float() / 255, size=(32, 32), mode="bilinear", align_corners=False)
     want = encoder(0.8 * x + 0.1).argmax(1).flatten(1)
     assert ids.shape == (2, 16) and torch.equal(ids, want)
+    assert len(set(ids.flatten().tolist())) > 1  # the weights were loaded: tokens differ per patch
     assert not any(p.requires_grad for p in tok.parameters())
 
 
+class _Payload:
+    """Unpickling this creates ``marker``: what a crafted weights file would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_crafted_dvae_pickle_runs_nothing_and_names_the_file(tmp_path, writer):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "encoder.pkl"
+    payload = {"blocks.input.w": _Payload(marker)}
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    with pytest.raises(DVAEError, match=rf"{path}: not a state dict of tensors \(the weights-only unpickler "
+                                         rf"refused it, so nothing in it ran: Unsupported (global: GLOBAL "
+                                         rf"(io|builtins).open|operand)"):
+        DVAETokenizer(str(path), grid=4)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(payload))  # the payload is live: an unsafe load would have run it
+    assert marker.exists()
+
+
+def test_dvae_files_that_are_not_encoder_state_dicts_are_named(tmp_path):
+    torch.save(nn.Conv2d(3, 16, kernel_size=8, stride=8), tmp_path / "module.pt")  # a pickled module
+    with pytest.raises(DVAEError, match=r"module.pt: not a state dict .*GLOBAL torch.nn.modules.conv.Conv2d.*"
+                                        r"\.state_dict\(\)"):
+        DVAETokenizer(str(tmp_path / "module.pt"), grid=4)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(DVAEError, match=r"other.pt: not a DALL-E dVAE encoder state dict"):
+        DVAETokenizer(str(tmp_path / "other.pt"), grid=4)
+    state = tiny_dvae().state_dict()
+    del state["blocks.group_2.block_1.id_path.b"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(DVAEError, match=r"partial.pt: the tensors do not fit.*group_2.block_1.id_path.b"):
+        DVAETokenizer(str(tmp_path / "partial.pt"), grid=4)
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(DVAEError, match="garbage.safetensors: not a state dict"):
+        DVAETokenizer(str(tmp_path / "garbage.safetensors"), grid=4)
+    with pytest.raises(DVAEError, match="absent.pt: no such dVAE encoder file"):
+        DVAETokenizer(str(tmp_path / "absent.pt"), grid=4)
+
+
 def test_model_uses_the_configured_visual_tokenizer(tmp_path):
-    torch.save(nn.Conv2d(3, 16, kernel_size=8, stride=8), tmp_path / "enc.pkl")
-    model = tiny_model(visual_tokenizer="dvae", dvae_path=str(tmp_path / "enc.pkl"))
+    torch.save(tiny_dvae().state_dict(), tmp_path / "enc.pt")
+    model = tiny_model(visual_tokenizer="dvae", dvae_path=str(tmp_path / "enc.pt"))
     assert isinstance(model.visual_tokenizer, DVAETokenizer)
     assert "mim" in model(make_batch()).losses
     with pytest.raises(ConfigError, match="dvae_path"):
@@ -390,7 +482,7 @@ def test_presets_validate_and_carry_the_papers_settings():
         (0.02, 1e-4, 1e-5, "cosine")
     assert paper.data.image_size == paper.model.image.img_size == 256 and paper.data.randaugment
     assert paper.model.image.timm_name == "vit_base_patch16_224" and paper.model.text_init == "bert-base-uncased"
-    assert paper.precision.precision == "fp16" and paper.model.simla.components() == SIMLA_ROWS["e"]
+    assert paper.precision.precision == "fp16" and paper.model.simla.components() == TABLE1["e"]
     for name in ("simla_demo", "simla_flickr8k"):
         cfg = load_config(name)
         assert cfg.model.architecture == "simla" and cfg.tracking.eval_every > 0

@@ -1,7 +1,10 @@
 """The embedded synthetic set: deterministic, schema-valid, and true to its own pixels (boxes,
-colours, relations), with vocabularies that cover every caption and concept."""
+colours, counts, relations), built of families that differ only in binding, with vocabularies that
+cover every caption and concept; and its compositional split, whose perturbations each change one
+thing and are false of their image."""
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections import Counter
 from pathlib import Path
@@ -12,8 +15,9 @@ import pytest
 from PIL import Image
 
 from alignlab.platform import cli
-from alignlab.platform.shards import read_manifest, read_vocab_file, validate_shards
-from alignlab.platform.synth import COLOURS, REGION_DIM, SHAPES, SIZES, SynthConfig, generate
+from alignlab.platform.shards import CANDIDATE_TYPES, read_manifest, read_vocab_file, validate_shards
+from alignlab.platform.synth import (COLOURS, COUNT_WORDS, OPPOSITE, PLURALS, REGION_DIM, SHAPES, SIZES, Description,
+                                     Mention, SceneObject, SynthConfig, generate, holds, perturb, render)
 
 SMALL = dict(n_train_images=120, n_test_images=30, rows_per_file=100, min_concept_count=2)
 
@@ -34,13 +38,55 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _claims(phrases: list[list[str]]) -> tuple[dict[str, dict], list[tuple[str, str, str]]]:
+    """What a caption's phrase tuples say: shape -> {colour, size, count} and the relation
+    triples, read independently of the generator's own Description."""
+    kinds = {}
+    for p in phrases:
+        if len(p) == 1:
+            kinds.setdefault(p[0], {"count": 1})
+        elif len(p) == 2:
+            key = "colour" if p[0] in COLOURS else "size" if p[0] in SIZES else "count"
+            kinds[p[1]][key] = COUNT_WORDS.index(p[0]) + 1 if key == "count" else p[0]
+    return kinds, [tuple(p) for p in phrases if len(p) == 3]
+
+
 def _objects(row: dict) -> dict[str, dict]:
-    """shape -> {box, colour, size} for one row, read back from its tags, boxes and phrases."""
-    objs = {tag: {"box": np.asarray(box)} for tag, box in zip(row["tags"], row["boxes"])}
-    for p in row["phrases"]:
-        if len(p) == 2:
-            objs[p[1]]["colour" if p[0] in COLOURS else "size"] = p[0]
-    return objs
+    """shape -> {boxes, colour, size, count} for one true row, its boxes from the row's tags and
+    boxes, the rest from its phrases."""
+    kinds, _ = _claims(row["phrases"])
+    for k in kinds.values():
+        k["boxes"] = []
+    for tag, box in zip(row["tags"], row["boxes"]):
+        kinds[tag]["boxes"].append(np.asarray(box))
+    return kinds
+
+
+def _relation(a: np.ndarray, b: np.ndarray) -> str:
+    (sx, sy), (ox, oy) = (a[:2] + a[2:]) / 2, (b[:2] + b[2:]) / 2
+    dx, dy = sx - ox, sy - oy
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _true_of(row: dict, phrases: list[list[str]], pixels: np.ndarray) -> bool:
+    """Whether phrase tuples describe the row's image: the same kinds with the colours the pixels
+    show, the sizes the boxes have, the counts the tags have, and relations every pair of boxes
+    agrees with."""
+    kinds, relations = _claims(phrases)
+    h, w, _ = pixels.shape
+    truth: dict[str, dict] = {}
+    for tag, box in zip(row["tags"], row["boxes"]):
+        x1, y1, x2, y2 = np.round(np.asarray(box) * [w, h, w, h]).astype(int)
+        colour = next(c for c, rgb in COLOURS.items() if (pixels[(y1 + y2 - 1) // 2, (x1 + x2 - 1) // 2] == rgb).all())
+        size = min(SIZES, key=lambda s: abs(SIZES[s] * w - max(x2 - x1, y2 - y1)))
+        k = truth.setdefault(tag, {"colour": colour, "size": size, "count": 0, "boxes": []})
+        k["count"] += 1
+        k["boxes"].append(np.asarray(box))
+    if {s: {"colour": k["colour"], "size": k["size"], "count": k["count"]} for s, k in truth.items()} != kinds:
+        return False
+    return all(_relation(a, b) == rel for s, rel, o in relations for a in truth[s]["boxes"] for b in truth[o]["boxes"])
 
 
 def test_same_seed_gives_identical_files_and_other_seed_differs(synth, tmp_path):
@@ -66,13 +112,19 @@ def test_layout_schema_and_summary(synth):
     out, summary = synth
     files = validate_shards(str(out))
     assert [Path(f).relative_to(out).as_posix() for f in files] == [
-        "test/part-00000.parquet", "train/part-00000.parquet", "train/part-00001.parquet", "train/part-00002.parquet"]
+        "compositional/part-00000.parquet", "compositional/part-00001.parquet", "test/part-00000.parquet",
+        "train/part-00000.parquet", "train/part-00001.parquet", "train/part-00002.parquet"]
     captions = SynthConfig().captions_per_image
+    n_candidates = summary["splits"]["compositional"]["rows"]
+    # The true caption and up to four perturbations per test image.
+    assert 30 * 3 <= n_candidates <= 30 * len(CANDIDATE_TYPES)
     assert summary["splits"] == {"train": {"images": 120, "rows": 120 * captions},
-                                 "test": {"images": 30, "rows": 30 * captions}}
-    assert summary["files"] == 4 and summary["region_dim"] == REGION_DIM == 54
+                                 "test": {"images": 30, "rows": 30 * captions},
+                                 "compositional": {"images": 30, "rows": n_candidates}}
+    assert summary["files"] == 6 and summary["region_dim"] == REGION_DIM == 54
     manifest = read_manifest(str(out))
-    assert manifest["config"]["n_train_images"] == 120 and manifest["rows_written"] == 150 * captions
+    assert manifest["config"]["n_train_images"] == 120
+    assert manifest["rows_written"] == 150 * captions + n_candidates
     assert manifest["vocab_size"] == summary["vocab_size"] and manifest["concepts"] == summary["concepts"]
 
 
@@ -80,17 +132,20 @@ def test_rows_are_well_formed(rows):
     ids = Counter(r["image_id"] for r in rows)
     assert set(ids.values()) == {SynthConfig().captions_per_image}
     assert len({r["caption_id"] for r in rows}) == len(rows)
-    n_objects = Counter()
+    n_objects, n_kinds, copies = Counter(), Counter(), Counter()
     for r in rows:
-        assert len(r["tags"]) == len(set(r["tags"])) == len(r["boxes"]) == len(r["region_features"])
+        assert len(r["tags"]) == len(r["boxes"]) == len(r["region_features"])
         n_objects[len(r["tags"])] += 1
+        n_kinds[len(set(r["tags"]))] += 1
+        copies.update(Counter(r["tags"]).values())
         assert r["caption"] == r["caption"].lower()
         feats, boxes = np.asarray(r["region_features"]), np.asarray(r["boxes"])
         assert feats.shape == (len(boxes), REGION_DIM)
         np.testing.assert_allclose(feats[:, -6:-2], boxes, atol=1e-6)
         np.testing.assert_allclose(feats[:, -2:], boxes[:, 2:] - boxes[:, :2], atol=1e-6)
         assert feats[:, :-6].min() >= 0 and feats[:, :-6].max() <= 1
-    assert set(n_objects) == {1, 2, 3, 4}
+    # 2..4 objects of at least two kinds (one kind would bind nothing), one or two of a kind.
+    assert set(n_objects) == {2, 3, 4} and set(n_kinds) == {2, 3, 4} and set(copies) == {1, 2}
     # The captions of one image differ.
     by_image: dict[str, set[str]] = {}
     for r in rows:
@@ -104,45 +159,190 @@ def test_boxes_match_the_drawn_shapes(rows):
         h, w, _ = pixels.shape
         covered = np.zeros((h, w), bool)
         for tag, obj in _objects(r).items():
-            box = obj["box"]
-            assert np.all((box >= 0) & (box <= 1)) and box[0] < box[2] and box[1] < box[3]
-            x1, y1, x2, y2 = np.round(box * [w, h, w, h]).astype(int)
-            inside = pixels[y1:y2, x1:x2]
-            colour = np.array(COLOURS[obj["colour"]])
-            # Filled at the centre, and every edge of the box touches the shape (a tight box).
-            assert (pixels[(y1 + y2 - 1) // 2, (x1 + x2 - 1) // 2] == colour).all(), (r["image_id"], tag)
-            hit = (inside == colour).all(-1)
-            assert hit[0].any() and hit[-1].any() and hit[:, 0].any() and hit[:, -1].any(), (r["image_id"], tag)
-            covered[y1:y2, x1:x2] = True
+            assert len(obj["boxes"]) == obj["count"], (r["image_id"], tag)
+            for box in obj["boxes"]:
+                assert np.all((box >= 0) & (box <= 1)) and box[0] < box[2] and box[1] < box[3]
+                x1, y1, x2, y2 = np.round(box * [w, h, w, h]).astype(int)
+                inside = pixels[y1:y2, x1:x2]
+                colour = np.array(COLOURS[obj["colour"]])
+                # Filled at the centre, and every edge of the box touches the shape (a tight box).
+                assert (pixels[(y1 + y2 - 1) // 2, (x1 + x2 - 1) // 2] == colour).all(), (r["image_id"], tag)
+                hit = (inside == colour).all(-1)
+                assert hit[0].any() and hit[-1].any() and hit[:, 0].any() and hit[:, -1].any(), (r["image_id"], tag)
+                covered[y1:y2, x1:x2] = True
         # Outside the boxes there is only the grey background.
         outside = pixels[~covered]
         assert (np.ptp(outside, axis=-1) <= 16).all() and (outside.max(-1) < 80).all(), r["image_id"]
 
 
-def test_relations_agree_with_box_centres(rows):
+def test_every_caption_is_true_of_its_image(rows):
+    """Kinds, colours, sizes, counts and every relation, checked against the pixels and boxes."""
+    for r in rows[::2]:
+        pixels = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")).astype(int)
+        assert _true_of(r, r["phrases"], pixels), r["caption"]
+
+
+def test_relations_agree_with_box_centres_and_the_caption_says_them(rows):
     checked = 0
     for r in rows:
         objs = _objects(r)
-        for p in r["phrases"]:
-            if len(p) != 3:
-                continue
-            (sx, sy), (ox, oy) = ((objs[t]["box"][:2] + objs[t]["box"][2:]) / 2 for t in (p[0], p[2]))
-            dx, dy = sx - ox, sy - oy
-            expected = {"left of": dx < 0 and abs(dx) >= abs(dy), "right of": dx > 0 and abs(dx) >= abs(dy),
-                        "above": dy < 0 and abs(dy) > abs(dx), "below": dy > 0 and abs(dy) > abs(dx)}
-            assert expected[p[1]], (r["image_id"], p)
-            said = {"left of": "to the left of", "right of": "to the right of"}.get(p[1], p[1])
-            assert f"{p[0]} {said} a" in r["caption"] or f"{p[0]} is {said} a" in r["caption"]
+        for s, rel, o in _claims(r["phrases"])[1]:
+            # Every pair of a subject copy and an object copy: a relation of two kinds holds for all.
+            assert {_relation(a, b) for a in objs[s]["boxes"] for b in objs[o]["boxes"]} == {rel}, (r["image_id"], rel)
+            said = {"left of": "to the left of", "right of": "to the right of"}.get(rel, rel)
+            subject = s if objs[s]["count"] == 1 else PLURALS[s]
+            assert any(f"{subject}{verb} {said} " in r["caption"] for verb in ("", " is", " are")), r["caption"]
             checked += 1
     assert checked > 50
 
 
-def test_every_caption_names_every_object_with_size_and_colour(rows):
+def test_every_caption_names_every_kind_with_count_size_and_colour(rows):
     for r in rows:
         for tag, obj in _objects(r).items():
             assert obj["size"] in SIZES and obj["colour"] in COLOURS
-            assert f"{obj['size']} {obj['colour']} {tag}" in r["caption"], (r["caption"], tag)
+            words = f"{obj['size']} {obj['colour']}"
+            said = f"{words} {tag}" if obj["count"] == 1 else f"{COUNT_WORDS[obj['count'] - 1]} {words} {PLURALS[tag]}"
+            assert said in r["caption"], (r["caption"], tag)
             assert [tag] in r["phrases"]
+
+
+def test_a_family_shares_its_words_and_differs_in_binding(rows):
+    """Consecutive images of a family hold the same shapes and the same multisets of colours,
+    sizes and counts, each bound to the shapes in its own way: the family's images share a bag of
+    words, and each caption is true of its own image only."""
+    images = {r["image_id"]: r for r in rows if r["split"] == "test"}
+    ids = sorted(images)
+    assert len(ids) == 30
+    size = SynthConfig().family_size
+    for f in range(0, len(ids) - size + 1, size):
+        family = [_objects(images[i]) for i in ids[f:f + size]]
+        bags = [(sorted(k), *(sorted(str(v[a]) for v in k.values()) for a in ("colour", "size", "count")))
+                for k in family]
+        assert all(b == bags[0] for b in bags), ids[f]
+        bindings = [sorted((s, v["colour"], v["size"], v["count"]) for s, v in k.items()) for k in family]
+        assert len({str(b) for b in bindings}) == size, ids[f]
+
+
+# --------------------------------------------------------------------------------------------
+# The compositional split and its perturbations
+# --------------------------------------------------------------------------------------------
+
+
+def _obj(shape, colour, size, box):
+    return SceneObject(shape, colour, size, box)
+
+
+# A large red circle left of two small blue squares (one high, one low) and a medium green star
+# below the circle. The star is below the high square but left of the low one: no single relation.
+SCENE = [_obj("circle", "red", "large", (2, 20, 25, 43)), _obj("square", "blue", "small", (40, 5, 51, 16)),
+         _obj("square", "blue", "small", (40, 40, 51, 51)), _obj("star", "green", "medium", (5, 46, 22, 62))]
+CIRCLE, SQUARES, STAR = Mention("circle", "red", "large"), Mention("square", "blue", "small", 2), \
+    Mention("star", "green", "medium")
+
+
+def test_holds_on_a_hand_made_scene():
+    true = Description("is", (CIRCLE, SQUARES, STAR), ("left of",))
+    assert render(true)[0] == ("a large red circle is to the left of two small blue squares and "
+                               "a medium green star")
+    assert holds(true, SCENE)
+    assert holds(Description("is", (STAR, CIRCLE, SQUARES), ("below",)), SCENE)
+    # Each single change makes it false.
+    assert not holds(Description("is", (CIRCLE, SQUARES, STAR), ("right of",)), SCENE)
+    assert not holds(Description("is", (CIRCLE, Mention("square", "blue", "small"), STAR), ("left of",)), SCENE)
+    assert not holds(Description("is", (Mention("circle", "blue", "large"), Mention("square", "red", "small", 2),
+                                        STAR), ("left of",)), SCENE)
+    assert not holds(Description("frame", (CIRCLE, SQUARES), frame="an image of"), SCENE)  # leaves the star out
+    assert holds(Description("relation", (STAR, SQUARES, CIRCLE), (None,)), SCENE)
+    assert not holds(Description("relation", (STAR, SQUARES, CIRCLE), ("left of",)), SCENE)
+    assert not holds(Description("relation", (STAR, SQUARES, CIRCLE), ("below",)), SCENE)
+
+
+@pytest.mark.parametrize("kind", CANDIDATE_TYPES[1:])
+def test_each_perturbation_changes_exactly_one_thing_and_is_false(kind):
+    true = Description("there", (CIRCLE, SQUARES, STAR), ("left of",))
+    for seed in range(20):
+        p = perturb(true, kind, np.random.default_rng(seed), max_count=2)
+        assert not holds(p, SCENE)
+        changed = [(a, b) for a, b in zip(true.mentions, p.mentions) if a != b]
+        if kind == "swap_attribute":
+            (a1, b1), (a2, b2) = changed
+            fields = [f for f in ("shape", "colour", "size", "count") if getattr(a1, f) != getattr(b1, f)]
+            assert len(fields) == 1 and fields == [f for f in ("shape", "colour", "size", "count")
+                                                   if getattr(a2, f) != getattr(b2, f)]
+            f = fields[0]
+            assert f in ("colour", "size") and getattr(b1, f) == getattr(a2, f) and getattr(b2, f) == getattr(a1, f)
+            assert p.relations == true.relations
+        elif kind == "swap_relation":
+            assert not changed and p.relations == (OPPOSITE["left of"],)
+        else:
+            ((a, b),) = changed
+            assert p.relations == true.relations
+            if kind == "wrong_count":
+                assert dataclasses.replace(b, count=a.count) == a and b.count != a.count
+            else:
+                assert dataclasses.replace(b, shape=a.shape) == a and b.shape not in {"circle", "square", "star"}
+
+
+def test_perturbations_that_cannot_be_made_are_none():
+    same = Description("frame", (Mention("circle", "red", "large"), Mention("square", "red", "large")), frame="a photo of")
+    rng = np.random.default_rng(0)
+    assert perturb(same, "swap_attribute", rng, 2) is None  # nothing differs to swap
+    assert perturb(same, "swap_relation", rng, 2) is None  # no relation stated
+    six = Description("count", tuple(Mention(s, "red", "small") for s in SHAPES))
+    assert perturb(six, "replace_object", rng, 2) is None  # no shape left to bring in
+
+
+@pytest.fixture(scope="module")
+def candidates(synth) -> list[dict]:
+    out, _ = synth
+    return pq.read_table(out / "compositional").to_pylist()
+
+
+def test_compositional_rows_change_one_thing_and_are_false_of_their_image(candidates, rows):
+    """Read independently of the generator: each group's true caption is true of the test image
+    (pixels, boxes), every other candidate is false of it and differs from the true caption's
+    phrase tuples in exactly the way its type says."""
+    tests = {r["image_id"]: r for r in rows if r["split"] == "test"}
+    groups: dict[int, dict[int, dict]] = {}
+    for c in candidates:
+        assert c["candidate_type"] not in groups.setdefault(c["group_id"], {}), "one candidate per type"
+        groups[c["group_id"]][c["candidate_type"]] = c
+    assert sorted(groups) == list(range(30))
+    by_type = Counter()
+    for g, members in groups.items():
+        true = members[0]
+        image = tests[true["image_id"]]
+        assert true["image"] == image["image"] and true["tags"] == image["tags"] and true["boxes"] == image["boxes"]
+        pixels = np.asarray(Image.open(io.BytesIO(true["image"])).convert("RGB")).astype(int)
+        assert _true_of(true, true["phrases"], pixels), true["caption"]
+        t_kinds, t_rels = _claims(true["phrases"])
+        for t, c in members.items():
+            assert c["image_id"] == true["image_id"] and c["caption_id"] == f"{true['image_id']}-{CANDIDATE_TYPES[t]}"
+            if t == 0:
+                continue
+            by_type[CANDIDATE_TYPES[t]] += 1
+            assert c["caption"] != true["caption"] and not _true_of(c, c["phrases"], pixels), c["caption"]
+            kinds, rels = _claims(c["phrases"])
+            name = CANDIDATE_TYPES[t]
+            if name == "swap_attribute":
+                diff = {s: [a for a in kinds[s] if kinds[s][a] != t_kinds[s][a]] for s in kinds if kinds[s] != t_kinds[s]}
+                (s1, f1), (s2, f2) = diff.items()
+                assert f1 == f2 and len(f1) == 1 and rels == t_rels
+                assert (kinds[s1][f1[0]], kinds[s2][f1[0]]) == (t_kinds[s2][f1[0]], t_kinds[s1][f1[0]])
+            elif name == "swap_relation":
+                assert kinds == t_kinds and len(rels) == len(t_rels)
+                ((old, new),) = [(a, b) for a, b in zip(t_rels, rels) if a != b]
+                assert new == (old[0], OPPOSITE[old[1]], old[2])
+            elif name == "wrong_count":
+                ((s, k),) = [(s, k) for s, k in kinds.items() if k != t_kinds[s]]
+                assert {**k, "count": t_kinds[s]["count"]} == t_kinds[s] and rels == t_rels
+            else:
+                (gone,), (new,) = set(t_kinds) - set(kinds), set(kinds) - set(t_kinds)
+                assert new not in image["tags"] and kinds[new] == t_kinds[gone]
+                rename = {gone: new}
+                assert rels == [(rename.get(a, a), r, rename.get(b, b)) for a, r, b in t_rels]
+    # Every type occurs; a relation swap needs a stated relation, an attribute swap two kinds that differ.
+    assert set(by_type) == set(CANDIDATE_TYPES[1:]) and by_type["wrong_count"] == by_type["replace_object"] == 30
 
 
 def test_vocab_tokenizes_every_caption_and_concept_without_unk(synth, rows):
@@ -177,7 +377,8 @@ def test_tags_and_concepts_files_match_the_rows(synth, rows):
 def test_regeneration_removes_stale_parts(tmp_path):
     generate(str(tmp_path), SynthConfig(**{**SMALL, "rows_per_file": 20, "n_test_images": 1}))
     summary = generate(str(tmp_path), SynthConfig(**{**SMALL, "n_test_images": 1}))
-    assert len(validate_shards(str(tmp_path))) == summary["files"] == 4
+    # Three train parts, one test part, one compositional part.
+    assert len(validate_shards(str(tmp_path))) == summary["files"] == 5
 
 
 def test_config_is_checked():
@@ -185,6 +386,9 @@ def test_config_is_checked():
         SynthConfig(max_objects=len(SHAPES) + 1)
     with pytest.raises(ValueError, match="image_size"):
         SynthConfig(image_size=16)
+    with pytest.raises(ValueError, match="family_size > 1 needs min_objects >= 2"):
+        SynthConfig(min_objects=1)
+    SynthConfig(min_objects=1, family_size=1)
 
 
 def test_cli_prints_the_summary(tmp_path, capsys):

@@ -3,10 +3,18 @@ from pathlib import Path
 from alignlab.platform import tracking
 
 
-def test_tracking_uri_defaults_to_local_sqlite(monkeypatch, tmp_path):
+def test_tracking_defaults_to_a_stable_home_not_the_working_directory(monkeypatch, tmp_path):
+    """`ray job submit --working-dir .` runs each job in a fresh copy of the code: the default
+    store and storage must not live there, or every job starts from an empty store."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("ALIGNLAB_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    assert tracking.resolve_tracking_uri() == f"sqlite:///{Path(tmp_path) / 'mlflow.db'}"
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert tracking.resolve_storage() == str(tmp_path / "home" / "ray_results")
+    assert tracking.resolve_storage("s3://b/p") == "s3://b/p"
+    monkeypatch.delenv("ALIGNLAB_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    assert tracking.alignlab_home() == tmp_path / "user" / ".alignlab"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
     assert tracking.resolve_tracking_uri() == "http://head:5000"
     assert tracking.resolve_tracking_uri("file:///x") == "file:///x"

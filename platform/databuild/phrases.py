@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Sequence
 
+from alignlab.platform.shards import concept_key
+
 # Modifier dependencies that make an attribute of the noun: adjectives and numbers ("two dogs");
 # determiners and possessives carry no visual concept.
 ATTRIBUTE_DEPS = ("amod", "nummod")
@@ -64,11 +66,6 @@ def graph_tuples(graph: dict) -> list[list[str]]:
     for rel in graph["relations"]:
         add(entities[rel["subject"]]["lemma_head"], rel["lemma_relation"], entities[rel["object"]]["lemma_head"])
     return tuples
-
-
-def concept_key(t: Iterable[str]) -> str:
-    """A tuple's line in concepts.txt (words space-joined, as the shard format specifies)."""
-    return " ".join(t)
 
 
 def build_vocab(sentence_tuples: Iterable[Iterable[Iterable[str]]], min_count: int) -> list[str]:

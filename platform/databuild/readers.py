@@ -7,6 +7,13 @@ its answer alongside.
 Images are never read here: a record carries an :class:`ImageRef` (a file, or a byte range inside
 a WebDataset tar) that a Ray worker reads once per image. Readers that know ground-truth boxes
 (COCO ``instances_*.json``) also return them per image for the ``gt`` region source.
+
+A bad line or record never stops a build: the reader yields a :class:`Skipped` in its place (a
+line without the layout's fields, a JSON line that does not parse, a record lacking a key), which
+the builder counts and lists in the manifest with its file and line. Text is decoded as UTF-8 with
+``surrogateescape``, so a mis-encoded byte (Latin-1 text, say) reaches the builder as a lone
+surrogate in the record's strings, where it is found, counted and listed the same way; only a
+file that is not the layout at all (the wrong top-level JSON structure) is an error.
 """
 from __future__ import annotations
 
@@ -27,6 +34,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 class LayoutError(ValueError):
     """The input cannot be read as any (or the requested) layout; the message names the file."""
+
+
+# Skip reasons of the readers (the builder adds its own).
+MALFORMED_LINE = "malformed_line"  # a text line without the layout's fields, a JSON line that does not parse
+MALFORMED_RECORD = "malformed_record"  # a record of a JSON file lacking a key the layout needs
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,16 @@ class Record:
     # Set on an image-QA record, whose caption is the question ("" where the layout gives the
     # question no answer); None on a caption record.
     answer: str | None = None
+    where: str = ""  # the record's place in the input: "file:line", or the file and the record's index
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A line or record of the input that cannot be read, yielded in place of its :class:`Record`."""
+
+    reason: str
+    where: str
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +105,7 @@ class Reader:
     def matches(cls, source: str) -> bool:
         raise NotImplementedError
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[Record | Skipped]:
         raise NotImplementedError
 
     def ground_truth(self) -> dict[str, list[GroundTruthBox]]:
@@ -95,12 +117,22 @@ class Reader:
         return os.path.join(self.image_root or default_root, name)
 
 
+def _open_text(path: str):
+    """A text file whose mis-encoded bytes become lone surrogates, found per record by the builder."""
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
 def _load_json(path: str) -> object:
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise LayoutError(f"{path}: not valid JSON ({e})") from e
+
+
+def _text(value: object) -> str:
+    """A caption field as text: a missing or non-string value is an empty caption (counted)."""
+    return value if isinstance(value, str) else ""
 
 
 def _stem(name: str) -> str:
@@ -145,31 +177,33 @@ class FlickrReader(Reader):
             m = re.search(r"(train|dev|val|test)Images\.txt$", os.path.basename(path))
             if not m:
                 continue
-            with open(path, encoding="utf-8") as f:
+            with _open_text(path) as f:
                 for line in f:
                     if line.strip():
                         split_of[line.strip()] = _FLICKR_SPLITS[m.group(1)]
         return split_of
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[Record | Skipped]:
         token = self._token_file(self.source)
         base = os.path.dirname(token)
         image_dir = self._image_dir(base)
         split_of = self._splits(base)
-        with open(token, encoding="utf-8") as f:
+        with _open_text(token) as f:
             for lineno, line in enumerate(f, 1):
-                line = line.rstrip("\n")
+                line = line.rstrip("\r\n")
                 if not line.strip():
                     continue
                 m = _FLICKR_TOKEN.match(line)
                 if m is None:
-                    raise LayoutError(f"{token}:{lineno}: expected '<image>#<n>\\t<caption>', got {line[:80]!r}")
+                    yield Skipped(MALFORMED_LINE, f"{token}:{lineno}",
+                                  f"expected '<image>#<n>\\t<caption>', got {line[:80]!r}")
+                    continue
                 image = m.group("image")
                 # With split files, an image listed in none of them belongs to no requested split
                 # (e.g. the Flickr8k test images); the builder counts it as skipped ("no_split").
                 split = split_of.get(image, "" if split_of else self.default_split)
                 yield Record(ImageRef(self._image_path(image, image_dir)), _stem(image), m.group("caption"),
-                             f"{_stem(image)}#{m.group('n')}", split)
+                             f"{_stem(image)}#{m.group('n')}", split, where=f"{token}:{lineno}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +245,7 @@ class CocoReader(Reader):
                 return cand
         return os.path.dirname(ann_dir)
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[Record | Skipped]:
         for path in self._caption_files(self.source):
             data = _load_json(path)
             if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
@@ -219,21 +253,23 @@ class CocoReader(Reader):
             split = re.sub(r"\d+$", "", self._split_tag(path)) or self.default_split
             image_dir = self._image_dir(path)
             files = {}
-            for im in data["images"]:
+            for i, im in enumerate(data["images"]):
                 try:
                     files[im["id"]] = im["file_name"]
-                except KeyError as e:
-                    raise LayoutError(f"{path}: image entry {im!r:.120} lacks key {e}") from e
-            for ann in data["annotations"]:
+                except (KeyError, TypeError) as e:
+                    # Its captions find no file and are counted as missing images.
+                    yield Skipped(MALFORMED_RECORD, f"{path} images[{i}]", f"lacks key {e}: {im!r:.120}")
+            for i, ann in enumerate(data["annotations"]):
                 try:
                     image_id, caption, cap_id = ann["image_id"], ann["caption"], ann["id"]
-                except KeyError as e:
-                    raise LayoutError(f"{path}: caption annotation {ann!r:.120} lacks key {e}") from e
+                except (KeyError, TypeError) as e:
+                    yield Skipped(MALFORMED_RECORD, f"{path} annotations[{i}]", f"lacks key {e}: {ann!r:.120}")
+                    continue
                 # A caption whose image_id is not in 'images' cannot be located; it reaches the
                 # builder with an empty path and is counted as a missing image.
                 file_name = files.get(image_id)
                 ref = ImageRef(self._image_path(file_name, image_dir) if file_name else "")
-                yield Record(ref, str(image_id), caption, str(cap_id), split)
+                yield Record(ref, str(image_id), _text(caption), str(cap_id), split, where=f"{path} annotations[{i}]")
 
     def ground_truth(self) -> dict[str, list[GroundTruthBox]]:
         boxes: dict[str, list[GroundTruthBox]] = {}
@@ -276,22 +312,27 @@ class KarpathyReader(Reader):
     def matches(cls, source: str) -> bool:
         return cls._file(source) is not None
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[Record | Skipped]:
         path = self._file(self.source)
         data = _load_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise LayoutError(f"{path}: a Karpathy split file needs a top-level 'images' list")
         base = os.path.dirname(os.path.abspath(path))
         for i, im in enumerate(data["images"]):
-            if "filename" not in im or "sentences" not in im:
-                raise LayoutError(f"{path}: images[{i}] lacks 'filename' or 'sentences'")
+            if not isinstance(im, dict) or "filename" not in im or not isinstance(im.get("sentences"), list):
+                yield Skipped(MALFORMED_RECORD, f"{path} images[{i}]", f"lacks 'filename' or 'sentences': {im!r:.120}")
+                continue
             name = os.path.join(im.get("filepath", ""), im["filename"])
             # COCO's own id, else the file stem (Flickr30k's id, the key VinVL/Oscar features use).
             image_id = str(im.get("cocoid", _stem(im["filename"])))
             split = {"restval": "train"}.get(im.get("split", self.default_split), im.get("split", self.default_split))
             for j, s in enumerate(im["sentences"]):
-                yield Record(ImageRef(self._image_path(name, base)), image_id, s.get("raw", ""),
-                             str(s.get("sentid", f"{image_id}#{j}")), split)
+                where = f"{path} images[{i}].sentences[{j}]"
+                if not isinstance(s, dict):
+                    yield Skipped(MALFORMED_RECORD, where, f"not an object: {s!r:.120}")
+                    continue
+                yield Record(ImageRef(self._image_path(name, base)), image_id, _text(s.get("raw")),
+                             str(s.get("sentid", f"{image_id}#{j}")), split, where=where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,24 +360,39 @@ class TableReader(Reader):
     def matches(cls, source: str) -> bool:
         return os.path.isfile(source) and source.endswith((".csv", ".tsv", ".jsonl"))
 
-    def _rows(self) -> Iterator[tuple[int, dict]]:
-        with open(self.source, encoding="utf-8", newline="") as f:
+    def _rows(self) -> Iterator[tuple[int, dict | Skipped]]:
+        with _open_text(self.source) as f:
             if self.fmt == "jsonl":
                 for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield lineno, json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise LayoutError(f"{self.source}:{lineno}: not valid JSON ({e})") from e
+                    if not line.strip():
+                        continue
+                    where = f"{self.source}:{lineno}"
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield lineno, Skipped(MALFORMED_LINE, where, f"not valid JSON ({e})")
+                        continue
+                    yield lineno, row if isinstance(row, dict) else \
+                        Skipped(MALFORMED_LINE, where, f"not a JSON object: {line.strip()[:80]!r}")
             else:
                 reader = csv.DictReader(f, delimiter="\t" if self.source.endswith(".tsv") else ",")
                 for lineno, row in enumerate(reader, 2):
+                    # DictReader files surplus fields under None and fills missing ones with None.
+                    surplus = row.pop(None, None)
+                    if surplus or None in row.values():
+                        n = len(row) + len(surplus) if surplus else sum(v is not None for v in row.values())
+                        yield lineno, Skipped(MALFORMED_LINE, f"{self.source}:{lineno}",
+                                              f"{n} fields where the header has {len(row)}")
+                        continue
                     yield lineno, row
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[Record | Skipped]:
         base = os.path.dirname(os.path.abspath(self.source))
         image_key = caption_key = None
         for lineno, row in self._rows():
+            if isinstance(row, Skipped):
+                yield row
+                continue
             if image_key is None:
                 image_key = next((k for k in _IMAGE_KEYS if k in row), None)
                 caption_key = next((k for k in _CAPTION_KEYS if k in row), None)
@@ -347,8 +403,8 @@ class TableReader(Reader):
             name = str(row.get(image_key) or "")
             image_id = str(row.get("image_id") or _stem(name))
             yield Record(ImageRef(self._image_path(name, base) if name else ""), image_id,
-                         str(row.get(caption_key) or ""), str(row.get("caption_id") or f"{image_id}#{lineno}"),
-                         str(row.get("split") or self.default_split))
+                         _text(row.get(caption_key)), str(row.get("caption_id") or f"{image_id}#{lineno}"),
+                         str(row.get("split") or self.default_split), where=f"{self.source}:{lineno}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +430,7 @@ class WebDatasetReader(Reader):
     def matches(cls, source: str) -> bool:
         return bool(cls._tars(source))
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[Record | Skipped]:
         for tar_path in self._tars(self.source):
             samples: dict[str, dict] = {}
             try:
@@ -388,18 +444,29 @@ class WebDatasetReader(Reader):
                         if ext in IMAGE_EXTENSIONS:
                             entry["image"] = ImageRef(tar_path, member.offset_data, member.size)
                         elif ext == ".txt":
-                            entry["txt"] = tar.extractfile(member).read().decode("utf-8", "replace")
+                            entry["txt"] = tar.extractfile(member).read().decode("utf-8", "surrogateescape")
                         elif ext == ".json":
-                            entry["json"] = json.loads(tar.extractfile(member).read() or b"{}")
+                            text = tar.extractfile(member).read().decode("utf-8", "surrogateescape")
+                            try:
+                                entry["json"] = json.loads(text or "{}")
+                                if not isinstance(entry["json"], dict):
+                                    raise ValueError("not a JSON object")
+                            except ValueError as e:  # JSONDecodeError included
+                                entry["bad_json"] = f"{member.name}: {e}"
             except tarfile.TarError as e:
                 raise LayoutError(f"{tar_path}: not a readable tar file ({e})") from e
             for key, s in samples.items():
                 if "image" not in s and "txt" not in s and "json" not in s:
                     continue
-                caption = s.get("txt", (s.get("json") or {}).get("caption") or "")
-                image_id = str((s.get("json") or {}).get("key") or os.path.basename(key))
+                where = f"{tar_path}:{key}"
+                if "bad_json" in s:
+                    yield Skipped(MALFORMED_RECORD, where, s["bad_json"])
+                    continue
+                meta = s.get("json") or {}
+                caption = s.get("txt", _text(meta.get("caption")))
+                image_id = str(meta.get("key") or os.path.basename(key))
                 yield Record(s.get("image", ImageRef("")), image_id, caption, image_id,
-                             self.default_split)
+                             self.default_split, where=where)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,17 +516,18 @@ class VqaReader(Reader):
         votes = Counter(a["answer"] for a in ann.get("answers", []) if a.get("answer"))
         return votes.most_common(1)[0][0] if votes else ""
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[Record | Skipped]:
         answers: dict[int, str] = {}
         for path in _json_files(self.source, "annotations"):
             data = _load_json(path)
             if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
                 raise LayoutError(f"{path}: a VQA annotation file needs a top-level 'annotations' list")
-            for ann in data["annotations"]:
+            for i, ann in enumerate(data["annotations"]):
                 try:
                     answers[ann["question_id"]] = self._answer(ann)
                 except (KeyError, TypeError) as e:
-                    raise LayoutError(f"{path}: annotation {ann!r:.120} lacks key {e}") from e
+                    # Its question finds no answer and is counted as missing_answer.
+                    yield Skipped(MALFORMED_RECORD, f"{path} annotations[{i}]", f"lacks key {e}: {ann!r:.120}")
         base = os.path.abspath(self.source)
         for path in _json_files(self.source, "questions"):
             data = _load_json(path)
@@ -468,16 +536,18 @@ class VqaReader(Reader):
             subtype = str(data.get("data_subtype", ""))
             split = re.sub(r"\d+$", "", subtype) or self.default_split
             image_dir = _qa_image_dir(base, subtype)
-            for q in data["questions"]:
+            for i, q in enumerate(data["questions"]):
+                where = f"{path} questions[{i}]"
                 try:
                     image_id, question, qid = q["image_id"], q["question"], q["question_id"]
-                except KeyError as e:
-                    raise LayoutError(f"{path}: question {q!r:.120} lacks key {e}") from e
-                name = f"COCO_{subtype}_{int(image_id):012d}.jpg" if subtype else f"{image_id}.jpg"
+                    name = f"COCO_{subtype}_{int(image_id):012d}.jpg" if subtype else f"{image_id}.jpg"
+                except (KeyError, TypeError, ValueError) as e:
+                    yield Skipped(MALFORMED_RECORD, where, f"lacks key or has a bad image_id ({e}): {q!r:.120}")
+                    continue
                 # A question without an annotation (the test sets) has no answer: the builder
                 # counts it as skipped.
-                yield Record(ImageRef(self._image_path(name, image_dir)), str(image_id), question, str(qid), split,
-                             answers.get(qid, ""))
+                yield Record(ImageRef(self._image_path(name, image_dir)), str(image_id), _text(question), str(qid),
+                             split, _text(answers.get(qid)), where=where)
 
 
 class GqaReader(Reader):
@@ -494,7 +564,7 @@ class GqaReader(Reader):
     def matches(cls, source: str) -> bool:
         return bool(_json_files(source, "questions")) and not _json_files(source, "annotations")
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Iterator[Record | Skipped]:
         for path in _json_files(self.source, "questions"):
             data = _load_json(path)
             if not isinstance(data, dict):
@@ -506,13 +576,15 @@ class GqaReader(Reader):
             split = m.group(1) if m else self.default_split
             image_dir = _qa_image_dir(os.path.dirname(os.path.abspath(path)))
             for qid, q in data.items():
+                where = f"{path} question {qid}"
                 try:
                     image_id, question = str(q["imageId"]), q["question"]
                 except (KeyError, TypeError) as e:
-                    raise LayoutError(f"{path}: question {qid!r} lacks key {e}") from e
+                    yield Skipped(MALFORMED_RECORD, where, f"lacks key {e}: {q!r:.120}")
+                    continue
                 # The test questions come without answers: the builder counts them as skipped.
-                yield Record(ImageRef(self._image_path(f"{image_id}.jpg", image_dir)), image_id, question, str(qid),
-                             split, q.get("answer") or "")
+                yield Record(ImageRef(self._image_path(f"{image_id}.jpg", image_dir)), image_id, _text(question),
+                             str(qid), split, _text(q.get("answer")), where=where)
 
 
 READERS: dict[str, type[Reader]] = {

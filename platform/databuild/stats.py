@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from alignlab.platform.databuild.phrases import concept_key
-from alignlab.platform.shards import filesystem, list_parquet
+from alignlab.platform.shards import concept_key, filesystem, list_parquet
 
 LENGTH_BINS = (0, 5, 10, 15, 20, 25, 30, 40, 60, 100, 10**9)
 

@@ -1,0 +1,126 @@
+"""The one training-checkpoint format, written and read here only. Nothing in it can execute code
+when loaded.
+
+A checkpoint is a directory of three files:
+
+* ``model.safetensors``: the model's state dict (safetensors: tensors only, no code; the same
+  weights any safetensors reader loads);
+* ``trainer_state.pt``: the optimiser, LR schedule, gradient scaler and RNG states, read back with
+  ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only and
+  refuses anything else (a crafted pickle raises instead of running);
+* ``trainer_state.json``: the format version, the step and epoch, the resolved config and the
+  vocabulary summary the model was built with (:class:`~alignlab.models.base.Vocab`: sizes,
+  special ids, tags, phrase concepts, answers) as plain data, readable without torch, so the model
+  can be rebuilt from the checkpoint alone.
+
+A missing, truncated or crafted file raises :class:`CheckpointError` naming it.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+META_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message names the file and why."""
+
+
+@dataclass
+class CheckpointContents:
+    model: dict[str, torch.Tensor]
+    step: int
+    epoch: int
+    config: dict[str, Any]
+    vocab: dict[str, Any] = field(default_factory=dict)
+    # optimizer / scheduler / scaler / rng: state dicts of tensors and plain values.
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+    def model_vocab(self):
+        """The :class:`~alignlab.models.base.Vocab` the model was built with."""
+        from alignlab.models.base import Vocab
+
+        v = dict(self.vocab)
+        v["tags"] = tuple(v.get("tags", ()))
+        v["answers"] = tuple(v.get("answers", ()))
+        v["concepts"] = tuple(tuple(c) for c in v.get("concepts", ()))
+        return Vocab(**v)
+
+
+def write_checkpoint(directory: str | Path, contents: CheckpointContents) -> None:
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses tensors that share storage (tied weights); those are saved as copies.
+    shared = Counter(v.untyped_storage().data_ptr() for v in contents.model.values())
+    save_file({k: v.detach().clone().contiguous() if shared[v.untyped_storage().data_ptr()] > 1
+               else v.detach().contiguous() for k, v in contents.model.items()}, str(d / MODEL_FILE))
+    torch.save(contents.trainer, d / STATE_FILE)
+    (d / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": contents.step,
+                                           "epoch": contents.epoch, "config": contents.config,
+                                           "vocab": contents.vocab}))
+
+
+def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> CheckpointContents:
+    """Reads a checkpoint directory, or raises :class:`CheckpointError` naming the bad file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    meta_path, model_path, state_path = d / META_FILE, d / MODEL_FILE, d / STATE_FILE
+    for path in (meta_path, model_path, state_path):
+        if not path.is_file():
+            legacy = " (a checkpoint of AlignLab before the safetensors format; it is not loaded, since " \
+                     "unpickling it could run code)" if (d / "state.pt").exists() else ""
+            raise CheckpointError(f"checkpoint {d}: {path.name} is missing{legacy}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        version, step, epoch, config = meta["format_version"], int(meta["step"]), int(meta["epoch"]), meta["config"]
+        vocab = meta.get("vocab", {})
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint file {meta_path} is not a valid trainer state ({type(e).__name__}: {e})") \
+            from None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint file {meta_path} has format version {version}; this AlignLab reads "
+                              f"version {FORMAT_VERSION}")
+    try:
+        model = load_file(str(model_path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {model_path} is not a readable safetensors file ({e})") from None
+    try:
+        trainer = torch.load(state_path, map_location=map_location, weights_only=True)
+    except Exception as e:  # weights_only refuses code; a truncated file raises from the unpickler
+        raise CheckpointError(f"checkpoint file {state_path} was refused: it is corrupt or holds more than tensors "
+                              f"and plain values ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              f"nothing in it was executed") from None
+    return CheckpointContents(model=model, step=step, epoch=epoch, config=config, vocab=vocab, trainer=trainer)
+
+
+def load_trained(directory: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                 map_location: str | torch.device = "cpu"):
+    """(config, model, contents) of a training checkpoint: the model rebuilt from the
+    checkpoint's own config and vocabulary (``overrides`` applied, e.g. another data split), its
+    weights loaded, in eval mode. Initialisation sources (``model.text_init``, a ViT checkpoint or
+    hub weights) are not read: the checkpoint holds every weight."""
+    from alignlab.models.registry import get_spec
+    from alignlab.platform import config as config_lib
+
+    contents = read_checkpoint(directory, map_location)
+    cfg = config_lib.load_config(data=contents.config, overrides=[
+        *overrides, "model.text_init=", "model.image.pretrained=false", "model.image.checkpoint="])
+    model = get_spec(cfg.model.architecture).build(cfg.model, cfg.objectives, contents.model_vocab())
+    missing, unexpected = model.load_state_dict(contents.model, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {directory}: its weights do not fit the model its config builds "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return cfg, model.to(map_location).eval(), contents

@@ -1,0 +1,247 @@
+"""The training runner without Ray, on a toy fourth architecture registered from this module:
+adding an architecture touches only models/ (here: this file) and a config, and the real runner
+trains it, checkpoints it, resumes it and evaluates it."""
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignlab.models.base import ConfigError, InputSpec, ModelOutput, ModelSpec, PretrainingModel, Vocab
+from alignlab.models.objectives import clamp_logit_scale, contrastive_loss
+from alignlab.models.registry import get_spec, register
+from alignlab.platform.checkpoint import CheckpointError, read_checkpoint
+from alignlab.platform.config import from_dict, load_config, to_dict
+from alignlab.platform.train import LocalContext, NonFiniteLossError, Runner, param_groups
+
+
+@dataclass
+class ToyConfig:
+    width: int = 16
+    # Steps (by the model's own step counter) whose loss is made NaN: the non-finite guard's probe.
+    nan_steps: tuple[int, int] = (-1, -1)
+
+
+class Toy(PretrainingModel):
+    """Bag-of-words text and mean-pooled regions, aligned by InfoNCE."""
+
+    objectives = ("toy",)
+
+    def __init__(self, model_cfg, objectives_cfg, vocab: Vocab):
+        super().__init__()
+        w = model_cfg.toy.width
+        self.text = nn.EmbeddingBag(vocab.size, w)
+        self.image = nn.Linear(model_cfg.image.region_dim, w)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / model_cfg.temperature)))
+        self.nan_steps = set(model_cfg.toy.nan_steps)
+        self.current = 0
+
+    @classmethod
+    def input_spec(cls, model_cfg, objectives_cfg):
+        return InputSpec(regions=True)
+
+    def begin_step(self, step, steps_per_epoch):
+        self.current = step
+
+    def embed_texts(self, batch):
+        return F.normalize(self.text(batch["input_ids"]), dim=-1)
+
+    def embed_images(self, batch):
+        m = batch["region_mask"].float()[..., None]
+        return F.normalize(self.image((batch["region_features"] * m).sum(1) / m.sum(1)), dim=-1)
+
+    def forward(self, batch):
+        loss = contrastive_loss(self.embed_images(batch), self.embed_texts(batch), clamp_logit_scale(self.log_scale))
+        if self.current in self.nan_steps:
+            loss = loss * float("nan")
+        return ModelOutput(losses={"toy": loss})
+
+
+TOY = register(ModelSpec(name="toy", model=Toy, config=ToyConfig, image_kinds=("regions",)))
+VOCAB = Vocab(size=50)
+
+
+def toy_config(*overrides: str):
+    return load_config(None, ["model.architecture=toy", "model.image.kind=regions", "model.image.region_dim=6",
+                              "model.dropout=0.0", "optim.lr=0.05", "optim.max_steps=8", "optim.warmup_steps=2",
+                              "tracking.log_every=2", "tracking.checkpoint_every=4", "data.batch_size=8",
+                              "eval.k_captions=4", "eval.k_images=4", *overrides])
+
+
+def batches(n: int = 4, size: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` batches in which image i's region features encode its caption's token: learnable."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(n):
+        tokens = torch.randint(5, 50, (size,), generator=g)
+        feats = F.one_hot(tokens % 6, 6).float()[:, None, :].expand(size, 2, 6).clone()
+        out.append({"input_ids": torch.stack([tokens, tokens], 1), "attention_mask": torch.ones(size, 2, dtype=torch.long),
+                    "region_features": feats, "region_mask": torch.ones(size, 2, dtype=torch.bool),
+                    "image_key": torch.arange(size) + 100 * b})
+    return out
+
+
+class Sink:
+    def __init__(self):
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, metrics))
+
+
+def test_a_registered_toy_architecture_trains_through_the_runner(tmp_path):
+    cfg = toy_config("model.toy.width=8")
+    assert cfg.model.toy == ToyConfig(width=8) and to_dict(cfg)["model"]["toy"]["width"] == 8
+    assert from_dict(to_dict(cfg)) == cfg
+    data = batches()
+    ctx = LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path))
+    sink = Sink()
+    runner = Runner(cfg, get_spec("toy"), VOCAB, ctx, steps_per_epoch=4, sink=sink).setup()
+    final = runner.run()
+    assert runner.step == 8 and runner.epoch == 1
+    # Windows at steps 2 and 6 and the final one at 8, and the evaluation at 8: each once, and only
+    # after a checkpoint covering its step was reported (steps 4 and 8).
+    steps = [s for s, m in sink.logged if "loss/toy" in m]
+    assert steps == [2, 4, 6, 8]
+    assert [s for s, m in sink.logged if "eval/uni_rsum" in m] == [8]
+    assert [has_ckpt for _, has_ckpt in ctx.reports] == [False, True, False, True]
+    first, last = sink.logged[0][1]["loss/toy"], final["loss/toy"]
+    assert last < first, (first, last)
+    assert final["eval/uni_rsum"] > 0 and final["eval/eval_images"] == 8
+    assert read_checkpoint(tmp_path / "latest").step == 8
+
+
+def test_unknown_architecture_lists_the_registered_ones_and_sections_are_typed():
+    with pytest.raises(ConfigError, match="'mvptr', 'semvlp', 'simla', 'toy'"):
+        load_config(None, ["model.architecture=toyy"])
+    with pytest.raises(ConfigError, match="'model.toy.width' = 'wide' must be an int"):
+        toy_config("model.toy.width=wide")
+    with pytest.raises(ConfigError, match="unknown config key 'model.toy.widht' \\(did you mean 'width'"):
+        toy_config("model.toy.widht=3")
+    with pytest.raises(ConfigError, match="'model.image.kind' = 'vit' is not read by"):
+        toy_config("model.image.kind=vit")
+
+
+def _train(runner: Runner, steps: int) -> None:
+    runner.model.train()
+    for _ in range(steps):
+        while runner.train_step() is None:
+            pass
+
+
+def test_resume_restores_step_schedule_scaler_and_rng_and_continues_exactly(tmp_path):
+    cfg = toy_config("model.dropout=0.0")
+    data = batches()
+    straight = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
+    _train(straight, 6)
+
+    first = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
+    _train(first, 4)  # an epoch boundary: the resumed stream restarts its epoch, as Ray Data's does
+    torch.manual_seed(123)  # the RNG state at the checkpoint, distinct from the seed's
+    expected_rng = torch.get_rng_state()
+    first.save_checkpoint(str(tmp_path / "latest"))
+    torch.manual_seed(999)
+    resumed = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
+                     steps_per_epoch=4).setup()
+    assert (resumed.step, resumed.epoch) == (4, 0)
+    assert resumed.scheduler.last_epoch == 4 and resumed.scheduler.get_last_lr() == first.scheduler.get_last_lr()
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    assert resumed.scaler.state_dict() == first.scaler.state_dict()
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == first.optimizer.state_dict()["state"][0]["step"]
+    _train(resumed, 2)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_accumulation_steps_the_optimiser_once_per_grad_accum():
+    cfg = toy_config("optim.grad_accum=2")
+    data = batches(n=4)
+    runner = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=2).setup()
+    runner.model.train()
+    assert runner.train_step() is not None and runner.train_step() is not None
+    assert runner.step == 2 and runner.window.samples == 4 * 8
+    assert int(runner.optimizer.state_dict()["state"][0]["step"]) == 2
+    # The epoch's 4 batches are used up: the next call ends the epoch without stepping.
+    assert runner.train_step() is None and runner.step == 2 and runner.epoch == 1
+
+
+def test_an_odd_batch_left_at_the_epoch_end_is_dropped_not_stepped():
+    cfg = toy_config("optim.grad_accum=2", "optim.warmup_steps=0", "optim.warmup_ratio=0.0")
+    data = batches(n=3)
+    runner = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=1).setup()
+    runner.model.train()
+    before = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    assert runner.train_step() is not None
+    after_one = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    assert any(not torch.equal(before[k], after_one[k]) for k in before)
+    assert runner.train_step() is None  # batch 3 alone: gradients dropped
+    assert all(torch.equal(after_one[k], v) for k, v in runner.model.state_dict().items())
+    assert all(p.grad is None for p in runner.model.parameters())
+
+
+def test_non_finite_steps_are_skipped_and_a_run_of_them_fails_naming_the_step():
+    cfg = toy_config("model.toy.nan_steps=[2, 3]", "optim.nonfinite_patience=3")
+    data = batches()
+    runner = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
+    runner.model.train()
+    _train(runner, 2)
+    weights = {k: v.clone() for k, v in runner.model.state_dict().items()}
+    _train(runner, 2)  # steps 2 and 3 are NaN: skipped, the weights untouched
+    assert runner.nonfinite_skipped == 2 and runner.step == 4
+    assert all(torch.equal(weights[k], v) for k, v in runner.model.state_dict().items())
+    _train(runner, 1)  # a finite step resets the run of non-finite ones
+    assert runner.nonfinite_run == 0 and all(torch.isfinite(p).all() for p in runner.model.parameters())
+
+    cfg = toy_config("model.toy.nan_steps=[1, 2]", "optim.nonfinite_patience=2")
+    runner = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row, the last at step 2"):
+        _train(runner, 3)
+
+
+def test_evaluation_refuses_non_finite_weights():
+    runner = Runner(toy_config(), TOY, VOCAB, LocalContext(batches), steps_per_epoch=4).setup()
+    with torch.no_grad():
+        runner.model.image.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="image.weight"):
+        runner.evaluate()
+
+
+def test_checkpoint_round_trips_and_a_crafted_pickle_runs_nothing(tmp_path):
+    runner = Runner(toy_config(), TOY, VOCAB, LocalContext(batches), steps_per_epoch=4).setup()
+    _train(runner, 3)
+    runner.save_checkpoint(str(tmp_path / "ckpt"))
+    ckpt = read_checkpoint(tmp_path / "ckpt")
+    assert ckpt.step == 3 and from_dict(ckpt.config) == runner.cfg
+    assert all(torch.equal(ckpt.model[k], v) for k, v in runner.model.state_dict().items())
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "ckpt" / "trainer_state.pt").write_bytes(pickle.dumps({"optimizer": Payload()}))
+    with pytest.raises(CheckpointError, match="trainer_state.pt was refused.*nothing in it was executed"):
+        read_checkpoint(tmp_path / "ckpt")
+    assert not marker.exists()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+        read_checkpoint(tmp_path / "ckpt")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "state.pt").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="before the safetensors format"):
+        read_checkpoint(legacy)
+    assert not marker.exists()
+
+
+def test_temperatures_are_kept_out_of_weight_decay():
+    model = TOY.build(toy_config().model, toy_config().objectives, VOCAB)
+    decay, no_decay = param_groups(model, 0.01)
+    assert any(p is model.log_scale for p in no_decay["params"])
+    assert all(p is not model.log_scale for p in decay["params"]) and len(decay["params"]) == 2
