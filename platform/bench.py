@@ -17,7 +17,7 @@ its figures are rates or ratios taken in the same run; absolute times are contex
   (``models.objectives.gather_with_grad``), one process per GPU over NCCL: gathered values and the
   backward's gradient checked against hand-computed ones, and the bus bandwidth at a few sizes.
 
-``--quick`` (CPU, no Ray; under a minute on 2 idle cores):
+``--quick`` (CPU, one thread, no Ray; about a minute on an idle core):
 
 * **objectives**: the batched WPG (``wpg_similarity`` + ``wpg_hinge``), hard-negative sampling
   (``global_hard_negatives``) and PSL pseudo-labels (``psl_targets``) against per-sample Python
@@ -75,7 +75,7 @@ PLAN_FILE = config_lib.PRESET_DIR.parent / "bench.yaml"
 PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
 
 GPU_PRECISIONS = ("fp16", "bf16")
-GPU_STEPS = 8  # counted, then timed, step indices
+GPU_STEPS = 20  # counted, then timed, step indices
 GPU_BUDGET_S = 330.0  # models still untried after this are skipped, so the run ends well inside 7 min
 NCCL_SIZES_MIB = (1, 16, 128)
 NCCL_TIMEOUT_S = 90
@@ -655,7 +655,7 @@ def phase_clock(runner, seconds: dict[str, float]) -> Iterator[None]:
             h.remove()
 
 
-def bench_step_shares(report: Report, plan: list[dict[str, Any]], repeats: int = 3) -> None:
+def bench_step_shares(report: Report, plan: list[dict[str, Any]], repeats: int = 5) -> None:
     """Each plan entry's CPU training step at its preset's batch and threads (the runner's own
     step), the entries' steps interleaved round by round after one warm-up round; medians."""
     compares = ("CPU training step per variant (median of interleaved steps): forward, the optimiser step, and "
@@ -693,7 +693,7 @@ def bench_step_shares(report: Report, plan: list[dict[str, Any]], repeats: int =
 
 
 def bench_rerank(report: Report, sizes: tuple[int, ...] = (1000, 5000), captions_per_image: int = 5,
-                 k_captions: int = 128, k_images: int = 64, dim: int = 64) -> None:
+                 k_captions: int = 128, k_images: int = 64, dim: int = 64, repeats: int = 3) -> None:
     """``evaluate.rerank`` with a cheap match function (a dot product of small embeddings), so its
     time is the re-ranking's own: ``match_s`` the multi-modal pairs, N·k_c + 5N·k_i of them
     (linear in N), ``unimodal_s`` the N x 5N similarities and their top-k (quadratic in N, but
@@ -702,30 +702,33 @@ def bench_rerank(report: Report, sizes: tuple[int, ...] = (1000, 5000), captions
 
     compares = (f"re-ranked retrieval at N images x {captions_per_image} captions, k_c={k_captions}, k_i={k_images}, "
                 f"cheap match: pairs must be N*k_c + {captions_per_image}N*k_i (linear in N), the similarities "
-                f"and top-k N^2; the last row is the ratio of the largest N to the smallest")
+                f"and top-k N^2 (median of {repeats}, sizes in turn); the last row is the ratio of the largest N to "
+                f"the smallest")
     with report.section("evaluation", compares) as rows:
-        for n in sizes:
-            g = torch.Generator().manual_seed(n)
-            img = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
-            txt = torch.nn.functional.normalize(torch.randn(captions_per_image * n, dim, generator=g), dim=-1)
-            match_s = 0.0
+        timings: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
+        pairs_of: dict[int, int] = {}
+        for _ in range(repeats):  # the sizes in turn, so load on a shared machine falls on both
+            for n in sizes:
+                g = torch.Generator().manual_seed(n)
+                img = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+                txt = torch.nn.functional.normalize(torch.randn(captions_per_image * n, dim, generator=g), dim=-1)
+                match_s = 0.0
 
-            def match(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                nonlocal match_s
+                def match(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                    nonlocal match_s
+                    start = time.perf_counter()
+                    score = (img[i] * txt[t]).sum(-1)
+                    match_s += time.perf_counter() - start
+                    return score
+
                 start = time.perf_counter()
-                score = (img[i] * txt[t]).sum(-1)
-                match_s += time.perf_counter() - start
-                return score
-
-            start = time.perf_counter()
-            scores = img @ txt.t()
-            _, _, pairs = rerank(scores, k_captions, k_images, match)
-            rows.append({"images": n, "captions": captions_per_image * n, "pairs": pairs,
+                _, _, pairs_of[n] = rerank(img @ txt.t(), k_captions, k_images, match)
+                timings[n].append((match_s, time.perf_counter() - start))
+        for n in sizes:
+            match_s, total_s = (float(np.median(x)) for x in zip(*timings[n]))
+            rows.append({"images": n, "captions": captions_per_image * n, "pairs": pairs_of[n],
                          "pairs_expected": n * k_captions + captions_per_image * n * k_images,
-                         "match_s": match_s, "unimodal_s": time.perf_counter() - start - match_s,
-                         "total_s": time.perf_counter() - start})
-            del scores
-            report.write()
+                         "match_s": match_s, "unimodal_s": total_s - match_s, "total_s": total_s})
         first, last = rows[0], rows[-1]
         rows.append({"images": f"{last['images']}/{first['images']}", "pairs": last["pairs"] / first["pairs"],
                      "pairs_expected": last["pairs_expected"] / first["pairs_expected"],
@@ -802,6 +805,9 @@ def run_gpu(args: argparse.Namespace, out: str) -> Report:
 
 
 def run_quick(out: str) -> Report:
+    # One thread: per-core figures, and on a shared machine OpenMP's spinning threads otherwise
+    # slow batched kernels many times over whenever another process runs (the loops barely).
+    torch.set_num_threads(1)
     report = Report("quick", out, environment())
     report.write()
     bench_objectives(report)
