@@ -780,6 +780,60 @@ def bench_training(report: Report, plan: list[dict[str, Any]], device: torch.dev
                 torch.cuda.empty_cache()
 
 
+def bench_runner_resume(report: Report, device: torch.device, precision: str = "fp16", steps: int = 16,
+                        preset: str = "mvptr_demo") -> None:
+    """The trainer itself on the device: :class:`~alignlab.platform.train.Runner` in ``precision``
+    (fp16: autocast + GradScaler) over synthetic batches, ``steps`` straight against ``steps / 2``,
+    a checkpoint written and read back onto the device, and ``steps / 2`` more, resuming at an epoch
+    boundary (a resumed stream restarts its epoch); the weights of the two runs must agree up to
+    the device's non-deterministic reductions."""
+    from alignlab.models.registry import get_spec
+    from alignlab.platform.train import LocalContext, Runner
+
+    compares = (f"the real Runner on {device.type} in {precision}: {steps} steps straight vs {steps // 2} + "
+                f"checkpoint + resume + {steps // 2}; max weight difference, GradScaler scale, skipped steps")
+    with report.section("runner resume", compares) as rows:
+        cfg = config_lib.load_config(preset, ["model.text_init=", f"precision.precision={precision}",
+                                              f"scaling.use_gpu={str(device.type == 'cuda').lower()}",
+                                              f"optim.max_steps={steps}", "optim.warmup_steps=2"])
+        spec = get_spec(cfg.model.architecture)
+        vocab = synthetic_vocab(size=1000, tags=20, concepts=50)
+        inputs = spec.input_spec(cfg.model, cfg.objectives)
+        epoch = [{k: v.to(device) for k, v in synthetic_batch(inputs, cfg, vocab, cfg.data.batch_size, seed=i).items()}
+                 for i in range(steps // 2)]
+
+        def runner(root: str | None = None) -> Runner:
+            return Runner(cfg, spec, vocab, LocalContext(lambda: epoch, checkpoint_root=root, device=device),
+                          steps_per_epoch=len(epoch)).setup()
+
+        def train(r: Runner, n: int) -> dict[str, float]:
+            r.model.train()
+            for _ in range(n):
+                while (means := r.train_step()) is None:
+                    pass
+            return means
+
+        t0 = time.perf_counter()
+        straight = runner()
+        last = train(straight, steps)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as root:
+            first = runner()
+            train(first, steps // 2)
+            first.save_checkpoint(f"{root}/latest")
+            resumed = runner(root)
+            resumed_at, scale_at = resumed.step, resumed.scaler.get_scale() if resumed.scaler.is_enabled() else None
+            train(resumed, steps - steps // 2)
+        diff = max(float((a.float() - b.float()).abs().max()) for a, b in
+                   zip(straight.model.state_dict().values(), resumed.model.state_dict().values()))
+        rows.append({"model": cfg.model.architecture, "precision": precision, "steps_per_s": steps / seconds,
+                     "resumed_at_step": resumed_at, "scale_after_resume": scale_at,
+                     "scale_saved": first.scaler.get_scale() if first.scaler.is_enabled() else None,
+                     "nonfinite_skipped": straight.nonfinite_skipped, "max_weight_diff": diff,
+                     "final_loss": last["loss/total"]})
+
+
 def bench_all_gather(report: Report, world: int, backend: str = "nccl",
                      sizes_mib: tuple[int, ...] = NCCL_SIZES_MIB) -> None:
     with report.section(f"{backend} all-gather", f"{all_gather_fn()[0]} with gradient (what gather_with_grad runs) on "
@@ -799,6 +853,7 @@ def run_gpu(args: argparse.Namespace, out: str) -> Report:
     print(json.dumps(env))
     report = Report("gpu", out, env)
     report.write()
+    bench_runner_resume(report, torch.device("cuda", 0))
     bench_training(report, load_plan("gpu"), torch.device("cuda", 0), GPU_PRECISIONS, GPU_STEPS, peak, GPU_BUDGET_S)
     bench_all_gather(report, torch.cuda.device_count())
     return report

@@ -338,9 +338,13 @@ def _build_section(data: dict, prefix: str) -> Any:
     spec = get_spec(arch)
     for other in names():
         if other != arch and other in data:
-            raise ConfigError(f"config key '{prefix}.{other}' configures architecture {other!r}, but "
-                              f"{prefix}.architecture = {arch!r}; remove it or set {prefix}.architecture={other}")
-    section = data.pop(arch, {})
+            # `model.<other>=null` drops a section a preset brings (a preset of one architecture
+            # reused for another, as the bench's baseline at SIMLA's size).
+            if data.pop(other) is not None:
+                raise ConfigError(f"config key '{prefix}.{other}' configures architecture {other!r}, but "
+                                  f"{prefix}.architecture = {arch!r}; drop it with {prefix}.{other}=null or set "
+                                  f"{prefix}.architecture={other}")
+    section = data.pop(arch, None) or {}
     if spec.config is None:
         if section:
             raise ConfigError(f"config key '{prefix}.{arch}': architecture {arch!r} has no options of its own")

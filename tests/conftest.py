@@ -35,14 +35,15 @@ def alignlab_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray cluster for the whole session, with the slots the driver's own local cluster
-    would declare for two train workers and their data stages."""
+    would declare for two train workers and their data stages, a compositional split's included."""
     import ray
 
     from alignlab.platform.config import load_config
     from alignlab.platform.train import local_cluster_cpus
 
     if not ray.is_initialized():
-        ray.init(num_cpus=local_cluster_cpus(load_config(None, ["scaling.num_workers=2"])),
+        cfg = load_config(None, ["scaling.num_workers=2", "data.compositional_split=compositional"])
+        ray.init(num_cpus=local_cluster_cpus(cfg),
                  include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray

@@ -176,3 +176,16 @@ def test_bench_plans_load_every_model():
     quick = bench.load_plan("quick")
     names = {e["name"] for e in quick}
     assert all(e["reference"] in names for e in quick if e["reference"])
+
+
+def test_runner_resume_section_resumes_the_real_runner_exactly_on_cpu():
+    """The GPU check's trainer section, on the CPU in bf16: a checkpointed and resumed run ends
+    with the same weights as a straight one."""
+    import torch
+
+    report = bench.Report("test", None, {})
+    bench.bench_runner_resume(report, torch.device("cpu"), precision="bf16", steps=6)
+    (section,) = report.data["sections"]
+    assert section["error"] is None
+    (row,) = section["rows"]
+    assert row["resumed_at_step"] == 3 and row["max_weight_diff"] == 0.0 and row["nonfinite_skipped"] == 0
