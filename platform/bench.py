@@ -409,12 +409,11 @@ def load_plan(kind: str, path: Path = PLAN_FILE) -> list[dict[str, Any]]:
 
 
 def all_gather_fn() -> tuple[str, Callable]:
-    """The functional all-gather that ``gather_with_grad`` calls (``all_gather_single``, torch >=
-    2.13), or on older torch its predecessor with the same arguments and gradient."""
-    from torch.distributed import _functional_collectives as fc
+    """The functional all-gather that ``gather_with_grad`` calls, and its name."""
+    from alignlab.models.objectives import functional_all_gather
 
-    name = "all_gather_single" if hasattr(fc, "all_gather_single") else "all_gather_tensor_autograd"
-    return name, getattr(fc, name)
+    fn = functional_all_gather()
+    return fn.__name__, fn
 
 
 def _wait(x: torch.Tensor) -> torch.Tensor:
