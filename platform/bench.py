@@ -779,8 +779,7 @@ def bench_training(report: Report, plan: list[dict[str, Any]], device: torch.dev
                 torch.cuda.empty_cache()
 
 
-def bench_runner_resume(report: Report, device: torch.device, precision: str = "fp16", steps: int = 16,
-                        preset: str = "mvptr_demo") -> None:
+def bench_runner_resume(report: Report, device: torch.device, precision: str = "fp16", steps: int = 16) -> None:
     """The trainer itself on the device: :class:`~alignlab.platform.train.Runner` in ``precision``
     (fp16: autocast + GradScaler) over synthetic batches, ``steps`` straight against ``steps / 2``,
     a checkpoint written and read back onto the device, and ``steps / 2`` more, resuming at an epoch
@@ -792,9 +791,10 @@ def bench_runner_resume(report: Report, device: torch.device, precision: str = "
     compares = (f"the real Runner on {device.type} in {precision}: {steps} steps straight vs {steps // 2} + "
                 f"checkpoint + resume + {steps // 2}; max weight difference, GradScaler scale, skipped steps")
     with report.section("runner resume", compares) as rows:
-        cfg = config_lib.load_config(preset, ["model.text_init=", f"precision.precision={precision}",
-                                              f"scaling.use_gpu={str(device.type == 'cuda').lower()}",
-                                              f"optim.max_steps={steps}", "optim.warmup_steps=2"])
+        (entry,) = load_plan("runner")
+        cfg = config_lib.load_config(entry["preset"], [*entry["overrides"], f"precision.precision={precision}",
+                                                       f"scaling.use_gpu={str(device.type == 'cuda').lower()}",
+                                                       f"optim.max_steps={steps}", "optim.warmup_steps=2"])
         spec = get_spec(cfg.model.architecture)
         vocab = synthetic_vocab(size=1000, tags=20, concepts=50)
         inputs = spec.input_spec(cfg.model, cfg.objectives)
