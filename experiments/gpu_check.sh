@@ -12,11 +12,12 @@ set -uo pipefail
 OUT="${OUT:-.}"
 mkdir -p "$OUT"
 LOG="$OUT/bench_gpu.log"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PKG=/tmp/alignlab_pkg
 rm -rf "$PKG"
 mkdir -p "$PKG/alignlab"
-ln -s "$PWD/platform" "$PKG/alignlab/platform"
-ln -s "$PWD/models" "$PKG/alignlab/models"
+ln -s "$ROOT/platform" "$PKG/alignlab/platform"
+ln -s "$ROOT/models" "$PKG/alignlab/models"
 export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi

@@ -44,11 +44,17 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     if not _distributed():
         return x, 0
-    # torch 2.14 deprecates torch.distributed.nn.functional.all_gather for this one (same
-    # gradient, one tensor instead of a tuple; works on gloo and NCCL).
-    from torch.distributed._functional_collectives import all_gather_single
+    return functional_all_gather()(x.contiguous(), 0, dist.group.WORLD), dist.get_rank() * x.shape[0]
 
-    return all_gather_single(x.contiguous(), 0, dist.group.WORLD), dist.get_rank() * x.shape[0]
+
+def functional_all_gather():
+    """The autograd-aware functional all-gather: ``all_gather_single`` from torch 2.13 on (torch
+    2.14 deprecates ``torch.distributed.nn.functional.all_gather`` for it: same gradient, one tensor
+    instead of a tuple, gloo and NCCL), else its predecessor ``all_gather_tensor_autograd``, with
+    the same arguments and gradient (torch 2.11 on the GPU machines)."""
+    from torch.distributed import _functional_collectives as fc
+
+    return getattr(fc, "all_gather_single", None) or fc.all_gather_tensor_autograd
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ its figures are rates or ratios taken in the same run; absolute times are contex
   (``models.objectives.gather_with_grad``), one process per GPU over NCCL: gathered values and the
   backward's gradient checked against hand-computed ones, and the bus bandwidth at a few sizes.
 
-``--quick`` (CPU, no Ray; under a minute on 2 idle cores):
+``--quick`` (CPU, one thread, no Ray; about a minute on an idle core):
 
 * **objectives**: the batched WPG (``wpg_similarity`` + ``wpg_hinge``), hard-negative sampling
   (``global_hard_negatives``) and PSL pseudo-labels (``psl_targets``) against per-sample Python
@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -52,6 +53,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,7 +66,8 @@ from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, CONCEPT_PAD, Inpu
 from alignlab.platform import config as config_lib
 from alignlab.platform.config import Config
 from alignlab.platform.ingest import image_key
-from alignlab.platform.masking import IGNORE, bert_mask, block_mask, chain_mask, object_mask
+from alignlab.models.base import IGNORE
+from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask
 
 PLAN_FILE = config_lib.PRESET_DIR.parent / "bench.yaml"
 
@@ -72,7 +75,7 @@ PLAN_FILE = config_lib.PRESET_DIR.parent / "bench.yaml"
 PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
 
 GPU_PRECISIONS = ("fp16", "bf16")
-GPU_STEPS = 8  # counted, then timed, step indices
+GPU_STEPS = 20  # counted, then timed, step indices
 GPU_BUDGET_S = 330.0  # models still untried after this are skipped, so the run ends well inside 7 min
 NCCL_SIZES_MIB = (1, 16, 128)
 NCCL_TIMEOUT_S = 90
@@ -297,124 +300,81 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class PhaseTimer:
-    """Wall time between marks, added up per phase name; the device is synchronised at each mark."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds, self.last = device, {}, 0.0
-
-    def start(self) -> None:
-        _sync(self.device)
-        self.last = time.perf_counter()
-
-    def mark(self, phase: str) -> None:
-        _sync(self.device)
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
-        self.last = now
-
-
 class TrainingBench:
-    """One model's training steps on synthetic batches, as the trainer runs them (forward and
-    backward under autocast, the GradScaler, gradient clipping, AdamW); every measurement starts
-    from the same initial weights, with a fresh optimiser and scaler."""
+    """One model's training steps on a synthetic batch, run by the trainer's own
+    :class:`~alignlab.platform.train.Runner` on a :class:`~alignlab.platform.train.LocalContext`
+    that yields the batch forever: forward and backward under autocast, the GradScaler, gradient
+    clipping, AdamW and the schedule, exactly as in training. Every measurement starts a fresh
+    runner (same seed: same initial weights)."""
 
     def __init__(self, cfg: Config, vocab: Vocab, device: torch.device, seed: int = 0):
-        from alignlab.models.registry import build_model, get_spec
+        from alignlab.models.registry import get_spec
 
         self.cfg, self.vocab, self.device, self.seed = cfg, vocab, torch.device(device), seed
-        self.spec = get_spec(cfg.model.architecture).input_spec(cfg.model, cfg.objectives)
-        torch.manual_seed(seed)
-        model = build_model(cfg.model, cfg.objectives, vocab)  # on the CPU: some modules seed CPU generators
-        self.initial = {k: v.clone() for k, v in model.state_dict().items()}
-        self.model = model.to(self.device)
-        self.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.spec = get_spec(cfg.model.architecture)
+        self.inputs = self.spec.input_spec(cfg.model, cfg.objectives)
 
     def batch(self, n: int) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in synthetic_batch(self.spec, self.cfg, self.vocab, n, self.seed).items()}
+        return {k: v.to(self.device) for k, v in synthetic_batch(self.inputs, self.cfg, self.vocab, n, self.seed).items()}
 
-    def step(self, batch: dict[str, torch.Tensor], optimizer, scaler, autocast, index: int,
-             counter: contextlib.AbstractContextManager | None = None,
-             timer: PhaseTimer | None = None) -> dict[str, torch.Tensor]:
-        """One optimiser step at step ``index``; ``counter`` wraps the forward and backward only;
-        ``timer`` adds up the forward, backward and optimiser phases. Returns the losses (detached)."""
-        from alignlab.platform.train import weighted_total
+    def runner(self, precision: str, batch: dict[str, torch.Tensor]):
+        """A set-up runner training on ``batch`` in ``precision`` on one worker."""
+        from alignlab.platform.train import LocalContext, Runner
 
-        model, cfg = self.model, self.cfg
-        if timer:
-            timer.start()
-        model.begin_step(index, STEPS_PER_EPOCH)
-        with counter or contextlib.nullcontext():
-            with autocast():
-                out = model(batch)
-                total = weighted_total(out.losses, cfg.objectives.weights)
-            if timer:
-                timer.mark("forward")
-            scaler.scale(total).backward()
-            if timer:
-                timer.mark("backward")
-        if cfg.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if timer:
-            timer.mark("optimizer")
-        return {k: v.detach() for k, v in out.losses.items()}
-
-    def start(self, precision: str):
-        """The initial weights in training mode, and a fresh AdamW, GradScaler and autocast for
-        ``precision``, as the trainer makes them."""
-        from alignlab.platform.train import autocast_factory, param_groups, resolve_precision
-
-        cfg, device = self.cfg, self.device
-        precision = resolve_precision(precision, device)
-        self.model.load_state_dict(self.initial)
-        self.model.train()
-        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=cfg.optim.betas, eps=cfg.optim.eps)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        return optimizer, scaler, autocast_factory(precision, device)
+        cfg = self.cfg
+        cfg = replace(cfg, precision=replace(cfg.precision, precision=precision),
+                      data=replace(cfg.data, batch_size=len(batch["input_ids"])),
+                      scaling=replace(cfg.scaling, num_workers=1))
+        ctx = LocalContext(lambda: itertools.repeat(batch), device=self.device)
+        return Runner(cfg, self.spec, self.vocab, ctx, STEPS_PER_EPOCH).setup()
 
     def measure(self, precision: str, batch_size: int, steps: int, peak: float | None = None) -> dict[str, Any]:
-        """Steps 0..steps-1 once with their FLOPs counted (also the warm-up), then again timed."""
+        """Steps 0..steps-1 once with their FLOPs counted (also the warm-up), then again timed.
+        FlopCounterMode counts matrix products and attention, so the optimiser adds nothing."""
         from torch.utils.flop_counter import FlopCounterMode
 
         device = self.device
-        optimizer, scaler, autocast = self.start(precision)
-        batch = self.batch(batch_size)
         if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+        runner = self.runner(precision, self.batch(batch_size))
         flops, skipped, losses = 0, 0, []
 
-        def run(index: int, counter=None) -> None:
+        def run() -> None:
             nonlocal skipped
-            scale = scaler.get_scale()
-            losses.append(self.step(batch, optimizer, scaler, autocast, index, counter))
-            skipped += scaler.get_scale() < scale  # the scaler backs off exactly when it skipped a step
+            scale = runner.scaler.get_scale()
+            losses.append(runner.train_step())
+            skipped += runner.scaler.get_scale() < scale  # backed off: an overflow or non-finite step
 
-        # Both passes draw the same random numbers (masks, sampled negatives), so the work whose
-        # amount depends on a draw (rows reaching a prediction head) is the same in both.
-        torch.manual_seed(self.seed)
-        for i in range(steps):
-            counter = FlopCounterMode(display=False)
-            run(i, counter)
+        def restart() -> None:
+            # Both passes run the same step indices and draw the same random numbers (masks,
+            # sampled negatives), so work that depends on either is the same in both.
+            runner.step = 0
+            torch.manual_seed(self.seed)
+
+        restart()
+        for _ in range(steps):
+            with FlopCounterMode(display=False) as counter:
+                run()
             flops += counter.get_total_flops()
-        torch.manual_seed(self.seed)
+        restart()
         _sync(device)
         start = time.perf_counter()
-        for i in range(steps):
-            run(i)
+        for _ in range(steps):
+            run()
         _sync(device)
         seconds = time.perf_counter() - start
         tflops = flops / seconds / 1e12
-        nonfinite = sorted({k for step in losses for k, v in step.items() if not torch.isfinite(v).all()})
-        return {"samples_per_s": batch_size * steps / seconds, "step_ms": 1e3 * seconds / steps,
+        nonfinite = sorted({k.removeprefix("loss/") for step in losses for k, v in step.items()
+                            if k.startswith("loss/") and not math.isfinite(v)})
+        return {"params_m": sum(p.numel() for p in runner.model.parameters() if p.requires_grad) / 1e6,
+                "samples_per_s": batch_size * steps / seconds, "step_ms": 1e3 * seconds / steps,
                 "tflop_per_step": flops / steps / 1e12, "tflops": tflops, "mfu": tflops / peak if peak else None,
                 "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                 "skipped_steps": skipped, "steps": 2 * steps, "nonfinite_losses": nonfinite,
-                "last_losses": {k: round(float(v), 4) for k, v in losses[-1].items()}}
+                "last_losses": {k.removeprefix("loss/"): round(v, 4) for k, v in losses[-1].items()
+                                if k.startswith("loss/")}}
 
     def measure_fitting(self, precision: str, batch_size: int, steps: int, peak: float | None = None
                         ) -> dict[str, Any]:
@@ -425,10 +385,7 @@ class TrainingBench:
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise
-            # Outside the except block: its traceback no longer holds the failed step's tensors.
-            self.model.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+            # Outside the except block, whose traceback held the failed runner; measure frees it.
             batch_size //= 2
 
 
@@ -452,12 +409,11 @@ def load_plan(kind: str, path: Path = PLAN_FILE) -> list[dict[str, Any]]:
 
 
 def all_gather_fn() -> tuple[str, Callable]:
-    """The functional all-gather that ``gather_with_grad`` calls (``all_gather_single``, torch >=
-    2.13), or on older torch its predecessor with the same arguments and gradient."""
-    from torch.distributed import _functional_collectives as fc
+    """The functional all-gather that ``gather_with_grad`` calls, and its name."""
+    from alignlab.models.objectives import functional_all_gather
 
-    name = "all_gather_single" if hasattr(fc, "all_gather_single") else "all_gather_tensor_autograd"
-    return name, getattr(fc, name)
+    fn = functional_all_gather()
+    return fn.__name__, fn
 
 
 def _wait(x: torch.Tensor) -> torch.Tensor:
@@ -673,33 +629,61 @@ def bench_objectives(report: Report, n: int = 256, repeats: int = 7) -> None:
             report.write()
 
 
-def bench_step_shares(report: Report, plan: list[dict[str, Any]], repeats: int = 3) -> None:
-    """Each plan entry's CPU training step at its preset's batch, the entries' steps interleaved
-    round by round (after one warm-up round), medians per phase."""
-    compares = ("CPU training step per variant (median of interleaved steps) split into forward, backward and "
-                "optimiser; removed_share = (reference step - this step) / reference step, the share of the "
-                "reference's step that the objective(s) this variant lacks cost")
+@contextlib.contextmanager
+def phase_clock(runner, seconds: dict[str, float]) -> Iterator[None]:
+    """Adds each step's forward (the model's call) and optimiser (``optimizer.step``) wall time to
+    ``seconds``, through hooks: the runner's code stays as it is. On the CPU only (no device
+    synchronisation)."""
+    marks: dict[str, float] = {}
+
+    def mark(name: str, end: str | None = None):
+        def hook(*_):
+            marks[name] = time.perf_counter()
+            if end:
+                seconds[end] = seconds.get(end, 0.0) + marks[name] - marks[f"{end}_start"]
+        return hook
+
+    handles = [runner.model.register_forward_pre_hook(mark("forward_start")),
+               runner.model.register_forward_hook(mark("forward_end", "forward")),
+               runner.optimizer.register_step_pre_hook(mark("optimizer_start")),
+               runner.optimizer.register_step_post_hook(mark("optimizer_end", "optimizer"))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def bench_step_shares(report: Report, plan: list[dict[str, Any]], repeats: int = 5) -> None:
+    """Each plan entry's CPU training step at its preset's batch and threads (the runner's own
+    step), the entries' steps interleaved round by round after one warm-up round; medians."""
+    compares = ("CPU training step per variant (median of interleaved steps): forward, the optimiser step, and "
+                "backward_ms = the rest (loss sum, backward, clipping); removed_share = (reference step - this step) "
+                "/ reference step, the share of the reference's step that the objective(s) this variant lacks cost")
     with report.section("step shares", compares) as rows:
         vocab, cpu = synthetic_vocab(), torch.device("cpu")
         runs = []
         for entry in plan:
             tb = TrainingBench(entry["cfg"], vocab, cpu)
-            batch = tb.batch(entry["cfg"].data.batch_size)
-            runs.append((entry, tb, batch, *tb.start("fp32"), []))
+            runs.append((entry, tb.runner("fp32", tb.batch(entry["cfg"].data.batch_size)), []))
         for r in range(repeats + 1):
-            for entry, tb, batch, optimizer, scaler, autocast, times in runs:
-                timer = PhaseTimer(cpu)
-                tb.step(batch, optimizer, scaler, autocast, r, timer=timer)
+            for entry, runner, times in runs:
+                seconds: dict[str, float] = {}
+                with phase_clock(runner, seconds):
+                    start = time.perf_counter()
+                    runner.train_step()
+                    seconds["step"] = time.perf_counter() - start
                 if r:
-                    times.append(timer.seconds)
+                    times.append(seconds)
         step_ms = {}
-        for entry, tb, batch, *_, times in runs:
-            phases = {f"{k}_ms": 1e3 * float(np.median([t[k] for t in times])) for k in times[0]}
-            step_ms[entry["name"]] = 1e3 * float(np.median([sum(t.values()) for t in times]))
+        for entry, runner, times in runs:
+            ms = {k: 1e3 * float(np.median([t[k] for t in times])) for k in ("step", "forward", "optimizer")}
+            step_ms[entry["name"]] = ms["step"]
             ref = entry["reference"]
-            rows.append({"model": entry["name"], "batch": len(batch["input_ids"]), "step_ms": step_ms[entry["name"]],
-                         **phases, "reference": ref,
-                         "removed_share": 1 - step_ms[entry["name"]] / step_ms[ref] if ref else None})
+            rows.append({"model": entry["name"], "batch": runner.cfg.data.batch_size, "threads": torch.get_num_threads(),
+                         "step_ms": ms["step"], "forward_ms": ms["forward"],
+                         "backward_ms": ms["step"] - ms["forward"] - ms["optimizer"], "optimizer_ms": ms["optimizer"],
+                         "reference": ref, "removed_share": 1 - ms["step"] / step_ms[ref] if ref else None})
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,7 +692,7 @@ def bench_step_shares(report: Report, plan: list[dict[str, Any]], repeats: int =
 
 
 def bench_rerank(report: Report, sizes: tuple[int, ...] = (1000, 5000), captions_per_image: int = 5,
-                 k_captions: int = 128, k_images: int = 64, dim: int = 64) -> None:
+                 k_captions: int = 128, k_images: int = 64, dim: int = 64, repeats: int = 3) -> None:
     """``evaluate.rerank`` with a cheap match function (a dot product of small embeddings), so its
     time is the re-ranking's own: ``match_s`` the multi-modal pairs, N·k_c + 5N·k_i of them
     (linear in N), ``unimodal_s`` the N x 5N similarities and their top-k (quadratic in N, but
@@ -717,30 +701,33 @@ def bench_rerank(report: Report, sizes: tuple[int, ...] = (1000, 5000), captions
 
     compares = (f"re-ranked retrieval at N images x {captions_per_image} captions, k_c={k_captions}, k_i={k_images}, "
                 f"cheap match: pairs must be N*k_c + {captions_per_image}N*k_i (linear in N), the similarities "
-                f"and top-k N^2; the last row is the ratio of the largest N to the smallest")
+                f"and top-k N^2 (median of {repeats}, sizes in turn); the last row is the ratio of the largest N to "
+                f"the smallest")
     with report.section("evaluation", compares) as rows:
-        for n in sizes:
-            g = torch.Generator().manual_seed(n)
-            img = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
-            txt = torch.nn.functional.normalize(torch.randn(captions_per_image * n, dim, generator=g), dim=-1)
-            match_s = 0.0
+        timings: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
+        pairs_of: dict[int, int] = {}
+        for _ in range(repeats):  # the sizes in turn, so load on a shared machine falls on both
+            for n in sizes:
+                g = torch.Generator().manual_seed(n)
+                img = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+                txt = torch.nn.functional.normalize(torch.randn(captions_per_image * n, dim, generator=g), dim=-1)
+                match_s = 0.0
 
-            def match(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                nonlocal match_s
+                def match(i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                    nonlocal match_s
+                    start = time.perf_counter()
+                    score = (img[i] * txt[t]).sum(-1)
+                    match_s += time.perf_counter() - start
+                    return score
+
                 start = time.perf_counter()
-                score = (img[i] * txt[t]).sum(-1)
-                match_s += time.perf_counter() - start
-                return score
-
-            start = time.perf_counter()
-            scores = img @ txt.t()
-            _, _, pairs = rerank(scores, k_captions, k_images, match)
-            rows.append({"images": n, "captions": captions_per_image * n, "pairs": pairs,
+                _, _, pairs_of[n] = rerank(img @ txt.t(), k_captions, k_images, match)
+                timings[n].append((match_s, time.perf_counter() - start))
+        for n in sizes:
+            match_s, total_s = (float(np.median(x)) for x in zip(*timings[n]))
+            rows.append({"images": n, "captions": captions_per_image * n, "pairs": pairs_of[n],
                          "pairs_expected": n * k_captions + captions_per_image * n * k_images,
-                         "match_s": match_s, "unimodal_s": time.perf_counter() - start - match_s,
-                         "total_s": time.perf_counter() - start})
-            del scores
-            report.write()
+                         "match_s": match_s, "unimodal_s": total_s - match_s, "total_s": total_s})
         first, last = rows[0], rows[-1]
         rows.append({"images": f"{last['images']}/{first['images']}", "pairs": last["pairs"] / first["pairs"],
                      "pairs_expected": last["pairs_expected"] / first["pairs_expected"],
@@ -774,7 +761,7 @@ def bench_training(report: Report, plan: list[dict[str, Any]], device: torch.dev
             try:
                 bench = TrainingBench(cfg, vocab, device)
                 for precision in precisions:
-                    row = {**head, "precision": precision, "paper_batch": paper_batch, "params_m": bench.params / 1e6}
+                    row = {**head, "precision": precision, "paper_batch": paper_batch}
                     try:
                         row.update(bench.measure_fitting(precision, paper_batch, steps, peak))
                     except Exception as e:  # the other precision still runs
@@ -792,24 +779,22 @@ def bench_training(report: Report, plan: list[dict[str, Any]], device: torch.dev
                 torch.cuda.empty_cache()
 
 
-def bench_runner_resume(report: Report, device: torch.device, precision: str = "fp16", steps: int = 16,
-                        preset: str = "mvptr_demo") -> None:
+def bench_runner_resume(report: Report, device: torch.device, precision: str = "fp16", steps: int = 16) -> None:
     """The trainer itself on the device: :class:`~alignlab.platform.train.Runner` in ``precision``
     (fp16: autocast + GradScaler) over synthetic batches, ``steps`` straight against ``steps / 2``,
     a checkpoint written and read back onto the device, and ``steps / 2`` more, resuming at an epoch
     boundary (a resumed stream restarts its epoch); the weights of the two runs must agree up to
     the device's non-deterministic reductions."""
-    import tempfile
-
     from alignlab.models.registry import get_spec
     from alignlab.platform.train import LocalContext, Runner
 
     compares = (f"the real Runner on {device.type} in {precision}: {steps} steps straight vs {steps // 2} + "
                 f"checkpoint + resume + {steps // 2}; max weight difference, GradScaler scale, skipped steps")
     with report.section("runner resume", compares) as rows:
-        cfg = config_lib.load_config(preset, ["model.text_init=", f"precision.precision={precision}",
-                                              f"scaling.use_gpu={str(device.type == 'cuda').lower()}",
-                                              f"optim.max_steps={steps}", "optim.warmup_steps=2"])
+        (entry,) = load_plan("runner")
+        cfg = config_lib.load_config(entry["preset"], [*entry["overrides"], f"precision.precision={precision}",
+                                                       f"scaling.use_gpu={str(device.type == 'cuda').lower()}",
+                                                       f"optim.max_steps={steps}", "optim.warmup_steps=2"])
         spec = get_spec(cfg.model.architecture)
         vocab = synthetic_vocab(size=1000, tags=20, concepts=50)
         inputs = spec.input_spec(cfg.model, cfg.objectives)
@@ -874,6 +859,9 @@ def run_gpu(args: argparse.Namespace, out: str) -> Report:
 
 
 def run_quick(out: str) -> Report:
+    # One thread: per-core figures, and on a shared machine OpenMP's spinning threads otherwise
+    # slow batched kernels many times over whenever another process runs (the loops barely).
+    torch.set_num_threads(1)
     report = Report("quick", out, environment())
     report.write()
     bench_objectives(report)

