@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 def load_refusal(error: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, in one sentence: the unpickler's own
     reason (the object the file tried to build, or the opcode it met). torch's message around it
-    advises ``weights_only=False`` or allow-listing the global, the unsafe way, and is left out."""
+    advises turning the safe unpickler off or allow-listing the global, the unsafe ways, and is
+    left out."""
     reason = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(error), re.S)
     return " ".join((reason.group(1) if reason else str(error)).split()).split(". ")[0][:160]
 

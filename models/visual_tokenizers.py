@@ -139,8 +139,9 @@ class DVAEEncoder(nn.Module):
         return encoder
 
 
-_CONVERT = ("Convert a pickled encoder once, in an environment you trust, e.g. torch.save(torch.load("
-            "'encoder.pkl', weights_only=False).state_dict(), 'encoder.pt'), or save it with safetensors")
+_CONVERT = ("Convert a pickled encoder once, in an isolated environment you trust, to its state dict saved with "
+            "safetensors (safetensors.torch.save_file(encoder.state_dict(), 'encoder.safetensors')), and point "
+            "model.simla.dvae_path at that file")
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
