@@ -56,3 +56,23 @@ def test_bad_grid_choice_names_the_axis_and_its_values(choice, says):
     with pytest.raises(SystemExit) as e:
         restrict_grid(GRID, [choice])
     assert says in str(e.value)
+
+
+def test_chance_levels_come_from_the_evaluated_gallery():
+    """200 images with 2 captions each: a random ranking's R@1 is 0.5% both ways and its RSUM
+    15.93 (hand-computed: i2t R@k = 1 - C(398, k) / C(400, k), t2i R@k = k / 200); pairwise
+    compositional accuracies have chance 0.5; a metric without a chance level gets none."""
+    from alignlab.platform.experiment import chance_levels
+    from alignlab.platform.sweep import SweepResult, TrialResult
+
+    trial = TrialResult(overrides={}, metrics={"eval/eval_images": 200.0, "eval/eval_captions": 400.0})
+    failed = TrialResult(overrides={}, metrics={}, error="boom")
+    out = chance_levels(SweepResult("s", "p", "u", [failed, trial]),
+                        ["eval/rsum", "eval/uni_t2i_r1", "eval/i2t_r5", "eval/compo/itm_acc_swap_attribute", "lr"])
+    from math import comb
+
+    by_hand = sum(100 * (1 - comb(398, k) / comb(400, k)) for k in (1, 5, 10)) + sum(100 * k / 200 for k in (1, 5, 10))
+    assert out["eval/rsum"] == pytest.approx(by_hand) and round(by_hand, 2) == 15.93
+    assert out["eval/uni_t2i_r1"] == pytest.approx(0.5)
+    assert out["eval/i2t_r5"] == pytest.approx(100 * (1 - comb(398, 5) / comb(400, 5)))
+    assert out["eval/compo/itm_acc_swap_attribute"] == 0.5 and "lr" not in out
