@@ -614,22 +614,22 @@ def _planned_skips(lab: Lab, name: str) -> tuple[Path, list[dict]]:
     return token, skipped.listed
 
 
-@probe("data build: a token-file line without a tab")
-def build_line_without_tab(lab: Lab) -> Finding:
-    token, listed = _planned_skips(lab, "build_line_without_tab")
-    entry = next((s for s in listed if s["reason"] == "malformed_line"), None)
-    expect(entry is not None and entry["where"] == f"{token}:2", f"skipped: {listed}")
+def _skipped_line(lab: Lab, name: str, reason: str, line: int) -> Finding:
+    token, listed = _planned_skips(lab, name)
+    entry = next((s for s in listed if s["reason"] == reason), None)
+    expect(entry is not None and entry["where"] == f"{token}:{line}", f"skipped: {listed}")
     return Finding("the line is skipped and counted; the build goes on", f"{entry['where']}: {entry['reason']}: "
                    f"{entry['detail']}")
+
+
+@probe("data build: a token-file line without a tab")
+def build_line_without_tab(lab: Lab) -> Finding:
+    return _skipped_line(lab, "build_line_without_tab", "malformed_line", 2)
 
 
 @probe("data build: a Latin-1 byte in a token file")
 def build_latin1_line(lab: Lab) -> Finding:
-    token, listed = _planned_skips(lab, "build_latin1_line")
-    entry = next((s for s in listed if s["reason"] == "invalid_utf8"), None)
-    expect(entry is not None and entry["where"] == f"{token}:3", f"skipped: {listed}")
-    return Finding("the line is skipped and counted; the build goes on", f"{entry['where']}: {entry['reason']}: "
-                   f"{entry['detail']}")
+    return _skipped_line(lab, "build_latin1_line", "invalid_utf8", 3)
 
 
 @probe("data build: which rows the manifest says were skipped", needs_ray=True)
