@@ -312,12 +312,14 @@ def cluster_doors(lab: Lab) -> Finding:
     expect("--dashboard-host=127.0.0.1" in head, "the dashboard / job API is not bound to 127.0.0.1")
     expect("--app-name basic-auth" in head, "MLflow runs without its login")
     expect("RAY_AUTH_MODE=token" in " ".join(raw["setup_commands"]), "Ray token auth is off")
+    expect(all(n["node_config"].get("SecurityGroupIds") for n in raw["available_node_types"].values()),
+           "a node type falls back to Ray's default security group, open to all traffic inside it")
     home = lab.dir("cluster_doors")
     node = subprocess.run(["bash", "-c", raw["setup_commands"][0]], env={"HOME": str(home), "PATH": os.environ["PATH"]},
                           capture_output=True, text=True, timeout=10)
     expect(node.returncode != 0, "a node without the Ray token passed its setup")
-    return Finding("dashboard and job API on 127.0.0.1, MLflow behind basic-auth, Ray token auth on every node; "
-                   "a node without the token fails its setup", one_line(node.stdout))
+    return Finding("dashboard and job API on 127.0.0.1, MLflow behind basic-auth, Ray token auth on every node, "
+                   "security groups of its own; a node without the token fails its setup", one_line(node.stdout))
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,15 +656,24 @@ def build_manifest(lab: Lab) -> Finding:
 
 
 def _alive_actor(class_part: str) -> dict | None:
-    """An ALIVE actor whose class name contains ``class_part`` (Ray's actor table, from the GCS:
-    the state API needs the dashboard, which local clusters here run without)."""
+    """An ALIVE actor whose class name contains ``class_part`` and whose process is running it
+    (Ray's actor table, from the GCS: the state API needs the dashboard, which local clusters here
+    run without; Ray titles an actor's process ``ray::<class name>``)."""
     from ray._private import state
 
-    alive = [a for a in state.actors(actor_state_name="ALIVE").values() if class_part in a["ActorClassName"]]
-    return alive[0] if alive else None
+    def running(actor: dict) -> bool:
+        if not Path("/proc").is_dir():  # no process titles to check
+            return True
+        with contextlib.suppress(OSError):
+            title = Path(f"/proc/{actor['Pid']}/cmdline").read_bytes().split(b"\0")[0].decode()
+            return title.startswith(f"ray::{actor['ActorClassName']}")
+        return False
+
+    return next((a for a in state.actors(actor_state_name="ALIVE").values()
+                 if class_part in a["ActorClassName"] and running(a)), None)
 
 
-def _wait_for_checkpointed_metrics(lab: Lab, home: Path, key: str, running: Callable[[], bool]) -> int:
+def _wait_for_checkpointed_metrics(lab: Lab, key: str, running: Callable[[], bool]) -> int:
     """Blocks until MLflow holds ``loss/total`` at the first checkpoint's step (so a checkpoint
     covers it); returns the last step logged."""
     deadline = time.time() + KILL_TIMEOUT_S
@@ -676,9 +687,9 @@ def _wait_for_checkpointed_metrics(lab: Lab, home: Path, key: str, running: Call
     raise ProbeFailed(f"no checkpointed metrics within {KILL_TIMEOUT_S}s")
 
 
-def _finished_once_each(lab: Lab, home: Path, key: str) -> tuple[str, list[float]]:
-    """The run's MLflow facts after the kill: one run, FINISHED at max_steps, every logged step
-    of loss/total exactly once. Returns its id and its train/resumed_from_step values."""
+def _finished_once_each(lab: Lab, key: str) -> list[float]:
+    """Checks the run's MLflow facts after the kill: one run, FINISHED at max_steps, every logged
+    step of loss/total exactly once. Returns its train/resumed_from_step values."""
     from alignlab.platform import tracking
 
     store = lab.store
@@ -692,7 +703,7 @@ def _finished_once_each(lab: Lab, home: Path, key: str) -> tuple[str, list[float
     expect(sorted(steps) == list(range(LOG_EVERY, MAX_STEPS + 1, LOG_EVERY)),
            f"loss/total steps {sorted(steps)}" + (f": {twice} logged twice" if twice else ""))
     resumed = [m.value for m in tracking.client(store).get_metric_history(run.info.run_id, "train/resumed_from_step")]
-    return run.info.run_id, resumed
+    return resumed
 
 
 def _train_and_strike(lab: Lab, home: Path, key: str, strike: Callable[[], str]) -> str:
@@ -705,7 +716,7 @@ def _train_and_strike(lab: Lab, home: Path, key: str, strike: Callable[[], str])
 
     def watch():
         try:
-            _wait_for_checkpointed_metrics(lab, home, key, lambda: not done.is_set())
+            _wait_for_checkpointed_metrics(lab, key, lambda: not done.is_set())
             struck.append(strike())
         except BaseException as e:  # reported by the main thread
             errors.append(e)
@@ -734,7 +745,7 @@ def kill_driver(lab: Lab) -> Finding:
         driver = subprocess.Popen([sys.executable, "-m", "alignlab.platform.cli", *args], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            step = _wait_for_checkpointed_metrics(lab, home, key, lambda: driver.poll() is None)
+            step = _wait_for_checkpointed_metrics(lab, key, lambda: driver.poll() is None)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)
@@ -744,7 +755,7 @@ def kill_driver(lab: Lab) -> Finding:
         time.sleep(0.2)
     status, said = lab.cli(*args)
     expect(status == 0, f"the second run failed: {said[-2000:]}")
-    _, resumed = _finished_once_each(lab, home, key)
+    resumed = _finished_once_each(lab, key)
     expect(len(resumed) == 1 and CHECKPOINT_EVERY <= resumed[0] < MAX_STEPS, f"resumed from {resumed}")
     return Finding(f"killed after step {step} was logged; the same command resumed from step {resumed[0]:.0f} "
                    f"and finished at {MAX_STEPS}, FINISHED, each step of loss/total logged once",
@@ -763,7 +774,7 @@ def kill_train_worker(lab: Lab) -> Finding:
         return f"RayTrainWorker pid {worker['Pid']}"
 
     killed = _train_and_strike(lab, home, "kill-worker", strike)
-    _, resumed = _finished_once_each(lab, home, "kill-worker")
+    resumed = _finished_once_each(lab, "kill-worker")
     expect(len(resumed) == 1 and CHECKPOINT_EVERY <= resumed[0] < MAX_STEPS, f"resumed from {resumed}")
     return Finding(f"{killed} killed; Ray Train restarted the workers from the checkpoint at step {resumed[0]:.0f}; "
                    f"finished at {MAX_STEPS}, FINISHED, each step of loss/total logged once",
@@ -791,14 +802,15 @@ def kill_data_actor(lab: Lab) -> Finding:
         return f"{actor['ActorClassName']} pid {actor['Pid']}"
 
     what = _train_and_strike(lab, home, "kill-data-actor", strike)
-    _, resumed = _finished_once_each(lab, home, "kill-data-actor")
+    resumed = _finished_once_each(lab, "kill-data-actor")
     after = state.actors(killed[0]["ActorID"])
     expect(after["NumRestarts"] >= 1 or after["State"] == "DEAD", f"the actor was not hit: {after}")
-    how = (f"Ray restarted the actor ({after['NumRestarts']} restart) and retried its tasks"
-           if after["NumRestarts"] else "")
+    how = [f"Ray restarted the actor ({after['NumRestarts']} restart) and retried its tasks" if after["NumRestarts"]
+           else "Ray Data replaced the actor"]
     if resumed:
-        how = (how + "; " if how else "") + f"Ray Train restarted the workers from step {resumed[0]:.0f}"
-    return Finding(f"{what} killed; {how}; finished at {MAX_STEPS}, FINISHED, each step of loss/total logged once",
+        how.append(f"Ray Train restarted the workers from step {resumed[0]:.0f}")
+    return Finding(f"{what} killed; {'; '.join(how)}; finished at {MAX_STEPS}, FINISHED, each step of loss/total "
+                   f"logged once",
                    f"loss/total at steps {LOG_EVERY}..{MAX_STEPS}, once each"
                    + (f"; `train/resumed_from_step` = {resumed[0]:.0f}" if resumed else ""))
 
@@ -815,10 +827,11 @@ def cell(text: str, limit: int = 260) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-k", default="", help="run the probes whose name contains this text")
+    parser.add_argument("-k", default="", help="run the probes whose name or key contains this text")
     parser.add_argument("--no-ray", action="store_true", help="skip the probes that need a Ray cluster")
     args = parser.parse_args(argv)
-    chosen = [p for p in PROBES if args.k.lower() in p.name.lower() and not (args.no_ray and p.needs_ray)]
+    chosen = [p for p in PROBES if args.k.lower() in (p.name + " " + p.key).lower()
+              and not (args.no_ray and p.needs_ray)]
     rows, failed = [], 0
     with tempfile.TemporaryDirectory() as root:
         lab = Lab(Path(root))

@@ -42,9 +42,12 @@ def ray_session():
     from alignlab.platform.train import local_cluster_cpus
 
     if not ray.is_initialized():
-        # Ray Train's controller takes one report per worker each time it polls them (every 2 s by
-        # default), which paces tiny test runs; every process of the cluster inherits this.
+        # Ray's defaults for big jobs pace the tiny test runs: Ray Train's controller takes one
+        # report per worker each time it polls them (every 2 s), and every Parquet read of Ray Data
+        # starts 32 footer-reading actor processes (10-20 s on 2 cores; 1 s with one). Drivers
+        # started from here (subprocesses too) and every process of the cluster inherit these.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
         cfg = load_config(None, ["scaling.num_workers=2", "data.compositional_split=compositional"])
         ray.init(num_cpus=local_cluster_cpus(cfg),
                  include_dashboard=False, configure_logging=False,
