@@ -263,7 +263,7 @@ def _checkpoint_root(lab: Lab, home: Path):
 
     cfg = lab.config(home)
     root = home / "checkpoints"
-    lab.runner(cfg, LocalContext(list)).save_checkpoint(str(root / "latest"))
+    lab.runner(cfg, LocalContext(list)).save_checkpoint(str(root / "checkpoint_000000"))
     return cfg, root
 
 
@@ -272,9 +272,9 @@ def _resume_refused(lab: Lab, home: Path, state: bytes) -> BaseException:
     from alignlab.platform.train import LocalContext
 
     cfg, root = _checkpoint_root(lab, home)
-    (root / "latest" / STATE_FILE).write_bytes(state)
+    (root / "checkpoint_000000" / STATE_FILE).write_bytes(state)
     error = expect_raises(CheckpointError, lambda: lab.runner(cfg, LocalContext(list, checkpoint_root=str(root))))
-    expect(str(root / "latest" / STATE_FILE) in str(error), f"the error does not name the file: {error}")
+    expect(str(root / "checkpoint_000000" / STATE_FILE) in str(error), f"the error does not name the file: {error}")
     expect("weights_only` set to `False`" not in str(error), f"the error advises the unsafe way: {error}")
     return error
 
@@ -673,15 +673,16 @@ def _alive_actor(class_part: str) -> dict | None:
                  if class_part in a["ActorClassName"] and running(a)), None)
 
 
-def _wait_for_checkpointed_metrics(lab: Lab, key: str, running: Callable[[], bool]) -> int:
-    """Blocks until MLflow holds ``loss/total`` at the first checkpoint's step (so a checkpoint
-    covers it); returns the last step logged."""
+def _wait_for_checkpointed_metrics(lab: Lab, key: str, running: Callable[[], bool],
+                                   through: int = CHECKPOINT_EVERY) -> int:
+    """Blocks until MLflow holds ``loss/total`` at step ``through`` (a checkpoint's step, so a
+    committed checkpoint covers it); returns the last step logged."""
     deadline = time.time() + KILL_TIMEOUT_S
     while time.time() < deadline:
         expect(running(), "the run ended before it was killed")
         runs = runs_of(lab.store, key)
         steps = steps_of(lab.store, runs[0].info.run_id, "loss/total") if runs else []
-        if steps and max(steps) >= CHECKPOINT_EVERY:
+        if steps and max(steps) >= through:
             return max(steps)
         time.sleep(0.2)
     raise ProbeFailed(f"no checkpointed metrics within {KILL_TIMEOUT_S}s")
@@ -735,8 +736,14 @@ def _train_and_strike(lab: Lab, home: Path, key: str, strike: Callable[[], str])
     return struck[0]
 
 
-@probe("SIGKILL of the driver (`alignlab train`) mid-epoch, then the same command again", needs_ray=True)
+@probe("SIGKILL of the driver (`alignlab train`) mid-epoch, its newest checkpoint torn, then the same command "
+       "again", needs_ray=True)
 def kill_driver(lab: Lab) -> Finding:
+    """The driver dies once Ray keeps two checkpoints (steps 4 and 8), and the newest is then
+    truncated, as a write cut off by a full disk or a lost node would leave it."""
+    from alignlab.platform import tracking
+    from alignlab.platform.checkpoint import MODEL_FILE, read_checkpoint
+
     home = lab.dir("kill_driver")
     key = "kill-driver"
     args = ["train", PRESET, *lab.overrides(home, *KILL_RUN, f"tracking.run_name={key}")]
@@ -745,7 +752,7 @@ def kill_driver(lab: Lab) -> Finding:
         driver = subprocess.Popen([sys.executable, "-m", "alignlab.platform.cli", *args], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            step = _wait_for_checkpointed_metrics(lab, key, lambda: driver.poll() is None)
+            step = _wait_for_checkpointed_metrics(lab, key, lambda: driver.poll() is None, 2 * CHECKPOINT_EVERY)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)
@@ -753,14 +760,24 @@ def kill_driver(lab: Lab) -> Finding:
     deadline = time.time() + 60
     while _alive_actor("TrainController") and time.time() < deadline:  # Ray reaps the dead driver's actors
         time.sleep(0.2)
+    kept = sorted((d for d in (home / "ray_results" / key).glob("checkpoint_*") if d.is_dir()), reverse=True)
+    expect(len(kept) >= 2, f"Ray kept {len(kept)} checkpoint(s): {kept}")
+    torn_step = read_checkpoint(kept[0]).step
+    torn = kept[0] / MODEL_FILE
+    torn.write_bytes(torn.read_bytes()[:100])
     status, said = lab.cli(*args)
     expect(status == 0, f"the second run failed: {said[-2000:]}")
     resumed = _finished_once_each(lab, key)
-    expect(len(resumed) == 1 and CHECKPOINT_EVERY <= resumed[0] < MAX_STEPS, f"resumed from {resumed}")
-    return Finding(f"killed after step {step} was logged; the same command resumed from step {resumed[0]:.0f} "
-                   f"and finished at {MAX_STEPS}, FINISHED, each step of loss/total logged once",
-                   f"`train/resumed_from_step` = {resumed[0]:.0f}; loss/total at steps "
-                   f"{LOG_EVERY}..{MAX_STEPS}, once each")
+    run_id = runs_of(lab.store, key)[0].info.run_id
+    refused = [m.value for m in tracking.client(lab.store).get_metric_history(run_id, "train/checkpoints_refused")]
+    expect(len(resumed) == 1 and CHECKPOINT_EVERY <= resumed[0] < torn_step and refused == [1.0],
+           f"resumed from {resumed}, refusing {refused} checkpoint(s), after tearing the one at step {torn_step}")
+    return Finding(f"killed after step {step} was logged; the checkpoint at step {torn_step} torn; the same command "
+                   f"named it, resumed from the one before (step {resumed[0]:.0f}) and finished at {MAX_STEPS}, "
+                   f"FINISHED, each step of loss/total logged once",
+                   f"warning: `{torn} is not a readable safetensors file (...); trying the checkpoint before it`; "
+                   f"`train/checkpoints_refused` = 1, `train/resumed_from_step` = {resumed[0]:.0f}; loss/total at "
+                   f"steps {LOG_EVERY}..{MAX_STEPS}, once each")
 
 
 @probe("SIGKILL of a Ray Train worker (`RayTrainWorker`) mid-epoch", needs_ray=True)

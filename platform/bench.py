@@ -820,7 +820,7 @@ def bench_runner_resume(report: Report, device: torch.device, precision: str = "
         with tempfile.TemporaryDirectory() as root:
             first = runner()
             train(first, steps // 2)
-            first.save_checkpoint(f"{root}/latest")
+            first.save_checkpoint(f"{root}/checkpoint_000000")
             resumed = runner(root)
             resumed_at, scale_at = resumed.step, resumed.scaler.get_scale() if resumed.scaler.is_enabled() else None
             train(resumed, steps - steps // 2)

@@ -72,12 +72,16 @@ class DataQuality:
                 self.train_epochs.setdefault(self.epoch, set()).add(key)
         self.noted.update(notes)
 
+    def epoch_counts(self, epoch: int) -> dict[str, int]:
+        """Distinct rows skipped by ``epoch``'s training read, by reason."""
+        return _by_reason(self.train_epochs.get(epoch, set()))
+
     def snapshot(self) -> dict[str, Any]:
         """``counts`` (distinct skipped rows by reason), ``notes`` (distinct noted rows by kind),
         ``train_epochs`` ({epoch: distinct rows skipped by reason in that epoch's training read})
         and ``examples`` (the first skipped rows, with file and caption id)."""
         return {"counts": _by_reason(self.skipped), "notes": _by_reason(self.noted),
-                "train_epochs": {e: _by_reason(keys) for e, keys in sorted(self.train_epochs.items())},
+                "train_epochs": {e: self.epoch_counts(e) for e in sorted(self.train_epochs)},
                 "examples": list(self.examples)}
 
 

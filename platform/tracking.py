@@ -165,6 +165,10 @@ class RunLogger:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
+    def last_logged_step(self, key: str) -> int | None:
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=None)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 

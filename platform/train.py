@@ -10,7 +10,7 @@ the context is :class:`RayContext`.
 
 Resume: every checkpoint (``platform/checkpoint.py``) holds the model, optimiser, scheduler,
 scaler, RNG, step and epoch. A worker failure restarts the workers (``FailureConfig``) from the
-latest checkpoint; a killed driver resumes the same way when the same command is run again,
+latest checkpoint that reads back (:meth:`Runner.resume`); a killed driver resumes the same way when the same command is run again,
 because the Train run name is derived from the resolved config (``tracking.run_name`` overrides
 it) and Ray Train V2 restores a run whose name and storage it finds. The step count and
 learning-rate schedule continue from the checkpoint; the data stream restarts its epoch (a
@@ -160,8 +160,9 @@ class WorkerContext(Protocol):
     def compositional_batches(self, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
         """The compositional split (``data.compositional_split``; rank 0 only), on CPU."""
 
-    def latest_checkpoint(self) -> ContextManager[str | None]:
-        """The directory of the checkpoint to resume from, or None."""
+    def resume_checkpoints(self) -> Iterable[ContextManager[str]]:
+        """The checkpoints to resume from, newest first, each opened as a local directory when
+        entered (none on a fresh run)."""
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         """Hands metrics (and rank 0's checkpoint) over; every rank calls it at the same steps."""
@@ -175,9 +176,15 @@ class WorkerContext(Protocol):
     def epoch_started(self, epoch: int) -> None:
         """Rank 0 opens a training epoch (the data counters count distinct rows per epoch)."""
 
+    def epoch_skips(self, epoch: int) -> dict[str, int]:
+        """Distinct rows skipped by the training read of ``epoch``, by reason (rank 0)."""
+
 
 class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def last_logged_step(self, key: str) -> int | None:
+        """The highest step of ``key`` the run already holds, or None."""
 
 
 @dataclass
@@ -208,7 +215,9 @@ class Runner:
         self.sink = sink
         self.step = self.epoch = 0
         self.nonfinite_run = self.nonfinite_skipped = 0
-        self.pending: list[tuple[dict[str, float], int]] = []
+        # (metrics, the step MLflow shows them at, the training step that produced them)
+        self.pending: list[tuple[dict[str, float], int, float]] = []
+        self.logged_through = -1  # training steps whose metrics the run already holds
         self.window = Window()
         self.last_metrics: dict[str, float] = {}
         self._batches: Iterator | None = None
@@ -230,12 +239,39 @@ class Runner:
                                            betas=cfg.optim.betas, eps=cfg.optim.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg.optim))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        with self.ctx.latest_checkpoint() as d:
-            if d:
-                self.load_checkpoint(d)
-                log.info("rank %d resumed from step %d (epoch %d)", self.ctx.rank, self.step, self.epoch)
-                self._record({"train/resumed_from_step": float(self.step)})
+        self.resume()
         return self
+
+    def resume(self) -> None:
+        """Loads the newest checkpoint that reads back. A refused one (truncated, corrupt, or
+        holding more than tensors) is named in a warning and the one before it is tried: Ray
+        keeps ``CheckpointConfig.num_to_keep`` of them. When every one is refused the run
+        fails, naming each, rather than silently training from scratch.
+
+        Falling back means re-training steps whose metrics the run already logged. MLflow's
+        history is append-only, so those steps are not logged again (the first measurement
+        stands): each step appears once in every metric's history."""
+        from alignlab.platform.checkpoint import CheckpointError
+
+        refused: list[str] = []
+        for candidate in self.ctx.resume_checkpoints():
+            with candidate as d:
+                try:
+                    self.load_checkpoint(d)
+                except CheckpointError as e:
+                    log.warning("rank %d: %s; trying the checkpoint before it", self.ctx.rank, e)
+                    refused.append(str(e))
+                    continue
+            log.info("rank %d resumed from step %d (epoch %d)%s", self.ctx.rank, self.step, self.epoch,
+                     f", after refusing {len(refused)} newer checkpoint(s)" if refused else "")
+            if self.sink is not None:
+                last = self.sink.last_logged_step("train/step")
+                self.logged_through = -1 if last is None else last
+            self._record({"train/resumed_from_step": float(self.step),
+                          "train/checkpoints_refused": float(len(refused))}, replayable=False)
+            return
+        if refused:
+            raise CheckpointError("no checkpoint of this run could be resumed from:\n  " + "\n  ".join(refused))
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -287,6 +323,7 @@ class Runner:
             batch = self._next_batch()
             if batch is None:
                 self.optimizer.zero_grad(set_to_none=True)
+                self._record_epoch_skips()
                 self.epoch += 1
                 self._batches = None
                 return None
@@ -356,14 +393,27 @@ class Runner:
         self._record(out)
         return out
 
-    def _record(self, metrics: dict[str, float]) -> None:
+    def _record(self, metrics: dict[str, float], step: int | None = None, replayable: bool = True) -> None:
+        """Holds ``metrics`` for MLflow at ``step`` (the training step unless given) until a
+        checkpoint covers them. ``replayable``: whether a resume re-trains what produced them
+        (steps the run already logged are then not logged again)."""
         self.last_metrics.update(metrics)
         if self.sink is not None:
-            self.pending.append((dict(metrics), self.step))
+            self.pending.append((dict(metrics), self.step if step is None else step,
+                                 self.step if replayable else math.inf))
+
+    def _record_epoch_skips(self) -> None:
+        """The skip counts of the training read of the epoch just read (or the part of it read
+        at the end of the run), with the epoch as the step."""
+        if self.ctx.rank == 0:
+            skips = self.ctx.epoch_skips(self.epoch)
+            metrics = {f"data/epoch_skipped_{k}": float(v) for k, v in skips.items()}
+            self._record({**metrics, "data/epoch_skipped_total": float(sum(skips.values()))}, step=self.epoch)
 
     def _flush(self) -> None:
-        for metrics, step in self.pending:
-            self.sink.log_metrics(metrics, step)
+        for metrics, step, at_step in self.pending:
+            if at_step > self.logged_through:
+                self.sink.log_metrics(metrics, step)
         self.pending.clear()
 
     # -- evaluation -----------------------------------------------------------------------
@@ -426,6 +476,7 @@ class Runner:
                 self.ctx.report(dict(self.last_metrics), None)
         if self.window.sums or not self.last_metrics:
             self.log()
+        self._record_epoch_skips()
         self.evaluate()
         self.checkpoint()
         return dict(self.last_metrics)
@@ -434,16 +485,20 @@ class Runner:
 class LocalContext:
     """:class:`WorkerContext` of one in-process worker without Ray (unit tests, notebooks,
     benchmarks): ``train_epoch()`` yields one epoch of batches (already sized), ``eval_epoch()``
-    the evaluation split, and reported checkpoints are kept as ``checkpoint_root/latest``, which
-    the next runner on the same root resumes from."""
+    the evaluation split. Reported checkpoints are kept as Ray keeps them, the newest
+    ``num_to_keep`` as ``checkpoint_root/checkpoint_<n>``, and the next runner on the same root
+    resumes from them. ``quality``: the :class:`~alignlab.platform.ingest.DataQuality` that the
+    batches' reads count skipped rows in, if any."""
 
     rank, world = 0, 1
 
     def __init__(self, train_epoch, eval_epoch=lambda: [], checkpoint_root: str | None = None,
-                 device: str | torch.device = "cpu", compositional_epoch=lambda: []):
+                 device: str | torch.device = "cpu", compositional_epoch=lambda: [], quality=None,
+                 num_to_keep: int = 2):
         self.train_epoch, self.eval_epoch, self.compositional_epoch = train_epoch, eval_epoch, compositional_epoch
         self.root = Path(checkpoint_root) if checkpoint_root else None
         self.device = torch.device(device)
+        self.quality, self.num_to_keep = quality, num_to_keep
         self.reports: list[tuple[dict[str, float], bool]] = []
 
     def wrap(self, model):
@@ -458,21 +513,26 @@ class LocalContext:
     def compositional_batches(self, batch_size):
         return self.compositional_epoch()
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        latest = self.root / "latest" if self.root else None
-        yield str(latest) if latest and latest.is_dir() else None
+    def checkpoints(self) -> list[Path]:
+        """The kept checkpoints, newest first."""
+        return sorted(self.root.glob("checkpoint_*"), reverse=True) if self.root else []
+
+    def resume_checkpoints(self):
+        return [contextlib.nullcontext(str(d)) for d in self.checkpoints()]
 
     def report(self, metrics, checkpoint_dir):
         import shutil
 
         self.reports.append((metrics, checkpoint_dir is not None))
         if checkpoint_dir and self.root:
+            kept = self.checkpoints()
+            number = int(kept[0].name.split("_")[1]) + 1 if kept else 0
             staging = self.root / "incoming"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(checkpoint_dir, staging)
-            shutil.rmtree(self.root / "latest", ignore_errors=True)
-            staging.rename(self.root / "latest")
+            staging.rename(self.root / f"checkpoint_{number:06d}")
+            for old in kept[self.num_to_keep - 1:]:
+                shutil.rmtree(old)
 
     def all_mean(self, values):
         return values
@@ -481,7 +541,11 @@ class LocalContext:
         return {}
 
     def epoch_started(self, epoch):
-        pass
+        if self.quality is not None:
+            self.quality.begin_epoch(epoch)
+
+    def epoch_skips(self, epoch):
+        return self.quality.epoch_counts(epoch) if self.quality is not None else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,16 +588,25 @@ class RayContext:
 
         return ray.train.get_dataset_shard("compositional").iter_torch_batches(batch_size=batch_size)
 
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
+    def resume_checkpoints(self):
+        """Ray Train's latest checkpoint, then the older ones it keeps beside it in the run's
+        storage (local or object storage), newest first: Ray names them
+        ``checkpoint_<date and time>``, so their names sort by age."""
+        import posixpath
+
+        import pyarrow.fs
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as d:
-            yield d
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return []
+        name = posixpath.basename(latest.path)
+        listing = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(posixpath.dirname(latest.path)))
+        older = sorted((i.path for i in listing if i.type == pyarrow.fs.FileType.Directory
+                        and posixpath.basename(i.path).startswith("checkpoint_")
+                        and posixpath.basename(i.path) < name), reverse=True)
+        return [latest.as_directory()] + [ray.train.Checkpoint(p, filesystem=latest.filesystem).as_directory()
+                                         for p in older]
 
     def report(self, metrics, checkpoint_dir):
         import ray.train
@@ -574,6 +647,13 @@ class RayContext:
             import ray
 
             ray.get(self.counter.begin_epoch.remote(epoch))
+
+    def epoch_skips(self, epoch):
+        if self.counter is None:
+            return {}
+        import ray
+
+        return ray.get(self.counter.epoch_counts.remote(epoch))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

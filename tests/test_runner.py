@@ -93,6 +93,12 @@ class Sink:
     def log_metrics(self, metrics, step):
         self.logged.append((step, metrics))
 
+    def last_logged_step(self, key):
+        return max((s for s, m in self.logged if key in m), default=None)
+
+    def steps(self, key):
+        return [s for s, m in self.logged if key in m]
+
 
 def test_a_registered_toy_architecture_trains_through_the_runner(tmp_path):
     cfg = toy_config("model.toy.width=8")
@@ -113,7 +119,8 @@ def test_a_registered_toy_architecture_trains_through_the_runner(tmp_path):
     first, last = sink.logged[0][1]["loss/toy"], final["loss/toy"]
     assert last < first, (first, last)
     assert final["eval/uni_rsum"] > 0 and final["eval/eval_images"] == 8
-    assert read_checkpoint(tmp_path / "latest").step == 8
+    # Two kept, as Ray Train's CheckpointConfig(num_to_keep=2): the newest first.
+    assert [read_checkpoint(d).step for d in ctx.checkpoints()] == [8, 4]
 
 
 def test_unknown_architecture_lists_the_registered_ones_and_sections_are_typed():
@@ -144,7 +151,7 @@ def test_resume_restores_step_schedule_scaler_and_rng_and_continues_exactly(tmp_
     _train(first, 4)  # an epoch boundary: the resumed stream restarts its epoch, as Ray Data's does
     torch.manual_seed(123)  # the RNG state at the checkpoint, distinct from the seed's
     expected_rng = torch.get_rng_state()
-    first.save_checkpoint(str(tmp_path / "latest"))
+    first.save_checkpoint(str(tmp_path / "checkpoint_000000"))
     torch.manual_seed(999)
     resumed = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
                      steps_per_epoch=4).setup()
@@ -245,3 +252,51 @@ def test_temperatures_are_kept_out_of_weight_decay():
     decay, no_decay = param_groups(model, 0.01)
     assert any(p is model.log_scale for p in no_decay["params"])
     assert all(p is not model.log_scale for p in decay["params"]) and len(decay["params"]) == 2
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before_and_logs_each_step_once(tmp_path, caplog):
+    data, sink = batches(), Sink()
+    ctx = LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path))
+    Runner(toy_config(), TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup().run()
+    newest, previous = ctx.checkpoints()
+    (newest / "model.safetensors").write_bytes(b"\x00" * 7)  # a torn write
+
+    longer = toy_config("optim.max_steps=12")
+    resumed = Runner(longer, TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup()
+    assert resumed.step == 4 and resumed.logged_through == 8
+    assert f"{newest / 'model.safetensors'} is not a readable safetensors file" in caplog.text
+    assert "trying the checkpoint before it" in caplog.text
+    resumed.run()
+    # Steps 5-8 were trained again but MLflow already holds them: each step appears once.
+    assert sink.steps("loss/toy") == [2, 4, 6, 8, 10, 12]
+    assert sink.steps("train/resumed_from_step") == [4]
+    refused = [m["train/checkpoints_refused"] for _, m in sink.logged if "train/checkpoints_refused" in m]
+    assert refused == [1.0] and resumed.step == 12
+
+    for d in ctx.checkpoints():
+        (d / "trainer_state.json").write_text("{")
+    with pytest.raises(CheckpointError, match="no checkpoint of this run could be resumed from") as e:
+        Runner(longer, TOY, VOCAB, ctx, steps_per_epoch=4).setup()
+    assert all(str(d / "trainer_state.json") in str(e.value) for d in ctx.checkpoints())
+
+
+def test_skipped_rows_are_logged_per_epoch_with_the_epoch_as_the_step():
+    from alignlab.platform.ingest import DataQuality
+
+    quality, data = DataQuality(), batches()
+
+    def epoch():  # the read skips two rows each epoch, and one of them again mid-epoch
+        quality.add([("undecodable_image", "c1", "x"), ("empty_caption", "c2", "y")], [], train=True)
+        yield from data[:2]
+        quality.add([("undecodable_image", "c1", "x")], [], train=True)
+        yield from data[2:]
+
+    sink = Sink()
+    runner = Runner(toy_config(), TOY, VOCAB, LocalContext(epoch, lambda: data[:1], quality=quality),
+                    steps_per_epoch=4, sink=sink).setup()
+    runner.run()
+    assert sink.steps("data/epoch_skipped_total") == [0, 1]
+    per_epoch = [{k: v for k, v in m.items() if k.startswith("data/epoch_")} for _, m in sink.logged
+                 if "data/epoch_skipped_total" in m]
+    assert per_epoch == [{"data/epoch_skipped_undecodable_image": 1.0, "data/epoch_skipped_empty_caption": 1.0,
+                          "data/epoch_skipped_total": 2.0}] * 2
