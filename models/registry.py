@@ -9,8 +9,12 @@ fork, a test's toy model); its module must then be importable wherever the confi
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from alignlab.models.base import ConfigError, ModelSpec, PretrainingModel, Vocab
+from alignlab.models.inputs import ConfigError
+
+if TYPE_CHECKING:  # the specs' modules import torch; reading a config must not (Ray Data workers read it)
+    from alignlab.models.base import ModelSpec, PretrainingModel, Vocab
 
 # Each module defines ``SPEC``.
 BUILTIN: dict[str, str] = {

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-from alignlab.models.base import ConfigError
+from alignlab.models.inputs import ConfigError
 from alignlab.models.registry import get_spec
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, InputSpec
+from alignlab.models.inputs import CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, InputSpec
 from alignlab.platform import shards
 from alignlab.platform.config import DataConfig, ObjectivesConfig
 from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignlab.models.base import IGNORE
+from alignlab.models.inputs import IGNORE
 
 
 def bert_mask(ids: np.ndarray, maskable: np.ndarray, prob: float, mask_id: int, random_range: tuple[int, int],

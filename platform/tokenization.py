@@ -6,7 +6,7 @@ import os
 import tempfile
 from functools import lru_cache
 
-from alignlab.models.base import Vocab
+from alignlab.models.inputs import Vocab
 from alignlab.platform import shards
 
 

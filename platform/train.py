@@ -33,6 +33,7 @@ import hashlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -719,6 +720,7 @@ def prepare(cfg: Config) -> Prepared:
 def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | None = None, name: str | None = None,
         callbacks: list | None = None):
     """Runs one Ray Train job; returns its ``Result``."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -728,6 +730,11 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
     cfg = config_lib.with_absolute_paths(cfg)
     info = prepare(cfg)  # bad shards are named before a local cluster starts
     init_ray(cfg)
+    if not sys.stdout.isatty():
+        # Ray Data redraws a progress bar per operator several times a second; into a job log or
+        # a pipe each redraw is a line (half a million in the main job's log), on a core's time.
+        # The datasets carry the driver's DataContext to the workers that run them.
+        ray.data.DataContext.get_current().enable_progress_bars = False
     inputs = info.spec.input_spec(cfg.model, cfg.objectives)
     counter = ingest.make_counter()
     datasets = {

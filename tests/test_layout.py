@@ -67,3 +67,15 @@ def test_the_checker_sees_code_but_not_docstrings_or_comments(tmp_path):
         assert [h.split(": ")[1] for h in _code_mentions(src)] == ['"semvlp"', "mvptr"]
     finally:
         REPO = old
+
+
+def test_the_data_stage_and_config_import_without_torch():
+    """Every Ray Data CPU worker imports these (the Preprocessor and the configs it holds); torch
+    would add about two seconds to each worker's start, every epoch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import alignlab.platform.ingest, alignlab.platform.config, alignlab.platform.tokenization; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,80 @@
+"""What the data stage and the models agree on (the label that means "no target", the concept id
+layout, the inputs a model asks the data stage for, the vocabulary summary) and the config error
+both raise. Importable without torch: every Ray Data CPU worker imports it, and torch would add
+seconds to each worker's start. :mod:`alignlab.models.base` re-exports all of it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Label of positions that carry no target (cross-entropy's default ignore_index): unmasked tokens,
+# caption rows for QA, objects the data stage did not select.
+IGNORE = -100
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any work starts. Its message names the dotted key
+    and what would be valid."""
+
+
+def load_refusal(error: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one sentence: the unpickler's own
+    reason (the object the file tried to build, or the opcode it met). torch's message around it
+    advises turning the safe unpickler off or allow-listing the global, the unsafe ways, and is
+    left out."""
+    reason = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(error), re.S)
+    return " ".join((reason.group(1) if reason else str(error)).split()).split(". ")[0][:160]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Which inputs the CPU stage must prepare for a model."""
+
+    pixels: bool = False  # uint8 images (B, 3, H, W)
+    regions: bool = False  # region_features (B, K, D), region_mask, boxes
+    tags: bool = False  # tag_ids (B, T) of detected object classes (MVPTR's visual concepts)
+    phrases: bool = False  # phrase_ids (B, P) of phrase concepts (MVPTR §3.1)
+    # SIMLA's MIM: a BEiT block-wise mask ``mim_mask`` (B, grid, grid) over the image patches,
+    # True where a patch is masked, its masked fraction drawn from ``mim_ratio`` per image.
+    mim: bool = False
+    mim_grid: int = 0
+    mim_ratio: tuple[float, float] = (0.0, 0.0)
+    # mlm_input_ids / mlm_labels, masked at objectives.mlm_prob; with phrases also mlm_phrase_ids
+    # (chain masking, MVPTR §3.3)
+    mlm: bool = False
+    mcr: bool = False  # mcr_tag_ids / mcr_labels (tag class index), tags masked at objectives.mcr_prob
+    # SemVLP's masked object prediction (§3.3.1): objects selected at objectives.object_mask_prob,
+    # ``object_mask`` (B, K) True there, ``masked_region_features`` with those rows zeroed, and
+    # ``object_labels`` (B, K) the detected label (tags.txt index of the region's tag) at selected
+    # regions, IGNORE elsewhere and at tags outside tags.txt. Needs regions (and their tags).
+    objects: bool = False
+    # Image QA (SemVLP §3.3.1): ``answer_labels`` (B,), the answers.txt index of a QA row's answer,
+    # IGNORE on caption rows and for answers outside answers.txt. Only for a split whose shards
+    # carry the question / answer columns; a caption-only split yields no answer_labels.
+    qa: bool = False
+
+
+# Id layout of concept sequences (tag_ids and phrase_ids), shared by the data stage and the models:
+# 0 pads, 1 is the concept [MASK] (MCR's masked tags, chain-masked phrases), and entry k of
+# tags.txt / concepts.txt has id k + CONCEPT_OFFSET.
+CONCEPT_PAD = 0
+CONCEPT_MASK = 1
+CONCEPT_OFFSET = 2
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """What a model needs to know of the tokenizer and the shard set's concept vocabularies."""
+
+    size: int
+    pad_id: int = 0
+    cls_id: int = 101
+    sep_id: int = 102
+    mask_id: int = 103
+    tags: tuple[str, ...] = ()
+    # Phrase concepts as token-id tuples (each tuple's words tokenised), for MVPTR's
+    # mean-of-tokens initialisation of phrase embeddings.
+    concepts: tuple[tuple[int, ...], ...] = ()
+    # Image-QA answers (answers.txt), most frequent first; entry k is answer class k.
+    answers: tuple[str, ...] = ()
