@@ -707,9 +707,10 @@ def _finished_once_each(lab: Lab, key: str) -> list[float]:
     return resumed
 
 
-def _train_and_strike(lab: Lab, home: Path, key: str, strike: Callable[[], str]) -> str:
-    """``alignlab train`` in this process on the lab's cluster; once the first checkpoint's metrics
-    are in MLflow, ``strike()`` kills something and says what. Returns what it said."""
+def _train_and_strike(lab: Lab, home: Path, key: str, strike: Callable[[], str], after_checkpoint: bool = True) -> str:
+    """``alignlab train`` in this process on the lab's cluster; ``strike()`` kills something and
+    says what, once the first checkpoint's metrics are in MLflow (or at once, for a strike that
+    waits for its own moment). Returns what it said."""
     lab.ray_address()
     struck: list[str] = []
     errors: list[BaseException] = []
@@ -717,7 +718,8 @@ def _train_and_strike(lab: Lab, home: Path, key: str, strike: Callable[[], str])
 
     def watch():
         try:
-            _wait_for_checkpointed_metrics(lab, key, lambda: not done.is_set())
+            if after_checkpoint:
+                _wait_for_checkpointed_metrics(lab, key, lambda: not done.is_set())
             struck.append(strike())
         except BaseException as e:  # reported by the main thread
             errors.append(e)
@@ -808,17 +810,20 @@ def kill_data_actor(lab: Lab) -> Finding:
     killed: list[dict] = []
 
     def strike() -> str:
-        deadline = time.time() + 60
+        # The pool lives while it preprocesses the epoch, which on this tiny set ends before the
+        # first checkpoint: the strike comes as soon as the actor is up, with the epoch's batches
+        # in flight.
+        deadline = time.time() + KILL_TIMEOUT_S
         actor = None
-        while actor is None and time.time() < deadline:  # the train pipeline's pool lives while its epoch runs
+        while actor is None and time.time() < deadline:
             actor = _alive_actor("MapBatches(Preprocessor)")
-            time.sleep(0.05)
+            time.sleep(0.02)
         expect(actor is not None, "no preprocessing actor alive")
         os.kill(actor["Pid"], signal.SIGKILL)
         killed.append(actor)
         return f"{actor['ActorClassName']} pid {actor['Pid']}"
 
-    what = _train_and_strike(lab, home, "kill-data-actor", strike)
+    what = _train_and_strike(lab, home, "kill-data-actor", strike, after_checkpoint=False)
     resumed = _finished_once_each(lab, "kill-data-actor")
     after = state.actors(killed[0]["ActorID"])
     expect(after["NumRestarts"] >= 1 or after["State"] == "DEAD", f"the actor was not hit: {after}")
