@@ -10,8 +10,9 @@ tests/test_faults.py runs the same probes (``PROBES``), one test each. A probe r
 :class:`ProbeFailed` when the outcome is not the good one; the script then prints the row as
 FAILED and exits 1.
 
-The three kills (the driver, a Ray Train worker, the Ray Data preprocessing actor) strike as
-soon as MLflow shows the first checkpoint's metrics, mid-epoch, and the run must end at
+The kills strike mid-epoch: the driver once MLflow shows the second checkpoint's metrics (with a
+checkpoint every 2 steps; its newest checkpoint is then torn), and in one other run the Ray Data preprocessing actor as soon as it is up,
+then a Ray Train worker once the first checkpoint's metrics show. Each run must end at
 ``max_steps``, FINISHED, with every logged step of ``loss/total`` exactly once.
 """
 from __future__ import annotations
@@ -707,10 +708,11 @@ def _finished_once_each(lab: Lab, key: str) -> list[float]:
     return resumed
 
 
-def _train_and_strike(lab: Lab, home: Path, key: str, strike: Callable[[], str], after_checkpoint: bool = True) -> str:
-    """``alignlab train`` in this process on the lab's cluster; ``strike()`` kills something and
-    says what, once the first checkpoint's metrics are in MLflow (or at once, for a strike that
-    waits for its own moment). Returns what it said."""
+def _train_and_strike(lab: Lab, home: Path, key: str, strikes: list[tuple[bool, Callable[[], str]]]) -> list[str]:
+    """``alignlab train`` in this process on the lab's cluster while a watcher runs ``strikes`` in
+    turn: each ``(after_checkpoint, strike)`` kills something and says what, once the first
+    checkpoint's metrics are in MLflow, or at once (a strike that waits for its own moment).
+    Returns what they said."""
     lab.ray_address()
     struck: list[str] = []
     errors: list[BaseException] = []
@@ -718,9 +720,10 @@ def _train_and_strike(lab: Lab, home: Path, key: str, strike: Callable[[], str],
 
     def watch():
         try:
-            if after_checkpoint:
-                _wait_for_checkpointed_metrics(lab, key, lambda: not done.is_set())
-            struck.append(strike())
+            for after_checkpoint, strike in strikes:
+                if after_checkpoint:
+                    _wait_for_checkpointed_metrics(lab, key, lambda: not done.is_set())
+                struck.append(strike())
         except BaseException as e:  # reported by the main thread
             errors.append(e)
 
@@ -733,28 +736,32 @@ def _train_and_strike(lab: Lab, home: Path, key: str, strike: Callable[[], str],
         watcher.join(timeout=30)
     if errors:
         raise errors[0]
-    expect(status == 0, f"the run failed after the kill: {said[-2000:]}")
-    expect(bool(struck), "nothing was killed")
-    return struck[0]
+    expect(status == 0, f"the run failed after the kills: {said[-2000:]}")
+    expect(len(struck) == len(strikes), f"killed only {struck}")
+    return struck
 
 
 @probe("SIGKILL of the driver (`alignlab train`) mid-epoch, its newest checkpoint torn, then the same command "
        "again", needs_ray=True)
 def kill_driver(lab: Lab) -> Finding:
-    """The driver dies once Ray keeps two checkpoints (steps 4 and 8), and the newest is then
-    truncated, as a write cut off by a full disk or a lost node would leave it."""
+    """The driver dies once Ray keeps two checkpoints, and the newest is then truncated, as a write
+    cut off by a full disk or a lost node would leave it. Checkpoints come every 2 steps here, so
+    the second is early enough that the run is still going when the kill comes."""
     from alignlab.platform import tracking
     from alignlab.platform.checkpoint import MODEL_FILE, read_checkpoint
 
     home = lab.dir("kill_driver")
     key = "kill-driver"
-    args = ["train", PRESET, *lab.overrides(home, *KILL_RUN, f"tracking.run_name={key}")]
-    env = {**os.environ, "RAY_ADDRESS": lab.ray_address()}
+    every = 2
+    args = ["train", PRESET, *lab.overrides(home, *KILL_RUN, f"tracking.checkpoint_every={every}",
+                                            f"tracking.run_name={key}")]
+    address = lab.ray_address()  # first: starting the cluster sets RAY_AUTH_MODE=token in os.environ
+    env = {**os.environ, "RAY_ADDRESS": address}
     with open(home / "first_driver.log", "w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "alignlab.platform.cli", *args], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            step = _wait_for_checkpointed_metrics(lab, key, lambda: driver.poll() is None, 2 * CHECKPOINT_EVERY)
+            step = _wait_for_checkpointed_metrics(lab, key, lambda: driver.poll() is None, 2 * every)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)
@@ -762,17 +769,22 @@ def kill_driver(lab: Lab) -> Finding:
     deadline = time.time() + 60
     while _alive_actor("TrainController") and time.time() < deadline:  # Ray reaps the dead driver's actors
         time.sleep(0.2)
-    kept = sorted((d for d in (home / "ray_results" / key).glob("checkpoint_*") if d.is_dir()), reverse=True)
-    expect(len(kept) >= 2, f"Ray kept {len(kept)} checkpoint(s): {kept}")
-    torn_step = read_checkpoint(kept[0]).step
-    torn = kept[0] / MODEL_FILE
+    # The checkpoints Ray registered, as its snapshot (what a restored run reads) lists them: a
+    # newer folder may be on disk, uploaded but not yet registered when the driver died.
+    run_dir = home / "ray_results" / key
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    registered = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+    expect(len(registered) >= 2, f"Ray registered {registered}")
+    newest = run_dir / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    torn_step = read_checkpoint(newest).step
+    torn = newest / MODEL_FILE
     torn.write_bytes(torn.read_bytes()[:100])
     status, said = lab.cli(*args)
     expect(status == 0, f"the second run failed: {said[-2000:]}")
     resumed = _finished_once_each(lab, key)
     run_id = runs_of(lab.store, key)[0].info.run_id
     refused = [m.value for m in tracking.client(lab.store).get_metric_history(run_id, "train/checkpoints_refused")]
-    expect(len(resumed) == 1 and CHECKPOINT_EVERY <= resumed[0] < torn_step and refused == [1.0],
+    expect(len(resumed) == 1 and every <= resumed[0] < torn_step and refused == [1.0],
            f"resumed from {resumed}, refusing {refused} checkpoint(s), after tearing the one at step {torn_step}")
     return Finding(f"killed after step {step} was logged; the checkpoint at step {torn_step} torn; the same command "
                    f"named it, resumed from the one before (step {resumed[0]:.0f}) and finished at {MAX_STEPS}, "
@@ -782,37 +794,19 @@ def kill_driver(lab: Lab) -> Finding:
                    f"steps {LOG_EVERY}..{MAX_STEPS}, once each")
 
 
-@probe("SIGKILL of a Ray Train worker (`RayTrainWorker`) mid-epoch", needs_ray=True)
-def kill_train_worker(lab: Lab) -> Finding:
-    home = lab.dir("kill_train_worker")
-
-    def strike() -> str:
-        worker = _alive_actor("RayTrainWorker")
-        expect(worker is not None, "no RayTrainWorker alive")
-        os.kill(worker["Pid"], signal.SIGKILL)
-        return f"RayTrainWorker pid {worker['Pid']}"
-
-    killed = _train_and_strike(lab, home, "kill-worker", strike)
-    resumed = _finished_once_each(lab, "kill-worker")
-    expect(len(resumed) == 1 and CHECKPOINT_EVERY <= resumed[0] < MAX_STEPS, f"resumed from {resumed}")
-    return Finding(f"{killed} killed; Ray Train restarted the workers from the checkpoint at step {resumed[0]:.0f}; "
-                   f"finished at {MAX_STEPS}, FINISHED, each step of loss/total logged once",
-                   f"`train/resumed_from_step` = {resumed[0]:.0f}; loss/total at steps {LOG_EVERY}..{MAX_STEPS}, "
-                   f"once each")
-
-
-@probe("SIGKILL of the Ray Data preprocessing actor (`MapWorker(MapBatches(Preprocessor))`) mid-epoch",
-       needs_ray=True)
-def kill_data_actor(lab: Lab) -> Finding:
+@probe("SIGKILL of the Ray Data preprocessing actor (`MapWorker(MapBatches(Preprocessor))`) as the epoch's "
+       "batches are in flight, then of a Ray Train worker (`RayTrainWorker`) mid-epoch, in one run", needs_ray=True)
+def kill_data_actor_then_worker(lab: Lab) -> Finding:
+    """Two faults in one run: Ray must restart the data actor and retry its tasks, then Ray Train
+    restart the workers from the last checkpoint, and the run still log each step once."""
     from ray._private import state
 
-    home = lab.dir("kill_data_actor")
+    home = lab.dir("kill_data_actor_then_worker")
     killed: list[dict] = []
 
-    def strike() -> str:
+    def kill_data_actor() -> str:
         # The pool lives while it preprocesses the epoch, which on this tiny set ends before the
-        # first checkpoint: the strike comes as soon as the actor is up, with the epoch's batches
-        # in flight.
+        # first checkpoint: the strike comes as soon as the actor is up.
         deadline = time.time() + KILL_TIMEOUT_S
         actor = None
         while actor is None and time.time() < deadline:
@@ -823,18 +817,25 @@ def kill_data_actor(lab: Lab) -> Finding:
         killed.append(actor)
         return f"{actor['ActorClassName']} pid {actor['Pid']}"
 
-    what = _train_and_strike(lab, home, "kill-data-actor", strike, after_checkpoint=False)
-    resumed = _finished_once_each(lab, "kill-data-actor")
+    def kill_train_worker() -> str:
+        worker = _alive_actor("RayTrainWorker")
+        expect(worker is not None, "no RayTrainWorker alive")
+        os.kill(worker["Pid"], signal.SIGKILL)
+        return f"RayTrainWorker pid {worker['Pid']}"
+
+    actor, worker = _train_and_strike(lab, home, "kill-data-actor-then-worker",
+                                      [(False, kill_data_actor), (True, kill_train_worker)])
+    resumed = _finished_once_each(lab, "kill-data-actor-then-worker")
     after = state.actors(killed[0]["ActorID"])
-    expect(after["NumRestarts"] >= 1 or after["State"] == "DEAD", f"the actor was not hit: {after}")
-    how = [f"Ray restarted the actor ({after['NumRestarts']} restart) and retried its tasks" if after["NumRestarts"]
-           else "Ray Data replaced the actor"]
-    if resumed:
-        how.append(f"Ray Train restarted the workers from step {resumed[0]:.0f}")
-    return Finding(f"{what} killed; {'; '.join(how)}; finished at {MAX_STEPS}, FINISHED, each step of loss/total "
+    expect(after["NumRestarts"] >= 1 or after["State"] == "DEAD", f"the data actor was not hit: {after}")
+    expect(len(resumed) == 1 and CHECKPOINT_EVERY <= resumed[0] < MAX_STEPS, f"resumed from {resumed}")
+    data = (f"Ray restarted it ({after['NumRestarts']} restart) and retried its tasks" if after["NumRestarts"]
+            else "Ray Data replaced it")
+    return Finding(f"{actor} killed: {data}; then {worker} killed: Ray Train restarted the workers from the "
+                   f"checkpoint at step {resumed[0]:.0f}; finished at {MAX_STEPS}, FINISHED, each step of loss/total "
                    f"logged once",
-                   f"loss/total at steps {LOG_EVERY}..{MAX_STEPS}, once each"
-                   + (f"; `train/resumed_from_step` = {resumed[0]:.0f}" if resumed else ""))
+                   f"`train/resumed_from_step` = {resumed[0]:.0f}; loss/total at steps {LOG_EVERY}..{MAX_STEPS}, "
+                   f"once each")
 
 
 # --------------------------------------------------------------------------------------------

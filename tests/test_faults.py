@@ -43,4 +43,4 @@ def test_every_probe_of_the_issue_is_in_the_table():
             "non_finite_loss", "latin1_caption", "truncated_parquet", "garbage_checkpoint", "optim.lr=.nan",
             "optim.lr=-1", "data.batch_size=0", "tracking.checkpoint_every=0", "optim.learning_rate=1e-4",
             "resume_in_process", "counted_per_row", "rerun_finished", "working_dir_jobs", "build_line_without_tab",
-            "build_latin1_line", "build_manifest", "kill_driver", "kill_train_worker", "kill_data_actor"} == keys
+            "build_latin1_line", "build_manifest", "kill_driver", "kill_data_actor_then_worker"} == keys
