@@ -656,10 +656,11 @@ def build_manifest(lab: Lab) -> Finding:
 # --------------------------------------------------------------------------------------------
 
 
-def _alive_actor(class_part: str) -> dict | None:
-    """An ALIVE actor whose class name contains ``class_part`` and whose process is running it
-    (Ray's actor table, from the GCS: the state API needs the dashboard, which local clusters here
-    run without; Ray titles an actor's process ``ray::<class name>``)."""
+def _alive_actor(class_part: str, job_id: str | None = None, not_job_id: str | None = None) -> dict | None:
+    """An ALIVE actor whose class name contains ``class_part`` (of job ``job_id``, or of another
+    job than ``not_job_id``, if given) and whose process is running it (Ray's actor table, from the GCS: the state API needs the
+    dashboard, which local clusters here run without; Ray titles an actor's process
+    ``ray::<class name>``)."""
     from ray._private import state
 
     def running(actor: dict) -> bool:
@@ -671,7 +672,8 @@ def _alive_actor(class_part: str) -> dict | None:
         return False
 
     return next((a for a in state.actors(actor_state_name="ALIVE").values()
-                 if class_part in a["ActorClassName"] and running(a)), None)
+                 if class_part in a["ActorClassName"] and job_id in (None, a["JobID"]) and a["JobID"] != not_job_id
+                 and running(a)), None)
 
 
 def _wait_for_checkpointed_metrics(lab: Lab, key: str, running: Callable[[], bool],
@@ -755,6 +757,8 @@ def kill_driver(lab: Lab) -> Finding:
     every = 2
     args = ["train", PRESET, *lab.overrides(home, *KILL_RUN, f"tracking.checkpoint_every={every}",
                                             f"tracking.run_name={key}")]
+    import ray
+
     address = lab.ray_address()  # first: starting the cluster sets RAY_AUTH_MODE=token in os.environ
     env = {**os.environ, "RAY_ADDRESS": address}
     with open(home / "first_driver.log", "w") as log:
@@ -762,12 +766,18 @@ def kill_driver(lab: Lab) -> Finding:
                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
             step = _wait_for_checkpointed_metrics(lab, key, lambda: driver.poll() is None, 2 * every)
+            # The killed driver's job: Train runs of this process (its own job) may still hold
+            # a controller.
+            this_job = ray.get_runtime_context().get_job_id()
+            controller = _alive_actor("TrainController", not_job_id=this_job)
+            job = controller["JobID"] if controller else None
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     deadline = time.time() + 60
-    while _alive_actor("TrainController") and time.time() < deadline:  # Ray reaps the dead driver's actors
+    # Ray reaps the dead driver's actors; only its job's matter (another job's may live on).
+    while job and _alive_actor("TrainController", job) and time.time() < deadline:
         time.sleep(0.2)
     # The checkpoints Ray registered, as its snapshot (what a restored run reads) lists them: a
     # newer folder may be on disk, uploaded but not yet registered when the driver died.
