@@ -259,23 +259,23 @@ def one_line(text: str) -> str:
 
 
 def _checkpoint_root(lab: Lab, home: Path):
-    """A run's checkpoint folder (the runner's latest checkpoint) and the config that made it."""
+    """The config of a run, its checkpoint root and the checkpoint its runner reported there."""
     from alignlab.platform.train import LocalContext
 
     cfg = lab.config(home)
-    root = home / "checkpoints"
-    lab.runner(cfg, LocalContext(list)).save_checkpoint(str(root / "checkpoint_000000"))
-    return cfg, root
+    ctx = LocalContext(list, checkpoint_root=str(home / "checkpoints"))
+    lab.runner(cfg, ctx).checkpoint()
+    return cfg, ctx.root, ctx.checkpoints()[0]
 
 
 def _resume_refused(lab: Lab, home: Path, state: bytes) -> BaseException:
     from alignlab.platform.checkpoint import STATE_FILE, CheckpointError
     from alignlab.platform.train import LocalContext
 
-    cfg, root = _checkpoint_root(lab, home)
-    (root / "checkpoint_000000" / STATE_FILE).write_bytes(state)
+    cfg, root, checkpoint = _checkpoint_root(lab, home)
+    (checkpoint / STATE_FILE).write_bytes(state)
     error = expect_raises(CheckpointError, lambda: lab.runner(cfg, LocalContext(list, checkpoint_root=str(root))))
-    expect(str(root / "checkpoint_000000" / STATE_FILE) in str(error), f"the error does not name the file: {error}")
+    expect(str(checkpoint / STATE_FILE) in str(error), f"the error does not name the file: {error}")
     expect("weights_only` set to `False`" not in str(error), f"the error advises the unsafe way: {error}")
     return error
 

@@ -62,11 +62,10 @@ import numpy as np
 import torch
 import yaml
 
-from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, CONCEPT_PAD, InputSpec, Vocab
+from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, CONCEPT_PAD, IGNORE, InputSpec, Vocab
 from alignlab.platform import config as config_lib
 from alignlab.platform.config import Config
 from alignlab.platform.ingest import image_key
-from alignlab.models.base import IGNORE
 from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask
 
 PLAN_FILE = config_lib.PRESET_DIR.parent / "bench.yaml"
@@ -818,9 +817,9 @@ def bench_runner_resume(report: Report, device: torch.device, precision: str = "
         _sync(device)
         seconds = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as root:
-            first = runner()
+            first = runner(root)
             train(first, steps // 2)
-            first.save_checkpoint(f"{root}/checkpoint_000000")
+            first.checkpoint()
             resumed = runner(root)
             resumed_at, scale_at = resumed.step, resumed.scaler.get_scale() if resumed.scaler.is_enabled() else None
             train(resumed, steps - steps // 2)

@@ -10,9 +10,10 @@ the context is :class:`RayContext`.
 
 Resume: every checkpoint (``platform/checkpoint.py``) holds the model, optimiser, scheduler,
 scaler, RNG, step and epoch. A worker failure restarts the workers (``FailureConfig``) from the
-latest checkpoint that reads back (:meth:`Runner.resume`); a killed driver resumes the same way when the same command is run again,
-because the Train run name is derived from the resolved config (``tracking.run_name`` overrides
-it) and Ray Train V2 restores a run whose name and storage it finds. The step count and
+newest checkpoint that reads back (:meth:`Runner.resume`); a killed driver resumes the same way
+when the same command is run again, because the Train run name is derived from the resolved
+config (``tracking.run_name`` overrides it) and Ray Train V2 restores a run whose name and
+storage it finds. The step count and
 learning-rate schedule continue from the checkpoint; the data stream restarts its epoch (a
 streaming order cannot be rewound).
 
@@ -516,7 +517,7 @@ class LocalContext:
 
     def checkpoints(self) -> list[Path]:
         """The kept checkpoints, newest first."""
-        return sorted(self.root.glob("checkpoint_*"), reverse=True) if self.root else []
+        return sorted((d for d in self.root.glob("checkpoint_*") if d.is_dir()), reverse=True) if self.root else []
 
     def resume_checkpoints(self):
         return [contextlib.nullcontext(str(d)) for d in self.checkpoints()]

@@ -147,11 +147,12 @@ def test_resume_restores_step_schedule_scaler_and_rng_and_continues_exactly(tmp_
     straight = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
     _train(straight, 6)
 
-    first = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
+    first = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
+                   steps_per_epoch=4).setup()
     _train(first, 4)  # an epoch boundary: the resumed stream restarts its epoch, as Ray Data's does
     torch.manual_seed(123)  # the RNG state at the checkpoint, distinct from the seed's
     expected_rng = torch.get_rng_state()
-    first.save_checkpoint(str(tmp_path / "checkpoint_000000"))
+    first.checkpoint()
     torch.manual_seed(999)
     resumed = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
                      steps_per_epoch=4).setup()
