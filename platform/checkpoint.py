@@ -113,13 +113,14 @@ def load_trained(directory: str | Path, overrides: list[str] | tuple[str, ...] =
     """(config, model, contents) of a training checkpoint: the model rebuilt from the
     checkpoint's own config and vocabulary (``overrides`` applied, e.g. another data split), its
     weights loaded, in eval mode. Initialisation sources (``model.text_init``, a ViT checkpoint or
-    hub weights) are not read: the checkpoint holds every weight."""
+    hub weights, a hybrid ViT's trunk weights) are not read: the checkpoint holds every weight."""
     from alignlab.models.registry import get_spec
     from alignlab.platform import config as config_lib
 
     contents = read_checkpoint(directory, map_location)
     cfg = config_lib.load_config(data=contents.config, overrides=[
-        *overrides, "model.text_init=", "model.image.pretrained=false", "model.image.checkpoint="])
+        *overrides, "model.text_init=", "model.image.pretrained=false", "model.image.checkpoint=",
+        "model.image.trunk_pretrained=false", "model.image.trunk_checkpoint="])
     model = get_spec(cfg.model.architecture).build(cfg.model, cfg.objectives, contents.model_vocab())
     missing, unexpected = model.load_state_dict(contents.model, strict=False)
     if missing or unexpected:

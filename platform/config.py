@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-from alignlab.models.inputs import ConfigError
+from alignlab.models.inputs import TRUNKS, ConfigError, hybrid_cells
 from alignlab.models.registry import get_spec
 
 
@@ -73,7 +73,8 @@ class DataConfig:
 
 @dataclass
 class ImageEncoderConfig:
-    """Pixels through a timm ViT, or a transformer over pre-extracted region features."""
+    """Pixels through a timm ViT (or a hybrid ViT over a CNN trunk), or a transformer over
+    pre-extracted region features."""
 
     kind: Literal["vit", "regions"] = "vit"
     # timm model name; created with the overrides below (img_size/embed_dim/depth/num_heads
@@ -84,12 +85,26 @@ class ImageEncoderConfig:
     pretrained: bool = False
     checkpoint: str = ""
     img_size: int = 0
+    # Pixels a side of a patch; for a hybrid, a multiple of the trunk's stride.
     patch_size: int = 0
     embed_dim: int = 0
     depth: int = 0
     num_heads: int = 0
+    # A hybrid ViT (timm's vit_*_r50_* design): patch tokens from this pretrained CNN trunk's
+    # feature grid instead of a linear patch embedding ("": a plain ViT).
+    trunk: Literal[("",) + tuple(TRUNKS)] = ""
+    # The trunk's ImageNet weights: trunk_checkpoint (a state-dict file or pkg://<package>/<file>)
+    # or, when empty, the file its package ships; false: random (a checkpoint restores them).
+    trunk_pretrained: bool = True
+    trunk_checkpoint: str = ""
+    # Frozen: no gradient, BatchNorm statistics kept, no activations stored.
+    freeze_trunk: bool = False
     # Region features: their width (2048 + 6 for VinVL; see the shard schema).
     region_dim: int = 2054
+
+    def __post_init__(self):
+        if self.trunk:
+            hybrid_cells(self.trunk, self.patch_size, self.pretrained)
 
 
 @dataclass

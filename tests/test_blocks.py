@@ -1,5 +1,6 @@
 """Shared blocks: our layers reproduce Hugging Face BERT once its weights are loaded, a
-cross-attending layer without context equals a plain one, and timm weights load from a file."""
+cross-attending layer without context equals a plain one, timm weights load from a file, and the
+hybrid ViT's tokens are the packaged ImageNet MobileNetV2's projected grid."""
 import importlib.util
 from pathlib import Path
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from alignlab.models.blocks import (BertCheckpoint, TransformerEncoder, TransformerLayer, TransformerSize, ViTEncoder,
-                                    bert_layer_plan)
+                                    bert_layer_plan, resolve_pretrained)
+from alignlab.models.inputs import TRUNKS, ConfigError
 from alignlab.models.dual_encoder import TextEncoder
 
 
@@ -112,3 +114,92 @@ def test_vit_loads_a_checkpoint_file_through_timm(tmp_path):
     pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     out = loaded(pixels)
     assert out.shape == (2, 1 + 16, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# Hybrid ViT over a pretrained CNN trunk
+# --------------------------------------------------------------------------------------------
+
+HYBRID = dict(trunk="mobilenet_v2", img_size=64, patch_size=32, embed_dim=32, depth=1, num_heads=2)
+
+
+def hybrid(**kw) -> ViTEncoder:
+    return ViTEncoder("vit_tiny_patch16_224", **{**HYBRID, **kw})
+
+
+def test_hybrid_vit_tokens_are_the_projected_grid_of_the_packaged_imagenet_trunk():
+    import torchvision
+
+    torch.manual_seed(0)
+    enc = hybrid().eval()
+    trunk = enc.vit.patch_embed.backbone.features
+    packaged = torch.load(resolve_pretrained(TRUNKS["mobilenet_v2"].weights), weights_only=True)
+    assert torch.equal(trunk[0][0].weight, packaged["features.0.0.weight"])
+    assert torch.equal(trunk[18][1].running_var, packaged["features.18.1.running_var"])
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    # Stride 32 at 64 px: a 2x2 grid of 1280-channel cells, one token each, [CLS] first.
+    assert enc(pixels).shape == (2, 1 + 4, 32)
+    # Each token is the 1x1 projection of its cell of torchvision's MobileNetV2 on ImageNet-normalised pixels.
+    reference = torchvision.models.mobilenet_v2(weights=None)
+    reference.load_state_dict(packaged)
+    x = (pixels / 255.0 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        grid = reference.eval().features(x).flatten(2).transpose(1, 2)  # (2, 4, 1280) row-major
+        proj = enc.vit.patch_embed.proj
+        expected = grid @ proj.weight.view(32, 1280).t() + proj.bias
+        torch.testing.assert_close(enc.patch_embeddings(pixels), expected, rtol=1e-4, atol=1e-4)
+    # A 64-pixel patch is 2x2 cells: one token.
+    assert hybrid(patch_size=64).eval()(pixels).shape == (2, 1 + 1, 32)
+
+
+def test_frozen_trunk_takes_no_gradient_and_keeps_its_batchnorm_statistics():
+    torch.manual_seed(0)
+    enc = hybrid(freeze_trunk=True, trunk_pretrained=False).train()
+    trunk = enc.vit.patch_embed.backbone.features
+    assert not trunk.training and enc.vit.blocks.training
+    stats = trunk[1].conv[0][1].running_mean.clone()
+    enc(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).pow(2).mean().backward()
+    assert torch.equal(trunk[1].conv[0][1].running_mean, stats)
+    assert all(not p.requires_grad and p.grad is None for p in trunk.parameters())
+    assert enc.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert enc.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_hybrid_mim_replaces_exactly_the_masked_tokens():
+    torch.manual_seed(0)
+    enc = hybrid(trunk_pretrained=False, img_size=96).eval()  # a 3x3 grid
+    pixels = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    patch_mask = torch.zeros(2, 9, dtype=torch.bool)
+    patch_mask[0, [0, 4]] = patch_mask[1, 8] = True
+    token = torch.randn(32)
+    seen = []
+    enc.vit.blocks.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    patches = enc.patch_embeddings(pixels)
+    enc.encode(patches, patch_mask, token)
+    into_blocks = seen[0][:, 1:] - enc.vit.pos_embed[:, 1:]
+    torch.testing.assert_close(into_blocks[patch_mask], token.expand(3, -1))
+    torch.testing.assert_close(into_blocks[~patch_mask], patches[~patch_mask])
+
+
+def test_a_saved_hybrid_reloads_whole_through_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    source = hybrid(trunk_pretrained=False)
+    with torch.no_grad():
+        source.vit.patch_embed.backbone.features[0][0].weight.add_(1.0)  # neither random nor ImageNet
+    torch.save(source.vit.state_dict(), tmp_path / "hybrid.pth")
+    torch.manual_seed(1)
+    loaded = hybrid(checkpoint=str(tmp_path / "hybrid.pth"))
+    for (k, a), b in zip(source.vit.state_dict().items(), loaded.vit.state_dict().values()):
+        assert torch.equal(a, b), k
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    torch.testing.assert_close(loaded.eval()(pixels), source.eval()(pixels))
+
+
+def test_a_wrong_hybrid_setting_names_the_valid_choices():
+    with pytest.raises(ConfigError, match="model.image.trunk.*valid choices: '', 'mobilenet_v2'"):
+        hybrid(trunk="resnet50")
+    with pytest.raises(ConfigError, match="multiple of the mobilenet_v2 trunk's stride 32"):
+        hybrid(patch_size=16)
+    with pytest.raises(ConfigError, match="model.image.checkpoint"):
+        hybrid(pretrained=True)
