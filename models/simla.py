@@ -113,10 +113,8 @@ class SIMLA(PretrainingModel):
         size = TransformerSize(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
                                model_cfg.dropout)
         img = model_cfg.image
-        # E_v: timm initialises (or loads) the ViT itself.
-        self.image = ViTEncoder(img.timm_name, pretrained=img.pretrained, checkpoint=img.checkpoint,
-                                img_size=img.img_size, patch_size=img.patch_size, embed_dim=img.embed_dim,
-                                depth=img.depth, num_heads=img.num_heads)
+        # E_v: timm initialises (or loads) the ViT, or the hybrid ViT over a pretrained CNN trunk.
+        self.image = ViTEncoder.from_config(img)
         # E_l = E_mm: one stack, cross-attending to E_v's states from layer cross_from on.
         self.embeddings = TextEmbeddings(vocab.size, size)
         self.encoder = TransformerEncoder(size, model_cfg.num_layers, cross_from=s.cross_from,
@@ -270,7 +268,8 @@ class SIMLA(PretrainingModel):
         c = self.components
         ids, mask, pixels, keys = batch["input_ids"], batch["attention_mask"].bool(), batch["pixels"], batch["image_key"]
         online = self._parts(False)
-        v = self.image(pixels)
+        patches = self.image.patch_embeddings(pixels)  # shared with MIM's masked view
+        v = self.image.encode(patches)
         text_states = self._text(online, ids, mask)
         img_feat = F.normalize(self.vision_proj(v[:, 0]), dim=-1)
         txt_feat = F.normalize(self.text_proj(text_states[:, 0]), dim=-1)
@@ -278,7 +277,8 @@ class SIMLA(PretrainingModel):
         losses: dict[str, torch.Tensor] = {}
         metrics = {"alpha": torch.tensor(self.alpha), "temperature": 1.0 / scale.detach()}
         with torch.no_grad():  # the momentum model's unimodal states, shared by its objectives
-            v_m = self.momentum["image"](pixels) if self.momentum_names else None
+            patches_m = self.momentum["image"].patch_embeddings(pixels) if self.momentum_names else None
+            v_m = self.momentum["image"].encode(patches_m) if self.momentum_names else None
             text_m = self._text(self.momentum, ids, mask) if "itc" in c or "mim" in c else None
 
         if "itc" in c:
@@ -292,7 +292,8 @@ class SIMLA(PretrainingModel):
         if "mlm" in c:
             losses["mlm"] = self._mlm(v, v_m, batch["mlm_input_ids"], mask, batch["mlm_labels"])
         if "mim" in c:
-            losses["mim"] = self._mim(pixels, batch["mim_mask"].flatten(1).bool(), mask, text_states, text_m)
+            losses["mim"] = self._mim(pixels, patches, patches_m, batch["mim_mask"].flatten(1).bool(), mask,
+                                      text_states, text_m)
         return ModelOutput(losses=losses, metrics=metrics)
 
     def _itc(self, v_m, text_m, img_feat, txt_feat, keys, scale) -> torch.Tensor:
@@ -348,18 +349,22 @@ class SIMLA(PretrainingModel):
         hard = F.one_hot(labels[selected], self.vocab_size)
         return distillation_loss(logits, hard, teacher, self.alpha)
 
-    def _mim(self, pixels, patch_mask, mask, text_states, text_m) -> torch.Tensor:
+    def _mim(self, pixels, patches, patches_m, patch_mask, mask, text_states, text_m) -> torch.Tensor:
         """Eq. 6-7, image side: the visual tokens of block-wise masked patches, predicted by E_mm
         with the masked image's patches as queries and the caption as context, distilled from
-        the momentum model's prediction on the same masked image and caption."""
+        the momentum model's prediction on the same masked image and caption.
+
+        Masking replaces patch embeddings (BEiT, :meth:`ViTEncoder.encode`), so the masked view
+        starts from the unmasked view's ``patches`` (``patches_m``: the momentum model's): a hybrid
+        ViT's trunk runs once per model and step."""
         tokens = self.visual_tokenizer(pixels)  # of the unmasked image
         prefix = self.image.num_prefix_tokens
-        v_hat = self.image(pixels, patch_mask, self.mask_token)
+        v_hat = self.image.encode(patches, patch_mask, self.mask_token)
         states = self._fuse_image_queries(self._parts(False), v_hat, text_states, mask)
         logits = self.mim_head(states[:, prefix:][patch_mask])
         with torch.no_grad():
             p = self.momentum
-            v_hat_m = p["image"](pixels, patch_mask, self.momentum_mask_token)
+            v_hat_m = p["image"].encode(patches_m, patch_mask, self.momentum_mask_token)
             states_m = self._fuse_image_queries(p, v_hat_m, text_m, mask)
             teacher = p["mim_head"](states_m[:, prefix:][patch_mask]).float().softmax(-1)
         hard = F.one_hot(tokens[patch_mask], self.cfg.codebook_size)

@@ -25,8 +25,8 @@ from alignlab.platform.train import param_groups
 B, L, VOCAB, GRID = 4, 8, 120, 4
 
 
-def tiny_cfg(**simla):
-    return load_config(data={
+def tiny_cfg(overrides: tuple[str, ...] = (), **simla):
+    return load_config(overrides=list(overrides), data={
         "model": {"architecture": "simla", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
                   "intermediate_size": 64, "embed_dim": 16, "dropout": 0.0,
                   "image": {"timm_name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "embed_dim": 32,
@@ -89,6 +89,29 @@ def test_text_and_multimodal_encoder_share_every_non_cross_attention_weight():
         model.encoder.layers[1].intermediate.weight.mul_(1.5)
         assert not torch.allclose(model.embed_texts(batch), before_t)
         assert not torch.allclose(model.match_scores(batch, batch), before_m)
+
+
+def test_mim_and_psl_run_on_a_hybrid_vits_tokens():
+    """A frozen MobileNetV2 trunk at 64 px: a 2x2 grid of 32-pixel patches, which the data stage
+    masks (InputSpec.mim_grid) and MIM's targets tokenise."""
+    hybrid = ("model.image.trunk=mobilenet_v2", "model.image.freeze_trunk=true", "model.image.img_size=64",
+              "model.image.patch_size=32", "data.image_size=64")
+    cfg = tiny_cfg(hybrid)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.objectives, Vocab(size=VOCAB)).train()
+    assert model.input_spec(cfg.model, cfg.objectives).mim_grid == 2
+    assert model.visual_tokenizer.patch_size == 32
+    batch = make_batch()
+    batch["pixels"] = torch.randint(0, 256, (B, 3, 64, 64), dtype=torch.uint8)
+    batch["mim_mask"] = torch.tensor([[[1, 0], [0, 0]], [[0, 1], [1, 0]], [[0, 0], [0, 1]], [[1, 1], [0, 0]]]).bool()
+    out = model(batch)
+    assert set(out.losses) == {"itc", "itm", "mlm", "mim", "psl"}
+    assert all(torch.isfinite(v) for v in out.losses.values()) and out.metrics["psl_labels"] > 0
+    sum(out.losses.values()).backward()
+    assert model.mask_token.grad.abs().sum() > 0 and model.psl_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.image.vit.patch_embed.backbone.parameters())
+    with pytest.raises(ConfigError, match="valid choices: '', 'mobilenet_v2'"):
+        tiny_cfg((*hybrid, "model.image.trunk=resnet50"))
 
 
 def test_mim_needs_equal_vit_and_text_widths():
@@ -483,6 +506,12 @@ def test_presets_validate_and_carry_the_papers_settings():
     assert paper.data.image_size == paper.model.image.img_size == 256 and paper.data.randaugment
     assert paper.model.image.timm_name == "vit_base_patch16_224" and paper.model.text_init == "bert-base-uncased"
     assert paper.precision.precision == "fp16" and paper.model.simla.components() == TABLE1["e"]
+    cpu = load_config("simla_flickr8k_cpu")
+    img = cpu.model.image
+    # The packaged MobileNetV2, named portably (no site-packages path), frozen, under a 384-wide ViT.
+    assert (img.trunk, img.trunk_pretrained, img.trunk_checkpoint, img.freeze_trunk) == ("mobilenet_v2", True, "", True)
+    assert cpu.model.hidden_size == 384 and img.embed_dim in (0, 384) and img.timm_name == "vit_small_patch16_224"
+    assert cpu.data.image_size == img.img_size == 160 and img.patch_size == 32  # a 5x5 grid at stride 32
     for name in ("simla_demo", "simla_flickr8k"):
         cfg = load_config(name)
         assert cfg.model.architecture == "simla" and cfg.tracking.eval_every > 0
