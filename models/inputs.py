@@ -34,6 +34,12 @@ class InputSpec:
 
     pixels: bool = False  # uint8 images (B, 3, H, W)
     regions: bool = False  # region_features (B, K, D), region_mask, boxes
+    # Region 0 of every image must be the whole image (``alignlab data build``'s whole-image box):
+    # a model reading the image's global feature from it asks for this check.
+    whole_image: bool = False
+    # ``text_features`` (B, D): the caption's cached frozen sentence feature (the shards'
+    # ``text_feature`` column, ``alignlab data build --text-features``).
+    text_features: bool = False
     tags: bool = False  # tag_ids (B, T) of detected object classes (MVPTR's visual concepts)
     phrases: bool = False  # phrase_ids (B, P) of phrase concepts (MVPTR §3.1)
     # SIMLA's MIM: a BEiT block-wise mask ``mim_mask`` (B, grid, grid) over the image patches,

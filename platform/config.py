@@ -134,6 +134,11 @@ class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     section: Any = None
 
+    def __post_init__(self) -> None:
+        if self.section is None:  # a config built without a model section: the paper's defaults
+            own = get_spec(self.architecture).config
+            self.section = own() if own is not None else None
+
     def __getattr__(self, name: str) -> Any:
         # Only reached for names that are not fields: ``cfg.model.<architecture>``.
         if not name.startswith("_") and name == self.__dict__.get("architecture") and self.section is not None:

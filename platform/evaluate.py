@@ -98,8 +98,9 @@ def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], device
                        autocast=None, batch_size: int = 128) -> dict[str, float]:
     """Retrieval metrics on a held-out split. ``batches`` yield CPU tensors from the data stage
     (evaluation rows: no augmentation, no masking); rows sharing ``image_key`` are captions of one
-    image. Uni-modal metrics are prefixed ``uni_``; re-ranked ones (when the model has an ITM head)
-    have no prefix, and ``itm_pairs`` counts the multi-modal passes."""
+    image. Uni-modal metrics are prefixed ``uni_``; unprefixed ones score the model's final ranking:
+    re-ranked by ITM when the model has an ITM head (``itm_pairs`` counts its multi-modal passes),
+    else the uni-modal ranking itself, so every architecture's ``rsum`` compares with every other's."""
     from contextlib import nullcontext
 
     autocast = autocast or nullcontext
@@ -148,6 +149,8 @@ def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], device
         i2t, t2i, pairs = rerank(scores, k_captions, k_images, match, batch_size)
         metrics.update(recall_metrics(i2t, caption_image, scores_t2i=t2i))
         metrics["itm_pairs"] = float(pairs)
+    else:
+        metrics.update({k.removeprefix("uni_"): v for k, v in metrics.items() if k.startswith("uni_")})
     model.train(was_training)
     return metrics
 

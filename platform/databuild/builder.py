@@ -39,8 +39,9 @@ from alignlab.platform.databuild.phrases import build_vocab
 from alignlab.platform.databuild.readers import ImageRef, Reader, Record, Skipped, open_reader
 from alignlab.platform.databuild.regions import (POSITION_DIM, VINVL_DIM, Featurizer, make_region_source,
                                                  normalise_boxes, position_features, select)
-from alignlab.platform.shards import (SCHEMA_VERSION, child_uri, claim_folder, filesystem, read_manifest,
-                                      rows_to_table, write_manifest, write_text)
+from alignlab.platform.shards import (SCHEMA_VERSION, VOCABULARY_FILES, WHOLE_IMAGE_TAG, child_uri, claim_folder,
+                                      filesystem, read_manifest, read_text, rows_to_table, write_manifest,
+                                      write_text)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,11 @@ class UnitBuilder:
             self.phrases = PhraseParser(self.cfg.spacy_model, self.cfg.phrase_batch_size)
         self.regions = make_region_source(self.cfg)
         self._featurizer: Featurizer | None = None
+        self.sentences = None
+        if self.cfg.text_features:
+            from alignlab.platform.databuild.sentences import SentenceFeaturizer
+
+            self.sentences = SentenceFeaturizer(self.cfg.text_features)
 
     def featurizer(self) -> Featurizer:
         if self._featurizer is None:  # VinVL TSVs that carry features never need the backbone
@@ -222,16 +228,21 @@ class UnitBuilder:
     def image_regions(self, rgb: np.ndarray, hint: Any) -> tuple[np.ndarray, list[str], np.ndarray]:
         """(normalised boxes, tags, features with position) of one image."""
         cfg = self.cfg
-        found = select(self.regions.detect(rgb, hint), cfg.score_threshold, cfg.max_regions, cfg.max_tags)
+        found = select(self.regions.detect(rgb, hint), cfg.score_threshold,
+                       cfg.max_regions - int(cfg.whole_image_box), cfg.max_tags)
         h, w = rgb.shape[:2]
-        boxes = normalise_boxes(found.boxes, w, h)
+        pixel_boxes, tags = found.boxes, found.tags
+        if cfg.whole_image_box:
+            pixel_boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), pixel_boxes])
+            tags = [WHOLE_IMAGE_TAG, *tags]
+        boxes = normalise_boxes(pixel_boxes, w, h)
         if found.features is not None:
             appearance = found.features
         elif len(boxes):
-            appearance = self.featurizer()(rgb, found.boxes)
+            appearance = self.featurizer()(rgb, pixel_boxes)
         else:
             appearance = np.zeros((0, self.appearance_dim()), np.float32)
-        return boxes, found.tags, np.concatenate([appearance, position_features(boxes)], axis=1)
+        return boxes, tags, np.concatenate([appearance, position_features(boxes)], axis=1)
 
     def appearance_dim(self) -> int:
         if self.cfg.region_kind == "vinvl":
@@ -242,11 +253,13 @@ class UnitBuilder:
         skipped = Skips()
         captions = [c for item in unit["images"] for c in item["captions"]]
         tuples = iter(self.phrases.parse([c[1] for c in captions])) if self.phrases else None
+        features = iter(self.sentences([c[1] for c in captions])) if self.sentences else None
         rows: list[dict] = []
         n_images = 0
         for item in unit["images"]:
             data, rgb, reason = self.decode(item["ref"])
             item_tuples = [next(tuples) for _ in item["captions"]] if tuples else None
+            item_features = [next(features) for _ in item["captions"]] if features else None
             if reason:
                 skipped.add(reason, item["ref"][0], f"image {item['image_id']}: its {len(item['captions'])} "
                             f"caption(s) skipped", rows=len(item["captions"]))
@@ -263,6 +276,8 @@ class UnitBuilder:
                     row.update(question=caption, answer=answer[0])
                 if item_tuples is not None:
                     row["phrases"] = item_tuples[k]
+                if item_features is not None:
+                    row["text_feature"] = item_features[k]
                 rows.append(row)
         if rows:
             dim = rows[0]["region_features"].shape[1] if self.regions is not None else None
@@ -293,7 +308,17 @@ def _by_count(counts: Counter) -> list[str]:
     return [k for k, _ in sorted(counts.items(), key=lambda kn: (-kn[1], kn[0]))]
 
 
-def _vocabularies(cfg: BuildConfig) -> dict[str, list[str]]:
+def _inherited_vocabularies(source: str) -> dict[str, str]:
+    """``--vocab-from``: the vocabulary files (by file name) of another shard set, read before
+    anything is built so that a wrong folder fails at once."""
+    files = {name: read_text(child_uri(source, name)) for name in VOCABULARY_FILES}
+    if not any(files.values()):
+        raise BuildError(f"--vocab-from {source}: no vocabulary there (none of {', '.join(VOCABULARY_FILES)}); "
+                         f"name the training shard set's folder")
+    return {name: text for name, text in files.items() if text is not None}
+
+
+def _counted_vocabularies(cfg: BuildConfig) -> dict[str, list[str]]:
     """The shard set's vocabularies by name (``<name>.txt``), from the written shards: ``concepts``
     from the train split's ``phrases`` (MVPTR §3.1), ``tags`` by the number of images showing
     them, ``answers`` (QA shards) by the number of training questions with that answer, kept from
@@ -310,7 +335,7 @@ def _vocabularies(cfg: BuildConfig) -> dict[str, list[str]]:
         for f in _split_files(cfg.out):
             t = pq.read_table(f, columns=["image_id", "tags"], filesystem=fs)
             for image_id, image_tags in zip(t.column("image_id").to_pylist(), t.column("tags").to_pylist()):
-                per_image.setdefault(image_id, set()).update(image_tags)
+                per_image.setdefault(image_id, set()).update(tag for tag in image_tags if tag != WHOLE_IMAGE_TAG)
         vocabs["tags"] = _by_count(Counter(tag for s in per_image.values() for tag in s))
     qa_files = [f for f in _split_files(cfg.out, "train") if "answer" in pq.read_schema(f, filesystem=fs).names]
     if qa_files:
@@ -345,6 +370,7 @@ def build(cfg: BuildConfig) -> dict:
     hints = region_source.hints(reader) if region_source is not None else {}
     units, plan_skipped = plan_units(reader, cfg, hints)
 
+    inherited = _inherited_vocabularies(cfg.vocab_from) if cfg.vocab_from else None
     fingerprint = cfg.fingerprint()
     manifest = read_manifest(cfg.out)
     if manifest and not cfg.overwrite:
@@ -388,9 +414,13 @@ def build(cfg: BuildConfig) -> dict:
     manifest["units_skipped_as_done"] = len(units) - len(todo)
     if todo:
         _run_units(todo, cfg, on_done)
-    for name, entries in _vocabularies(cfg).items():
-        write_text(cfg.out, f"{name}.txt", "".join(e + "\n" for e in entries), PRODUCER)
-        manifest[name] = len(entries)
+    vocabularies = inherited or {f"{name}.txt": "".join(e + "\n" for e in entries)
+                                 for name, entries in _counted_vocabularies(cfg).items()}
+    for name, text in vocabularies.items():
+        write_text(cfg.out, name, text, PRODUCER)
+        manifest[name.removesuffix(".txt")] = len(text.splitlines())
+    if cfg.vocab_from:
+        manifest["vocab_from"] = cfg.vocab_from
     manifest["seconds"] = round(time.time() - started, 1)
     save()
     return manifest

