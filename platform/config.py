@@ -564,7 +564,9 @@ def with_absolute_paths(cfg: Config) -> Config:
 
     data = dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards), tokenizer=existing(cfg.data.tokenizer))
     tracking = dataclasses.replace(cfg.tracking, storage_path=absolute(cfg.tracking.storage_path))
-    model = dataclasses.replace(cfg.model, text_init=existing(cfg.model.text_init))
+    image = dataclasses.replace(cfg.model.image, checkpoint=existing(cfg.model.image.checkpoint),
+                                trunk_checkpoint=existing(cfg.model.image.trunk_checkpoint))
+    model = dataclasses.replace(cfg.model, text_init=existing(cfg.model.text_init), image=image)
     return dataclasses.replace(cfg, data=data, model=model, tracking=tracking)
 
 

