@@ -61,6 +61,14 @@ class InputSpec:
     # carry the question / answer columns; a caption-only split yields no answer_labels.
     qa: bool = False
 
+    def union(self, other: "InputSpec") -> "InputSpec":
+        """Every input either spec asks for (two models scoring the same rows: a re-ranker and
+        the retrieval model that shortlists for it)."""
+        merged = {f: getattr(self, f) or getattr(other, f) for f in self.__dataclass_fields__
+                  if isinstance(getattr(self, f), bool)}
+        masked = self if self.mim else other
+        return InputSpec(**merged, mim_grid=masked.mim_grid, mim_ratio=masked.mim_ratio)
+
 
 # Id layout of concept sequences (tag_ids and phrase_ids), shared by the data stage and the models:
 # 0 pads, 1 is the concept [MASK] (MCR's masked tags, chain-masked phrases), and entry k of

@@ -222,6 +222,12 @@ class EvalConfig:
     k_captions: int = 128
     k_images: int = 64
     rerank: bool = True
+    # A retrieval model whose uni-modal ranking shortlists the candidates ITM re-ranks: a
+    # checkpoint folder or an MLflow run id (its `checkpoint` tag), read from the same shards; ""
+    # = the model's own uni-modal ranking. For a model without a contrastive objective (SemVLP),
+    # whose own [CLS] ranks no better than chance, as re-ranking systems take theirs from a
+    # first-stage retriever. With it, eval/uni_* score the shortlisting model's ranking.
+    shortlist: str = ""
 
 
 @dataclass
@@ -567,7 +573,8 @@ def with_absolute_paths(cfg: Config) -> Config:
     image = dataclasses.replace(cfg.model.image, checkpoint=existing(cfg.model.image.checkpoint),
                                 trunk_checkpoint=existing(cfg.model.image.trunk_checkpoint))
     model = dataclasses.replace(cfg.model, text_init=existing(cfg.model.text_init), image=image)
-    return dataclasses.replace(cfg, data=data, model=model, tracking=tracking)
+    evaluation = dataclasses.replace(cfg.eval, shortlist=existing(cfg.eval.shortlist))
+    return dataclasses.replace(cfg, data=data, model=model, tracking=tracking, eval=evaluation)
 
 
 def dump_yaml(cfg: Config) -> str:

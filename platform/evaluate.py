@@ -95,17 +95,20 @@ TEXT_KEYS = ("input_ids", "attention_mask", "phrase_ids", "phrase_mask")
 @torch.no_grad()
 def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
                        max_images: int = 1000, k_captions: int = 128, k_images: int = 64, rerank_itm: bool = True,
-                       autocast=None, batch_size: int = 128) -> dict[str, float]:
+                       autocast=None, batch_size: int = 128, shortlist=None) -> dict[str, float]:
     """Retrieval metrics on a held-out split. ``batches`` yield CPU tensors from the data stage
     (evaluation rows: no augmentation, no masking); rows sharing ``image_key`` are captions of one
     image. Uni-modal metrics are prefixed ``uni_``; unprefixed ones score the model's final ranking:
     re-ranked by ITM when the model has an ITM head (``itm_pairs`` counts its multi-modal passes),
-    else the uni-modal ranking itself, so every architecture's ``rsum`` compares with every other's."""
+    else the uni-modal ranking itself, so every architecture's ``rsum`` compares with every other's.
+    ``shortlist``: another model (``eval.shortlist``) whose embeddings make the uni-modal ranking
+    that ``model``'s ITM re-ranks; the batches carry both models' inputs."""
     from contextlib import nullcontext
 
     autocast = autocast or nullcontext
     was_training = model.training
     model.eval()
+    ranker = shortlist if shortlist is not None else model
     image_of: dict[int, int] = {}
     img_parts, txt_parts, img_emb, txt_emb, cap_img = [], [], [], [], []
     for batch in batches:
@@ -122,10 +125,10 @@ def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], device
         with autocast():
             if new_rows:
                 sel = torch.tensor(new_rows, device=device)
-                img_emb.append(model.embed_images({k: v[sel] for k, v in dev.items()}).float().cpu())
+                img_emb.append(ranker.embed_images({k: v[sel] for k, v in dev.items()}).float().cpu())
                 img_parts.append({k: batch[k][new_rows] for k in IMAGE_KEYS if k in batch})
             sel = torch.tensor(rows, device=device)
-            txt_emb.append(model.embed_texts({k: v[sel] for k, v in dev.items()}).float().cpu())
+            txt_emb.append(ranker.embed_texts({k: v[sel] for k, v in dev.items()}).float().cpu())
         txt_parts.append({k: batch[k][rows] for k in TEXT_KEYS if k in batch})
         cap_img.extend(image_of[keys[i]] for i in rows)
     if not img_emb:
@@ -260,6 +263,17 @@ def resolve_checkpoint(source: str, mlflow_uri: str = "") -> tuple[str, str | No
     return path, run.info.run_id
 
 
+def load_shortlist(source: str, mlflow_uri: str = "", map_location: str | torch.device = "cpu"):
+    """(config, model, input spec) of the ``eval.shortlist`` retrieval model, from its checkpoint
+    (a folder or an MLflow run id)."""
+    from alignlab.models.registry import get_spec
+    from alignlab.platform.checkpoint import load_trained
+
+    path, _ = resolve_checkpoint(source, mlflow_uri)
+    cfg, model, _ = load_trained(path, map_location=map_location)
+    return cfg, model, get_spec(cfg.model.architecture).input_spec(cfg.model, cfg.objectives)
+
+
 def check_vocabularies(trained, eval_vocab, shards_root: str) -> None:
     """The eval shard set must share the training set's vocabularies: the data stage maps tags,
     phrase concepts and answers to ids by their lines, which the trained model's rows follow."""
@@ -301,6 +315,10 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
     check_vocabularies(contents.model_vocab(), vocab_info(load_tokenizer(cfg.data.tokenizer, shards_root), shards_root),
                        shards_root)
     spec = model.input_spec(cfg.model, cfg.objectives)
+    shortlist = None
+    if cfg.eval.shortlist:
+        _, shortlist, shortlist_spec = load_shortlist(cfg.eval.shortlist, mlflow_uri or cfg.tracking.mlflow_uri, device)
+        spec = spec.union(shortlist_spec)
     batches = ingest.local_eval_batches(cfg.data, cfg.objectives, spec, split, cfg.data.eval_batch_size)
     # The training run's precision where this device has it (fp16 needs CUDA).
     precision = cfg.precision.precision if device.type == "cuda" or cfg.precision.precision != "fp16" else "fp32"
@@ -308,7 +326,7 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
     autocast = autocast_factory(precision, device)
     metrics = evaluate_retrieval(model, batches, device, max_images=cfg.data.eval_max_images,
                                  k_captions=cfg.eval.k_captions, k_images=cfg.eval.k_images, rerank_itm=cfg.eval.rerank,
-                                 autocast=autocast)
+                                 autocast=autocast, shortlist=shortlist)
     if cfg.data.compositional_split:
         metrics.update(evaluate_compositional(model, ingest.local_eval_batches(
             cfg.data, cfg.objectives, spec, cfg.data.compositional_split, cfg.data.eval_batch_size,

@@ -37,7 +37,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ContextManager, Iterable, Iterator, Protocol
 
@@ -241,6 +241,11 @@ class Runner:
                                            betas=cfg.optim.betas, eps=cfg.optim.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg.optim))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.shortlist = None
+        if cfg.eval.shortlist and self.ctx.rank == 0:
+            from alignlab.platform.evaluate import load_shortlist
+
+            self.shortlist = load_shortlist(cfg.eval.shortlist, map_location=device)[1]
         self.resume()
         return self
 
@@ -435,7 +440,7 @@ class Runner:
             metrics = {f"eval/{k}": v for k, v in evaluate_retrieval(
                 self.model, self.ctx.eval_batches(self.cfg.data.eval_batch_size), self.ctx.device,
                 max_images=self.cfg.data.eval_max_images, k_captions=ev.k_captions, k_images=ev.k_images,
-                rerank_itm=ev.rerank, autocast=self.autocast).items()}
+                rerank_itm=ev.rerank, autocast=self.autocast, shortlist=self.shortlist).items()}
             if self.cfg.data.compositional_split:
                 metrics.update({f"eval/{k}": v for k, v in evaluate_compositional(
                     self.model, self.ctx.compositional_batches(self.cfg.data.eval_batch_size), self.ctx.device,
@@ -736,12 +741,19 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         # a pipe each redraw is a line (half a million in the main job's log), on a core's time.
         # The datasets carry the driver's DataContext to the workers that run them.
         ray.data.DataContext.get_current().enable_progress_bars = False
-    inputs = info.spec.input_spec(cfg.model, cfg.objectives)
+    inputs = eval_inputs = info.spec.input_spec(cfg.model, cfg.objectives)
+    if cfg.eval.shortlist:
+        from alignlab.platform.evaluate import load_shortlist, resolve_checkpoint
+
+        # The workers get the folder, not a run id: they need no MLflow store to find it.
+        path, _ = resolve_checkpoint(cfg.eval.shortlist, mlflow_uri)
+        cfg = replace(cfg, eval=replace(cfg.eval, shortlist=path))
+        eval_inputs = inputs.union(load_shortlist(path)[2])
     counter = ingest.make_counter()
     datasets = {
         "train": ingest.build_dataset(cfg.data, cfg.objectives, inputs, cfg.data.train_split, train=True,
                                       counter=counter, seed=cfg.seed),
-        "eval": ingest.build_dataset(cfg.data, cfg.objectives, inputs, cfg.data.eval_split, train=False,
+        "eval": ingest.build_dataset(cfg.data, cfg.objectives, eval_inputs, cfg.data.eval_split, train=False,
                                      counter=counter, seed=cfg.seed),
     }
     if cfg.data.compositional_split:

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from alignlab.platform.evaluate import chance_rsum, pairwise_accuracy, ranks_i2t, ranks_t2i, recall_metrics, rerank
+from alignlab.platform.evaluate import (chance_rsum, evaluate_retrieval, pairwise_accuracy, ranks_i2t, ranks_t2i,
+                                       recall_metrics, rerank)
 
 
 def test_recall_on_a_known_ranking():
@@ -161,3 +162,55 @@ def test_a_bag_of_words_scorer_is_at_chance_on_attribute_swaps(tmp_path):
     m = evaluate_compositional(BagOfWords(), [out], torch.device("cpu"))
     assert m["compo/pairs_swap_attribute"] >= 30 and m["compo/uni_acc_swap_attribute"] == 0.5
     assert m["compo/uni_acc_replace_object"] > 0.6
+
+
+class _KeyEmbedder(torch.nn.Module):
+    """A retrieval model that embeds image and caption i as the one-hot of their image (a perfect
+    uni-modal ranking), or, ``noisy``, as random vectors."""
+
+    def __init__(self, noisy: bool):
+        super().__init__()
+        self.noisy = noisy
+
+    def _embed(self, batch, seed):
+        keys = batch["image_key"]
+        if self.noisy:
+            return torch.nn.functional.normalize(torch.randn(len(keys), 8, generator=torch.Generator().manual_seed(
+                seed)), dim=-1)
+        return torch.nn.functional.one_hot(keys, 8).float()
+
+    def embed_images(self, batch):
+        return self._embed(batch, 1)
+
+    def embed_texts(self, batch):
+        return self._embed(batch, 2)
+
+
+def test_a_shortlist_model_ranks_and_the_model_re_ranks_its_top_k():
+    """eval.shortlist: uni_* are the shortlisting model's ranking; the re-ranker's ITM re-scores
+    its top k (SemVLP, which has no uni-modal ranking of its own)."""
+    keys = torch.arange(8)
+    batch = {"image_key": keys, "input_ids": keys[:, None], "region_features": keys[:, None, None].float()}
+
+    class Reranker(_KeyEmbedder):
+        def match_scores(self, images, texts):  # the oracle, from the region / token columns
+            return (images["region_features"][:, 0, 0].long() == texts["input_ids"][:, 0]).float()
+
+    reranker = Reranker(noisy=True)
+    alone = evaluate_retrieval(reranker, [batch], torch.device("cpu"), k_captions=2, k_images=2)
+    shortlisted = evaluate_retrieval(reranker, [batch], torch.device("cpu"), k_captions=2, k_images=2,
+                                     shortlist=_KeyEmbedder(noisy=False))
+    assert shortlisted["uni_rsum"] == 600.0 and shortlisted["rsum"] == 600.0
+    assert alone["uni_rsum"] < 600.0 and alone["rsum"] <= shortlisted["rsum"]
+
+
+def test_input_specs_union_asks_for_every_input_of_both():
+    from alignlab.models.inputs import InputSpec
+
+    semvlp = InputSpec(regions=True, tags=True, mlm=True)
+    reference = InputSpec(regions=True, whole_image=True, text_features=True)
+    both = semvlp.union(reference)
+    assert (both.regions, both.tags, both.mlm, both.whole_image, both.text_features) == (True,) * 5
+    assert not (both.pixels or both.mim or both.qa)
+    simla = InputSpec(pixels=True, mim=True, mim_grid=5, mim_ratio=(0.3, 0.4))
+    assert (reference.union(simla).mim_grid, reference.union(simla).mim_ratio) == (5, (0.3, 0.4))
