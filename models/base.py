@@ -56,6 +56,22 @@ class PretrainingModel(nn.Module):
         None when the architecture has no multi-modal encoder."""
         return None
 
+    # Re-ranking scores each gallery image against k captions and each caption against k images:
+    # what a model computes of one side alone (uni-modal encoder states) it computes once per item
+    # in these, and ``match_from_states`` runs only the multi-modal part per pair. The defaults
+    # keep the inputs and score them with ``match_scores``.
+    def match_image_states(self, images: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-image tensors (batch-first) that :meth:`match_from_states` takes for the image side."""
+        return images
+
+    def match_text_states(self, texts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-caption tensors (batch-first) that :meth:`match_from_states` takes for the text side."""
+        return texts
+
+    def match_from_states(self, images: dict[str, torch.Tensor], texts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`match_scores` of aligned pairs given their ``match_*_states`` rows."""
+        return self.match_scores(images, texts)
+
     #: DDP must tolerate parameters without a gradient in some steps (a component that only
     #: ranks negatives, a mode that skips cross-attention).
     find_unused_parameters: bool = False

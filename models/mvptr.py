@@ -214,10 +214,20 @@ class MVPTR(PretrainingModel):
 
     def match_scores(self, images, texts):
         """p_itm(match) of each aligned pair, for re-ranking the uni-modal top-k."""
+        return self.match_from_states(self.match_image_states(images), self.match_text_states(texts))
+
+    def match_image_states(self, images):
+        """The visual encoder's region states r̃ (tags stay out of the fusion, §3.3)."""
         vis, vmask, start = self.encode_image(images)
+        return {"regions": vis[:, start:], "region_mask": vmask[:, start:]}
+
+    def match_text_states(self, texts):
         txt, tmask = self.encode_text(texts["input_ids"], texts["attention_mask"], texts.get("phrase_ids"),
                                       texts.get("phrase_mask"))
-        fused = self.fuse(txt, tmask, vis[:, start:], vmask[:, start:])
+        return {"text": txt, "text_mask": tmask}
+
+    def match_from_states(self, images, texts):
+        fused = self.fuse(texts["text"], texts["text_mask"], images["regions"], images["region_mask"])
         return self.itm_head(fused[:, 0]).float().softmax(-1)[:, 1]
 
     # ----------------------------------------------------------------------------------------

@@ -256,8 +256,16 @@ class SIMLA(PretrainingModel):
         """p^itm(I, T) of the match class (eq. 5), for re-ranking."""
         if "itm" not in self.components:
             return None
+        return self.match_from_states(self.match_image_states(images), texts)
+
+    def match_image_states(self, images):
+        """E_v's patch states: the text side is the shared stack's own fused pass, so only the
+        image side is computed once per image."""
+        return {"image_states": self.image(images["pixels"])}
+
+    def match_from_states(self, images, texts):
         mm, _ = self._fuse(self._parts(False), texts["input_ids"], texts["attention_mask"].bool(),
-                           self.image(images["pixels"]))
+                           images["image_states"])
         return self.itm_head(mm[:, 0]).float().softmax(-1)[:, 1]
 
     # ----------------------------------------------------------------------------------------

@@ -88,6 +88,20 @@ def _collate(parts: list[dict[str, torch.Tensor]], keys: Iterable[str]) -> dict[
     return {k: torch.cat([p[k] for p in parts]) for k in keys if k in parts[0]}
 
 
+def _batched_states(states: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                    inputs: dict[str, torch.Tensor], device: torch.device, autocast, batch_size: int
+                    ) -> dict[str, torch.Tensor]:
+    """``states`` (a model's ``match_*_states``) of every row of ``inputs``, in batches, kept on
+    the CPU: computed once per gallery item, not once per re-scored pair."""
+    n = len(next(iter(inputs.values())))
+    parts = []
+    for s in range(0, n, batch_size):
+        with autocast():
+            out = states({k: v[s:s + batch_size].to(device) for k, v in inputs.items()})
+        parts.append({k: v.cpu() for k, v in out.items()})
+    return _collate(parts, parts[0].keys())
+
+
 IMAGE_KEYS = ("pixels", "region_features", "region_mask", "boxes", "tag_ids", "tag_mask")
 TEXT_KEYS = ("input_ids", "attention_mask", "phrase_ids", "phrase_mask")
 
@@ -144,10 +158,13 @@ def evaluate_retrieval(model, batches: Iterable[dict[str, torch.Tensor]], device
     probe = model.match_scores({k: v[:1].to(device) for k, v in image_inputs.items()},
                                {k: v[:1].to(device) for k, v in text_inputs.items()}) if rerank_itm else None
     if probe is not None:
+        image_states = _batched_states(model.match_image_states, image_inputs, device, autocast, batch_size)
+        text_states = _batched_states(model.match_text_states, text_inputs, device, autocast, batch_size)
+
         def match(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
             with autocast():
-                return model.match_scores({k: v[img_idx].to(device) for k, v in image_inputs.items()},
-                                          {k: v[txt_idx].to(device) for k, v in text_inputs.items()}).float().cpu()
+                return model.match_from_states({k: v[img_idx].to(device) for k, v in image_states.items()},
+                                               {k: v[txt_idx].to(device) for k, v in text_states.items()}).float().cpu()
 
         i2t, t2i, pairs = rerank(scores, k_captions, k_images, match, batch_size)
         metrics.update(recall_metrics(i2t, caption_image, scores_t2i=t2i))

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from alignlab.models.base import PretrainingModel
 from alignlab.platform.evaluate import (chance_rsum, evaluate_retrieval, pairwise_accuracy, ranks_i2t, ranks_t2i,
                                        recall_metrics, rerank)
 
@@ -70,7 +71,7 @@ def test_pairwise_accuracy_on_known_scores():
         pairwise_accuracy(scores, torch.tensor([0, 1, 2, 1, 0, 3]), torch.tensor([7, 7, 7, 7, 7, 7]))
 
 
-class _Scored(torch.nn.Module):
+class _Scored(PretrainingModel):
     """A model whose uni-modal cosine is ``input_ids[:, 0] / 10`` (image (1, 0), text (s, √(1-s²)))
     and whose ITM score is ``input_ids[:, 1]``; ``itm=False``: no multi-modal head."""
 
@@ -164,7 +165,7 @@ def test_a_bag_of_words_scorer_is_at_chance_on_attribute_swaps(tmp_path):
     assert m["compo/uni_acc_replace_object"] > 0.6
 
 
-class _KeyEmbedder(torch.nn.Module):
+class _KeyEmbedder(PretrainingModel):
     """A retrieval model that embeds image and caption i as the one-hot of their image (a perfect
     uni-modal ranking), or, ``noisy``, as random vectors."""
 

@@ -245,6 +245,18 @@ def test_retrieval_interface():
     assert p.shape == (4,) and ((p > 0) & (p < 1)).all()
 
 
+@torch.no_grad()
+def test_rerank_scores_cross_pairs_from_states_encoded_once():
+    """Re-ranking fuses each image's region states with each caption's text states, encoded once:
+    the same scores as encoding every (image, caption) pair anew, for mismatched pairs too."""
+    model, b = _model().eval(), _batch()
+    shift = torch.tensor([1, 2, 3, 0])
+    texts = {k: v[shift] for k, v in b.items()}
+    states = model.match_text_states(b)
+    via_states = model.match_from_states(model.match_image_states(b), {k: v[shift] for k, v in states.items()})
+    torch.testing.assert_close(via_states, model.match_scores(b, texts))
+
+
 # --------------------------------------------------------------------------------------------
 # Table 4's rows
 # --------------------------------------------------------------------------------------------

@@ -89,6 +89,11 @@ def test_text_and_multimodal_encoder_share_every_non_cross_attention_weight():
         model.encoder.layers[1].intermediate.weight.mul_(1.5)
         assert not torch.allclose(model.embed_texts(batch), before_t)
         assert not torch.allclose(model.match_scores(batch, batch), before_m)
+        # Re-ranking encodes each image once and fuses it with any caption.
+        shift = torch.roll(torch.arange(len(batch["input_ids"])), 1)
+        texts = {k: v[shift] for k, v in batch.items()}
+        torch.testing.assert_close(model.match_from_states(model.match_image_states(batch), texts),
+                                   model.match_scores(batch, texts))
 
 
 def test_mim_and_psl_run_on_a_hybrid_vits_tokens():
