@@ -47,6 +47,9 @@ from alignlab.models.base import ModelSpec, PretrainingModel, Vocab
 from alignlab.platform import config as config_lib
 from alignlab.platform.checkpoint import CheckpointContents, read_checkpoint, write_checkpoint
 from alignlab.platform.config import Config, OptimConfig
+# Imported with the trainer, not at the first evaluation: a worker then evaluates with the code it
+# trained with, even when the working tree changes under a long run.
+from alignlab.platform.evaluate import evaluate_compositional, evaluate_retrieval, load_shortlist, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +246,6 @@ class Runner:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.shortlist = None
         if cfg.eval.shortlist and self.ctx.rank == 0:
-            from alignlab.platform.evaluate import load_shortlist
-
             self.shortlist = load_shortlist(cfg.eval.shortlist, map_location=device)[0]
         self.resume()
         return self
@@ -428,8 +429,6 @@ class Runner:
     def evaluate(self) -> dict[str, float]:
         """Zero-shot retrieval on the evaluation split, and the compositional accuracies where a
         compositional split is configured (rank 0); the other ranks wait."""
-        from alignlab.platform.evaluate import evaluate_compositional, evaluate_retrieval
-
         metrics: dict[str, float] = {}
         if self.ctx.rank == 0:
             bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
@@ -743,8 +742,6 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         ray.data.DataContext.get_current().enable_progress_bars = False
     inputs = eval_inputs = info.spec.input_spec(cfg.model, cfg.objectives)
     if cfg.eval.shortlist:
-        from alignlab.platform.evaluate import load_shortlist, resolve_checkpoint
-
         # The workers get the folder, not a run id: they need no MLflow store to find it.
         path, _ = resolve_checkpoint(cfg.eval.shortlist, mlflow_uri)
         cfg = replace(cfg, eval=replace(cfg.eval, shortlist=path))
