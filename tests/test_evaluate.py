@@ -215,3 +215,34 @@ def test_input_specs_union_asks_for_every_input_of_both():
     assert not (both.pixels or both.mim or both.qa)
     simla = InputSpec(pixels=True, mim=True, mim_grid=5, mim_ratio=(0.3, 0.4))
     assert (reference.union(simla).mim_grid, reference.union(simla).mim_ratio) == (5, (0.3, 0.4))
+
+
+def test_re_ranking_encodes_each_item_once_and_scores_as_pair_by_pair_encoding():
+    """Re-ranking takes each image's and caption's states once (not once per re-scored pair) and
+    ranks exactly as a model that encodes every pair anew."""
+    keys = torch.arange(8)
+    batch = {"image_key": keys, "input_ids": keys[:, None], "region_features": keys[:, None, None].float()}
+
+    class PerPair(_KeyEmbedder):
+        def match_scores(self, images, texts):  # the oracle, from the region / token columns
+            return (images["region_features"][:, 0, 0].long() == texts["input_ids"][:, 0]).float()
+
+    class Cached(PerPair):
+        encoded = {"images": 0, "texts": 0}
+
+        def match_image_states(self, images):
+            self.encoded["images"] += len(images["region_features"])
+            return {"key": images["region_features"][:, 0, 0].long()}
+
+        def match_text_states(self, texts):
+            self.encoded["texts"] += len(texts["input_ids"])
+            return {"key": texts["input_ids"][:, 0]}
+
+        def match_from_states(self, images, texts):
+            return (images["key"] == texts["key"]).float()
+
+    cached = Cached(noisy=True)
+    via_states = evaluate_retrieval(cached, [batch], torch.device("cpu"), k_captions=3, k_images=3, batch_size=5)
+    per_pair = evaluate_retrieval(PerPair(noisy=True), [batch], torch.device("cpu"), k_captions=3, k_images=3)
+    assert via_states == per_pair and via_states["itm_pairs"] == 48.0
+    assert cached.encoded == {"images": 8, "texts": 8}
