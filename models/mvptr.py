@@ -97,6 +97,10 @@ class MVPTRConfig:
     text_layers: int = 6
     visual_layers: int = 6
     fusion_layers: int = 6
+    # The paper fine-tunes every layer (0). k > 0 keeps the textual encoder's word, position,
+    # segment and phrase-concept embeddings and its first k layers as ``text_init`` loaded them,
+    # and runs them without autograd: a budget choice for small compute, never the paper's.
+    frozen_text_layers: int = 0
 
     @property
     def components(self) -> Components:
@@ -148,6 +152,12 @@ class MVPTR(PretrainingModel):
                               bert_layer_plan(ckpt.num_layers, cfg.fusion_layers, cfg.text_layers))
         if self.parts.phrases:
             self._init_phrases(vocab)
+        self.frozen_text_layers = cfg.frozen_text_layers
+        if self.frozen_text_layers:
+            frozen = [self.text_embeddings, *self.text_encoder.layers[:self.frozen_text_layers]]
+            frozen += [self.phrase_embeddings] if self.parts.phrases else []
+            for module in frozen:
+                module.requires_grad_(False)
 
     @torch.no_grad()
     def _init_phrases(self, vocab: Vocab) -> None:
@@ -172,12 +182,16 @@ class MVPTR(PretrainingModel):
                     phrase_ids: torch.Tensor | None = None, phrase_mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """{w̃, c̃}: (B, L + P, d) and its key mask; P = 0 without phrases."""
-        x, mask = self.text_embeddings(input_ids), attention_mask.bool()
-        if self.parts.phrases:
-            c = self.text_embeddings(phrase_ids, token_type=1, position_offset=input_ids.shape[1],
-                                     table=self.phrase_embeddings)
-            x, mask = torch.cat([x, c], 1), torch.cat([mask, phrase_mask.bool()], 1)
-        return self.text_encoder(x, mask)[0], mask
+        k = self.frozen_text_layers
+        # Nothing below layer k trains, so autograd keeps no activations there: the saving.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and k == 0):
+            x, mask = self.text_embeddings(input_ids), attention_mask.bool()
+            if self.parts.phrases:
+                c = self.text_embeddings(phrase_ids, token_type=1, position_offset=input_ids.shape[1],
+                                         table=self.phrase_embeddings)
+                x, mask = torch.cat([x, c], 1), torch.cat([mask, phrase_mask.bool()], 1)
+            x = self.text_encoder(x, mask, layers=slice(0, k))[0]
+        return self.text_encoder(x, mask, layers=slice(k, None))[0], mask
 
     def encode_image(self, batch: dict[str, torch.Tensor], tag_ids: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -327,6 +341,12 @@ def check_config(cfg) -> None:
     for key in ("text_layers", "visual_layers", "fusion_layers"):
         if getattr(m, key) < 1:
             raise ConfigError(f"config key 'model.mvptr.{key}' must be >= 1")
+    if not 0 <= m.frozen_text_layers < m.text_layers:
+        raise ConfigError(f"config key 'model.mvptr.frozen_text_layers' = {m.frozen_text_layers} must be in "
+                          f"[0, model.mvptr.text_layers = {m.text_layers}): VSC trains the textual [CLS]")
+    if m.frozen_text_layers and not cfg.model.text_init:
+        raise ConfigError("config key 'model.mvptr.frozen_text_layers' freezes pretrained layers: set "
+                          "'model.text_init' (a BERT checkpoint), or leave it at 0")
     if m.wpg_margin < 0:
         raise ConfigError(f"config key 'model.mvptr.wpg_margin' = {m.wpg_margin} must be >= 0")
 

@@ -235,6 +235,44 @@ def test_gradients_reach_all_three_encoders_and_every_input_embedding():
     assert model.visual_cls.grad.abs().sum() > 0 and model.log_scale.grad.abs() > 0
 
 
+def _tiny_bert(path, n_layers=2):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=n_layers, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+def test_frozen_text_layers_change_what_trains_not_what_the_model_computes(tmp_path):
+    bert = f"model.text_init={_tiny_bert(tmp_path / 'bert')}"
+    full = _model("full", bert, "model.mvptr.text_layers=2")
+    frozen = _model("full", bert, "model.mvptr.text_layers=2", "model.mvptr.frozen_text_layers=1")
+    torch.manual_seed(1)  # the same hard negatives drawn for both
+    out_full = full(_batch())
+    torch.manual_seed(1)
+    out_frozen = frozen(_batch())
+    for name, loss in out_full.losses.items():
+        torch.testing.assert_close(out_frozen.losses[name], loss)
+    sum(out_full.losses.values()).backward()
+    sum(out_frozen.losses.values()).backward()
+    grads = dict(full.named_parameters())
+    for name, p in frozen.named_parameters():
+        below = name.startswith(("text_embeddings.", "phrase_embeddings.", "text_encoder.layers.0."))
+        assert p.requires_grad != below and (p.grad is None) == below, name
+        if not below and grads[name].grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.mvptr.frozen_text_layers=1"], "must be in \\[0, model.mvptr.text_layers = 1\\)"),
+    (["model.mvptr.text_layers=2", "model.mvptr.frozen_text_layers=1"], "set 'model.text_init'"),
+])
+def test_frozen_text_layers_are_checked_at_start_up(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg("full", *extra)
+
+
 def test_retrieval_interface():
     model = _model().eval()
     b = _batch()
@@ -313,13 +351,10 @@ def test_mvptr_needs_region_inputs():
 def test_encoders_initialise_from_bert_layers(tmp_path):
     """Text and visual encoders from layers 0..L-1, the multi-modal one from the next L; a
     checkpoint too shallow for that gives the multi-modal encoder its top L layers."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     for n_layers, fusion_src in ((2, 1), (1, 0)):
-        torch.manual_seed(0)
-        BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=n_layers, num_attention_heads=2,
-                             intermediate_size=32, max_position_embeddings=64)).save_pretrained(tmp_path / f"b{n_layers}")
-        hf = BertModel.from_pretrained(tmp_path / f"b{n_layers}")
+        hf = BertModel.from_pretrained(_tiny_bert(tmp_path / f"b{n_layers}", n_layers))
         model = _model("full", f"model.text_init={tmp_path / f'b{n_layers}'}")
         q = lambda i: hf.encoder.layer[i].attention.self.query.weight  # noqa: E731
         torch.testing.assert_close(model.text_encoder.layers[0].attention.query.weight, q(0))
