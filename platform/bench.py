@@ -25,6 +25,10 @@ its figures are rates or ratios taken in the same run; absolute times are contex
   shapes, timed in turn; ``same_result`` checks them equal (sampling with the same generator).
 * **evaluation**: ``evaluate.rerank`` at N = 1k and 5k images of 5 captions with a cheap match
   function: multi-modal pairs (N·k_c + 5N·k_i), their time, and the uni-modal N x 5N part.
+* **rerank states**: each architecture's own ITM re-ranking (demo size, fresh weights, 100
+  synthetic images) from the uni-modal states it encodes once per item, against the same model
+  encoding every re-scored pair anew; both must rank alike. SemVLP fuses from the input, so it
+  has nothing to cache and its ratio is about 1.
 * **step shares**: the demo-size training step of each architecture split into forward, backward
   and optimiser, and the cost of an objective as the step-time difference between a variant
   without it (the configs' own ablation switches, listed in ``bench.yaml``) and its reference.
@@ -62,7 +66,7 @@ import numpy as np
 import torch
 import yaml
 
-from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, CONCEPT_PAD, IGNORE, InputSpec, Vocab
+from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, CONCEPT_PAD, IGNORE, InputSpec, PretrainingModel, Vocab
 from alignlab.platform import config as config_lib
 from alignlab.platform.config import Config
 from alignlab.platform.ingest import image_key
@@ -733,6 +737,62 @@ def bench_rerank(report: Report, sizes: tuple[int, ...] = (1000, 5000), captions
                      **{k: last[k] / first[k] for k in ("match_s", "unimodal_s", "total_s")}})
 
 
+class PairByPair(PretrainingModel):
+    """``model`` re-encoding both sides of every re-scored pair: the base class's default
+    ``match_*_states`` keep the inputs, so ``match_from_states`` is ``model.match_scores`` of
+    each pair's raw inputs (how re-ranking ran before the models cached their uni-modal states)."""
+
+    def __init__(self, model: PretrainingModel):
+        super().__init__()
+        self.model = model
+
+    def embed_images(self, batch):
+        return self.model.embed_images(batch)
+
+    def embed_texts(self, batch):
+        return self.model.embed_texts(batch)
+
+    def match_scores(self, images, texts):
+        return self.model.match_scores(images, texts)
+
+
+def bench_rerank_states(report: Report, plan: list[dict[str, Any]], images: int = 100, captions_per_image: int = 5,
+                        k_captions: int = 16, k_images: int = 8, repeats: int = 3) -> None:
+    """ITM re-ranked retrieval (``evaluate_retrieval``) of each architecture with an ITM head, at
+    its plan size with fresh weights, on one synthetic gallery: from the states it encodes once
+    per image and caption, against :class:`PairByPair` encoding every pair anew. The plan's
+    variants (entries with a ``reference``) share their reference's retrieval and are skipped."""
+    from alignlab.models.registry import get_spec
+    from alignlab.platform.evaluate import evaluate_retrieval
+
+    compares = (f"ITM re-ranked retrieval, {images} images x {captions_per_image} captions, k_c={k_captions}, "
+                f"k_i={k_images}: uni-modal states encoded once per item vs every re-scored pair encoded anew "
+                f"(median of {repeats}, interleaved); speedup = per_pair_s / states_s, same_rsum: both rank alike")
+    with report.section("rerank states", compares) as rows:
+        vocab, cpu = synthetic_vocab(), torch.device("cpu")
+        for entry in plan:
+            cfg = entry["cfg"]
+            spec = get_spec(cfg.model.architecture)
+            if entry["reference"] or spec.model.match_scores is PretrainingModel.match_scores:
+                continue
+            torch.manual_seed(0)
+            model = spec.build(cfg.model, cfg.objectives, vocab)
+            batch = synthetic_batch(spec.input_spec(cfg.model, cfg.objectives), cfg, vocab,
+                                    images * captions_per_image, captions_per_image=captions_per_image)
+            results: dict[str, dict[str, float]] = {}
+
+            def evaluate(name: str, m: PretrainingModel) -> None:
+                results[name] = evaluate_retrieval(m, [batch], cpu, max_images=images, k_captions=k_captions,
+                                                   k_images=k_images, batch_size=cfg.data.eval_batch_size)
+
+            states_ms, pair_ms = interleaved_ms([lambda: evaluate("states", model),
+                                                 lambda: evaluate("per_pair", PairByPair(model))], repeats)
+            rows.append({"model": entry["name"], "pairs": results["states"]["itm_pairs"],
+                         "per_pair_s": pair_ms / 1e3, "states_s": states_ms / 1e3, "speedup": pair_ms / states_ms,
+                         "same_rsum": results["states"]["rsum"] == results["per_pair"]["rsum"]})
+            report.write()
+
+
 # --------------------------------------------------------------------------------------------
 # The commands
 # --------------------------------------------------------------------------------------------
@@ -865,7 +925,9 @@ def run_quick(out: str) -> Report:
     report.write()
     bench_objectives(report)
     bench_rerank(report)
-    bench_step_shares(report, load_plan("quick"))
+    plan = load_plan("quick")
+    bench_rerank_states(report, plan)
+    bench_step_shares(report, plan)
     return report
 
 

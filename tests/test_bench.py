@@ -153,6 +153,24 @@ def test_rerank_bench_counts_pairs_linear_in_n():
     assert large["pairs"] == 2 * small["pairs"] and ratio["pairs"] == 2
 
 
+def test_rerank_states_bench_ranks_as_pair_by_pair_encoding_for_each_model_with_itm(tmp_path):
+    simla = ["data.image_size=32", "model.image.img_size=32", "model.simla.codebook_size=64"]
+    plan_file = tmp_path / "bench.yaml"
+    plan_file.write_text(json.dumps({"quick": {"common": TINY, "models": [
+        {"name": "mvptr", "preset": "mvptr_demo"},
+        {"name": "mvptr -wpg", "preset": "mvptr_demo", "overrides": ["model.mvptr.ablation=wo_wpg"],
+         "reference": "mvptr"},
+        {"name": "simla", "preset": "simla_demo", "overrides": simla},
+        {"name": "dual_encoder", "preset": "dual_encoder_demo"}]}}))
+    report = bench.Report("quick", None, {})
+    bench.bench_rerank_states(report, bench.load_plan("quick", plan_file), images=12, k_captions=3, k_images=2,
+                              repeats=1)
+    rows = report.data["sections"][0]["rows"]
+    assert [r["model"] for r in rows] == ["mvptr", "simla"]  # the variant shares mvptr's; no ITM head
+    for row in rows:
+        assert row["pairs"] == 12 * 3 + 60 * 2 and row["same_rsum"] and row["speedup"] > 0
+
+
 def test_step_shares_split_phases_and_compare_a_variant_with_its_reference(tmp_path):
     plan_file = tmp_path / "bench.yaml"
     plan_file.write_text(json.dumps({"quick": {"common": [*TINY, "data.batch_size=10"], "models": [
