@@ -152,11 +152,11 @@ class MVPTR(PretrainingModel):
                               bert_layer_plan(ckpt.num_layers, cfg.fusion_layers, cfg.text_layers))
         if self.parts.phrases:
             self._init_phrases(vocab)
-        self.frozen_text_layers = cfg.frozen_text_layers
-        if self.frozen_text_layers:
-            frozen = [self.text_embeddings, *self.text_encoder.layers[:self.frozen_text_layers]]
-            frozen += [self.phrase_embeddings] if self.parts.phrases else []
-            for module in frozen:
+        if cfg.frozen_text_layers:
+            # Every input below layer k is frozen too, so autograd records nothing until layer k:
+            # the saving is the frozen layers' backward and their kept activations.
+            frozen = [self.text_embeddings, *self.text_encoder.layers[:cfg.frozen_text_layers]]
+            for module in frozen + ([self.phrase_embeddings] if self.parts.phrases else []):
                 module.requires_grad_(False)
 
     @torch.no_grad()
@@ -182,16 +182,12 @@ class MVPTR(PretrainingModel):
                     phrase_ids: torch.Tensor | None = None, phrase_mask: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """{w̃, c̃}: (B, L + P, d) and its key mask; P = 0 without phrases."""
-        k = self.frozen_text_layers
-        # Nothing below layer k trains, so autograd keeps no activations there: the saving.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and k == 0):
-            x, mask = self.text_embeddings(input_ids), attention_mask.bool()
-            if self.parts.phrases:
-                c = self.text_embeddings(phrase_ids, token_type=1, position_offset=input_ids.shape[1],
-                                         table=self.phrase_embeddings)
-                x, mask = torch.cat([x, c], 1), torch.cat([mask, phrase_mask.bool()], 1)
-            x = self.text_encoder(x, mask, layers=slice(0, k))[0]
-        return self.text_encoder(x, mask, layers=slice(k, None))[0], mask
+        x, mask = self.text_embeddings(input_ids), attention_mask.bool()
+        if self.parts.phrases:
+            c = self.text_embeddings(phrase_ids, token_type=1, position_offset=input_ids.shape[1],
+                                     table=self.phrase_embeddings)
+            x, mask = torch.cat([x, c], 1), torch.cat([mask, phrase_mask.bool()], 1)
+        return self.text_encoder(x, mask)[0], mask
 
     def encode_image(self, batch: dict[str, torch.Tensor], tag_ids: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,5 +1,5 @@
-"""Shared fixtures: one local Ray instance per test session (starting Ray costs seconds), and the
-location of the real data beside the project."""
+"""Shared fixtures: one local Ray instance per test session (starting Ray costs seconds), the
+location of the real data beside the project, and a tiny saved BERT for the loading code."""
 from __future__ import annotations
 
 import os
@@ -75,3 +75,18 @@ def s3_root():
         yield lambda key: f"s3://test:test@shards/{key}?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
     finally:
         server.stop()
+
+
+def save_tiny_bert(path, layers: int = 2, vocab_size: int = 30, hidden: int = 16, heads: int = 2,
+                   intermediate: int = 32):
+    """A randomly initialised Hugging Face BERT saved at ``path`` (seed 0), for the loading code's
+    tests; returns the model, in eval mode."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=heads, intermediate_size=intermediate,
+                                 max_position_embeddings=64)).eval()
+    model.save_pretrained(path)
+    return model

@@ -7,25 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import save_tiny_bert
+
 from alignlab.models.blocks import (BertCheckpoint, TransformerEncoder, TransformerLayer, TransformerSize, ViTEncoder,
                                     bert_layer_plan, resolve_pretrained)
 from alignlab.models.inputs import TRUNKS, ConfigError
 from alignlab.models.dual_encoder import TextEncoder
 
-
-def _save_tiny_bert(path: Path, layers: int = 4):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    model = BertModel(cfg).eval()
-    model.save_pretrained(path)
-    return model
+BERT = dict(layers=4, vocab_size=50, hidden=32, heads=4, intermediate=64)
 
 
 def test_text_encoder_reproduces_a_saved_bert(tmp_path):
-    hf = _save_tiny_bert(tmp_path / "bert")
+    hf = save_tiny_bert(tmp_path / "bert", **BERT)
     ckpt = BertCheckpoint.from_pretrained(str(tmp_path / "bert"))
     size = TransformerSize(32, 4, 64, dropout=0.0)
     ckpt.check_size(size, "test")
@@ -41,7 +34,7 @@ def test_text_encoder_reproduces_a_saved_bert(tmp_path):
 
 
 def test_size_mismatch_is_reported(tmp_path):
-    _save_tiny_bert(tmp_path / "bert")
+    save_tiny_bert(tmp_path / "bert", **BERT)
     ckpt = BertCheckpoint.from_pretrained(str(tmp_path / "bert"))
     with pytest.raises(ValueError, match="model.hidden_size = 64 but the checkpoint has 32"):
         ckpt.check_size(TransformerSize(64, 4, 64), "model.text_init")

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import save_tiny_bert
+
 from alignlab.models import mvptr as mvptr_module
 from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, InputSpec, Vocab
 from alignlab.models.mvptr import MVPTR
@@ -235,17 +237,9 @@ def test_gradients_reach_all_three_encoders_and_every_input_embedding():
     assert model.visual_cls.grad.abs().sum() > 0 and model.log_scale.grad.abs() > 0
 
 
-def _tiny_bert(path, n_layers=2):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=n_layers, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
-    return path
-
-
 def test_frozen_text_layers_change_what_trains_not_what_the_model_computes(tmp_path):
-    bert = f"model.text_init={_tiny_bert(tmp_path / 'bert')}"
+    save_tiny_bert(tmp_path / "bert")
+    bert = f"model.text_init={tmp_path / 'bert'}"
     full = _model("full", bert, "model.mvptr.text_layers=2")
     frozen = _model("full", bert, "model.mvptr.text_layers=2", "model.mvptr.frozen_text_layers=1")
     torch.manual_seed(1)  # the same hard negatives drawn for both
@@ -262,6 +256,19 @@ def test_frozen_text_layers_change_what_trains_not_what_the_model_computes(tmp_p
         assert p.requires_grad != below and (p.grad is None) == below, name
         if not below and grads[name].grad is not None:
             torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+
+
+def test_autograd_records_nothing_below_the_first_trainable_text_layer(tmp_path):
+    """The saving: the frozen layers' outputs carry no graph (no backward, no kept activations),
+    the first trainable layer's do."""
+    save_tiny_bert(tmp_path / "bert")
+    model = _model("full", f"model.text_init={tmp_path / 'bert'}", "model.mvptr.text_layers=2",
+                   "model.mvptr.frozen_text_layers=1")
+    tracked = []
+    for layer in model.text_encoder.layers:
+        layer.register_forward_hook(lambda module, args, out: tracked.append(out[0].requires_grad))
+    model(_batch())
+    assert tracked == [False, True] * 2  # the caption pass, then the MLM pass
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -351,10 +358,8 @@ def test_mvptr_needs_region_inputs():
 def test_encoders_initialise_from_bert_layers(tmp_path):
     """Text and visual encoders from layers 0..L-1, the multi-modal one from the next L; a
     checkpoint too shallow for that gives the multi-modal encoder its top L layers."""
-    from transformers import BertModel
-
     for n_layers, fusion_src in ((2, 1), (1, 0)):
-        hf = BertModel.from_pretrained(_tiny_bert(tmp_path / f"b{n_layers}", n_layers))
+        hf = save_tiny_bert(tmp_path / f"b{n_layers}", n_layers)
         model = _model("full", f"model.text_init={tmp_path / f'b{n_layers}'}")
         q = lambda i: hf.encoder.layer[i].attention.self.query.weight  # noqa: E731
         torch.testing.assert_close(model.text_encoder.layers[0].attention.query.weight, q(0))

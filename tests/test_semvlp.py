@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_bert
+
 from alignlab.models.base import Vocab
 from alignlab.models.blocks import MultiHeadAttention, TransformerSize
 from alignlab.models.objectives import feature_regression_loss
@@ -327,12 +329,7 @@ def test_retrieval_interface_and_eval_mode():
 
 
 def test_shared_encoder_initialises_from_bert(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=LAYERS, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
-    hf = BertModel.from_pretrained(tmp_path / "bert")
+    hf = save_tiny_bert(tmp_path / "bert", LAYERS)
     model = _model(f"model.text_init={tmp_path / 'bert'}")
     for i in range(LAYERS):
         torch.testing.assert_close(model.encoder.layers[i].attention.query.weight,
