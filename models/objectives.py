@@ -130,9 +130,18 @@ def clamp_logit_scale(log_scale: torch.Tensor, max_scale: float = 100.0) -> torc
 
 
 def hard_negative_weights(logits: torch.Tensor, same_item: torch.Tensor) -> torch.Tensor:
-    """p_v2s / p_s2v of MVPTR eq. 1 (softmax of S/τ over candidates) with every candidate that is
-    the positive itself, or another caption/copy of the same image, given zero probability."""
-    return logits.float().softmax(-1).masked_fill(same_item, 0.0)
+    """p_v2s / p_s2v of MVPTR eq. 1: the softmax of S/τ over the candidates that are neither the
+    positive itself nor another caption/copy of the same image (those get zero probability; a
+    row with no candidate left is all zero).
+
+    The excluded columns are masked to -inf *before* the softmax: zeroing them after it lets a
+    positive that leads every candidate by more than ~103 logits (fp32's exp underflow, reached
+    once 1/τ passes ~52) push every other weight to 0, and the row would be dropped as if it had
+    no negative.
+    """
+    has_candidate = ~same_item.all(-1, keepdim=True)
+    weights = logits.float().masked_fill(same_item, float("-inf")).softmax(-1)
+    return torch.where(has_candidate, weights, 0.0)  # an all -inf row's softmax is NaN
 
 
 def sample_hard_negatives(logits: torch.Tensor, same_item: torch.Tensor, mode: str = "sample",

@@ -537,9 +537,9 @@ def hard_negatives_loop(logits: torch.Tensor, row_ids: torch.Tensor, col_ids: to
     """One hard negative per row from p ∝ exp(S/τ) over the columns of other images, row by row."""
     idx, valid = [], []
     for row, key in zip(logits, row_ids):
-        w = row.float().softmax(-1).masked_fill(col_ids == key, 0.0)
-        ok = bool(w.sum() > 0)
-        w = w if ok else torch.ones_like(w)
+        same = col_ids == key
+        ok = not bool(same.all())
+        w = row.float().masked_fill(same, float("-inf")).softmax(-1) if ok else torch.ones_like(row, dtype=torch.float)
         idx.append(w.argmax() if mode == "hardest" else torch.multinomial(w, 1, generator=generator)[0])
         valid.append(ok)
     return torch.stack(idx), torch.tensor(valid)

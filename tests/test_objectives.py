@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from alignlab.models.objectives import (contrastive_loss, masked_token_loss, same_item_mask,
-                                        sample_hard_negatives)
+from alignlab.models.objectives import (contrastive_loss, hard_negative_weights, masked_token_loss,
+                                        same_item_mask, sample_hard_negatives)
 
 
 def test_contrastive_loss_hand_computed_2x2():
@@ -50,6 +50,19 @@ def test_rows_without_candidates_are_flagged():
     same = torch.ones(2, 2, dtype=torch.bool)
     _, valid = sample_hard_negatives(torch.zeros(2, 2), same)
     assert not valid.any()
+
+
+def test_a_positive_far_ahead_of_every_candidate_still_gets_its_hard_negative():
+    # 1/τ = 100 and cosines 1.0 vs -0.1: the positive leads by 110 logits. Softmax first and then
+    # zeroing the positive underflows exp(-110) to 0 in fp32, and the row would look candidate-less.
+    logits = torch.tensor([[100.0, -10.0, -12.0], [-10.0, 100.0, -12.0]])
+    same = torch.eye(2, 3, dtype=torch.bool)
+    idx, valid = sample_hard_negatives(logits, same, mode="hardest")
+    assert valid.all()
+    assert idx.tolist() == [1, 0]
+    weights = hard_negative_weights(logits, same)
+    p = 1 / (1 + math.exp(-2.0))  # -10 against -12 among the candidates left
+    torch.testing.assert_close(weights, torch.tensor([[0.0, p, 1 - p], [p, 0.0, 1 - p]]))
 
 
 def test_masked_token_loss_only_counts_masked_positions():
