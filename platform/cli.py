@@ -39,7 +39,8 @@ def _sweep(args: argparse.Namespace) -> None:
     from alignlab.platform.sweep import run_sweep
     from alignlab.platform.tracking import ui_command
 
-    cfg = load_config(args.preset, args.overrides)
+    cfg = load_config(args.preset, args.overrides + ([f"scaling.max_concurrent_trials={args.max_concurrent_trials}"]
+                                                     if args.max_concurrent_trials else []))
     grid = {}
     for g in args.grid:
         if "=" not in g:
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", required=True, help="key=v1,v2 (repeatable)")
     sweep.add_argument("--name", required=True, help="sweep name; re-running a name resumes it")
     sweep.add_argument("--metric", default="eval/uni_rsum")
+    sweep.add_argument("--max-concurrent-trials", type=int, default=0, metavar="N",
+                       help="run at most N trials at once (default: as many as the cluster holds at its largest)")
     sweep.set_defaults(func=_sweep)
 
     bench = sub.add_parser("bench", help="speed figures, each measured side by side in one run (platform/bench.py)")

@@ -197,6 +197,15 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    # How a run's train workers spread over nodes (Ray placement-group strategies): PACK fills a
+    # node first; SPREAD / STRICT_SPREAD put one DDP worker per node where the cluster allows.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Trials a sweep runs at once; 0 = as many as the cluster holds at its largest (the
+    # autoscaler's configured maximum where one runs, else what the cluster has now).
+    max_concurrent_trials: int = 0
+    # The autoscaler's cluster YAML ("" = ~/ray_bootstrap_config.yaml, where `ray up` puts it on
+    # the head that runs the job drivers).
+    autoscaling_config: str = ""
 
 
 @dataclass
@@ -506,7 +515,7 @@ _AT_LEAST_ONE = ("data.max_text_len", "data.max_phrases", "data.max_regions", "d
                  "eval.k_captions", "eval.k_images")
 _NON_NEGATIVE = ("data.prefetch_batches", "data.shuffle_buffer", "data.max_train_rows", "optim.min_lr",
                  "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "tracking.max_failures",
-                 "tracking.eval_every", "scaling.gpus_per_worker")
+                 "tracking.eval_every", "scaling.gpus_per_worker", "scaling.max_concurrent_trials")
 _POSITIVE = ("optim.lr", "optim.eps", "model.temperature", "scaling.cpus_per_worker")
 _UNIT_INTERVAL = ("model.dropout", "optim.warmup_ratio", "objectives.mlm_prob", "objectives.mcr_prob",
                   "objectives.object_mask_prob", "optim.betas[0]", "optim.betas[1]")  # [0, 1)

@@ -57,8 +57,13 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
     parser.add_argument("--reference", nargs="?", const=REFERENCE_PRESET, default="", metavar="PRESET",
                         help=f"add the frozen-feature reference row: PRESET (default {REFERENCE_PRESET}) trained "
                              f"on the same shards with the same seeds and evaluated on the same split")
+    parser.add_argument("--max-concurrent-trials", type=int, default=0, metavar="N",
+                        help="run at most N trials at once (default: as many as the cluster holds at its largest, "
+                             "the autoscaler's maximum on an autoscaling cluster)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
     args = parser.parse_args(argv)
+    if args.max_concurrent_trials:
+        args.overrides.append(f"scaling.max_concurrent_trials={args.max_concurrent_trials}")
     args.only = getattr(args, "only", None) or (sweeps[0] if len(sweeps) == 1 else None)
     if args.grid and args.only is None:
         parser.error(f"--grid restricts one sweep's axis: name that sweep with --only {{{','.join(sweeps)}}}")

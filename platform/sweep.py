@@ -3,10 +3,10 @@ MLflow holds one parent run per sweep with one child run per trial.
 
 The Train V2 pattern: a Tune *function* trainable launches ``TorchTrainer.fit()`` with a
 ``TuneReportCallback``, so the Train workers' reports become the trial's results. Trials run as
-many at a time as the cluster's free CPUs and GPUs hold (one at a time on a 2-CPU machine). An
-interrupted sweep resumes with ``Tuner.restore``: finished trials are kept, unfinished ones
-restart and their Train runs resume from their own last checkpoints, logging into the same
-MLflow child runs.
+many at a time as the cluster holds at its largest (:func:`trial_concurrency`; one at a time on a
+2-CPU machine). An interrupted sweep resumes with ``Tuner.restore``: finished trials are kept,
+unfinished ones restart and their Train runs resume from their own last checkpoints, logging into
+the same MLflow child runs.
 """
 from __future__ import annotations
 
@@ -60,18 +60,23 @@ def _as_overrides(point: dict[str, Any]) -> list[str]:
 
 
 def trial_concurrency(cfg: Config) -> int:
-    """How many trials the cluster holds at once: each needs its train workers plus the slots of
-    its data stages (``train.trial_cpus``)."""
+    """How many trials run at once: ``scaling.max_concurrent_trials`` where set, else as many as
+    the cluster holds at its largest — the autoscaler's configured maximum where one runs
+    (:mod:`alignlab.platform.cluster`), else the resources present now. Each trial needs its
+    train workers plus the slots of its data stages (``train.trial_cpus``). On an autoscaling
+    cluster the trials beyond what is up now wait for their resources, which is what makes the
+    autoscaler add nodes."""
     import ray
 
+    from alignlab.platform import cluster
     from alignlab.platform.train import trial_cpus
 
-    res = ray.cluster_resources()
-    by_cpu = int(res.get("CPU", 1) // trial_cpus(cfg))
-    if cfg.scaling.use_gpu:
-        by_gpu = int(res.get("GPU", 0) // (cfg.scaling.num_workers * cfg.scaling.gpus_per_worker))
-        return max(1, min(by_cpu, by_gpu))
-    return max(1, by_cpu)
+    if cfg.scaling.max_concurrent_trials:
+        return cfg.scaling.max_concurrent_trials
+    autoscaler = cluster.autoscaling_config(cfg.scaling.autoscaling_config)
+    resources = cluster.largest_cluster(autoscaler) if autoscaler else ray.cluster_resources()
+    gpus = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0
+    return cluster.trials_that_fit(resources, trial_cpus(cfg), gpus)
 
 
 def _trial(trial_config: dict[str, Any]) -> None:
@@ -115,15 +120,19 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
     """Runs (or resumes) sweep ``name``: one trial per grid point."""
     import ray.tune
 
-    from alignlab.platform.train import init_ray, prepare
+    from alignlab.platform import cluster
+    from alignlab.platform.train import check_cluster_storage, init_ray, prepare
 
     validate_grid(base, grid)
     base = config_lib.with_absolute_paths(base)
     init_ray(base)
     prepare(base)  # schema and vocabulary checks once, before any trial
     uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri)
-    parent = _parent_run(uri, base.tracking.experiment, name, grid)
     root = storage_path or tracking.resolve_storage(base.tracking.storage_path)
+    check_cluster_storage(base, uri, root)
+    if cluster.autoscaling_config(base.scaling.autoscaling_config):
+        cluster.pin_data_bookkeeping_here()
+    parent = _parent_run(uri, base.tracking.experiment, name, grid)
     tune_path = _join(root, "tune")
     param_space = {
         "overrides": {k: ray.tune.grid_search(v) for k, v in grid.items()},

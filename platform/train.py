@@ -735,6 +735,9 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
     cfg = config_lib.with_absolute_paths(cfg)
     info = prepare(cfg)  # bad shards are named before a local cluster starts
     init_ray(cfg)
+    # Each run checks, not only the sweep's start: nodes the autoscaler added since are covered.
+    storage_path = storage_path or resolve_storage(cfg.tracking.storage_path)
+    check_cluster_storage(cfg, mlflow_uri, storage_path)
     if not sys.stdout.isatty():
         # Ray Data redraws a progress bar per operator several times a second; into a job log or
         # a pipe each redraw is a line (half a million in the main job's log), on a core's time.
@@ -765,10 +768,11 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         train_loop_config={"cfg": cfg, "spec": info.spec, "vocab": info.vocab, "steps_per_epoch": info.steps_per_epoch,
                            "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id, "counter": counter},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name or run_key(cfg),
-            storage_path=storage_path or resolve_storage(cfg.tracking.storage_path),
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.tracking.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or []),
@@ -776,6 +780,16 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     return trainer.fit()
+
+
+def check_cluster_storage(cfg: Config, mlflow_uri: str, storage_path: str) -> None:
+    """Fails at start-up where the run's checkpoints or MLflow store sit on a local path that a
+    node of the cluster (alive now, or one the autoscaler may add) cannot reach
+    (:func:`alignlab.platform.cluster.check_shared_storage`)."""
+    from alignlab.platform import cluster
+
+    cluster.check_shared_storage({"tracking.storage_path": storage_path, "tracking.mlflow_uri": mlflow_uri},
+                                 cluster.autoscaling_config(cfg.scaling.autoscaling_config), cluster.ray_nodes_seeing)
 
 
 def train(cfg: Config, parent_run_id: str | None = None, run_name: str | None = None) -> dict[str, Any]:

@@ -1,0 +1,278 @@
+"""Scale-out on Ray's fake multi-node provider: the autoscaler runs for real and its "nodes" are
+local raylets, declared as cluster.yaml declares them (a head with 0 CPU / 0 GPU, GPU-worker nodes
+added on demand up to 4, given back when idle), each shrunk to one trial's slots.
+
+A sweep of 4 tiny trials starts on the empty head, its concurrency read from the autoscaler's
+maximum (4, not the 1 the empty cluster would give), scales to the nodes its trials need, runs
+them at once and scales back to no worker node; the same sweep capped at one trial at a time
+gives the serial wall time. The node count over time, the trials that overlapped (from their
+MLflow runs' start and end) and both wall times are printed. Then one DDP group of two Ray Train workers is placed on two nodes
+(STRICT_SPREAD) and its global-batch contrastive loss and gradients over gloo equal one process's
+over the concatenated batch, as tests/test_global_batch.py shows for two local processes.
+
+The scenario runs in a subprocess (this file as a script): it needs a Ray cluster of its own,
+started with ``ray start`` and torn down by killing only that cluster's processes (``ray stop``
+would also stop any other Ray on the machine, such as this test session's).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+WORKER_TYPE = "gpu_worker"
+TRIALS = 4
+
+
+def test_a_sweep_fills_an_autoscaling_cluster_and_gives_it_back(tmp_path):
+    out = tmp_path / "scale_out.json"
+    subprocess.run([sys.executable, __file__, str(tmp_path), str(out)], check=True, timeout=1100)
+    r = json.loads(out.read_text())
+    print(json.dumps({k: v for k, v in r.items() if k != "timeline"}, indent=1))
+    changes = [(t, n) for i, (t, n) in enumerate(r["timeline"]) if i == 0 or n != r["timeline"][i - 1][1]]
+    print("worker nodes over time (s, nodes):", changes)
+
+    sweep, serial = r["sweep"], r["serial"]
+    # Sized from the autoscaler's maximum, not from the empty head (which would give 1).
+    assert r["concurrency_at_start_by_resources_now"] == 1
+    assert sweep["concurrency"] == TRIALS and serial["concurrency"] == 1
+    for s in (sweep, serial):
+        assert s["errors"] == [] and s["finished"] == TRIALS
+        assert s["nodes_before"] == 0 and s["nodes_after_idle"] == 0  # from none, and given back
+    # The autoscaler packs what the trials really hold, so 4 trials may share fewer nodes than their
+    # declared slots would; capped at one trial, one node does.
+    assert 2 <= sweep["max_nodes"] <= TRIALS and serial["max_nodes"] == 1
+    assert sweep["max_trials_at_once"] >= 2
+    assert serial["max_trials_at_once"] == 1
+    # The fake nodes share the machine's cores, so on 2 cores the concurrent sweep is not faster
+    # (0.82x the serial one in the run the README reports): the wall times are recorded, not asserted.
+    assert sweep["wall_s"] > 0 and serial["wall_s"] > 0
+    ddp = r["ddp"]
+    assert len(set(ddp["nodes"])) == 2  # the two ranks ran on two nodes
+    assert ddp["loss_equal"] and ddp["grads_equal"]
+
+
+# --------------------------------------------------------------------------------------------
+# The scenario (run as a script)
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _fake_cluster_yaml(path: Path, gcs_address: str, node_cpus: int) -> None:
+    """cluster.yaml's node types on the fake provider: the head declares nothing, each GPU worker
+    one trial's CPU slots and one (fake) GPU, at most 4, released after 6 s idle."""
+    import yaml
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_TYPE
+
+    config = {
+        "cluster_name": "alignlab-fake", "max_workers": 4, "upscaling_speed": 4.0, "idle_timeout_minutes": 0.1,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {
+            # The fake provider registers its head under this type name.
+            FAKE_HEAD_NODE_TYPE: {"resources": {"CPU": 0, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            WORKER_TYPE: {"resources": {"CPU": node_cpus, "GPU": 1, "object_store_memory": 200 * 2**20},
+                          "node_config": {}, "min_workers": 0, "max_workers": 4},
+        },
+        "head_node_type": FAKE_HEAD_NODE_TYPE, "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+    path.write_text(yaml.safe_dump(config))
+
+
+def _kill_cluster(markers: list[str]) -> None:
+    """Kills the processes of this cluster only: those whose command line names its temp dir or
+    its session (read from /proc; the project does not depend on psutil)."""
+    import signal
+
+    mine = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(proc.name) != os.getpid() and any(m in cmdline for m in markers):
+            mine.append(int(proc.name))
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class NodeWatch:
+    """Samples the number of alive worker nodes every half second."""
+
+    def __init__(self):
+        self.timeline: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.t0 = time.time()
+        self._thread.start()
+
+    def workers(self) -> int:
+        import ray
+
+        return sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.timeline.append((round(time.time() - self.t0, 1), self.workers()))
+            time.sleep(0.5)
+
+    def max_between(self, start: float, end: float) -> int:
+        return max((n for t, n in self.timeline if start - self.t0 <= t <= end - self.t0), default=0)
+
+    def wait_for(self, count: int, timeout: float) -> int:
+        end = time.time() + timeout
+        while time.time() < end and self.workers() != count:
+            time.sleep(1)
+        return self.workers()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    best = now = 0
+    for _, d in events:
+        now += d
+        best = max(best, now)
+    return best
+
+
+def _run_sweep(cfg, name: str, watch: NodeWatch, uri: str) -> dict:
+    from alignlab.platform import tracking
+    from alignlab.platform.sweep import run_sweep, trial_concurrency
+
+    before = watch.wait_for(0, 120)
+    start = time.time()
+    result = run_sweep(cfg, {"seed": list(range(TRIALS))}, name)
+    end = time.time()
+    runs = [tracking.client(uri).get_run(t.mlflow_run_id) for t in result.trials if t.mlflow_run_id]
+    # Each trial's Ray Train run, from its first logged step to its end: when trials overlapped.
+    spans = [(r.info.start_time / 1e3, r.info.end_time / 1e3) for r in runs if r.info.end_time]
+    return {"concurrency": trial_concurrency(cfg), "wall_s": round(end - start, 1),
+            "errors": [t.error for t in result.trials if t.error],
+            "finished": sum(r.info.status == "FINISHED" for r in runs), "nodes_before": before,
+            "max_nodes": watch.max_between(start, end), "max_trials_at_once": _max_overlap(spans),
+            "nodes_after_idle": watch.wait_for(0, 180)}
+
+
+def _ddp_across_nodes(tmp: Path) -> dict:
+    """Two Ray Train workers, one per node, each computing test_global_batch's contrastive scenario
+    on its slice; against one process over the concatenated batch."""
+    import ray
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+    from test_global_batch import N, WORLD, _contrastive, contrastive_loss, full_batch, make_encoder
+
+    out_dir = tmp / "ddp"
+    out_dir.mkdir()
+
+    def loop(config):
+        rank = ray.train.get_context().get_world_rank()
+        result = _contrastive(rank)
+        result["node"] = ray.get_runtime_context().get_node_id()
+        torch.save(result, os.path.join(config["dir"], f"rank{rank}.pt"))
+
+    TorchTrainer(loop, train_loop_config={"dir": str(out_dir)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=WORLD, placement_strategy="STRICT_SPREAD"),
+                 run_config=ray.train.RunConfig(storage_path=str(tmp / "ddp_results"))).fit()
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    x_img, x_txt = full_batch()
+    x_img.requires_grad_()
+    x_txt.requires_grad_()
+    model = make_encoder()
+    loss = contrastive_loss(*model(x_img, x_txt))
+    loss.backward()
+    grads_equal = all(torch.allclose(r["grad_img"] / WORLD, x_img.grad[i * N:(i + 1) * N], atol=1e-5)
+                      and all(torch.allclose(r["params"][k], p.grad, atol=1e-5) for k, p in model.named_parameters())
+                      for i, r in enumerate(ranks))
+    mean = torch.stack([r["loss"] for r in ranks]).mean().item()
+    return {"nodes": [r["node"] for r in ranks], "loss_two_nodes": mean, "loss_one_process": loss.item(),
+            "loss_equal": abs(mean - loss.item()) < 1e-5, "grads_equal": grads_equal}
+
+
+def main(tmp: Path, out: Path) -> None:
+    # Token authentication as cluster.yaml runs it, with a token of this cluster's own, set before
+    # Ray is imported (it reads the mode once): nothing reads or writes ~/.ray/auth_token, which
+    # another Ray cluster on the machine may be using.
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+                       # the test session's pacing for tiny runs (conftest.ray_session)
+                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"})
+    os.environ.pop("RAY_ADDRESS", None)
+    import ray
+
+    from test_e2e import TINY
+
+    from alignlab.platform.config import load_config
+    from alignlab.platform.synth import SynthConfig, generate
+    from alignlab.platform.train import trial_cpus
+
+    synth = tmp / "synth"
+    generate(str(synth), SynthConfig(n_train_images=64, n_test_images=16, rows_per_file=32))
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    port = _free_port()
+    ip = ray.util.get_node_ip_address()
+    yaml_path = tmp / "fake_cluster.yaml"
+    overrides = [*TINY, f"data.shards={synth}", f"tracking.mlflow_uri={uri}", f"tracking.storage_path={tmp}/ray_results",
+                 "optim.max_steps=4", "tracking.checkpoint_every=4", f"scaling.autoscaling_config={yaml_path}"]
+    cfg = load_config("dual_encoder_demo", overrides)
+    _fake_cluster_yaml(yaml_path, f"{ip}:{port}", node_cpus=trial_cpus(cfg))
+    temp_dir = tempfile.mkdtemp(prefix="alfk", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           # Every process of the cluster imports the DDP scenario from tests/.
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    ray_cli = str(Path(sys.executable).with_name("ray"))  # the venv's, activated or not
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=0", "--num-gpus=0", f"--temp-dir={temp_dir}",
+                    f"--autoscaling-config={yaml_path}", "--include-dashboard=false", "--disable-usage-stats"],
+                   env=env, check=True)
+    markers = [temp_dir]
+    try:
+        os.environ["RAY_ADDRESS"] = f"{ip}:{port}"
+        # Ray Train's own helpers find "the" cluster by address: name it where another one may run.
+        ray.init(configure_logging=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                                                    "RAY_ADDRESS": os.environ["RAY_ADDRESS"]}})
+        markers.append(ray._private.worker.global_worker.node.session_name)  # the fake nodes' processes name it
+        from alignlab.platform import cluster
+
+        result = {"concurrency_at_start_by_resources_now": cluster.trials_that_fit(ray.cluster_resources(),
+                                                                                    trial_cpus(cfg), 0)}
+        watch = NodeWatch()
+        result["sweep"] = _run_sweep(cfg, "scale-out", watch, uri)
+        result["serial"] = _run_sweep(load_config("dual_encoder_demo", [*overrides, "scaling.max_concurrent_trials=1"]),
+                                      "scale-out-serial", watch, uri)
+        result["ddp"] = _ddp_across_nodes(tmp)
+        watch.stop()
+        result["speedup"] = round(result["serial"]["wall_s"] / result["sweep"]["wall_s"], 2)
+        result["timeline"] = watch.timeline
+        out.write_text(json.dumps(result))
+    finally:
+        ray.shutdown()
+        _kill_cluster(markers)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
