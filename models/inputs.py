@@ -43,10 +43,12 @@ class InputSpec:
     tags: bool = False  # tag_ids (B, T) of detected object classes (MVPTR's visual concepts)
     phrases: bool = False  # phrase_ids (B, P) of phrase concepts (MVPTR §3.1)
     # SIMLA's MIM: a BEiT block-wise mask ``mim_mask`` (B, grid, grid) over the image patches,
-    # True where a patch is masked, its masked fraction drawn from ``mim_ratio`` per image.
+    # True where a patch is masked, its masked fraction drawn from ``mim_ratio`` per image, in
+    # blocks of at least ``mim_min_block`` patches.
     mim: bool = False
     mim_grid: int = 0
     mim_ratio: tuple[float, float] = (0.0, 0.0)
+    mim_min_block: int = 16
     # mlm_input_ids / mlm_labels, masked at objectives.mlm_prob; with phrases also mlm_phrase_ids
     # (chain masking, MVPTR §3.3)
     mlm: bool = False
@@ -67,7 +69,8 @@ class InputSpec:
         merged = {f: getattr(self, f) or getattr(other, f) for f in self.__dataclass_fields__
                   if isinstance(getattr(self, f), bool)}
         masked = self if self.mim else other
-        return InputSpec(**merged, mim_grid=masked.mim_grid, mim_ratio=masked.mim_ratio)
+        return InputSpec(**merged, mim_grid=masked.mim_grid, mim_ratio=masked.mim_ratio,
+                         mim_min_block=masked.mim_min_block)
 
 
 # Id layout of concept sequences (tag_ids and phrase_ids), shared by the data stage and the models:

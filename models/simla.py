@@ -86,9 +86,12 @@ class SIMLAConfig:
     rpq_dim: int = 16  # projection width of the random-projection quantizer (BEST-RQ)
     rpq_seed: int = 0  # seed of its frozen projection and codebook
     dvae_path: str = ""
-    # BEiT block-wise masking: the fraction of image patches masked is drawn uniformly from
-    # these bounds per image (BEiT: 75 of 196 patches, about 0.4).
+    # BEiT block-wise masking (SIMLA §2.3 "following the masking strategy of BEiT"): the
+    # fraction of image patches masked is drawn uniformly from these bounds per image (BEiT: about
+    # 40%, its 75 of 196), in blocks of at least mim_min_block patches (BEiT's min_num_patches).
+    # The official SIMLA code keeps BEiT's count instead, 75 of its 256 patches (0.29).
     mim_ratio: tuple[float, float] = (0.35, 0.45)
+    mim_min_block: int = 16
 
     def components(self) -> tuple[str, ...]:
         """The enabled objectives: the named row's, or the flags'."""
@@ -175,7 +178,7 @@ class SIMLA(PretrainingModel):
         mim = "mim" in s.components()
         return InputSpec(pixels=True, mlm="mlm" in s.components(), mim=mim,
                          mim_grid=img.img_size // img.patch_size if mim else 0,
-                         mim_ratio=tuple(s.mim_ratio) if mim else (0.0, 0.0))
+                         mim_ratio=tuple(s.mim_ratio) if mim else (0.0, 0.0), mim_min_block=s.mim_min_block)
 
     # ----------------------------------------------------------------------------------------
     # Momentum model and schedules
@@ -407,6 +410,8 @@ def check_config(cfg) -> None:
                           f"global batch data.batch_size = {cfg.data.batch_size}")
     if not 0.0 <= s.mim_ratio[0] <= s.mim_ratio[1] < 1.0:
         raise ConfigError(f"config key 'model.simla.mim_ratio' = {list(s.mim_ratio)} must be 0 <= low <= high < 1")
+    if s.mim_min_block < 1:
+        raise ConfigError(f"config key 'model.simla.mim_min_block' = {s.mim_min_block} must be >= 1")
     if s.psl_k < 1:
         raise ConfigError("config key 'model.simla.psl_k' must be >= 1")
     if not 0.0 <= s.momentum < 1.0:

@@ -285,7 +285,7 @@ def synthetic_batch(spec: InputSpec, cfg: Config, vocab: Vocab, n: int, seed: in
             out["masked_region_features"] = np.where(selected[..., None], 0.0, out["region_features"]).astype(np.float32)
             out["object_labels"] = np.where(selected, region_tags, IGNORE).astype(np.int64)
     if spec.mim:
-        out["mim_mask"] = block_mask(n, spec.mim_grid, spec.mim_ratio, rng)
+        out["mim_mask"] = block_mask(n, spec.mim_grid, spec.mim_ratio, rng, min_block=spec.mim_min_block)
     if spec.qa and vocab.answers:
         out["answer_labels"] = rng.integers(0, len(vocab.answers), n).astype(np.int64)
     out["image_key"] = np.array([image_key(f"bench-image-{i}") for i in image_of], dtype=np.int64)

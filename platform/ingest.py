@@ -313,7 +313,8 @@ class Preprocessor:
             out["object_labels"] = np.where(selected, labels, IGNORE)
         if self.spec.mim:
             # SIMLA's MIM: BEiT block-wise patch masks, drawn here so the train step only computes.
-            out["mim_mask"] = block_mask(n, self.spec.mim_grid, self.spec.mim_ratio, self.rng)
+            out["mim_mask"] = block_mask(n, self.spec.mim_grid, self.spec.mim_ratio, self.rng,
+                                         min_block=self.spec.mim_min_block)
         if self.spec.qa and "answer" in batch:  # last: notes are counted on kept rows only
             out["answer_labels"] = self._answer_labels(batch["question"], text["answer"], keep, note)
         for c in self.id_columns:

@@ -61,7 +61,7 @@ def chain_mask(phrase_ids: np.ndarray, concept_tokens: list[frozenset[int]], inp
     return out
 
 
-def block_mask(n: int, grid: int, ratio: tuple[float, float], rng: np.random.Generator, min_block: int = 4,
+def block_mask(n: int, grid: int, ratio: tuple[float, float], rng: np.random.Generator, min_block: int = 16,
                min_aspect: float = 0.3) -> np.ndarray:
     """BEiT's block-wise masking of image patches (Bao et al., 2022, Algorithm 1), used by SIMLA's
     MIM (§2.3): (n, grid, grid) booleans, True at masked patches.

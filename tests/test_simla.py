@@ -288,6 +288,20 @@ def test_block_mask_is_blockwise():
     assert (neighbour & m).sum() / m.sum() > 0.9
 
 
+def test_simla_paper_masks_beits_forty_percent_in_blocks_of_at_least_16():
+    """The reading simla_paper follows (#15): BEiT's 40% of the 256 patches of a 256 px crop, blocks
+    of at least 16 patches; the official code's 75 of 256 would be 0.29."""
+    from alignlab.models.simla import SIMLA
+
+    cfg = load_config("simla_paper")
+    spec = SIMLA.input_spec(cfg.model, cfg.objectives)
+    assert (spec.mim_grid, spec.mim_ratio, spec.mim_min_block) == (16, (0.4, 0.4), 16)
+    masks = block_mask(50, spec.mim_grid, spec.mim_ratio, np.random.default_rng(0), min_block=spec.mim_min_block)
+    assert (masks.reshape(50, -1).sum(1) == round(0.4 * 256)).all()  # 102 patches, not 75
+    with pytest.raises(ConfigError, match="model.simla.mim_min_block"):
+        load_config("simla_paper", ["model.simla.mim_min_block=0"])
+
+
 def test_distillation_loss_hand_computed():
     logits = torch.tensor([[math.log(3.0), 0.0]])  # p = (0.75, 0.25)
     hard = torch.tensor([[1.0, 0.0]])
