@@ -37,7 +37,8 @@ Readings where the paper leaves a choice:
 * WPG (eq. 2, text-to-image only) reuses those image negatives and the positive pass, so it adds
   no multi-modal forward; its mean runs over the ⌈n/2⌉ texts that got a negative image and have
   at least one phrase. The hinge is clamped at zero from below (see ``objectives.wpg_hinge``).
-* VSC uses the [CLS] outputs themselves, L2-normalised, without a projection ("we take the
+* VSC (the paper reading; READINGS lists the official code's) uses the [CLS] outputs themselves,
+  L2-normalised, without a projection ("we take the
   L2-normalized output representations of [CLS]"); τ is learnable (``model.temperature`` its
   initial value).
 * One visual pass on the MCR-masked tags feeds MCR, VSC and the multi-modal encoder: tags never
@@ -87,6 +88,18 @@ TABLE4: dict[str, Components] = {
 
 
 @dataclass
+# The two readings of MVPTR (#15): what each reading switch of MVPTRConfig takes unless set
+# explicitly. "paper" follows the paper's text, "official" the authors' code
+# (Junction4Nako/mvp_pytorch), as the audit of #15 describes it. The README's table of readings
+# lists every difference, with the ones not switchable yet.
+READINGS = {
+    "paper": {"vsc_projection": "none", "temperature_clamp": "clip", "itm_draw": "objectives",
+              "itm_exclude": "same_image"},
+    "official": {"vsc_projection": "linear", "temperature_clamp": "none", "itm_draw": "hardest",
+                 "itm_exclude": "own_pair"},
+}
+
+
 class MVPTRConfig:
     """``model.mvptr``: MVPTR-specific options (Li et al., 2022, §3 and Table 4)."""
 
@@ -101,6 +114,26 @@ class MVPTRConfig:
     # segment and phrase-concept embeddings and its first k layers as ``text_init`` loaded them,
     # and runs them without autograd: a budget choice for small compute, never the paper's.
     frozen_text_layers: int = 0
+    # Reading switches (READINGS): "" takes the value of ``reading``; set one to mix readings.
+    reading: Literal["paper", "official"] = "paper"
+    # VSC's global embeddings (eq. 1): "none", the [CLS] outputs L2-normalised as they are
+    # ("we take the L2-normalized [CLS]"), or "linear", a learnable projection to model.embed_dim
+    # before normalising (the official code's txt_proj / vis_proj).
+    vsc_projection: Literal["", "none", "linear"] = ""
+    # The learnable temperature τ of eq. 1: "clip", τ >= 0.01 (CLIP's cap; the paper states
+    # none), or "none", unclamped (the official code).
+    temperature_clamp: Literal["", "clip", "none"] = ""
+    # ITM's hard negative (eq. 4): "objectives", drawn as objectives.itm_negatives says (sample
+    # from p_s2v / p_v2s by default, the paper's "sampled"), or "hardest", the argmax (the
+    # official code's hn_mod='hard').
+    itm_draw: Literal["", "objectives", "hardest"] = ""
+    # Which columns ITM and WPG never draw: "same_image", any caption of the row's image, or
+    # "own_pair", only the row's own (the official code excludes just the diagonal).
+    itm_exclude: Literal["", "same_image", "own_pair"] = ""
+
+    def switch(self, name: str) -> str:
+        """A reading switch's value: set explicitly, else the reading's (READINGS)."""
+        return getattr(self, name) or READINGS[self.reading][name]
 
     @property
     def components(self) -> Components:
@@ -116,7 +149,8 @@ class MVPTR(PretrainingModel):
         self.parts = cfg.components
         self.margin = cfg.wpg_margin
         self.negatives = objectives_cfg.negatives
-        self.negative_mode = objectives_cfg.itm_negatives
+        self.cfg = cfg
+        self.negative_mode = "hardest" if cfg.switch("itm_draw") == "hardest" else objectives_cfg.itm_negatives
         size = TransformerSize(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
                                model_cfg.dropout)
         h = size.hidden_size
@@ -139,6 +173,9 @@ class MVPTR(PretrainingModel):
             self.tag_embeddings = TextEmbeddings(len(vocab.tags) + CONCEPT_OFFSET, size)
         if self.parts.mcr:
             self.mcr_head = PredictionHead(h, len(vocab.tags))
+        if cfg.switch("vsc_projection") == "linear":
+            self.vsc_image_proj = nn.Linear(h, model_cfg.embed_dim)
+            self.vsc_text_proj = nn.Linear(h, model_cfg.embed_dim)
         init_weights(self)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / model_cfg.temperature)))
 
@@ -214,13 +251,19 @@ class MVPTR(PretrainingModel):
     # Retrieval interface (§4.2)
     # ----------------------------------------------------------------------------------------
 
+    def vsc_embedding(self, cls: torch.Tensor, modality: str) -> torch.Tensor:
+        """VSC's global embedding (eq. 1) of a visual or textual [CLS] output: L2-normalised, after
+        the official reading's learnable projection where ``vsc_projection`` is "linear"."""
+        if self.cfg.switch("vsc_projection") == "linear":
+            cls = (self.vsc_image_proj if modality == "image" else self.vsc_text_proj)(cls)
+        return F.normalize(cls, dim=-1)
+
     def embed_images(self, batch):
-        """The L2-normalised visual [CLS] output (VSC's global image embedding, no projection)."""
-        return F.normalize(self.encode_image(batch)[0][:, 0], dim=-1)
+        return self.vsc_embedding(self.encode_image(batch)[0][:, 0], "image")
 
     def embed_texts(self, batch):
-        return F.normalize(self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("phrase_ids"),
-                                            batch.get("phrase_mask"))[0][:, 0], dim=-1)
+        return self.vsc_embedding(self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("phrase_ids"),
+                                                   batch.get("phrase_mask"))[0][:, 0], "text")
 
     def match_scores(self, images, texts):
         """p_itm(match) of each aligned pair, for re-ranking the uni-modal top-k."""
@@ -278,10 +321,11 @@ class MVPTR(PretrainingModel):
                                       batch.get("phrase_mask"))
 
         # VSC (eq. 1) on the L2-normalised uni-modal [CLS] outputs, against the global batch.
-        img_g, txt_g = F.normalize(vis[:, 0], dim=-1), F.normalize(txt[:, 0], dim=-1)
+        img_g, txt_g = self.vsc_embedding(vis[:, 0], "image"), self.vsc_embedding(txt[:, 0], "text")
         img_all, offset = global_view(img_g, self.negatives)
         txt_all, _ = global_view(txt_g, self.negatives)
-        scale = clamp_logit_scale(self.log_scale)
+        scale = clamp_logit_scale(self.log_scale, max_scale=math.inf if self.cfg.switch("temperature_clamp") == "none"
+                                  else 100.0)
         losses["vsc"] = contrastive_loss(img_g, txt_g, scale, img_all, txt_all, offset)
 
         # Hard negatives for ITM (n positives + n negatives, eq. 4): the first half of the texts
@@ -292,8 +336,11 @@ class MVPTR(PretrainingModel):
             keys = batch["image_key"]
             keys_all = gather_no_grad(keys) if self.negatives == "global" else keys
         h = (n + 1) // 2
-        neg_img, ok_img = global_hard_negatives(logits_t2i[:h], keys[:h], keys_all, self.negative_mode)
-        neg_txt, ok_txt = global_hard_negatives(logits_i2t[h:], keys[h:], keys_all, self.negative_mode)
+        exclude = self.cfg.switch("itm_exclude")
+        neg_img, ok_img = global_hard_negatives(logits_t2i[:h], keys[:h], keys_all, self.negative_mode,
+                                                exclude=exclude, offset=offset)
+        neg_txt, ok_txt = global_hard_negatives(logits_i2t[h:], keys[h:], keys_all, self.negative_mode,
+                                                exclude=exclude, offset=offset + h)
         img_rows = self._rows({"states": regions, "mask": rmask}, neg_img)
         txt_rows = self._rows({"states": txt, "mask": tmask}, neg_txt)
 

@@ -79,6 +79,12 @@ def _gather_keeping_local(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[:start], x, gathered[start + x.shape[0]:]], 0)
 
 
+def local_offset(n: int, negatives: str) -> int:
+    """Where this worker's ``n`` rows start in the columns of ``negatives`` ("global": all
+    workers' batches gathered in rank order; "local": its own)."""
+    return dist.get_rank() * n if negatives == "global" and _distributed() else 0
+
+
 def global_view(x: torch.Tensor, negatives: str) -> tuple[torch.Tensor, int]:
     """``negatives="global"``: the gathered batch and the local offset; ``"local"``: ``(x, 0)``."""
     if negatives == "global":
@@ -119,14 +125,26 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
 
-def clamp_logit_scale(log_scale: torch.Tensor, max_scale: float = 100.0) -> torch.Tensor:
-    """exp of a learnable log(1/τ), capped as CLIP does so τ cannot collapse to zero."""
-    return log_scale.exp().clamp(max=max_scale)
+def clamp_logit_scale(log_scale: torch.Tensor, max_scale: float = 100.0, min_scale: float = 0.0) -> torch.Tensor:
+    """exp of a learnable log(1/τ), capped as CLIP does (1/τ <= 100) so τ cannot collapse to zero;
+    ``min_scale`` > 0 also bounds τ from above (the official SIMLA/ALBEF code keeps τ in
+    [0.001, 0.5], i.e. 1/τ in [2, 1000])."""
+    return log_scale.exp().clamp(min=min_scale, max=max_scale)
 
 
 # --------------------------------------------------------------------------------------------
 # Hard negatives for ITM and WPG
 # --------------------------------------------------------------------------------------------
+
+
+def own_pair_mask(n_rows: int, n_cols: int, offset: int = 0, device: torch.device | None = None) -> torch.Tensor:
+    """(n_rows, n_cols) booleans, True only at each row's own pair, column ``offset + row`` (the
+    local rows' place in a global batch). The official MVPTR and SIMLA code exclude just this
+    column from hard-negative sampling (``fill_diagonal_(0)``), so another caption of the same
+    image can be drawn as a "negative", and the official SIMLA code's ITC target is this one-hot
+    (``sim_targets.fill_diagonal_(1)``) rather than :func:`positive_targets`."""
+    cols = torch.arange(n_cols, device=device)
+    return cols[None, :] == offset + torch.arange(n_rows, device=device)[:, None]
 
 
 def hard_negative_weights(logits: torch.Tensor, same_item: torch.Tensor) -> torch.Tensor:
@@ -183,21 +201,28 @@ def same_item_mask(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor
 
 
 def global_hard_negatives(logits: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor,
-                          mode: str = "sample", generator: torch.Generator | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          mode: str = "sample", generator: torch.Generator | None = None,
+                          exclude: str = "same_image", offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One hard negative per local row, as an index into the *global* batch (MVPTR §3.3 ITM/WPG
     over p_v2s / p_s2v of eq. 1).
 
     ``logits`` (n_local, N_global) are the local rows against all workers' columns; ``row_ids``
     (n_local) and ``col_ids`` (N_global, e.g. ``gather_no_grad(image_ids)``) are image ids. A
     column showing the row's image — its positive, or another caption of that image anywhere in
-    the global batch — is never chosen. Returns (global indices, valid) as
-    ``sample_hard_negatives``; feed the indices to ``gather_rows``.
+    the global batch — is never chosen; with ``exclude="own_pair"`` (the official code's
+    reading) only the row's own column, ``offset + row``, is (:func:`own_pair_mask`). Returns
+    (global indices, valid) as ``sample_hard_negatives``; feed the indices to ``gather_rows``.
     """
     if logits.shape != (row_ids.shape[0], col_ids.shape[0]):
         raise ValueError(f"logits {tuple(logits.shape)} must be (rows {row_ids.shape[0]}, "
                          f"global columns {col_ids.shape[0]})")
-    return sample_hard_negatives(logits, same_item_mask(row_ids, col_ids), mode, generator)
+    if exclude == "same_image":
+        excluded = same_item_mask(row_ids, col_ids)
+    elif exclude == "own_pair":
+        excluded = own_pair_mask(*logits.shape, offset, logits.device)
+    else:
+        raise ValueError(f"hard-negative exclusion must be 'same_image' or 'own_pair', got {exclude!r}")
+    return sample_hard_negatives(logits, excluded, mode, generator)
 
 
 def gather_rows(tensors: dict[str, torch.Tensor], global_idx: torch.Tensor, grad: bool = True

@@ -41,8 +41,8 @@ from alignlab.models.base import (IGNORE, Ablation, ConfigError, InputSpec, Mode
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, TextEmbeddings, TransformerEncoder,
                                     TransformerSize, ViTEncoder, bert_layer_plan, init_weights)
 from alignlab.models.objectives import (FeatureQueue, clamp_logit_scale, distillation_loss, gather_no_grad,
-                                        gather_rows, global_hard_negatives, itm_loss, multilabel_bce,
-                                        positive_targets, psl_targets)
+                                        gather_rows, global_hard_negatives, itm_loss, local_offset, multilabel_bce,
+                                        own_pair_mask, positive_targets, psl_targets)
 from alignlab.models.visual_tokenizers import build_visual_tokenizer
 
 # Table 1's rows as component sets (the paper labels its last two rows both "(d)"; here they are
@@ -55,6 +55,19 @@ TABLE1: dict[str, tuple[str, ...]] = {
     "e": ("itm", "itc", "mlm", "mim", "psl"),
 }
 PSL_K = (1, 2, 4, 8)  # the appendix's sweep of pseudo-labels per caption
+
+# The two readings of SIMLA (#15): what each reading switch of SIMLAConfig takes unless set
+# explicitly. "paper" follows the paper's text, "official" the authors' code (codezakh/SIMLA,
+# models/simla/pretrain.py, SIMLA.forward). The README's table of readings lists them all.
+READINGS = {
+    "paper": {"itc_targets": "same_image", "temperature_clamp": "clip", "itm_similarity": "online",
+              "itm_exclude": "same_image"},
+    "official": {"itc_targets": "diagonal", "temperature_clamp": "official", "itm_similarity": "momentum",
+                 "itm_exclude": "own_pair"},
+}
+# 1/τ bounds (min, max) per temperature_clamp: CLIP's cap τ >= 0.01 (the paper states none);
+# the official code's in-place clamp of τ to [0.001, 0.5].
+LOGIT_SCALE_BOUNDS = {"clip": (0.0, 100.0), "official": (2.0, 1000.0)}
 
 
 @dataclass
@@ -92,6 +105,26 @@ class SIMLAConfig:
     # The official SIMLA code keeps BEiT's count instead, 75 of its 256 patches (0.29).
     mim_ratio: tuple[float, float] = (0.35, 0.45)
     mim_min_block: int = 16
+    # Reading switches (READINGS): "" takes the value of ``reading``; set one to mix readings.
+    reading: Literal["paper", "official"] = "paper"
+    # ITC ground truth y (eq. 2): "same_image", every column showing the row's image
+    # (objectives.positive_targets; the paper's one-hot read with several captions per image),
+    # or "diagonal", the row's own pair only (official: sim_targets.fill_diagonal_(1)).
+    itc_targets: Literal["", "same_image", "diagonal"] = ""
+    # Bounds of the learnable temperature τ: "clip", τ >= 0.01 (§2.2 gives none), or
+    # "official", τ clamped to [0.001, 0.5] (official: self.temp.clamp_(0.001, 0.5)).
+    temperature_clamp: Literal["", "clip", "official"] = ""
+    # ITM hard negatives (§2.2, ∝ exp(s/τ)) from which similarity: "online", the online image
+    # and text features (BLIP), or "momentum", online features against the batch's momentum
+    # features (official: the ITC sims sim_i2t[:, :bs]; needs ITC).
+    itm_similarity: Literal["", "online", "momentum"] = ""
+    # Which columns ITM never draws: "same_image", any caption of the row's image, or
+    # "own_pair", only the row's own (official: weights.fill_diagonal_(0)).
+    itm_exclude: Literal["", "same_image", "own_pair"] = ""
+
+    def switch(self, name: str) -> str:
+        """A reading switch's value: set explicitly, else the reading's (READINGS)."""
+        return getattr(self, name) or READINGS[self.reading][name]
 
     def components(self) -> tuple[str, ...]:
         """The enabled objectives: the named row's, or the flags'."""
@@ -284,20 +317,26 @@ class SIMLA(PretrainingModel):
         text_states = self._text(online, ids, mask)
         img_feat = F.normalize(self.vision_proj(v[:, 0]), dim=-1)
         txt_feat = F.normalize(self.text_proj(text_states[:, 0]), dim=-1)
-        scale = clamp_logit_scale(self.log_scale)
+        low, high = LOGIT_SCALE_BOUNDS[self.cfg.switch("temperature_clamp")]
+        scale = clamp_logit_scale(self.log_scale, max_scale=high, min_scale=low)
         losses: dict[str, torch.Tensor] = {}
         metrics = {"alpha": torch.tensor(self.alpha), "temperature": 1.0 / scale.detach()}
         with torch.no_grad():  # the momentum model's unimodal states, shared by its objectives
             patches_m = self.momentum["image"].patch_embeddings(pixels) if self.momentum_names else None
             v_m = self.momentum["image"].encode(patches_m) if self.momentum_names else None
             text_m = self._text(self.momentum, ids, mask) if "itc" in c or "mim" in c else None
+            p = self.momentum
+            feats_m = (F.normalize(p["vision_proj"](v_m[:, 0]), dim=-1),
+                       F.normalize(p["text_proj"](text_m[:, 0]), dim=-1)) if "itc" in c else None
 
-        if "itc" in c:
-            losses["itc"] = self._itc(v_m, text_m, img_feat, txt_feat, keys, scale)
         if "itm" in c or "psl" in c:
             mm, attn = self._fuse(online, ids, mask, v, return_attention="psl" in c)
-            if "itm" in c:
-                losses["itm"], metrics["itm_acc"] = self._itm(v, ids, mask, mm[:, 0], img_feat, txt_feat, keys, scale)
+            if "itm" in c:  # before ITC enqueues this batch
+                columns = feats_m if self.cfg.switch("itm_similarity") == "momentum" else (img_feat, txt_feat)
+                losses["itm"], metrics["itm_acc"] = self._itm(v, ids, mask, mm[:, 0], img_feat, txt_feat, columns,
+                                                              keys, scale)
+        if "itc" in c:
+            losses["itc"] = self._itc(feats_m, img_feat, txt_feat, keys, scale)
             if "psl" in c:
                 losses["psl"], metrics["psl_labels"] = self._psl(v, v_m, ids, mask, attn)
         if "mlm" in c:
@@ -307,18 +346,20 @@ class SIMLA(PretrainingModel):
                                       text_states, text_m)
         return ModelOutput(losses=losses, metrics=metrics)
 
-    def _itc(self, v_m, text_m, img_feat, txt_feat, keys, scale) -> torch.Tensor:
+    def _itc(self, feats_m, img_feat, txt_feat, keys, scale) -> torch.Tensor:
         """Eq. 1-4: online image (text) features against the momentum text (image) features of
         the batch — all workers' with ``negatives: global`` — and the queue, with targets
-        (1 - α) y + α p_m, p_m being eq. 1 on the momentum features alone. The batch's momentum
-        features are enqueued afterwards."""
-        p = self.momentum
+        (1 - α) y + α p_m, p_m being eq. 1 on the momentum features alone, y per the
+        ``itc_targets`` switch. The batch's momentum features are enqueued afterwards."""
+        img_m, txt_m = feats_m
         with torch.no_grad():
-            img_m = F.normalize(p["vision_proj"](v_m[:, 0]), dim=-1)
-            txt_m = F.normalize(p["text_proj"](text_m[:, 0]), dim=-1)
             img_cols = torch.cat([self._columns(img_m), self.queue.image_queue])
             txt_cols = torch.cat([self._columns(txt_m), self.queue.text_queue])
-            hard = positive_targets(keys, torch.cat([self._columns(keys), self.queue.idx_queue]))
+            if self.cfg.switch("itc_targets") == "diagonal":
+                hard = own_pair_mask(len(keys), len(img_cols), local_offset(len(keys), self.negatives),
+                                     keys.device).float()
+            else:
+                hard = positive_targets(keys, torch.cat([self._columns(keys), self.queue.idx_queue]))
             s = scale.detach()
             teacher_i2t = (s * img_m @ txt_cols.t()).softmax(-1)
             teacher_t2i = (s * txt_m @ img_cols.t()).softmax(-1)
@@ -327,17 +368,22 @@ class SIMLA(PretrainingModel):
         self.queue.enqueue(img_m, txt_m, keys)
         return loss
 
-    def _itm(self, v, ids, mask, pos_cls, img_feat, txt_feat, keys, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    def _itm(self, v, ids, mask, pos_cls, img_feat, txt_feat, columns, keys, scale
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 5 over the batch's positive pairs, one hard negative text per image and one hard
-        negative image per text, drawn ∝ exp(S/τ) among the (global) batch's other images (ALBEF;
-        BLIP mines across workers and so do we with ``negatives: global``). Similarities are the
-        online features', detached, as BLIP's."""
+        negative image per text, drawn ∝ exp(S/τ) among the (global) batch's columns (ALBEF;
+        BLIP mines across workers and so do we with ``negatives: global``): S is the online
+        features against ``columns`` (image, text) — the online features themselves, detached,
+        as BLIP's, or the momentum ones (``itm_similarity``) — and the columns never drawn are
+        the ``itm_exclude`` switch's."""
         with torch.no_grad():
             col_ids = self._columns(keys)
-            sim_i2t = scale * img_feat @ self._columns(txt_feat).t()
-            sim_t2i = scale * txt_feat @ self._columns(img_feat).t()
-        neg_text, ok_i = global_hard_negatives(sim_i2t, keys, col_ids, self.itm_negatives)
-        neg_image, ok_t = global_hard_negatives(sim_t2i, keys, col_ids, self.itm_negatives)
+            sim_i2t = scale * img_feat @ self._columns(columns[1]).t()
+            sim_t2i = scale * txt_feat @ self._columns(columns[0]).t()
+        exclude, offset = self.cfg.switch("itm_exclude"), local_offset(len(keys), self.negatives)
+        neg_text, ok_i = global_hard_negatives(sim_i2t, keys, col_ids, self.itm_negatives, exclude=exclude, offset=offset)
+        neg_image, ok_t = global_hard_negatives(sim_t2i, keys, col_ids, self.itm_negatives, exclude=exclude,
+                                                offset=offset)
         texts = self._rows({"ids": ids, "mask": mask.long()}, neg_text)
         images = self._rows({"v": v}, neg_image)
         neg_v = torch.cat([v[ok_i], images["v"][ok_t]])
@@ -414,6 +460,9 @@ def check_config(cfg) -> None:
         raise ConfigError(f"config key 'model.simla.mim_min_block' = {s.mim_min_block} must be >= 1")
     if s.psl_k < 1:
         raise ConfigError("config key 'model.simla.psl_k' must be >= 1")
+    if "itm" in components and "itc" not in components and s.switch("itm_similarity") == "momentum":
+        raise ConfigError("config key 'model.simla.itm_similarity' = 'momentum' (the official reading's) draws ITM "
+                          "negatives from ITC's momentum features: enable model.simla.itc, or set itm_similarity: online")
     if not 0.0 <= s.momentum < 1.0:
         raise ConfigError(f"config key 'model.simla.momentum' = {s.momentum} must be in [0, 1)")
     if not 0.0 <= s.alpha <= 1.0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
     parser.add_argument("--reference", nargs="?", const=REFERENCE_PRESET, default="", metavar="PRESET",
                         help=f"add the frozen-feature reference row: PRESET (default {REFERENCE_PRESET}) trained "
                              f"on the same shards with the same seeds and evaluated on the same split")
+    parser.add_argument("--readings", default="", metavar="paper,official",
+                        help="run every row under each of these readings of the paper (model.<architecture>.reading: "
+                             "the paper's text, the official code's choices) and compare them")
     parser.add_argument("--max-concurrent-trials", type=int, default=0, metavar="N",
                         help="run at most N trials at once (default: as many as the cluster holds at its largest, "
                              "the autoscaler's maximum on an autoscaling cluster)")
@@ -68,6 +72,15 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
     if args.grid and args.only is None:
         parser.error(f"--grid restricts one sweep's axis: name that sweep with --only {{{','.join(sweeps)}}}")
     return args
+
+
+def reading_key(cfg: config_lib.Config) -> str:
+    """The architecture's ``reading`` switch (#15); fails, naming the key, where it has none."""
+    section = getattr(cfg.model, cfg.model.architecture, None)
+    if not hasattr(section, "reading"):
+        raise SystemExit(f"--readings: model.{cfg.model.architecture} has no 'reading' switch; the architectures "
+                         f"with readings name it in their config section")
+    return f"model.{cfg.model.architecture}.reading"
 
 
 def restrict_grid(grid: dict[str, tuple], choices: list[str]) -> dict[str, list]:
@@ -157,17 +170,32 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
             grid["seed"] = seed_values
         name = (args.name or f"{Path(args.preset).stem}-{cfg.model.architecture}") + \
             (f"-{sweep_name}" if len(sweeps) > 1 else "")
+        readings = [r for r in args.readings.split(",") if r]
+        if readings:
+            grid[reading_key(cfg)] = readings
         result = run_sweep(cfg, grid, name)
         # Files for the driver's printout; the durable copies are the parent run's artifacts.
-        out_dir = str(alignlab_home() / "outputs" / name)
+        out_dir = alignlab_home() / "outputs" / name
         claims = [c for c in ablation.claims if c[3] in metrics and
                   {c[1], c[2]} <= {str(v) for v in grid[ablation.group_by]}]
-        markdown = publish_comparison(result, [ablation.group_by], metrics, ablation.title, out_dir,
-                                      ablation.group_by if ablation.line else None,
-                                      reference=ablation.reference if ablation.reference in map(str, grid[ablation.group_by])
-                                      else None, chance=chance_levels(result, metrics), external=external,
-                                      claims=claims)
-        print(f"\n## {ablation.title}\n\n{markdown}")
+        markdown = ""
+        for reading in readings or [None]:
+            part = replace(result, trials=[t for t in result.trials
+                                           if reading is None or t.overrides.get(reading_key(cfg)) == reading])
+            md = publish_comparison(part, [ablation.group_by], metrics, ablation.title, str(out_dir / (reading or "")),
+                                    ablation.group_by if ablation.line else None,
+                                    reference=ablation.reference if ablation.reference in map(str, grid[ablation.group_by])
+                                    else None, chance=chance_levels(part, metrics), external=external,
+                                    claims=claims, artifact_path=reading)
+            print(f"\n## {ablation.title}" + (f", reading: {reading}" if reading else "") + f"\n\n{md}")
+            markdown += md
+        if len(readings) > 1:
+            # Every row and seed under each reading, paired: does the reading change the figures?
+            md = publish_comparison(result, [reading_key(cfg)], metrics, f"{ablation.title}: readings",
+                                    str(out_dir / "readings"), reference=readings[0],
+                                    chance=chance_levels(result, metrics), artifact_path="readings")
+            print(f"\n## {ablation.title}: readings, paired over rows and seeds\n\n{md}")
+            markdown += md
         for t in result.trials:
             if t.error:
                 print(f"trial {t.overrides} failed: {t.error}")

@@ -355,12 +355,13 @@ def publish_comparison(result: SweepResult, group_by: list[str], metrics: list[s
                        line_x: str | None = None, reference: str | None = None,
                        chance: dict[str, float] | None = None,
                        external: dict[str, list[dict[str, float]]] | None = None,
-                       claims: Iterable[Claim | tuple] | None = None) -> str:
+                       claims: Iterable[Claim | tuple] | None = None, artifact_path: str | None = None) -> str:
     """Writes the comparison table (Markdown, CSV) and bar chart, logs them to the sweep's parent
     run, and returns the Markdown. With ``line_x`` (a numeric ``group_by`` key) a line plot of
     the metrics against it is published too (``comparison_line.png``). ``reference`` (a row
     label) adds paired differences, ``chance`` (metric -> value) and ``external`` (label -> its
-    runs' metrics) add rows, and ``claims`` add their verdicts below the table."""
+    runs' metrics) add rows, and ``claims`` add their verdicts below the table. ``artifact_path``
+    is the folder of the parent run's artifacts they go to (several tables of one sweep)."""
     rows = comparison_table(result.trials, group_by, metrics, reference, chance, external)
     md = to_markdown(rows, metrics, group_by, reference)
     if claims:
@@ -370,12 +371,12 @@ def publish_comparison(result: SweepResult, group_by: list[str], metrics: list[s
     (out / "comparison.md").write_text(md)
     (out / "comparison.csv").write_text(to_csv(rows))
     logger = tracking.RunLogger(result.mlflow_uri, result.parent_run_id)
-    logger.log_artifact(str(out / "comparison.md"))
-    logger.log_artifact(str(out / "comparison.csv"))
+    logger.log_artifact(str(out / "comparison.md"), artifact_path)
+    logger.log_artifact(str(out / "comparison.csv"), artifact_path)
     if any(r["kind"] == "sweep" for r in rows):
         bar_chart(rows, metrics, group_by, str(out / "comparison.png"), title)
-        logger.log_artifact(str(out / "comparison.png"))
+        logger.log_artifact(str(out / "comparison.png"), artifact_path)
         if line_x:
             line_chart(rows, metrics, line_x, str(out / "comparison_line.png"), title)
-            logger.log_artifact(str(out / "comparison_line.png"))
+            logger.log_artifact(str(out / "comparison_line.png"), artifact_path)
     return md

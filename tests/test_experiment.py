@@ -104,3 +104,35 @@ def test_reference_row_trains_the_reference_preset_on_the_experiments_data(monke
     assert (ref_cfg.data.shards, ref_cfg.data.eval_split, ref_cfg.data.eval_max_images) == ("/data/f8k", "val", 300)
     assert ref_cfg.tracking.experiment == "mine" and grid == {"seed": [0, 1]} and name == "t4-reference"
     assert rows == {"reference: reference_flickr8k": [{"eval/rsum": 200.0}, {"eval/rsum": 201.0}]}
+
+
+def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch):
+    """--readings paper,official adds the architecture's reading as a grid axis, publishes the usual
+    table once per reading (paired differences within it) and one table of the readings, paired
+    over rows and seeds."""
+    from alignlab.platform import experiment, sweep
+    from alignlab.platform.sweep import SweepResult, TrialResult
+
+    key = "model.simla.reading"
+    grids, tables = [], []
+
+    def fake_sweep(cfg, grid, name):
+        grids.append(grid)
+        trials = [TrialResult({"model.simla.row": row, "seed": seed, key: reading}, {"eval/rsum": 10.0 * seed})
+                  for row in grid["model.simla.row"] for seed in grid["seed"] for reading in grid[key]]
+        return SweepResult(name, "parent", "sqlite:///unused.db", trials)
+
+    def fake_publish(result, group_by, metrics, title, out_dir, *args, **kw):
+        tables.append((group_by, {t.overrides[key] for t in result.trials}, kw.get("reference"), kw["artifact_path"]))
+        return ""
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    monkeypatch.setattr(sweep, "publish_comparison", fake_publish)
+    monkeypatch.setattr(experiment, "ensure_synthetic_data", lambda cfg: None)
+    experiment.run_experiment("", "simla_demo", ["eval/rsum"], argv=["--only", "rows", "--grid", "model.simla.row=c,e",
+                                                                      "--seeds", "2", "--readings", "paper,official"])
+    assert grids == [{"model.simla.row": ["c", "e"], "seed": [0, 1], key: ["paper", "official"]}]
+    assert tables == [(["model.simla.row"], {"paper"}, None, "paper"), (["model.simla.row"], {"official"}, None, "official"),
+                      ([key], {"paper", "official"}, "paper", "readings")]
+    with pytest.raises(SystemExit, match="model.mvptr has no 'reading' switch"):
+        experiment.run_experiment("", "mvptr_demo", ["eval/rsum"], argv=["--readings", "paper,official"])

@@ -14,7 +14,7 @@ from conftest import save_tiny_bert
 from alignlab.models import mvptr as mvptr_module
 from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, InputSpec, Vocab
 from alignlab.models.mvptr import MVPTR
-from alignlab.models.objectives import wpg_hinge, wpg_similarity
+from alignlab.models.objectives import contrastive_loss, wpg_hinge, wpg_similarity
 from alignlab.models.registry import build_model
 from alignlab.platform.config import ConfigError, load_config
 from alignlab.platform.ingest import columns_for
@@ -191,8 +191,8 @@ def test_hard_negatives_never_show_the_rows_own_image(monkeypatch, mode):
     seen = []
     real = mvptr_module.global_hard_negatives
 
-    def spy(logits, row_ids, col_ids, mode_, generator=None):
-        idx, valid = real(logits, row_ids, col_ids, mode_, generator)
+    def spy(logits, row_ids, col_ids, mode_, generator=None, **kw):
+        idx, valid = real(logits, row_ids, col_ids, mode_, generator, **kw)
         seen.append((row_ids, col_ids[idx], valid))
         return idx, valid
 
@@ -206,6 +206,63 @@ def test_hard_negatives_never_show_the_rows_own_image(monkeypatch, mode):
     for rows, chosen, valid in seen:
         assert valid.all()
         assert (rows != chosen).all()
+
+
+def test_a_reading_sets_every_switch_and_an_explicit_switch_wins():
+    from alignlab.models.mvptr import READINGS
+
+    paper, official = _cfg().model.mvptr, _cfg("full", "model.mvptr.reading=official").model.mvptr
+    assert {k: paper.switch(k) for k in READINGS["paper"]} == READINGS["paper"]
+    assert {k: official.switch(k) for k in READINGS["official"]} == READINGS["official"]
+    assert all(READINGS["paper"][k] != READINGS["official"][k] for k in READINGS["paper"])
+    mixed = _cfg("full", "model.mvptr.reading=official", "model.mvptr.itm_exclude=same_image").model.mvptr
+    assert mixed.switch("itm_exclude") == "same_image" and mixed.switch("itm_draw") == "hardest"
+
+
+@pytest.mark.parametrize("reading", ["paper", "official"])
+def test_vsc_under_each_reading_by_hand(reading):
+    """Paper: the normalised [CLS] outputs, 1/τ capped at 100. Official: learnable projections
+    before normalising, 1/τ unclamped. 1/τ is set to 200, so the readings' scales differ too."""
+    model = _model("full", f"model.mvptr.reading={reading}", "model.embed_dim=8")
+    with torch.no_grad():
+        model.log_scale.fill_(math.log(200.0))
+    batch = _batch(4)
+    out = model(batch)
+    with torch.no_grad():
+        vis = model.encode_image(batch, batch["mcr_tag_ids"])[0][:, 0]
+        txt = model.encode_text(batch["input_ids"], batch["attention_mask"], batch["phrase_ids"],
+                                batch["phrase_mask"])[0][:, 0]
+        if reading == "official":
+            vis, txt, scale = model.vsc_image_proj(vis), model.vsc_text_proj(txt), torch.tensor(200.0)
+            assert vis.shape[-1] == 8
+        else:
+            assert not hasattr(model, "vsc_image_proj")
+            scale = torch.tensor(100.0)
+        want = contrastive_loss(F.normalize(vis, dim=-1), F.normalize(txt, dim=-1), scale)
+    torch.testing.assert_close(out.losses["vsc"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.metrics["temperature"], 1 / scale)
+    torch.testing.assert_close(model.embed_texts(batch), F.normalize(txt, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_official_itm_takes_the_hardest_candidate_excluding_only_the_own_pair(monkeypatch):
+    seen = []
+    real = mvptr_module.global_hard_negatives
+
+    def spy(logits, row_ids, col_ids, mode, generator=None, **kw):
+        idx, valid = real(logits, row_ids, col_ids, mode, generator, **kw)
+        seen.append((mode, kw, logits, idx))
+        return idx, valid
+
+    monkeypatch.setattr(mvptr_module, "global_hard_negatives", spy)
+    with torch.no_grad():
+        _model("full", "model.mvptr.reading=official")(_batch(6, image_keys=[7, 7, 8, 8, 9, 10]))
+    (mode, kw_img, logits_img, idx_img), (_, kw_txt, logits_txt, idx_txt) = seen
+    assert mode == "hardest" and kw_img == {"exclude": "own_pair", "offset": 0} and kw_txt["offset"] == 3
+    # Rows 0-2 take an image, rows 3-5 a text: the argmax over every column but the row's own.
+    for rows, logits, idx in ((range(0, 3), logits_img, idx_img), (range(3, 6), logits_txt, idx_txt)):
+        own = torch.tensor(list(rows))
+        want = logits.masked_fill(torch.nn.functional.one_hot(own, 6).bool(), float("-inf")).argmax(-1)
+        assert torch.equal(idx, want)
 
 
 def test_a_batch_of_one_image_has_no_negatives_and_still_trains():

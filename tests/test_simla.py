@@ -350,6 +350,117 @@ def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets():
 
 
 # --------------------------------------------------------------------------------------------
+# Readings: the paper's text against the official code (#15)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_reading_sets_every_switch_and_an_explicit_switch_wins():
+    from alignlab.models.simla import READINGS
+
+    paper, official = tiny_cfg().model.simla, tiny_cfg(reading="official").model.simla
+    assert {k: paper.switch(k) for k in READINGS["paper"]} == READINGS["paper"]
+    assert {k: official.switch(k) for k in READINGS["official"]} == READINGS["official"]
+    assert READINGS["paper"].keys() == READINGS["official"].keys()
+    assert all(READINGS["paper"][k] != READINGS["official"][k] for k in READINGS["paper"])
+    mixed = tiny_cfg(reading="official", itc_targets="same_image").model.simla
+    assert mixed.switch("itc_targets") == "same_image" and mixed.switch("itm_exclude") == "own_pair"
+    with pytest.raises(ConfigError, match="'diagonal'"):
+        tiny_cfg(("model.simla.itc_targets=one_hot",))
+
+
+def test_itc_targets_diagonal_is_the_own_pair_one_hot_where_same_image_spreads_over_copies():
+    # Rows: two captions of image 7 on worker 1 (offset 2 in the global batch of 4), then a queue
+    # column holding image 7 again.
+    from alignlab.models.objectives import own_pair_mask
+
+    rows, cols = torch.tensor([7, 7]), torch.tensor([5, 6, 7, 7, 7])
+    assert positive_targets(rows, cols).tolist() == [[0, 0, 1 / 3, 1 / 3, 1 / 3]] * 2
+    assert own_pair_mask(2, 5, offset=2).float().tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 1, 0]]
+
+
+def test_official_itc_loss_at_alpha_zero_is_cross_entropy_against_the_diagonal():
+    """Two captions of one image in the batch: the paper's reading splits each row's target over
+    both; the official code's puts it on the row's own pair only (hand-computed from the features)."""
+    batch = make_batch()
+    batch["image_key"] = torch.tensor([3, 3, 4, 5])  # rows 0 and 1 show the same image
+    losses = {}
+    for reading in ("paper", "official"):
+        model = tiny_model(row="b", reading=reading)
+        model.begin_step(0, 10)  # α = 0
+        queue_img, queue_txt = model.queue.image_queue.clone(), model.queue.text_queue.clone()
+        losses[reading] = model(batch).losses["itc"]
+        with torch.no_grad():
+            img, txt = model.embed_images(batch), model.embed_texts(batch)
+            scale = model.log_scale.exp().clamp(2.0, 1000.0) if reading == "official" else model.log_scale.exp()
+            i2t = (scale * img @ torch.cat([txt, queue_txt]).t()).log_softmax(-1)
+            t2i = (scale * txt @ torch.cat([img, queue_img]).t()).log_softmax(-1)
+        target = torch.zeros(B, B + 8)
+        if reading == "official":
+            target[torch.arange(B), torch.arange(B)] = 1.0
+        else:
+            target[:2, :2], target[2, 2], target[3, 3] = 0.5, 1.0, 1.0
+        want = -0.5 * ((target * i2t).sum(-1).mean() + (target * t2i).sum(-1).mean())
+        torch.testing.assert_close(losses[reading], want, rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(losses["paper"], losses["official"])
+
+
+def test_official_temperature_clamp_bounds_tau_to_the_official_range():
+    from alignlab.models.objectives import clamp_logit_scale
+    from alignlab.models.simla import LOGIT_SCALE_BOUNDS
+
+    for tau, paper, official in ((0.9, 1 / 0.9, 2.0), (0.0005, 100.0, 1000.0), (0.05, 20.0, 20.0)):
+        log_scale = torch.tensor(math.log(1 / tau))
+        got = [clamp_logit_scale(log_scale, max_scale=hi, min_scale=lo).item()
+               for lo, hi in (LOGIT_SCALE_BOUNDS["clip"], LOGIT_SCALE_BOUNDS["official"])]
+        assert got == pytest.approx([paper, official], rel=1e-5)
+
+
+def test_official_itm_exclusion_can_draw_another_caption_of_the_same_image():
+    from alignlab.models.objectives import global_hard_negatives
+
+    # This worker's rows are global rows 2 and 3 (offset 2); rows 2 and 3 are both captions of image 7.
+    ids = torch.tensor([7, 7])
+    cols = torch.tensor([5, 6, 7, 7])
+    logits = torch.tensor([[1.0, 2.0, 9.0, 8.0], [1.0, 3.0, 8.0, 9.0]])
+    paper, ok_p = global_hard_negatives(logits, ids, cols, "hardest")
+    official, ok_o = global_hard_negatives(logits, ids, cols, "hardest", exclude="own_pair", offset=2)
+    assert paper.tolist() == [1, 1] and ok_p.all()  # the best column of another image
+    assert official.tolist() == [3, 2] and ok_o.all()  # the other caption of image 7
+
+
+def test_official_itm_similarity_takes_the_momentum_features_as_columns(monkeypatch):
+    """The official code draws ITM negatives from the ITC sims (online against momentum): after the
+    online model moves away from its momentum copy, the two readings see different similarities."""
+    import alignlab.models.simla as simla_module
+
+    seen = {}
+
+    def spy(logits, row_ids, col_ids, mode="sample", generator=None, exclude="same_image", offset=0):
+        seen.setdefault("logits", []).append(logits.clone())
+        return torch.arange(len(row_ids)).roll(1), torch.ones(len(row_ids), dtype=torch.bool)
+
+    monkeypatch.setattr(simla_module, "global_hard_negatives", spy)
+    batch = make_batch()
+    sims = {}
+    for similarity in ("online", "momentum"):
+        model = tiny_model(row="c", itm_similarity=similarity)  # ITC + ITM
+        model.begin_step(0, 10)
+        with torch.no_grad():
+            model.text_proj.weight.add_(0.5)  # the online model leaves its momentum copy
+            img, txt = model.embed_images(batch), model.embed_texts(batch)
+            p = model.momentum
+            txt_m = F.normalize(p["text_proj"](model._text(p, batch["input_ids"], batch["attention_mask"].bool())[:, 0]),
+                                dim=-1)
+        seen.clear()
+        model(batch)
+        sims[similarity] = seen["logits"][0]
+        scale = model.log_scale.exp()
+        want = scale * img @ (txt_m if similarity == "momentum" else txt).t()
+        torch.testing.assert_close(sims[similarity], want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(sims["online"], sims["momentum"], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
 # Visual tokenizers
 # --------------------------------------------------------------------------------------------
 
