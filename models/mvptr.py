@@ -87,7 +87,6 @@ TABLE4: dict[str, Components] = {
 }
 
 
-@dataclass
 # The two readings of MVPTR (#15): what each reading switch of MVPTRConfig takes unless set
 # explicitly. "paper" follows the paper's text, "official" the authors' code
 # (Junction4Nako/mvp_pytorch), as the audit of #15 describes it. The README's table of readings
@@ -100,6 +99,7 @@ READINGS = {
 }
 
 
+@dataclass
 class MVPTRConfig:
     """``model.mvptr``: MVPTR-specific options (Li et al., 2022, §3 and Table 4)."""
 

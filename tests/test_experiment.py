@@ -134,5 +134,5 @@ def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch)
     assert grids == [{"model.simla.row": ["c", "e"], "seed": [0, 1], key: ["paper", "official"]}]
     assert tables == [(["model.simla.row"], {"paper"}, None, "paper"), (["model.simla.row"], {"official"}, None, "official"),
                       ([key], {"paper", "official"}, "paper", "readings")]
-    with pytest.raises(SystemExit, match="model.mvptr has no 'reading' switch"):
-        experiment.run_experiment("", "mvptr_demo", ["eval/rsum"], argv=["--readings", "paper,official"])
+    with pytest.raises(SystemExit, match="model.semvlp has no 'reading' switch"):
+        experiment.run_experiment("", "semvlp_demo", ["eval/rsum"], argv=["--readings", "paper,official"])
