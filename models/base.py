@@ -12,7 +12,7 @@ platform reads specs through ``models/registry.py`` and never names an architect
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 from torch import nn
@@ -83,6 +83,24 @@ class PretrainingModel(nn.Module):
         """Names of parameters kept out of weight decay besides biases and norms (timm's hook):
         by default every learnable temperature ``log_scale``."""
         return {n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1] == "log_scale"}
+
+
+@dataclass
+class Readings:
+    """The two readings of a paper (#15) in an architecture's config section: ``reading`` picks
+    the paper's text or the authors' code for every switch left "" (the section's ``READINGS``
+    table: switch -> value, per reading). A switch set explicitly wins, so readings can be mixed."""
+
+    READINGS: ClassVar[dict[str, dict[str, str]]] = {}
+    reading: Literal["paper", "official"] = "paper"
+    # The columns ITM never draws a hard negative from: "same_image", any caption of the row's
+    # image, or "own_pair", only the row's own pair (the official MVPTR and SIMLA code's
+    # fill_diagonal_(0), under which another caption of the same image can be a "negative").
+    itm_exclude: Literal["", "same_image", "own_pair"] = ""
+
+    def switch(self, name: str) -> str:
+        """A reading switch's value: set explicitly, else the reading's."""
+        return getattr(self, name) or self.READINGS[self.reading][name]
 
 
 @dataclass(frozen=True)

@@ -50,14 +50,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from alignlab.models.base import (CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, Ablation, ConfigError, InputSpec, ModelOutput,
-                                  ModelSpec, PretrainingModel, Vocab)
+                                  ModelSpec, PretrainingModel, Readings, Vocab)
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, RegionEmbeddings, TextEmbeddings,
                                     TransformerEncoder, TransformerSize, bert_layer_plan, init_weights)
 from alignlab.models.objectives import (clamp_logit_scale, contrastive_logits, contrastive_loss, gather_no_grad,
@@ -100,7 +100,7 @@ READINGS = {
 
 
 @dataclass
-class MVPTRConfig:
+class MVPTRConfig(Readings):
     """``model.mvptr``: MVPTR-specific options (Li et al., 2022, §3 and Table 4)."""
 
     ablation: Literal[tuple(TABLE4)] = "full"  # a Table-4 row
@@ -114,8 +114,9 @@ class MVPTRConfig:
     # segment and phrase-concept embeddings and its first k layers as ``text_init`` loaded them,
     # and runs them without autograd: a budget choice for small compute, never the paper's.
     frozen_text_layers: int = 0
-    # Reading switches (READINGS): "" takes the value of ``reading``; set one to mix readings.
-    reading: Literal["paper", "official"] = "paper"
+    # Reading switches (base.Readings; READINGS above gives each reading's values; itm_exclude
+    # and reading are the base's).
+    READINGS: ClassVar[dict[str, dict[str, str]]] = READINGS
     # VSC's global embeddings (eq. 1): "none", the [CLS] outputs L2-normalised as they are
     # ("we take the L2-normalized [CLS]"), or "linear", a learnable projection to model.embed_dim
     # before normalising (the official code's txt_proj / vis_proj).
@@ -127,13 +128,6 @@ class MVPTRConfig:
     # from p_s2v / p_v2s by default, the paper's "sampled"), or "hardest", the argmax (the
     # official code's hn_mod='hard').
     itm_draw: Literal["", "objectives", "hardest"] = ""
-    # Which columns ITM and WPG never draw: "same_image", any caption of the row's image, or
-    # "own_pair", only the row's own (the official code excludes just the diagonal).
-    itm_exclude: Literal["", "same_image", "own_pair"] = ""
-
-    def switch(self, name: str) -> str:
-        """A reading switch's value: set explicitly, else the reading's (READINGS)."""
-        return getattr(self, name) or READINGS[self.reading][name]
 
     @property
     def components(self) -> Components:

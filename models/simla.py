@@ -30,14 +30,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from alignlab.models.base import (IGNORE, Ablation, ConfigError, InputSpec, ModelOutput, ModelSpec, PretrainingModel,
-                                  Vocab)
+                                  Readings, Vocab)
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, TextEmbeddings, TransformerEncoder,
                                     TransformerSize, ViTEncoder, bert_layer_plan, init_weights)
 from alignlab.models.objectives import (FeatureQueue, clamp_logit_scale, distillation_loss, gather_no_grad,
@@ -71,7 +71,7 @@ LOGIT_SCALE_BOUNDS = {"clip": (0.0, 100.0), "official": (2.0, 1000.0)}
 
 
 @dataclass
-class SIMLAConfig:
+class SIMLAConfig(Readings):
     """``model.simla`` (§2, §2.5): momentum distillation, feature queues, XMM's visual tokenizer
     and block-wise image masking, PSL, and the Table-1 component switches."""
 
@@ -105,8 +105,9 @@ class SIMLAConfig:
     # The official SIMLA code keeps BEiT's count instead, 75 of its 256 patches (0.29).
     mim_ratio: tuple[float, float] = (0.35, 0.45)
     mim_min_block: int = 16
-    # Reading switches (READINGS): "" takes the value of ``reading``; set one to mix readings.
-    reading: Literal["paper", "official"] = "paper"
+    # Reading switches (base.Readings; READINGS above gives each reading's values; itm_exclude
+    # and reading are the base's).
+    READINGS: ClassVar[dict[str, dict[str, str]]] = READINGS
     # ITC ground truth y (eq. 2): "same_image", every column showing the row's image
     # (objectives.positive_targets; the paper's one-hot read with several captions per image),
     # or "diagonal", the row's own pair only (official: sim_targets.fill_diagonal_(1)).
@@ -118,13 +119,6 @@ class SIMLAConfig:
     # and text features (BLIP), or "momentum", online features against the batch's momentum
     # features (official: the ITC sims sim_i2t[:, :bs]; needs ITC).
     itm_similarity: Literal["", "online", "momentum"] = ""
-    # Which columns ITM never draws: "same_image", any caption of the row's image, or
-    # "own_pair", only the row's own (official: weights.fill_diagonal_(0)).
-    itm_exclude: Literal["", "same_image", "own_pair"] = ""
-
-    def switch(self, name: str) -> str:
-        """A reading switch's value: set explicitly, else the reading's (READINGS)."""
-        return getattr(self, name) or READINGS[self.reading][name]
 
     def components(self) -> tuple[str, ...]:
         """The enabled objectives: the named row's, or the flags'."""
