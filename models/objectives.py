@@ -418,6 +418,22 @@ def psl_targets(attn_row: torch.Tensor, token_ids: torch.Tensor, special_mask: t
     return targets.scatter_reduce_(1, ids, chosen.float(), reduce="amax")
 
 
+def psl_vote_targets(attn_rows: torch.Tensor, token_ids: torch.Tensor, per_head: int, positions: int,
+                     vocab_size: int, cls_id: int) -> torch.Tensor:
+    """The official SIMLA code's pseudo-labels (#15's "official" reading of §2.4; codezakh/SIMLA,
+    SIMLA.forward): each head's [CLS] row (``attn_rows`` (B, H, N), the momentum stack's last
+    layer on the online image) votes for its ``per_head`` most attended positions, the
+    ``positions`` most voted positions give their tokens, and only the [CLS] id is removed, so
+    [SEP] or padding can become labels. Multi-hot (B, V)."""
+    b, _, n = attn_rows.shape
+    top = attn_rows.float().topk(min(per_head, n), dim=-1).indices.reshape(b, -1)
+    votes = torch.zeros(b, n, device=attn_rows.device).scatter_add_(1, top, torch.ones(top.shape, device=top.device))
+    chosen = votes.topk(min(positions, n), dim=-1).indices
+    targets = torch.zeros(b, vocab_size, device=attn_rows.device).scatter_(1, token_ids.gather(1, chosen), 1.0)
+    targets[:, cls_id] = 0.0
+    return targets
+
+
 def multilabel_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """SIMLA eq. 8: binary cross-entropy of σ(logits) against ``targets`` in [0, 1], averaged
     over the V vocabulary entries (the paper's 1/V) and over the rows. Eq. 9's distilled form is

@@ -42,7 +42,7 @@ from alignlab.models.blocks import (BertCheckpoint, PredictionHead, TextEmbeddin
                                     TransformerSize, ViTEncoder, bert_layer_plan, init_weights)
 from alignlab.models.objectives import (FeatureQueue, clamp_logit_scale, distillation_loss, gather_no_grad,
                                         gather_rows, global_hard_negatives, itm_loss, local_offset, multilabel_bce,
-                                        own_pair_mask, positive_targets, psl_targets)
+                                        own_pair_mask, positive_targets, psl_targets, psl_vote_targets)
 from alignlab.models.visual_tokenizers import build_visual_tokenizer
 
 # Table 1's rows as component sets (the paper labels its last two rows both "(d)"; here they are
@@ -61,10 +61,11 @@ PSL_K = (1, 2, 4, 8)  # the appendix's sweep of pseudo-labels per caption
 # models/simla/pretrain.py, SIMLA.forward). The README's table of readings lists them all.
 READINGS = {
     "paper": {"itc_targets": "same_image", "temperature_clamp": "clip", "itm_similarity": "online",
-              "itm_exclude": "same_image"},
+              "itm_exclude": "same_image", "psl_labels": "online_mean", "psl_head_input": "vit_cls"},
     "official": {"itc_targets": "diagonal", "temperature_clamp": "official", "itm_similarity": "momentum",
-                 "itm_exclude": "own_pair"},
+                 "itm_exclude": "own_pair", "psl_labels": "momentum_votes", "psl_head_input": "itc_feature"},
 }
+PSL_VOTED_POSITIONS = 5  # the official code's counts_per_position.topk(5)
 # 1/τ bounds (min, max) per temperature_clamp: CLIP's cap τ >= 0.01 (the paper states none);
 # the official code's in-place clamp of τ to [0.001, 0.5].
 LOGIT_SCALE_BOUNDS = {"clip": (0.0, 100.0), "official": (2.0, 1000.0)}
@@ -119,6 +120,14 @@ class SIMLAConfig(Readings):
     # and text features (BLIP), or "momentum", online features against the batch's momentum
     # features (official: the ITC sims sim_i2t[:, :bs]; needs ITC).
     itm_similarity: Literal["", "online", "momentum"] = ""
+    # PSL's hard labels (§2.4): "online_mean", the online positive pass's last-layer [CLS] row
+    # averaged over heads, its psl_k most attended non-special positions; or "momentum_votes",
+    # the momentum stack on the online image, each head voting for its psl_k most attended
+    # positions, the 5 most voted positions' tokens, only [CLS] removed (objectives.psl_vote_targets).
+    psl_labels: Literal["", "online_mean", "momentum_votes"] = ""
+    # What PSL's "single fully-connected layer" reads: "vit_cls", E_v's [CLS] state, or
+    # "itc_feature", the normalised ITC image feature (official: concept_head(image_feat); needs ITC).
+    psl_head_input: Literal["", "vit_cls", "itc_feature"] = ""
 
     def components(self) -> tuple[str, ...]:
         """The enabled objectives: the named row's, or the flags'."""
@@ -138,6 +147,7 @@ class SIMLA(PretrainingModel):
         self.negatives = objectives_cfg.negatives
         self.itm_negatives = objectives_cfg.itm_negatives
         self.vocab_size = vocab.size
+        self.cls_id = vocab.cls_id
         self.alpha = 0.0
         self._momentum_step = -1
         size = TransformerSize(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
@@ -170,7 +180,8 @@ class SIMLA(PretrainingModel):
             self.visual_tokenizer = build_visual_tokenizer(s, img.patch_size, grid)
             heads.append("mim_head")
         if "psl" in self.components:
-            self.psl_head = nn.Linear(self.image.width, vocab.size)  # "a single fully-connected layer"
+            width = model_cfg.embed_dim if s.switch("psl_head_input") == "itc_feature" else self.image.width
+            self.psl_head = nn.Linear(width, vocab.size)  # "a single fully-connected layer"
             heads.append("psl_head")
         for name in ("embeddings", "encoder", "vision_proj", "text_proj", *heads):
             init_weights(getattr(self, name))
@@ -332,7 +343,7 @@ class SIMLA(PretrainingModel):
         if "itc" in c:
             losses["itc"] = self._itc(feats_m, img_feat, txt_feat, keys, scale)
             if "psl" in c:
-                losses["psl"], metrics["psl_labels"] = self._psl(v, v_m, ids, mask, attn)
+                losses["psl"], metrics["psl_labels"] = self._psl(v, v_m, ids, mask, attn, img_feat, feats_m)
         if "mlm" in c:
             losses["mlm"] = self._mlm(v, v_m, batch["mlm_input_ids"], mask, batch["mlm_labels"])
         if "mim" in c:
@@ -421,10 +432,11 @@ class SIMLA(PretrainingModel):
         hard = F.one_hot(tokens[patch_mask], self.cfg.codebook_size)
         return distillation_loss(logits, hard, teacher, self.alpha)
 
-    def _psl(self, v, v_m, ids, mask, attn) -> tuple[torch.Tensor, torch.Tensor]:
+    def _psl(self, v, v_m, ids, mask, attn, img_feat, feats_m) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 8-9: pseudo-labels from the [CLS] row of E_mm's last self-attention layer on the
         positive pair (averaged over heads, detached: labels, not a path for gradients), predicted
-        from the unimodal image [CLS] by a linear head; targets (1 - α) y + α σ(p_m).
+        from the unimodal image [CLS] by a linear head; targets (1 - α) y + α σ(p_m). That is the
+        paper reading; ``psl_labels`` and ``psl_head_input`` switch to the official code's.
 
         The appendix extracts the row from "the multi-modal encoder" without saying which copy;
         we read it off the online model's positive ITM pass, which the step computes anyway (the
@@ -433,12 +445,22 @@ class SIMLA(PretrainingModel):
         layers (BERT / ALBEF order) self-attend first, so the row read in the last layer is over
         states that the earlier layers have already fused with the image — with a single layer
         it would be text-only, so keep num_layers >= 2."""
-        row = attn[:, :, 0].mean(1).detach()  # (B, N): [CLS] attending to each text position
-        special = ~mask | torch.isin(ids, self.special_ids)
-        y = psl_targets(row, ids, special, self.cfg.psl_k, self.vocab_size)
-        logits = self.psl_head(v[:, 0])
+        if self.cfg.switch("psl_labels") == "momentum_votes":
+            with torch.no_grad():
+                attn_m = self._fuse(self.momentum, ids, mask, v.detach(), return_attention=True)[1]
+            y = psl_vote_targets(attn_m[:, :, 0], ids, self.cfg.psl_k, PSL_VOTED_POSITIONS, self.vocab_size,
+                                 self.cls_id)
+        else:
+            row = attn[:, :, 0].mean(1).detach()  # (B, N): [CLS] attending to each text position
+            special = ~mask | torch.isin(ids, self.special_ids)
+            y = psl_targets(row, ids, special, self.cfg.psl_k, self.vocab_size)
+        if self.cfg.switch("psl_head_input") == "itc_feature":
+            x, x_m = img_feat, feats_m[0]
+        else:
+            x, x_m = v[:, 0], v_m[:, 0]
+        logits = self.psl_head(x)
         with torch.no_grad():
-            teacher = torch.sigmoid(self.momentum["psl_head"](v_m[:, 0]).float())
+            teacher = torch.sigmoid(self.momentum["psl_head"](x_m).float())
         return multilabel_bce(logits, (1.0 - self.alpha) * y + self.alpha * teacher), y.sum(-1).mean()
 
 
@@ -454,6 +476,9 @@ def check_config(cfg) -> None:
         raise ConfigError(f"config key 'model.simla.mim_min_block' = {s.mim_min_block} must be >= 1")
     if s.psl_k < 1:
         raise ConfigError("config key 'model.simla.psl_k' must be >= 1")
+    if "psl" in components and "itc" not in components and s.switch("psl_head_input") == "itc_feature":
+        raise ConfigError("config key 'model.simla.psl_head_input' = 'itc_feature' (the official reading's) reads the "
+                          "ITC image feature: enable model.simla.itc, or set psl_head_input: vit_cls")
     if "itm" in components and "itc" not in components and s.switch("itm_similarity") == "momentum":
         raise ConfigError("config key 'model.simla.itm_similarity' = 'momentum' (the official reading's) draws ITM "
                           "negatives from ITC's momentum features: enable model.simla.itc, or set itm_similarity: online")

@@ -462,6 +462,34 @@ def test_official_itm_similarity_takes_the_momentum_features_as_columns(monkeypa
     assert not torch.allclose(sims["online"], sims["momentum"], atol=1e-3)
 
 
+def test_official_psl_labels_are_head_votes_with_only_cls_removed():
+    """Two heads over [CLS] w1 w2 w3 w4 [SEP]. Paper: the mean row's top 2 non-special positions.
+    Official: each head's top 2 positions vote; the 3 most voted give their tokens; [SEP] can be
+    one, [CLS] never."""
+    from alignlab.models.objectives import psl_vote_targets
+
+    ids = torch.tensor([[101, 7, 8, 9, 10, 102]])
+    heads = torch.tensor([[[0.9, 0.5, 0.2, 0.1, 0.1, 0.1],     # votes [CLS], w1
+                           [0.0, 0.4, 0.05, 0.3, 0.0, 0.35]]])  # votes w1, [SEP]
+    official = psl_vote_targets(heads, ids, per_head=2, positions=3, vocab_size=120, cls_id=101)
+    # votes: w1 2, [CLS] 1, [SEP] 1 -> positions w1, [CLS], [SEP] -> labels w1 and [SEP] ([CLS] removed)
+    assert official[0].nonzero().flatten().tolist() == [7, 102]
+    special = torch.isin(ids, torch.tensor([0, 101, 102, 103]))
+    paper = psl_targets(heads.mean(1), ids, special, 2, 120)
+    # mean row: w1 .45, w3 .2, w2 .125, w4 .05 -> w1 and w3
+    assert paper[0].nonzero().flatten().tolist() == [7, 9]
+
+
+def test_official_psl_head_reads_the_itc_feature_and_trains():
+    paper, official = tiny_model(row="e"), tiny_model(row="e", reading="official")
+    assert paper.psl_head.in_features == 32 and official.psl_head.in_features == 16  # ViT width, embed_dim
+    official.begin_step(0, 10)
+    out = official(make_batch())
+    assert torch.isfinite(out.losses["psl"]) and out.metrics["psl_labels"] > 0
+    with pytest.raises(ConfigError, match="psl_head_input"):
+        tiny_cfg(psl_head_input="itc_feature", itc=False)  # PSL without ITC
+
+
 # --------------------------------------------------------------------------------------------
 # Visual tokenizers
 # --------------------------------------------------------------------------------------------
