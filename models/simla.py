@@ -61,9 +61,11 @@ PSL_K = (1, 2, 4, 8)  # the appendix's sweep of pseudo-labels per caption
 # models/simla/pretrain.py, SIMLA.forward). The README's table of readings lists them all.
 READINGS = {
     "paper": {"itc_targets": "same_image", "temperature_clamp": "clip", "itm_similarity": "online",
-              "itm_exclude": "same_image", "psl_labels": "online_mean", "psl_head_input": "vit_cls"},
+              "itm_exclude": "same_image", "psl_labels": "online_mean", "psl_head_input": "vit_cls",
+              "rerank_score": "match_probability"},
     "official": {"itc_targets": "diagonal", "temperature_clamp": "official", "itm_similarity": "momentum",
-                 "itm_exclude": "own_pair", "psl_labels": "momentum_votes", "psl_head_input": "itc_feature"},
+                 "itm_exclude": "own_pair", "psl_labels": "momentum_votes", "psl_head_input": "itc_feature",
+                 "rerank_score": "match_logit"},
 }
 PSL_VOTED_POSITIONS = 5  # the official code's counts_per_position.topk(5)
 # 1/τ bounds (min, max) per temperature_clamp: CLIP's cap τ >= 0.01 (the paper states none);
@@ -128,6 +130,9 @@ class SIMLAConfig(Readings):
     # What PSL's "single fully-connected layer" reads: "vit_cls", E_v's [CLS] state, or
     # "itc_feature", the normalised ITC image feature (official: concept_head(image_feat); needs ITC).
     psl_head_input: Literal["", "vit_cls", "itc_feature"] = ""
+    # The score ITM re-ranking sorts by: "match_probability", p_itm(match), or "match_logit", the
+    # raw match logit (official); they order pairs differently when the no-match logit varies.
+    rerank_score: Literal["", "match_probability", "match_logit"] = ""
 
     def components(self) -> tuple[str, ...]:
         """The enabled objectives: the named row's, or the flags'."""
@@ -307,7 +312,8 @@ class SIMLA(PretrainingModel):
     def match_from_states(self, images, texts):
         mm, _ = self._fuse(self._parts(False), texts["input_ids"], texts["attention_mask"].bool(),
                            images["image_states"])
-        return self.itm_head(mm[:, 0]).float().softmax(-1)[:, 1]
+        logits = self.itm_head(mm[:, 0]).float()
+        return logits[:, 1] if self.cfg.switch("rerank_score") == "match_logit" else logits.softmax(-1)[:, 1]
 
     # ----------------------------------------------------------------------------------------
     # Training

@@ -462,6 +462,26 @@ def test_official_itm_similarity_takes_the_momentum_features_as_columns(monkeypa
     assert not torch.allclose(sims["online"], sims["momentum"], atol=1e-3)
 
 
+def test_official_rerank_score_is_the_raw_match_logit(monkeypatch):
+    """Pair A: logits (0, 2), p = 0.88; pair B: (-3, 1), p = 0.98. By probability B ranks first, by
+    the raw match logit A does."""
+    logits = torch.tensor([[0.0, 2.0], [-3.0, 1.0]])
+    scores = {}
+    for reading in ("paper", "official"):
+        model = tiny_model(reading=reading)
+        # Pair i's fused [CLS] is the unit vector e_i and the head's weight column i its logits.
+        monkeypatch.setattr(model, "_fuse", lambda *a, **k: (torch.eye(2, 32)[:, None], None))
+        with torch.no_grad():
+            model.itm_head.weight.zero_()
+            model.itm_head.weight[:, :2] = logits.t()
+            model.itm_head.bias.zero_()
+        scores[reading] = model.match_from_states({"image_states": None},
+                                                  {"input_ids": None, "attention_mask": torch.ones(2, 1)})
+    torch.testing.assert_close(scores["paper"], logits.softmax(-1)[:, 1])
+    torch.testing.assert_close(scores["official"], logits[:, 1])
+    assert scores["paper"].argmax() == 1 and scores["official"].argmax() == 0
+
+
 def test_official_psl_labels_are_head_votes_with_only_cls_removed():
     """Two heads over [CLS] w1 w2 w3 w4 [SEP]. Paper: the mean row's top 2 non-special positions.
     Official: each head's top 2 positions vote; the 3 most voted give their tokens; [SEP] can be
