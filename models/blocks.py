@@ -144,14 +144,16 @@ class TextEmbeddings(nn.Module):
         self.layer_norm = nn.LayerNorm(size.hidden_size, eps=size.layer_norm_eps)
         self.dropout = nn.Dropout(size.dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type: int = 0, position_offset: int = 0,
+    def forward(self, input_ids: torch.Tensor | None, token_type: int = 0, position_offset: int = 0,
                 extra: torch.Tensor | None = None, table: nn.Embedding | None = None) -> torch.Tensor:
         """``extra`` (same shape as the word embeddings) is added before the LayerNorm, for inputs
-        that are embedded elsewhere but share positions and segments. ``table`` embeds the ids
-        through another vocabulary's rows (MVPTR's phrase concepts) instead of the word table."""
-        n = input_ids.shape[1]
-        pos = torch.arange(position_offset, position_offset + n, device=input_ids.device)
-        x = (table or self.word_embeddings)(input_ids) + self.position_embeddings(pos)[None]
+        that are embedded elsewhere but share positions and segments; with ``input_ids`` None it is
+        the whole input (BERT's ``inputs_embeds``). ``table`` embeds the ids through another
+        vocabulary's rows (MVPTR's phrase concepts) instead of the word table."""
+        n = (input_ids if input_ids is not None else extra).shape[1]
+        pos = torch.arange(position_offset, position_offset + n, device=self.position_embeddings.weight.device)
+        words = (table or self.word_embeddings)(input_ids) if input_ids is not None else 0.0
+        x = words + self.position_embeddings(pos)[None]
         x = x + self.token_type_embeddings.weight[token_type]
         if extra is not None:
             x = x + extra

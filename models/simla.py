@@ -62,10 +62,12 @@ PSL_K = (1, 2, 4, 8)  # the appendix's sweep of pseudo-labels per caption
 READINGS = {
     "paper": {"itc_targets": "same_image", "temperature_clamp": "clip", "itm_similarity": "online",
               "itm_exclude": "same_image", "psl_labels": "online_mean", "psl_head_input": "vit_cls",
-              "rerank_score": "match_probability"},
+              "rerank_score": "match_probability",
+              "mim_inputs": "states"},
     "official": {"itc_targets": "diagonal", "temperature_clamp": "official", "itm_similarity": "momentum",
                  "itm_exclude": "own_pair", "psl_labels": "momentum_votes", "psl_head_input": "itc_feature",
-                 "rerank_score": "match_logit"},
+                 "rerank_score": "match_logit",
+                 "mim_inputs": "embeddings"},
 }
 PSL_VOTED_POSITIONS = 5  # the official code's counts_per_position.topk(5)
 # 1/τ bounds (min, max) per temperature_clamp: CLIP's cap τ >= 0.01 (the paper states none);
@@ -133,6 +135,12 @@ class SIMLAConfig(Readings):
     # The score ITM re-ranking sorts by: "match_probability", p_itm(match), or "match_logit", the
     # raw match logit (official); they order pairs differently when the no-match logit varies.
     rerank_score: Literal["", "match_probability", "match_logit"] = ""
+    # MIM's inputs to E_mm (eq. 6): "states", the masked image's E_v states as queries and the
+    # caption's E_l states as context; or "embeddings", the patch states through the text stack's
+    # embedding layer (positions, LayerNorm) as queries and the caption's word-embedding output
+    # as context, the online model's for both copies (official: inputs_embeds= and
+    # encoder_hidden_states=self.text_encoder.bert.embeddings(text.input_ids)).
+    mim_inputs: Literal["", "states", "embeddings"] = ""
 
     def components(self) -> tuple[str, ...]:
         """The enabled objectives: the named row's, or the flags'."""
@@ -353,7 +361,7 @@ class SIMLA(PretrainingModel):
         if "mlm" in c:
             losses["mlm"] = self._mlm(v, v_m, batch["mlm_input_ids"], mask, batch["mlm_labels"])
         if "mim" in c:
-            losses["mim"] = self._mim(pixels, patches, patches_m, batch["mim_mask"].flatten(1).bool(), mask,
+            losses["mim"] = self._mim(pixels, patches, patches_m, batch["mim_mask"].flatten(1).bool(), ids, mask,
                                       text_states, text_m)
         return ModelOutput(losses=losses, metrics=metrics)
 
@@ -417,23 +425,31 @@ class SIMLA(PretrainingModel):
         hard = F.one_hot(labels[selected], self.vocab_size)
         return distillation_loss(logits, hard, teacher, self.alpha)
 
-    def _mim(self, pixels, patches, patches_m, patch_mask, mask, text_states, text_m) -> torch.Tensor:
+    def _mim(self, pixels, patches, patches_m, patch_mask, ids, mask, text_states, text_m) -> torch.Tensor:
         """Eq. 6-7, image side: the visual tokens of block-wise masked patches, predicted by E_mm
         with the masked image's patches as queries and the caption as context, distilled from
         the momentum model's prediction on the same masked image and caption.
 
         Masking replaces patch embeddings (BEiT, :meth:`ViTEncoder.encode`), so the masked view
         starts from the unmasked view's ``patches`` (``patches_m``: the momentum model's): a hybrid
-        ViT's trunk runs once per model and step."""
+        ViT's trunk runs once per model and step. ``mim_inputs`` picks the reading of E_mm's
+        inputs (the paper's: states; the official code's: embedding-layer outputs)."""
         tokens = self.visual_tokenizer(pixels)  # of the unmasked image
         prefix = self.image.num_prefix_tokens
+        embedded = self.cfg.switch("mim_inputs") == "embeddings"
+        if embedded:
+            context = context_m = self.embeddings(ids)
+        else:
+            context, context_m = text_states, text_m
         v_hat = self.image.encode(patches, patch_mask, self.mask_token)
-        states = self._fuse_image_queries(self._parts(False), v_hat, text_states, mask)
+        queries = self.embeddings(None, extra=v_hat) if embedded else v_hat
+        states = self._fuse_image_queries(self._parts(False), queries, context, mask)
         logits = self.mim_head(states[:, prefix:][patch_mask])
         with torch.no_grad():
             p = self.momentum
             v_hat_m = p["image"].encode(patches_m, patch_mask, self.momentum_mask_token)
-            states_m = self._fuse_image_queries(p, v_hat_m, text_m, mask)
+            queries_m = p["embeddings"](None, extra=v_hat_m) if embedded else v_hat_m
+            states_m = self._fuse_image_queries(p, queries_m, context_m.detach(), mask)
             teacher = p["mim_head"](states_m[:, prefix:][patch_mask]).float().softmax(-1)
         hard = F.one_hot(tokens[patch_mask], self.cfg.codebook_size)
         return distillation_loss(logits, hard, teacher, self.alpha)

@@ -482,6 +482,40 @@ def test_official_rerank_score_is_the_raw_match_logit(monkeypatch):
     assert scores["paper"].argmax() == 1 and scores["official"].argmax() == 0
 
 
+@pytest.mark.parametrize("reading", ["paper", "official"])
+def test_mim_inputs_under_each_reading(monkeypatch, reading):
+    """Paper: E_mm takes the masked image's E_v states as queries and the caption's E_l states as
+    context. Official: both through the text stack's embedding layer (the patches as
+    inputs_embeds; the caption's word-embedding output, the online model's for both copies)."""
+    from alignlab.models.simla import SIMLA
+
+    model = tiny_model(row="d", reading=reading)
+    model.begin_step(0, 10)
+    calls = []
+    real = SIMLA._fuse_image_queries
+
+    def spy(p, image_states, text_states, text_mask):
+        calls.append((image_states.detach().clone(), text_states.detach().clone()))
+        return real(p, image_states, text_states, text_mask)
+
+    monkeypatch.setattr(SIMLA, "_fuse_image_queries", staticmethod(spy))
+    batch = make_batch()
+    model(batch)
+    (queries, context), (queries_m, context_m) = calls  # online, then momentum
+    with torch.no_grad():
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        patch_mask = batch["mim_mask"].flatten(1).bool()
+        v_hat = model.image.encode(model.image.patch_embeddings(batch["pixels"]), patch_mask, model.mask_token)
+        if reading == "official":
+            want_q, want_c = model.embeddings(None, extra=v_hat), model.embeddings(ids)
+            torch.testing.assert_close(context_m, want_c)  # the online embeddings for the momentum copy too
+        else:
+            want_q, want_c = v_hat, model._text(model._parts(False), ids, mask)
+    torch.testing.assert_close(queries, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(context, want_c, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(queries, v_hat) if reading == "official" else True
+
+
 def test_official_psl_labels_are_head_votes_with_only_cls_removed():
     """Two heads over [CLS] w1 w2 w3 w4 [SEP]. Paper: the mean row's top 2 non-special positions.
     Official: each head's top 2 positions vote; the 3 most voted give their tokens; [SEP] can be
