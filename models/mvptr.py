@@ -93,9 +93,9 @@ TABLE4: dict[str, Components] = {
 # lists every difference, with the ones not switchable yet.
 READINGS = {
     "paper": {"vsc_projection": "none", "temperature_clamp": "clip", "itm_draw": "objectives",
-              "itm_exclude": "same_image"},
+              "itm_exclude": "same_image", "wpg_negatives": "itm_hard", "wpg_region": "best"},
     "official": {"vsc_projection": "linear", "temperature_clamp": "none", "itm_draw": "hardest",
-                 "itm_exclude": "own_pair"},
+                 "itm_exclude": "own_pair", "wpg_negatives": "random_positive_pass", "wpg_region": "random_top3"},
 }
 
 
@@ -128,6 +128,13 @@ class MVPTRConfig(Readings):
     # from p_s2v / p_v2s by default, the paper's "sampled"), or "hardest", the argmax (the
     # official code's hn_mod='hard').
     itm_draw: Literal["", "objectives", "hardest"] = ""
+    # WPG's negative image (§3.3): "itm_hard", ITM's hard negative image, its regions fused with
+    # this text in the negative pass; or "random_positive_pass", another image of the batch drawn
+    # uniformly, its region states taken from its own positive pass (official).
+    wpg_negatives: Literal["", "itm_hard", "random_positive_pass"] = ""
+    # Each phrase's region in S_wpg (eq. 2): "best", the max; or "random_top3", one of its 3 most
+    # similar regions drawn uniformly (official).
+    wpg_region: Literal["", "best", "random_top3"] = ""
 
     @property
     def components(self) -> Components:
@@ -356,14 +363,16 @@ class MVPTR(PretrainingModel):
         losses["itm"] = itm_loss(itm_logits, itm_labels)
         losses["mlm"] = self.mlm_loss(fused[n_pairs:, :n_words], batch["mlm_labels"])
 
-        if p.wpg:
+        if p.wpg and self.cfg.switch("wpg_negatives") == "random_positive_pass":
+            losses["wpg"] = self._wpg_from_positive_passes(fused[:n], n_words, txt.shape[1], text_mask_all[:n], rmask)
+        elif p.wpg:
             # Eq. 2 on the positive pairs of the first half and their image negatives.
             n_neg_img = int(ok_img.sum())
             pairs = torch.cat([torch.arange(h, device=fused.device)[ok_img],
                                n + torch.arange(n_neg_img, device=fused.device)])
             phrase_end = txt.shape[1]
             s = wpg_similarity(fused[pairs, n_words:phrase_end], fused[pairs, phrase_end:],
-                               text_mask_all[pairs, n_words:], torch.cat(image_masks)[pairs])
+                               text_mask_all[pairs, n_words:], torch.cat(image_masks)[pairs], self._wpg_top)
             has_phrases = text_mask_all[pairs[:n_neg_img], n_words:].any(-1)
             pos, neg = s[:n_neg_img][has_phrases], s[n_neg_img:][has_phrases]
             losses["wpg"] = wpg_hinge(pos, neg, self.margin) if len(pos) else fused.sum() * 0.0
@@ -371,6 +380,26 @@ class MVPTR(PretrainingModel):
         with torch.no_grad():
             itm_acc = (itm_logits.argmax(-1) == itm_labels).float().mean()
         return ModelOutput(losses=losses, metrics={"temperature": 1.0 / scale.detach(), "itm_acc": itm_acc})
+
+    @property
+    def _wpg_top(self) -> int:
+        return 3 if self.cfg.switch("wpg_region") == "random_top3" else 1
+
+    def _wpg_from_positive_passes(self, positive: torch.Tensor, n_words: int, phrase_end: int,
+                                  text_mask: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+        """The official code's WPG (#15): text i against another image j of the batch, drawn
+        uniformly, with j's region states from j's own positive pass (``positive`` (n, L + P + K,
+        d), the positive pairs' multi-modal outputs), so WPG needs no pass of its own."""
+        n = positive.shape[0]
+        if n < 2:
+            return positive.sum() * 0.0
+        other = (torch.arange(n, device=positive.device) + torch.randint(1, n, (n,), device=positive.device)) % n
+        phrases, phrase_mask = positive[:, n_words:phrase_end], text_mask[:, n_words:]
+        regions = positive[:, phrase_end:]
+        pos = wpg_similarity(phrases, regions, phrase_mask, region_mask, self._wpg_top)
+        neg = wpg_similarity(phrases, regions[other], phrase_mask, region_mask[other], self._wpg_top)
+        has = phrase_mask.any(-1)
+        return wpg_hinge(pos[has], neg[has], self.margin) if has.any() else positive.sum() * 0.0
 
 
 def check_config(cfg) -> None:

@@ -259,7 +259,8 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def wpg_similarity(phrases: torch.Tensor, regions: torch.Tensor, phrase_mask: torch.Tensor,
-                   region_mask: torch.Tensor) -> torch.Tensor:
+                   region_mask: torch.Tensor, random_top: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """S_wpg(V, S) of MVPTR eq. 2, one value per pair: the mean over the M phrases of the max over
     the K regions of the cosine similarity of their multi-modal outputs,
 
@@ -269,9 +270,20 @@ def wpg_similarity(phrases: torch.Tensor, regions: torch.Tensor, phrase_mask: to
     batch of pairs; masks are True at real phrases / regions. We read g as the L2 normalisation
     itself ("L2-normalized representations ... denoted as g(·)"), so WPG adds no parameters. A
     pair without phrases gets 0 (callers leave such rows out of the loss).
+
+    ``random_top`` > 1 is the official code's reading (#15): each phrase takes one of its
+    ``random_top`` most similar regions, uniformly at random (of the real ones, if fewer), instead
+    of the best.
     """
     sim = F.normalize(phrases.float(), dim=-1) @ F.normalize(regions.float(), dim=-1).transpose(1, 2)
-    sim = sim.masked_fill(~region_mask.bool()[:, None, :], float("-inf")).amax(-1)  # (B, P)
+    sim = sim.masked_fill(~region_mask.bool()[:, None, :], float("-inf"))
+    if random_top > 1:
+        top = sim.topk(min(random_top, sim.shape[-1]), dim=-1).values  # (B, P, t), best first
+        real = region_mask.bool().sum(-1).clamp(min=1, max=top.shape[-1])[:, None]  # (B, 1)
+        u = torch.rand(top.shape[:2], generator=generator, device=top.device)
+        sim = top.gather(-1, (u * real).long().clamp(max=top.shape[-1] - 1)[..., None]).squeeze(-1)
+    else:
+        sim = sim.amax(-1)  # (B, P)
     pm = phrase_mask.bool()
     sim = sim.masked_fill(~pm, 0.0)
     return sim.sum(-1) / pm.sum(-1).clamp(min=1)

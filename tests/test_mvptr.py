@@ -265,6 +265,41 @@ def test_official_itm_takes_the_hardest_candidate_excluding_only_the_own_pair(mo
         assert torch.equal(idx, want)
 
 
+def test_wpg_random_top3_draws_each_phrase_one_of_its_three_best_real_regions():
+    # One phrase against 4 regions at cosines 0.9, 0.5, 0.7, 0.1 (unit vectors in the plane).
+    angles = torch.tensor([0.9, 0.5, 0.7, 0.1]).acos()
+    regions = torch.stack([angles.cos(), angles.sin()], -1)[None]  # (1, 4, 2)
+    phrase = torch.tensor([[[1.0, 0.0]]])
+    pm = torch.ones(1, 1, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    every = torch.ones(1, 4, dtype=torch.bool)
+    draws = torch.stack([wpg_similarity(phrase, regions, pm, every, 3, g) for _ in range(3000)]).flatten()
+    values, counts = draws.round(decimals=4).unique(return_counts=True)
+    assert values.tolist() == pytest.approx([0.5, 0.7, 0.9]) and (counts > 900).all()  # never 0.1, each ~1/3
+    assert wpg_similarity(phrase, regions, pm, every).item() == pytest.approx(0.9)  # the paper's max
+    two_real = torch.tensor([[True, True, False, False]])
+    draws = torch.stack([wpg_similarity(phrase, regions, pm, two_real, 3, g) for _ in range(200)]).flatten()
+    assert draws.round(decimals=4).unique().tolist() == pytest.approx([0.5, 0.9])  # of the real regions only
+
+
+def test_official_wpg_takes_another_images_regions_from_its_own_positive_pass(monkeypatch):
+    calls = []
+    real = mvptr_module.wpg_similarity
+
+    def spy(phrases, regions, phrase_mask, region_mask, random_top=1, generator=None):
+        calls.append((phrases.detach(), regions.detach(), random_top))
+        return real(phrases, regions, phrase_mask, region_mask, random_top, generator)
+
+    monkeypatch.setattr(mvptr_module, "wpg_similarity", spy)
+    out = _model("full", "model.mvptr.reading=official")(_batch(4))
+    (phr_pos, reg_pos, top_pos), (phr_neg, reg_neg, top_neg) = calls
+    assert top_pos == top_neg == 3 and torch.equal(phr_pos, phr_neg) and len(reg_pos) == 4
+    for i in range(4):  # text i's negative regions are another row's positive-pass regions
+        sources = [j for j in range(4) if torch.equal(reg_neg[i], reg_pos[j])]
+        assert sources and i not in sources
+    assert torch.isfinite(out.losses["wpg"])
+
+
 def test_a_batch_of_one_image_has_no_negatives_and_still_trains():
     out = _model()(_batch(4, image_keys=[3, 3, 3, 3]))
     assert set(out.losses) == {"vsc", "mcr", "wpg", "mlm", "itm"}
