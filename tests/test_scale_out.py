@@ -59,8 +59,7 @@ def test_a_sweep_fills_an_autoscaling_cluster_and_gives_it_back(tmp_path):
     assert sweep["max_trials_at_once"] >= 2
     assert serial["max_trials_at_once"] == 1
     # The fake nodes share the machine's cores, so on 2 cores the concurrent sweep is not faster
-    # (0.79-0.84x the serial one in four runs): the wall times are recorded, not asserted.
-    assert sweep["wall_s"] > 0 and serial["wall_s"] > 0
+    # (0.79-0.84x the serial one in four runs): the wall times are printed, not asserted.
     ddp = r["ddp"]
     assert len(set(ddp["nodes"])) == 2  # the two ranks ran on two nodes
     assert ddp["loss_equal"] and ddp["grads_equal"]

@@ -513,7 +513,8 @@ def test_mim_inputs_under_each_reading(monkeypatch, reading):
             want_q, want_c = v_hat, model._text(model._parts(False), ids, mask)
     torch.testing.assert_close(queries, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(context, want_c, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(queries, v_hat) if reading == "official" else True
+    if reading == "official":  # the embedding layer really changed the queries
+        assert not torch.allclose(queries, v_hat)
 
 
 def test_official_psl_labels_are_head_votes_with_only_cls_removed():
