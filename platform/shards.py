@@ -37,6 +37,15 @@ answer*            string                                    the answer of an im
 text_feature*      fixed_size_list<float32>[D]               a frozen sentence encoder's unit-norm
                                                              embedding of the caption (data build
                                                              ``--text-features``)
+human_answers*     list<string>                              VQA v2: every annotator's answer to the
+                                                             question (10), for VQA accuracy
+image_b*           binary                                    NLVR2: the pair's second image (the
+                                                             first is ``image``)
+image_id_b*        string                                    NLVR2: the second image's id
+region_features_b*, boxes_b*, tags_b*                        NLVR2: the second image's regions, typed
+                                                             as their counterparts
+target_box*        fixed_size_list<float32>[4]               RefCOCO+: the referred object's box,
+                                                             x1, y1, x2, y2 normalised to [0, 1]
 =================  ========================================  ==========================================
 
 Columns marked * are optional; when present, ``region_features``, ``boxes`` and ``tags`` have one
@@ -47,6 +56,23 @@ readers that know nothing of QA still work; the QA objective reads ``answer``, m
 line in ``answers.txt`` (an answer outside it gets no QA loss). The files of one split carry the
 QA columns all or none, since the training read asks every file of a split for the same columns.
 Extra columns are allowed and passed through.
+
+A downstream task's shard set (``alignlab finetune``) is a shard set of that task's rows; its
+manifest names the task (``"task"``: one of :data:`TASKS`). Its rows hold the task's text in
+``caption``, and its label:
+
+* ``vqa``, ``gqa``, ``snli_ve``, ``nlvr2`` are classifications over ``answers.txt`` (most frequent
+  first): ``question`` repeats the text (a question, an SNLI-VE hypothesis, an NLVR2 statement)
+  and ``answer`` is the class (an answer; ``entailment`` / ``neutral`` / ``contradiction``;
+  ``true`` / ``false``). VQA v2 rows add ``human_answers``; NLVR2 rows add the ``*_b`` columns of
+  their second image.
+* ``refcoco`` rows (a referring expression in ``caption``) carry ``target_box``; the model scores
+  the image's regions, so the set has ``region_features`` and ``boxes``.
+* ``retrieval`` rows are caption rows, as in pre-training.
+
+A task set's ``tags.txt`` and ``concepts.txt`` (and the tokenizer) are those of the pre-training
+set (``alignlab data build --vocab-from``, or the synthetic tasks' own copy): a fine-tuned model
+keeps the pre-trained rows of those vocabularies. Its ``answers.txt`` is the task's own.
 
 A compositional split (ARO / Winoground style; the synthetic set writes ``compositional/``) holds
 candidate captions of its images: each row carries one candidate in ``caption`` and ``phrases``
@@ -88,7 +114,13 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
     "split": pa.string(),
 }
 
-OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases", "question", "answer", "text_feature")
+OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases", "question", "answer", "text_feature",
+                    "human_answers", "image_b", "image_id_b", "region_features_b", "boxes_b", "tags_b", "target_box")
+# The downstream tasks a shard set's manifest may name (``"task"``), in the papers' terms.
+TASKS = ("vqa", "gqa", "snli_ve", "nlvr2", "refcoco", "retrieval")
+# An NLVR2 row's second image: each column is typed as the one it suffixes.
+PAIR_SUFFIX = "_b"
+PAIR_COLUMNS = ("image_b", "image_id_b", "region_features_b", "boxes_b", "tags_b")
 QA_COLUMNS = ("question", "answer")
 # The tag of a region that is no detected object: the whole-image box that `alignlab data build`
 # puts first (``--whole-image-box``). It belongs to no tag vocabulary.
@@ -111,6 +143,20 @@ PHRASES_TYPE = pa.list_(pa.list_(pa.string()))
 
 def _check_optional(name: str, tp: pa.DataType) -> str | None:
     """None if ``tp`` is acceptable for optional column ``name``, else the expected type."""
+    if name in PAIR_COLUMNS:
+        base = name[: -len(PAIR_SUFFIX)]
+        if base in REQUIRED_COLUMNS:
+            want = REQUIRED_COLUMNS[base]
+            ok = tp == want or (want == pa.string() and tp == pa.large_string()) \
+                or (want == pa.binary() and tp == pa.large_binary())
+            return None if ok else str(want)
+        name = base
+    if name == "human_answers":
+        ok = pa.types.is_list(tp) and (pa.types.is_string(tp.value_type) or pa.types.is_large_string(tp.value_type))
+        return None if ok else "list<string>"
+    if name == "target_box":
+        ok = pa.types.is_fixed_size_list(tp) and tp.list_size == 4 and pa.types.is_floating(tp.value_type)
+        return None if ok else "fixed_size_list<float32>[4]"
     if name == "region_features":
         ok = (pa.types.is_list(tp) or pa.types.is_large_list(tp)) and pa.types.is_fixed_size_list(tp.value_type) \
             and pa.types.is_floating(tp.value_type.value_type)
@@ -286,18 +332,32 @@ def rows_to_table(rows: list[dict[str, Any]], region_dim: int | None = None) -> 
     keys = rows[0].keys()
     fields = [pa.field(c, t) for c, t in REQUIRED_COLUMNS.items()]
     arrays = [pa.array([r[c] for r in rows], type=t) for c, t in REQUIRED_COLUMNS.items()]
-    if "region_features" in keys and rows[0]["region_features"] is not None:
-        dim = region_dim or int(np.asarray(rows[0]["region_features"]).reshape(len(rows[0]["boxes"]), -1).shape[1])
-        values = [np.asarray(r["region_features"], dtype=np.float32).reshape(-1, dim) for r in rows]
-        arrays.append(_nested_fixed(values, dim))
-        fields.append(pa.field("region_features", region_features_type(dim)))
-    if "boxes" in keys and rows[0]["boxes"] is not None:
-        values = [np.asarray(r["boxes"], dtype=np.float32).reshape(-1, 4) for r in rows]
-        arrays.append(_nested_fixed(values, 4))
-        fields.append(pa.field("boxes", BOXES_TYPE))
-    if "tags" in keys and rows[0]["tags"] is not None:
-        arrays.append(pa.array([list(r["tags"]) for r in rows], type=TAGS_TYPE))
-        fields.append(pa.field("tags", TAGS_TYPE))
+    for suffix in ("", PAIR_SUFFIX):
+        if suffix and f"image{suffix}" in keys and rows[0][f"image{suffix}"] is not None:
+            for c in (f"image{suffix}", f"image_id{suffix}"):
+                t = REQUIRED_COLUMNS[c[: -len(suffix)]]
+                arrays.append(pa.array([r[c] for r in rows], type=t))
+                fields.append(pa.field(c, t))
+        feats, boxes, tags = f"region_features{suffix}", f"boxes{suffix}", f"tags{suffix}"
+        if feats in keys and rows[0][feats] is not None:
+            dim = region_dim or int(np.asarray(rows[0][feats]).reshape(len(rows[0][boxes]), -1).shape[1])
+            values = [np.asarray(r[feats], dtype=np.float32).reshape(-1, dim) for r in rows]
+            arrays.append(_nested_fixed(values, dim))
+            fields.append(pa.field(feats, region_features_type(dim)))
+        if boxes in keys and rows[0][boxes] is not None:
+            values = [np.asarray(r[boxes], dtype=np.float32).reshape(-1, 4) for r in rows]
+            arrays.append(_nested_fixed(values, 4))
+            fields.append(pa.field(boxes, BOXES_TYPE))
+        if tags in keys and rows[0][tags] is not None:
+            arrays.append(pa.array([list(r[tags]) for r in rows], type=TAGS_TYPE))
+            fields.append(pa.field(tags, TAGS_TYPE))
+    if "human_answers" in keys and rows[0]["human_answers"] is not None:
+        arrays.append(pa.array([list(r["human_answers"]) for r in rows], type=TAGS_TYPE))
+        fields.append(pa.field("human_answers", TAGS_TYPE))
+    if "target_box" in keys and rows[0]["target_box"] is not None:
+        values = np.stack([np.asarray(r["target_box"], dtype=np.float32) for r in rows])
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), 4))
+        fields.append(pa.field("target_box", pa.list_(pa.float32(), 4)))
     if "phrases" in keys and rows[0]["phrases"] is not None:
         arrays.append(pa.array([[list(p) for p in r["phrases"]] for r in rows], type=PHRASES_TYPE))
         fields.append(pa.field("phrases", PHRASES_TYPE))
