@@ -72,6 +72,13 @@ class PretrainingModel(nn.Module):
         """:meth:`match_scores` of aligned pairs given their ``match_*_states`` rows."""
         return self.match_scores(images, texts)
 
+    def fused(self, batch: dict[str, torch.Tensor]):
+        """The multi-modal encoder's reading of each aligned (image, text) pair of ``batch``, for
+        fine-tuning (:class:`~alignlab.models.downstream.Fused`: the fused [CLS], and the fused
+        region states where the image side is regions). Architectures without a multi-modal
+        encoder have none: their spec lists no task that needs it."""
+        raise NotImplementedError(f"{type(self).__name__} has no multi-modal encoder to fine-tune")
+
     #: DDP must tolerate parameters without a gradient in some steps (a component that only
     #: ranks negatives, a mode that skips cross-attention).
     find_unused_parameters: bool = False
@@ -140,6 +147,9 @@ class ModelSpec:
     check_config: Callable[[Any], None] = _no_check
     image_kinds: tuple[str, ...] = ()
     ablations: Callable[[Any], Mapping[str, Ablation]] = lambda cfg: {}
+    # The downstream tasks (models/downstream.py TASKS) it fine-tunes on: a task needing a fused
+    # [CLS] needs :meth:`PretrainingModel.fused`, grounding needs fused regions.
+    tasks: tuple[str, ...] = ("retrieval",)
 
     @property
     def objectives(self) -> tuple[str, ...]:

@@ -62,6 +62,14 @@ class InputSpec:
     # IGNORE on caption rows and for answers outside answers.txt. Only for a split whose shards
     # carry the question / answer columns; a caption-only split yields no answer_labels.
     qa: bool = False
+    # VQA v2's soft targets: ``answer_scores`` (B, A), each answer's VQA accuracy
+    # (:func:`vqa_accuracy`) among the row's ``human_answers``.
+    answer_scores: bool = False
+    # NLVR2: the second image's inputs as well, each key suffixed ``_b`` (``region_features_b``,
+    # ``pixels_b``, ``tag_ids_b``, ...), from the shard's ``*_b`` columns.
+    image_pair: bool = False
+    # RefCOCO+: ``target_box`` (B, 4), the referred object's normalised box.
+    target_box: bool = False
 
     def union(self, other: "InputSpec") -> "InputSpec":
         """Every input either spec asks for (two models scoring the same rows: a re-ranker and
@@ -71,6 +79,34 @@ class InputSpec:
         masked = self if self.mim else other
         return InputSpec(**merged, mim_grid=masked.mim_grid, mim_ratio=masked.mim_ratio,
                          mim_min_block=masked.mim_min_block)
+
+
+def vqa_accuracy(matches: int, annotators: int = 10) -> float:
+    """VQA accuracy of an answer that ``matches`` of ``annotators`` humans gave: min(#humans / 3,
+    1), averaged over the leave-one-annotator-out subsets as the official VQA evaluation does
+    (Antol et al. 2015; the 10 choose 9 average). With 10 annotators: 1 -> 0.3, 2 -> 0.6,
+    3 -> 0.9, 4 or more -> 1."""
+    if annotators <= 1:
+        return float(min(matches / 3.0, 1.0))
+    left_out_match = matches * min((matches - 1) / 3.0, 1.0)
+    left_out_other = (annotators - matches) * min(matches / 3.0, 1.0)
+    return float((left_out_match + left_out_other) / annotators)
+
+
+# The downstream tasks a pre-trained model fine-tunes on (``finetune.task``; the shard set
+# manifest's ``task``), in the papers' terms: models/downstream.py builds their heads.
+TASKS = ("vqa", "gqa", "snli_ve", "nlvr2", "refcoco", "retrieval")
+
+
+def check_task(spec, task: str) -> None:
+    """An (architecture, task) pair the architecture cannot fine-tune fails at start-up, naming
+    the tasks it supports (``spec``: its :class:`~alignlab.models.base.ModelSpec`)."""
+    if task not in TASKS:
+        raise ConfigError(f"config key 'finetune.task' = {task!r} is not a task; valid choices: "
+                          f"{', '.join(map(repr, TASKS))}")
+    if task not in spec.tasks:
+        raise ConfigError(f"config key 'finetune.task' = {task!r}: architecture {spec.name!r} does not support it; "
+                          f"its tasks: {', '.join(map(repr, spec.tasks))}")
 
 
 # Id layout of concept sequences (tag_ids and phrase_ids), shared by the data stage and the models:
@@ -94,8 +130,12 @@ class Vocab:
     # Phrase concepts as token-id tuples (each tuple's words tokenised), for MVPTR's
     # mean-of-tokens initialisation of phrase embeddings.
     concepts: tuple[tuple[int, ...], ...] = ()
-    # Image-QA answers (answers.txt), most frequent first; entry k is answer class k.
+    # Image-QA answers (answers.txt), most frequent first; entry k is answer class k. In a
+    # fine-tuning run, the task's classes.
     answers: tuple[str, ...] = ()
+    # A fine-tuning run's pre-trained model was built with these answers (its own QA head, if any),
+    # not the task's: the fine-tuned model rebuilds its backbone with them.
+    pretrained_answers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -281,8 +281,19 @@ class MVPTR(PretrainingModel):
         return {"text": txt, "text_mask": tmask}
 
     def match_from_states(self, images, texts):
-        fused = self.fuse(texts["text"], texts["text_mask"], images["regions"], images["region_mask"])
-        return self.itm_head(fused[:, 0]).float().softmax(-1)[:, 1]
+        return self.itm_head(self.match_fused(images, texts)[:, 0]).float().softmax(-1)[:, 1]
+
+    def fused(self, batch):
+        """The multi-modal encoder over {w̃, c̃, r̃}: its [CLS] and its region states (MVPTR §4.2
+        fine-tunes on both: the [CLS] for VQA / SNLI-VE, [CLS]-to-region similarity for RefCOCO+)."""
+        from alignlab.models.downstream import Fused
+
+        texts = self.match_text_states(batch)
+        fused = self.match_fused(self.match_image_states(batch), texts)
+        return Fused(cls=fused[:, 0], regions=fused[:, texts["text"].shape[1]:])
+
+    def match_fused(self, images, texts) -> torch.Tensor:
+        return self.fuse(texts["text"], texts["text_mask"], images["regions"], images["region_mask"])
 
     # ----------------------------------------------------------------------------------------
     # Objectives
@@ -435,6 +446,7 @@ SPEC = ModelSpec(
     name="mvptr", model=MVPTR, config=MVPTRConfig, check_config=check_config,
     # The visual encoder reads detector regions and tags (§3.1).
     image_kinds=("regions",),
+    tasks=("vqa", "gqa", "snli_ve", "nlvr2", "refcoco", "retrieval"),
     ablations=lambda cfg: {"table4": Ablation("MVPTR ablations (Table 4)", {"model.mvptr.ablation": tuple(TABLE4)},
                                               "model.mvptr.ablation", reference="full", claims=TABLE4_CLAIMS)},
 )

@@ -451,3 +451,38 @@ def multilabel_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     over the V vocabulary entries (the paper's 1/V) and over the rows. Eq. 9's distilled form is
     this loss against (1 - α) y^PSL + α σ(p_m^PSL): BCE is linear in its target as well."""
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream fine-tuning (MVPTR §4.2, SemVLP §4, SIMLA §3)
+# --------------------------------------------------------------------------------------------
+
+
+def soft_target_loss(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """VQA as classification over the answer set (MVPTR §4.2, after VinVL: "a task-specific MLP
+    with softmax ... Cross entropy is used during fine-tuning"): cross entropy against each
+    question's answer scores (its VQA accuracy per candidate answer) normalised to sum 1. A
+    question none of whose answers is in the answer set carries no target and is left out."""
+    total = scores.sum(-1)
+    keep = total > 0
+    if not keep.any():
+        return logits.sum() * 0.0
+    targets = scores[keep] / total[keep, None]
+    return -(targets * F.log_softmax(logits[keep].float(), -1)).sum(-1).mean()
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes (x1, y1, x2, y2) broadcast over leading dims: ``a`` (..., 4), ``b`` (..., 4)."""
+    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda x: (x[..., 2:] - x[..., :2]).clamp(min=0).prod(-1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
+
+
+def grounding_loss(scores: torch.Tensor, positive: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+    """Referring-expression grounding as binary classification of each region candidate (MVPTR
+    §4.2, "Visual Grounding": the [CLS]-to-region similarity scored by cross entropy), a region
+    being positive when its IoU with the referred box is >= 0.5: binary cross entropy over the
+    valid regions of every row. ``scores`` (B, K) logits, ``positive`` / ``region_mask`` (B, K)."""
+    valid = region_mask.bool()
+    return F.binary_cross_entropy_with_logits(scores.float()[valid], positive.float()[valid])

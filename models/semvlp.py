@@ -204,9 +204,16 @@ class SemVLP(PretrainingModel):
 
     def match_scores(self, images, texts):
         """p_itm(match) of each aligned pair, encoded in ``semvlp.eval_mode``."""
-        x, mask = self.embed_objects(images["region_features"], images["boxes"], images["region_mask"])
-        objects, text = self.encode(self.eval_mode, x, mask, texts["input_ids"], texts["attention_mask"])
-        return self.itm_head(self.pooled(self.eval_mode, objects, text)).float().softmax(-1)[:, 1]
+        return self.itm_head(self.fused({**images, **texts}).cls).float().softmax(-1)[:, 1]
+
+    def fused(self, batch):
+        """The pair encoded in ``semvlp.eval_mode`` (the mode §4 fine-tunes in): h_CLS or o_IMG,
+        and the object states O^L, which attend to the words in either mode."""
+        from alignlab.models.downstream import Fused
+
+        x, mask = self.embed_objects(batch["region_features"], batch["boxes"], batch["region_mask"])
+        objects, text = self.encode(self.eval_mode, x, mask, batch["input_ids"], batch["attention_mask"])
+        return Fused(cls=self.pooled(self.eval_mode, objects, text), regions=objects[:, 1:])
 
     # ----------------------------------------------------------------------------------------
     # Pre-training
@@ -284,6 +291,7 @@ SPEC = ModelSpec(
     name="semvlp", model=SemVLP, config=SemVLPConfig, check_config=check_config,
     # Objects are detector regions with boxes and labels (§3.1.1).
     image_kinds=("regions",),
+    tasks=("vqa", "gqa", "snli_ve", "nlvr2", "refcoco", "retrieval"),
     ablations=lambda cfg: {
         # §4.3 pre-trains "with only high-level semantic alignment" to place L_s (Figure 3).
         "L_s": Ablation("SemVLP Fig. 3: two-stream retrieval vs L_s",

@@ -317,6 +317,17 @@ class SIMLA(PretrainingModel):
         image side is computed once per image."""
         return {"image_states": self.image(images["pixels"])}
 
+    def fused(self, batch):
+        """E_mm's [CLS] over the caption and E_v's patches (SIMLA fine-tunes VQA, NLVR2 and SNLI-VE
+        from it, as ALBEF does). The image side is patches, not boxes: no fused regions, so
+        box-supervised grounding is not among SIMLA's tasks (its weakly supervised reading is not
+        built)."""
+        from alignlab.models.downstream import Fused
+
+        mm, _ = self._fuse(self._parts(False), batch["input_ids"], batch["attention_mask"].bool(),
+                           self.image(batch["pixels"]))
+        return Fused(cls=mm[:, 0])
+
     def match_from_states(self, images, texts):
         mm, _ = self._fuse(self._parts(False), texts["input_ids"], texts["attention_mask"].bool(),
                            images["image_states"])
@@ -524,6 +535,7 @@ def check_config(cfg) -> None:
 SPEC = ModelSpec(
     name="simla", model=SIMLA, config=SIMLAConfig, check_config=check_config,
     image_kinds=("vit",),  # a ViT below the language encoder (§2.1)
+    tasks=("vqa", "gqa", "snli_ve", "nlvr2", "retrieval"),
     # The rows and k are two sweeps rather than one product grid: k means nothing without PSL.
     ablations=lambda cfg: {
         "rows": Ablation("SIMLA Table 1: components (a ITM, b +ITC, c +MLM, d +MIM, e +PSL)",

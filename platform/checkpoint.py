@@ -54,6 +54,7 @@ class CheckpointContents:
         v = dict(self.vocab)
         v["tags"] = tuple(v.get("tags", ()))
         v["answers"] = tuple(v.get("answers", ()))
+        v["pretrained_answers"] = tuple(v.get("pretrained_answers", ()))
         v["concepts"] = tuple(tuple(c) for c in v.get("concepts", ()))
         return Vocab(**v)
 
@@ -108,12 +109,24 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     return CheckpointContents(model=model, step=step, epoch=epoch, config=config, vocab=vocab, trainer=trainer)
 
 
+def read_meta(directory: str | Path) -> tuple[dict[str, Any], Any]:
+    """(config, :class:`~alignlab.models.base.Vocab`) of a checkpoint, from its metadata alone
+    (the driver of a fine-tuning run reads no weights)."""
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+        return meta["config"], CheckpointContents({}, 0, 0, meta["config"], meta.get("vocab", {})).model_vocab()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
 def load_trained(directory: str | Path, overrides: list[str] | tuple[str, ...] = (),
                  map_location: str | torch.device = "cpu"):
     """(config, model, contents) of a training checkpoint: the model rebuilt from the
     checkpoint's own config and vocabulary (``overrides`` applied, e.g. another data split), its
     weights loaded, in eval mode. Initialisation sources (``model.text_init``, a ViT checkpoint or
     hub weights, a hybrid ViT's trunk weights) are not read: the checkpoint holds every weight."""
+    from alignlab.models import downstream
     from alignlab.models.registry import get_spec
     from alignlab.platform import config as config_lib
 
@@ -121,7 +134,8 @@ def load_trained(directory: str | Path, overrides: list[str] | tuple[str, ...] =
     cfg = config_lib.load_config(data=contents.config, overrides=[
         *overrides, "model.text_init=", "model.image.pretrained=false", "model.image.checkpoint=",
         "model.image.trunk_pretrained=false", "model.image.trunk_checkpoint="])
-    model = get_spec(cfg.model.architecture).build(cfg.model, cfg.objectives, contents.model_vocab())
+    model = downstream.build(cfg.finetune.task, get_spec(cfg.model.architecture), cfg.model, cfg.objectives,
+                             contents.model_vocab())
     missing, unexpected = model.load_state_dict(contents.model, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {directory}: its weights do not fit the model its config builds "

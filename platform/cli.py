@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from alignlab.models.inputs import TASKS
+
 
 def _synth(args: argparse.Namespace) -> None:
-    from alignlab.platform.synth import SynthConfig, generate
+    from alignlab.platform.synth import SynthConfig, generate, generate_task
 
-    summary = generate(args.out, SynthConfig(n_train_images=args.train_images, n_test_images=args.test_images,
-                                             image_size=args.image_size, seed=args.seed,
-                                             rows_per_file=args.rows_per_file))
-    print(summary)
+    cfg = SynthConfig(n_train_images=args.train_images, n_test_images=args.test_images, image_size=args.image_size,
+                      seed=args.seed, rows_per_file=args.rows_per_file)
+    print(generate_task(args.out, args.task, cfg, args.vocab_from) if args.task else generate(args.out, cfg))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -68,6 +69,20 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"logged as eval/<split>/* in MLflow run {run_id}")
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from alignlab.platform.finetune import finetune
+    from alignlab.platform.tracking import ui_command
+
+    out = finetune(args.task, getattr(args, "from"), args.preset, args.overrides, args.mlflow_uri)
+    for k, v in sorted(out["metrics"].items()):
+        if k.startswith("downstream/"):
+            print(f"{k:40s} {v:.2f}")
+    print(f"checkpoint: {out['checkpoint']}")
+    print(f"MLflow run {out['mlflow_run_id']}" + (f", a child of the pre-training run {out['parent_run_id']}"
+                                                 if out["parent_run_id"] else "") +
+          f"; open the UI with:\n  {ui_command(out['mlflow_uri'])}")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from alignlab.platform.bench import run
 
@@ -87,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--rows-per-file", type=int, default=2000)
+    synth.add_argument("--task", choices=[t for t in TASKS if t != "retrieval"],
+                       help="write this downstream task's synthetic set instead of the pre-training set")
+    synth.add_argument("--vocab-from", default="", metavar="DIR",
+                       help="with --task: the synthetic pre-training set whose vocabularies the task set shares")
     synth.set_defaults(func=_synth)
 
     train = sub.add_parser("train", help="one pre-training run (Ray Train) tracked in MLflow")
@@ -103,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "else the local store)")
     ev.add_argument("overrides", nargs="*", help="config overrides such as eval.k_captions=64")
     ev.set_defaults(func=_eval)
+
+    ft = sub.add_parser("finetune", help="fine-tune a pre-trained checkpoint on a downstream task and evaluate it "
+                                         "(Ray Train), as a child of the pre-training run in MLflow")
+    ft.add_argument("task", choices=TASKS)
+    ft.add_argument("--from", required=True, metavar="CHECKPOINT_OR_RUN",
+                    help="a checkpoint directory or an MLflow run id (its 'checkpoint' tag)")
+    ft.add_argument("--preset", default="", help="the fine-tuning preset laid over the checkpoint's config "
+                                                 "(default: finetune_demo)")
+    ft.add_argument("--mlflow-uri", default="", help="store to find a run id in (default: $MLFLOW_TRACKING_URI, "
+                                                      "else the local store)")
+    ft.add_argument("overrides", nargs="*", help="config overrides such as finetune.shards=data/tasks/{task}")
+    ft.set_defaults(func=_finetune)
 
     sweep = sub.add_parser("sweep", help="a Ray Tune grid of config overrides, one MLflow child run per trial")
     sweep.add_argument("preset")

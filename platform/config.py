@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-from alignlab.models.inputs import TRUNKS, ConfigError, hybrid_cells
+from alignlab.models.inputs import TASKS, TRUNKS, ConfigError, check_task, hybrid_cells
 from alignlab.models.registry import get_spec
 
 
@@ -240,6 +240,21 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning on a downstream task (``alignlab finetune``, models/downstream.py): the run
+    trains the task's head over the architecture initialised from ``init``."""
+
+    # "" = pre-training.
+    task: Literal[("",) + TASKS] = ""
+    # The pre-trained checkpoint folder (`alignlab finetune` resolves an MLflow run id to it);
+    # "" = the architecture's own initialisation (the no-pre-training baseline).
+    init: str = ""
+    # The task's shard set, "{task}" standing for the task's name; "" = the synthetic task set
+    # beside the embedded synthetic set, for a model pre-trained on it.
+    shards: str = ""
+
+
+@dataclass
 class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -250,6 +265,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,6 +579,8 @@ def check(cfg: Config) -> None:
             "with scaling.use_gpu = false choose one of 'bf16', 'fp32', 'auto'")
     if cfg.scaling.use_gpu and cfg.scaling.gpus_per_worker <= 0:
         raise ConfigError("config key 'scaling.gpus_per_worker' must be > 0 with scaling.use_gpu = true")
+    if cfg.finetune.task:
+        check_task(spec, cfg.finetune.task)
     spec.check_config(cfg)
 
 
@@ -583,7 +601,8 @@ def with_absolute_paths(cfg: Config) -> Config:
                                 trunk_checkpoint=existing(cfg.model.image.trunk_checkpoint))
     model = dataclasses.replace(cfg.model, text_init=existing(cfg.model.text_init), image=image)
     evaluation = dataclasses.replace(cfg.eval, shortlist=existing(cfg.eval.shortlist))
-    return dataclasses.replace(cfg, data=data, model=model, tracking=tracking, eval=evaluation)
+    finetune = dataclasses.replace(cfg.finetune, init=existing(cfg.finetune.init))
+    return dataclasses.replace(cfg, data=data, model=model, tracking=tracking, eval=evaluation, finetune=finetune)
 
 
 def dump_yaml(cfg: Config) -> str:

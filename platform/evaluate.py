@@ -11,6 +11,7 @@ above each of its perturbations, per perturbation type, by both scorers.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import numpy as np
@@ -260,6 +261,40 @@ def evaluate_compositional(model, batches: Iterable[dict[str, torch.Tensor]], de
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def evaluate_task(model, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, autocast=None
+                  ) -> dict[str, float]:
+    """A fine-tuned :class:`~alignlab.models.downstream.TaskModel` on its task's evaluation split:
+    the task's metric in percent (``vqa_accuracy`` for VQA v2, ``accuracy`` otherwise: exact
+    match, or the top region at IoU >= 0.5 for RefCOCO+), beside the baselines every table
+    shows (``majority``, the most frequent train answer; ``chance``, a uniform guess; for
+    grounding ``oracle``, the best region's hit rate), and the ``examples`` scored."""
+    from alignlab.models.downstream import CLASSIFICATION, baseline_scores, task_scores
+
+    autocast = autocast or contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            predicted = model.predict(batch)
+        scores = {"vqa_accuracy" if model.task == "vqa" else "accuracy": task_scores(model.task, predicted, batch),
+                  **baseline_scores(model.task, batch)}
+        for k, v in scores.items():
+            sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+        n += len(predicted)
+    model.train(was_training)
+    if not n:
+        raise ValueError(f"the {model.task} evaluation split yielded no rows to score")
+    out = {k: 100.0 * v / n for k, v in sums.items()}
+    if model.task in CLASSIFICATION:
+        out["chance"] = 100.0 / model.head[-1].out_features
+    out["examples"] = float(n)
+    return out
+
+
 def resolve_checkpoint(source: str, mlflow_uri: str = "") -> tuple[str, str | None]:
     """(checkpoint directory, MLflow run id or None) for a checkpoint path or an MLflow run id,
     whose ``checkpoint`` tag names the run's final checkpoint."""
@@ -290,12 +325,15 @@ def load_shortlist(source: str, mlflow_uri: str = "", map_location: str | torch.
     return model, model.input_spec(cfg.model, cfg.objectives)
 
 
-def check_vocabularies(trained, eval_vocab, shards_root: str) -> None:
-    """The eval shard set must share the training set's vocabularies: the data stage maps tags,
-    phrase concepts and answers to ids by their lines, which the trained model's rows follow."""
+def check_vocabularies(trained, eval_vocab, shards_root: str, fields: tuple[str, ...] = ("tags", "concepts", "answers")
+                       ) -> None:
+    """The eval shard set must share the training set's vocabularies (``fields``: a downstream
+    task set keeps its own answers): the data stage maps tags, phrase concepts and answers to ids
+    by their lines, which the trained model's rows follow."""
     from alignlab.models.base import ConfigError
 
-    for name, field_ in (("tags.txt", "tags"), ("concepts.txt", "concepts"), ("answers.txt", "answers")):
+    for field_ in fields:
+        name = f"{field_}.txt"
         ours, theirs = getattr(trained, field_), getattr(eval_vocab, field_)
         if ours and ours != theirs:
             raise ConfigError(f"{shards_root}/{name} differs from the vocabulary the checkpoint was trained with "

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from alignlab.models.inputs import CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, InputSpec
+from alignlab.models.inputs import CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, InputSpec, vqa_accuracy
 from alignlab.platform import shards
 from alignlab.platform.config import DataConfig, ObjectivesConfig
 from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask
@@ -255,26 +255,14 @@ class Preprocessor:
         for i, c in enumerate(captions):
             if keep[i] and not c:
                 skip(i, "empty_caption")
-        if self.spec.regions and "region_features" not in batch:
-            raise shards.ShardSchemaError(
-                f"{self.data.shards}: the model needs region features but the shards have no "
-                f"'region_features' column; build them with `alignlab data build --regions ...`")
-        out: dict[str, Any] = {}
-        if self.spec.pixels:
-            pixels = np.zeros((n, 3, self.data.image_size, self.data.image_size), dtype=np.uint8)
-            for i in np.flatnonzero(keep):
-                try:
-                    pixels[i] = decode_image(batch["image"][i], self.data.image_size, self.train,
-                                             self.data.crop_scale, self.data.hflip, self.rng,
-                                             self.data.randaugment)
-                except Exception as e:  # any decoder failure is a bad row, not a crashed job
-                    skip(i, "undecodable_image", f"({type(e).__name__}: {e})")
-            out["pixels"] = pixels
-        if self.spec.regions:
-            feats, mask, boxes = self._regions(batch, keep, skip)
-            out.update(region_features=feats, region_mask=mask, boxes=boxes)
-            if self.spec.whole_image:
-                self._check_whole_image(batch, boxes, keep)
+        out: dict[str, Any] = self._image_inputs(batch, keep, skip)
+        if self.spec.image_pair:
+            # NLVR2's second image, through the same stage, its inputs suffixed as its columns.
+            second = {**batch, **{k[: -len(shards.PAIR_SUFFIX)]: v for k, v in batch.items()
+                                  if k.endswith(shards.PAIR_SUFFIX)}}
+            out.update({k + shards.PAIR_SUFFIX: v for k, v in self._image_inputs(second, keep, skip).items()})
+        if self.spec.target_box:
+            out["target_box"] = self._target_boxes(batch, keep, skip)
         if self.spec.text_features:
             out["text_features"] = self._text_features(batch, keep, skip)
 
@@ -287,10 +275,7 @@ class Preprocessor:
             out["mlm_input_ids"], out["mlm_labels"] = bert_mask(
                 out["input_ids"], ~special & (out["attention_mask"] > 0), self.objectives.mlm_prob,
                 self.tokenizer.mask_token_id, self.random_range, self.rng)
-        if self.spec.tags:
-            out["tag_ids"] = self._concept_ids(batch["tags"], str, self.tag_index, self.data.max_tags)
-            out["tag_mask"] = out["tag_ids"] >= CONCEPT_OFFSET
-            if self.spec.mcr:
+        if self.spec.tags and self.spec.mcr:
                 # MCR (§3.2): BERT's recipe at mcr_prob over the real tags, random replacements
                 # drawn from the tag vocabulary; labels are tag classes for the MCR head.
                 out["mcr_tag_ids"], labels = bert_mask(
@@ -317,6 +302,8 @@ class Preprocessor:
                                          min_block=self.spec.mim_min_block)
         if self.spec.qa and "answer" in batch:  # last: notes are counted on kept rows only
             out["answer_labels"] = self._answer_labels(batch["question"], text["answer"], keep, note)
+        if self.spec.answer_scores:
+            out["answer_scores"] = self._answer_scores(batch, text.get("answer"), keep)
         for c in self.id_columns:
             out[c] = np.asarray(batch[c], dtype=np.int64)
         out["image_key"] = np.array([image_key(str(x)) for x in batch["image_id"]], dtype=np.int64)
@@ -327,6 +314,62 @@ class Preprocessor:
         if (skipped or notes) and self.counter is not None:
             self.counter.add.remote(skipped, notes, self.train)
         return {k: v[keep] for k, v in out.items()}
+
+    def _image_inputs(self, batch, keep: np.ndarray, skip) -> dict[str, np.ndarray]:
+        """One image's inputs per row (pixels, regions, tags), from ``batch``'s image columns."""
+        n = len(batch["caption"])
+        if self.spec.regions and "region_features" not in batch:
+            raise shards.ShardSchemaError(
+                f"{self.data.shards}: the model needs region features but the shards have no "
+                f"'region_features' column; build them with `alignlab data build --regions ...`")
+        out: dict[str, np.ndarray] = {}
+        if self.spec.pixels:
+            pixels = np.zeros((n, 3, self.data.image_size, self.data.image_size), dtype=np.uint8)
+            for i in np.flatnonzero(keep):
+                try:
+                    pixels[i] = decode_image(batch["image"][i], self.data.image_size, self.train,
+                                             self.data.crop_scale, self.data.hflip, self.rng,
+                                             self.data.randaugment)
+                except Exception as e:  # any decoder failure is a bad row, not a crashed job
+                    skip(i, "undecodable_image", f"({type(e).__name__}: {e})")
+            out["pixels"] = pixels
+        if self.spec.regions:
+            feats, mask, boxes = self._regions(batch, keep, skip)
+            out.update(region_features=feats, region_mask=mask, boxes=boxes)
+            if self.spec.whole_image:
+                self._check_whole_image(batch, boxes, keep)
+        if self.spec.tags:
+            out["tag_ids"] = self._concept_ids(batch["tags"], str, self.tag_index, self.data.max_tags)
+            out["tag_mask"] = out["tag_ids"] >= CONCEPT_OFFSET
+        return out
+
+    def _answer_scores(self, batch, answers: list[str | None] | None, keep: np.ndarray) -> np.ndarray:
+        """VQA v2's soft targets: per row and answer of answers.txt, its VQA accuracy among the
+        row's ``human_answers`` (0 for an answer no human gave). Without that column (a set built
+        before it, GQA-style rows) the row's one answer scores 1."""
+        scores = np.zeros((len(batch["caption"]), len(self.answer_index)), dtype=np.float32)
+        humans = batch.get("human_answers")
+        for i in np.flatnonzero(keep):
+            given = [str(a) for a in humans[i]] if humans is not None and humans[i] is not None else []
+            if not given and answers is not None and answers[i]:
+                given = [answers[i]]
+            for answer, count in Counter(" ".join(a.split()) for a in given).items():
+                k = self.answer_index.get(answer)
+                if k is not None:
+                    scores[i, k] = vqa_accuracy(count, len(given))
+        return scores
+
+    def _target_boxes(self, batch, keep: np.ndarray, skip) -> np.ndarray:
+        """RefCOCO+'s referred box per row; a row without a finite one is skipped."""
+        boxes = np.zeros((len(batch["caption"]), 4), dtype=np.float32)
+        for i in np.flatnonzero(keep):
+            box = batch["target_box"][i]
+            box = np.asarray(list(box), dtype=np.float32) if box is not None else np.full(4, np.nan, np.float32)
+            if not np.isfinite(box).all():
+                skip(i, "no_target_box")
+            else:
+                boxes[i] = box
+        return boxes
 
     def _answer_labels(self, questions, answers: list[str], keep: np.ndarray, note) -> np.ndarray:
         """Per row, its answer's index in answers.txt; IGNORE on a caption row (null question) and
@@ -440,6 +483,12 @@ def columns_for(spec: InputSpec) -> list[str]:
         cols.append("phrases")
     if spec.qa:
         cols += list(shards.QA_COLUMNS)
+    if spec.answer_scores:
+        cols.append("human_answers")
+    if spec.image_pair:
+        cols += [c + shards.PAIR_SUFFIX for c in cols if c + shards.PAIR_SUFFIX in shards.PAIR_COLUMNS]
+    if spec.target_box:
+        cols.append("target_box")
     if spec.text_features:
         cols.append("text_feature")
     return cols
@@ -474,17 +523,28 @@ def _split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str,
     of ``id_columns``). Evaluation reads clean inputs: masking for the pre-training objectives
     would only cost CPU and ship unused columns."""
     files = shards.validate_shards(uri)
-    if id_columns:
-        fs, _ = shards.filesystem(uri)
-        for f in files:
-            absent = [c for c in id_columns if c not in pq.read_schema(f, filesystem=fs).names]
-            if absent:
-                raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; reading this split needs the "
-                                              f"integer columns {list(id_columns)}")
-    if not train:
-        spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False, qa=False)
+    fs, _ = shards.filesystem(uri)
+    # A downstream task's label columns (its human answers are optional: VQA falls back to the answer).
+    task_columns = ["target_box"] if spec.target_box else []
+    if spec.image_pair:
+        task_columns += [c + shards.PAIR_SUFFIX for c in columns_for(replace(spec, image_pair=False))
+                         if c + shards.PAIR_SUFFIX in shards.PAIR_COLUMNS]
+    for f in files:
+        names = pq.read_schema(f, filesystem=fs).names
+        absent = [c for c in id_columns if c not in names]
+        if absent:
+            raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; reading this split needs the "
+                                          f"integer columns {list(id_columns)}")
+        absent = [c for c in task_columns if c not in names]
+        if absent:
+            what = "image pairs (NLVR2)" if spec.image_pair else "referred boxes (RefCOCO+)"
+            raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; the task reads {what}, from the columns "
+                                          f"{task_columns} (see alignlab.platform.shards)")
+    if not train:  # the labels stay: a downstream evaluation scores them
+        spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False)
     if spec.qa and not shards.has_qa_rows(uri):
-        spec = replace(spec, qa=False)  # a caption-only split: no QA columns to read, no answer_labels
+        # a caption-only split: no QA columns to read, no answer_labels
+        spec = replace(spec, qa=False, answer_scores=False)
     return spec, files
 
 
@@ -500,8 +560,8 @@ def local_eval_batches(data: DataConfig, objectives: ObjectivesConfig, spec: Inp
     spec, files = _split_inputs(spec, uri, train=False, id_columns=id_columns)
     pre = Preprocessor(data, objectives, spec, train=False, counter=counter, id_columns=id_columns)
     fs, _ = shards.filesystem(uri)
-    columns = columns_for(spec) + list(id_columns)
-    schema = read_schema(files, columns, uri)
+    schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
+    columns = schema.names  # the optional columns the split has
     pending: dict[str, list[np.ndarray]] = {}
     for path in files:
         table = pq.read_table(path, columns=columns, schema=schema, filesystem=fs)
@@ -526,8 +586,8 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     ray = _ray()
     uri = shards.child_uri(data.shards, split)
     spec, files = _split_inputs(spec, uri, train, id_columns)
-    columns = columns_for(spec) + list(id_columns)
-    ds = ray.data.read_parquet(uri, columns=columns, schema=read_schema(files, columns, uri),
+    schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
+    ds = ray.data.read_parquet(uri, columns=schema.names, schema=schema,
                                file_extensions=["parquet"], include_paths=True)
     if train:
         ds = ds.randomize_block_order(seed=seed)

@@ -116,8 +116,8 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
 
 OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases", "question", "answer", "text_feature",
                     "human_answers", "image_b", "image_id_b", "region_features_b", "boxes_b", "tags_b", "target_box")
-# The downstream tasks a shard set's manifest may name (``"task"``), in the papers' terms.
-TASKS = ("vqa", "gqa", "snli_ve", "nlvr2", "refcoco", "retrieval")
+# The downstream tasks a shard set's manifest may name (``"task"``).
+from alignlab.models.inputs import TASKS  # noqa: E402,F401  (torch-free)
 # An NLVR2 row's second image: each column is typed as the one it suffixes.
 PAIR_SUFFIX = "_b"
 PAIR_COLUMNS = ("image_b", "image_id_b", "region_features_b", "boxes_b", "tags_b")

@@ -43,13 +43,15 @@ from typing import Any, ContextManager, Iterable, Iterator, Protocol
 
 import torch
 
+from alignlab.models import downstream
 from alignlab.models.base import ModelSpec, PretrainingModel, Vocab
 from alignlab.platform import config as config_lib
 from alignlab.platform.checkpoint import CheckpointContents, read_checkpoint, write_checkpoint
 from alignlab.platform.config import Config, OptimConfig
 # Imported with the trainer, not at the first evaluation: a worker then evaluates with the code it
 # trained with, even when the working tree changes under a long run.
-from alignlab.platform.evaluate import evaluate_compositional, evaluate_retrieval, load_shortlist, resolve_checkpoint
+from alignlab.platform.evaluate import (evaluate_compositional, evaluate_retrieval, evaluate_task, load_shortlist,
+                                       resolve_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +240,12 @@ class Runner:
         self.precision = resolve_precision(cfg.precision.precision, device)
         self.autocast = autocast_factory(self.precision, device)
         torch.manual_seed(cfg.seed)
-        self.model = self.spec.build(cfg.model, cfg.objectives, self.vocab).to(device)
+        self.model = downstream.build(cfg.finetune.task, self.spec, cfg.model, cfg.objectives, self.vocab)
+        if cfg.finetune.init:
+            # The pre-trained weights, before any resume replaces them with the fine-tuned ones.
+            pretrained = read_checkpoint(cfg.finetune.init).model
+            getattr(self.model, "backbone", self.model).load_state_dict(pretrained)
+        self.model = self.model.to(device)
         self.trained = self.ctx.wrap(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                            betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -427,16 +434,27 @@ class Runner:
     # -- evaluation -----------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Zero-shot retrieval on the evaluation split, and the compositional accuracies where a
-        compositional split is configured (rank 0); the other ranks wait."""
+        """Rank 0 evaluates, the other ranks wait: a downstream task's metric and baselines
+        (``downstream/<task>/...``); otherwise zero-shot retrieval on the evaluation split
+        (``eval/...``, or ``downstream/retrieval/...`` after retrieval fine-tuning), and the
+        compositional accuracies where a compositional split is configured."""
         metrics: dict[str, float] = {}
+        task = self.cfg.finetune.task
         if self.ctx.rank == 0:
             bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
             if bad:
                 raise NonFiniteLossError(f"step {self.step}: non-finite weights in {bad[:5]} (of {len(bad)}); "
                                          f"not evaluating a diverged model")
+            if task and task != "retrieval":
+                metrics = {f"downstream/{task}/{k}": v for k, v in evaluate_task(
+                    self.model, self.ctx.eval_batches(self.cfg.data.eval_batch_size), self.ctx.device,
+                    self.autocast).items()}
+                self._record(metrics)
+                self.ctx.all_mean(torch.zeros(1, device=self.ctx.device))  # a barrier
+                return metrics
             ev = self.cfg.eval
-            metrics = {f"eval/{k}": v for k, v in evaluate_retrieval(
+            prefix = "downstream/retrieval/" if task else "eval/"
+            metrics = {f"{prefix}{k}": v for k, v in evaluate_retrieval(
                 self.model, self.ctx.eval_batches(self.cfg.data.eval_batch_size), self.ctx.device,
                 max_images=self.cfg.data.eval_max_images, k_captions=ev.k_captions, k_images=ev.k_images,
                 rerank_itm=ev.rerank, autocast=self.autocast, shortlist=self.shortlist).items()}
@@ -715,6 +733,14 @@ def prepare(cfg: Config) -> Prepared:
         if split:
             shards.validate_shards(shards.child_uri(cfg.data.shards, split))
     vocab = vocab_info(load_tokenizer(cfg.data.tokenizer, cfg.data.shards), cfg.data.shards)
+    if cfg.finetune.init:
+        # The task set must share the pre-training vocabularies but its answers (the task's classes).
+        from alignlab.platform.checkpoint import read_meta
+        from alignlab.platform.evaluate import check_vocabularies
+
+        _, pretrained = read_meta(cfg.finetune.init)
+        check_vocabularies(pretrained, vocab, cfg.data.shards, fields=("tags", "concepts"))
+        vocab = replace(vocab, pretrained_answers=pretrained.answers)
     rows = ingest.count_rows(train_uri)
     if cfg.data.max_train_rows:
         rows = min(rows, cfg.data.max_train_rows)
@@ -743,7 +769,7 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         # a pipe each redraw is a line (half a million in the main job's log), on a core's time.
         # The datasets carry the driver's DataContext to the workers that run them.
         ray.data.DataContext.get_current().enable_progress_bars = False
-    inputs = eval_inputs = info.spec.input_spec(cfg.model, cfg.objectives)
+    inputs = eval_inputs = downstream.input_spec(cfg.finetune.task, info.spec, cfg.model, cfg.objectives)
     if cfg.eval.shortlist:
         # The workers get the folder, not a run id: they need no MLflow store to find it.
         path, _ = resolve_checkpoint(cfg.eval.shortlist, mlflow_uri)
