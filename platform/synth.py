@@ -73,21 +73,68 @@ The compositional split (ARO / Winoground style)
     is false of the scene (:func:`holds`). Rows are the test image's, with the candidate's caption
     and phrase tuples, and the columns of :data:`~alignlab.platform.shards.COMPOSITIONAL_COLUMNS`.
 
+Downstream tasks
+    :func:`generate_task` writes a small shard set of one task of
+    :data:`~alignlab.platform.shards.TASKS` (``retrieval`` fine-tunes on the pre-training set
+    itself), splits ``train`` and ``test``, its images drawn as above (families, one region per
+    object, no whole-image region) from Generators keyed by task and split, so that none is a
+    pre-training image. Every text is computed from the scene's objects and said only where its
+    answer, or the object it refers to, is unique. The readings all tasks share: a relation is
+    :func:`relation`'s, per pair of objects; "the shape to the left of X" means the objects that
+    stand left of every object X names, and is not said when some object stands in no single
+    relation to X's copies; a count is exact ("two circles": exactly two); a noun phrase of the
+    captions' grammar ("a large red circle") names a kind with its count, size and colour.
+
+    vqa      "what colour is the circle?", "which shape is red?", "what size are the squares?",
+             "how many circles | red shapes | shapes are there?", "what shape is to the left of
+             the blue square?", "is there a green triangle?" (yes / no, half each; a "no" binds a
+             colour of the scene to one of its shapes); ten agreeing ``human_answers``.
+    gqa      about a kind named by its look ("the large shape", "the red circles") or by its
+             relation to one so named: "what colour | size is the shape to the left of the large
+             shape?", "which shape is below the red circle?", "is the shape above the circle red or
+             blue?", "is the red circle to the left of the square?", "is the shape below the star
+             small?" (the last two yes / no, half each).
+    snli_ve  entailment: a true caption (the compositional split's relation templates);
+             contradiction: half the time a one-change perturbation of one, half the time a
+             motion statement naming a kind the scene does not hold; neutral: a motion statement
+             ("two small blue stars are moving towards a large red circle") whose kinds the scene
+             holds exactly as named: a still image cannot show motion, so the statement neither
+             holds nor is refuted. One of each per image, so the classes are balanced; the word
+             "moving" tells neutral from entailment, so a text-only model can reach 2/3 (SNLI-VE's
+             hypothesis-only baselines are well above chance too), and only the image tells a
+             contradiction from either.
+    nlvr2    per ordered pair of two consecutive images (left: the usual columns, right: the
+             ``*_b`` columns), "{the left image contains | the right image contains | both
+             images contain | exactly one image contains} {a red square | two circles | a circle
+             above a square}" -> true / false, half each ("a circle above a square": some pair of
+             their objects).
+    refcoco  an expression that refers to one object (``target_box``: its box), by its look ("the
+             red circle"), its relation to another object ("the circle to the left of the green
+             triangle"), its place among the objects of one look ("the upper blue circle"), or its
+             size among two ("the larger of the two red shapes").
+
+    ``vocab.txt``, ``tags.txt`` and ``concepts.txt`` are those of a pre-training set
+    (``vocab_from``; else the default set's), ``answers.txt`` the train split's answers, most
+    frequent first. The manifest's ``baselines``: ``chance`` (1 / classes; refcoco: the accuracy of
+    a uniformly picked region, right at IoU >= 0.5) and ``majority`` (the train split's most
+    frequent answer, scored on the test split).
+
 Vocabularies
     ``vocab.txt`` is a BERT WordPiece vocabulary: [PAD] (id 0), [UNK], [CLS], [SEP], [MASK], then
-    every word of the grammar, then the digits and the punctuation marks. Every caption tokenises
-    without [UNK], each word to one token. Load it with
+    every word of the grammar (the captions' and the downstream tasks' texts and answers), then
+    the digits and the punctuation marks. Every caption and task text tokenises without [UNK],
+    each word to one token. Load it with
     ``BertTokenizerFast.from_pretrained(ROOT or ROOT/vocab.txt)`` or ``BertTokenizerFast(vocab=
     path)``; transformers 5 silently ignores ``vocab_file=`` in the constructor and builds a
     five-token tokenizer that maps every word to [UNK]. ``tags.txt`` lists the shape names. ``manifest.json`` records the counts and the
     :class:`SynthConfig`.
 
 Determinism
-    Image ``i`` of split ``s`` draws everything from its own ``numpy`` Generator seeded with
-    (seed, crc32(s), i), and its family's bag from one seeded with (seed, crc32(s + "/family"),
-    i // family_size), never from a global RNG: the same seed yields byte-identical files, an
-    image does not change when the number of images changes, and nothing time-dependent is
-    written.
+    Image ``i`` of split ``s`` (a task's split: ``task/s``) draws everything from its own
+    ``numpy`` Generator seeded with (seed, crc32(s), i), and its family's bag from one seeded with
+    (seed, crc32(s + "/family"), i // family_size), never from a global RNG: the same seed yields
+    byte-identical files, an image does not change when the number of images changes, and nothing
+    time-dependent is written.
 """
 from __future__ import annotations
 
@@ -96,15 +143,17 @@ import io
 import itertools
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
-from alignlab.platform.shards import (CANDIDATE_TYPES, ShardWriter, claim_folder, concept_key, filesystem, write_manifest,
-                                     write_text)
+from alignlab.platform.databuild.phrases import build_vocab as build_concept_vocab
+from alignlab.platform.shards import (CANDIDATE_TYPES, PAIR_SUFFIX, ShardWriter, child_uri, claim_folder, filesystem,
+                                     read_text, write_manifest, write_text)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 PLURALS = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
@@ -127,8 +176,16 @@ COUNT_WORDS = ("one", "two", "three", "four", "five", "six")
 FRAMES = ("a picture of", "an image of", "a photo of")
 TEMPLATES = ("count", "frame", "relation", "there", "is")
 RELATION_TEMPLATES = ("relation", "there", "is")
+# The words of each downstream task's texts and answers beyond the captions' (see generate_task).
+TASK_WORDS = {
+    "vqa": "what which how many colour size shape shapes is are there the ? yes no",
+    "gqa": "what which colour size shape shapes is are the or ? yes no",
+    "snli_ve": "moving towards entailment neutral contradiction",
+    "nlvr2": "the left right image images contains contain both exactly true false",
+    "refcoco": "the left right upper lower larger smaller of two shape shapes",
+}
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-PUNCTUATION = (",", ":", ".")
+PUNCTUATION = (",", ":", ".", "?")
 
 POOL = 4  # region crop pooled to POOL × POOL cells
 REGION_DIM = POOL * POOL * 3 + 6
@@ -206,8 +263,7 @@ class Mention:
     def noun_phrase(self) -> str:
         if self.count > 1:
             return f"{COUNT_WORDS[self.count - 1]} {self.size} {self.colour} {PLURALS[self.shape]}"
-        words = f"{self.size} {self.colour} {self.shape}"
-        return ("an " if words[0] in "aeiou" else "a ") + words
+        return _a(f"{self.size} {self.colour} {self.shape}")
 
     def phrases(self) -> list[list[str]]:
         out = [[self.shape], [self.colour, self.shape], [self.size, self.shape]]
@@ -226,6 +282,11 @@ class Description:
     frame: str = ""
 
 
+def _a(words: str) -> str:
+    """``words`` with its indefinite article: 'a red circle', 'an orange star'."""
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
 def relation(subject: SceneObject, obj: SceneObject) -> str:
     """Where ``subject`` is relative to ``obj``, along the axis where their centres differ most."""
     (sx, sy), (ox, oy) = subject.centre, obj.centre
@@ -234,11 +295,17 @@ def relation(subject: SceneObject, obj: SceneObject) -> str:
     return "above" if sy < oy else "below"
 
 
+def group_relation(subjects: Sequence[SceneObject], objects: Sequence[SceneObject]) -> str | None:
+    """The relation of every one of ``subjects`` to every one of ``objects``, or None when the
+    pairs disagree (copies on both sides)."""
+    found = {relation(a, b) for a in subjects for b in objects}
+    return found.pop() if len(found) == 1 else None
+
+
 def kind_relation(objects: Sequence[SceneObject], subject: str, obj: str) -> str | None:
     """The relation of every object of shape ``subject`` to every one of shape ``obj``, or None
     when the pairs disagree (copies on both sides)."""
-    found = {relation(a, b) for a in objects if a.shape == subject for b in objects if b.shape == obj}
-    return found.pop() if len(found) == 1 else None
+    return group_relation([a for a in objects if a.shape == subject], [b for b in objects if b.shape == obj])
 
 
 def kinds(objects: Sequence[SceneObject]) -> list[Mention]:
@@ -251,12 +318,17 @@ def kinds(objects: Sequence[SceneObject]) -> list[Mention]:
     return [Mention(s, first[s].colour, first[s].size, n) for s, n in counts.items()]
 
 
+def present(mentions: Sequence[Mention], objects: Sequence[SceneObject]) -> bool:
+    """Whether the scene holds every mentioned kind with exactly its count, size and colour."""
+    truth = {m.shape: m for m in kinds(objects)}
+    return all(truth.get(m.shape) == m for m in mentions)
+
+
 def holds(description: Description, objects: Sequence[SceneObject]) -> bool:
     """Whether a caption is true of a scene: it names every kind once with its exact count, size
     and colour, nothing else, and every relation it states holds between the kinds it relates."""
-    truth = {m.shape: m for m in kinds(objects)}
     named = [m.shape for m in description.mentions]
-    if sorted(named) != sorted(truth) or any(truth[m.shape] != m for m in description.mentions):
+    if sorted(named) != sorted(m.shape for m in kinds(objects)) or not present(description.mentions, objects):
         return False
     ms = description.mentions
     return all(rel is None or kind_relation(objects, ms[2 * c].shape, ms[2 * c + 1].shape) == rel
@@ -524,15 +596,23 @@ def compositional_candidates(objects: Sequence[SceneObject], rng: np.random.Gene
     return out
 
 
-def grammar_words() -> list[str]:
-    """Every word a caption can contain, sorted; the vocabulary is built from this."""
+def grammar_tokens(task: str = "") -> set[str]:
+    """Every token (word or punctuation mark) a caption can contain and, with ``task``, that task's
+    texts and answers; by default every task's."""
     text = " ".join([*SHAPES, *PLURALS.values(), *COLOURS, *SIZES, *RELATION_WORDS.values(), *COUNT_WORDS,
-                     *FRAMES, "a an and there is are object objects the only"])
-    return sorted(set(text.split()))
+                     *FRAMES, "a an and there is are object objects the only , :",
+                     *([TASK_WORDS[task]] if task else TASK_WORDS.values())])
+    return set(text.split())
+
+
+def grammar_words(task: str = "") -> list[str]:
+    """The words of :func:`grammar_tokens`, sorted; the vocabulary is built from this."""
+    return sorted(grammar_tokens(task) - set(PUNCTUATION))
 
 
 def build_vocab() -> list[str]:
-    """WordPiece vocabulary lines: special tokens (ids 0-4), grammar words, digits, punctuation."""
+    """WordPiece vocabulary lines: special tokens (ids 0-4), the words of the captions and of every
+    task, digits, punctuation."""
     return [*SPECIAL_TOKENS, *grammar_words(), *"0123456789", *PUNCTUATION]
 
 
@@ -546,23 +626,36 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
-def split_rows(split: str, n_images: int, cfg: SynthConfig) -> Iterator[dict]:
-    """Yields the rows (:class:`~alignlab.platform.shards.Row` fields) of one split,
-    ``captions_per_image`` per image; for the test split also those of the compositional split,
-    with its extra columns."""
+def scenes(key: str, n_images: int, cfg: SynthConfig
+           ) -> Iterator[tuple[int, np.random.Generator, np.ndarray, list[SceneObject]]]:
+    """(index, the image's Generator, pixels, objects) of ``n_images`` images drawn in families,
+    all from Generators keyed by ``key`` (a split's name, or a task's split)."""
     bindings: list[tuple[Mention, ...]] = []
     for i in range(n_images):
         family, member = divmod(i, cfg.family_size)
         if member == 0:
-            bindings = family_bindings(image_rng(cfg.seed, f"{split}/family", family), cfg)
-        rng = image_rng(cfg.seed, split, i)
+            bindings = family_bindings(image_rng(cfg.seed, f"{key}/family", family), cfg)
+        rng = image_rng(cfg.seed, key, i)
         pixels, objects = make_scene(rng, cfg, bindings[member % len(bindings)])
-        image, feats = encode_png(pixels), region_features(pixels, objects)
-        h, w = pixels.shape[:2]
-        boxes = np.array([[o.box[0] / w, o.box[1] / h, o.box[2] / w, o.box[3] / h] for o in objects],
-                         dtype=np.float32)
+        yield i, rng, pixels, objects
+
+
+def image_columns(pixels: np.ndarray, objects: Sequence[SceneObject], image_id: str) -> dict:
+    """An image's columns: ``image``, ``image_id``, ``region_features``, ``boxes`` (normalised) and
+    ``tags``, one region per object."""
+    h, w = pixels.shape[:2]
+    boxes = np.array([[o.box[0] / w, o.box[1] / h, o.box[2] / w, o.box[3] / h] for o in objects], dtype=np.float32)
+    return dict(image=encode_png(pixels), image_id=image_id, region_features=region_features(pixels, list(objects)),
+                boxes=boxes, tags=[o.shape for o in objects])
+
+
+def split_rows(split: str, n_images: int, cfg: SynthConfig) -> Iterator[dict]:
+    """Yields the rows (:class:`~alignlab.platform.shards.Row` fields) of one split,
+    ``captions_per_image`` per image; for the test split also those of the compositional split,
+    with its extra columns."""
+    for i, rng, pixels, objects in scenes(split, n_images, cfg):
         image_id = f"{split}-{i:06d}"
-        shared = dict(image=image, image_id=image_id, region_features=feats, boxes=boxes, tags=[o.shape for o in objects])
+        shared = image_columns(pixels, objects, image_id)
         for k, d in enumerate(describe_scene(objects, cfg.captions_per_image, rng)):
             text, phrases = render(d)
             yield dict(shared, caption=text, caption_id=f"{image_id}-{k}", split=split, phrases=phrases)
@@ -577,10 +670,14 @@ def split_rows(split: str, n_images: int, cfg: SynthConfig) -> Iterator[dict]:
 _PART = re.compile(r"part-\d{5}\.parquet")
 
 
-def _remove_stale_parts(root: str) -> None:
+def _remove_stale_files(root: str) -> None:
     """Delete part files a previous, larger generation left in our split folders: the writer
-    numbers from 00000, so a stale part-00007 would silently join the new set."""
+    numbers from 00000, so a stale part-00007 would silently join the new set; and the answers.txt
+    of a previous task set, which a set without answers would otherwise appear to have."""
     fs, path = filesystem(root)
+    answers = f"{path.rstrip('/')}/answers.txt"
+    if fs.get_file_info(answers).type == pafs.FileType.File:
+        fs.delete_file(answers)
     for split in SPLITS:
         directory = f"{path.rstrip('/')}/{split}"
         if fs.get_file_info(directory).type != pafs.FileType.Directory:
@@ -590,15 +687,31 @@ def _remove_stale_parts(root: str) -> None:
                 fs.delete_file(info.path)
 
 
+def _by_count(counts: Counter) -> list[str]:
+    """Most frequent first, ties by name: the order `alignlab data build` writes its vocabularies."""
+    return [k for k, _ in sorted(counts.items(), key=lambda kn: (-kn[1], kn[0]))]
+
+
+def _vocabulary_texts(vocab: list[str], concepts: list[str]) -> dict[str, str]:
+    """The files vocab.txt, tags.txt and concepts.txt of a synthetic set, by name."""
+    return {"vocab.txt": "\n".join(vocab) + "\n", "tags.txt": "\n".join(SHAPES) + "\n",
+            "concepts.txt": "\n".join(concepts) + "\n"}
+
+
+def _relative(files: Sequence[str]) -> list[str]:
+    """The manifest's names of written files: split/part-NNNNN.parquet."""
+    return [f.rsplit("/", 2)[-2] + "/" + f.rsplit("/", 1)[-1] for f in files]
+
+
 def generate(out: str, cfg: SynthConfig | None = None) -> dict:
     """Write the synthetic shard set to ``out`` (local path or URI) and return a summary:
     images and rows per split, files, region dimension and vocabulary sizes."""
     cfg = cfg or SynthConfig()
     claim_folder(out, PRODUCER)  # before the stale parts go: a built set in `out` stays untouched
-    _remove_stale_parts(out)
+    _remove_stale_files(out)
     # The compositional split re-uses the test images.
     counts = {"train": cfg.n_train_images, "test": cfg.n_test_images, "compositional": cfg.n_test_images}
-    concept_counts: dict[str, int] = {}
+    train_phrases: list[list[list[str]]] = []
     rows_per_split = dict.fromkeys(SPLITS, 0)
     with ShardWriter(out, PRODUCER, rows_per_file=cfg.rows_per_file, region_dim=REGION_DIM) as writer:
         for split in ("train", "test"):
@@ -606,15 +719,10 @@ def generate(out: str, cfg: SynthConfig | None = None) -> dict:
                 writer.write(row)
                 rows_per_split[row["split"]] += 1
                 if split == "train":
-                    for concept in {concept_key(p) for p in row["phrases"]}:
-                        concept_counts[concept] = concept_counts.get(concept, 0) + 1
-    # Most frequent first, ties by name: the order `alignlab data build` writes.
-    concepts = [c for c, n in sorted(concept_counts.items(), key=lambda cn: (-cn[1], cn[0]))
-                if n >= cfg.min_concept_count]
-    vocab = build_vocab()
-    write_text(out, "vocab.txt", "\n".join(vocab) + "\n", PRODUCER)
-    write_text(out, "tags.txt", "\n".join(SHAPES) + "\n", PRODUCER)
-    write_text(out, "concepts.txt", "\n".join(concepts) + "\n", PRODUCER)
+                    train_phrases.append(row["phrases"])
+    vocab, concepts = build_vocab(), build_concept_vocab(train_phrases, cfg.min_concept_count)
+    for name, lines in _vocabulary_texts(vocab, concepts).items():
+        write_text(out, name, lines, PRODUCER)
     summary = {
         "out": out,
         "splits": {s: {"images": counts[s], "rows": rows_per_split[s]} for s in SPLITS},
@@ -629,10 +737,578 @@ def generate(out: str, cfg: SynthConfig | None = None) -> dict:
         "config": dataclasses.asdict(cfg),
         "splits": summary["splits"],
         "rows_written": writer.rows_written,
-        "files": [f.rsplit("/", 2)[-2] + "/" + f.rsplit("/", 1)[-1] for f in writer.files],
+        "files": _relative(writer.files),
         "region_dim": REGION_DIM,
         "vocab_size": len(vocab),
         "tags": len(SHAPES),
         "concepts": len(concepts),
     }, PRODUCER)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream tasks: referring to objects
+# --------------------------------------------------------------------------------------------
+
+# How a referring expression names the one of a group that stands in the same relation to all
+# the others ("the left circle", "the upper shape").
+SIDES = {"left of": "left", "right of": "right", "above": "upper", "below": "lower"}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """The words of a noun phrase that pick objects by their look: a shape (None: any, said
+    "shape"), a colour and a size (None: any)."""
+
+    shape: str | None = None
+    colour: str | None = None
+    size: str | None = None
+
+    def picks(self, objects: Sequence[SceneObject]) -> list[SceneObject]:
+        return [o for o in objects if self.shape in (None, o.shape) and self.colour in (None, o.colour)
+                and self.size in (None, o.size)]
+
+    def noun(self, plural: bool = False) -> str:
+        """'large red circle', 'red shapes'."""
+        head = self.shape or "shape"
+        return " ".join(w for w in (self.size, self.colour, PLURALS.get(head, head + "s") if plural else head) if w)
+
+    def phrases(self) -> list[list[str]]:
+        """Its phrase tuples, in a caption's order; a concept needs the shape it is about."""
+        if self.shape is None:
+            return []
+        return [[self.shape], *([a, self.shape] for a in (self.colour, self.size) if a)]
+
+
+def looks(o: SceneObject) -> list[Ref]:
+    """Every Ref that picks ``o``: by none, one, two or all of its shape, colour and size."""
+    return [Ref(*(v if keep else None for keep, v in zip(mask, (o.shape, o.colour, o.size))))
+            for mask in itertools.product((False, True), repeat=3)]
+
+
+@dataclass
+class Referent:
+    """A definite noun phrase of one scene and the objects it refers to: ``head`` picks them, and
+    for "the shape to the left of the red circle" they stand ``relation`` to the ``anchor``."""
+
+    words: str
+    objects: tuple[SceneObject, ...]
+    phrases: list[list[str]]
+    head: Ref
+    relation: str = ""
+    anchor: Referent | None = None
+
+
+def named(objects: Sequence[SceneObject], ref: Ref) -> Referent:
+    """"the red circle" / "the red circles": what ``ref`` picks."""
+    found = ref.picks(objects)
+    return Referent(f"the {ref.noun(len(found) > 1)}", tuple(found), ref.phrases(), ref)
+
+
+def naming_refs(objects: Sequence[SceneObject], target: Sequence[SceneObject]) -> list[Ref]:
+    """The Refs that pick exactly ``target`` (objects of one look, in scene order)."""
+    return [r for r in looks(target[0]) if r != Ref() and r.picks(objects) == list(target)]
+
+
+def kind_referents(objects: Sequence[SceneObject]) -> list[Referent]:
+    """Every way of naming one kind of the scene by its look: "the circle", "the red shapes"..."""
+    return [named(objects, r) for m in kinds(objects) for r in naming_refs(objects, Ref(m.shape).picks(objects))]
+
+
+def related(objects: Sequence[SceneObject], head: Ref, rel: str, anchor: Sequence[SceneObject]) -> list[SceneObject]:
+    """The objects ``head`` picks (the anchor's own aside) that stand ``rel`` to every anchor
+    object; none when one of them stands in no single relation to the anchor (its copies on two
+    sides), since "the shape to the left of the squares" would then be unclear."""
+    candidates = [o for o in head.picks(objects) if o not in anchor]
+    relations = [group_relation([o], anchor) for o in candidates]
+    if None in relations:
+        return []
+    return [o for o, r in zip(candidates, relations) if r == rel]
+
+
+def related_referents(objects: Sequence[SceneObject], head: Ref, anchors: Sequence[Referent]) -> list[Referent]:
+    """"the {head} {relation} {anchor}", for every anchor and relation where it refers to something."""
+    out = []
+    for anchor in anchors:
+        for rel, said in RELATION_WORDS.items():
+            found = related(objects, head, rel, anchor.objects)
+            if found:
+                triple = [[head.shape, rel, anchor.head.shape]] if head.shape and anchor.head.shape else []
+                out.append(Referent(f"the {head.noun(len(found) > 1)} {said} {anchor.words}", tuple(found),
+                                    head.phrases() + anchor.phrases + triple, head, rel, anchor))
+    return out
+
+
+def object_referents(objects: Sequence[SceneObject]) -> dict[str, list[Referent]]:
+    """Every expression of these forms that refers to exactly one object of the scene, by form:
+
+    attribute:   its look, in any words that pick it alone ("the red circle", "the large shape");
+    relation:    "the {shape | shape name} {relation} {an object named by its look}", where it
+                 alone of the head's objects stands so ("the circle to the left of the green
+                 triangle" tells two red circles apart);
+    position:    "the {left | right | upper | lower} {look}": of the two or more objects a look
+                 picks, the one that stands in the same relation to all the others;
+    comparative: "the {larger | smaller} of the two {look}s": of exactly two objects a look picks,
+                 of different sizes.
+    """
+    singles = [named(objects, r) for o in objects for r in naming_refs(objects, [o])]
+    heads = [Ref(), *(Ref(s) for s in dict.fromkeys(o.shape for o in objects))]
+    relational = [r for head in heads for r in related_referents(objects, head, singles) if len(r.objects) == 1]
+    groups = [(r, r.picks(objects)) for r in dict.fromkeys(r for o in objects for r in looks(o))]
+    position, comparative = [], []
+    for ref, picked in groups:
+        if len(picked) < 2:
+            continue
+        for o in picked:
+            sides = {relation(o, p) for p in picked if p is not o}
+            if len(sides) == 1:
+                position.append(Referent(f"the {SIDES[sides.pop()]} {ref.noun()}", (o,), ref.phrases(), ref))
+        if len(picked) == 2 and picked[0].size != picked[1].size:
+            small, large = sorted(picked, key=lambda p: SIZES[p.size])
+            for word, o in (("smaller", small), ("larger", large)):
+                comparative.append(Referent(f"the {word} of the two {ref.noun(True)}", (o,), ref.phrases(), ref))
+    return {"attribute": singles, "relation": relational, "position": position, "comparative": comparative}
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream tasks: the texts
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One task row's text, its phrase tuples and its label: an answer, or the referred object."""
+
+    text: str
+    phrases: list[list[str]]
+    answer: str = ""
+    target: SceneObject | None = None
+
+
+def _pick(rng: np.random.Generator, options: Sequence):
+    return options[int(rng.integers(len(options)))]
+
+
+def _be(n: int) -> str:
+    return "are" if n > 1 else "is"
+
+
+def _other(rng: np.random.Generator, attribute: str, true: str, objects: Sequence[SceneObject]) -> str:
+    """A value of ``attribute`` other than ``true``: one the scene shows where it has one, so that a
+    wrong choice binds the scene's own words."""
+    shown = [v for v in dict.fromkeys(getattr(o, attribute) for o in objects) if v != true]
+    return _pick(rng, shown or [v for v in (COLOURS if attribute == "colour" else SIZES) if v != true])
+
+
+def vqa_colour(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item:
+    """"what colour is the circle?" / "what colour are the circles?" -> its colour."""
+    m = _pick(rng, kinds(objects))
+    ref = Ref(m.shape)
+    return Item(f"what colour {_be(m.count)} the {ref.noun(m.count > 1)}?", ref.phrases(), m.colour)
+
+
+def vqa_shape(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item | None:
+    """"which shape is red?" / "which shapes are blue?" -> the shape of the scene's only kind of that
+    colour (asked only then)."""
+    options = [m for m in kinds(objects) if {o.shape for o in Ref(colour=m.colour).picks(objects)} == {m.shape}]
+    if not options:
+        return None
+    m = _pick(rng, options)
+    return Item(f"which {Ref().noun(m.count > 1)} {_be(m.count)} {m.colour}?", [], m.shape)
+
+
+def vqa_size(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item:
+    """"what size is the circle?" -> small / medium / large."""
+    m = _pick(rng, kinds(objects))
+    ref = Ref(m.shape)
+    return Item(f"what size {_be(m.count)} the {ref.noun(m.count > 1)}?", ref.phrases(), m.size)
+
+
+def vqa_count(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item:
+    """"how many circles are there?" (a shape the scene holds), "how many red shapes are there?" (a
+    colour it holds) or "how many shapes are there?", each form a third of the time -> a count word."""
+    forms = ([Ref(m.shape) for m in kinds(objects)], [Ref(colour=c) for c in dict.fromkeys(o.colour for o in objects)],
+             [Ref()])
+    ref = _pick(rng, _pick(rng, forms))
+    return Item(f"how many {ref.noun(True)} are there?", ref.phrases(), COUNT_WORDS[len(ref.picks(objects)) - 1])
+
+
+def vqa_position(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item | None:
+    """"what shape is to the left of the blue square?" -> the shape of the one object standing so
+    (asked only where exactly one does)."""
+    anchors = [named(objects, Ref(m.shape, m.colour)) for m in kinds(objects)]
+    options = [r for r in related_referents(objects, Ref(), anchors) if len(r.objects) == 1]
+    if not options:
+        return None
+    r = _pick(rng, options)
+    return Item(f"what shape is {RELATION_WORDS[r.relation]} {r.anchor.words}?", r.anchor.phrases, r.objects[0].shape)
+
+
+def vqa_exists(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item:
+    """"is there a red circle?" -> yes / no, each half the time. A "no" names one of the scene's
+    shapes with one of its colours that no object of that shape has, where there is such a pair
+    (else another colour): binding, not a word's presence, decides it."""
+    shapes = list(dict.fromkeys(o.shape for o in objects))
+    if rng.integers(2):
+        ref, answer = Ref(*_pick(rng, [(m.shape, m.colour) for m in kinds(objects)])), "yes"
+    else:
+        unbound = [Ref(s, c) for s in shapes for c in COLOURS if not Ref(s, c).picks(objects)]
+        shown = {o.colour for o in objects}
+        ref, answer = _pick(rng, [r for r in unbound if r.colour in shown] or unbound), "no"
+    return Item(f"is there {_a(ref.noun())}?", ref.phrases(), answer)
+
+
+def _one_kind(referents: Sequence[Referent]) -> list[Referent]:
+    """Those referring to objects of one kind, whose attributes then have one answer."""
+    return [r for r in referents if len({o.shape for o in r.objects}) == 1]
+
+
+def _gqa_query(objects: Sequence[SceneObject], rng: np.random.Generator, attribute: str) -> Item | None:
+    options = _one_kind(related_referents(objects, Ref(), kind_referents(objects)))
+    if not options:
+        return None
+    r = _pick(rng, options)
+    return Item(f"what {attribute} {_be(len(r.objects))} {r.words}?", r.phrases, getattr(r.objects[0], attribute))
+
+
+def gqa_colour(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item | None:
+    """"what colour is the shape to the left of the large shape?" -> a colour."""
+    return _gqa_query(objects, rng, "colour")
+
+
+def gqa_size(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item | None:
+    """"what size are the shapes above the red circle?" -> a size."""
+    return _gqa_query(objects, rng, "size")
+
+
+def gqa_shape(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item | None:
+    """"which shape is below the blue shape?" / "which shapes are ..." -> a shape."""
+    options = _one_kind(related_referents(objects, Ref(), kind_referents(objects)))
+    if not options:
+        return None
+    r = _pick(rng, options)
+    n = len(r.objects)
+    return Item(f"which {Ref().noun(n > 1)} {_be(n)} {RELATION_WORDS[r.relation]} {r.anchor.words}?", r.anchor.phrases,
+                r.objects[0].shape)
+
+
+def gqa_choose(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item:
+    """"is the shape above the circle red or blue?" / "is the circle small or large?" -> the true one
+    of the two, said first or second at random."""
+    anchors = kind_referents(objects)
+    r = _pick(rng, anchors + _one_kind(related_referents(objects, Ref(), anchors)))
+    attribute = _pick(rng, ("colour", "size"))
+    true = getattr(r.objects[0], attribute)
+    pair = [true, _other(rng, attribute, true, objects)]
+    first, second = pair if rng.integers(2) else pair[::-1]
+    return Item(f"{_be(len(r.objects))} {r.words} {first} or {second}?", r.phrases, true)
+
+
+def gqa_verify_relation(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item | None:
+    """"is the red circle to the left of the large shape?" -> yes (the relation of the two kinds) or
+    no (its opposite), each half the time; asked of two kinds that stand in one relation."""
+    groups = [Ref(m.shape).picks(objects) for m in kinds(objects)]
+    pairs = [(a, b) for a in groups for b in groups if a is not b and group_relation(a, b)]
+    if not pairs:
+        return None
+    a, b = _pick(rng, pairs)
+    ra, rb = (named(objects, _pick(rng, naming_refs(objects, g))) for g in (a, b))
+    rel, answer = (group_relation(a, b), "yes") if rng.integers(2) else (OPPOSITE[group_relation(a, b)], "no")
+    triple = [[ra.head.shape, rel, rb.head.shape]] if ra.head.shape and rb.head.shape else []
+    return Item(f"{_be(len(a))} {ra.words} {RELATION_WORDS[rel]} {rb.words}?", ra.phrases + rb.phrases + triple, answer)
+
+
+def gqa_verify_attribute(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item | None:
+    """"is the shape to the left of the red circle blue?" -> yes (its colour or size) or no
+    (another), each half the time."""
+    options = _one_kind(related_referents(objects, Ref(), kind_referents(objects)))
+    if not options:
+        return None
+    r = _pick(rng, options)
+    attribute = _pick(rng, ("colour", "size"))
+    true = getattr(r.objects[0], attribute)
+    value, answer = (true, "yes") if rng.integers(2) else (_other(rng, attribute, true, objects), "no")
+    return Item(f"{_be(len(r.objects))} {r.words} {value}?", r.phrases, answer)
+
+
+def _motion(objects: Sequence[SceneObject], rng: np.random.Generator) -> Description:
+    """One or two of the scene's kinds, as a motion statement names them: exactly as they are."""
+    ms = kinds(objects)
+    return Description("moving", tuple(ms[int(i)] for i in rng.permutation(len(ms))[:2]))
+
+
+def say_motion(d: Description) -> tuple[str, list[list[str]]]:
+    """(statement, phrase tuples) of a motion statement: "a large red circle is moving towards two
+    small blue squares", or "... is moving" when it names one kind."""
+    subject, *goal = d.mentions
+    text = f"{subject.noun_phrase()} {_be(subject.count)} moving"
+    text += f" towards {goal[0].noun_phrase()}" if goal else ""
+    return text, [p for m in d.mentions for p in m.phrases()]
+
+
+def snli_entailment(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item:
+    """A true caption of the scene (the relation template of the compositional split)."""
+    _, d = compositional_candidates(objects, rng, cfg.max_count)[0]
+    return Item(*render(d), "entailment")
+
+
+def snli_contradiction(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item:
+    """Half the time a one-change perturbation of a true caption (the compositional split's:
+    attribute swap, relation swap, wrong count or replaced object), half the time a motion
+    statement one of whose kinds the scene does not hold as named (attribute swap, wrong count or
+    replaced object): false either way."""
+    if rng.integers(2):
+        _, d = _pick(rng, compositional_candidates(objects, rng, cfg.max_count)[1:])
+        return Item(*render(d), "contradiction")
+    true = _motion(objects, rng)
+    # A wrong count is always possible, so there is always a false one.
+    false = [p for p in (perturb(true, kind, rng, cfg.max_count) for kind in ("swap_attribute", "wrong_count",
+                                                                            "replace_object"))
+             if p is not None and not present(p.mentions, objects)]
+    return Item(*say_motion(_pick(rng, false)), "contradiction")
+
+
+def snli_neutral(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item:
+    """A motion statement about kinds the scene holds exactly as named: a still image cannot show
+    motion, so it neither holds nor is refuted."""
+    return Item(*say_motion(_motion(objects, rng)), "neutral")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What an NLVR2 statement says one image contains: a {colour} {shape}; exactly ``count``
+    {shape}s (``count`` > 0); or a {shape} {relation} an {other} (some pair of their objects)."""
+
+    shape: str
+    colour: str = ""
+    count: int = 0
+    relation: str = ""
+    other: str = ""
+
+    def words(self) -> str:
+        if self.relation:
+            return f"{_a(self.shape)} {RELATION_WORDS[self.relation]} {_a(self.other)}"
+        if self.count:
+            return f"{COUNT_WORDS[self.count - 1]} {Ref(self.shape).noun(self.count > 1)}"
+        return _a(f"{self.colour} {self.shape}")
+
+    def phrases(self) -> list[list[str]]:
+        if self.relation:
+            return [[self.shape], [self.other], [self.shape, self.relation, self.other]]
+        if self.count:
+            return [[self.shape]] + ([[COUNT_WORDS[self.count - 1], self.shape]] if self.count > 1 else [])
+        return Ref(self.shape, self.colour).phrases()
+
+    def test(self, objects: Sequence[SceneObject]) -> bool:
+        if self.relation:
+            return any(relation(a, b) == self.relation for a in Ref(self.shape).picks(objects)
+                       for b in Ref(self.other).picks(objects))
+        if self.count:
+            return len(Ref(self.shape).picks(objects)) == self.count
+        return bool(Ref(self.shape, self.colour).picks(objects))
+
+
+# An NLVR2 statement's subject -> whether its claim is true of the pair, from the claim's truth of
+# the left and of the right image.
+QUANTIFIERS = {
+    "the left image contains": lambda left, right: left,
+    "the right image contains": lambda left, right: right,
+    "both images contain": lambda left, right: left and right,
+    "exactly one image contains": lambda left, right: left != right,
+}
+
+
+def claims(left: Sequence[SceneObject], right: Sequence[SceneObject], max_count: int) -> dict[str, list[Claim]]:
+    """The claims a statement about a pair may make, by form, from the shapes and colours either
+    image shows: a false one binds words the pair itself shows."""
+    shapes = list(dict.fromkeys(o.shape for o in [*left, *right]))
+    colours = list(dict.fromkeys(o.colour for o in [*left, *right]))
+    return {"has": [Claim(s, c) for s in shapes for c in colours],
+            "count": [Claim(s, count=n) for s in shapes for n in range(1, max(2, max_count) + 1)],
+            "relation": [Claim(s, relation=r, other=t) for s in shapes for t in shapes if s != t
+                         for r in RELATION_WORDS]}
+
+
+def nlvr2_statement(left: Sequence[SceneObject], right: Sequence[SceneObject], rng: np.random.Generator,
+                    cfg: SynthConfig) -> Item:
+    """"{quantifier} {claim}" -> true / false, each half the time: a claim form and a quantifier
+    drawn among those that can make a statement with the drawn label, then such a claim."""
+    label = bool(rng.integers(2))
+    forms = claims(left, right, cfg.max_count)
+    choices = [(f, q) for f in forms for q in QUANTIFIERS]
+    # A count claim about the left image alone can be made true or false: some choice always fits.
+    options, q = next((fit, q) for f, q in (choices[int(i)] for i in rng.permutation(len(choices)))
+                      if (fit := [c for c in forms[f] if QUANTIFIERS[q](c.test(left), c.test(right)) == label]))
+    c = _pick(rng, options)
+    return Item(f"{q} {c.words()}", c.phrases(), "true" if label else "false")
+
+
+def refcoco_expression(objects: Sequence[SceneObject], rng: np.random.Generator, cfg: SynthConfig) -> Item:
+    """An expression that refers to one object, drawn uniformly: the object, then one of the forms
+    of :func:`object_referents` that can refer to it, then one such expression."""
+    target = _pick(rng, objects)
+    forms = [[r for r in rs if r.objects == (target,)] for rs in object_referents(objects).values()]
+    r = _pick(rng, _pick(rng, [f for f in forms if f]))
+    return Item(r.words, r.phrases, target=target)
+
+
+# Each task's text makers: a scene (an NLVR2 pair: two), its Generator and the config -> an Item,
+# or None where the scene offers the maker nothing to ask.
+TASK_MAKERS = {
+    "vqa": (vqa_colour, vqa_shape, vqa_size, vqa_count, vqa_position, vqa_exists),
+    "gqa": (gqa_colour, gqa_size, gqa_shape, gqa_choose, gqa_verify_relation, gqa_verify_attribute),
+    "snli_ve": (snli_entailment, snli_contradiction, snli_neutral),
+    "nlvr2": (nlvr2_statement,),
+    "refcoco": (refcoco_expression,),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream tasks: generation
+# --------------------------------------------------------------------------------------------
+
+TASK_SPLITS = ("train", "test")
+# A task set's default size: SynthConfig(**TASK_SIZES), a few thousand rows per task.
+TASK_SIZES = dict(n_train_images=1500, n_test_images=300, captions_per_image=3)
+VQA_ANNOTATORS = 10  # VQA v2 asks ten; the synthetic ones agree
+
+
+def _items(makers: Sequence, n: int, rng: np.random.Generator, cfg: SynthConfig, *scene) -> list[Item]:
+    """Up to ``n`` items of distinct text from the makers, taken in a random order so that an
+    image's rows are of different kinds while there are kinds left, then again; the tries are
+    bounded, since a scene may offer fewer than ``n`` distinct texts."""
+    order = [makers[int(i)] for i in rng.permutation(len(makers))]
+    items: list[Item] = []
+    for make in itertools.islice(itertools.cycle(order), 4 * n * len(makers)):
+        item = make(*scene, rng, cfg)
+        if item is not None and item.text not in {i.text for i in items}:
+            items.append(item)
+            if len(items) == n:
+                break
+    return items
+
+
+def _task_row(task: str, columns: dict, item: Item, objects: Sequence[SceneObject]) -> dict:
+    """A task row: the image's columns, the text in ``caption`` and the label in the task's columns."""
+    row = dict(columns, caption=item.text, phrases=item.phrases)
+    if task == "refcoco":
+        return dict(row, target_box=columns["boxes"][list(objects).index(item.target)])
+    row.update(question=item.text, answer=item.answer)
+    return dict(row, human_answers=[item.answer] * VQA_ANNOTATORS) if task == "vqa" else row
+
+
+def task_rows(task: str, split: str, n_images: int, cfg: SynthConfig) -> Iterator[dict]:
+    """Yields the rows of one split of a task set, ``captions_per_image`` per image (NLVR2: per
+    ordered pair, the images taken two by two, each once on the left; an odd count gets one more
+    image). Images come from Generators keyed by task and split, so none is a pre-training image."""
+    key = f"{task}/{split}"
+    if task == "nlvr2":
+        images = scenes(key, n_images + n_images % 2, cfg)
+        for first, second in zip(images, images):
+            pair = [(objects, rng, image_columns(pixels, objects, f"{task}-{split}-{i:06d}"))
+                    for i, rng, pixels, objects in (first, second)]
+            for (left, rng, columns), (right, _, columns_b) in (pair, pair[::-1]):
+                shared = dict(columns, **{name + PAIR_SUFFIX: v for name, v in columns_b.items()}, split=split)
+                for k, item in enumerate(_items(TASK_MAKERS[task], cfg.captions_per_image, rng, cfg, left, right)):
+                    yield _task_row(task, dict(shared, caption_id=f"{columns['image_id']}-{k}"), item, left)
+        return
+    for i, rng, pixels, objects in scenes(key, n_images, cfg):
+        image_id = f"{task}-{split}-{i:06d}"
+        shared = dict(image_columns(pixels, objects, image_id), split=split)
+        for k, item in enumerate(_items(TASK_MAKERS[task], cfg.captions_per_image, rng, cfg, objects)):
+            yield _task_row(task, dict(shared, caption_id=f"{image_id}-{k}"), item, objects)
+
+
+def classification_baselines(answers: Sequence[str], test_answers: Sequence[str]) -> dict[str, float]:
+    """``chance``: a class of answers.txt drawn uniformly; ``majority``: the test accuracy of always
+    answering the train split's most frequent answer, answers.txt's first line."""
+    return {"chance": 1 / len(answers), "majority": sum(a == answers[0] for a in test_answers) / len(test_answers)}
+
+
+def grounding_baselines(test_rows: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """``chance``: the accuracy of picking one of a row's regions uniformly, a pick being right
+    when its box has IoU >= 0.5 with the target box (the grounding objective's positives), averaged
+    over the (boxes, target_box) of the test rows."""
+    import torch
+
+    from alignlab.models.objectives import box_iou
+
+    hits = [(box_iou(torch.as_tensor(np.asarray(boxes)), torch.as_tensor(np.asarray(target))) >= 0.5).float().mean()
+            for boxes, target in test_rows]
+    return {"chance": float(torch.stack(hits).mean())}
+
+
+def task_vocabularies(task: str, vocab_from: str = "") -> dict[str, str]:
+    """vocab.txt, tags.txt and concepts.txt of a task set (file name -> text): ``vocab_from``'s, a
+    synthetic pre-training set, copied byte for byte so that a model fine-tuned from it keeps its
+    rows of them; without one, those the default ``alignlab data synth`` set has. A vocab.txt
+    without a token of the task's texts is refused, naming the tokens."""
+    if not vocab_from:
+        default = SynthConfig()
+        concepts = build_concept_vocab((row["phrases"] for row in split_rows("train", default.n_train_images, default)),
+                                       default.min_concept_count)
+        return _vocabulary_texts(build_vocab(), concepts)
+    texts = {}
+    for name in ("vocab.txt", "tags.txt", "concepts.txt"):
+        text = read_text(child_uri(vocab_from, name))
+        if text is None:
+            raise ValueError(f"{child_uri(vocab_from, name)} does not exist: the vocabularies of a synthetic task set "
+                             f"come from a set written by `alignlab data synth`")
+        texts[name] = text
+    missing = sorted(grammar_tokens(task) - set(texts["vocab.txt"].splitlines()))
+    if missing:
+        raise ValueError(f"{child_uri(vocab_from, 'vocab.txt')} has no token for {' '.join(repr(w) for w in missing)}, "
+                         f"which the {task} task's texts use: the set was generated before the synthetic vocabulary "
+                         f"grew. Regenerate it with `alignlab data synth --out {vocab_from}` (its token ids change, so "
+                         f"pre-train on it again)")
+    return texts
+
+
+def generate_task(out: str, task: str, cfg: SynthConfig | None = None, vocab_from: str = "") -> dict:
+    """Write the synthetic shard set of one downstream task (``vqa``, ``gqa``, ``snli_ve``,
+    ``nlvr2``, ``refcoco``; see the module's "Downstream tasks") to ``out``, splits ``train`` and
+    ``test`` of ``cfg``'s image counts (default ``SynthConfig(**TASK_SIZES)``), with the
+    vocabularies of ``vocab_from`` (:func:`task_vocabularies`) and the task's own answers.txt. Returns
+    a summary: images and rows per split, files, the number of answers and the task's baselines
+    (also in the manifest): ``chance`` and ``majority`` for a classification, ``chance`` for
+    refcoco."""
+    if task not in TASK_MAKERS:
+        raise ValueError(f"no synthetic {task!r} task; expected one of {', '.join(TASK_MAKERS)} (retrieval "
+                         f"fine-tunes on the pre-training set itself)")
+    cfg = cfg or SynthConfig(**TASK_SIZES)
+    if cfg.n_train_images < 1 or cfg.n_test_images < 1:
+        raise ValueError(f"a task set needs train and test images, got {cfg.n_train_images} and {cfg.n_test_images}")
+    vocabularies = task_vocabularies(task, vocab_from)  # refused before anything is written
+    claim_folder(out, PRODUCER)
+    _remove_stale_files(out)
+    images = {s: set() for s in TASK_SPLITS}
+    rows = dict.fromkeys(TASK_SPLITS, 0)
+    train_answers, test_labels = Counter(), []
+    with ShardWriter(out, PRODUCER, rows_per_file=cfg.rows_per_file, region_dim=REGION_DIM) as writer:
+        for split, n_images in zip(TASK_SPLITS, (cfg.n_train_images, cfg.n_test_images)):
+            for row in task_rows(task, split, n_images, cfg):
+                writer.write(row)
+                rows[split] += 1
+                images[split].update(row[c] for c in ("image_id", "image_id" + PAIR_SUFFIX) if c in row)
+                if split == "test":
+                    test_labels.append((row["boxes"], row["target_box"]) if task == "refcoco" else row["answer"])
+                elif task != "refcoco":
+                    train_answers[row["answer"]] += 1
+    answers = [] if task == "refcoco" else _by_count(train_answers)
+    baselines = grounding_baselines(test_labels) if task == "refcoco" else \
+        classification_baselines(answers, test_labels)
+    for name, text in vocabularies.items():
+        write_text(out, name, text, PRODUCER)
+    if answers:
+        write_text(out, "answers.txt", "\n".join(answers) + "\n", PRODUCER)
+    counts = {"vocab_size": len(vocabularies["vocab.txt"].splitlines()),
+              "tags": len(vocabularies["tags.txt"].splitlines()),
+              "concepts": len(vocabularies["concepts.txt"].splitlines()),
+              "answers": len(answers), "baselines": baselines}
+    splits = {s: {"images": len(images[s]), "rows": rows[s]} for s in TASK_SPLITS}
+    summary = {"out": out, "task": task, "splits": splits, "files": len(writer.files), "region_dim": REGION_DIM,
+               **counts}
+    write_manifest(out, {"source": "alignlab.platform.synth", "task": task, "config": dataclasses.asdict(cfg),
+                         "vocab_from": vocab_from, "splits": splits, "rows_written": writer.rows_written,
+                         "files": _relative(writer.files), "region_dim": REGION_DIM, **counts}, PRODUCER)
     return summary
