@@ -1,4 +1,5 @@
-"""Small on-disk corpora in every layout `alignlab data build` reads (helpers for the test_databuild_* modules; no tests here)."""
+"""Small on-disk corpora in every layout `alignlab data build` reads, and an in-process build (helpers
+for the test_databuild_* modules; no tests here)."""
 from __future__ import annotations
 
 import io
@@ -130,3 +131,23 @@ def webdataset(root: str) -> str:
             add(tar, f"{key}.txt", CAPTIONS[i].encode())
             add(tar, f"{key}.json", json.dumps({"key": key, "caption": CAPTIONS[i], "status": "success"}).encode())
     return root
+
+
+def units_in_process(monkeypatch) -> None:
+    """Builds from here on run their units in this process, one UnitBuilder, not through Ray Data."""
+    from alignlab.platform.databuild import builder
+
+    def run_units(units, cfg, on_done):
+        worker = builder.UnitBuilder(cfg.__dict__)
+        for unit in units:
+            on_done({k: v[0] for k, v in worker({"unit": [json.dumps(unit)]}).items()})
+
+    monkeypatch.setattr(builder, "_run_units", run_units)
+
+
+def build_in_process(monkeypatch, cfg) -> dict:
+    """``builder.build`` with its units run in this process (:func:`units_in_process`)."""
+    from alignlab.platform.databuild import builder
+
+    units_in_process(monkeypatch)
+    return builder.build(cfg)

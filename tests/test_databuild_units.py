@@ -191,12 +191,12 @@ def test_json_layout_records_with_bad_bytes_or_keys_are_skipped(tmp_path):
 
 def test_manifest_lists_skipped_rows_with_file_and_line_up_to_its_bound(monkeypatch, tmp_path):
     token = _flickr_with_bad_lines(tmp_path)
-    m = _build_in_process(monkeypatch, BuildConfig(source=token, out=str(tmp_path / "out"), phrases=False))
+    m = fx.build_in_process(monkeypatch, BuildConfig(source=token, out=str(tmp_path / "out"), phrases=False))
     assert m["rows_written"] == 2 and m["rows_skipped"] == {"invalid_utf8": 1, "malformed_line": 2}
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [s["where"] for s in on_disk["skipped_rows"]] == [f"{token}:{n}" for n in (2, 3, 4)]
     monkeypatch.setattr(builder, "MAX_LISTED", 2)
-    m = _build_in_process(monkeypatch, BuildConfig(source=token, out=str(tmp_path / "bounded"), phrases=False))
+    m = fx.build_in_process(monkeypatch, BuildConfig(source=token, out=str(tmp_path / "bounded"), phrases=False))
     assert len(m["skipped_rows"]) == 2 and sum(m["rows_skipped"].values()) == 3
 
 
@@ -354,21 +354,10 @@ def test_real_flickr8k_token_format():
     assert os.path.isfile(records[0].image.path)
 
 
-def _build_in_process(monkeypatch, cfg: BuildConfig) -> dict:
-    """``builder.build`` with its units run here, one UnitBuilder in this process, not Ray Data."""
-    def run_units(units, cfg, on_done):
-        worker = builder.UnitBuilder(cfg.__dict__)
-        for unit in units:
-            on_done({k: v[0] for k, v in worker({"unit": [json.dumps(unit)]}).items()})
-
-    monkeypatch.setattr(builder, "_run_units", run_units)
-    return builder.build(cfg)
-
-
 def test_real_vqa_and_gqa_layouts_build_question_rows_and_answers(monkeypatch, tmp_path):
     root = shared_data("vl_fixtures")
     out = tmp_path / "vqa"
-    m = _build_in_process(monkeypatch, BuildConfig(source=str(root / "vqav2"), out=str(out), phrases=False))
+    m = fx.build_in_process(monkeypatch, BuildConfig(source=str(root / "vqav2"), out=str(out), phrases=False))
     assert m["layout"] == "vqa" and (m["rows_written"], m["images_written"], m["rows_skipped"]) == (3, 1, {})
     t = pq.read_table(out / "train").to_pydict()
     validate_schema(pq.read_schema(out / "train" / "part-00000.parquet"), "vqa")
@@ -381,7 +370,7 @@ def test_real_vqa_and_gqa_layouts_build_question_rows_and_answers(monkeypatch, t
     assert read_vocab_file(str(out), "answers.txt") == ["net", "orange", "pitcher"] and m["answers"] == 3
 
     out = tmp_path / "gqa"
-    m = _build_in_process(monkeypatch, BuildConfig(source=str(root / "gqa"), out=str(out), phrases=False))
+    m = fx.build_in_process(monkeypatch, BuildConfig(source=str(root / "gqa"), out=str(out), phrases=False))
     assert m["layout"] == "gqa" and m["rows_written"] == 1
     t = pq.read_table(out / "train").to_pydict()
     assert (t["image_id"], t["caption"], t["answer"]) == (["n578564"], ["What is hanging above the chalkboard?"],
@@ -390,7 +379,7 @@ def test_real_vqa_and_gqa_layouts_build_question_rows_and_answers(monkeypatch, t
     # A folder of question files (GQA's all-questions form) with the images elsewhere; answers
     # below min_answer_count stay out of answers.txt.
     out = tmp_path / "gqa_dir"
-    m = _build_in_process(monkeypatch, BuildConfig(source=str(root / "gqa" / "question_dir"), out=str(out),
+    m = fx.build_in_process(monkeypatch, BuildConfig(source=str(root / "gqa" / "question_dir"), out=str(out),
                                                    image_root=str(root / "images" / "gqa"), phrases=False,
                                                    min_answer_count=2))
     assert m["rows_written"] == 2 and m["answers"] == 0
@@ -405,7 +394,7 @@ def test_qa_questions_without_answers_are_skipped(tmp_path):
     reader, units, skipped = _plan(str(tmp_path))
     assert reader.name == "gqa" and skipped.counts == {"missing_answer": 1}
     assert units[0]["name"] == "val/part-00000.parquet"
-    assert units[0]["images"][0]["captions"] == [["10", "Is it red?", "no"]]  # answer whitespace-normalised
+    assert units[0]["images"][0]["captions"] == [["10", "Is it red?", {"answer": "no"}]]  # whitespace-normalised
 
 
 def test_torchvision_detector_and_timm_backbone_from_weight_files(tmp_path):
@@ -447,7 +436,7 @@ def test_a_built_set_survives_synth_and_build_pointed_at_it(monkeypatch, tmp_pat
     from alignlab.platform.synth import SynthConfig, generate
 
     built = tmp_path / "built"
-    m = _build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(built),
+    m = fx.build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(built),
                                                    phrases=False))
     assert m["rows_written"] == 2
     before = _md5s(built)
@@ -461,9 +450,9 @@ def test_a_built_set_survives_synth_and_build_pointed_at_it(monkeypatch, tmp_pat
     before = _md5s(synth)
     for overwrite in (False, True):
         with pytest.raises(ShardFolderError, match=rf"{synth}: holds a shard set made by alignlab data synth"):
-            _build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(synth),
+            fx.build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(synth),
                                                        phrases=False, overwrite=overwrite))
     assert _md5s(synth) == before
     # Each writer still resumes / regenerates its own set.
-    assert _build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(built),
+    assert fx.build_in_process(monkeypatch, BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(built),
                                                       phrases=False))["units_skipped_as_done"] == 1

