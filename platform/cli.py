@@ -8,10 +8,11 @@ from alignlab.models.inputs import TASKS
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from alignlab.platform.synth import SynthConfig, generate, generate_task
+    from alignlab.platform.synth import TASK_SIZES, SynthConfig, generate, generate_task
 
-    cfg = SynthConfig(n_train_images=args.train_images, n_test_images=args.test_images, image_size=args.image_size,
-                      seed=args.seed, rows_per_file=args.rows_per_file)
+    given = {k: v for k, v in (("n_train_images", args.train_images), ("n_test_images", args.test_images)) if v}
+    cfg = SynthConfig(**{**(TASK_SIZES if args.task else {}), **given}, image_size=args.image_size, seed=args.seed,
+                      rows_per_file=args.rows_per_file)
     print(generate_task(args.out, args.task, cfg, args.vocab_from) if args.task else generate(args.out, cfg))
 
 
@@ -60,6 +61,13 @@ def _eval(args: argparse.Namespace) -> None:
     metrics = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.max_images, args.overrides,
                                   mlflow_uri=args.mlflow_uri)
     run_id = metrics.pop("mlflow_run_id", None)
+    if "examples" in metrics:  # a fine-tuned task model
+        print(f"{int(metrics.pop('examples'))} examples scored")
+        for k, v in metrics.items():
+            print(f"{k:14s} {v:.2f}")
+        if run_id:
+            print(f"logged as downstream/<task>/<split>/* in MLflow run {run_id}")
+        return
     print(f"{int(metrics['eval_images'])} images, {int(metrics['eval_captions'])} captions scored")
     for prefix, label in (("uni_", "uni-modal"), ("", "ITM re-ranked")):
         if f"{prefix}rsum" in metrics:
@@ -97,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="generate the embedded synthetic multi-level set")
     synth.add_argument("--out", required=True, help="output directory or URI")
-    synth.add_argument("--train-images", type=int, default=2000)
-    synth.add_argument("--test-images", type=int, default=200)
+    synth.add_argument("--train-images", type=int, default=0, help="default 2000 (a task: 1500)")
+    synth.add_argument("--test-images", type=int, default=0, help="default 200 (a task: 300)")
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--rows-per-file", type=int, default=2000)

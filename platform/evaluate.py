@@ -348,7 +348,8 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
                         overrides: list[str] | tuple[str, ...] = (), log: bool = True, mlflow_uri: str = ""
                         ) -> dict[str, float]:
     """Retrieval (uni-modal and ITM re-ranked) of a checkpoint on any split, on this process's
-    device, with the training run's evaluation settings; metrics logged as ``eval/<split>/...``
+    device, with the training run's evaluation settings (a checkpoint fine-tuned on a downstream
+    task: its task's metric, logged as ``downstream/<task>/<split>/...``); metrics logged as ``eval/<split>/...``
     in the run the checkpoint came from (found by its ``checkpoint`` tag), or in a new run. The
     shard set and split default to the checkpoint's own evaluation data. ``mlflow_uri`` is the
     store a run id is looked up in (default: ``$MLFLOW_TRACKING_URI``, else the local one)."""
@@ -378,9 +379,13 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
     precision = cfg.precision.precision if device.type == "cuda" or cfg.precision.precision != "fp16" else "fp32"
     precision = resolve_precision(precision, device)
     autocast = autocast_factory(precision, device)
-    metrics = evaluate_retrieval(model, batches, device, max_images=cfg.data.eval_max_images,
-                                 k_captions=cfg.eval.k_captions, k_images=cfg.eval.k_images, rerank_itm=cfg.eval.rerank,
-                                 autocast=autocast, shortlist=shortlist)
+    task = cfg.finetune.task
+    if task and task != "retrieval":  # a fine-tuned task model: its task's metric, as its run logged it
+        metrics = evaluate_task(model, batches, device, autocast)
+    else:
+        metrics = evaluate_retrieval(model, batches, device, max_images=cfg.data.eval_max_images,
+                                     k_captions=cfg.eval.k_captions, k_images=cfg.eval.k_images,
+                                     rerank_itm=cfg.eval.rerank, autocast=autocast, shortlist=shortlist)
     if cfg.data.compositional_split:
         metrics.update(evaluate_compositional(model, ingest.local_eval_batches(
             cfg.data, cfg.objectives, spec, cfg.data.compositional_split, cfg.data.eval_batch_size,
@@ -391,6 +396,7 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
             found = tracking.find_run(uri, cfg.tracking.experiment, {"checkpoint": path})
             run_id = found.info.run_id if found else tracking.create_run(
                 uri, cfg.tracking.experiment, f"eval {split}", tags={"checkpoint": path, "alignlab.eval_of": path})
-        tracking.RunLogger(uri, run_id).log_metrics({f"eval/{split}/{k}": v for k, v in metrics.items()}, contents.step)
+        prefix = f"downstream/{task}/{split}" if task and task != "retrieval" else f"eval/{split}"
+        tracking.RunLogger(uri, run_id).log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, contents.step)
         metrics["mlflow_run_id"] = run_id  # type: ignore[assignment]
     return metrics

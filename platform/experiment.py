@@ -61,6 +61,15 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
     parser.add_argument("--readings", default="", metavar="paper,official",
                         help="run every row under each of these readings of the paper (model.<architecture>.reading: "
                              "the paper's text, the official code's choices) and compare them")
+    parser.add_argument("--downstream", default="", metavar="vqa,snli_ve,...",
+                        help="fine-tune every trial's checkpoint on these tasks (Tune trials of their own; "
+                             "models/downstream.py) and add a column per task to the comparison, beside a row "
+                             "fine-tuned without pre-training")
+    parser.add_argument("--finetune-preset", default="", metavar="PRESET",
+                        help="the fine-tuning preset laid over each checkpoint's config (default: finetune_demo)")
+    parser.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
+                        help="a fine-tuning override (repeatable), such as finetune.shards=data/tasks/{task}; the "
+                             "positional overrides are the pre-training's")
     parser.add_argument("--max-concurrent-trials", type=int, default=0, metavar="N",
                         help="run at most N trials at once (default: as many as the cluster holds at its largest, "
                              "the autoscaler's maximum on an autoscaling cluster)")
@@ -71,6 +80,12 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
     args.only = getattr(args, "only", None) or (sweeps[0] if len(sweeps) == 1 else None)
     if args.grid and args.only is None:
         parser.error(f"--grid restricts one sweep's axis: name that sweep with --only {{{','.join(sweeps)}}}")
+    from alignlab.models.inputs import TASKS
+
+    args.downstream = [t for t in args.downstream.split(",") if t]
+    unknown = [t for t in args.downstream if t not in TASKS]
+    if unknown:
+        parser.error(f"--downstream {','.join(unknown)}: not a task; valid choices: {', '.join(TASKS)}")
     return args
 
 
@@ -174,6 +189,18 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
         if readings:
             grid[reading_key(cfg)] = readings
         result = run_sweep(cfg, grid, name)
+        table_metrics, table_external, downstream_chance = list(metrics), dict(external or {}), {}
+        if args.downstream:
+            from alignlab.platform.finetune import headline_metric, run_downstream
+
+            figures = run_downstream(result, cfg, args.downstream, name, args.finetune_preset, args.finetune)
+            for t in result.trials:
+                t.metrics.update(figures.by_run.get(t.mlflow_run_id, {}))
+            table_metrics += [headline_metric(task) for task in args.downstream]
+            table_external["fine-tuned without pre-training"] = figures.scratch
+            if figures.majority:
+                table_external["baseline: the most frequent train answer"] = [figures.majority]
+            downstream_chance = figures.chance
         # Files for the driver's printout; the durable copies are the parent run's artifacts.
         out_dir = alignlab_home() / "outputs" / name
         claims = [c for c in ablation.claims if c[3] in metrics and
@@ -182,11 +209,11 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
         for reading in readings or [None]:
             part = replace(result, trials=[t for t in result.trials
                                            if reading is None or t.overrides.get(reading_key(cfg)) == reading])
-            md = publish_comparison(part, [ablation.group_by], metrics, ablation.title, str(out_dir / (reading or "")),
-                                    ablation.group_by if ablation.line else None,
+            md = publish_comparison(part, [ablation.group_by], table_metrics, ablation.title,
+                                    str(out_dir / (reading or "")), ablation.group_by if ablation.line else None,
                                     reference=ablation.reference if ablation.reference in map(str, grid[ablation.group_by])
-                                    else None, chance=chance_levels(part, metrics), external=external,
-                                    claims=claims, artifact_path=reading)
+                                    else None, chance={**chance_levels(part, metrics), **downstream_chance},
+                                    external=table_external or None, claims=claims, artifact_path=reading)
             print(f"\n## {ablation.title}" + (f", reading: {reading}" if reading else "") + f"\n\n{md}")
             markdown += md
         if len(readings) > 1:

@@ -87,17 +87,32 @@ def _trial(trial_config: dict[str, Any]) -> None:
     from alignlab.platform.train import fit
 
     overrides = trial_config["overrides"]
-    cfg = config_lib.load_config(data=trial_config["base"], overrides=_as_overrides(overrides))
+    finetune = trial_config.get("finetune")
+    parent = trial_config["parent_run_id"]
+    if finetune is None:
+        cfg = config_lib.load_config(data=trial_config["base"], overrides=_as_overrides(overrides))
+    else:
+        # A downstream trial: the fine-tuning config of its checkpoint, a child of its pre-training run.
+        from alignlab.platform.finetune import task_config
+
+        cfg = task_config(overrides["finetune.task"], overrides["finetune.init"], finetune["preset"],
+                          [*finetune["overrides"], *_as_overrides({k: v for k, v in overrides.items()
+                                                                  if not k.startswith("finetune.")})],
+                          base=trial_config["base"], demo=finetune["demo"])
+        parent = finetune["parents"].get(overrides["finetune.init"], parent)
     ctx = ray.tune.get_context()
     trial_name = ctx.get_trial_name()
     uri = trial_config["mlflow_uri"]
-    run_id = _child_run(uri, cfg.tracking.experiment, trial_config["parent_run_id"], trial_config["sweep"], trial_name,
-                        overrides)
+    run_id = _child_run(uri, cfg.tracking.experiment, parent, trial_config["sweep"], trial_name, overrides)
     logger = tracking.open_run(uri, run_id, cfg, {f"sweep.{k}": v for k, v in overrides.items()})
     with tracking.failure_marks(logger):
         result = fit(cfg, uri, run_id, storage_path=trial_config["train_storage"],
                      name=f"{trial_config['sweep']}-{trial_name}", callbacks=[TuneReportCallback()])
     tracking.close_run(logger, result)
+    if finetune is not None and parent != trial_config["parent_run_id"]:
+        from alignlab.platform.finetune import log_on_pretraining_run
+
+        log_on_pretraining_run(uri, parent, cfg.finetune.task, dict(result.metrics or {}))
 
 
 def _child_run(uri: str, experiment: str, parent_run_id: str, sweep: str, trial: str, overrides: dict) -> str:
@@ -116,8 +131,13 @@ def _parent_run(uri: str, experiment: str, sweep: str, grid: dict) -> str:
     return run_id
 
 
-def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str | None = None) -> SweepResult:
-    """Runs (or resumes) sweep ``name``: one trial per grid point."""
+def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str | None = None,
+              finetune: dict | None = None) -> SweepResult:
+    """Runs (or resumes) sweep ``name``: one trial per grid point. ``finetune`` makes it a
+    downstream sweep (:func:`alignlab.platform.finetune.run_downstream`): each point names a
+    checkpoint and a task (``finetune.init``, ``finetune.task``), and its trial fine-tunes with
+    the fine-tuning ``preset`` and ``overrides``, as an MLflow child of the run in ``parents``
+    (checkpoint -> pre-training run id)."""
     import ray.tune
 
     from alignlab.platform import cluster
@@ -137,7 +157,7 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
     param_space = {
         "overrides": {k: ray.tune.grid_search(v) for k, v in grid.items()},
         "base": config_lib.to_dict(base), "mlflow_uri": uri, "parent_run_id": parent, "sweep": name,
-        "train_storage": _join(root, "train"),
+        "train_storage": _join(root, "train"), "finetune": finetune,
     }
     # The trainable itself only drives a Train job, whose workers request their own resources;
     # Tune needs a non-empty request, so it asks for a sliver of a CPU.

@@ -350,20 +350,23 @@ def _inherited_vocabularies(source: str) -> dict[str, str]:
     return {name: text for name, text in files.items() if text is not None}
 
 
-def _answer_vocabulary(cfg: BuildConfig) -> list[str] | None:
+def _answer_vocabulary(cfg: BuildConfig, classes: tuple[str, ...] = ()) -> list[str] | None:
     """``answers`` of classification shards, by the number of training rows with that answer, kept
-    from ``min_answer_count`` on; None for shards without answers."""
+    from ``min_answer_count`` on; None for shards without answers. A task's fixed ``classes`` are
+    all kept, those unseen in train after the rest, so the first line stays the most frequent
+    train answer (the majority baseline's)."""
     fs, _ = filesystem(cfg.out)
     qa_files = [f for f in _split_files(cfg.out, "train") if "answer" in pq.read_schema(f, filesystem=fs).names]
-    if not qa_files:
+    if not qa_files and not classes:
         return None
     answers = Counter(a for f in qa_files
                       for a in pq.read_table(f, columns=["answer"], filesystem=fs).column("answer").to_pylist()
                       if a is not None)
-    return _by_count(Counter({a: n for a, n in answers.items() if n >= cfg.min_answer_count}))
+    counted = _by_count(Counter({a: n for a, n in answers.items() if n >= cfg.min_answer_count or a in classes}))
+    return counted + [c for c in classes if c not in counted]
 
 
-def _counted_vocabularies(cfg: BuildConfig) -> dict[str, list[str]]:
+def _counted_vocabularies(cfg: BuildConfig, classes: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """The shard set's vocabularies by name (``<name>.txt``), from the written shards: ``concepts``
     from the train split's ``phrases`` (MVPTR §3.1), ``tags`` by the number of images (an NLVR2
     pair's second ones included) showing them, ``answers`` by :func:`_answer_vocabulary`."""
@@ -385,7 +388,7 @@ def _counted_vocabularies(cfg: BuildConfig) -> dict[str, list[str]]:
                 for image_id, image_tags in zip(t.column(0).to_pylist(), t.column(1).to_pylist()):
                     per_image.setdefault(image_id, set()).update(tag for tag in image_tags if tag != WHOLE_IMAGE_TAG)
         vocabs["tags"] = _by_count(Counter(tag for s in per_image.values() for tag in s))
-    answers = _answer_vocabulary(cfg)
+    answers = _answer_vocabulary(cfg, classes)
     if answers is not None:
         vocabs["answers"] = answers
     return vocabs
@@ -464,10 +467,10 @@ def build(cfg: BuildConfig) -> dict:
     if todo:
         _run_units(todo, cfg, on_done)
     if inherited is None:
-        counted = _counted_vocabularies(cfg)
+        counted = _counted_vocabularies(cfg, reader.classes)
     else:
         # A task's classes are its own: without the source set's answers.txt they are counted here.
-        answers = None if "answers.txt" in inherited else _answer_vocabulary(cfg)
+        answers = None if "answers.txt" in inherited else _answer_vocabulary(cfg, reader.classes)
         counted = {} if answers is None else {"answers": answers}
     vocabularies = {**{f"{name}.txt": "".join(e + "\n" for e in entries) for name, entries in counted.items()},
                     **(inherited or {})}

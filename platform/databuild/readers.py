@@ -110,6 +110,9 @@ class Reader:
     name = ""
     description = ""
     task = "retrieval"  # the manifest's "task" (alignlab.platform.shards.TASKS)
+    # A classification with a fixed set of classes (SNLI-VE's three, NLVR2's two): every class is
+    # in answers.txt, even one a small or train-less build never saw.
+    classes: tuple[str, ...] = ()
 
     def __init__(self, source: str, image_root: str | None = None, default_split: str = "train"):
         self.source = source
@@ -656,6 +659,7 @@ class SnliVeReader(Reader):
 
     name = "snli_ve"
     task = "snli_ve"
+    classes = SNLI_VE_LABELS
     description = "SNLI-VE JSON lines (Flickr30K_ID, sentence2, gold_label; visual entailment)"
     KEYS = ("Flickr30K_ID", "sentence2")
 
@@ -703,6 +707,7 @@ class Nlvr2Reader(Reader):
 
     name = "nlvr2"
     task = "nlvr2"
+    classes = ("true", "false")
     description = "NLVR2 JSON lines (identifier, sentence, label; a statement about an image pair)"
     KEYS = ("identifier", "sentence")
 
@@ -733,7 +738,7 @@ class Nlvr2Reader(Reader):
                 # The release has True / False as strings; a bool reads the same. An absent label
                 # (a hidden test set) reaches the builder as unanswered (missing_answer).
                 label = "" if row.get("label") is None else str(row["label"]).lower()
-                if label not in ("", "true", "false"):
+                if label not in ("", *self.classes):
                     yield Skipped(INVALID_LABEL, where, f"label {row['label']!r} is neither True nor False")
                     continue
                 folder = os.path.join(root, m.group("split"))

@@ -1,0 +1,98 @@
+"""`alignlab finetune` end to end (#14): a pre-training run's checkpoint fine-tuned on a synthetic
+task through Ray Train, evaluated, tracked as a child of its pre-training run, and scored again
+from its checkpoint by `alignlab eval` with the same figures."""
+from __future__ import annotations
+
+import pytest
+
+from alignlab.platform.config import ConfigError, load_config
+
+SMALL = ["data.batch_size=16", "data.eval_batch_size=16", "data.eval_max_images=16", "data.preprocess_batch_size=16",
+         "data.shuffle_buffer=0", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
+         "model.mvptr.text_layers=1", "model.mvptr.visual_layers=1", "model.mvptr.fusion_layers=1",
+         "eval.k_captions=4", "eval.k_images=2", "tracking.log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_session, tmp_path_factory):
+    """A 4-step MVPTR pre-training run on a small synthetic set, and the small task sets beside it."""
+    from alignlab.platform.synth import SynthConfig, generate, generate_task
+    from alignlab.platform.train import train
+
+    root = tmp_path_factory.mktemp("finetune")
+    small = SynthConfig(n_train_images=48, n_test_images=16, rows_per_file=64)
+    generate(str(root / "synth"), small)
+    for task in ("vqa", "refcoco"):
+        generate_task(str(root / "tasks" / task), task, small, vocab_from=str(root / "synth"))
+    store = f"sqlite:///{root}/mlflow.db"
+    cfg = load_config("mvptr_demo", [f"data.shards={root / 'synth'}", *SMALL, "optim.max_steps=4",
+                                     f"tracking.mlflow_uri={store}", f"tracking.storage_path={root}/ray_results",
+                                     "data.compositional_split="])
+    return root, store, train(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,metric", [("vqa", "vqa_accuracy"), ("refcoco", "accuracy")])
+def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(pretrained, task, metric):
+    from mlflow.tracking import MlflowClient
+
+    from alignlab.platform.evaluate import evaluate_checkpoint
+    from alignlab.platform.finetune import finetune
+
+    root, store, pre = pretrained
+    out = finetune(task, pre["mlflow_run_id"], overrides=[f"finetune.shards={root}/tasks/{{task}}", "optim.max_steps=6",
+                                                          "tracking.checkpoint_every=3", "tracking.log_every=3"],
+                   mlflow_uri=store)
+    m = out["metrics"]
+    assert m["train/step"] == 6.0 and m[f"loss/{task}"] > 0
+    figures = {k.rsplit("/", 1)[1]: v for k, v in m.items() if k.startswith(f"downstream/{task}/")}
+    assert 0.0 <= figures[metric] <= 100.0 and figures["examples"] > 0
+    assert ("majority" in figures) if task == "vqa" else ({"chance", "oracle"} <= set(figures))
+    client = MlflowClient(tracking_uri=store)
+    child = client.get_run(out["mlflow_run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == pre["mlflow_run_id"]
+    assert child.data.params["finetune.task"] == task
+    # The pre-training run shows the downstream figure beside its own.
+    assert client.get_run(pre["mlflow_run_id"]).data.metrics[f"downstream/{task}/{metric}"] == pytest.approx(figures[metric])
+    again = evaluate_checkpoint(out["checkpoint"], mlflow_uri=store)
+    assert again[metric] == pytest.approx(figures[metric]) and again["examples"] == figures["examples"]
+
+
+def test_finetuning_a_model_pretrained_elsewhere_needs_the_task_shards(tmp_path):
+    from alignlab.platform.finetune import task_config
+
+    from alignlab.platform.config import to_dict
+
+    cfg = to_dict(load_config("mvptr_flickr8k_cpu"))
+    with pytest.raises(ConfigError, match="finetune.shards=data/tasks/{task}"):
+        task_config("vqa", "", base=cfg)
+    assert task_config("vqa", "", base=cfg, overrides=["finetune.shards=data/tasks/{task}"]).data.shards == \
+        "data/tasks/vqa"
+
+
+@pytest.mark.slow
+def test_ablation_script_fine_tunes_each_trial_and_adds_a_column_per_task(ray_session, tmp_path, monkeypatch, capsys):
+    """`--downstream vqa` on the main job, shrunk to one row: the trial's checkpoint and the
+    architecture without pre-training are fine-tuned as trials of a sweep of their own, each a
+    child of its pre-training run, and the table gains the VQA column with its baselines."""
+    from mlflow.tracking import MlflowClient
+
+    from alignlab.platform.experiment import run_experiment
+
+    monkeypatch.chdir(tmp_path)  # the synthetic sets are generated under ./data
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    small = [o for o in SMALL if not o.startswith("data.eval_max_images")]
+    outputs = run_experiment("", "mvptr_demo", ["eval/rsum"], argv=[
+        "--grid", "model.mvptr.ablation=full", "--downstream", "vqa", "--finetune", "optim.max_steps=3",
+        "--finetune", "data.batch_size=16", "--name", "t4", *small, "optim.max_steps=3", "data.eval_max_images=32",
+        f"tracking.mlflow_uri={store}", f"tracking.storage_path={tmp_path}/ray_results"])
+    (out,) = outputs
+    (trial,) = out["result"].trials
+    assert 0.0 <= trial.metrics["downstream/vqa/vqa_accuracy"] <= 100.0
+    md = out["markdown"]
+    assert "downstream/vqa/vqa_accuracy" in md and "fine-tuned without pre-training" in md
+    assert "baseline: the most frequent train answer" in md
+    client = MlflowClient(tracking_uri=store)
+    children = client.search_runs([client.get_run(trial.mlflow_run_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{trial.mlflow_run_id}'")
+    assert [r.data.params["finetune.task"] for r in children] == ["vqa"]
