@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from test_synth import _claims
 from alignlab.platform.shards import TASKS, read_manifest, read_vocab_file, validate_shards
 from alignlab.platform.synth import (COLOURS, COUNT_WORDS, PLURALS, SHAPES, SIZES, TASK_MAKERS, SceneObject,
                                      SynthConfig, build_vocab, classification_baselines, compositional_candidates,
@@ -174,18 +175,6 @@ def refer(objs: list[dict], text: str) -> list[dict]:
         group = _picks(objs, look)
         return [o for o in group if all(_relation(o, p) == SIDES[side] for p in group if p is not o)]
     return _picks(objs, text.removeprefix("the "))
-
-
-def _claims(phrases: list[list[str]]) -> tuple[dict, list[tuple]]:
-    """shape -> (colour, size, count) and the relation triples a statement's phrases state."""
-    kinds: dict[str, dict] = {}
-    for p in phrases:
-        if len(p) == 1:
-            kinds.setdefault(p[0], {"count": 1})
-        elif len(p) == 2:
-            key = "colour" if p[0] in COLOURS else "size" if p[0] in SIZES else "count"
-            kinds[p[1]][key] = COUNT_WORDS.index(p[0]) + 1 if key == "count" else p[0]
-    return kinds, [tuple(p) for p in phrases if len(p) == 3]
 
 
 def snli_label(objs: list[dict], text: str, phrases: list[list[str]]) -> str:
