@@ -105,7 +105,8 @@ class TaskModel(PretrainingModel):
                              f"`alignlab data build` or `alignlab data synth --task {task}`")
         self.task, self.backbone = task, backbone
         self.objectives = (task,)
-        self.find_unused_parameters = backbone.find_unused_parameters
+        # The pre-training heads (MLM, ITM, ...) get no gradient while fine-tuning.
+        self.find_unused_parameters = True
         h = model_cfg.hidden_size
         self.head: nn.Module | None = None
         if task in CLASSIFICATION:

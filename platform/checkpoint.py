@@ -109,6 +109,12 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     return CheckpointContents(model=model, step=step, epoch=epoch, config=config, vocab=vocab, trainer=trainer)
 
 
+# Overrides that keep a model's initialisation sources unread (a text checkpoint, ViT hub weights or
+# file, a hybrid trunk's weights): a checkpoint about to be loaded holds every weight.
+NO_INIT_SOURCES = ("model.text_init=", "model.image.pretrained=false", "model.image.checkpoint=",
+                   "model.image.trunk_pretrained=false", "model.image.trunk_checkpoint=")
+
+
 def read_meta(directory: str | Path) -> tuple[dict[str, Any], Any]:
     """(config, :class:`~alignlab.models.base.Vocab`) of a checkpoint, from its metadata alone
     (the driver of a fine-tuning run reads no weights)."""
@@ -131,9 +137,7 @@ def load_trained(directory: str | Path, overrides: list[str] | tuple[str, ...] =
     from alignlab.platform import config as config_lib
 
     contents = read_checkpoint(directory, map_location)
-    cfg = config_lib.load_config(data=contents.config, overrides=[
-        *overrides, "model.text_init=", "model.image.pretrained=false", "model.image.checkpoint=",
-        "model.image.trunk_pretrained=false", "model.image.trunk_checkpoint="])
+    cfg = config_lib.load_config(data=contents.config, overrides=[*overrides, *NO_INIT_SOURCES])
     model = downstream.build(cfg.finetune.task, get_spec(cfg.model.architecture), cfg.model, cfg.objectives,
                              contents.model_vocab())
     missing, unexpected = model.load_state_dict(contents.model, strict=False)

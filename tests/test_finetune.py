@@ -32,8 +32,10 @@ def pretrained(ray_session, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,metric", [("vqa", "vqa_accuracy"), ("refcoco", "accuracy")])
-def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(pretrained, task, metric):
+@pytest.mark.parametrize("task,metric,workers", [("vqa", "vqa_accuracy", 1), ("refcoco", "accuracy", 2)])
+def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(pretrained, task, metric, workers):
+    """Grounding fine-tunes on two DDP workers: the pre-training heads, which get no gradient, must
+    not stop DDP."""
     from mlflow.tracking import MlflowClient
 
     from alignlab.platform.evaluate import evaluate_checkpoint
@@ -41,7 +43,8 @@ def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(pretr
 
     root, store, pre = pretrained
     out = finetune(task, pre["mlflow_run_id"], overrides=[f"finetune.shards={root}/tasks/{{task}}", "optim.max_steps=6",
-                                                          "tracking.checkpoint_every=3", "tracking.log_every=3"],
+                                                          "tracking.checkpoint_every=3", "tracking.log_every=3",
+                                                          f"scaling.num_workers={workers}"],
                    mlflow_uri=store)
     m = out["metrics"]
     assert m["train/step"] == 6.0 and m[f"loss/{task}"] > 0
