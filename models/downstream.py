@@ -109,21 +109,13 @@ class TaskModel(PretrainingModel):
         self.find_unused_parameters = True
         h = model_cfg.hidden_size
         self.head: nn.Module | None = None
+        self.classes = len(vocab.answers) if task in CLASSIFICATION else 0
         if task in CLASSIFICATION:
             pair = 2 if task == "nlvr2" else 1
-            self.head = Classifier(pair * h, 2 * h, len(vocab.answers))
+            self.head = Classifier(pair * h, 2 * h, self.classes)
             init_weights(self.head)
         else:  # refcoco: the cosine of the fused [CLS] and each fused region, at a learnt temperature
             self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / model_cfg.temperature)))
-
-    def input_spec(self, model_cfg, objectives_cfg) -> InputSpec:  # type: ignore[override]
-        return input_spec(self.task, self._spec_of(model_cfg), model_cfg, objectives_cfg)
-
-    @staticmethod
-    def _spec_of(model_cfg) -> ModelSpec:
-        from alignlab.models.registry import get_spec
-
-        return get_spec(model_cfg.architecture)
 
     def begin_step(self, step: int, steps_per_epoch: int) -> None:
         self.backbone.begin_step(step, steps_per_epoch)
@@ -147,7 +139,7 @@ class TaskModel(PretrainingModel):
             loss = masked_token_loss(logits.float(), batch["answer_labels"])
         else:
             positive = box_iou(batch["boxes"], batch["target_box"][:, None]) >= GROUNDING_IOU
-            loss = grounding_loss(logits.masked_fill(~batch["region_mask"].bool(), 0.0), positive, batch["region_mask"])
+            loss = grounding_loss(logits, positive, batch["region_mask"])
         with torch.no_grad():
             metrics = {"train_accuracy": task_scores(self.task, logits.argmax(-1), batch).mean()}
         return ModelOutput(losses={self.task: loss}, metrics=metrics)

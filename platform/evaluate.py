@@ -290,7 +290,7 @@ def evaluate_task(model, batches: Iterable[dict[str, torch.Tensor]], device: tor
         raise ValueError(f"the {model.task} evaluation split yielded no rows to score")
     out = {k: 100.0 * v / n for k, v in sums.items()}
     if model.task in CLASSIFICATION:
-        out["chance"] = 100.0 / model.head[-1].out_features
+        out["chance"] = 100.0 / model.classes
     out["examples"] = float(n)
     return out
 
@@ -355,6 +355,8 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
     store a run id is looked up in (default: ``$MLFLOW_TRACKING_URI``, else the local one)."""
     import torch
 
+    from alignlab.models import downstream
+    from alignlab.models.registry import get_spec
     from alignlab.platform import ingest, shards, tracking
     from alignlab.platform.checkpoint import load_trained
     from alignlab.platform.tokenization import load_tokenizer, vocab_info
@@ -369,7 +371,7 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
     shards_root, split = cfg.data.shards, cfg.data.eval_split
     check_vocabularies(contents.model_vocab(), vocab_info(load_tokenizer(cfg.data.tokenizer, shards_root), shards_root),
                        shards_root)
-    spec = model.input_spec(cfg.model, cfg.objectives)
+    spec = downstream.input_spec(cfg.finetune.task, get_spec(cfg.model.architecture), cfg.model, cfg.objectives)
     shortlist = None
     if cfg.eval.shortlist:
         shortlist, shortlist_spec = load_shortlist(cfg.eval.shortlist, mlflow_uri or cfg.tracking.mlflow_uri, device)
