@@ -167,12 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, read as ``alignlab finetune TASK --from X [PRESET] [overrides]`` too:
+    argparse takes no positionals after an option once it has matched the ones before it, so the
+    words after ``--from X`` are the fine-tuning preset (a first word without "=") and overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "finetune" and not any(e.startswith("-") for e in extra):
+        if "=" not in extra[0] and not args.preset:
+            args.preset, extra = extra[0], extra[1:]
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     from alignlab.platform.checkpoint import CheckpointError
     from alignlab.platform.config import ConfigError
     from alignlab.platform.shards import ShardFolderError, ShardSchemaError
 
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         args.func(args)
     except (ConfigError, ShardSchemaError, ShardFolderError, CheckpointError, FileNotFoundError) as e:

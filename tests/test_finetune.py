@@ -99,3 +99,17 @@ def test_ablation_script_fine_tunes_each_trial_and_adds_a_column_per_task(ray_se
     children = client.search_runs([client.get_run(trial.mlflow_run_id).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{trial.mlflow_run_id}'")
     assert [r.data.params["finetune.task"] for r in children] == ["vqa"]
+
+
+def test_finetune_command_line_takes_a_preset_and_overrides_after_from():
+    from alignlab.platform.cli import parse
+
+    args = parse(["finetune", "vqa", "--from", "abc123", "my_preset", "optim.lr=1e-5", "finetune.shards=d/{task}"])
+    assert (args.task, getattr(args, "from"), args.preset) == ("vqa", "abc123", "my_preset")
+    assert args.overrides == ["optim.lr=1e-5", "finetune.shards=d/{task}"]
+    args = parse(["finetune", "refcoco", "optim.lr=1e-5", "--from", "ckpt/dir"])
+    assert (args.preset, args.overrides) == ("", ["optim.lr=1e-5"])
+    with pytest.raises(SystemExit):
+        parse(["finetune", "vqa", "--from", "x", "--bogus"])
+    with pytest.raises(SystemExit):
+        parse(["eval", "ckpt", "extra=1", "--bogus"])
