@@ -109,10 +109,15 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     return CheckpointContents(model=model, step=step, epoch=epoch, config=config, vocab=vocab, trainer=trainer)
 
 
-# Overrides that keep a model's initialisation sources unread (a text checkpoint, ViT hub weights or
-# file, a hybrid trunk's weights): a checkpoint about to be loaded holds every weight.
-NO_INIT_SOURCES = ("model.text_init=", "model.image.pretrained=false", "model.image.checkpoint=",
-                   "model.image.trunk_pretrained=false", "model.image.trunk_checkpoint=")
+def without_init_sources(model_cfg):
+    """``model_cfg`` with its initialisation sources unread (a text checkpoint, ViT hub weights or
+    file, a hybrid trunk's weights), for building a model a checkpoint is about to fill: it holds
+    every weight. Applied to the model that is built, never to the config a run records, which
+    stays as trained (a config checked with frozen pretrained layers keeps naming their source)."""
+    from dataclasses import replace
+
+    image = replace(model_cfg.image, pretrained=False, checkpoint="", trunk_pretrained=False, trunk_checkpoint="")
+    return replace(model_cfg, text_init="", image=image)
 
 
 def read_meta(directory: str | Path) -> tuple[dict[str, Any], Any]:
@@ -137,9 +142,9 @@ def load_trained(directory: str | Path, overrides: list[str] | tuple[str, ...] =
     from alignlab.platform import config as config_lib
 
     contents = read_checkpoint(directory, map_location)
-    cfg = config_lib.load_config(data=contents.config, overrides=[*overrides, *NO_INIT_SOURCES])
-    model = downstream.build(cfg.finetune.task, get_spec(cfg.model.architecture), cfg.model, cfg.objectives,
-                             contents.model_vocab())
+    cfg = config_lib.load_config(data=contents.config, overrides=list(overrides))
+    model = downstream.build(cfg.finetune.task, get_spec(cfg.model.architecture), without_init_sources(cfg.model),
+                             cfg.objectives, contents.model_vocab())
     missing, unexpected = model.load_state_dict(contents.model, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {directory}: its weights do not fit the model its config builds "

@@ -65,12 +65,11 @@ def task_config(task: str, checkpoint: str, preset: str = "", overrides: list[st
                 base: dict | None = None, demo: str = "") -> Config:
     """The fine-tuning config of ``checkpoint`` (a folder) on ``task``: the checkpoint's config, the
     fine-tuning preset over it, the task, then ``overrides``; data from :func:`task_shards` unless
-    an override names ``data.shards``. The initialisation sources (a text checkpoint, ViT or trunk
-    weights) stay unread: the checkpoint holds every weight. Without a checkpoint, ``base`` (a config as a dict) stands
+    an override names ``data.shards``. Without a checkpoint, ``base`` (a config as a dict) stands
     for the pre-training config: the architecture fine-tuned from its own initialisation, the
     no-pre-training row of a downstream table. ``demo``: the synthetic set's folder (default:
     :func:`demo_root`)."""
-    from alignlab.platform.checkpoint import NO_INIT_SOURCES, read_meta
+    from alignlab.platform.checkpoint import read_meta
 
     pretrained = read_meta(checkpoint)[0] if checkpoint else dict(base or {})
     data = config_lib._deep_merge(pretrained, config_lib.load_yaml(config_lib.resolve_preset(preset or FINETUNE_PRESET)))
@@ -78,7 +77,7 @@ def task_config(task: str, checkpoint: str, preset: str = "", overrides: list[st
     data.setdefault("tracking", {})["run_name"] = ""
     data.setdefault("data", {})["compositional_split"] = ""
     data["finetune"] = {**data.get("finetune", {}), "task": task, "init": str(checkpoint)}
-    cfg = config_lib.load_config(data=data, overrides=[*(NO_INIT_SOURCES if checkpoint else ()), *overrides])
+    cfg = config_lib.load_config(data=data, overrides=list(overrides))
     if not any(o.split("=", 1)[0] == "data.shards" for o in overrides):
         cfg.data.shards = task_shards(cfg.finetune, pretrained.get("data", {}).get("shards", ""), demo or demo_root())
     return cfg

@@ -46,7 +46,7 @@ import torch
 from alignlab.models import downstream
 from alignlab.models.base import ModelSpec, PretrainingModel, Vocab
 from alignlab.platform import config as config_lib
-from alignlab.platform.checkpoint import CheckpointContents, read_checkpoint, write_checkpoint
+from alignlab.platform.checkpoint import CheckpointContents, read_checkpoint, without_init_sources, write_checkpoint
 from alignlab.platform.config import Config, OptimConfig
 # Imported with the trainer, not at the first evaluation: a worker then evaluates with the code it
 # trained with, even when the working tree changes under a long run.
@@ -240,7 +240,9 @@ class Runner:
         self.precision = resolve_precision(cfg.precision.precision, device)
         self.autocast = autocast_factory(self.precision, device)
         torch.manual_seed(cfg.seed)
-        self.model = downstream.build(cfg.finetune.task, self.spec, cfg.model, cfg.objectives, self.vocab)
+        # A fine-tuning run's pre-trained weights come from its checkpoint, not the init sources.
+        model_cfg = without_init_sources(cfg.model) if cfg.finetune.init else cfg.model
+        self.model = downstream.build(cfg.finetune.task, self.spec, model_cfg, cfg.objectives, self.vocab)
         if cfg.finetune.init:
             # The pre-trained weights, before any resume replaces them with the fine-tuned ones.
             pretrained = read_checkpoint(cfg.finetune.init).model

@@ -113,3 +113,28 @@ def test_finetune_command_line_takes_a_preset_and_overrides_after_from():
         parse(["finetune", "vqa", "--from", "x", "--bogus"])
     with pytest.raises(SystemExit):
         parse(["eval", "ckpt", "extra=1", "--bogus"])
+
+
+def test_a_checkpoint_with_frozen_pretrained_layers_loads_without_its_text_source(tmp_path):
+    """A checkpoint trained from a text checkpoint with frozen layers reads back (eval, fine-tuning)
+    with its config as trained, though the text source is gone: the weights are the checkpoint's."""
+    import shutil
+    from dataclasses import asdict
+
+    import torch
+
+    from alignlab.platform.checkpoint import CheckpointContents, load_trained, write_checkpoint
+    from alignlab.platform.config import to_dict
+    from conftest import save_tiny_bert
+    from test_mvptr import VOCAB, _model, _cfg
+
+    save_tiny_bert(tmp_path / "bert")
+    extra = (f"model.text_init={tmp_path / 'bert'}", "model.mvptr.text_layers=2", "model.mvptr.frozen_text_layers=1")
+    model = _model("full", *extra)
+    write_checkpoint(tmp_path / "ckpt", CheckpointContents(model=model.state_dict(), step=1, epoch=0,
+                                                           config=to_dict(_cfg("full", *extra)), vocab=asdict(VOCAB)))
+    shutil.rmtree(tmp_path / "bert")
+    cfg, loaded, _ = load_trained(tmp_path / "ckpt")
+    assert cfg.model.text_init == str(tmp_path / "bert") and cfg.model.mvptr.frozen_text_layers == 1
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], p)
