@@ -222,6 +222,7 @@ class Runner:
         self.sink = sink
         self.step = self.epoch = 0
         self.nonfinite_run = self.nonfinite_skipped = 0
+        self.epoch_batches = 0  # batches read in the current epoch
         # (metrics, the step MLflow shows them at, the training step that produced them)
         self.pending: list[tuple[dict[str, float], int, float]] = []
         self.logged_through = -1  # training steps whose metrics the run already holds
@@ -339,11 +340,17 @@ class Runner:
         for micro in range(accum):
             batch = self._next_batch()
             if batch is None:
+                if not self.epoch_batches:
+                    raise RuntimeError(f"epoch {self.epoch} of the training split yielded no batch of "
+                                       f"{self.cfg.data.batch_size // self.ctx.world} rows: every row skipped "
+                                       f"(see data/skipped_*), or fewer rows than a batch on this worker")
+                self.epoch_batches = 0
                 self.optimizer.zero_grad(set_to_none=True)
                 self._record_epoch_skips()
                 self.epoch += 1
                 self._batches = None
                 return None
+            self.epoch_batches += 1
             sync = micro == accum - 1 or self.ctx.world == 1
             with contextlib.nullcontext() if sync else self.trained.no_sync():
                 with self.autocast():
@@ -746,6 +753,13 @@ def prepare(cfg: Config) -> Prepared:
     rows = ingest.count_rows(train_uri)
     if cfg.data.max_train_rows:
         rows = min(rows, cfg.data.max_train_rows)
+    step_rows = cfg.data.batch_size * cfg.optim.grad_accum
+    if rows < step_rows:
+        # Batches drop their ragged end, so such an epoch has no step and a run would never end.
+        raise config_lib.ConfigError(
+            f"{train_uri}: the training split has {rows} rows, fewer than one optimiser step takes "
+            f"(data.batch_size = {cfg.data.batch_size} x optim.grad_accum = {cfg.optim.grad_accum}); lower "
+            f"data.batch_size or use a larger split")
     return Prepared(spec=get_spec(cfg.model.architecture), vocab=vocab,
                     steps_per_epoch=rows // (cfg.data.batch_size * cfg.optim.grad_accum), train_rows=rows)
 

@@ -192,6 +192,22 @@ def test_an_odd_batch_left_at_the_epoch_end_is_dropped_not_stepped():
     assert all(p.grad is None for p in runner.model.parameters())
 
 
+def test_an_epoch_without_a_batch_fails_instead_of_looping(tmp_path):
+    """A training split that yields no batch (every row skipped, or fewer rows than a batch) would
+    advance epochs forever; the runner stops at the first such epoch, and a split smaller than one
+    step fails at start-up naming it."""
+    from alignlab.platform.synth import SynthConfig, generate
+    from alignlab.platform.train import prepare
+
+    runner = Runner(toy_config(), TOY, VOCAB, LocalContext(lambda: []), steps_per_epoch=1).setup()
+    with pytest.raises(RuntimeError, match="epoch 0 of the training split yielded no batch"):
+        runner.run()
+    generate(str(tmp_path), SynthConfig(n_train_images=4, n_test_images=2, captions_per_image=1, family_size=1))
+    with pytest.raises(ConfigError, match=r"train: the training split has 4 rows, fewer than one optimiser step takes "
+                                          r"\(data.batch_size = 8 x optim.grad_accum = 1\)"):
+        prepare(toy_config(f"data.shards={tmp_path}", "data.batch_size=8"))
+
+
 def test_non_finite_steps_are_skipped_and_a_run_of_them_fails_naming_the_step():
     cfg = toy_config("model.toy.nan_steps=[2, 3]", "optim.nonfinite_patience=3")
     data = batches()
