@@ -197,7 +197,8 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
             for t in result.trials:
                 t.metrics.update(figures.by_run.get(t.mlflow_run_id, {}))
             table_metrics += [headline_metric(task) for task in args.downstream]
-            table_external["fine-tuned without pre-training"] = figures.scratch
+            if figures.scratch:
+                table_external["fine-tuned without pre-training"] = [figures.scratch]
             if figures.majority:
                 table_external["baseline: the most frequent train answer"] = [figures.majority]
             downstream_chance = figures.chance

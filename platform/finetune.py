@@ -149,11 +149,12 @@ def headline_metric(task: str) -> str:
 
 @dataclass
 class DownstreamResult:
-    """A downstream sweep's figures: per pre-training MLflow run its ``downstream/*`` metrics, the
-    no-pre-training row's runs, and each task's chance and majority-answer baselines."""
+    """A downstream sweep's figures: per pre-training MLflow run its ``downstream/*`` metrics, those
+    of the architecture fine-tuned without pre-training (one run per task, one seed), and each
+    task's chance and majority-answer baselines."""
 
     by_run: dict[str, dict[str, float]]
-    scratch: list[dict[str, float]]
+    scratch: dict[str, float]
     chance: dict[str, float]
     majority: dict[str, float]
 
@@ -180,7 +181,7 @@ def run_downstream(result, base: Config, tasks: list[str], name: str, preset: st
     grid = {"finetune.init": [*parents, ""], "finetune.task": list(tasks)}
     sweep = run_sweep(base, grid, f"{name}-downstream", finetune={
         "preset": preset, "overrides": list(overrides), "parents": parents, "demo": demo_root()})
-    out = DownstreamResult({}, [], {}, {})
+    out = DownstreamResult({}, {}, {}, {})
     for t in sweep.trials:
         if t.error:
             print(f"downstream trial {t.overrides} failed: {t.error}")
@@ -190,7 +191,7 @@ def run_downstream(result, base: Config, tasks: list[str], name: str, preset: st
         if init:
             out.by_run.setdefault(parents[init], {}).update(figures)
         else:
-            out.scratch.append(figures)
+            out.scratch.update(figures)
         for baseline, into in (("chance", out.chance), ("majority", out.majority)):
             if f"downstream/{task}/{baseline}" in figures:
                 into[headline_metric(task)] = figures[f"downstream/{task}/{baseline}"]

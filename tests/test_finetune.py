@@ -93,7 +93,7 @@ def test_ablation_script_fine_tunes_each_trial_and_adds_a_column_per_task(ray_se
     (trial,) = out["result"].trials
     assert 0.0 <= trial.metrics["downstream/vqa/vqa_accuracy"] <= 100.0
     md = out["markdown"]
-    assert "downstream/vqa/vqa_accuracy" in md and "fine-tuned without pre-training" in md
+    assert "downstream/vqa/vqa_accuracy" in md and "| *fine-tuned without pre-training* (reference) | 1 |" in md
     assert "baseline: the most frequent train answer" in md
     client = MlflowClient(tracking_uri=store)
     children = client.search_runs([client.get_run(trial.mlflow_run_id).info.experiment_id],
