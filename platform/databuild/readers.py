@@ -785,9 +785,9 @@ class RefcocoReader(Reader):
             target = path[:-2] + ".json"
             raise LayoutError(
                 f"{path}: a pickle, which AlignLab never loads (unpickling runs whatever code the file names). "
-                f"Convert it to JSON yourself, once, if you trust the file (the refer toolkit loads it the same "
-                f"way): python -c \"import json, pickle; json.dump(pickle.load(open('{path}', 'rb')), "
-                f"open('{target}', 'w'))\" and pass {target} (or its folder)")
+                f"Give it the refs as JSON instead: write the refer toolkit's REFER(...).data['refs'] list with "
+                f"json.dump to {target} (the toolkit, which you trust to unpickle its own file, reads it), and "
+                f"pass {target} (or its folder)")
         return path
 
     def _instances(self) -> tuple[str, dict]:
