@@ -41,8 +41,12 @@ def _sweep(args: argparse.Namespace) -> None:
     from alignlab.platform.sweep import run_sweep
     from alignlab.platform.tracking import ui_command
 
+    from alignlab.platform.console import configure_logging
+
     cfg = load_config(args.preset, args.overrides + ([f"scaling.max_concurrent_trials={args.max_concurrent_trials}"]
-                                                     if args.max_concurrent_trials else []))
+                                                     if args.max_concurrent_trials else [])
+                      + (["tracking.verbose=true"] if args.verbose else []))
+    configure_logging(cfg.tracking.verbose)
     grid = {}
     for g in args.grid:
         if "=" not in g:
@@ -151,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--metric", default="eval/uni_rsum")
     sweep.add_argument("--max-concurrent-trials", type=int, default=0, metavar="N",
                        help="run at most N trials at once (default: as many as the cluster holds at its largest)")
+    sweep.add_argument("--verbose", action="store_true",
+                       help="show Ray's process output and Tune's tables here, not only one line per trial")
     sweep.set_defaults(func=_sweep)
 
     bench = sub.add_parser("bench", help="speed figures, each measured side by side in one run (platform/bench.py)")

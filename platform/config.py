@@ -222,6 +222,10 @@ class TrackingConfig:
     max_failures: int = 2
     # Zero-shot retrieval every N steps during pre-training (0 = only at the end).
     eval_every: int = 0
+    # A sweep driver's console: false prints one line per trial at its log steps, skipped-row
+    # warnings, errors and the tables, while Ray's process output, Ray Data's progress and Tune's
+    # status tables stay in the Ray session's log files (platform/console.py); true shows them all.
+    verbose: bool = False
 
 
 @dataclass

@@ -8,7 +8,6 @@ Works as plain ``python experiments/X.py`` (a local Ray cluster) and under
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -73,10 +72,16 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
     parser.add_argument("--max-concurrent-trials", type=int, default=0, metavar="N",
                         help="run at most N trials at once (default: as many as the cluster holds at its largest, "
                              "the autoscaler's maximum on an autoscaling cluster)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the output of Ray's processes, Ray Data's progress and Tune's status tables here "
+                             "(tracking.verbose=true); by default they stay in the Ray session's log files and "
+                             "the console shows one line per trial at its log steps")
     parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
     args = parser.parse_args(argv)
     if args.max_concurrent_trials:
         args.overrides.append(f"scaling.max_concurrent_trials={args.max_concurrent_trials}")
+    if args.verbose:
+        args.overrides.append("tracking.verbose=true")
     args.only = getattr(args, "only", None) or (sweeps[0] if len(sweeps) == 1 else None)
     if args.grid and args.only is None:
         parser.error(f"--grid restricts one sweep's axis: name that sweep with --only {{{','.join(sweeps)}}}")
@@ -158,10 +163,10 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     one), each grid point over ``seeds`` seeds, and publishes the comparison of ``metrics`` for
     each. Returns, per sweep, the sweep result and the Markdown table."""
     from alignlab.models.registry import get_spec
+    from alignlab.platform.console import configure_logging
     from alignlab.platform.sweep import publish_comparison, run_sweep
     from alignlab.platform.tracking import alignlab_home, ui_command
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The preset decides the architecture, and so which sweeps exist: read it before the rest.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=default_preset)
@@ -170,6 +175,7 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     sweeps = dict(get_spec(preset_cfg.model.architecture).ablations(preset_cfg))
     args = parse_args(description, default_preset, list(sweeps), argv)
     cfg = config_lib.load_config(args.preset, args.overrides)
+    configure_logging(cfg.tracking.verbose)
     sweeps = dict(get_spec(cfg.model.architecture).ablations(cfg))  # sizes may come from the overrides
     ensure_synthetic_data(cfg)
     n_seeds = args.seeds or seeds

@@ -138,14 +138,19 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
     checkpoint and a task (``finetune.init``, ``finetune.task``), and its trial fine-tunes with
     the fine-tuning ``preset`` and ``overrides``, as an MLflow child of the run in ``parents``
     (checkpoint -> pre-training run id)."""
+    import ray
     import ray.tune
 
-    from alignlab.platform import cluster
+    from alignlab.platform import cluster, console
     from alignlab.platform.train import check_cluster_storage, init_ray, prepare
 
     validate_grid(base, grid)
     base = config_lib.with_absolute_paths(base)
-    init_ray(base)
+    starts_ray = not ray.is_initialized()
+    init_ray(base, quiet=not base.tracking.verbose)
+    if starts_ray and not base.tracking.verbose:
+        print(f"the output of Ray's processes (train workers, data stages, Tune) goes to {console.ray_log_dir()}; "
+              f"--verbose (tracking.verbose=true) shows it here", flush=True)
     prepare(base)  # schema and vocabulary checks once, before any trial
     uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri)
     root = storage_path or tracking.resolve_storage(base.tracking.storage_path)
@@ -170,7 +175,9 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
             trainable, param_space=param_space,
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=trial_concurrency(base)),
             run_config=ray.tune.RunConfig(name=name, storage_path=tune_path,
-                                          failure_config=ray.tune.FailureConfig(max_failures=1)))
+                                          failure_config=ray.tune.FailureConfig(max_failures=1),
+                                          verbose=None if base.tracking.verbose else 0,
+                                          callbacks=[] if base.tracking.verbose else [console.TrialLines(name)]))
     grid_result = tuner.fit()
     children = _children_by_overrides(uri, base.tracking.experiment, name)
     trials = []

@@ -483,9 +483,13 @@ class Runner:
         with tempfile.TemporaryDirectory() as d:
             if self.ctx.rank == 0:
                 self.save_checkpoint(d)
-            self.ctx.report(dict(self.last_metrics), d if self.ctx.rank == 0 else None)
+            self.ctx.report(self._progress(), d if self.ctx.rank == 0 else None)
         if self.sink is not None:
             self._flush()
+
+    def _progress(self) -> dict[str, float]:
+        """What a report carries: the latest metrics and the run's length (for a sweep's console)."""
+        return {**self.last_metrics, "train/max_steps": float(self.cfg.optim.max_steps)}
 
     def run(self) -> dict[str, float]:
         cfg = self.cfg
@@ -506,7 +510,7 @@ class Runner:
             if self.step % cfg.tracking.checkpoint_every == 0 and not at_end:
                 self.checkpoint()
             elif logged:
-                self.ctx.report(dict(self.last_metrics), None)
+                self.ctx.report(self._progress(), None)
         if self.window.sums or not self.last_metrics:
             self.log()
         self._record_epoch_skips()
@@ -704,19 +708,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def init_ray(cfg: Config | None = None) -> None:
+def init_ray(cfg: Config | None = None, quiet: bool = False) -> None:
     """Join the cluster this process runs on (``ray job submit`` sets RAY_ADDRESS), or start a
-    local one with :func:`local_cluster_cpus` slots."""
+    local one with :func:`local_cluster_cpus` slots. ``quiet``: the cluster's processes print
+    into the Ray session's log files only, not also onto this driver's stdout (a sweep's console,
+    :mod:`alignlab.platform.console`)."""
     import ray
 
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, configure_logging=False)
+        ray.init(runtime_env=env, configure_logging=False, log_to_driver=not quiet)
     else:
         ray.init(num_cpus=local_cluster_cpus(cfg), runtime_env=env, configure_logging=False,
-                 include_dashboard=False)
+                 include_dashboard=False, log_to_driver=not quiet)
 
 
 @dataclass

@@ -1,0 +1,81 @@
+"""The sweep console (platform/console.py): one line per trial at its log steps, throttled, with
+ETA and the last evaluation; warnings for skipped rows; the failed trial's error file."""
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+from alignlab.platform.console import TrialLines, duration, last_evaluation, trial_label
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _trial(trial_id="t0", ablation="wo_mcr", seed=1, status="RUNNING"):
+    return SimpleNamespace(trial_id=trial_id, config={"overrides": {"model.mvptr.ablation": ablation, "seed": seed}},
+                           status=status, TERMINATED="TERMINATED", error_file="/r/t0/error.txt", path="/r/t0")
+
+
+def _lines(out: io.StringIO) -> list[str]:
+    # Each line starts with the wall-clock time; the rest is what the tests check.
+    return [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
+
+
+def test_one_line_per_log_step_with_eta_throttled_but_never_hiding_an_evaluation_or_the_end():
+    out, clock, trial = io.StringIO(), Clock(), _trial()
+    lines = TrialLines("demo", min_interval_s=15, out=out, clock=clock)
+    lines.on_trial_start(0, [trial], trial)
+
+    def report(t, step, **extra):
+        clock.now = t
+        lines.on_trial_result(0, [trial], trial, {"train/step": step, "train/max_steps": 800.0, "loss/total": 2.5,
+                                                  "throughput/samples_per_s": 40.0, **extra})
+
+    report(0, 50)      # the first report: printed, no rate yet
+    report(10, 100)    # within 15 s: held back
+    report(20, 150)    # 100 steps in 20 s since the first: 650 steps left = 130 s
+    report(25, 150)    # the same step again (a checkpoint's report): nothing new
+    report(30, 200, **{"eval/rsum": 301.25})  # a new evaluation shows at once
+    report(200, 800, **{"eval/rsum": 350.0})  # the end
+    assert _lines(out) == [
+        "[demo] ablation=wo_mcr seed=1: started (1 trials in the sweep)",
+        "[demo] ablation=wo_mcr seed=1: step 50/800  40.0 samples/s  loss 2.5000",
+        "[demo] ablation=wo_mcr seed=1: step 150/800  40.0 samples/s  ETA 2m10s  loss 2.5000",
+        "[demo] ablation=wo_mcr seed=1: step 200/800  40.0 samples/s  ETA 2m00s  loss 2.5000  eval RSUM 301.2",
+        "[demo] ablation=wo_mcr seed=1: step 800/800  40.0 samples/s  loss 2.5000  eval RSUM 350.0",
+    ]
+
+
+def test_skipped_rows_warn_when_their_count_grows_and_a_failed_trial_names_its_error_file():
+    out, trial = io.StringIO(), _trial()
+    lines = TrialLines("demo", min_interval_s=1e9, out=out, clock=Clock())
+    for skipped in (0.0, 3.0, 3.0, 5.0):
+        lines.on_trial_result(0, [trial], trial, {"train/step": 10.0 + skipped, "train/max_steps": 100.0,
+                                                  "data/skipped_total": skipped, "data/skipped_corrupt_image": skipped,
+                                                  "data/skipped_empty_caption": 0.0})
+    lines.on_trial_error(0, [trial], trial)
+    warnings = [line for line in _lines(out) if line.startswith("WARNING")]
+    assert [w.split(": ", 1)[1].split(";")[0] for w in warnings] == [
+        "3 rows skipped so far (corrupt_image: 3)", "5 rows skipped so far (corrupt_image: 5)"]
+    assert _lines(out)[-1] == ("ERROR [demo] ablation=wo_mcr seed=1: the trial failed; its error is in "
+                               "/r/t0/error.txt")
+
+
+def test_completion_counts_finished_trials():
+    out, a, b = io.StringIO(), _trial("a", status="TERMINATED"), _trial("b", "full", 0)
+    TrialLines("demo", out=out).on_trial_complete(0, [a, b], a)
+    assert _lines(out) == ["[demo] ablation=wo_mcr seed=1: done (1/2 trials finished)"]
+
+
+def test_labels_durations_and_the_evaluation_shown():
+    assert trial_label({"model.mvptr.ablation": "full", "seed": 2}) == "ablation=full seed=2"
+    assert [duration(s) for s in (0, 42.4, 250, 3 * 3600 + 5 * 60)] == ["0s", "42s", "4m10s", "3h05m"]
+    assert last_evaluation({"eval/rsum": 12.345, "eval/uni_rsum": 1.0}) == "eval RSUM 12.3"
+    assert last_evaluation({"downstream/vqa/vqa_accuracy": 36.81, "downstream/vqa/chance": 4.5}) == \
+        "vqa accuracy 36.8"
+    assert last_evaluation({"loss/total": 1.0}) == ""
