@@ -1,6 +1,6 @@
 """Checkpoints anyone can load (#18): ``alignlab export CHECKPOINT_OR_RUN OUT_DIR`` writes a
 training checkpoint as a Hugging Face-style folder, :class:`Processor` turns images and strings
-into the batches its model reads.
+into the batches its model reads, and :func:`log_model` logs the folder as an MLflow model.
 
 The folder::
 
@@ -50,6 +50,7 @@ from alignlab.platform.config import DataConfig, ObjectivesConfig, build, to_dic
 # The data settings an inference batch depends on (the rest of ``data`` shapes training reads).
 PREPROCESSING_KEYS = ("max_text_len", "max_phrases", "max_regions", "max_tags", "image_size")
 VOCABULARY_FILES = ("tags.txt", "concepts.txt", "answers.txt")
+PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
 
 
 def inference_inputs(task: str, model_cfg, objectives_cfg) -> InputSpec:
@@ -369,3 +370,73 @@ class Processor:
         if tags:
             columns["tags"] = _object_column(names)
         return columns
+
+
+# --------------------------------------------------------------------------------------------
+# The MLflow model
+# --------------------------------------------------------------------------------------------
+
+
+def pyfunc_signature(directory: str | Path):
+    """The pyfunc's input and output schema for the export at ``directory``: the columns its
+    model reads (``image`` bytes or region columns; ``text`` and what the text side needs), each
+    optional, since a frame may hold one side only."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Processor.from_pretrained(directory).inputs
+    floats, matrix = Array(DataType.float), Array(Array(DataType.float))
+    columns = [ColSpec(DataType.binary, "image", required=False)] if inputs.pixels else []
+    if inputs.regions:
+        columns += [ColSpec(matrix, "region_features", required=False), ColSpec(matrix, "boxes", required=False)]
+        columns += [ColSpec(Array(DataType.string), "tags", required=False)] if inputs.tags else []
+    columns.append(ColSpec(DataType.string, "text", required=False))
+    columns += [ColSpec(Array(Array(DataType.string)), "phrases", required=False)] if inputs.phrases else []
+    columns += [ColSpec(floats, "text_features", required=False)] if inputs.text_features else []
+    outputs = Schema([ColSpec(floats, "image_embedding", required=False), ColSpec(floats, "text_embedding", required=False),
+                      ColSpec(DataType.double, "match_score", required=False)])
+    return ModelSignature(inputs=Schema(columns), outputs=outputs)
+
+
+def log_model(mlflow_uri: str, run_id: str, checkpoint_dir: str, registered_name: str | None = None,
+              name: str = "model"):
+    """Exports ``checkpoint_dir`` into a temporary folder and logs it into the existing MLflow run
+    ``run_id`` as a pyfunc model (``mlflow.pyfunc.load_model(info.model_uri)``; its ``predict``
+    embeds images and texts, see ``mlflow_pyfunc.py``), registered as ``registered_name`` in the
+    model registry when given. Returns MLflow's ``ModelInfo``.
+
+    Nothing is pickled: the model is logged from code (``python_model`` is the path of
+    ``mlflow_pyfunc.py``, which MLflow copies beside the export and runs when loading), its
+    weights are the export's safetensors file. Loading it needs AlignLab installed. The run's
+    status and the process's tracking URI are left as they were."""
+    from importlib.metadata import version
+
+    import mlflow
+
+    from alignlab.platform import tracking
+    from alignlab.platform.checkpoint import read_meta
+    from alignlab.platform.evaluate import resolve_checkpoint
+
+    task = read_meta(resolve_checkpoint(checkpoint_dir, mlflow_uri)[0])[0].get("finetune", {}).get("task", "")
+    if task not in ("", "retrieval"):
+        raise ExportError(f"{checkpoint_dir} is a model fine-tuned on {task}: its head predicts, it does not embed, "
+                          f"and the pyfunc embeds images and texts; export it with `alignlab export` and load it "
+                          f"with alignlab.models.pretrained.from_pretrained")
+    client = tracking.client(mlflow_uri)
+    status = client.get_run(run_id).info.status
+    previous_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export(checkpoint_dir, Path(tmp) / "export")
+        mlflow.set_tracking_uri(mlflow_uri)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=name, python_model=str(PYFUNC_FILE), artifacts={"export": str(folder)},
+                    signature=pyfunc_signature(folder), registered_model_name=registered_name,
+                    pip_requirements=[f"alignlab=={version('alignlab')}"])
+        finally:
+            # start_run(run_id) ends the run FINISHED; a run still training stays RUNNING.
+            if client.get_run(run_id).info.status != status:
+                client.update_run(run_id, status=status)
+            mlflow.set_tracking_uri(previous_uri)
+    return info

@@ -213,3 +213,44 @@ def test_the_processor_refuses_what_the_data_stage_would_skip(synth, tmp_path):
         processor(images=[r["image"] for r in rows])
     with pytest.raises(ValueError, match="equally many"):
         processor(**raw["image"], texts=raw["text"]["texts"][:1])
+
+
+def test_the_mlflow_pyfunc_embeds_as_from_pretrained_and_registers(synth, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    from alignlab.platform import tracking
+    from alignlab.platform.export import log_model
+
+    _checkpoint("simla", synth, tmp_path / "ckpt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.create_run(uri, "export-test", "pretraining")
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    info = log_model(uri, run_id, str(tmp_path / "ckpt"), registered_name="tiny-simla")
+    assert tracking.client(uri).get_run(run_id).info.status == "RUNNING"  # as it was: still training
+    assert (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None) == before
+    assert [v.version for v in tracking.client(uri).search_model_versions("name = 'tiny-simla'")] == [1]
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    finally:
+        mlflow.set_tracking_uri(before)
+    rows = _raw_rows(synth)[:3]
+    got = pyfunc.predict(pd.DataFrame({"image": [r["image"] for r in rows], "text": [r["caption"] for r in rows]}))
+    out = export(str(tmp_path / "ckpt"), tmp_path / "export")
+    model, processor = from_pretrained(out), Processor.from_pretrained(out)
+    pairs = processor(images=[r["image"] for r in rows], texts=[r["caption"] for r in rows])
+    with torch.no_grad():
+        assert torch.equal(torch.tensor(list(got["image_embedding"])), model.embed_images(pairs))
+        assert torch.equal(torch.tensor(list(got["text_embedding"])), model.embed_texts(pairs))
+        assert torch.equal(torch.tensor(list(got["match_score"]), dtype=torch.float64),
+                           model.match_scores(pairs, pairs).double())
+    texts_only = pyfunc.predict(pd.DataFrame({"text": [rows[0]["caption"]]}))
+    assert list(texts_only.columns) == ["text_embedding"]
+
+    # A run id exports the checkpoint its tag names, and the folder says which run it came from.
+    tracking.client(uri).set_tag(run_id, "checkpoint", str(tmp_path / "ckpt"))
+    by_run = export(run_id, tmp_path / "by_run", mlflow_uri=uri)
+    assert json.loads((by_run / "config.json").read_text())["source"] == {"checkpoint": str(tmp_path / "ckpt"),
+                                                                          "mlflow_run_id": run_id}
