@@ -96,6 +96,12 @@ def test_an_export_embeds_raw_inputs_exactly_as_the_trained_model_evaluates(arch
         # Each side alone is prepared as in the pairs.
         assert torch.equal(loaded.embed_images(processor(**raw["image"])), model.embed_images(evaluated))
         assert torch.equal(loaded.embed_texts(processor(**raw["text"])), model.embed_texts(evaluated))
+        if processor.inputs.pixels:  # an image given as a path or a PIL image is the same image
+            from PIL import Image
+
+            (tmp_path / "first.png").write_bytes(raw["image"]["images"][0])
+            as_given = processor(images=[tmp_path / "first.png", Image.open(tmp_path / "first.png")])
+            assert torch.equal(as_given["pixels"], evaluated["pixels"][[0, 0]])
         scores = model.match_scores(evaluated, evaluated)
         assert (scores is None) == (arch == "dual_encoder")
         if scores is not None:
