@@ -385,7 +385,8 @@ def pyfunc_signature(directory: str | Path):
     from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
     inputs = Processor.from_pretrained(directory).inputs
-    floats, matrix = Array(DataType.float), Array(Array(DataType.float))
+    # double: JSON and Python floats are 64-bit, and MLflow refuses to narrow them to float32.
+    floats, matrix = Array(DataType.double), Array(Array(DataType.double))
     columns = [ColSpec(DataType.binary, "image", required=False)] if inputs.pixels else []
     if inputs.regions:
         columns += [ColSpec(matrix, "region_features", required=False), ColSpec(matrix, "boxes", required=False)]

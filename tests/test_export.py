@@ -108,6 +108,34 @@ def test_an_export_embeds_raw_inputs_exactly_as_the_trained_model_evaluates(arch
             assert torch.equal(loaded.match_scores(pairs, pairs), scores)
 
 
+def test_a_fine_tuned_task_model_exports_with_its_head_and_answers(synth, tmp_path):
+    """A checkpoint fine-tuned on a classification task exports its head and its classes; the
+    pyfunc, which embeds, refuses it."""
+    from dataclasses import replace
+
+    from alignlab.platform.export import log_model
+
+    answers = ("entailment", "neutral", "contradiction")
+    cfg = load_config(None, ["model.architecture=semvlp", f"data.shards={synth}", *SIZE, *ARCHITECTURES["semvlp"],
+                             "finetune.task=snli_ve"])
+    vocab = replace(vocab_info(load_tokenizer("auto", str(synth)), str(synth)), answers=answers)
+    torch.manual_seed(0)
+    model = downstream.build("snli_ve", get_spec("semvlp"), cfg.model, cfg.objectives, vocab).eval()
+    write_checkpoint(tmp_path / "ckpt", CheckpointContents(model=model.state_dict(), step=3, epoch=0,
+                                                           config=to_dict(cfg), vocab=asdict(vocab)))
+    out = export(str(tmp_path / "ckpt"), tmp_path / "export")
+    assert (out / "answers.txt").read_text().splitlines() == list(answers)
+    loaded, processor = from_pretrained(out), Processor.from_pretrained(out)
+    assert loaded.task == "snli_ve" and "snli_ve" in (out / "README.md").read_text()
+    spec = downstream.input_spec("snli_ve", get_spec("semvlp"), cfg.model, cfg.objectives)
+    evaluated = next(local_eval_batches(cfg.data, cfg.objectives, spec, cfg.data.eval_split, ROWS))
+    raw = _raw_inputs(_raw_rows(synth), processor)
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(processor(**raw["image"], **raw["text"])), model.logits(evaluated))
+    with pytest.raises(ExportError, match="fine-tuned on snli_ve: its head predicts, it does not embed"):
+        log_model("sqlite:///unused.db", "no-run", str(tmp_path / "ckpt"))
+
+
 def test_export_command_writes_a_folder_transformers_and_alignlab_load(synth, tmp_path, capsys):
     from transformers import AutoTokenizer, BertTokenizerFast
 
@@ -221,38 +249,51 @@ def test_the_processor_refuses_what_the_data_stage_would_skip(synth, tmp_path):
         processor(**raw["image"], texts=raw["text"]["texts"][:1])
 
 
-def test_the_mlflow_pyfunc_embeds_as_from_pretrained_and_registers(synth, tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """One SQLite MLflow store for the pyfunc tests (creating its tables takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("arch", ["simla", "mvptr"])  # pixels and ITM; regions, tags and phrases
+def test_the_mlflow_pyfunc_embeds_as_from_pretrained_and_registers(arch, synth, mlflow_store, tmp_path):
     import mlflow
     import pandas as pd
 
     from alignlab.platform import tracking
     from alignlab.platform.export import log_model
 
-    _checkpoint("simla", synth, tmp_path / "ckpt")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _checkpoint(arch, synth, tmp_path / "ckpt")
+    uri, name = mlflow_store, f"tiny-{arch}"
     run_id = tracking.create_run(uri, "export-test", "pretraining")
     before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    info = log_model(uri, run_id, str(tmp_path / "ckpt"), registered_name="tiny-simla")
+    info = log_model(uri, run_id, str(tmp_path / "ckpt"), registered_name=name)
     assert tracking.client(uri).get_run(run_id).info.status == "RUNNING"  # as it was: still training
     assert (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None) == before
-    assert [v.version for v in tracking.client(uri).search_model_versions("name = 'tiny-simla'")] == [1]
+    assert [v.version for v in tracking.client(uri).search_model_versions(f"name = '{name}'")] == [1]
 
     mlflow.set_tracking_uri(uri)
     try:
         pyfunc = mlflow.pyfunc.load_model(info.model_uri)
     finally:
         mlflow.set_tracking_uri(before)
-    rows = _raw_rows(synth)[:3]
-    got = pyfunc.predict(pd.DataFrame({"image": [r["image"] for r in rows], "text": [r["caption"] for r in rows]}))
     out = export(str(tmp_path / "ckpt"), tmp_path / "export")
     model, processor = from_pretrained(out), Processor.from_pretrained(out)
-    pairs = processor(images=[r["image"] for r in rows], texts=[r["caption"] for r in rows])
+    rows = _raw_rows(synth)[:3]
+    raw = _raw_inputs(rows, processor)
+    image_columns = {"image": raw["image"]["images"]} if "images" in raw["image"] else {
+        "region_features": [r["region_features"] for r in rows], "boxes": [r["boxes"] for r in rows],
+        "tags": [r["tags"] for r in rows]}
+    text_columns = {"text": raw["text"]["texts"], **({"phrases": raw["text"]["phrases"]} if "phrases" in raw["text"]
+                                                      else {})}
+    got = pyfunc.predict(pd.DataFrame({**image_columns, **text_columns}))
+    pairs = processor(**raw["image"], **raw["text"])
     with torch.no_grad():
         assert torch.equal(torch.tensor(list(got["image_embedding"])), model.embed_images(pairs))
         assert torch.equal(torch.tensor(list(got["text_embedding"])), model.embed_texts(pairs))
         assert torch.equal(torch.tensor(list(got["match_score"]), dtype=torch.float64),
                            model.match_scores(pairs, pairs).double())
-    texts_only = pyfunc.predict(pd.DataFrame({"text": [rows[0]["caption"]]}))
+    texts_only = pyfunc.predict(pd.DataFrame(text_columns).head(1))
     assert list(texts_only.columns) == ["text_embedding"]
 
     # A run id exports the checkpoint its tag names, and the folder says which run it came from.
