@@ -251,8 +251,14 @@ def test_the_processor_refuses_what_the_data_stage_would_skip(synth, tmp_path):
 
 @pytest.fixture(scope="module")
 def mlflow_store(tmp_path_factory):
-    """One SQLite MLflow store for the pyfunc tests (creating its tables takes seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    """One SQLite MLflow store for the pyfunc tests (creating its tables takes seconds), whose
+    experiment keeps its artifacts beside it, not in the working directory."""
+    from alignlab.platform import tracking
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    tracking.client(uri).create_experiment("export-test", artifact_location=(root / "artifacts").as_uri())
+    return uri
 
 
 @pytest.mark.parametrize("arch", ["simla", "mvptr"])  # pixels and ITM; regions, tags and phrases
