@@ -409,7 +409,9 @@ def log_model(mlflow_uri: str, run_id: str, checkpoint_dir: str, registered_name
     Nothing is pickled: the model is logged from code (``python_model`` is the path of
     ``mlflow_pyfunc.py``, which MLflow copies beside the export and runs when loading), its
     weights are the export's safetensors file. Loading it needs AlignLab installed. The run's
-    status and the process's tracking URI are left as they were."""
+    status and the process's tracking URI are left as they were. A model fine-tuned on a
+    classification or grounding task is refused (:class:`ExportError`): its head predicts, it
+    does not embed."""
     from importlib.metadata import version
 
     import mlflow
