@@ -67,8 +67,7 @@ def input_spec(task: str, spec: ModelSpec, model_cfg, objectives_cfg) -> InputSp
     base = spec.input_spec(model_cfg, objectives_cfg)
     if task in ("", "retrieval"):
         return base
-    clean = replace(base, mlm=False, mcr=False, objects=False, mim=False)
-    return replace(clean, qa=task in CLASSIFICATION, answer_scores=task == "vqa", image_pair=task == "nlvr2",
+    return replace(base.unmasked(), qa=task in CLASSIFICATION, answer_scores=task == "vqa", image_pair=task == "nlvr2",
                    target_box=task == "refcoco")
 
 

@@ -7,7 +7,7 @@ every Ray Data CPU worker imports it, and torch would add seconds to each worker
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Label of positions that carry no target (cross-entropy's default ignore_index): unmasked tokens,
 # caption rows for QA, objects the data stage did not select.
@@ -70,6 +70,11 @@ class InputSpec:
     image_pair: bool = False
     # RefCOCO+: ``target_box`` (B, 4), the referred object's normalised box.
     target_box: bool = False
+
+    def unmasked(self) -> "InputSpec":
+        """The same inputs without the pre-training objectives' masking (evaluation, fine-tuning
+        heads, inference): masks would only cost CPU and ship unused columns."""
+        return replace(self, mlm=False, mcr=False, objects=False, mim=False)
 
     def union(self, other: "InputSpec") -> "InputSpec":
         """Every input either spec asks for (two models scoring the same rows: a re-ranker and

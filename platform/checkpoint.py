@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from alignlab.models.base import load_refusal
+from alignlab.models.config import without_init_sources
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -48,26 +49,28 @@ class CheckpointContents:
     trainer: dict[str, Any] = field(default_factory=dict)
 
     def model_vocab(self):
-        """The :class:`~alignlab.models.base.Vocab` the model was built with."""
+        """The :class:`~alignlab.models.base.Vocab` the model was built with (the typed config
+        builder turns the JSON lists back into its tuples)."""
         from alignlab.models.base import Vocab
+        from alignlab.models.config import build
 
-        v = dict(self.vocab)
-        v["tags"] = tuple(v.get("tags", ()))
-        v["answers"] = tuple(v.get("answers", ()))
-        v["pretrained_answers"] = tuple(v.get("pretrained_answers", ()))
-        v["concepts"] = tuple(tuple(c) for c in v.get("concepts", ()))
-        return Vocab(**v)
+        return build(Vocab, self.vocab, "vocab")
+
+
+def write_weights(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """A state dict as a safetensors file. safetensors refuses tensors that share storage (tied
+    weights); those are saved as copies, and ``load_state_dict`` ties them again."""
+    from safetensors.torch import save_file
+
+    shared = Counter(v.untyped_storage().data_ptr() for v in state.values())
+    save_file({k: v.detach().clone().contiguous() if shared[v.untyped_storage().data_ptr()] > 1
+               else v.detach().contiguous() for k, v in state.items()}, str(path))
 
 
 def write_checkpoint(directory: str | Path, contents: CheckpointContents) -> None:
-    from safetensors.torch import save_file
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses tensors that share storage (tied weights); those are saved as copies.
-    shared = Counter(v.untyped_storage().data_ptr() for v in contents.model.values())
-    save_file({k: v.detach().clone().contiguous() if shared[v.untyped_storage().data_ptr()] > 1
-               else v.detach().contiguous() for k, v in contents.model.items()}, str(d / MODEL_FILE))
+    write_weights(d / MODEL_FILE, contents.model)
     torch.save(contents.trainer, d / STATE_FILE)
     (d / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": contents.step,
                                            "epoch": contents.epoch, "config": contents.config,
@@ -107,17 +110,6 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
                               f"and plain values ({type(e).__name__}: {load_refusal(e)}); nothing in it was "
                               f"executed") from None
     return CheckpointContents(model=model, step=step, epoch=epoch, config=config, vocab=vocab, trainer=trainer)
-
-
-def without_init_sources(model_cfg):
-    """``model_cfg`` with its initialisation sources unread (a text checkpoint, ViT hub weights or
-    file, a hybrid trunk's weights), for building a model a checkpoint is about to fill: it holds
-    every weight. Applied to the model that is built, never to the config a run records, which
-    stays as trained (a config checked with frozen pretrained layers keeps naming their source)."""
-    from dataclasses import replace
-
-    image = replace(model_cfg.image, pretrained=False, checkpoint="", trunk_pretrained=False, trunk_checkpoint="")
-    return replace(model_cfg, text_init="", image=image)
 
 
 def read_meta(directory: str | Path) -> tuple[dict[str, Any], Any]:

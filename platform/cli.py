@@ -81,6 +81,16 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"logged as eval/<split>/* in MLflow run {run_id}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from alignlab.platform.export import export
+
+    out = export(args.checkpoint, args.out_dir, args.mlflow_uri)
+    print(f"exported to {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); load it with:\n"
+          f"  from alignlab.models.pretrained import from_pretrained\n"
+          f"  from alignlab.platform.export import Processor\n"
+          f"  model, processor = from_pretrained({str(out)!r}), Processor.from_pretrained({str(out)!r})")
+
+
 def _finetune(args: argparse.Namespace) -> None:
     from alignlab.platform.finetune import finetune
     from alignlab.platform.tracking import ui_command
@@ -134,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "else the local store)")
     ev.add_argument("overrides", nargs="*", help="config overrides such as eval.k_captions=64")
     ev.set_defaults(func=_eval)
+
+    exp = sub.add_parser("export", help="write a checkpoint as a folder anyone can load: config.json, "
+                                         "model.safetensors, the tokenizer, the vocabularies and a model card")
+    exp.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN",
+                     help="a checkpoint directory or an MLflow run id (its 'checkpoint' tag)")
+    exp.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder, or an earlier export to replace")
+    exp.add_argument("--mlflow-uri", default="", help="store to find a run id in (default: $MLFLOW_TRACKING_URI, "
+                                                       "else the local store)")
+    exp.set_defaults(func=_export)
 
     ft = sub.add_parser("finetune", help="fine-tune a pre-trained checkpoint on a downstream task and evaluate it "
                                          "(Ray Train), as a child of the pre-training run in MLflow")
@@ -190,13 +209,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     from alignlab.platform.checkpoint import CheckpointError
+    from alignlab.models.pretrained import ExportError
     from alignlab.platform.config import ConfigError
     from alignlab.platform.shards import ShardFolderError, ShardSchemaError
 
     args = parse(argv)
     try:
         args.func(args)
-    except (ConfigError, ShardSchemaError, ShardFolderError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, ShardSchemaError, ShardFolderError, CheckpointError, ExportError, FileNotFoundError) as e:
         # Start-up errors are the user's to fix: say what is wrong, not where in our code.
         sys.exit(f"alignlab: error: {e}")
 

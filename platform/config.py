@@ -6,25 +6,27 @@ a ``Literal`` fails with a :class:`ConfigError` naming the dotted key and the va
 typo never surfaces an hour into a cluster run.
 
 A config names an architecture (``model.architecture``), never a class path. The sections every
-architecture shares live here; each architecture's own section (``model.<name>``) is the dataclass
-its :class:`~alignlab.models.base.ModelSpec` declares beside its model, found through
+architecture shares live here, but for the model-facing ones (``model``, ``objectives``) and the
+typed builder, which live in :mod:`alignlab.models.config` and are re-exported here; each
+architecture's own section (``model.<name>``) is the dataclass its
+:class:`~alignlab.models.base.ModelSpec` declares beside its model, found through
 ``alignlab.models.registry``, so this module knows no architecture by name.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
-from alignlab.models.inputs import TASKS, TRUNKS, ConfigError, check_task, hybrid_cells
+# The model-facing sections and the typed builder live beside the models (an exported model is
+# rebuilt from them without the platform); re-exported here, where the whole config is built.
+from alignlab.models.config import (  # noqa: F401
+    ImageEncoderConfig, ModelConfig, ObjectivesConfig, build, to_dict)
+from alignlab.models.inputs import TASKS, ConfigError, check_task
 from alignlab.models.registry import get_spec
 
 
@@ -70,97 +72,6 @@ class DataConfig:
     # Cap on rows read from the training split (0 = all); for quick experiments.
     max_train_rows: int = 0
 
-
-@dataclass
-class ImageEncoderConfig:
-    """Pixels through a timm ViT (or a hybrid ViT over a CNN trunk), or a transformer over
-    pre-extracted region features."""
-
-    kind: Literal["vit", "regions"] = "vit"
-    # timm model name; created with the overrides below (img_size/embed_dim/depth/num_heads
-    # of 0 keep the timm architecture's own value).
-    timm_name: str = "vit_base_patch16_224"
-    # True: timm's own pretrained loading path (hub or a pretrained_cfg overlay file);
-    # a path: a checkpoint file (state dict) loaded into the created model.
-    pretrained: bool = False
-    checkpoint: str = ""
-    img_size: int = 0
-    # Pixels a side of a patch; for a hybrid, a multiple of the trunk's stride.
-    patch_size: int = 0
-    embed_dim: int = 0
-    depth: int = 0
-    num_heads: int = 0
-    # A hybrid ViT (timm's vit_*_r50_* design): patch tokens from this pretrained CNN trunk's
-    # feature grid instead of a linear patch embedding ("": a plain ViT).
-    trunk: Literal[("",) + tuple(TRUNKS)] = ""
-    # The trunk's ImageNet weights: trunk_checkpoint (a state-dict file or pkg://<package>/<file>)
-    # or, when empty, the file its package ships; false: random (a checkpoint restores them).
-    trunk_pretrained: bool = True
-    trunk_checkpoint: str = ""
-    # Frozen: no gradient, BatchNorm statistics kept, no activations stored.
-    freeze_trunk: bool = False
-    # Region features: their width (2048 + 6 for VinVL; see the shard schema).
-    region_dim: int = 2054
-
-    def __post_init__(self):
-        if self.trunk:
-            hybrid_cells(self.trunk, self.patch_size, self.pretrained)
-
-
-@dataclass
-class ModelConfig:
-    """Sizes and encoders every architecture shares, and the architecture's own section.
-
-    ``section`` holds ``model.<architecture>``: the dataclass its spec declares (MVPTR's
-    ``model.mvptr``, ...), read as ``cfg.model.mvptr`` and written under that key in YAML,
-    overrides and MLflow params. Only the chosen architecture's section exists.
-    """
-
-    # An architecture registered in alignlab.models.registry.
-    architecture: str = "dual_encoder"
-    # Transformer width shared by the text stack (and region/fusion stacks).
-    hidden_size: int = 768
-    num_layers: int = 6
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    dropout: float = 0.1
-    # Text stack initialisation ("" = random): a Hugging Face BERT checkpoint name, a local
-    # directory, or pkg://<python package>/<folder> for a checkpoint a package ships.
-    text_init: str = ""
-    # Width of the shared contrastive space (g_v, g_l in SIMLA; 256 as in ALBEF).
-    embed_dim: int = 256
-    # Initial temperature of the learnable InfoNCE temperature (CLIP / ALBEF use 0.07).
-    temperature: float = 0.07
-    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    section: Any = None
-
-    def __post_init__(self) -> None:
-        if self.section is None:  # a config built without a model section: the paper's defaults
-            own = get_spec(self.architecture).config
-            self.section = own() if own is not None else None
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names that are not fields: ``cfg.model.<architecture>``.
-        if not name.startswith("_") and name == self.__dict__.get("architecture") and self.section is not None:
-            return self.section
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-
-
-@dataclass
-class ObjectivesConfig:
-    """Which objectives run, their weights, and the masking that feeds them."""
-
-    # Objective name -> weight; an objective absent from the model's list is an error.
-    weights: dict[str, float] = field(default_factory=dict)
-    # Contrastive and hard-negative candidates: the global batch gathered across DDP workers
-    # (as the papers' batch sizes are global), or each worker's local slice.
-    negatives: Literal["global", "local"] = "global"
-    mlm_prob: float = 0.15  # BERT, MVPTR eq. 3
-    mcr_prob: float = 0.25  # MVPTR §3.2
-    object_mask_prob: float = 0.15  # SemVLP §3.3.1 masked object prediction (LXMERT)
-    # ITM hard negatives: sample from the contrastive distribution (MVPTR eq. 1, ALBEF)
-    # or take the hardest one.
-    itm_negatives: Literal["sample", "hardest"] = "sample"
 
 
 @dataclass
@@ -273,159 +184,9 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Building from plain data, with validation
+# Overrides, presets, loading and the cross-field checks
 # --------------------------------------------------------------------------------------------
 
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if origin is not None:
-        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in get_args(tp))}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping of {sorted(_field_types(tp))}, got {value!r}")
-        return _build(tp, value, key)
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' = {value!r} is not a valid choice; valid choices: {', '.join(map(repr, choices))}")
-        return value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}' = {value!r} is not of type {_type_name(tp)}")
-    if origin is tuple:
-        args = get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"config key '{key}' = {value!r} must be a list of {len(args)} ({_type_name(tp)})")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        (arg,) = get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' = {value!r} must be a list of {_type_name(arg)}")
-        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        kt, vt = get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' = {value!r} must be a mapping {_type_name(tp)}")
-        return {_coerce(k, kt, f"{key}"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' = {value!r} must be a float")
-        if not math.isfinite(value):
-            raise ConfigError(f"config key '{key}' = {value!r} must be a finite number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' = {value!r} must be an int")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' = {value!r} must be true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' = {value!r} must be a string")
-        return value
-    if tp is Any:
-        return value
-    raise ConfigError(f"config key '{key}': unsupported annotation {tp!r}")
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not (cls is ModelConfig and f.name == "section")}
-
-
-def _acronym(key: str) -> str:
-    return "".join(part[0] for part in key.split("_") if part)
-
-
-def _unknown_key(key: str, valid: list[str]) -> ConfigError:
-    """The error for a key that does not exist, with the closest valid key: by spelling, or by
-    initials (``learning_rate`` -> ``lr``)."""
-    name = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(name, valid, n=1) or [v for v in valid if v == _acronym(name)]
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(sorted(valid))}")
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    types_ = _field_types(cls)
-    kwargs = {}
-    data = dict(data)
-    if cls is ModelConfig:
-        kwargs["section"] = _build_section(data, prefix)
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in types_:
-            raise _unknown_key(key, list(types_))
-        kwargs[k] = _coerce(v, types_[k], key)
-    return cls(**kwargs)
-
-
-def _build_section(data: dict, prefix: str) -> Any:
-    """Pops ``model.<architecture>`` from ``data`` and builds it with the spec's dataclass (its
-    defaults when absent). A section of another architecture is an error, not silently ignored."""
-    from alignlab.models.registry import names
-
-    arch = data.get("architecture", ModelConfig.architecture)
-    if not isinstance(arch, str):
-        raise ConfigError(f"config key '{prefix}.architecture' = {arch!r} must be a string")
-    spec = get_spec(arch)
-    for other in names():
-        if other != arch and other in data:
-            # `model.<other>=null` drops a section a preset brings (a preset of one architecture
-            # reused for another, as the bench's baseline at SIMLA's size).
-            if data.pop(other) is not None:
-                raise ConfigError(f"config key '{prefix}.{other}' configures architecture {other!r}, but "
-                                  f"{prefix}.architecture = {arch!r}; drop it with {prefix}.{other}=null or set "
-                                  f"{prefix}.architecture={other}")
-    section = data.pop(arch, None) or {}
-    if spec.config is None:
-        if section:
-            raise ConfigError(f"config key '{prefix}.{arch}': architecture {arch!r} has no options of its own")
-        return None
-    return _coerce(section, spec.config, f"{prefix}.{arch}")
-
-
-def to_dict(cfg: Any) -> dict:
-    """Plain nested dict (tuples become lists), suitable for YAML and MLflow params; the
-    architecture's section appears under its own name (``model.mvptr``)."""
-
-    def conv(v):
-        if isinstance(v, ModelConfig):
-            out = {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "section"}
-            if v.section is not None:
-                out[v.architecture] = conv(v.section)
-            return out
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(cfg)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -521,7 +282,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None, d
 
 
 def from_dict(data: dict) -> Config:
-    cfg = _build(Config, data)
+    cfg = build(Config, data)
     check(cfg)
     return cfg
 

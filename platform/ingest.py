@@ -541,7 +541,7 @@ def _split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str,
             raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; the task reads {what}, from the columns "
                                           f"{task_columns} (see alignlab.platform.shards)")
     if not train:  # the labels stay: a downstream evaluation scores them
-        spec = replace(spec, mlm=False, mcr=False, objects=False, mim=False)
+        spec = spec.unmasked()
     if spec.qa and not shards.has_qa_rows(uri):
         # a caption-only split: no QA columns to read, no answer_labels
         spec = replace(spec, qa=False, answer_scores=False)

@@ -45,8 +45,9 @@ import torch
 
 from alignlab.models import downstream
 from alignlab.models.base import ModelSpec, PretrainingModel, Vocab
+from alignlab.models.config import without_init_sources
 from alignlab.platform import config as config_lib
-from alignlab.platform.checkpoint import CheckpointContents, read_checkpoint, without_init_sources, write_checkpoint
+from alignlab.platform.checkpoint import CheckpointContents, read_checkpoint, write_checkpoint
 from alignlab.platform.config import Config, OptimConfig
 # Imported with the trainer, not at the first evaluation: a worker then evaluates with the code it
 # trained with, even when the working tree changes under a long run.
