@@ -12,6 +12,7 @@ output stays in the Ray session's log files, named at the start), Tune runs at v
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ def configure_logging(verbose: bool) -> None:
     ``verbose`` (otherwise warnings and errors)."""
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Ray and MLflow bring their own handlers, which the root level does not reach.
+    # Ray and MLflow bring their own handlers, which the root level does not reach; MLflow sets
+    # its level from this variable when it is first imported.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
     for name in ("ray", "mlflow"):
         logging.getLogger(name).setLevel(level)
     logging.getLogger(LOGGER).setLevel(logging.INFO)
@@ -92,7 +95,7 @@ class TrialLines(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         p = self._progress(trial)
-        self._say(f"[{self.sweep}] {p.label}: started ({len(trials)} trials in the sweep)")
+        self._say(f"[{self.sweep}] {p.label}: started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         p, now = self._progress(trial), self.clock()

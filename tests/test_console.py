@@ -43,7 +43,7 @@ def test_one_line_per_log_step_with_eta_throttled_but_never_hiding_an_evaluation
     report(30, 200, **{"eval/rsum": 301.25})  # a new evaluation shows at once
     report(200, 800, **{"eval/rsum": 350.0})  # the end
     assert _lines(out) == [
-        "[demo] ablation=wo_mcr seed=1: started (1 trials in the sweep)",
+        "[demo] ablation=wo_mcr seed=1: started",
         "[demo] ablation=wo_mcr seed=1: step 50/800  40.0 samples/s  loss 2.5000",
         "[demo] ablation=wo_mcr seed=1: step 150/800  40.0 samples/s  ETA 2m10s  loss 2.5000",
         "[demo] ablation=wo_mcr seed=1: step 200/800  40.0 samples/s  ETA 2m00s  loss 2.5000  eval RSUM 301.2",
