@@ -78,12 +78,14 @@ class TrialLines(Callback):
     or the last step; a warning line whenever a trial's count of skipped rows grows; a line with
     the error file when a trial fails. The results are the Train workers' reports, which carry
     ``train/step``, ``train/max_steps``, ``throughput/samples_per_s``, ``loss/total``, the last
-    evaluation and the ``data/skipped_*`` counters."""
+    evaluation and the ``data/skipped_*`` counters. ``total``: the sweep's number of trials (Tune
+    creates them one by one)."""
 
-    def __init__(self, sweep: str, min_interval_s: float = 15.0, out: TextIO | None = None,
+    def __init__(self, sweep: str, total: int, min_interval_s: float = 15.0, out: TextIO | None = None,
                  clock=time.monotonic):
-        self.sweep, self.min_interval_s, self.out, self.clock = sweep, min_interval_s, out, clock
+        self.sweep, self.total, self.min_interval_s, self.out, self.clock = sweep, total, min_interval_s, out, clock
         self.trials: dict[str, _Progress] = {}
+        self.finished = 0
 
     def _say(self, line: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {line}", file=self.out or sys.stdout, flush=True)
@@ -94,10 +96,12 @@ class TrialLines(Callback):
         return self.trials[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        p = self._progress(trial)
-        self._say(f"[{self.sweep}] {p.label}: started")
+        self._say(f"[{self.sweep}] {self._progress(trial).label}: started (trial {len(self.trials)} of {self.total})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._line(trial, result, final=False)
+
+    def _line(self, trial, result: dict[str, Any], final: bool) -> None:
         p, now = self._progress(trial), self.clock()
         step, total = result.get("train/step"), result.get("train/max_steps")
         if step is None:
@@ -112,16 +116,18 @@ class TrialLines(Callback):
                       f"logged with its file and caption id in the Ray session's worker logs")
             p.skipped = skipped
         evaluation = last_evaluation(result)
-        new_eval, at_end = evaluation != p.evaluation, total is not None and step >= total
+        new_eval = evaluation != p.evaluation
         p.evaluation = evaluation
-        if step == p.printed_step or (now - p.printed_at < self.min_interval_s and not new_eval and not at_end):
+        if step == p.printed_step and not (final and new_eval):
+            return
+        if now - p.printed_at < self.min_interval_s and not (new_eval or final):
             return
         p.printed_at, p.printed_step = now, step
         parts = [f"step {int(step)}/{int(total)}" if total else f"step {int(step)}"]
         if "throughput/samples_per_s" in result:
             parts.append(f"{result['throughput/samples_per_s']:.1f} samples/s")
         t0, s0 = p.first
-        if total and step > s0 and step < total:
+        if total and s0 < step < total:
             parts.append(f"ETA {duration((total - step) * (now - t0) / (step - s0))}")
         if "loss/total" in result:
             parts.append(f"loss {result['loss/total']:.4f}")
@@ -130,8 +136,11 @@ class TrialLines(Callback):
         self._say(f"[{self.sweep}] {p.label}: " + "  ".join(parts))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = sum(t.status == t.TERMINATED for t in trials)
-        self._say(f"[{self.sweep}] {self._progress(trial).label}: done ({done}/{len(trials)} trials finished)")
+        # Tune hands a trial's last report to the completion, not to on_trial_result.
+        self._line(trial, trial.last_result or {}, final=True)
+        self.finished += 1
+        self._say(f"[{self.sweep}] {self._progress(trial).label}: done ({self.finished} of {self.total} trials "
+                  f"finished)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._say(f"ERROR [{self.sweep}] {self._progress(trial).label}: the trial failed; its error is in "

@@ -177,7 +177,8 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
             run_config=ray.tune.RunConfig(name=name, storage_path=tune_path,
                                           failure_config=ray.tune.FailureConfig(max_failures=1),
                                           verbose=None if base.tracking.verbose else 0,
-                                          callbacks=[] if base.tracking.verbose else [console.TrialLines(name)]))
+                                          callbacks=[] if base.tracking.verbose else [
+                                              console.TrialLines(name, len(grid_points(grid)))]))
     grid_result = tuner.fit()
     children = _children_by_overrides(uri, base.tracking.experiment, name)
     trials = []

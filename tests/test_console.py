@@ -28,7 +28,7 @@ def _lines(out: io.StringIO) -> list[str]:
 
 def test_one_line_per_log_step_with_eta_throttled_but_never_hiding_an_evaluation_or_the_end():
     out, clock, trial = io.StringIO(), Clock(), _trial()
-    lines = TrialLines("demo", min_interval_s=15, out=out, clock=clock)
+    lines = TrialLines("demo", 5, min_interval_s=15, out=out, clock=clock)
     lines.on_trial_start(0, [trial], trial)
 
     def report(t, step, **extra):
@@ -43,7 +43,7 @@ def test_one_line_per_log_step_with_eta_throttled_but_never_hiding_an_evaluation
     report(30, 200, **{"eval/rsum": 301.25})  # a new evaluation shows at once
     report(200, 800, **{"eval/rsum": 350.0})  # the end
     assert _lines(out) == [
-        "[demo] ablation=wo_mcr seed=1: started",
+        "[demo] ablation=wo_mcr seed=1: started (trial 1 of 5)",
         "[demo] ablation=wo_mcr seed=1: step 50/800  40.0 samples/s  loss 2.5000",
         "[demo] ablation=wo_mcr seed=1: step 150/800  40.0 samples/s  ETA 2m10s  loss 2.5000",
         "[demo] ablation=wo_mcr seed=1: step 200/800  40.0 samples/s  ETA 2m00s  loss 2.5000  eval RSUM 301.2",
@@ -53,7 +53,7 @@ def test_one_line_per_log_step_with_eta_throttled_but_never_hiding_an_evaluation
 
 def test_skipped_rows_warn_when_their_count_grows_and_a_failed_trial_names_its_error_file():
     out, trial = io.StringIO(), _trial()
-    lines = TrialLines("demo", min_interval_s=1e9, out=out, clock=Clock())
+    lines = TrialLines("demo", 5, min_interval_s=1e9, out=out, clock=Clock())
     for skipped in (0.0, 3.0, 3.0, 5.0):
         lines.on_trial_result(0, [trial], trial, {"train/step": 10.0 + skipped, "train/max_steps": 100.0,
                                                   "data/skipped_total": skipped, "data/skipped_corrupt_image": skipped,
@@ -66,10 +66,20 @@ def test_skipped_rows_warn_when_their_count_grows_and_a_failed_trial_names_its_e
                                "/r/t0/error.txt")
 
 
-def test_completion_counts_finished_trials():
-    out, a, b = io.StringIO(), _trial("a", status="TERMINATED"), _trial("b", "full", 0)
-    TrialLines("demo", out=out).on_trial_complete(0, [a, b], a)
-    assert _lines(out) == ["[demo] ablation=wo_mcr seed=1: done (1/2 trials finished)"]
+def test_completion_prints_the_last_report_tune_hands_to_it_and_counts_finished_trials():
+    out, clock = io.StringIO(), Clock()
+    a, b = _trial("a"), _trial("b", "full", 0)
+    lines = TrialLines("demo", 2, out=out, clock=clock)
+    lines.on_trial_result(0, [a, b], a, {"train/step": 700.0, "train/max_steps": 800.0, "loss/total": 3.0})
+    clock.now = 1.0  # within the interval, but the end and its evaluation always show
+    a.last_result = {"train/step": 800.0, "train/max_steps": 800.0, "loss/total": 2.0, "eval/rsum": 400.0}
+    lines.on_trial_complete(0, [a, b], a)
+    b.last_result = {}
+    lines.on_trial_complete(0, [a, b], b)
+    assert _lines(out) == ["[demo] ablation=wo_mcr seed=1: step 700/800  loss 3.0000",
+                           "[demo] ablation=wo_mcr seed=1: step 800/800  loss 2.0000  eval RSUM 400.0",
+                           "[demo] ablation=wo_mcr seed=1: done (1 of 2 trials finished)",
+                           "[demo] ablation=full seed=0: done (2 of 2 trials finished)"]
 
 
 def test_labels_durations_and_the_evaluation_shown():
