@@ -49,10 +49,38 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# The MLflow UI's kind of an experiment: its tag ``mlflow.experimentKind``, one of the UI's
+# ExperimentKind values ("custom_model_development", "genai_development", ...: the enum in
+# MLflow 3.17.2's bundle, mlflow/server/js/build/static/js/main.*.js). The machine-learning kind's
+# experiment page opens on its runs table, the GenAI kind's on its overview and traces. MLflow
+# 3.17.2's UI reads the tag only where its workflow-based navigation is off, and that release has
+# it on (useExperimentKind / shouldEnableWorkflowBasedNavigation in the same bundle): there the
+# "GenAI | Machine learning" switch decides (the URL's ``workflowType``, else the browser's last
+# choice, GenAI at first). So the tag serves the UIs that read it, and :func:`runs_page` gives the
+# address that opens the runs table in 3.17 too.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
 def experiment_id(uri: str, name: str) -> str:
+    """The experiment's id, creating it of the training kind (:data:`TRAINING_KIND`). An existing
+    experiment without a kind gets it; a kind someone set stays."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    if exp is None:
+        return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
+
+
+def runs_page(uri: str, run_id: str) -> str:
+    """The address of the runs table of ``run_id``'s experiment in the MLflow UI: the server
+    itself for an http(s) store, else where ``mlflow ui`` serves by default. The URL asks for the
+    UI's machine-learning view, which MLflow 3.17 does not take from the experiment's kind."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    experiment = client(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
 def create_run(uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,

@@ -37,3 +37,22 @@ def test_runs_are_found_again_for_resume_and_params_batch(tmp_path):
     assert len(params) == 251 and params["p249"] == "249"
     child, _ = tracking.find_or_create_run(uri, "exp", {"t": "c"}, "child", parent_run_id=run_id)
     assert tracking.client(uri).get_run(child).data.tags["mlflow.parentRunId"] == run_id
+
+
+def test_experiments_are_of_the_training_kind_unless_someone_chose_one(tmp_path):
+    """The MLflow UI opens a machine-learning experiment on its runs table, a GenAI one on traces."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = tracking.client(uri)
+    run = tracking.create_run(uri, "new", "r")
+    new = c.get_experiment_by_name("new")
+    assert new.tags["mlflow.experimentKind"] == "custom_model_development"
+    older = c.create_experiment("older")  # made before AlignLab set a kind: it gets one
+    assert tracking.experiment_id(uri, "older") == older
+    assert c.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    chosen = c.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    tracking.experiment_id(uri, "chosen")
+    assert c.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+    # MLflow 3.17's UI takes the view from the address, not from the kind.
+    assert tracking.runs_page(uri, run) == \
+        f"http://127.0.0.1:5000/#/experiments/{new.experiment_id}/runs?workflowType=machine_learning"
+
