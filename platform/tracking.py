@@ -117,6 +117,113 @@ def find_or_create_run(uri: str, experiment: str, tags: dict[str, str], run_name
     return create_run(uri, experiment, run_name, parent_run_id, tags=tags), True
 
 
+# MLflow's contexts of a run's input dataset (its ``mlflow.data.context`` input tag).
+TRAINING, EVALUATION = "training", "evaluation"
+
+
+def log_datasets(uri: str, run_id: str, root: str, splits: list[tuple[str, str]]) -> None:
+    """The splits of shard set ``root`` that a run reads, as the run's MLflow datasets (the runs
+    table's Dataset column): ``splits`` holds (split, context) pairs, context :data:`TRAINING` or
+    :data:`EVALUATION`; an empty split name is skipped. Each is named ``<set>/<split>``, with the
+    split's location as its source (a URI without its credentials and options), and its digest,
+    schema, rows and files from the Parquet footers (:func:`~alignlab.platform.shards.describe_split`).
+    A dataset is a name and a digest, as MLflow keys it: one the run already holds is not logged
+    again (a resumed run, a restored sweep, a second ``alignlab eval`` add nothing), so a split read
+    for training and evaluation alike keeps its first context."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from alignlab.platform import shards
+
+    c = client(uri)
+    held = _held_datasets(c, run_id)
+    inputs = []
+    for split, context in splits:
+        if not split:
+            continue
+        summary = shards.describe_split(shards.child_uri(root, split))
+        name = f"{_set_name(root)}/{split}"
+        if (name, summary.digest) in held:
+            continue
+        held.add((name, summary.digest))
+        source_type, source = _dataset_source(shards.child_uri(root, split))
+        dataset = Dataset(name=name, digest=summary.digest, source_type=source_type,
+                          source=json.dumps({"uri": source}),
+                          schema=json.dumps({"mlflow_colspec": _mlflow_schema(summary.schema).to_dict()}),
+                          profile=json.dumps({"num_rows": summary.rows, "num_files": summary.files}))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    if inputs:
+        c.log_inputs(run_id, datasets=inputs)
+
+
+def gather_datasets(uri: str, run_id: str, sources: list[str]) -> None:
+    """The datasets of runs ``sources`` on run ``run_id`` too, each once: a sweep's parent lists
+    the data its trials read, in the runs table's parent row (the trials' rows are folded
+    under it)."""
+    c = client(uri)
+    held = _held_datasets(c, run_id)
+    inputs = {}
+    for source in sources:
+        for d in c.get_run(source).inputs.dataset_inputs:
+            if (d.dataset.name, d.dataset.digest) not in held:
+                inputs.setdefault((d.dataset.name, d.dataset.digest), d)
+    if inputs:
+        c.log_inputs(run_id, datasets=list(inputs.values()))
+
+
+def _held_datasets(c, run_id: str) -> set[tuple[str, str]]:
+    """(name, digest) of each dataset the run holds: MLflow's key of a run's dataset."""
+    return {(d.dataset.name, d.dataset.digest) for d in c.get_run(run_id).inputs.dataset_inputs}
+
+
+def _set_name(root: str) -> str:
+    """A shard set's name: its folder's."""
+    if "://" not in root:
+        return os.path.basename(os.path.abspath(root))
+    return root.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def _dataset_source(uri: str) -> tuple[str, str]:
+    """(MLflow source type, location) of a split: ``local`` and its absolute path, or the URI's
+    scheme and the URI without the credentials and options pyarrow reads from it (an S3 key in
+    ``s3://KEY:SECRET@bucket/...`` must not reach the tracking store)."""
+    if "://" not in uri:
+        return "local", os.path.abspath(uri)
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    return parts.scheme, f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+def _mlflow_schema(schema):
+    """An Arrow schema as an MLflow column schema (what the UI's dataset view lists). The shard
+    format's required columns are required, the others optional; a type MLflow has no name for
+    (a struct, a map, a decimal) is ``any``."""
+    import pyarrow as pa
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+    from alignlab.platform.shards import REQUIRED_COLUMNS
+
+    def convert(tp: pa.DataType):
+        if pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp):
+            return Array(convert(tp.value_type))
+        for test, name in ((pa.types.is_boolean, DataType.boolean), (pa.types.is_string, DataType.string),
+                           (pa.types.is_large_string, DataType.string), (pa.types.is_binary, DataType.binary),
+                           (pa.types.is_large_binary, DataType.binary),
+                           (pa.types.is_fixed_size_binary, DataType.binary), (pa.types.is_int64, DataType.long),
+                           (pa.types.is_uint64, DataType.long), (pa.types.is_uint32, DataType.long),
+                           (pa.types.is_integer, DataType.integer), (pa.types.is_float64, DataType.double),
+                           (pa.types.is_floating, DataType.float), (pa.types.is_temporal, DataType.datetime)):
+            if test(tp):
+                return name
+        return AnyType()
+
+    return Schema([ColSpec(convert(f.type), f.name, required=f.name in REQUIRED_COLUMNS) for f in schema])
+
+
 def open_run(uri: str, run_id: str, cfg, extra_params: dict | None = None) -> "RunLogger":
     """A logger on the run with the flattened resolved config, git commit and package versions
     as params, and the resolved config YAML as an artifact."""

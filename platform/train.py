@@ -771,14 +771,16 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from alignlab.platform import ingest, shards
-    from alignlab.platform.tracking import resolve_storage
+    from alignlab.platform import ingest, shards, tracking
 
     cfg = config_lib.with_absolute_paths(cfg)
     info = prepare(cfg)  # bad shards are named before a local cluster starts
+    tracking.log_datasets(mlflow_uri, mlflow_run_id, cfg.data.shards,
+                          [(cfg.data.train_split, tracking.TRAINING), (cfg.data.eval_split, tracking.EVALUATION),
+                           (cfg.data.compositional_split, tracking.EVALUATION)])
     init_ray(cfg)
     # Each run checks, not only the sweep's start: nodes the autoscaler added since are covered.
-    storage_path = storage_path or resolve_storage(cfg.tracking.storage_path)
+    storage_path = storage_path or tracking.resolve_storage(cfg.tracking.storage_path)
     check_cluster_storage(cfg, mlflow_uri, storage_path)
     if not sys.stdout.isatty():
         # Ray Data redraws a progress bar per operator several times a second; into a job log or

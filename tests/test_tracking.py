@@ -56,3 +56,49 @@ def test_experiments_are_of_the_training_kind_unless_someone_chose_one(tmp_path)
     assert tracking.runs_page(uri, run) == \
         f"http://127.0.0.1:5000/#/experiments/{new.experiment_id}/runs?workflowType=machine_learning"
 
+
+def test_a_run_logs_the_splits_it_reads_once_as_mlflow_datasets(tmp_path):
+    import json
+
+    import numpy as np
+
+    from alignlab.platform import shards
+
+    root = tmp_path / "flickr"
+    with shards.ShardWriter(str(root), "tests", rows_per_file=4) as w:
+        for i in range(9):
+            w.write(shards.Row(image=b"\x89PNG", image_id=f"i{i}", caption=f"c {i}", caption_id=f"c{i}",
+                               split="train" if i < 6 else "test", region_features=np.zeros((2, 4), np.float32),
+                               boxes=np.zeros((2, 4), np.float32), tags=["dog", "cat"]))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tracking.create_run(uri, "exp", "r")
+    for _ in range(2):  # the second time, as a resumed run: nothing is added
+        tracking.log_datasets(uri, run, str(root), [("train", tracking.TRAINING), ("test", tracking.EVALUATION),
+                                                    ("", tracking.EVALUATION)])
+    inputs = {i.dataset.name: i for i in tracking.client(uri).get_run(run).inputs.dataset_inputs}
+    assert sorted(inputs) == ["flickr/test", "flickr/train"]
+    assert {n: [(t.key, t.value) for t in i.tags] for n, i in inputs.items()} == {
+        "flickr/train": [("mlflow.data.context", "training")], "flickr/test": [("mlflow.data.context", "evaluation")]}
+    train = inputs["flickr/train"].dataset
+    assert train.digest == shards.describe_split(str(root / "train")).digest
+    assert (train.source_type, json.loads(train.source)) == ("local", {"uri": str(root / "train")})
+    assert json.loads(train.profile) == {"num_rows": 6, "num_files": 2}
+    columns = {c["name"]: c for c in json.loads(train.schema)["mlflow_colspec"]}
+    assert columns["caption"] == {"type": "string", "name": "caption", "required": True}
+    assert columns["image"]["type"] == "binary"
+    assert columns["region_features"] == {"type": "array", "items": {"type": "array", "items": {"type": "float"}},
+                                          "name": "region_features", "required": False}
+    # A sweep's parent lists its trials' datasets, once each however often it gathers them.
+    parent = tracking.create_run(uri, "exp", "sweep")
+    for _ in range(2):
+        tracking.gather_datasets(uri, parent, [run, run])
+    assert {(i.dataset.name, i.dataset.digest, i.tags[0].value)
+            for i in tracking.client(uri).get_run(parent).inputs.dataset_inputs} == \
+        {(n, i.dataset.digest, i.tags[0].value) for n, i in inputs.items()}
+
+
+def test_a_dataset_source_never_carries_credentials():
+    uri = "s3://KEY:SECRET@bucket/sets/flickr/train?endpoint_override=minio:9000&scheme=http"
+    assert tracking._dataset_source(uri) == ("s3", "s3://bucket/sets/flickr/train")
+    assert tracking._set_name("s3://KEY:SECRET@bucket/sets/flickr/?region=eu") == "flickr"
+
