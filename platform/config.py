@@ -222,6 +222,10 @@ class TrackingConfig:
     max_failures: int = 2
     # Zero-shot retrieval every N steps during pre-training (0 = only at the end).
     eval_every: int = 0
+    # Seconds between samples of MLflow's system metrics (system/*: CPU, memory, disk, network,
+    # NVIDIA GPU utilisation and memory), logged into the run by each machine's first train
+    # worker (0 = none). $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL in the workers overrides it.
+    system_metrics_every: float = 10.0
 
 
 @dataclass

@@ -224,6 +224,27 @@ def _mlflow_schema(schema):
     return Schema([ColSpec(convert(f.type), f.name, required=f.name in REQUIRED_COLUMNS) for f in schema])
 
 
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, interval: float, node: int = 0) -> Iterator[None]:
+    """MLflow's system metrics of this machine (CPU, memory, disk, network; each NVIDIA GPU's
+    utilisation, memory and power where its NVML library loads, none without) logged into run
+    ``run_id`` every ``interval`` seconds while the block runs, as ``system/*``; ``interval`` 0
+    logs none. Node ``node`` > 0 of a multi-node run logs as ``system/node_<node>/*``. A resumed
+    run continues the steps it holds."""
+    if interval <= 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                   node_id=f"node_{node}" if node else None, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def open_run(uri: str, run_id: str, cfg, extra_params: dict | None = None) -> "RunLogger":
     """A logger on the run with the flattened resolved config, git commit and package versions
     as params, and the resolved config YAML as an artifact."""

@@ -690,13 +690,22 @@ class RayContext:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    from alignlab.platform.tracking import RunLogger
+    import ray.train
+
+    from alignlab.platform.tracking import RunLogger, system_metrics
 
     cfg: Config = loop_config["cfg"]
+    uri, run_id = loop_config["mlflow_uri"], loop_config["mlflow_run_id"]
     ctx = RayContext(cfg, loop_config["spec"], loop_config.get("counter"))
-    sink = RunLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if ctx.rank == 0 else None
+    sink = RunLogger(uri, run_id) if ctx.rank == 0 else None
     runner = Runner(cfg, loop_config["spec"], loop_config["vocab"], ctx, loop_config["steps_per_epoch"], sink)
-    runner.setup().run()
+    # One system-metrics monitor per machine, in its first worker: it samples the whole machine
+    # (every GPU on it), so the machine's other workers would only log the same figures again.
+    train_ctx = ray.train.get_context()
+    monitor = system_metrics(uri, run_id, cfg.tracking.system_metrics_every, train_ctx.get_node_rank()) \
+        if train_ctx.get_local_rank() == 0 else contextlib.nullcontext()
+    with monitor:
+        runner.setup().run()
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,3 +102,19 @@ def test_a_dataset_source_never_carries_credentials():
     assert tracking._dataset_source(uri) == ("s3", "s3://bucket/sets/flickr/train")
     assert tracking._set_name("s3://KEY:SECRET@bucket/sets/flickr/?region=eu") == "flickr"
 
+
+def test_system_metrics_log_into_the_run_by_id_and_continue_on_resume(tmp_path):
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tracking.create_run(uri, "exp", "r")
+    with tracking.system_metrics(uri, run, 0):  # 0: off
+        time.sleep(0.3)
+    assert not tracking.client(uri).get_run(run).data.metrics
+    for _ in range(2):  # the second block as a resumed run's
+        with tracking.system_metrics(uri, run, 0.1):
+            time.sleep(0.5)
+    metrics = tracking.client(uri).get_run(run).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    steps = [m.step for m in tracking.client(uri).get_metric_history(run, "system/cpu_utilization_percentage")]
+    assert steps == list(range(len(steps))) and len(steps) >= 4  # the resumed block went on from the first's
