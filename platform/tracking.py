@@ -78,7 +78,7 @@ def runs_page(uri: str, run_id: str) -> str:
     """The address of the runs table of ``run_id``'s experiment in the MLflow UI: the server
     itself for an http(s) store, else where ``mlflow ui`` serves by default. The URL asks for the
     UI's machine-learning view, which MLflow 3.17 does not take from the experiment's kind."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    base = _public_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     experiment = client(uri).get_run(run_id).info.experiment_id
     return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
@@ -148,7 +148,9 @@ def log_datasets(uri: str, run_id: str, root: str, splits: list[tuple[str, str]]
         if (name, summary.digest) in held:
             continue
         held.add((name, summary.digest))
-        source_type, source = _dataset_source(shards.child_uri(root, split))
+        location = shards.child_uri(root, split)
+        source_type, source = ("local", os.path.abspath(location)) if "://" not in location else \
+            (location.split("://", 1)[0], _public_uri(location))
         dataset = Dataset(name=name, digest=summary.digest, source_type=source_type,
                           source=json.dumps({"uri": source}),
                           schema=json.dumps({"mlflow_colspec": _mlflow_schema(summary.schema).to_dict()}),
@@ -185,17 +187,13 @@ def _set_name(root: str) -> str:
     return root.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
 
 
-def _dataset_source(uri: str) -> tuple[str, str]:
-    """(MLflow source type, location) of a split: ``local`` and its absolute path, or the URI's
-    scheme and the URI without the credentials and options pyarrow reads from it (an S3 key in
-    ``s3://KEY:SECRET@bucket/...`` must not reach the tracking store)."""
-    if "://" not in uri:
-        return "local", os.path.abspath(uri)
+def _public_uri(uri: str) -> str:
+    """``uri`` without the credentials and options it may carry (``s3://KEY:SECRET@bucket/...``,
+    ``?endpoint_override=...``, ``http://user:password@host``): what may be printed or stored."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(uri)
-    host = parts.hostname or ""
-    return parts.scheme, f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
 
 
 def _mlflow_schema(schema):

@@ -97,9 +97,29 @@ def test_a_run_logs_the_splits_it_reads_once_as_mlflow_datasets(tmp_path):
         {(n, i.dataset.digest, i.tags[0].value) for n, i in inputs.items()}
 
 
-def test_a_dataset_source_never_carries_credentials():
+def test_a_split_in_object_storage_is_logged_without_credentials_and_digested_as_its_copy(s3_root, tmp_path):
+    import json
+
+    from alignlab.platform import shards
+
+    rows = [shards.Row(image=b"\x89PNG", image_id=f"i{i}", caption=f"c {i}", caption_id=f"c{i}", split="train")
+            for i in range(3)]
+    for root in (s3_root("sets/flickr"), str(tmp_path / "flickr")):
+        with shards.ShardWriter(root, "tests") as w:
+            w.write_all(rows)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tracking.create_run(uri, "exp", "r")
+    tracking.log_datasets(uri, run, s3_root("sets/flickr"), [("train", tracking.TRAINING)])
+    (logged,) = tracking.client(uri).get_run(run).inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.source_type) == ("flickr/train", "s3")
+    assert json.loads(logged.dataset.source) == {"uri": "s3://shards/sets/flickr/train"}
+    assert logged.dataset.digest == shards.describe_split(str(tmp_path / "flickr" / "train")).digest
+
+
+def test_a_dataset_source_or_printed_address_never_carries_credentials():
     uri = "s3://KEY:SECRET@bucket/sets/flickr/train?endpoint_override=minio:9000&scheme=http"
-    assert tracking._dataset_source(uri) == ("s3", "s3://bucket/sets/flickr/train")
+    assert tracking._public_uri(uri) == "s3://bucket/sets/flickr/train"
+    assert tracking._public_uri("http://alignlab:TOKEN@localhost:5000/") == "http://localhost:5000/"
     assert tracking._set_name("s3://KEY:SECRET@bucket/sets/flickr/?region=eu") == "flickr"
 
 
