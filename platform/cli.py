@@ -19,7 +19,7 @@ def _synth(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from alignlab.platform.config import load_config
     from alignlab.platform.experiment import ensure_synthetic_data
-    from alignlab.platform.tracking import ui_command
+    from alignlab.platform.tracking import runs_page, ui_command
     from alignlab.platform.train import train
 
     cfg = load_config(args.preset, args.overrides)
@@ -29,7 +29,8 @@ def _train(args: argparse.Namespace) -> None:
         if isinstance(v, float):
             print(f"{k:32s} {v:.4f}")
     print(f"checkpoint: {out['checkpoint']}")
-    print(f"MLflow run {out['mlflow_run_id']}; open the UI with:\n  {ui_command(out['mlflow_uri'])}")
+    print(f"MLflow run {out['mlflow_run_id']}; open the UI with:\n  {ui_command(out['mlflow_uri'])}\n"
+          f"and the runs at {runs_page(out['mlflow_uri'], out['mlflow_run_id'])}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -39,7 +40,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from alignlab.platform.experiment import ensure_synthetic_data
     from alignlab.platform.report import publish_comparison
     from alignlab.platform.sweep import run_sweep
-    from alignlab.platform.tracking import ui_command
+    from alignlab.platform.tracking import runs_page, ui_command
 
     from alignlab.platform.console import configure_logging
 
@@ -56,7 +57,8 @@ def _sweep(args: argparse.Namespace) -> None:
     ensure_synthetic_data(cfg)
     result = run_sweep(cfg, grid, args.name)
     print(publish_comparison(result, list(grid), [args.metric], f"sweep {args.name}", f"outputs/{args.name}"))
-    print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}")
+    print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}\n"
+          f"and the runs at {runs_page(result.mlflow_uri, result.parent_run_id)}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -93,7 +95,7 @@ def _export(args: argparse.Namespace) -> None:
 
 def _finetune(args: argparse.Namespace) -> None:
     from alignlab.platform.finetune import finetune
-    from alignlab.platform.tracking import ui_command
+    from alignlab.platform.tracking import runs_page, ui_command
 
     out = finetune(args.task, getattr(args, "from"), args.preset, args.overrides, args.mlflow_uri)
     for k, v in sorted(out["metrics"].items()):
@@ -102,7 +104,8 @@ def _finetune(args: argparse.Namespace) -> None:
     print(f"checkpoint: {out['checkpoint']}")
     print(f"MLflow run {out['mlflow_run_id']}" + (f", a child of the pre-training run {out['parent_run_id']}"
                                                  if out["parent_run_id"] else "") +
-          f"; open the UI with:\n  {ui_command(out['mlflow_uri'])}")
+          f"; open the UI with:\n  {ui_command(out['mlflow_uri'])}\n"
+          f"and the runs at {runs_page(out['mlflow_uri'], out['mlflow_run_id'])}")
 
 
 def _bench(args: argparse.Namespace) -> None:

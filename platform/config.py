@@ -137,6 +137,10 @@ class TrackingConfig:
     # warnings, errors and the tables, while Ray's process output, Ray Data's progress and Tune's
     # status tables stay in the Ray session's log files (platform/console.py); true shows them all.
     verbose: bool = False
+    # Seconds between samples of MLflow's system metrics (system/*: CPU, memory, disk, network,
+    # NVIDIA GPU utilisation and memory), logged into the run by each machine's first train
+    # worker (0 = none). $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL in the workers overrides it.
+    system_metrics_every: float = 10.0
 
 
 @dataclass

@@ -398,6 +398,8 @@ def evaluate_checkpoint(source: str, shards_root: str = "", split: str = "", max
             found = tracking.find_run(uri, cfg.tracking.experiment, {"checkpoint": path})
             run_id = found.info.run_id if found else tracking.create_run(
                 uri, cfg.tracking.experiment, f"eval {split}", tags={"checkpoint": path, "alignlab.eval_of": path})
+        tracking.log_datasets(uri, run_id, shards_root, [(split, tracking.EVALUATION),
+                                                         (cfg.data.compositional_split, tracking.EVALUATION)])
         prefix = f"downstream/{task}/{split}" if task and task != "retrieval" else f"eval/{split}"
         tracking.RunLogger(uri, run_id).log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, contents.step)
         metrics["mlflow_run_id"] = run_id  # type: ignore[assignment]

@@ -82,6 +82,7 @@ caption and its perturbations, which are false of the image.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -301,6 +302,54 @@ def has_qa_rows(uri: str) -> bool:
         raise ShardSchemaError(f"{without[0]}: has no '{QA_COLUMNS[0]}' / '{QA_COLUMNS[1]}' columns, which "
                                f"{with_qa[0]} of the same split has; a split's files carry them all or none")
     return bool(with_qa)
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    """What a run records of a split it reads (MLflow's dataset of the run): where it is, a digest
+    of its data, its Arrow schema (the first file's; :func:`validate_shards` holds every file to
+    the same columns), its rows and files."""
+
+    uri: str
+    digest: str
+    schema: pa.Schema
+    rows: int
+    files: int
+
+
+def describe_split(uri: str) -> SplitSummary:
+    """A :class:`SplitSummary` of the split at ``uri``, from the Parquet footers alone (two small
+    reads per file, as :func:`validate_shards` does).
+
+    The digest is a SHA-256 over each file's path within the split and its raw footer bytes. A
+    footer holds every row group's row count, byte sizes and column statistics, so rewriting any
+    file with other rows changes it, while the same files copied elsewhere (to S3, another disk)
+    keep it. The manifest is no source for it: it covers the whole set, not a split, records no
+    checksums, and a resumed ``alignlab data build`` rewrites it (its timings) over the same files.
+    Raw bytes rather than pyarrow's parsed metadata, so a pyarrow upgrade keeps the digest."""
+    files = list_parquet(uri)
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {uri!r}")
+    fs, base = filesystem(uri)
+    digest = hashlib.sha256()
+    rows = 0
+    schema = None
+    for f in files:
+        with fs.open_input_file(f) as handle:
+            size = handle.size()
+            tail = handle.read_at(8, size - 8) if size >= 12 else b""
+            if tail[4:] != b"PAR1":
+                raise ShardSchemaError(f"{f}: not a readable Parquet file (no Parquet footer); it may be truncated "
+                                       f"or still being written. Rebuild it, or remove it from the shard set")
+            length = int.from_bytes(tail[:4], "little")
+            footer = handle.read_at(length, size - 8 - length)
+        name = posixpath.relpath(f, base) if f != base else posixpath.basename(f)
+        digest.update(f"{name}\0{len(footer)}\0".encode() + footer)
+        # The footer parses as a Parquet file of its own: the magic, the footer, its length, the magic.
+        meta = pq.read_metadata(pa.BufferReader(b"PAR1" + footer + tail))
+        rows += meta.num_rows
+        schema = schema or meta.schema.to_arrow_schema()
+    return SplitSummary(uri=uri, digest=digest.hexdigest()[:16], schema=schema, rows=rows, files=len(files))
 
 
 # --------------------------------------------------------------------------------------------

@@ -188,6 +188,7 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
         trials.append(TrialResult(overrides=overrides, metrics=dict(r.metrics or {}),
                                   mlflow_run_id=children.get(key, ""), error=str(r.error) if r.error else ""))
     result = SweepResult(name=name, parent_run_id=parent, mlflow_uri=uri, trials=trials)
+    tracking.gather_datasets(uri, parent, [t.mlflow_run_id for t in trials if t.mlflow_run_id])
     status = "FAILED" if any(t.error for t in trials) else "FINISHED"
     tracking.RunLogger(uri, parent).finish(status)
     return result

@@ -49,10 +49,38 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# The MLflow UI's kind of an experiment: its tag ``mlflow.experimentKind``, one of the UI's
+# ExperimentKind values ("custom_model_development", "genai_development", ...: the enum in
+# MLflow 3.17.2's bundle, mlflow/server/js/build/static/js/main.*.js). The machine-learning kind's
+# experiment page opens on its runs table, the GenAI kind's on its overview and traces. MLflow
+# 3.17.2's UI reads the tag only where its workflow-based navigation is off, and that release has
+# it on (useExperimentKind / shouldEnableWorkflowBasedNavigation in the same bundle): there the
+# "GenAI | Machine learning" switch decides (the URL's ``workflowType``, else the browser's last
+# choice, GenAI at first). So the tag serves the UIs that read it, and :func:`runs_page` gives the
+# address that opens the runs table in 3.17 too.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
 def experiment_id(uri: str, name: str) -> str:
+    """The experiment's id, creating it of the training kind (:data:`TRAINING_KIND`). An existing
+    experiment without a kind gets it; a kind someone set stays."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    if exp is None:
+        return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
+
+
+def runs_page(uri: str, run_id: str) -> str:
+    """The address of the runs table of ``run_id``'s experiment in the MLflow UI: the server
+    itself for an http(s) store, else where ``mlflow ui`` serves by default. The URL asks for the
+    UI's machine-learning view, which MLflow 3.17 does not take from the experiment's kind."""
+    base = _public_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    experiment = client(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
 
 
 def create_run(uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
@@ -87,6 +115,132 @@ def find_or_create_run(uri: str, experiment: str, tags: dict[str, str], run_name
         client(uri).update_run(found.info.run_id, status="RUNNING")
         return found.info.run_id, False
     return create_run(uri, experiment, run_name, parent_run_id, tags=tags), True
+
+
+# MLflow's contexts of a run's input dataset (its ``mlflow.data.context`` input tag).
+TRAINING, EVALUATION = "training", "evaluation"
+
+
+def log_datasets(uri: str, run_id: str, root: str, splits: list[tuple[str, str]]) -> None:
+    """The splits of shard set ``root`` that a run reads, as the run's MLflow datasets (the runs
+    table's Dataset column): ``splits`` holds (split, context) pairs, context :data:`TRAINING` or
+    :data:`EVALUATION`; an empty split name is skipped. Each is named ``<set>/<split>``, with the
+    split's location as its source (a URI without its credentials and options), and its digest,
+    schema, rows and files from the Parquet footers (:func:`~alignlab.platform.shards.describe_split`).
+    A dataset is a name and a digest, as MLflow keys it: one the run already holds is not logged
+    again (a resumed run, a restored sweep, a second ``alignlab eval`` add nothing), so a split read
+    for training and evaluation alike keeps its first context."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from alignlab.platform import shards
+
+    c = client(uri)
+    held = _held_datasets(c, run_id)
+    inputs = []
+    for split, context in splits:
+        if not split:
+            continue
+        summary = shards.describe_split(shards.child_uri(root, split))
+        name = f"{_set_name(root)}/{split}"
+        if (name, summary.digest) in held:
+            continue
+        held.add((name, summary.digest))
+        location = shards.child_uri(root, split)
+        source_type, source = ("local", os.path.abspath(location)) if "://" not in location else \
+            (location.split("://", 1)[0], _public_uri(location))
+        dataset = Dataset(name=name, digest=summary.digest, source_type=source_type,
+                          source=json.dumps({"uri": source}),
+                          schema=json.dumps({"mlflow_colspec": _mlflow_schema(summary.schema).to_dict()}),
+                          profile=json.dumps({"num_rows": summary.rows, "num_files": summary.files}))
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    if inputs:
+        c.log_inputs(run_id, datasets=inputs)
+
+
+def gather_datasets(uri: str, run_id: str, sources: list[str]) -> None:
+    """The datasets of runs ``sources`` on run ``run_id`` too, each once: a sweep's parent lists
+    the data its trials read, in the runs table's parent row (the trials' rows are folded
+    under it)."""
+    c = client(uri)
+    held = _held_datasets(c, run_id)
+    inputs = {}
+    for source in sources:
+        for d in c.get_run(source).inputs.dataset_inputs:
+            if (d.dataset.name, d.dataset.digest) not in held:
+                inputs.setdefault((d.dataset.name, d.dataset.digest), d)
+    if inputs:
+        c.log_inputs(run_id, datasets=list(inputs.values()))
+
+
+def _held_datasets(c, run_id: str) -> set[tuple[str, str]]:
+    """(name, digest) of each dataset the run holds: MLflow's key of a run's dataset."""
+    return {(d.dataset.name, d.dataset.digest) for d in c.get_run(run_id).inputs.dataset_inputs}
+
+
+def _set_name(root: str) -> str:
+    """A shard set's name: its folder's."""
+    if "://" not in root:
+        return os.path.basename(os.path.abspath(root))
+    return root.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def _public_uri(uri: str) -> str:
+    """``uri`` without the credentials and options it may carry (``s3://KEY:SECRET@bucket/...``,
+    ``?endpoint_override=...``, ``http://user:password@host``): what may be printed or stored."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+def _mlflow_schema(schema):
+    """An Arrow schema as an MLflow column schema (what the UI's dataset view lists). The shard
+    format's required columns are required, the others optional; a type MLflow has no name for
+    (a struct, a map, a decimal) is ``any``."""
+    import pyarrow as pa
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+    from alignlab.platform.shards import REQUIRED_COLUMNS
+
+    def convert(tp: pa.DataType):
+        if pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp):
+            return Array(convert(tp.value_type))
+        for test, name in ((pa.types.is_boolean, DataType.boolean), (pa.types.is_string, DataType.string),
+                           (pa.types.is_large_string, DataType.string), (pa.types.is_binary, DataType.binary),
+                           (pa.types.is_large_binary, DataType.binary),
+                           (pa.types.is_fixed_size_binary, DataType.binary), (pa.types.is_int64, DataType.long),
+                           (pa.types.is_uint64, DataType.long), (pa.types.is_uint32, DataType.long),
+                           (pa.types.is_integer, DataType.integer), (pa.types.is_float64, DataType.double),
+                           (pa.types.is_floating, DataType.float), (pa.types.is_temporal, DataType.datetime)):
+            if test(tp):
+                return name
+        return AnyType()
+
+    return Schema([ColSpec(convert(f.type), f.name, required=f.name in REQUIRED_COLUMNS) for f in schema])
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, interval: float, node: int = 0) -> Iterator[None]:
+    """MLflow's system metrics of this machine (CPU, memory, disk, network; each NVIDIA GPU's
+    utilisation, memory and power where its NVML library loads, none without) logged into run
+    ``run_id`` every ``interval`` seconds while the block runs, as ``system/*``; ``interval`` 0
+    logs none. Node ``node`` > 0 of a multi-node run logs as ``system/node_<node>/*``. A resumed
+    run continues the steps it holds."""
+    if interval <= 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True,
+                                   node_id=f"node_{node}" if node else None, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def open_run(uri: str, run_id: str, cfg, extra_params: dict | None = None) -> "RunLogger":

@@ -118,10 +118,13 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
 
 
 def run_key(cfg: Config) -> str:
-    """A stable Train run name: the same resolved config resumes the same run."""
+    """A stable Train run name: the same resolved config resumes the same run. What only changes
+    what the run shows (the console's verbosity, the system metrics' sampling) is not part of
+    it: a run restarted with ``--verbose`` resumes."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    digest = hashlib.sha1(config_lib.dump_yaml(cfg).encode()).hexdigest()[:10]
+    shown = replace(cfg.tracking, verbose=False, system_metrics_every=config_lib.TrackingConfig.system_metrics_every)
+    digest = hashlib.sha1(config_lib.dump_yaml(replace(cfg, tracking=shown)).encode()).hexdigest()[:10]
     return f"{cfg.model.architecture}-{digest}"
 
 
@@ -695,13 +698,22 @@ class RayContext:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    from alignlab.platform.tracking import RunLogger
+    import ray.train
+
+    from alignlab.platform.tracking import RunLogger, system_metrics
 
     cfg: Config = loop_config["cfg"]
+    uri, run_id = loop_config["mlflow_uri"], loop_config["mlflow_run_id"]
     ctx = RayContext(cfg, loop_config["spec"], loop_config.get("counter"))
-    sink = RunLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if ctx.rank == 0 else None
+    sink = RunLogger(uri, run_id) if ctx.rank == 0 else None
     runner = Runner(cfg, loop_config["spec"], loop_config["vocab"], ctx, loop_config["steps_per_epoch"], sink)
-    runner.setup().run()
+    # One system-metrics monitor per machine, in its first worker: it samples the whole machine
+    # (every GPU on it), so the machine's other workers would only log the same figures again.
+    train_ctx = ray.train.get_context()
+    monitor = system_metrics(uri, run_id, cfg.tracking.system_metrics_every, train_ctx.get_node_rank()) \
+        if train_ctx.get_local_rank() == 0 else contextlib.nullcontext()
+    with monitor:
+        runner.setup().run()
 
 
 # --------------------------------------------------------------------------------------------
@@ -778,14 +790,16 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from alignlab.platform import ingest, shards
-    from alignlab.platform.tracking import resolve_storage
+    from alignlab.platform import ingest, shards, tracking
 
     cfg = config_lib.with_absolute_paths(cfg)
     info = prepare(cfg)  # bad shards are named before a local cluster starts
+    tracking.log_datasets(mlflow_uri, mlflow_run_id, cfg.data.shards,
+                          [(cfg.data.train_split, tracking.TRAINING), (cfg.data.eval_split, tracking.EVALUATION),
+                           (cfg.data.compositional_split, tracking.EVALUATION)])
     init_ray(cfg)
     # Each run checks, not only the sweep's start: nodes the autoscaler added since are covered.
-    storage_path = storage_path or resolve_storage(cfg.tracking.storage_path)
+    storage_path = storage_path or tracking.resolve_storage(cfg.tracking.storage_path)
     check_cluster_storage(cfg, mlflow_uri, storage_path)
     if not sys.stdout.isatty():
         # Ray Data redraws a progress bar per operator several times a second; into a job log or

@@ -68,7 +68,8 @@ def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
     from alignlab.platform.train import train
 
     cfg = load_config("dual_encoder_demo", _overrides(synth, tmp_path, "scaling.num_workers=2", "optim.max_steps=6",
-                                                        "tracking.checkpoint_every=3", "tracking.run_name=ddp"))
+                                                        "tracking.checkpoint_every=3", "tracking.run_name=ddp",
+                                                        "tracking.system_metrics_every=1"))
     out = train(cfg)
     assert out["metrics"]["train/step"] == 6.0
     assert out["checkpoint"] and Path(out["checkpoint"], "model.safetensors").exists()
@@ -82,6 +83,13 @@ def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
         assert key in run.data.metrics, key
     history = _client(tmp_path).get_metric_history(run.info.run_id, "loss/itc")
     assert [m.step for m in history] == [2, 4, 6]
+    # System metrics from one monitor for the machine (its first worker), not one per worker: each
+    # step once, and no second node's keys.
+    system = _client(tmp_path).get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert system and len({m.step for m in system}) == len(system)
+    assert not [k for k in run.data.metrics if k.startswith("system/node_")]
+    datasets = {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs}
+    assert datasets == {(f"{synth.name}/train", "training"), (f"{synth.name}/test", "evaluation")}
 
     # `alignlab eval` on the run's checkpoint, by path and by run id, reproduces its final
     # evaluation exactly and logs it under eval/<split>/ in the same run.
@@ -91,17 +99,32 @@ def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
         again = evaluate_checkpoint(source, str(synth), "test", mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db")
         assert again.pop("mlflow_run_id") == run.info.run_id
         assert again == {k.removeprefix("eval/"): v for k, v in run.data.metrics.items() if k.startswith("eval/")}
-    logged = _client(tmp_path).get_run(run.info.run_id).data.metrics
-    assert logged["eval/test/uni_rsum"] == run.data.metrics["eval/uni_rsum"]
+    logged = _client(tmp_path).get_run(run.info.run_id)
+    assert logged.data.metrics["eval/test/uni_rsum"] == run.data.metrics["eval/uni_rsum"]
+    # The split it scored is the run's evaluation dataset already: the two evaluations added none.
+    assert {(d.dataset.name, d.tags[0].value) for d in logged.inputs.dataset_inputs} == datasets
 
 
-def test_two_trial_sweep_has_one_parent_and_two_children(ray_session, synth, tmp_path):
+@pytest.fixture(scope="module")
+def sweep(ray_session, synth, tmp_path_factory):
+    """A two-trial sweep and its comparison, published on its parent run: one store for the
+    tests of the sweep and of what the MLflow UI shows of it (system metrics sampled every second,
+    so that the short trials log some)."""
     from alignlab.platform.report import publish_comparison
     from alignlab.platform.sweep import run_sweep
 
-    cfg = load_config("dual_encoder_demo", _overrides(synth, tmp_path, "optim.max_steps=4",
-                                                        "tracking.checkpoint_every=100"))
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = load_config("dual_encoder_demo", _overrides(synth, tmp, "optim.max_steps=4", "tracking.checkpoint_every=100",
+                                                        "tracking.system_metrics_every=1"))
     result = run_sweep(cfg, {"model.image.kind": ["vit", "regions"]}, "sweep-test")
+    md = publish_comparison(result, ["model.image.kind"], ["eval/uni_rsum"], "test", str(tmp / "report"))
+    return tmp, cfg, result, md
+
+
+def test_two_trial_sweep_has_one_parent_and_two_children(sweep):
+    from alignlab.platform.sweep import run_sweep
+
+    tmp_path, cfg, result, md = sweep
     assert len(result.trials) == 2 and not any(t.error for t in result.trials)
     assert {t.overrides["model.image.kind"] for t in result.trials} == {"vit", "regions"}
     client = _client(tmp_path)
@@ -110,7 +133,6 @@ def test_two_trial_sweep_has_one_parent_and_two_children(ray_session, synth, tmp
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert {c.data.params["model.image.kind"] for c in children} == {"vit", "regions"}
     assert all("eval/uni_rsum" in c.data.metrics for c in children)
-    md = publish_comparison(result, ["model.image.kind"], ["eval/uni_rsum"], "test", str(tmp_path / "report"))
     assert "| vit | 1 |" in md and "| regions | 1 |" in md
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"comparison.md", "comparison.csv", "comparison.png"} <= artifacts
@@ -120,3 +142,145 @@ def test_two_trial_sweep_has_one_parent_and_two_children(ray_session, synth, tmp
     assert again.parent_run_id == result.parent_run_id
     assert {t.mlflow_run_id for t in again.trials} == {c.info.run_id for c in children}
     assert len(client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")) == 2
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(sweep):
+    """The command AlignLab prints to open the UI (`mlflow ui --backend-store-uri ...`), on a free
+    loopback port, over the sweep's store; its address once it answers. Stopped after the module."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from alignlab.platform.tracking import ui_command
+
+    tmp = sweep[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, *args = ui_command(f"sqlite:///{tmp}/mlflow.db").split()
+    log = open(tmp / "mlflow_ui.log", "wb")
+    # One web worker and no job runners (by default 4 workers and 7 Huey consumers, which take a
+    # minute to start on 2 cores); its own process group, so that they all stop with it.
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), *args, "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"], cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"mlflow ui exited: {(tmp / 'mlflow_ui.log').read_text()[-3000:]}"
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow ui did not answer within 120 s"
+                time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def _rest(base: str, endpoint: str, body: dict | None = None) -> dict:
+    """A call to the MLflow REST API the UI reads (a POST when ``body`` is given)."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{endpoint}",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_the_mlflow_ui_shows_the_sweep_as_training_runs(sweep, mlflow_ui, synth):
+    """What the UI lists, through the REST API it reads: an experiment of the training kind, the
+    sweep's parent with its comparison artifacts, and each child with its losses, evaluation,
+    system metrics and datasets."""
+    import json
+    import urllib.request
+
+    from alignlab.platform.shards import describe_split
+    from alignlab.platform.tracking import runs_page
+
+    _, _, result, _ = sweep
+    experiment = _rest(mlflow_ui, "experiments/get-by-name?experiment_name=alignlab-demo")["experiment"]
+    print(f"\nexperiment {experiment['name']} ({experiment['experiment_id']}) tags: {experiment['tags']}")
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+    runs = _rest(mlflow_ui, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+
+    def tags(run):
+        return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+    parent = next(r for r in runs if r["info"]["run_id"] == result.parent_run_id)
+    children = [r for r in runs if tags(r).get("mlflow.parentRunId") == result.parent_run_id]
+    for run in [parent, *children]:
+        print(f"run {run['info']['run_name']!r} {run['info']['status']} parent={tags(run).get('mlflow.parentRunId')}")
+        print("  metrics:", sorted(m["key"] for m in run["data"].get("metrics", [])))
+        for d in run.get("inputs", {}).get("dataset_inputs", []):
+            print(f"  dataset {d['dataset']['name']} digest={d['dataset']['digest']} "
+                  f"source={d['dataset']['source']} tags={d.get('tags')}")
+    assert len(children) == 2 and all(c["info"]["status"] == "FINISHED" for c in children)
+    for child in children:
+        metrics = {m["key"] for m in child["data"]["metrics"]}
+        assert {"loss/itc", "loss/total", "eval/uni_rsum", "eval/rsum"} <= metrics
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= metrics
+        history = _rest(mlflow_ui, f"metrics/get-history?run_id={child['info']['run_id']}"
+                                   f"&metric_key=system/cpu_utilization_percentage")["metrics"]
+        assert history  # the System metrics tab's chart
+        datasets = {(d["dataset"]["name"], tuple((t["key"], t["value"]) for t in d["tags"])): d["dataset"]
+                    for d in child["inputs"]["dataset_inputs"]}
+        assert set(datasets) == {(f"{synth.name}/train", (("mlflow.data.context", "training"),)),
+                                 (f"{synth.name}/test", (("mlflow.data.context", "evaluation"),))}
+        for (name, _), dataset in datasets.items():
+            split = synth / name.split("/")[1]
+            assert dataset["digest"] == describe_split(str(split)).digest
+            assert (dataset["source_type"], json.loads(dataset["source"])) == ("local", {"uri": str(split)})
+            assert "caption" in {c["name"] for c in json.loads(dataset["schema"])["mlflow_colspec"]}
+    # The parent's row, over its folded trials, shows the data they read.
+    assert {(d["dataset"]["name"], d["dataset"]["digest"]) for d in parent["inputs"]["dataset_inputs"]} == \
+        {(d["dataset"]["name"], d["dataset"]["digest"]) for c in children for d in c["inputs"]["dataset_inputs"]}
+    files = _rest(mlflow_ui, f"artifacts/list?run_id={result.parent_run_id}")["files"]
+    print("parent artifacts:", [(f["path"], f.get("file_size")) for f in files])
+    assert {"comparison.md", "comparison.csv", "comparison.png"} <= {f["path"] for f in files}
+    # The address AlignLab prints beside `mlflow ui`: the runs table in the machine-learning view.
+    page = runs_page(mlflow_ui, result.parent_run_id)
+    print("runs page:", page)
+    assert page == f"{mlflow_ui}/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning"
+    with urllib.request.urlopen(page, timeout=60) as response:
+        assert "<title>MLflow</title>" in response.read().decode()
+
+
+def test_the_runs_page_renders_the_sweep_in_a_browser(sweep, mlflow_ui, tmp_path):
+    """The runs page at the address AlignLab prints, as a browser renders it, and a screenshot."""
+    import shutil
+    import subprocess
+
+    from alignlab.platform.tracking import runs_page
+
+    names = ("chromium", "chromium-browser", "chromium-headless-shell", "google-chrome")
+    browser = next(filter(None, map(shutil.which, names)), None)
+    if browser is None:
+        pytest.skip(f"no headless Chromium on PATH ({', '.join(names)}) to render the runs page; the REST test "
+                    f"checks what it lists")
+    page = runs_page(mlflow_ui, sweep[2].parent_run_id)
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
+             "--virtual-time-budget=30000"]
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=180, check=True).stdout
+    # The runs table with the sweep's parent, in the machine-learning view: none of the GenAI
+    # view's navigation (its Overview page, its Judges).
+    assert "sweep-test" in dom and "Overview" not in dom and "Judges" not in dom
+    shot = tmp_path / "runs_page.png"
+    subprocess.run([*flags, f"--screenshot={shot}", page], capture_output=True, timeout=180, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print("screenshot of the runs page:", shot)

@@ -55,6 +55,9 @@ def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(pretr
     child = client.get_run(out["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == pre["mlflow_run_id"]
     assert child.data.params["finetune.task"] == task
+    # Its datasets are the task set's splits.
+    assert {(d.dataset.name, d.tags[0].value) for d in child.inputs.dataset_inputs} == {
+        (f"{task}/train", "training"), (f"{task}/test", "evaluation")}
     # The pre-training run shows the downstream figure beside its own.
     assert client.get_run(pre["mlflow_run_id"]).data.metrics[f"downstream/{task}/{metric}"] == pytest.approx(figures[metric])
     again = evaluate_checkpoint(out["checkpoint"], mlflow_uri=store)

@@ -156,3 +156,21 @@ def test_manifest_owner_of_older_and_foreign_sets(tmp_path, manifest, owner):
         else:
             with pytest.raises(S.ShardFolderError, match=f"made by {owner or 'an unknown writer'}"):
                 S.claim_folder(str(tmp_path), producer)
+
+
+def test_a_split_digest_follows_its_data_not_its_place(tmp_path):
+    import shutil
+
+    with S.ShardWriter(str(tmp_path / "a"), WRITER, rows_per_file=4) as w:
+        w.write_all(_row(i) for i in range(6))
+    summary = S.describe_split(str(tmp_path / "a" / "train"))
+    assert (summary.rows, summary.files) == (6, 2)
+    assert summary.schema.field("region_features").type == S.region_features_type(8)
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")  # the same files elsewhere: the same digest
+    assert S.describe_split(str(tmp_path / "copy" / "train")).digest == summary.digest
+    with S.ShardWriter(str(tmp_path / "b"), WRITER, rows_per_file=4) as w:  # one caption differs
+        w.write_all(_row(i) if i != 5 else S.Row(**{**_row(i).__dict__, "caption": "another"}) for i in range(6))
+    assert S.describe_split(str(tmp_path / "b" / "train")).digest != summary.digest
+    (tmp_path / "a" / "train" / "part-00001.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(S.ShardSchemaError, match="part-00001.parquet: not a readable Parquet file"):
+        S.describe_split(str(tmp_path / "a" / "train"))

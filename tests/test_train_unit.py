@@ -62,3 +62,12 @@ def test_local_cluster_has_slots_for_the_workers_and_the_data_stages(monkeypatch
     assert local_cluster_cpus(load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.5"])) == 8
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert local_cluster_cpus(load_config(None, ["scaling.num_workers=2"])) == 16
+
+
+def test_a_run_restarted_to_show_more_resumes_the_same_run_but_a_changed_config_does_not():
+    from alignlab.platform.train import run_key
+
+    base = run_key(load_config(None, []))
+    assert run_key(load_config(None, ["tracking.verbose=true", "tracking.system_metrics_every=0"])) == base
+    assert run_key(load_config(None, ["optim.lr=1e-3"])) != base
+    assert run_key(load_config(None, ["tracking.run_name=mine"])) == "mine"
