@@ -22,7 +22,8 @@ def _train(args: argparse.Namespace) -> None:
     from alignlab.platform.tracking import runs_page, ui_command
     from alignlab.platform.train import train
 
-    cfg = load_config(args.preset, args.overrides)
+    cfg = load_config(args.preset, args.overrides + ([f"tracking.registered_model={args.register_model}"]
+                                                     if args.register_model else []))
     ensure_synthetic_data(cfg)
     out = train(cfg)
     for k, v in sorted(out["metrics"].items()):
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="one pre-training run (Ray Train) tracked in MLflow")
     train.add_argument("preset", help="a preset under experiments/configs/ or a YAML file")
     train.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4")
+    train.add_argument("--register-model", default="", metavar="NAME",
+                       help="register the final model in MLflow's model registry as NAME (tracking.registered_model)")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="retrieval of a trained checkpoint on any split, logged to MLflow")

@@ -141,6 +141,9 @@ class TrackingConfig:
     # NVIDIA GPU utilisation and memory), logged into the run by each machine's first train
     # worker (0 = none). $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL in the workers overrides it.
     system_metrics_every: float = 10.0
+    # The model registry name a finished run's final model (its MLflow model, ``model``) is
+    # registered under ("" = logged with the run, not registered).
+    registered_model: str = ""
 
 
 @dataclass

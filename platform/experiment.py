@@ -72,6 +72,9 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
     parser.add_argument("--max-concurrent-trials", type=int, default=0, metavar="N",
                         help="run at most N trials at once (default: as many as the cluster holds at its largest, "
                              "the autoscaler's maximum on an autoscaling cluster)")
+    parser.add_argument("--register-model", default="", metavar="NAME",
+                        help="register each trial's final model in MLflow's model registry as a version of NAME "
+                             "(tracking.registered_model)")
     parser.add_argument("--verbose", action="store_true",
                         help="show the output of Ray's processes, Ray Data's progress and Tune's status tables here "
                              "(tracking.verbose=true); by default they stay in the Ray session's log files and "
@@ -82,6 +85,8 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
         args.overrides.append(f"scaling.max_concurrent_trials={args.max_concurrent_trials}")
     if args.verbose:
         args.overrides.append("tracking.verbose=true")
+    if args.register_model:
+        args.overrides.append(f"tracking.registered_model={args.register_model}")
     args.only = getattr(args, "only", None) or (sweeps[0] if len(sweeps) == 1 else None)
     if args.grid and args.only is None:
         parser.error(f"--grid restricts one sweep's axis: name that sweep with --only {{{','.join(sweeps)}}}")
@@ -165,7 +170,7 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     from alignlab.models.registry import get_spec
     from alignlab.platform.console import configure_logging
     from alignlab.platform.sweep import publish_comparison, run_sweep
-    from alignlab.platform.tracking import alignlab_home, ui_command
+    from alignlab.platform.tracking import alignlab_home, runs_page, ui_command
 
     # The preset decides the architecture, and so which sweeps exist: read it before the rest.
     pre = argparse.ArgumentParser(add_help=False)
@@ -235,6 +240,7 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
                 print(f"trial {t.overrides} failed: {t.error}")
         print(f"MLflow parent run {result.parent_run_id} in {result.mlflow_uri}")
         print(f"comparison artifacts: {out_dir}")
-        print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}")
+        print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}\n"
+              f"and the runs at {runs_page(result.mlflow_uri, result.parent_run_id)}")
         outputs.append({"result": result, "markdown": markdown})
     return outputs

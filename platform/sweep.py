@@ -108,7 +108,7 @@ def _trial(trial_config: dict[str, Any]) -> None:
     with tracking.failure_marks(logger):
         result = fit(cfg, uri, run_id, storage_path=trial_config["train_storage"],
                      name=f"{trial_config['sweep']}-{trial_name}", callbacks=[TuneReportCallback()])
-    tracking.close_run(logger, result)
+    tracking.close_run(logger, result, cfg)
     if finetune is not None and parent != trial_config["parent_run_id"]:
         from alignlab.platform.finetune import log_on_pretraining_run
 

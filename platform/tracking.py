@@ -266,8 +266,9 @@ def failure_marks(logger: "RunLogger") -> Iterator[None]:
         raise
 
 
-def close_run(logger: "RunLogger", result) -> None:
-    """Marks the MLflow run finished (recording where its checkpoint is) or failed (re-raising)."""
+def close_run(logger: "RunLogger", result, cfg) -> None:
+    """Marks the MLflow run finished (recording where its checkpoint is, and logging the final
+    model, :func:`log_final_model`) or failed (re-raising)."""
     if result.error:
         logger.set_tag("alignlab.error", f"{type(result.error).__name__}: {result.error}"[:5000])
         logger.finish("FAILED")
@@ -275,7 +276,31 @@ def close_run(logger: "RunLogger", result) -> None:
     if result.checkpoint:
         logger.set_tag("checkpoint", result.checkpoint.path)
         logger.log_text(result.checkpoint.path + "\n", "checkpoint_location.txt")
+        log_final_model(logger, result.checkpoint, cfg)
     logger.finish()
+
+
+def log_final_model(logger: "RunLogger", checkpoint, cfg) -> None:
+    """Logs a finished run's final checkpoint as its MLflow model (``model``: the export folder as
+    a pyfunc that embeds images and texts, :func:`alignlab.platform.export.log_model`), registered
+    as ``tracking.registered_model`` when set. A model fine-tuned on a classification or
+    grounding task predicts rather than embeds: its run keeps the checkpoint, which ``alignlab
+    export`` turns into a folder. The training is done and its checkpoint kept, so a model that
+    cannot be logged is a warning and an ``alignlab.model_error`` tag, not a failed run."""
+    import logging
+
+    from alignlab.platform import export
+
+    if cfg.finetune.task not in ("", "retrieval"):
+        return
+    try:
+        with checkpoint.as_directory() as directory:
+            export.log_model(logger.uri, logger.run_id, directory, cfg.tracking.registered_model or None)
+    except Exception as e:  # noqa: BLE001 - any failure here leaves a finished training intact
+        logging.getLogger("alignlab").warning("run %s: the final model was not logged as an MLflow model (%s: %s); "
+                                              "`alignlab export %s OUT_DIR` writes it from the checkpoint",
+                                              logger.run_id, type(e).__name__, e, checkpoint.path)
+        logger.set_tag("alignlab.model_error", f"{type(e).__name__}: {e}"[:5000])
 
 
 def git_commit() -> str:

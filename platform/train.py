@@ -119,11 +119,12 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
 
 def run_key(cfg: Config) -> str:
     """A stable Train run name: the same resolved config resumes the same run. What only changes
-    what the run shows (the console's verbosity, the system metrics' sampling) is not part of
-    it: a run restarted with ``--verbose`` resumes."""
+    what the run shows (the console's verbosity, the system metrics' sampling, the registry name
+    of its final model) is not part of it: a run restarted with ``--verbose`` resumes."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    shown = replace(cfg.tracking, verbose=False, system_metrics_every=config_lib.TrackingConfig.system_metrics_every)
+    shown = replace(cfg.tracking, verbose=False, system_metrics_every=config_lib.TrackingConfig.system_metrics_every,
+                    registered_model="")
     digest = hashlib.sha1(config_lib.dump_yaml(replace(cfg, tracking=shown)).encode()).hexdigest()[:10]
     return f"{cfg.model.architecture}-{digest}"
 
@@ -873,6 +874,6 @@ def train(cfg: Config, parent_run_id: str | None = None, run_name: str | None = 
     logger = tracking.open_run(uri, run_id, cfg)
     with tracking.failure_marks(logger):
         result = fit(cfg, uri, run_id, name=key)
-    tracking.close_run(logger, result)
+    tracking.close_run(logger, result, cfg)
     return {"metrics": dict(result.metrics or {}), "mlflow_uri": uri, "mlflow_run_id": run_id,
             "checkpoint": result.checkpoint.path if result.checkpoint else None}

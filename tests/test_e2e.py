@@ -247,6 +247,11 @@ def test_the_mlflow_ui_shows_the_sweep_as_training_runs(sweep, mlflow_ui, synth)
             assert dataset["digest"] == describe_split(str(split)).digest
             assert (dataset["source_type"], json.loads(dataset["source"])) == ("local", {"uri": str(split)})
             assert "caption" in {c["name"] for c in json.loads(dataset["schema"])["mlflow_colspec"]}
+    # Each child's final model, logged as an MLflow model (the export folder as a pyfunc).
+    models = _rest(mlflow_ui, "logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
+    print("logged models:", [(m["info"]["name"], m["info"]["source_run_id"], m["info"]["status"]) for m in models])
+    assert sorted((m["info"]["name"], m["info"]["source_run_id"], m["info"]["status"]) for m in models) == \
+        sorted(("model", c["info"]["run_id"], "LOGGED_MODEL_READY") for c in children)
     # The parent's row, over its folded trials, shows the data they read.
     assert {(d["dataset"]["name"], d["dataset"]["digest"]) for d in parent["inputs"]["dataset_inputs"]} == \
         {(d["dataset"]["name"], d["dataset"]["digest"]) for c in children for d in c["inputs"]["dataset_inputs"]}

@@ -110,7 +110,7 @@ def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch)
     """--readings paper,official adds the architecture's reading as a grid axis, publishes the usual
     table once per reading (paired differences within it) and one table of the readings, paired
     over rows and seeds."""
-    from alignlab.platform import experiment, sweep
+    from alignlab.platform import experiment, sweep, tracking
     from alignlab.platform.sweep import SweepResult, TrialResult
 
     key = "model.simla.reading"
@@ -129,6 +129,7 @@ def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch)
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     monkeypatch.setattr(sweep, "publish_comparison", fake_publish)
     monkeypatch.setattr(experiment, "ensure_synthetic_data", lambda cfg: None)
+    monkeypatch.setattr(tracking, "runs_page", lambda uri, run_id: f"{uri}#{run_id}")
     experiment.run_experiment("", "simla_demo", ["eval/rsum"], argv=["--only", "rows", "--grid", "model.simla.row=c,e",
                                                                       "--seeds", "2", "--readings", "paper,official"])
     assert grids == [{"model.simla.row": ["c", "e"], "seed": [0, 1], key: ["paper", "official"]}]

@@ -307,3 +307,35 @@ def test_the_mlflow_pyfunc_embeds_as_from_pretrained_and_registers(arch, synth, 
     by_run = export(run_id, tmp_path / "by_run", mlflow_uri=uri)
     assert json.loads((by_run / "config.json").read_text())["source"] == {"checkpoint": str(tmp_path / "ckpt"),
                                                                           "mlflow_run_id": run_id}
+
+
+def test_a_finished_run_logs_its_final_model_registered_by_config_and_a_failure_only_warns(synth, mlflow_store,
+                                                                                           tmp_path):
+    import contextlib
+    from types import SimpleNamespace
+
+    from alignlab.platform import tracking
+    from alignlab.platform.config import load_config
+
+    _checkpoint("dual_encoder", synth, tmp_path / "ckpt")
+
+    def finished(path):
+        return SimpleNamespace(path=str(path), as_directory=lambda: contextlib.nullcontext(str(path)))
+
+    uri = mlflow_store
+    runs = {k: tracking.create_run(uri, "final-model", k) for k in ("pretraining", "vqa", "broken")}
+    tracking.log_final_model(tracking.RunLogger(uri, runs["pretraining"]), finished(tmp_path / "ckpt"),
+                             load_config(None, ["tracking.registered_model=final-dual"]))
+    versions = tracking.client(uri).search_model_versions("name = 'final-dual'")
+    assert [(v.version, v.run_id) for v in versions] == [(1, runs["pretraining"])]
+    # A task model predicts: its run keeps the checkpoint and logs no model.
+    tracking.log_final_model(tracking.RunLogger(uri, runs["vqa"]), finished(tmp_path / "ckpt"),
+                             load_config("mvptr_demo", ["finetune.task=vqa"]))
+    # A checkpoint that cannot be exported leaves the finished run as it is, with the reason.
+    tracking.log_final_model(tracking.RunLogger(uri, runs["broken"]), finished(tmp_path / "missing"),
+                             load_config(None, []))
+    client = tracking.client(uri)
+    logged = {m.source_run_id for m in client.search_logged_models([tracking.experiment_id(uri, "final-model")])}
+    assert logged == {runs["pretraining"]}
+    assert "missing" in client.get_run(runs["broken"]).data.tags["alignlab.model_error"]
+    assert client.get_run(runs["broken"]).info.status == "RUNNING"
