@@ -188,8 +188,9 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     external = reference_rows(cfg, args.reference, seed_values, args.name or Path(args.preset).stem) \
         if args.reference else None
     outputs = []
+    chosen = [n for n in sweeps if args.only in (None, n)]
     for sweep_name, ablation in sweeps.items():
-        if args.only not in (None, sweep_name):
+        if sweep_name not in chosen:
             continue
         grid = restrict_grid(dict(ablation.grid), args.grid if args.only == sweep_name else [])
         if n_seeds > 1:
@@ -213,6 +214,12 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
             if figures.majority:
                 table_external["baseline: the most frequent train answer"] = [figures.majority]
             downstream_chance = figures.chance
+        if sweep_name == chosen[-1]:
+            # The cluster's work is done: leaving it now prints whatever Ray still has to say
+            # (a raylet's warning arrives late) above the tables, which stay the last lines.
+            import ray
+
+            ray.shutdown()
         # Files for the driver's printout; the durable copies are the parent run's artifacts.
         out_dir = alignlab_home() / "outputs" / name
         claims = [c for c in ablation.claims if c[3] in metrics and
