@@ -554,11 +554,22 @@ def local_eval_batches(data: DataConfig, objectives: ObjectivesConfig, spec: Inp
     stage as on Ray Data (files in name order, rows in file order): for scoring a checkpoint
     without a cluster. Bad rows are skipped and logged as in training, and counted in ``counter``
     when given (anything with ``add.remote``, as a :class:`DataQuality` actor)."""
+    return local_batches(data, objectives, spec, split, batch_size, train=False, id_columns=id_columns,
+                         counter=counter)
+
+
+def local_batches(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, batch_size: int,
+                  train: bool, id_columns: tuple[str, ...] = (), counter=None, seed: int = 0
+                  ) -> Iterator[dict[str, Any]]:
+    """:func:`build_dataset`'s rows without Ray: pyarrow reads the files in name order and one
+    :class:`Preprocessor` in this process prepares them, ``train`` choosing augmentation and
+    masking as there. :func:`local_eval_batches` scores with it; ``alignlab bench`` times the Ray
+    pipeline against it (the same work on the same rows, in one process)."""
     import torch
 
     uri = shards.child_uri(data.shards, split)
-    spec, files = _split_inputs(spec, uri, train=False, id_columns=id_columns)
-    pre = Preprocessor(data, objectives, spec, train=False, counter=counter, id_columns=id_columns)
+    spec, files = _split_inputs(spec, uri, train=train, id_columns=id_columns)
+    pre = Preprocessor(data, objectives, spec, train=train, counter=counter, seed=seed, id_columns=id_columns)
     fs, _ = shards.filesystem(uri)
     schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
     columns = schema.names  # the optional columns the split has
