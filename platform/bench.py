@@ -35,7 +35,7 @@ its figures are rates or ratios taken in the same run; absolute times are contex
 
 ``--ray`` (a local Ray cluster started in this process, on the synthetic set generated into a
 temporary folder and on it 10 times over, its training files hard-linked; each architecture of
-``bench.yaml``'s ``ray`` plan at demo size; ``--sections`` picks a subset; about 10 minutes on 2
+``bench.yaml``'s ``ray`` plan at demo size; ``--sections`` picks a subset; 5-10 minutes on 2
 cores). CPU time and memory are read from ``/proc`` for this process and every process it started
 (:class:`ProcessTree`: the driver, Ray's daemons and its workers):
 

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="each architecture's training steps at paper size, and NCCL, on the visible GPUs")
     mode.add_argument("--ray", action="store_true",
                       help="the Ray data path on a local cluster: ingest, epoch boundaries, memory, data wait "
-                           "(about 10 minutes on 2 cores)")
+                           "(5-10 minutes on 2 cores)")
     bench.add_argument("--sections", default="",
                        help="with --ray: a comma-separated subset of ingest,epochs,memory,data_wait")
     bench.add_argument("--out", help="JSON file for the figures (default: bench-<mode>.json)")
