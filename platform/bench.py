@@ -33,7 +33,32 @@ its figures are rates or ratios taken in the same run; absolute times are contex
   and optimiser, and the cost of an objective as the step-time difference between a variant
   without it (the configs' own ablation switches, listed in ``bench.yaml``) and its reference.
 
-The JSON: ``{"bench": "gpu" | "quick", "environment": {python, torch, cuda, gpu, gpu_count, driver,
+``--ray`` (a local Ray cluster started in this process, on the synthetic set generated into a
+temporary folder and on it 10 times over, its training files hard-linked; each architecture of
+``bench.yaml``'s ``ray`` plan at demo size; ``--sections`` picks a subset; 5-10 minutes on 2
+cores). CPU time and memory are read from ``/proc`` for this process and every process it started
+(:class:`ProcessTree`: the driver, Ray's daemons and its workers):
+
+* **ingest**: training rows through read, decode, augment, tokenize and mask on the Ray Data
+  pipeline (``ingest.build_dataset``, iterated on the driver) against this process running the
+  same ``Preprocessor`` on the same split (``ingest.local_batches``), in turn, each from a cold
+  start: rows per wall second and per CPU second, start-up included, and the CPU seconds by
+  process (driver, Preprocessor workers, other workers, daemons); ``per_core`` is Ray's rows per
+  CPU second over the loop's (the target is >= 0.8) and ``overhead`` the share of Ray's CPU time
+  outside its Preprocessor workers.
+* **epochs**: a few small epochs read as a Ray Train worker reads its shard (``streaming_split``
+  and ``train.shard_batches``, every epoch a new execution), no model: the first batch's wait,
+  the wait from an epoch's last batch to the next one's first, and the steady gap between
+  batches; the first architecture also with Ray Data's default Parquet footer pool
+  (``ingest.footer_pool``), side by side.
+* **memory**: peak RSS of the driver, the workers together, the largest worker and Ray's daemons
+  while one epoch of the first architecture streams through the same iteration, on 1x and 10x
+  the synthetic set; streaming keeps the 10x row within 10% of the 1x one.
+* **data wait**: each architecture's ``Runner`` (one CPU worker) fed by that iteration through a
+  ``LocalContext``: the trainer's own ``time/data_wait_fraction`` and samples/s over steps inside
+  the first epoch, after a warm-up.
+
+The JSON: ``{"bench": "gpu" | "quick" | "ray", "environment": {python, torch, cuda, gpu, gpu_count, driver,
 peak_tflops, ...}, "sections": [{"name", "compares", "seconds", "error", "rows": [...]}]}``.
 A row that failed holds an ``error``; the command then exits non-zero, after writing everything
 it measured. The JSON is rewritten after every row, so a run stopped by a timeout keeps its
@@ -55,6 +80,7 @@ import platform as host
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import replace
@@ -794,6 +820,407 @@ def bench_rerank_states(report: Report, plan: list[dict[str, Any]], images: int 
 
 
 # --------------------------------------------------------------------------------------------
+# The Ray data path (--ray): ingest, epoch boundaries, memory, data wait
+# --------------------------------------------------------------------------------------------
+
+SAMPLE_INTERVAL_S = 0.2
+INGEST_ROWS = 20000  # per pipeline, from a cold start
+EPOCH_ROWS = 640  # 20 batches of 32 per epoch: the boundary's cost does not grow with the epoch
+EPOCHS = 3
+MEMORY_SCALE = 10
+WAIT_WARMUP_STEPS, WAIT_STEPS = 5, 20
+
+
+def _proc_tree(root: int) -> list[int]:
+    """``root`` and its descendants, from ``/proc/<pid>/stat``'s parent ids."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+            children.setdefault(ppid, []).append(int(d))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+class ProcessTree:
+    """CPU seconds and resident memory of this process and every process it started, read from
+    ``/proc`` (Linux): a local Ray cluster's GCS, raylet and workers are its descendants, and
+    Ray's own metrics count neither the raylet's nor the driver's time. A thread samples every
+    ``interval`` s (a process that exits between two samples loses at most that much CPU time);
+    :meth:`sample` also samples on the spot. RSS counts the object store's shared pages a
+    process has touched too."""
+
+    TICK, PAGE = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self, interval: float = SAMPLE_INTERVAL_S):
+        self.root, self.interval = os.getpid(), interval
+        self.cpu: dict[int, float] = {}  # the latest CPU seconds of every process seen
+        self.kind: dict[int, str] = {}
+        self.preprocessing: set[int] = set()  # workers seen running the Preprocessor
+        self.peaks: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def _classify(self, pid: int) -> str:
+        """``driver``, ``preprocessing`` (a worker seen running the Preprocessor: Ray titles its
+        worker processes "ray::<task or actor>" with setproctitle, "ray::IDLE" between tasks),
+        ``worker`` or ``ray_system`` (GCS, raylet, monitors, Ray's agents). Read at every sample:
+        a process can start as a launcher and become a worker under the same id."""
+        if pid == self.root:
+            return "driver"
+        if pid in self.preprocessing:
+            return "preprocessing"
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()[:200]
+        except OSError:
+            return self.kind.get(pid, "ray_system")
+        if cmd.startswith(b"ray::") and b"Preprocessor" in cmd:
+            self.preprocessing.add(pid)
+            return "preprocessing"
+        if (cmd.startswith(b"ray::") and not cmd.split(b"\0")[0].endswith(b"Agent")) or b"default_worker" in cmd:
+            return "worker"
+        return "ray_system"
+
+    def sample(self) -> None:
+        totals: dict[str, float] = {}
+        with self.lock:
+            for pid in _proc_tree(self.root):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rpartition(")")[2].split()
+                except OSError:
+                    continue
+                # utime, stime and rss: fields 14, 15 and 24 of proc(5), counted after the name.
+                self.cpu[pid] = (int(fields[11]) + int(fields[12])) / self.TICK
+                rss = int(fields[21]) * self.PAGE
+                self.kind[pid] = self._classify(pid)
+                kind = "worker" if self.kind[pid] == "preprocessing" else self.kind[pid]  # memory: all workers
+                totals[kind] = totals.get(kind, 0.0) + rss
+                if kind == "worker":
+                    self.peaks["worker_max"] = max(self.peaks.get("worker_max", 0.0), rss)
+            for kind, rss in totals.items():
+                self.peaks[kind] = max(self.peaks.get(kind, 0.0), rss)
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        """CPU seconds so far by kind of process (:meth:`_classify`), each process counted under
+        its latest kind."""
+        self.sample()
+        out: dict[str, float] = {}
+        with self.lock:
+            for pid, cpu in self.cpu.items():
+                out[self.kind[pid]] = out.get(self.kind[pid], 0.0) + cpu
+        return out
+
+    def cpu_seconds(self) -> float:
+        self.sample()
+        return sum(self.cpu.values())
+
+    def reset_peaks(self) -> dict[str, float]:
+        """Starts the peaks afresh; returns the resident bytes by kind of process now."""
+        with self.lock:
+            self.peaks = {}
+        self.sample()
+        return dict(self.peaks)
+
+    def __enter__(self) -> "ProcessTree":
+        self._stop = threading.Event()
+
+        def loop():
+            while not self._stop.wait(self.interval):
+                self.sample()
+
+        self.sample()
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def stream_rate(batches: Callable[[], Iterator[dict[str, torch.Tensor]]], tree: ProcessTree,
+                rows: int) -> dict[str, float]:
+    """Consumes ``rows`` rows of ``batches()`` from its start: rows per second of wall time and
+    per CPU second of every process of the tree, the share of that CPU time spent in processes
+    running the Preprocessor (in this process for the local loop: all of it), and the wait for
+    the first batch. Only the whole run is comparable: Ray Data hands the preprocessed rows over
+    in blocks of up to ``DataContext.target_max_block_size`` (128 MiB, thousands of rows here),
+    so after its first batch the driver drains rows prepared meanwhile, faster than any pipeline
+    prepares them."""
+    t0, cpu0 = time.perf_counter(), tree.cpu_by_kind()
+    n, first = 0, None
+    for batch in batches():
+        n += len(batch["input_ids"])
+        if first is None:
+            first = time.perf_counter()
+        if n >= rows:
+            break
+    end, cpu1 = time.perf_counter(), tree.cpu_by_kind()
+    if n < rows:
+        raise BenchError(f"the split ended after {n} of the {rows} rows to time")
+    cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
+    total = sum(cpu.values())
+    return {"rows": n, "first_batch_s": first - t0, "rows_per_s": n / (end - t0), "cores": total / (end - t0),
+            "rows_per_cpu_s": n / total, "cpu_s": total,
+            **{f"{k}_cpu_s": cpu.get(k, 0.0) for k in ("driver", "preprocessing", "worker", "ray_system")}}
+
+
+@contextlib.contextmanager
+def ray_cluster(cfg: Config) -> Iterator[None]:
+    """The trainer's own local cluster (:func:`~alignlab.platform.train.init_ray`), started in
+    this process and shut down after; the cluster's output stays in its log files. The process
+    tree's figures count only a cluster this process started."""
+    import ray
+    import ray.data
+
+    from alignlab.platform.train import init_ray
+
+    started = not ray.is_initialized()  # a cluster this process already joined (a test's) stays up
+    init_ray(cfg, quiet=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def on_shards(cfg: Config, root: str | Path, **data: Any) -> Config:
+    """``cfg`` reading the shard set at ``root``, with further ``data`` fields replaced."""
+    return replace(cfg, data=replace(cfg.data, shards=str(root), **data))
+
+
+def scaled_shards(root: Path, out: Path, times: int) -> Path:
+    """``root``'s shard set with its training split ``times`` over: every training file linked
+    ``times`` times under new names (hard links, so no disk), the vocabularies and the other
+    splits linked once. Streaming memory depends on the rows' count and size, not on whether
+    they repeat."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in root.iterdir():
+        if item.name == "train":
+            (out / "train").mkdir(exist_ok=True)
+            for f in sorted(item.glob("*.parquet")):
+                for i in range(times):
+                    os.link(f, out / "train" / f"{f.stem}-copy{i:03d}{f.suffix}")
+        elif not (out / item.name).exists():
+            (out / item.name).symlink_to(item.resolve())
+    return out
+
+
+def _architectures(plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in plan if not e["reference"]]
+
+
+def _inputs(cfg: Config):
+    from alignlab.models.registry import get_spec
+
+    return get_spec(cfg.model.architecture).input_spec(cfg.model, cfg.objectives)
+
+
+def bench_ingest(report: Report, plan: list[dict[str, Any]], root: Path, tree: ProcessTree,
+                 rows: int = INGEST_ROWS) -> None:
+    """Per architecture: ``build_dataset``'s training pipeline against ``local_batches`` (the
+    same Preprocessor on the same split's rows in this process), in turn, each from a cold start
+    (the pipeline's start-up included: every epoch pays it)."""
+    from alignlab.platform.ingest import build_dataset, local_batches
+
+    compares = (f"{rows} training rows through read -> decode -> augment -> tokenize -> mask, start-up included: the "
+                f"Ray Data pipeline (build_dataset as configured, iter_torch_batches on the driver) vs this process "
+                f"running the same Preprocessor (local_batches). cores = CPU seconds of every process of the run "
+                f"per wall second; rows_per_cpu_s = rows per such CPU second; *_cpu_s = those CPU seconds by "
+                f"process: the driver, the workers that ran the Preprocessor, the other workers (reads, footers, "
+                f"the split coordinator), Ray's daemons. ray/local: the ratios; per_core = rows_per_cpu_s's "
+                f"(target >= 0.8); overhead = the share of Ray's CPU time outside its Preprocessor workers")
+    rates = ("first_batch_s", "rows_per_s", "cores", "rows_per_cpu_s")
+    with report.section("ingest", compares) as out:
+        for entry in _architectures(plan):
+            cfg = on_shards(entry["cfg"], root)
+            data, spec, bs = cfg.data, _inputs(cfg), cfg.data.batch_size
+            local = stream_rate(lambda: local_batches(data, cfg.objectives, spec, data.train_split, bs, train=True,
+                                                      seed=cfg.seed), tree, rows)
+            capped = replace(data, max_train_rows=rows + bs)
+            ray = stream_rate(lambda: build_dataset(capped, cfg.objectives, spec, data.train_split, train=True,
+                                                    seed=cfg.seed).iter_torch_batches(batch_size=bs), tree, rows)
+            for name, r in (("local", local), ("ray", ray)):
+                out.append({"model": entry["name"], "pipeline": name, **r})
+            per_core = ray["rows_per_cpu_s"] / local["rows_per_cpu_s"]
+            out.append({"model": entry["name"], "pipeline": "ray/local", **{k: ray[k] / local[k] for k in rates},
+                        "per_core": per_core, "overhead": 1 - ray["preprocessing_cpu_s"] / ray["cpu_s"]})
+            report.write()
+
+
+def epoch_times(cfg: Config, epochs: int, footer_actors: int | None = None) -> list[list[float]]:
+    """The arrival time of every batch of ``epochs`` epochs of the training pipeline, read as a
+    Ray Train worker reads its shard (``streaming_split`` and ``shard_batches``, each epoch a new
+    iteration), with no training step between batches. ``footer_actors``: the Parquet read's
+    footer pool instead of ``build_dataset``'s (:func:`~alignlab.platform.ingest.footer_pool`)."""
+    from alignlab.platform.ingest import FOOTER_ACTORS_ENV, build_dataset
+    from alignlab.platform.train import shard_batches
+
+    env = {FOOTER_ACTORS_ENV: str(footer_actors)} if footer_actors else {}
+    with _environment(env):
+        ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed)
+    (shard,) = ds.streaming_split(1, equal=True)
+    times: list[list[float]] = []
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        times.append([time.perf_counter() - t0 for _ in shard_batches(shard, cfg.data, cfg.data.batch_size,
+                                                                       torch.device("cpu"))])
+    return times
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bench_epochs(report: Report, plan: list[dict[str, Any]], root: Path, rows: int = EPOCH_ROWS,
+                 epochs: int = EPOCHS, ray_pool: int | None = None) -> None:
+    """Each architecture's pipeline as ``build_dataset`` makes it; the first one's also with Ray
+    Data's default footer pool (as before ``footer_pool``), in turn with it."""
+    from alignlab.platform.ingest import RAY_FOOTER_ACTORS, footer_actors
+    from alignlab.platform.shards import child_uri, list_parquet
+
+    compares = (f"{epochs} epochs of {rows} training rows read as a Ray Train worker reads its shard "
+                f"(streaming_split + shard_batches, each epoch a new iteration), no model: first_batch_s = the "
+                f"first epoch's start-up, boundary_s = last batch of an epoch to the first of the next (median), "
+                f"steady_ms = between batches within an epoch (median: the pipeline runs ahead of a reader without "
+                f"a model); footer_actors = the Parquet read's footer-reading pool, Ray's default "
+                f"{RAY_FOOTER_ACTORS} or build_dataset's")
+    with report.section("epochs", compares) as out:
+        entries = _architectures(plan)
+        files = len(list_parquet(child_uri(str(root), entries[0]["cfg"].data.train_split)))
+        runs = [(e, None) for e in entries]
+        runs.insert(1, (entries[0], ray_pool or RAY_FOOTER_ACTORS))
+        for entry, pool in runs:
+            cfg = on_shards(entry["cfg"], root, max_train_rows=rows)
+            times = epoch_times(cfg, epochs, pool)
+            steady = float(np.median([b - a for t in times for a, b in zip(t[1:], t[2:])]))
+            out.append({"model": entry["name"], "footer_actors": pool or footer_actors(files),
+                        "batches_per_epoch": [len(t) for t in times], "first_batch_s": times[0][0],
+                        "boundary_s": float(np.median([nxt[0] - prev[-1] for prev, nxt in zip(times, times[1:])])),
+                        "steady_ms": 1e3 * steady})
+            report.write()
+
+
+def bench_memory(report: Report, plan: list[dict[str, Any]], sets: dict[int, Path], tree: ProcessTree) -> None:
+    """Peak RSS while one epoch of the first architecture's training split streams through the
+    trainer's shard iteration, on each of ``sets`` ({times the base set: its root}, the base
+    first)."""
+    from alignlab.platform.train import shard_batches
+
+    entry = _architectures(plan)[0]
+    scale = max(sets)
+    compares = (f"peak resident memory (MiB, sampled every {SAMPLE_INTERVAL_S} s) while one epoch of {entry['name']}'s "
+                f"training split streams through build_dataset + streaming_split + shard_batches, on the synthetic "
+                f"set and on it x{scale} (its files linked {scale} times): driver (and its growth during the "
+                f"epoch), all Ray workers together, the largest worker, Ray's daemons (the object store's pages "
+                f"included); streaming should keep the x{scale} row within 10% of x1 (ratio)")
+    from alignlab.platform.ingest import build_dataset
+
+    with report.section("memory", compares) as out:
+        for times, shards_root in sets.items():
+            cfg = on_shards(entry["cfg"], shards_root)
+            ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed)
+            (shard,) = ds.streaming_split(1, equal=True)
+            gc.collect()
+            before = tree.reset_peaks()
+            start = time.perf_counter()
+            n = sum(len(b["input_ids"]) for b in shard_batches(shard, cfg.data, cfg.data.batch_size, torch.device("cpu")))
+            tree.sample()
+            mib = {k: v / 2**20 for k, v in tree.peaks.items()}
+            out.append({"model": entry["name"], "data": f"x{times}", "rows": n, "seconds": time.perf_counter() - start,
+                        "driver_mib": mib.get("driver"), "driver_added_mib": mib.get("driver") - before["driver"] / 2**20,
+                        "workers_mib": mib.get("worker"),
+                        "largest_worker_mib": mib.get("worker_max"), "ray_system_mib": mib.get("ray_system")})
+            report.write()
+        small, large = out
+        out.append({"model": entry["name"], "data": f"x{scale}/x1", "rows": large["rows"] / small["rows"],
+                    **{k: large[k] / small[k] for k in ("driver_mib", "workers_mib", "largest_worker_mib",
+                                                        "ray_system_mib") if small[k] and large[k]}})
+
+
+def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path, warmup: int = WAIT_WARMUP_STEPS,
+                    steps: int = WAIT_STEPS) -> None:
+    """Each architecture's Runner (demo size, one CPU worker) fed by the Ray pipeline as on Ray
+    Train; the fraction is the trainer's own ``time/data_wait_fraction`` over ``steps`` steps
+    after ``warmup`` (its window closed once after the warm-up), inside the first epoch."""
+    from alignlab.platform.ingest import build_dataset
+    from alignlab.platform.train import LocalContext, Runner, prepare, shard_batches
+
+    compares = (f"the trainer's time/data_wait_fraction (time in next(batch) / wall time) of each architecture's "
+                f"Runner (demo size, fp32, one CPU worker) fed by build_dataset + streaming_split + shard_batches, "
+                f"over {steps} steps after {warmup}, inside the first epoch; the data workers share the machine's "
+                f"cores with the step")
+    with report.section("data wait", compares) as out:
+        for entry in _architectures(plan):
+            cfg = on_shards(entry["cfg"], root)
+            cfg = replace(cfg, tracking=replace(cfg.tracking, checkpoint_every=10**9, log_every=10**9))
+            info = prepare(cfg)
+            ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed)
+            (shard,) = ds.streaming_split(1, equal=True)
+            ctx = LocalContext(lambda: shard_batches(shard, cfg.data, cfg.data.batch_size, torch.device("cpu")))
+            runner = Runner(cfg, info.spec, info.vocab, ctx, info.steps_per_epoch).setup()
+            runner.model.train()
+            for _ in range(warmup):
+                runner.train_step()
+            runner.log()
+            for _ in range(steps):
+                if runner.train_step() is None:
+                    raise BenchError(f"{entry['name']}: the epoch ended inside the measured steps")
+            m = runner.log()
+            out.append({"model": entry["name"], "batch": cfg.data.batch_size, "steps": steps,
+                        "samples_per_s": m["throughput/samples_per_s"],
+                        "step_ms": 1e3 * cfg.data.batch_size / m["throughput/samples_per_s"],
+                        "data_wait": m["time/data_wait_fraction"]})
+            report.write()
+            del runner, shard, ds
+            gc.collect()
+
+
+RAY_SECTIONS = ("ingest", "epochs", "memory", "data_wait")
+
+
+def run_ray_sections(report: Report, plan: list[dict[str, Any]], sections: list[str] = list(RAY_SECTIONS),
+                     shards_root: str | Path | None = None) -> None:
+    """The Ray ``sections`` on ``shards_root`` (default: the synthetic set, generated into a
+    temporary folder) and on it ``MEMORY_SCALE`` times over, in one local cluster."""
+    from alignlab.platform.synth import generate
+
+    with contextlib.ExitStack() as stack:
+        if shards_root is None:
+            shards_root = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "synth"
+            generate(str(shards_root))
+        root = Path(shards_root)
+        scaled = scaled_shards(root, Path(stack.enter_context(tempfile.TemporaryDirectory())), MEMORY_SCALE)
+        stack.enter_context(ray_cluster(plan[0]["cfg"]))
+        tree = stack.enter_context(ProcessTree())
+        run = {"ingest": lambda: bench_ingest(report, plan, scaled, tree),
+               "epochs": lambda: bench_epochs(report, plan, root),
+               "memory": lambda: bench_memory(report, plan, {1: root, MEMORY_SCALE: scaled}, tree),
+               "data_wait": lambda: bench_data_wait(report, plan, root)}
+        for name in sections:
+            run[name]()
+
+# --------------------------------------------------------------------------------------------
 # The commands
 # --------------------------------------------------------------------------------------------
 
@@ -931,11 +1358,26 @@ def run_quick(out: str) -> Report:
     return report
 
 
+def run_ray(out: str, sections: str = "") -> Report:
+    # One thread per process, as in --quick: the data workers and the step share the cores.
+    torch.set_num_threads(1)
+    names = [s for s in sections.split(",") if s] or list(RAY_SECTIONS)
+    unknown = [s for s in names if s not in RAY_SECTIONS]
+    if unknown:
+        raise BenchError(f"--sections: no Ray section {', '.join(unknown)}; choose from {', '.join(RAY_SECTIONS)}")
+    report = Report("ray", out, environment())
+    report.write()
+    run_ray_sections(report, load_plan("ray"), names)
+    return report
+
+
 def run(args: argparse.Namespace) -> None:
     """``alignlab bench``: exits non-zero when a bench cannot run or a figure failed."""
-    out = args.out or f"bench-{'gpu' if args.gpu else 'quick'}.json"
+    mode = "gpu" if args.gpu else "ray" if getattr(args, "ray", False) else "quick"
+    out = args.out or f"bench-{mode}.json"
     try:
-        report = run_gpu(args, out) if args.gpu else run_quick(out)
+        report = {"gpu": lambda: run_gpu(args, out), "ray": lambda: run_ray(out, getattr(args, "sections", "")),
+                  "quick": lambda: run_quick(out)}[mode]()
     except BenchError as e:
         sys.exit(f"alignlab bench: error: {e}")
     print(f"\nfigures written to {out}")

@@ -189,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--quick", action="store_true", help="CPU benchmarks of the objectives and evaluation: minutes")
     mode.add_argument("--gpu", action="store_true",
                       help="each architecture's training steps at paper size, and NCCL, on the visible GPUs")
-    bench.add_argument("--out", help="JSON file for the figures (default: bench-gpu.json / bench-quick.json)")
+    mode.add_argument("--ray", action="store_true",
+                      help="the Ray data path on a local cluster: ingest, epoch boundaries, memory, data wait "
+                           "(5-10 minutes on 2 cores)")
+    bench.add_argument("--sections", default="",
+                       help="with --ray: a comma-separated subset of ingest,epochs,memory,data_wait")
+    bench.add_argument("--out", help="JSON file for the figures (default: bench-<mode>.json)")
     bench.add_argument("--peak-tflops", type=float, help="the GPU's dense fp16/bf16 peak, for MFU on a GPU the "
                                                         "bench does not know (H200, H100, A100)")
     bench.set_defaults(func=_bench)

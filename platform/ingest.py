@@ -15,8 +15,11 @@ whole read, naming no file.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import math
+import os
 import zlib
 from collections import Counter
 from dataclasses import replace
@@ -554,11 +557,22 @@ def local_eval_batches(data: DataConfig, objectives: ObjectivesConfig, spec: Inp
     stage as on Ray Data (files in name order, rows in file order): for scoring a checkpoint
     without a cluster. Bad rows are skipped and logged as in training, and counted in ``counter``
     when given (anything with ``add.remote``, as a :class:`DataQuality` actor)."""
+    return local_batches(data, objectives, spec, split, batch_size, train=False, id_columns=id_columns,
+                         counter=counter)
+
+
+def local_batches(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, batch_size: int,
+                  train: bool, id_columns: tuple[str, ...] = (), counter=None, seed: int = 0
+                  ) -> Iterator[dict[str, Any]]:
+    """:func:`build_dataset`'s rows without Ray: pyarrow reads the files in name order and one
+    :class:`Preprocessor` in this process prepares them, ``train`` choosing augmentation and
+    masking as there. :func:`local_eval_batches` scores with it; ``alignlab bench`` times the Ray
+    pipeline against it (the same work on the same rows, in one process)."""
     import torch
 
     uri = shards.child_uri(data.shards, split)
-    spec, files = _split_inputs(spec, uri, train=False, id_columns=id_columns)
-    pre = Preprocessor(data, objectives, spec, train=False, counter=counter, id_columns=id_columns)
+    spec, files = _split_inputs(spec, uri, train=train, id_columns=id_columns)
+    pre = Preprocessor(data, objectives, spec, train=train, counter=counter, seed=seed, id_columns=id_columns)
     fs, _ = shards.filesystem(uri)
     schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
     columns = schema.names  # the optional columns the split has
@@ -578,6 +592,36 @@ def local_eval_batches(data: DataConfig, objectives: ObjectivesConfig, spec: Inp
         yield {k: torch.from_numpy(np.concatenate(v)) for k, v in pending.items()}
 
 
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+RAY_FOOTER_ACTORS = 32  # Ray Data's default
+FOOTER_FILES_PER_CALL = 10  # RAY_DATA_PARQUET_FOOTER_BATCH_SIZE's default: files per footer-reading call
+
+
+def footer_actors(files: int) -> int:
+    """Footer-reading actors for a split of ``files`` Parquet files: one per call's worth of
+    files, at most Ray's default."""
+    return max(1, min(RAY_FOOTER_ACTORS, math.ceil(files / FOOTER_FILES_PER_CALL)))
+
+
+@contextlib.contextmanager
+def footer_pool(files: int) -> Iterator[None]:
+    """Ray Data's Parquet read lists its files anew on every execution, so at every epoch, on a
+    pool of ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` footer-reading actors (32 by default, sized for
+    object stores holding thousands of files). For a split of a few files, starting 32 Python
+    processes was most of an epoch boundary's wait: 26 s against 8 s with one actor on the
+    synthetic set's 2 files, 2 shared cores (``alignlab bench --ray``, epochs, side by side).
+    The read takes the pool size from the environment when it is created, so it is set around
+    that call only: :func:`footer_actors` of the split's files, unless the user set it."""
+    if FOOTER_ACTORS_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(files))
+    try:
+        yield
+    finally:
+        os.environ.pop(FOOTER_ACTORS_ENV, None)
+
+
 def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, train: bool,
                   counter=None, seed: int = 0, id_columns: tuple[str, ...] = ()):
     """A lazily executed Ray Dataset of model-ready rows for one split. Footers and schemas are
@@ -587,8 +631,9 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     uri = shards.child_uri(data.shards, split)
     spec, files = _split_inputs(spec, uri, train, id_columns)
     schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
-    ds = ray.data.read_parquet(uri, columns=schema.names, schema=schema,
-                               file_extensions=["parquet"], include_paths=True)
+    with footer_pool(len(files)):
+        ds = ray.data.read_parquet(uri, columns=schema.names, schema=schema,
+                                   file_extensions=["parquet"], include_paths=True)
     if train:
         ds = ds.randomize_block_order(seed=seed)
         if data.max_train_rows:

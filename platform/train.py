@@ -595,6 +595,15 @@ class LocalContext:
 # --------------------------------------------------------------------------------------------
 
 
+def shard_batches(shard, data: config_lib.DataConfig, batch_size: int, device: torch.device) -> Iterator:
+    """One epoch of a training shard (a Ray Data ``DataIterator``) as the trainer reads it; each
+    call starts the shard's pipeline anew. Shared with ``alignlab bench``, which times this
+    iteration on a driver-side shard without Ray Train."""
+    return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
+                                    prefetch_batches=data.prefetch_batches,
+                                    local_shuffle_buffer_size=data.shuffle_buffer or None)
+
+
 class RayContext:
     """:class:`WorkerContext` of a Ray Train worker."""
 
@@ -616,9 +625,7 @@ class RayContext:
     def train_batches(self, batch_size):
         import ray.train
 
-        return ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=batch_size, drop_last=True, device=self.device, prefetch_batches=self.cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None)
+        return shard_batches(ray.train.get_dataset_shard("train"), self.cfg.data, batch_size, self.device)
 
     def eval_batches(self, batch_size):
         import ray.train

@@ -207,3 +207,100 @@ def test_runner_resume_section_resumes_the_real_runner_exactly_on_cpu():
     assert section["error"] is None
     (row,) = section["rows"]
     assert row["resumed_at_step"] == 3 and row["max_weight_diff"] == 0.0 and row["nonfinite_skipped"] == 0
+
+
+# --- the Ray data path (alignlab bench --ray) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_synth_root(tmp_path_factory):
+    """Two training files of 100 rows, so a read has files to list and blocks to reorder."""
+    root = tmp_path_factory.mktemp("bench-ray-synth")
+    generate(str(root), SynthConfig(n_train_images=100, n_test_images=10, rows_per_file=100))
+    return root
+
+
+def ray_plan(tmp_path, root):
+    plan_file = tmp_path / "bench.yaml"
+    plan_file.write_text(json.dumps({"ray": {"common": [*TINY, f"data.shards={root}", "data.batch_size=8",
+                                                        "data.shuffle_buffer=16"],
+                                             "models": [{"name": "mvptr", "preset": "mvptr_demo"}]}}))
+    return bench.load_plan("ray", plan_file)
+
+
+def rows_of(batches):
+    """Every row of ``batches`` as a tuple of its values, sorted: the Ray pipeline's order differs."""
+    batches = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+    keys = sorted(batches[0])
+    return sorted(tuple(b[k][i].tobytes() for k in keys) for b in batches for i in range(len(b[keys[0]])))
+
+
+def test_local_loop_and_ray_pipeline_prepare_the_same_rows(ray_synth_root, ray_session):
+    """The ingest section's two sides do the same work: without augmentation and masking (an
+    evaluation read) the rows agree exactly; with them, every key, dtype and shape does."""
+    from alignlab.platform.ingest import build_dataset, local_batches
+
+    cfg = tiny_cfg("simla", ray_synth_root)
+    spec = get_spec("simla").input_spec(cfg.model, cfg.objectives)
+    for train in (False, True):
+        local = list(local_batches(cfg.data, cfg.objectives, spec, "train", 50, train=train))
+        ray = list(build_dataset(cfg.data, cfg.objectives, spec, "train", train=train).iter_batches(
+            batch_size=50, batch_format="numpy"))
+        assert sum(len(b["input_ids"]) for b in local) == sum(len(b["input_ids"]) for b in ray) == 200
+        assert {k: (v.numpy().dtype, v.shape[1:]) for k, v in local[0].items()} == \
+            {k: (v.dtype, v.shape[1:]) for k, v in ray[0].items()}, train
+        if not train:
+            assert rows_of(local) == rows_of(ray)
+
+
+def test_footer_pool_follows_the_files_and_leaves_a_set_value(monkeypatch):
+    from alignlab.platform import ingest
+
+    assert [ingest.footer_actors(n) for n in (1, 10, 11, 5000)] == [1, 1, 2, ingest.RAY_FOOTER_ACTORS]
+    monkeypatch.delenv(ingest.FOOTER_ACTORS_ENV, raising=False)
+    with ingest.footer_pool(25):
+        assert ingest.os.environ[ingest.FOOTER_ACTORS_ENV] == "3"
+    assert ingest.FOOTER_ACTORS_ENV not in ingest.os.environ
+    monkeypatch.setenv(ingest.FOOTER_ACTORS_ENV, "7")
+    with ingest.footer_pool(25):
+        assert ingest.os.environ[ingest.FOOTER_ACTORS_ENV] == "7"
+
+
+@pytest.mark.timeout(300)
+def test_ingest_and_memory_sections_rows_have_their_fields(ray_synth_root, ray_session, tmp_path):
+    plan = ray_plan(tmp_path, ray_synth_root)
+    scaled = bench.scaled_shards(ray_synth_root, tmp_path / "x2", 2)
+    assert len(list((scaled / "train").glob("*.parquet"))) == 4 and (scaled / "vocab.txt").exists()
+    report = bench.Report("ray", None, {})
+    with bench.ray_cluster(plan[0]["cfg"]), bench.ProcessTree() as tree:
+        bench.bench_ingest(report, plan, scaled, tree, rows=96)
+        bench.bench_memory(report, plan, {1: ray_synth_root, 2: scaled}, tree)
+    ingest, memory = report.data["sections"]
+    assert ingest["error"] is None and memory["error"] is None
+    local, ray, ratio = ingest["rows"]
+    for row in (local, ray):
+        assert row["rows"] >= 96 and min(row[k] for k in ("first_batch_s", "rows_per_s", "cores", "rows_per_cpu_s")) > 0
+    assert ratio["per_core"] == pytest.approx(ray["rows_per_cpu_s"] / local["rows_per_cpu_s"])
+    # The local loop prepares in this process; Ray in its workers, which the tree tells apart.
+    assert local["preprocessing_cpu_s"] == 0 and local["driver_cpu_s"] > 0 and ray["preprocessing_cpu_s"] > 0
+    assert ratio["overhead"] == pytest.approx(1 - ray["preprocessing_cpu_s"] / ray["cpu_s"])
+    small, large, grown = memory["rows"]
+    assert (small["rows"], large["rows"], grown["rows"]) == (200, 400, 2)
+    assert small["driver_mib"] > 0 and small["workers_mib"] > 0 and grown["driver_mib"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_epochs_and_data_wait_sections_rows_have_their_fields(ray_synth_root, ray_session, tmp_path):
+    plan = ray_plan(tmp_path, ray_synth_root)
+    report = bench.Report("ray", None, {})
+    with bench.ray_cluster(plan[0]["cfg"]):
+        bench.bench_epochs(report, plan, ray_synth_root, rows=32, epochs=2, ray_pool=2)
+        bench.bench_data_wait(report, plan, ray_synth_root, warmup=1, steps=2)
+    epochs, wait = report.data["sections"]
+    assert epochs["error"] is None and wait["error"] is None
+    built, ray_default = epochs["rows"]
+    assert (built["footer_actors"], ray_default["footer_actors"]) == (1, 2)
+    for row in (built, ray_default):
+        assert row["batches_per_epoch"] == [4, 4] and row["boundary_s"] > 0 and row["first_batch_s"] > 0
+    (row,) = wait["rows"]
+    assert row["steps"] == 2 and 0 <= row["data_wait"] <= 1 and row["samples_per_s"] > 0
