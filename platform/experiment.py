@@ -167,6 +167,8 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     """Runs the preset's architecture's ablation sweeps (its spec's ``ablations``; ``--only`` picks
     one), each grid point over ``seeds`` seeds, and publishes the comparison of ``metrics`` for
     each. Returns, per sweep, the sweep result and the Markdown table."""
+    import ray
+
     from alignlab.models.registry import get_spec
     from alignlab.platform.console import configure_logging
     from alignlab.platform.sweep import publish_comparison, run_sweep
@@ -183,6 +185,7 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     configure_logging(cfg.tracking.verbose)
     sweeps = dict(get_spec(cfg.model.architecture).ablations(cfg))  # sizes may come from the overrides
     ensure_synthetic_data(cfg)
+    owns_ray = not ray.is_initialized()  # a cluster this process joined before (a notebook's, a test's) stays up
     n_seeds = args.seeds or seeds
     seed_values = [cfg.seed + i for i in range(n_seeds)]
     external = reference_rows(cfg, args.reference, seed_values, args.name or Path(args.preset).stem) \
@@ -214,11 +217,9 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
             if figures.majority:
                 table_external["baseline: the most frequent train answer"] = [figures.majority]
             downstream_chance = figures.chance
-        if sweep_name == chosen[-1]:
+        if sweep_name == chosen[-1] and owns_ray:
             # The cluster's work is done: leaving it now prints whatever Ray still has to say
             # (a raylet's warning arrives late) above the tables, which stay the last lines.
-            import ray
-
             ray.shutdown()
         # Files for the driver's printout; the durable copies are the parent run's artifacts.
         out_dir = alignlab_home() / "outputs" / name

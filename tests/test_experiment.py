@@ -137,3 +137,25 @@ def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch)
                       ([key], {"paper", "official"}, "paper", "readings")]
     with pytest.raises(SystemExit, match="model.semvlp has no 'reading' switch"):
         experiment.run_experiment("", "semvlp_demo", ["eval/rsum"], argv=["--readings", "paper,official"])
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_the_driver_leaves_a_cluster_it_started_before_the_last_table_and_never_one_it_joined(monkeypatch, joined):
+    """Ray prints late warnings until the driver leaves its cluster, so the driver leaves it before
+    the last table (which stays the last lines); a cluster the process had joined before (a
+    notebook's, a test session's) stays up."""
+    import ray
+
+    from alignlab.platform import experiment, sweep, tracking
+    from alignlab.platform.sweep import SweepResult, TrialResult
+
+    events = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: joined)
+    monkeypatch.setattr(ray, "shutdown", lambda: events.append("shutdown"))
+    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, grid, name: SweepResult(
+        name, "parent", "sqlite:///unused.db", [TrialResult({"model.mvptr.ablation": "full"}, {"eval/rsum": 1.0})]))
+    monkeypatch.setattr(sweep, "publish_comparison", lambda *a, **kw: events.append("table") or "")
+    monkeypatch.setattr(tracking, "runs_page", lambda uri, run_id: "")
+    monkeypatch.setattr(experiment, "ensure_synthetic_data", lambda cfg: None)
+    experiment.run_experiment("", "mvptr_demo", ["eval/rsum"], argv=["--grid", "model.mvptr.ablation=full"])
+    assert events == (["table"] if joined else ["shutdown", "table"])
