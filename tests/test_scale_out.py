@@ -4,9 +4,11 @@ added on demand up to 4, given back when idle), each shrunk to one trial's slots
 
 A sweep of 4 tiny trials starts on the empty head, its concurrency read from the autoscaler's
 maximum (4, not the 1 the empty cluster would give), scales to the nodes its trials need, runs
-them at once and scales back to no worker node; the same sweep capped at one trial at a time
-gives the serial wall time. The node count over time, the trials that overlapped (from their
-MLflow runs' start and end) and both wall times are printed. Then one DDP group of two Ray Train workers is placed on two nodes
+them at once and scales back to no worker node. The node count over time, the trials that
+overlapped (from their MLflow runs' start and end) and the wall time are printed. Run by hand
+(``python tests/test_scale_out.py OUT_DIR OUT.json``), the script also runs the same sweep capped
+at one trial at a time for the serial wall time: a figure for comparison, not a behaviour, so the
+test, which CI runs within its time budget, leaves that second sweep out (``--no-serial``). Then one DDP group of two Ray Train workers is placed on two nodes
 (STRICT_SPREAD) and its global-batch contrastive loss and gradients over gloo equal one process's
 over the concatenated batch, as tests/test_global_batch.py shows for two local processes.
 
@@ -37,29 +39,27 @@ TRIALS = 4
 
 def test_a_sweep_fills_an_autoscaling_cluster_and_gives_it_back(tmp_path):
     out = tmp_path / "scale_out.json"
-    subprocess.run([sys.executable, __file__, str(tmp_path), str(out)], check=True, timeout=1100)
+    subprocess.run([sys.executable, __file__, str(tmp_path), str(out), "--no-serial"], check=True, timeout=1100)
     r = json.loads(out.read_text())
     print(json.dumps({k: v for k, v in r.items() if k != "timeline"}, indent=1))
     changes = [(t, n) for i, (t, n) in enumerate(r["timeline"]) if i == 0 or n != r["timeline"][i - 1][1]]
     print("worker nodes over time (s, nodes):", changes)
 
-    sweep, serial = r["sweep"], r["serial"]
+    sweep = r["sweep"]
     # Sized from the autoscaler's maximum, not from the empty head (which would give 1).
     assert r["concurrency_at_start_by_resources_now"] == 1
-    assert sweep["concurrency"] == TRIALS and serial["concurrency"] == 1
+    assert sweep["concurrency"] == TRIALS
     assert sweep["nodes_before"] == 0  # from no worker node
-    for s in (sweep, serial):
-        assert s["errors"] == [] and s["finished"] == TRIALS
-        # Given back once idle. In 3 of 4 runs every node went; in one, on a loaded 2-core machine, a
-        # single node stayed up, cause not found (alive_on_workers names the actors still on one).
-        assert s["nodes_after_idle"] <= 1, s["alive_on_workers"]
+    assert sweep["errors"] == [] and sweep["finished"] == TRIALS
+    # Given back once idle. In 3 of 4 runs every node went; in one, on a loaded 2-core machine, a
+    # single node stayed up, cause not found (alive_on_workers names the actors still on one).
+    assert sweep["nodes_after_idle"] <= 1, sweep["alive_on_workers"]
     # The autoscaler packs what the trials really hold, so 4 trials may share fewer nodes than their
-    # declared slots would; capped at one trial, one node does.
-    assert 2 <= sweep["max_nodes"] <= TRIALS and serial["max_nodes"] == 1
+    # declared slots would.
+    assert 2 <= sweep["max_nodes"] <= TRIALS
     assert sweep["max_trials_at_once"] >= 2
-    assert serial["max_trials_at_once"] == 1
-    # The fake nodes share the machine's cores, so on 2 cores the concurrent sweep is not faster
-    # (0.79-0.84x the serial one in four runs): the wall times are printed, not asserted.
+    # (The serial sweep, run by hand: the fake nodes share the machine's cores, so on 2 cores the
+    # concurrent sweep was 0.79-0.84x as fast as the serial one in four runs.)
     ddp = r["ddp"]
     assert len(set(ddp["nodes"])) == 2  # the two ranks ran on two nodes
     assert ddp["loss_equal"] and ddp["grads_equal"]
@@ -226,7 +226,7 @@ def _ddp_across_nodes(tmp: Path) -> dict:
             "loss_equal": abs(mean - loss.item()) < 1e-5, "grads_equal": grads_equal}
 
 
-def main(tmp: Path, out: Path) -> None:
+def main(tmp: Path, out: Path, serial: bool = True) -> None:
     # Token authentication as cluster.yaml runs it, with a token of this cluster's own, set before
     # Ray is imported (it reads the mode once): nothing reads or writes ~/.ray/auth_token, which
     # another Ray cluster on the machine may be using.
@@ -273,11 +273,12 @@ def main(tmp: Path, out: Path) -> None:
                                                                                     trial_cpus(cfg), 0)}
         watch = NodeWatch()
         result["sweep"] = _run_sweep(cfg, "scale-out", watch, uri)
-        result["serial"] = _run_sweep(load_config("dual_encoder_demo", [*overrides, "scaling.max_concurrent_trials=1"]),
-                                      "scale-out-serial", watch, uri)
+        if serial:
+            result["serial"] = _run_sweep(load_config("dual_encoder_demo", [*overrides, "scaling.max_concurrent_trials=1"]),
+                                          "scale-out-serial", watch, uri)
+            result["speedup"] = round(result["serial"]["wall_s"] / result["sweep"]["wall_s"], 2)
         result["ddp"] = _ddp_across_nodes(tmp)
         watch.stop()
-        result["speedup"] = round(result["serial"]["wall_s"] / result["sweep"]["wall_s"], 2)
         result["timeline"] = watch.timeline
         out.write_text(json.dumps(result))
     finally:
@@ -286,4 +287,4 @@ def main(tmp: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), serial="--no-serial" not in sys.argv[3:])
