@@ -41,6 +41,11 @@ class InputSpec:
     # ``text_feature`` column, ``alignlab data build --text-features``).
     text_features: bool = False
     tags: bool = False  # tag_ids (B, T) of detected object classes (MVPTR's visual concepts)
+    # With tags: ``tag_ids`` hold the tags' word pieces (tokenizer ids, the tags of tags.txt in
+    # box order, their pieces concatenated and cut to data.max_tags) instead of tags.txt ids, and
+    # with mcr MCR masks them as MLM masks words: at objectives.mlm_prob, random replacements from
+    # the word vocabulary, ``mcr_labels`` the word ids (the official MVPTR's reading of §3.2).
+    tag_words: bool = False
     phrases: bool = False  # phrase_ids (B, P) of phrase concepts (MVPTR §3.1)
     # SIMLA's MIM: a BEiT block-wise mask ``mim_mask`` (B, grid, grid) over the image patches,
     # True where a patch is masked, its masked fraction drawn from ``mim_ratio`` per image, in
@@ -52,7 +57,13 @@ class InputSpec:
     # mlm_input_ids / mlm_labels, masked at objectives.mlm_prob; with phrases also mlm_phrase_ids
     # (chain masking, MVPTR §3.3)
     mlm: bool = False
-    mcr: bool = False  # mcr_tag_ids / mcr_labels (tag class index), tags masked at objectives.mcr_prob
+    # With mlm and phrases: besides chain masking, every other phrase of ``mlm_phrase_ids`` is
+    # masked by BERT's recipe at objectives.mlm_prob, random replacements from the phrase
+    # vocabulary, with no target (the official MVPTR's random phrase masking).
+    random_phrases: bool = False
+    # mcr_tag_ids / mcr_labels (tag class index), tags masked at objectives.mcr_prob (see
+    # tag_words for the official reading)
+    mcr: bool = False
     # SemVLP's masked object prediction (§3.3.1): objects selected at objectives.object_mask_prob,
     # ``object_mask`` (B, K) True there, ``masked_region_features`` with those rows zeroed, and
     # ``object_labels`` (B, K) the detected label (tags.txt index of the region's tag) at selected

@@ -96,7 +96,7 @@ from alignlab.models.base import CONCEPT_MASK, CONCEPT_OFFSET, CONCEPT_PAD, IGNO
 from alignlab.platform import config as config_lib
 from alignlab.platform.config import Config
 from alignlab.platform.ingest import image_key
-from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask
+from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask, random_phrase_mask
 
 PLAN_FILE = config_lib.PRESET_DIR.parent / "bench.yaml"
 
@@ -279,6 +279,9 @@ def synthetic_batch(spec: InputSpec, cfg: Config, vocab: Vocab, n: int, seed: in
             out["mlm_phrase_ids"] = chain_mask(out["phrase_ids"], [frozenset(c) for c in vocab.concepts],
                                                out["input_ids"], out["mlm_labels"] != IGNORE, CONCEPT_MASK,
                                                CONCEPT_OFFSET)
+            if spec.random_phrases:
+                out["mlm_phrase_ids"] = random_phrase_mask(out["phrase_ids"], out["mlm_phrase_ids"],
+                                                           objectives.mlm_prob, len(vocab.concepts), rng)
 
     if spec.pixels:
         size = data.image_size
@@ -301,7 +304,16 @@ def synthetic_batch(spec: InputSpec, cfg: Config, vocab: Vocab, n: int, seed: in
             t = min(k, data.max_tags)
             tag_ids[:, :t] = np.where(region_mask, region_tags + CONCEPT_OFFSET, CONCEPT_PAD)[:, :t]
             out["tag_ids"], out["tag_mask"] = tag_ids, tag_ids >= CONCEPT_OFFSET
-            if spec.mcr:
+            if spec.tag_words:
+                # One word piece per tag, tag class c written as word id first_word + c, masked
+                # as the data stage masks tags written as words.
+                words = first_word + (tag_ids - CONCEPT_OFFSET) % (vocab.size - first_word)
+                out["tag_ids"] = np.where(out["tag_mask"], words, vocab.pad_id)
+                if spec.mcr:
+                    out["mcr_tag_ids"], out["mcr_labels"] = bert_mask(out["tag_ids"], out["tag_mask"],
+                                                                      objectives.mlm_prob, vocab.mask_id,
+                                                                      (0, vocab.size), rng)
+            elif spec.mcr:
                 out["mcr_tag_ids"], labels = bert_mask(tag_ids, out["tag_mask"], objectives.mcr_prob, CONCEPT_MASK,
                                                        (CONCEPT_OFFSET, CONCEPT_OFFSET + len(vocab.tags)), rng)
                 out["mcr_labels"] = np.where(labels != IGNORE, labels - CONCEPT_OFFSET, IGNORE)

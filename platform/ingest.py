@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from alignlab.models.inputs import CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, InputSpec, vqa_accuracy
 from alignlab.platform import shards
 from alignlab.platform.config import DataConfig, ObjectivesConfig
-from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask
+from alignlab.platform.masking import bert_mask, block_mask, chain_mask, object_mask, random_phrase_mask
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,9 @@ class Preprocessor:
         # Tag and phrase-concept vocabularies of the shard set (ids: models.base CONCEPT_*).
         self.tag_index = {t: i for i, t in enumerate(shards.read_vocab_file(self.data.shards, "tags.txt"))} \
             if self.spec.tags or self.spec.objects else {}
+        # Each tag's word pieces, for a model that reads tags as words (InputSpec.tag_words).
+        self.tag_pieces = {t: self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in self.tag_index} \
+            if self.spec.tag_words else {}
         concepts = shards.read_vocab_file(self.data.shards, "concepts.txt") if self.spec.phrases else []
         self.concept_index = {c: i for i, c in enumerate(concepts)}
         # Each concept's token ids, for chain masking (tokenised as vocab_info does for the model).
@@ -278,13 +281,19 @@ class Preprocessor:
             out["mlm_input_ids"], out["mlm_labels"] = bert_mask(
                 out["input_ids"], ~special & (out["attention_mask"] > 0), self.objectives.mlm_prob,
                 self.tokenizer.mask_token_id, self.random_range, self.rng)
-        if self.spec.tags and self.spec.mcr:
-                # MCR (§3.2): BERT's recipe at mcr_prob over the real tags, random replacements
-                # drawn from the tag vocabulary; labels are tag classes for the MCR head.
-                out["mcr_tag_ids"], labels = bert_mask(
-                    out["tag_ids"], out["tag_mask"], self.objectives.mcr_prob, CONCEPT_MASK,
-                    (CONCEPT_OFFSET, CONCEPT_OFFSET + len(self.tag_index)), self.rng)
-                out["mcr_labels"] = np.where(labels != IGNORE, labels - CONCEPT_OFFSET, IGNORE)
+        if self.spec.tags and self.spec.mcr and self.spec.tag_words:
+            # Tags written as words are masked as the words are (the official MVPTR's random_word
+            # on its tag sequence): labels are word ids.
+            out["mcr_tag_ids"], out["mcr_labels"] = bert_mask(
+                out["tag_ids"], out["tag_mask"], self.objectives.mlm_prob, self.tokenizer.mask_token_id,
+                self.random_range, self.rng)
+        elif self.spec.tags and self.spec.mcr:
+            # MCR (§3.2): BERT's recipe at mcr_prob over the real tags, random replacements
+            # drawn from the tag vocabulary; labels are tag classes for the MCR head.
+            out["mcr_tag_ids"], labels = bert_mask(
+                out["tag_ids"], out["tag_mask"], self.objectives.mcr_prob, CONCEPT_MASK,
+                (CONCEPT_OFFSET, CONCEPT_OFFSET + len(self.tag_index)), self.rng)
+            out["mcr_labels"] = np.where(labels != IGNORE, labels - CONCEPT_OFFSET, IGNORE)
         if self.spec.phrases:
             out["phrase_ids"] = self._concept_ids(batch["phrases"], shards.concept_key, self.concept_index,
                                                   self.data.max_phrases, unique=True)
@@ -292,6 +301,10 @@ class Preprocessor:
             if self.spec.mlm:
                 out["mlm_phrase_ids"] = chain_mask(out["phrase_ids"], self.concept_tokens, out["input_ids"],
                                                    out["mlm_labels"] != IGNORE, CONCEPT_MASK, CONCEPT_OFFSET)
+                if self.spec.random_phrases:
+                    out["mlm_phrase_ids"] = random_phrase_mask(out["phrase_ids"], out["mlm_phrase_ids"],
+                                                               self.objectives.mlm_prob, len(self.concept_index),
+                                                               self.rng)
         if self.spec.objects:
             # SemVLP's masked object prediction: features zeroed, labels = the region's own tag.
             selected = object_mask(out["region_mask"], self.objectives.object_mask_prob, self.rng)
@@ -341,7 +354,10 @@ class Preprocessor:
             out.update(region_features=feats, region_mask=mask, boxes=boxes)
             if self.spec.whole_image:
                 self._check_whole_image(batch, boxes, keep)
-        if self.spec.tags:
+        if self.spec.tags and self.spec.tag_words:
+            out["tag_ids"] = self._tag_piece_ids(batch["tags"], self.data.max_tags)
+            out["tag_mask"] = out["tag_ids"] != self.tokenizer.pad_token_id
+        elif self.spec.tags:
             out["tag_ids"] = self._concept_ids(batch["tags"], str, self.tag_index, self.data.max_tags)
             out["tag_mask"] = out["tag_ids"] >= CONCEPT_OFFSET
         return out
@@ -400,6 +416,16 @@ class Preprocessor:
                 k = index.get(key(e))
                 if k is not None and not (unique and k + CONCEPT_OFFSET in row):
                     row.append(k + CONCEPT_OFFSET)
+            ids[i, : min(length, len(row))] = row[:length]
+        return ids
+
+    def _tag_piece_ids(self, column, length: int) -> np.ndarray:
+        """Per row, the word pieces of its tags found in tags.txt (the tags both readings see), in
+        box order, concatenated and padded / cut to ``length`` pieces, as the official MVPTR
+        tokenises its tag string and cuts it to max_tag_length."""
+        ids = np.full((len(column), length), self.tokenizer.pad_token_id, dtype=np.int64)
+        for i, entries in enumerate(column):
+            row = [p for e in (entries if entries is not None else ()) for p in self.tag_pieces.get(str(e), ())]
             ids[i, : min(length, len(row))] = row[:length]
         return ids
 

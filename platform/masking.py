@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignlab.models.inputs import IGNORE
+from alignlab.models.inputs import CONCEPT_MASK, CONCEPT_OFFSET, IGNORE
 
 
 def bert_mask(ids: np.ndarray, maskable: np.ndarray, prob: float, mask_id: int, random_range: tuple[int, int],
@@ -100,3 +100,15 @@ def block_mask(n: int, grid: int, ratio: tuple[float, float], rng: np.random.Gen
                 added = target - count
             count += added
     return masks
+
+
+def random_phrase_mask(phrase_ids: np.ndarray, chained: np.ndarray, prob: float, n_concepts: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """The official MVPTR's phrase masking (``random_phrases`` in mvp_pytorch's
+    ``oscar/oscar_datasets_ml/oscar_tsv4.py``), on top of chain masking (§3.3): every real phrase
+    that chain masking left alone (``chained`` equal to ``phrase_ids`` there) is selected with
+    probability ``prob`` and goes through BERT's 80/10/10, a random replacement being a random
+    phrase concept. Nothing predicts the phrases (the official code sets their labels to -1), so
+    only the masked ids are returned. Ids follow the concept layout (models.inputs CONCEPT_*)."""
+    maskable = (phrase_ids >= CONCEPT_OFFSET) & (chained == phrase_ids)
+    return bert_mask(chained, maskable, prob, CONCEPT_MASK, (CONCEPT_OFFSET, CONCEPT_OFFSET + n_concepts), rng)[0]
