@@ -7,14 +7,17 @@ Three encoders (§3.1-3.3), built from the shared blocks:
   positions after the words). Phrase concepts have their own embedding rows, each initialised as
   the mean of its tokens' word embeddings (§3.1);
 * a visual encoder over {t_cls, t, r}: a learnt [CLS], the detector's tags embedded as tokens of
-  the tag vocabulary, and the position-aware region features linearly mapped to the hidden size;
+  the tag vocabulary (the official reading: as word pieces, by the word embeddings; see
+  ``MVPTRConfig.tag_vocab``), and the position-aware region features linearly mapped to the
+  hidden size;
 * a multi-modal encoder over {w̃, c̃, r̃}, the uni-modal outputs concatenated. Tags are left out
   so that MLM has no shortcut through them (§3.3).
 
 Five objectives, each its own loss (eq. 5 sums them; the platform applies the weights):
 MCR on the visual encoder's masked tags, VSC on the uni-modal [CLS] outputs, WPG, MLM and ITM on
 the multi-modal encoder. All masking (MLM with chain masking, MCR) is done by the Ray Data CPU
-stage (``platform/ingest.py``); this module only computes.
+stage (``platform/ingest.py``, as ``input_spec`` asks: the official reading's word-piece tags
+and random phrase masking too); this module only computes.
 
 Table 4's ablations (``model.mvptr.ablation``) remove a component entirely: its parameters, its
 inputs (the data stage does not even prepare them, see ``input_spec``) and its loss.
@@ -44,7 +47,8 @@ Readings where the paper leaves a choice:
 * One visual pass on the MCR-masked tags feeds MCR, VSC and the multi-modal encoder: tags never
   enter the multi-modal encoder, so their masking cannot leak into MLM or ITM. The MLM pass
   re-runs the textual encoder on the masked caption and chain-masked phrases, then the
-  multi-modal encoder, batched with the ITM/WPG pairs into one multi-modal call.
+  multi-modal encoder, batched with the ITM/WPG pairs into one multi-modal call (the paper
+  reading of ``text_pass``; the official code's single masked pass has no MLM pass of its own).
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ from alignlab.models.base import (CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, Ablation
                                   ModelSpec, PretrainingModel, Readings, Vocab)
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, RegionEmbeddings, TextEmbeddings,
                                     TransformerEncoder, TransformerSize, bert_layer_plan, init_weights)
+from alignlab.models.config import ObjectivesConfig
 from alignlab.models.objectives import (clamp_logit_scale, contrastive_logits, contrastive_loss, gather_no_grad,
                                         gather_rows, global_hard_negatives, global_view, itm_loss,
                                         masked_token_loss, wpg_hinge, wpg_similarity)
@@ -90,12 +95,14 @@ TABLE4: dict[str, Components] = {
 # The two readings of MVPTR (#15): what each reading switch of MVPTRConfig takes unless set
 # explicitly. "paper" follows the paper's text, "official" the authors' code
 # (Junction4Nako/mvp_pytorch), as the audit of #15 describes it. The README's table of readings
-# lists every difference, with the ones not switchable yet.
+# lists every difference.
 READINGS = {
     "paper": {"vsc_projection": "none", "temperature_clamp": "clip", "itm_draw": "objectives",
-              "itm_exclude": "same_image", "wpg_negatives": "itm_hard", "wpg_region": "best"},
+              "itm_exclude": "same_image", "wpg_negatives": "itm_hard", "wpg_region": "best",
+              "tag_vocab": "tag_classes", "text_pass": "separate", "phrase_masking": "chain"},
     "official": {"vsc_projection": "linear", "temperature_clamp": "none", "itm_draw": "hardest",
-                 "itm_exclude": "own_pair", "wpg_negatives": "random_positive_pass", "wpg_region": "random_top3"},
+                 "itm_exclude": "own_pair", "wpg_negatives": "random_positive_pass", "wpg_region": "random_top3",
+                 "tag_vocab": "word_pieces", "text_pass": "single_masked", "phrase_masking": "chain_and_random"},
 }
 
 
@@ -135,6 +142,28 @@ class MVPTRConfig(Readings):
     # Each phrase's region in S_wpg (eq. 2): "best", the max; or "random_top3", one of its 3 most
     # similar regions drawn uniformly (official).
     wpg_region: Literal["", "best", "random_top3"] = ""
+    # What tags are written in (§3.1-3.2). "tag_classes": the classes of tags.txt, embedded by a
+    # table of their own, MCR masking them at objectives.mcr_prob (the paper's 25%) with random
+    # replacements from the tags, and predicting the tag class through an MLP head. "word_pieces"
+    # (official): the tags' word pieces, embedded by the textual encoder's word embeddings,
+    # masked as the words are (the same random_word at objectives.mlm_prob, 15%, random
+    # replacements from the word vocabulary; oscar/oscar_datasets_ml/oscar_tsv4.py
+    # convert_example_to_features on tokens_b), MCR predicting the word through a head whose
+    # decoder is the word embeddings (BiBertImgForPreTraining.half_mlm, tied in tie_weights,
+    # oscar/modeling/modeling_vlbert.py).
+    tag_vocab: Literal["", "tag_classes", "word_pieces"] = ""
+    # The caption the objectives read (§3.3). "separate": VSC, ITM and WPG read the caption and
+    # its phrases unmasked; MLM reads a pass of its own over the masked caption and the
+    # chain-masked phrases. "single_masked" (official): the masked caption and phrases are the
+    # only text: one textual pass feeds VSC, the ITM and WPG pairs, and MLM reads the positive
+    # pairs' multi-modal outputs (BiBertImgForPreTraining.forward takes the masked input_ids_a
+    # alone).
+    text_pass: Literal["", "separate", "single_masked"] = ""
+    # Phrase masking of the masked text (§3.3). "chain": a phrase is masked exactly when it holds
+    # a masked word (chain masking). "chain_and_random" (official): every other phrase is also
+    # masked at objectives.mlm_prob, by BERT's 80/10/10 over the phrase vocabulary, with no target
+    # (random_phrases, oscar/oscar_datasets_ml/oscar_tsv4.py).
+    phrase_masking: Literal["", "chain", "chain_and_random"] = ""
 
     @property
     def components(self) -> Components:
@@ -170,14 +199,21 @@ class MVPTR(PretrainingModel):
         self.itm_head = PredictionHead(h, 2)
         if self.parts.phrases:
             self.phrase_embeddings = nn.Embedding(len(vocab.concepts) + CONCEPT_OFFSET, h, padding_idx=0)
-        if self.parts.tags:
+        # Tags as word pieces (the official reading) share the word embeddings and MCR predicts
+        # words; as tag classes (the paper's) they have a table and a classifier of their own.
+        self.tag_words = cfg.switch("tag_vocab") == "word_pieces"
+        if self.parts.tags and not self.tag_words:
             self.tag_embeddings = TextEmbeddings(len(vocab.tags) + CONCEPT_OFFSET, size)
         if self.parts.mcr:
-            self.mcr_head = PredictionHead(h, len(vocab.tags))
+            self.mcr_head = PredictionHead(h, vocab.size if self.tag_words else len(vocab.tags))
         if cfg.switch("vsc_projection") == "linear":
             self.vsc_image_proj = nn.Linear(h, model_cfg.embed_dim)
             self.vsc_text_proj = nn.Linear(h, model_cfg.embed_dim)
         init_weights(self)
+        if self.parts.mcr and self.tag_words:
+            # Tied after the initialisation, so the shared rows are the word embeddings' (and a
+            # checkpoint's word embeddings, loaded below, are the decoder's too).
+            self.mcr_head.decoder.weight = self.text_embeddings.word_embeddings.weight
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / model_cfg.temperature)))
 
         if model_cfg.text_init:
@@ -209,8 +245,11 @@ class MVPTR(PretrainingModel):
 
     @classmethod
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
-        parts = model_cfg.mvptr.components
-        return InputSpec(regions=True, tags=parts.tags, phrases=parts.phrases, mlm=True, mcr=parts.mcr)
+        cfg = model_cfg.mvptr
+        parts = cfg.components
+        return InputSpec(regions=True, tags=parts.tags, phrases=parts.phrases, mlm=True, mcr=parts.mcr,
+                         tag_words=parts.tags and cfg.switch("tag_vocab") == "word_pieces",
+                         random_phrases=parts.phrases and cfg.switch("phrase_masking") == "chain_and_random")
 
     # ----------------------------------------------------------------------------------------
     # Encoders
@@ -235,7 +274,8 @@ class MVPTR(PretrainingModel):
         b = feats.shape[0]
         parts, masks = [self.visual_cls.expand(b, -1, -1)], [torch.ones_like(rmask[:, :1])]
         if self.parts.tags:
-            parts.append(self.tag_embeddings(batch["tag_ids"] if tag_ids is None else tag_ids))
+            tag_table = self.text_embeddings if self.tag_words else self.tag_embeddings
+            parts.append(tag_table(batch["tag_ids"] if tag_ids is None else tag_ids))
             masks.append(batch["tag_mask"].bool())
         start = sum(p.shape[1] for p in parts)
         parts.append(self.region_embeddings(feats))
@@ -300,8 +340,10 @@ class MVPTR(PretrainingModel):
     # ----------------------------------------------------------------------------------------
 
     def mcr_loss(self, tag_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """L_mcr (§3.2): the tag-vocabulary MLP over the visual encoder's outputs at masked tags
-        only (``labels`` = tag class there, IGNORE elsewhere)."""
+        """L_mcr (§3.2): the MCR head over the visual encoder's outputs at masked tags only
+        (``labels`` = the target there, IGNORE elsewhere): the tag-vocabulary MLP predicting the
+        tag class, or, with ``tag_vocab = word_pieces``, the word-vocabulary head tied to the word
+        embeddings predicting the word piece."""
         sel = labels != IGNORE
         return masked_token_loss(self.mcr_head(tag_states[sel]), labels[sel])
 
@@ -329,7 +371,11 @@ class MVPTR(PretrainingModel):
         regions, rmask = vis[:, start:], vmask[:, start:]
         if p.mcr:
             losses["mcr"] = self.mcr_loss(vis[:, 1:start], batch["mcr_labels"])
-        txt, tmask = self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("phrase_ids"),
+        # The text every objective but MLM reads: the unmasked caption (the paper), or the masked
+        # one, which then serves MLM too (the official single pass, text_pass).
+        single_pass = self.cfg.switch("text_pass") == "single_masked"
+        text_ids, phrase_ids = ("mlm_input_ids", "mlm_phrase_ids") if single_pass else ("input_ids", "phrase_ids")
+        txt, tmask = self.encode_text(batch[text_ids], batch["attention_mask"], batch.get(phrase_ids),
                                       batch.get("phrase_mask"))
 
         # VSC (eq. 1) on the L2-normalised uni-modal [CLS] outputs, against the global batch.
@@ -356,14 +402,16 @@ class MVPTR(PretrainingModel):
         img_rows = self._rows({"states": regions, "mask": rmask}, neg_img)
         txt_rows = self._rows({"states": txt, "mask": tmask}, neg_txt)
 
-        # Stage 2: one multi-modal pass over [positives; negatives; MLM inputs].
+        # Stage 2: one multi-modal pass over [positives; negatives; MLM inputs], the MLM inputs
+        # being the positives themselves in the single masked pass.
         texts = [txt, txt[:h][ok_img], txt_rows["states"][ok_txt]]
         text_masks = [tmask, tmask[:h][ok_img], txt_rows["mask"][ok_txt]]
         images = [regions, img_rows["states"][ok_img], regions[h:][ok_txt]]
         image_masks = [rmask, img_rows["mask"][ok_img], rmask[h:][ok_txt]]
-        mlm_txt, mlm_mask = self.encode_text(batch["mlm_input_ids"], batch["attention_mask"],
-                                             batch.get("mlm_phrase_ids"), batch.get("phrase_mask"))
-        texts.append(mlm_txt), text_masks.append(mlm_mask), images.append(regions), image_masks.append(rmask)
+        if not single_pass:
+            mlm_txt, mlm_mask = self.encode_text(batch["mlm_input_ids"], batch["attention_mask"],
+                                                 batch.get("mlm_phrase_ids"), batch.get("phrase_mask"))
+            texts.append(mlm_txt), text_masks.append(mlm_mask), images.append(regions), image_masks.append(rmask)
         text_mask_all = torch.cat(text_masks)
         fused = self.fuse(torch.cat(texts), text_mask_all, torch.cat(images), torch.cat(image_masks))
         n_pairs = n + int(ok_img.sum()) + int(ok_txt.sum())
@@ -372,7 +420,8 @@ class MVPTR(PretrainingModel):
         itm_labels = torch.zeros(n_pairs, dtype=torch.long, device=fused.device)
         itm_labels[:n] = 1
         losses["itm"] = itm_loss(itm_logits, itm_labels)
-        losses["mlm"] = self.mlm_loss(fused[n_pairs:, :n_words], batch["mlm_labels"])
+        mlm_states = fused[:n] if single_pass else fused[n_pairs:]
+        losses["mlm"] = self.mlm_loss(mlm_states[:, :n_words], batch["mlm_labels"])
 
         if p.wpg and self.cfg.switch("wpg_negatives") == "random_positive_pass":
             losses["wpg"] = self._wpg_from_positive_passes(fused[:n], n_words, txt.shape[1], text_mask_all[:n], rmask)
@@ -426,6 +475,12 @@ def check_config(cfg) -> None:
                           "'model.text_init' (a BERT checkpoint), or leave it at 0")
     if m.wpg_margin < 0:
         raise ConfigError(f"config key 'model.mvptr.wpg_margin' = {m.wpg_margin} must be >= 0")
+    paper_rate = ObjectivesConfig.mcr_prob
+    if m.switch("tag_vocab") == "word_pieces" and cfg.objectives.mcr_prob != paper_rate:
+        # The rate would be silently unused: word-piece tags are masked with the words.
+        raise ConfigError(f"config key 'objectives.mcr_prob' = {cfg.objectives.mcr_prob} sets the tag classes' MCR "
+                          f"rate, unused under model.mvptr.tag_vocab = 'word_pieces' (tags masked with the words at "
+                          f"objectives.mlm_prob); leave it at {paper_rate} or set model.mvptr.tag_vocab=tag_classes")
 
 
 # What Table 4 (Flickr30k retrieval RSUM; the uni-modal one for VSC) and §4.4's text claim, as
