@@ -42,16 +42,17 @@ def synth_root(tmp_path_factory):
     return root
 
 
-def tiny_cfg(arch: str, root="data/synth"):
+def tiny_cfg(arch: str, root="data/synth", *overrides):
     extra = {"semvlp": ["model.semvlp.cross_layer=1"],
              "simla": ["data.image_size=32", "model.image.img_size=32", "model.simla.codebook_size=64"]}.get(arch, [])
-    return load_config(f"{arch}_demo", [f"data.shards={root}", *TINY, *extra])
+    return load_config(f"{arch}_demo", [f"data.shards={root}", *TINY, *extra, *overrides])
 
 
 def test_synthetic_batch_has_the_data_stage_keys_dtypes_and_shapes(synth_root):
     vocab = vocab_info(load_tokenizer("auto", str(synth_root)), str(synth_root))
-    for arch in ARCHITECTURES:
-        cfg = tiny_cfg(arch, synth_root)
+    # MVPTR's official reading writes tags as word pieces and masks phrases at random (#15).
+    for arch, overrides in [(a, []) for a in ARCHITECTURES] + [("mvptr", ["model.mvptr.reading=official"])]:
+        cfg = tiny_cfg(arch, synth_root, *overrides)
         spec = get_spec(arch).input_spec(cfg.model, cfg.objectives)
         files = sorted((synth_root / "train").glob("*.parquet"))
         rows = pq.read_table(files[0], columns=columns_for(spec)).slice(0, 10).to_pydict()
@@ -77,6 +78,12 @@ def test_synthetic_batch_content_follows_the_id_layouts():
     for ids, phrases in zip(b["input_ids"].tolist(), b["phrase_ids"].tolist()):
         for p in phrases:
             assert p == 0 or set(vocab.concepts[p - 2]) <= set(ids)
+    # MVPTR's official reading (#15): tags as word ids past the specials, MCR labels those ids.
+    cfg = load_config("mvptr_demo", ["model.mvptr.reading=official"])
+    b = bench.synthetic_batch(get_spec("mvptr").input_spec(cfg.model, cfg.objectives), cfg, vocab, 10)
+    assert (b["tag_ids"][b["tag_mask"]] > vocab.mask_id).all() and (b["tag_ids"][~b["tag_mask"]] == vocab.pad_id).all()
+    sel = b["mcr_labels"] != -100
+    assert sel.any() and (b["mcr_labels"][sel] == b["tag_ids"][sel]).all()
 
 
 def test_every_architecture_trains_with_finite_losses_on_synthetic_batches():

@@ -222,8 +222,9 @@ def test_a_reading_sets_every_switch_and_an_explicit_switch_wins():
 @pytest.mark.parametrize("reading", ["paper", "official"])
 def test_vsc_under_each_reading_by_hand(reading):
     """Paper: the normalised [CLS] outputs, 1/τ capped at 100. Official: learnable projections
-    before normalising, 1/τ unclamped. 1/τ is set to 200, so the readings' scales differ too."""
-    model = _model("full", f"model.mvptr.reading={reading}", "model.embed_dim=8")
+    before normalising, 1/τ unclamped. 1/τ is set to 200, so the readings' scales differ too.
+    Both on the unmasked caption (``text_pass``, tested on its own below)."""
+    model = _model("full", f"model.mvptr.reading={reading}", "model.mvptr.text_pass=separate", "model.embed_dim=8")
     with torch.no_grad():
         model.log_scale.fill_(math.log(200.0))
     batch = _batch(4)
@@ -298,6 +299,205 @@ def test_official_wpg_takes_another_images_regions_from_its_own_positive_pass(mo
         sources = [j for j in range(4) if torch.equal(reg_neg[i], reg_pos[j])]
         assert sources and i not in sources
     assert torch.isfinite(out.losses["wpg"])
+
+
+# --------------------------------------------------------------------------------------------
+# Readings of tags, the text pass and phrase masking (#15)
+# --------------------------------------------------------------------------------------------
+
+
+class ScriptedRng:
+    """The data stage's generator with scripted draws: ``random`` returns the next scripted value
+    (broadcast to the shape asked), ``integers`` the low end + 1 of the range asked, which it
+    records when it replaces anything. Every draw of a run is thus written in the test."""
+
+    def __init__(self, *draws):
+        self.draws, self.ranges = list(draws), []
+
+    def random(self, shape):
+        return np.broadcast_to(np.asarray(self.draws.pop(0), dtype=float), shape).copy()
+
+    def integers(self, low, high, size):
+        if size:
+            self.ranges.append((low, high))
+        return np.full(size, low + 1)
+
+
+# A hand-made shard set: ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK], then one word each.
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "square", "traffic", "light"]
+
+
+def _hand_stage(root, *overrides):
+    """A Preprocessor over a hand-made shard set (tags: circle, traffic light, square; concepts:
+    red circle, circle, square) and one row "a red circle" with those three tags and phrases."""
+    from alignlab.platform.ingest import Preprocessor
+
+    (root / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    (root / "tags.txt").write_text("circle\ntraffic light\nsquare\n")
+    (root / "concepts.txt").write_text("red circle\ncircle\nsquare\n")
+    cfg = _cfg("full", f"data.shards={root}", "data.max_text_len=6", "data.max_tags=4", "data.max_phrases=3",
+               "data.max_regions=3", *overrides)
+    spec = MVPTR.input_spec(cfg.model, cfg.objectives)
+    row = dict(caption=np.array([b"a red circle"], dtype=object), caption_id=np.array(["c0"], dtype=object),
+               image_id=np.array(["i0"], dtype=object),
+               region_features=np.array([np.ones((3, 8), dtype=np.float32)] + [None], dtype=object)[:1],
+               boxes=np.array([np.zeros((3, 4), dtype=np.float32)] + [None], dtype=object)[:1],
+               tags=np.array([["circle", "traffic light", "square"]] + [None], dtype=object)[:1],
+               phrases=np.array([[["red", "circle"], ["square"], ["circle"]]] + [None], dtype=object)[:1])
+    return Preprocessor(cfg.data, cfg.objectives, spec, train=True), row
+
+
+NOTHING = 0.99  # a selection draw above every rate: nothing masked
+
+
+@pytest.mark.parametrize("tag_vocab", ["tag_classes", "word_pieces"])
+def test_data_stage_masks_tags_in_each_tag_vocab_by_hand(tmp_path, tag_vocab):
+    """The same draws for the tags [circle, traffic light, square]: selection 0.10, 0.20, 0.30, 0.50
+    and BERT rolls 0.85 (random), 0.5 ([MASK]), 0.95 (kept), 0.5. Tag classes (the paper): ids
+    2, 3, 4 of tags.txt, masked at 25%, so the first two: circle replaced by a random tag class,
+    traffic light by the concept [MASK], labels their classes 0 and 1. Word pieces (official):
+    circle, traffic, light, square as the words 7, 9, 10, 8, masked at the words' 15%, so only the
+    first, replaced by a random word, label its word id 7."""
+    pre, row = _hand_stage(tmp_path, f"model.mvptr.tag_vocab={tag_vocab}")
+    pre.rng = ScriptedRng(NOTHING, NOTHING, [[0.10, 0.20, 0.30, 0.50]], [[0.85, 0.5, 0.95, 0.5]])
+    out = pre(row)
+    if tag_vocab == "tag_classes":
+        assert out["tag_ids"].tolist() == [[2, 3, 4, 0]]
+        assert out["mcr_tag_ids"].tolist() == [[3, CONCEPT_MASK, 4, 0]]
+        assert out["mcr_labels"].tolist() == [[0, 1, IGNORE, IGNORE]]
+        assert pre.rng.ranges == [(CONCEPT_OFFSET, CONCEPT_OFFSET + 3)]  # a random tag class
+    else:
+        assert out["tag_ids"].tolist() == [[7, 9, 10, 8]]
+        assert out["tag_mask"].tolist() == [[True] * 4]
+        assert out["mcr_tag_ids"].tolist() == [[1, 9, 10, 8]]
+        assert out["mcr_labels"].tolist() == [[7, IGNORE, IGNORE, IGNORE]]
+        assert pre.rng.ranges == [(0, len(WORDS))]  # a random word
+    assert pre.rng.draws == []  # and no other draw
+
+
+@pytest.mark.parametrize("masking", ["chain", "chain_and_random"])
+def test_data_stage_masks_phrases_under_each_phrase_masking_by_hand(tmp_path, masking):
+    """MLM masks "circle" (position 3 of [CLS] a red circle [SEP]), so chain masking masks the
+    phrases "red circle" and "circle" (ids 2 and 3) and leaves "square" (4). The official reading
+    then draws for "square" alone: 0.10 < 15% selects it, roll 0.85 replaces it by a random
+    phrase concept (here 3)."""
+    pre, row = _hand_stage(tmp_path, f"model.mvptr.phrase_masking={masking}")
+    draws = [[[NOTHING, NOTHING, NOTHING, 0.10, NOTHING, NOTHING]], 0.5, NOTHING, NOTHING]
+    if masking == "chain_and_random":
+        draws += [[[0.10, 0.10, 0.10]], [[0.85, 0.85, 0.85]]]
+    pre.rng = ScriptedRng(*draws)
+    out = pre(row)
+    assert out["mlm_input_ids"].tolist() == [[2, 5, 6, 4, 3, 0]]
+    assert out["phrase_ids"].tolist() == [[2, 4, 3]]
+    if masking == "chain":
+        assert out["mlm_phrase_ids"].tolist() == [[CONCEPT_MASK, 4, CONCEPT_MASK]]
+        assert pre.rng.ranges == []
+    else:
+        assert out["mlm_phrase_ids"].tolist() == [[CONCEPT_MASK, 3, CONCEPT_MASK]]
+        assert pre.rng.ranges == [(CONCEPT_OFFSET, CONCEPT_OFFSET + 3)]
+    assert pre.rng.draws == []
+
+
+def test_mcr_over_word_pieces_is_the_tied_word_decoder_by_hand():
+    """Official MCR: tags are embedded by the word embeddings, and the head's decoder is those
+    embeddings, so L_mcr = mean over masked tags of logsumexp(z) - z[label] with
+    z = E · LN(GELU(W x + b)) + c. The paper's head classifies the 3 tag classes instead."""
+    model = _model("full", "model.mvptr.tag_vocab=word_pieces")
+    words = model.text_embeddings.word_embeddings.weight
+    assert model.mcr_head.decoder.weight is words and not hasattr(model, "tag_embeddings")
+    assert _model().mcr_head.decoder.out_features == len(VOCAB.tags)
+    states = torch.randn(2, 3, 16)
+    labels = torch.tensor([[7, IGNORE, IGNORE], [IGNORE, IGNORE, 12]])
+    head = model.mcr_head
+    x = torch.stack([states[0, 0], states[1, 2]])
+    z = F.layer_norm(F.gelu(x @ head.dense.weight.T + head.dense.bias), (16,), head.layer_norm.weight,
+                     head.layer_norm.bias, 1e-12) @ words.T + head.decoder.bias
+    by_hand = (z.logsumexp(-1) - z[[0, 1], [7, 12]]).mean()
+    loss = model.mcr_loss(states, labels)
+    torch.testing.assert_close(loss, by_hand)
+    # The MCR gradient reaches the word embeddings (row 7 through its target logit, for one).
+    loss.backward()
+    assert words.grad[7].abs().sum() > 0
+    # The visual encoder reads the tags through the word embeddings.
+    seen = []
+    model.visual_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    batch = _batch(2)
+    with torch.no_grad():
+        model.encode_image(batch)
+        torch.testing.assert_close(seen[0][:, 1:4], model.text_embeddings(batch["tag_ids"]))
+
+
+@pytest.mark.parametrize("text_pass", ["separate", "single_masked"])
+def test_text_pass_decides_which_caption_vsc_itm_and_mlm_read(monkeypatch, text_pass):
+    """The paper encodes the unmasked caption for VSC and the pairs, then the masked one for
+    MLM's own fused rows (4 positives + 2 + 2 negatives + 4 MLM rows). The official single pass
+    encodes only the masked caption: VSC reads it, and MLM reads the positives' fused rows."""
+    model = _model("full", f"model.mvptr.text_pass={text_pass}")
+    with torch.no_grad():
+        model.log_scale.fill_(math.log(200.0))  # 1/τ clamped at 100
+    batch = _batch(4)
+    encoded, fused_rows = [], []
+    real_encode, real_fuse = model.encode_text, model.fuse
+    monkeypatch.setattr(model, "encode_text", lambda ids, mask, phrases=None, pmask=None: (
+        encoded.append((ids, phrases)), real_encode(ids, mask, phrases, pmask))[1])
+    monkeypatch.setattr(model, "fuse", lambda t, tm, r, rm: (fused_rows.append(len(t)), real_fuse(t, tm, r, rm))[1])
+    out = model(batch)
+    masked = (batch["mlm_input_ids"], batch["mlm_phrase_ids"])
+    clean = (batch["input_ids"], batch["phrase_ids"])
+    want = [clean, masked] if text_pass == "separate" else [masked]
+    assert len(encoded) == len(want) and fused_rows == [12 if text_pass == "separate" else 8]
+    for (ids, phrases), (want_ids, want_phrases) in zip(encoded, want):
+        assert torch.equal(ids, want_ids) and torch.equal(phrases, want_phrases)
+    with torch.no_grad():
+        vis, vmask, start = model.encode_image(batch, batch["mcr_tag_ids"])
+        txt, tmask = real_encode(want[0][0], batch["attention_mask"], want[0][1], batch["phrase_mask"])
+        vsc = contrastive_loss(F.normalize(vis[:, 0], dim=-1), F.normalize(txt[:, 0], dim=-1), torch.tensor(100.0))
+        mlm_txt, mlm_mask = real_encode(*masked[:1], batch["attention_mask"], masked[1], batch["phrase_mask"])
+        mlm = model.mlm_loss(real_fuse(mlm_txt, mlm_mask, vis[:, start:], vmask[:, start:])[:, :6], batch["mlm_labels"])
+    torch.testing.assert_close(out.losses["vsc"], vsc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.losses["mlm"], mlm, rtol=1e-5, atol=1e-5)
+
+
+def test_official_tag_vocab_leaves_no_mcr_rate_unused():
+    with pytest.raises(ConfigError, match="'objectives.mcr_prob' = 0.3 .* model.mvptr.tag_vocab=tag_classes"):
+        _cfg("full", "model.mvptr.reading=official", "objectives.mcr_prob=0.3")
+    assert _cfg("full", "objectives.mcr_prob=0.3").objectives.mcr_prob == 0.3  # the paper's rate to set
+    with pytest.raises(ConfigError, match="model.mvptr.tag_vocab.*'tag_classes'.*'word_pieces'"):
+        _cfg("full", "model.mvptr.tag_vocab=words")
+
+
+# The paper reading's inputs and losses as computed before the tag, text-pass and phrase switches
+# existed (commit 403c220): the data stage's masked columns on the synthetic set's first train
+# file (seed 3; sha256 of each array's bytes, first 16 hex digits) and the losses of _batch(6).
+PINNED_INPUTS = {"input_ids": "e2d7b8fd740609b8", "mlm_input_ids": "18570bf6dc83e991",
+                 "mlm_labels": "dda93d6fa75a2cd0", "tag_ids": "c76527b2f3ef4528", "tag_mask": "ab6a6c950885705b",
+                 "mcr_tag_ids": "1258e7decdf7276e", "mcr_labels": "83b19aa061e62a8c",
+                 "phrase_ids": "1818be139f924b04", "mlm_phrase_ids": "1f1b44636c6746c0"}
+PINNED_LOSSES = {"mcr": 1.1215648651123047, "vsc": 1.8822308778762817, "itm": 0.6953911781311035,
+                 "mlm": 3.4589643478393555, "wpg": 0.4310232102870941}
+
+
+def test_the_paper_reading_is_unchanged_by_the_official_switches(tmp_path):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from alignlab.platform import shards
+    from alignlab.platform.ingest import Preprocessor
+    from alignlab.platform.synth import SynthConfig, generate
+
+    generate(str(tmp_path), SynthConfig(n_train_images=40, n_test_images=4, rows_per_file=100))
+    cfg = load_config("mvptr_demo", [f"data.shards={tmp_path}"])
+    spec = MVPTR.input_spec(cfg.model, cfg.objectives)
+    assert not spec.tag_words and not spec.random_phrases
+    table = pq.read_table(shards.list_parquet(str(tmp_path / "train"))[0], columns=columns_for(spec))
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    out = Preprocessor(cfg.data, cfg.objectives, spec, train=True, seed=3)(batch)
+    digests = {k: hashlib.sha256(np.ascontiguousarray(out[k]).tobytes()).hexdigest()[:16] for k in PINNED_INPUTS}
+    assert digests == PINNED_INPUTS
+    with torch.no_grad():
+        losses = _model()(_batch(6, image_keys=[7, 7, 8, 8, 9, 10])).losses
+    assert {k: v.item() for k, v in losses.items()} == pytest.approx(PINNED_LOSSES, rel=1e-5)
 
 
 def test_a_batch_of_one_image_has_no_negatives_and_still_trains():
