@@ -398,7 +398,7 @@ def test_data_stage_masks_phrases_under_each_phrase_masking_by_hand(tmp_path, ma
     assert pre.rng.draws == []
 
 
-def test_mcr_over_word_pieces_is_the_tied_word_decoder_by_hand():
+def test_mcr_over_word_pieces_is_the_tied_word_decoder_by_hand(tmp_path):
     """Official MCR: tags are embedded by the word embeddings, and the head's decoder is those
     embeddings, so L_mcr = mean over masked tags of logsumexp(z) - z[label] with
     z = E · LN(GELU(W x + b)) + c. The paper's head classifies the 3 tag classes instead."""
@@ -418,6 +418,18 @@ def test_mcr_over_word_pieces_is_the_tied_word_decoder_by_hand():
     # The MCR gradient reaches the word embeddings (row 7 through its target logit, for one).
     loss.backward()
     assert words.grad[7].abs().sum() > 0
+    # A checkpoint stores the tied matrix twice (safetensors shares no storage); loading it
+    # writes both copies into the one shared parameter, so the tie holds.
+    from safetensors.torch import load_file
+
+    from alignlab.platform.checkpoint import write_weights
+
+    write_weights(tmp_path / "model.safetensors", model.state_dict())
+    torch.manual_seed(1)
+    restored = build_model(_cfg("full", "model.mvptr.tag_vocab=word_pieces").model, _cfg().objectives, VOCAB)
+    restored.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    assert restored.mcr_head.decoder.weight is restored.text_embeddings.word_embeddings.weight
+    torch.testing.assert_close(restored.mcr_head.decoder.weight, words)
     # The visual encoder reads the tags through the word embeddings.
     seen = []
     model.visual_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0]))
