@@ -177,7 +177,7 @@ class MVPTR(PretrainingModel):
         if cfg.switch("vsc_projection") == "linear":
             self.vsc_image_proj = nn.Linear(h, model_cfg.embed_dim)
             self.vsc_text_proj = nn.Linear(h, model_cfg.embed_dim)
-        init_weights(self)
+        init_weights(self, model_cfg.init_std)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / model_cfg.temperature)))
 
         if model_cfg.text_init:
