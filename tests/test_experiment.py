@@ -95,15 +95,37 @@ def test_reference_row_trains_the_reference_preset_on_the_experiments_data(monke
 
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     args = parse_args("", "mvptr_flickr8k_cpu", ["table4"], ["--reference"])
-    assert args.reference == experiment.REFERENCE_PRESET
     cfg = C.load_config("mvptr_flickr8k_cpu", ["data.shards=/data/f8k", "data.eval_max_images=300",
                                                "tracking.experiment=mine"])
-    rows = experiment.reference_rows(cfg, args.reference, [0, 1], "t4")
+    assert experiment.reference_preset(args, cfg) == experiment.REFERENCE_PRESET
+    rows = experiment.reference_rows(cfg, experiment.reference_preset(args, cfg), [0, 1], "t4")
     ((ref_cfg, grid, name),) = calls
     assert (ref_cfg.model.architecture, ref_cfg.model.dual_encoder.frozen_features) == ("dual_encoder", True)
     assert (ref_cfg.data.shards, ref_cfg.data.eval_split, ref_cfg.data.eval_max_images) == ("/data/f8k", "val", 300)
     assert ref_cfg.tracking.experiment == "mine" and grid == {"seed": [0, 1]} and name == "t4-reference"
     assert rows == {"reference: reference_flickr8k": [{"eval/rsum": 200.0}, {"eval/rsum": 201.0}]}
+
+
+def test_a_preset_names_its_reference_row_and_the_flags_override_it():
+    """The demo's reference row (eval.reference: the uni-modal region dual encoder) runs by
+    default; --no-reference leaves it out, --reference PRESET replaces it, and it shares the
+    experiment's compositional split."""
+    from alignlab.platform import config as C
+    from alignlab.platform import experiment
+
+    demo = C.load_config("mvptr_demo")
+
+    def chosen(*argv):
+        return experiment.reference_preset(parse_args("", "mvptr_demo", ["table4"], list(argv)), demo)
+
+    assert chosen() == chosen("--reference") == "reference_synth"
+    assert chosen("--no-reference") == ""
+    assert chosen("--reference", "reference_flickr8k") == "reference_flickr8k"
+    assert experiment.reference_preset(parse_args("", "mvptr_flickr8k_cpu", ["table4"], []),
+                                       C.load_config("mvptr_flickr8k_cpu")) == ""
+    ref = C.load_config("reference_synth")
+    assert (ref.model.architecture, ref.model.image.kind) == ("dual_encoder", "regions")
+    assert "compositional_split" in experiment.SHARED_DATA_KEYS
 
 
 def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch):
