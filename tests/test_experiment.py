@@ -128,7 +128,7 @@ def test_a_preset_names_its_reference_row_and_the_flags_override_it():
     assert "compositional_split" in experiment.SHARED_DATA_KEYS
 
 
-def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch):
+def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch, capsys):
     """--readings paper,official adds the architecture's reading as a grid axis, publishes the usual
     table once per reading (paired differences within it) and one table of the readings, paired
     over rows and seeds."""
@@ -141,7 +141,7 @@ def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch)
     def fake_sweep(cfg, grid, name):
         grids.append(grid)
         trials = [TrialResult({"model.simla.row": row, "seed": seed, key: reading}, {"eval/rsum": 10.0 * seed})
-                  for row in grid["model.simla.row"] for seed in grid["seed"] for reading in grid[key]]
+                  for row in grid["model.simla.row"] for seed in grid.get("seed", [0]) for reading in grid.get(key, [""])]
         return SweepResult(name, "parent", "sqlite:///unused.db", trials)
 
     def fake_publish(result, group_by, metrics, title, out_dir, *args, **kw):
@@ -157,6 +157,9 @@ def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch)
     assert grids == [{"model.simla.row": ["c", "e"], "seed": [0, 1], key: ["paper", "official"]}]
     assert tables == [(["model.simla.row"], {"paper"}, None, "paper"), (["model.simla.row"], {"official"}, None, "official"),
                       ([key], {"paper", "official"}, "paper", "readings")]
+    assert "fewer than this script's default" not in capsys.readouterr().out
+    experiment.run_experiment("", "simla_demo", ["eval/rsum"], argv=["--only", "rows", "--seeds", "1"], seeds=3)
+    assert "1 seed(s) per row, fewer than this script's default of 3 (--seeds 1)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="model.semvlp has no 'reading' switch"):
         experiment.run_experiment("", "semvlp_demo", ["eval/rsum"], argv=["--readings", "paper,official"])
 
