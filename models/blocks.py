@@ -188,8 +188,9 @@ class PredictionHead(nn.Module):
         return self.decoder(self.layer_norm(F.gelu(self.dense(x))))
 
 
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """BERT's initialisation, applied before any pretrained weights are loaded."""
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation (normal weights of ``std``, ``model.init_std``), applied before any
+    pretrained weights are loaded."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)

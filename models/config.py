@@ -88,6 +88,12 @@ class ModelConfig:
     embed_dim: int = 256
     # Initial temperature of the learnable InfoNCE temperature (CLIP / ALBEF use 0.07).
     temperature: float = 0.07
+    # Std of the normal initialisation of every linear and embedding weight that no checkpoint
+    # loads: BERT's initializer_range, 0.02, set for width 768. A layer's gain at initialisation
+    # grows as std * sqrt(width), so a narrow model with 0.02 starts with near-zero attention and
+    # a fusion stack that barely reads its image (#13); 0.02 * sqrt(768 / width) keeps
+    # BERT-base's gain at any width.
+    init_std: float = 0.02
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     section: Any = None
 

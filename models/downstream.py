@@ -112,7 +112,7 @@ class TaskModel(PretrainingModel):
         if task in CLASSIFICATION:
             pair = 2 if task == "nlvr2" else 1
             self.head = Classifier(pair * h, 2 * h, self.classes)
-            init_weights(self.head)
+            init_weights(self.head, model_cfg.init_std)
         else:  # refcoco: the cosine of the fused [CLS] and each fused region, at a learnt temperature
             self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / model_cfg.temperature)))
 

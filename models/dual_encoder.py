@@ -80,11 +80,11 @@ class DualEncoder(PretrainingModel):
             self.image = ViTEncoder.from_config(img)
         else:
             self.image = RegionTransformer(img.region_dim, size, model_cfg.num_layers)
-            init_weights(self.image)
+            init_weights(self.image, model_cfg.init_std)
         self.text_proj = nn.Linear(size.hidden_size, model_cfg.embed_dim)
         self.image_proj = nn.Linear(self.image.width, model_cfg.embed_dim)
         for m in (self.text, self.text_proj, self.image_proj):
-            init_weights(m)
+            init_weights(m, model_cfg.init_std)
         if model_cfg.text_init:
             ckpt = BertCheckpoint.from_pretrained(model_cfg.text_init)
             ckpt.check_size(size, "model.text_init")

@@ -209,7 +209,7 @@ class MVPTR(PretrainingModel):
         if cfg.switch("vsc_projection") == "linear":
             self.vsc_image_proj = nn.Linear(h, model_cfg.embed_dim)
             self.vsc_text_proj = nn.Linear(h, model_cfg.embed_dim)
-        init_weights(self)
+        init_weights(self, model_cfg.init_std)
         if self.parts.mcr and self.tag_words:
             # Tied after the initialisation, so the shared rows are the word embeddings' (and a
             # checkpoint's word embeddings, loaded below, are the decoder's too).

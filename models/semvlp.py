@@ -139,7 +139,7 @@ class SemVLP(PretrainingModel):
         self.label_head = PredictionHead(h, len(vocab.tags))  # detected-label classification
         self.itm_head = PredictionHead(h, 2)
         self.qa_head = PredictionHead(h, cfg.num_answers) if cfg.num_answers else None
-        init_weights(self)
+        init_weights(self, model_cfg.init_std)
         if model_cfg.text_init:
             ckpt = BertCheckpoint.from_pretrained(model_cfg.text_init)
             ckpt.check_size(size, "model.text_init")

@@ -197,7 +197,7 @@ class SIMLA(PretrainingModel):
             self.psl_head = nn.Linear(width, vocab.size)  # "a single fully-connected layer"
             heads.append("psl_head")
         for name in ("embeddings", "encoder", "vision_proj", "text_proj", *heads):
-            init_weights(getattr(self, name))
+            init_weights(getattr(self, name), model_cfg.init_std)
         if model_cfg.text_init:
             ckpt = BertCheckpoint.from_pretrained(model_cfg.text_init)
             ckpt.check_size(size, "model.text_init")

@@ -159,6 +159,10 @@ class EvalConfig:
     # whose own [CLS] ranks no better than chance, as re-ranking systems take theirs from a
     # first-stage retriever. With it, eval/uni_* score the shortlisting model's ranking.
     shortlist: str = ""
+    # The reference row the experiment scripts add beside the ablation rows: a preset trained on
+    # the same shards and seeds, showing what a user gets without the architecture's
+    # multi-level pre-training. "" = none unless `--reference` asks for one.
+    reference: str = ""
 
 
 @dataclass
@@ -304,7 +308,7 @@ _AT_LEAST_ONE = ("data.max_text_len", "data.max_phrases", "data.max_regions", "d
 _NON_NEGATIVE = ("data.prefetch_batches", "data.shuffle_buffer", "data.max_train_rows", "optim.min_lr",
                  "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "tracking.max_failures",
                  "tracking.eval_every", "scaling.gpus_per_worker", "scaling.max_concurrent_trials")
-_POSITIVE = ("optim.lr", "optim.eps", "model.temperature", "scaling.cpus_per_worker")
+_POSITIVE = ("optim.lr", "optim.eps", "model.temperature", "model.init_std", "scaling.cpus_per_worker")
 _UNIT_INTERVAL = ("model.dropout", "optim.warmup_ratio", "objectives.mlm_prob", "objectives.mcr_prob",
                   "objectives.object_mask_prob", "optim.betas[0]", "optim.betas[1]")  # [0, 1)
 

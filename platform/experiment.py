@@ -20,7 +20,7 @@ DEMO_SHARDS = config_lib.DataConfig().shards
 # What `--reference` trains when it names no preset: the frozen-feature dual encoder.
 REFERENCE_PRESET = "reference_flickr8k"
 # The data keys a reference row takes from the experiment's config, so both see the same data.
-SHARED_DATA_KEYS = ("shards", "train_split", "eval_split", "eval_max_images", "max_train_rows")
+SHARED_DATA_KEYS = ("shards", "train_split", "eval_split", "compositional_split", "eval_max_images", "max_train_rows")
 
 
 def ensure_synthetic_data(cfg: config_lib.Config) -> None:
@@ -54,9 +54,12 @@ def parse_args(description: str, default_preset: str, sweeps: list[str], argv: l
         parser.add_argument("--only", choices=sweeps, default=None, help="run one of the sweeps")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="run only these values of one of the sweep's axes (repeatable)")
-    parser.add_argument("--reference", nargs="?", const=REFERENCE_PRESET, default="", metavar="PRESET",
-                        help=f"add the frozen-feature reference row: PRESET (default {REFERENCE_PRESET}) trained "
-                             f"on the same shards with the same seeds and evaluated on the same split")
+    parser.add_argument("--reference", nargs="?", const="", default=None, metavar="PRESET",
+                        help=f"add a reference row: PRESET (default: the preset's eval.reference, else "
+                             f"{REFERENCE_PRESET}, the frozen-feature row) trained on the same shards with the same "
+                             f"seeds and evaluated on the same split")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave out the reference row the preset names (eval.reference)")
     parser.add_argument("--readings", default="", metavar="paper,official",
                         help="run every row under each of these readings of the paper (model.<architecture>.reading: "
                              "the paper's text, the official code's choices) and compare them")
@@ -146,6 +149,15 @@ def chance_levels(result, metrics: list[str]) -> dict[str, float]:
     return out
 
 
+def reference_preset(args: argparse.Namespace, cfg: config_lib.Config) -> str:
+    """The reference row's preset: the one `--reference PRESET` names; for a bare `--reference`,
+    the preset's own (eval.reference) or else the frozen-feature row; without the flag, the
+    preset's own unless `--no-reference`."""
+    if args.reference is None:
+        return "" if args.no_reference else cfg.eval.reference
+    return args.reference or cfg.eval.reference or REFERENCE_PRESET
+
+
 def reference_rows(cfg: config_lib.Config, preset: str, seeds: list[int], name: str) -> dict[str, list[dict]]:
     """Trains the reference preset on ``cfg``'s data (:data:`SHARED_DATA_KEYS`) over ``seeds``, as a
     sweep of its own, and returns its metrics as an external row of the comparison."""
@@ -188,8 +200,9 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     owns_ray = not ray.is_initialized()  # a cluster this process joined before (a notebook's, a test's) stays up
     n_seeds = args.seeds or seeds
     seed_values = [cfg.seed + i for i in range(n_seeds)]
-    external = reference_rows(cfg, args.reference, seed_values, args.name or Path(args.preset).stem) \
-        if args.reference else None
+    reference = reference_preset(args, cfg)
+    external = reference_rows(cfg, reference, seed_values, args.name or Path(args.preset).stem) \
+        if reference else None
     outputs = []
     chosen = [n for n in sweeps if args.only in (None, n)]
     for sweep_name, ablation in sweeps.items():
@@ -246,6 +259,10 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
         for t in result.trials:
             if t.error:
                 print(f"trial {t.overrides} failed: {t.error}")
+        if n_seeds < seeds:
+            print(f"{n_seeds} seed(s) per row, fewer than this script's default of {seeds} (--seeds {n_seeds}): "
+                  f"where a row has fewer than 2 seeds, its difference to the others cannot be told from seed noise; "
+                  f"run without --seeds for {seeds}.")
         print(f"MLflow parent run {result.parent_run_id} in {result.mlflow_uri}")
         print(f"comparison artifacts: {out_dir}")
         print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}\n"

@@ -95,10 +95,10 @@ def test_reference_row_trains_the_reference_preset_on_the_experiments_data(monke
 
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     args = parse_args("", "mvptr_flickr8k_cpu", ["table4"], ["--reference"])
-    assert args.reference == experiment.REFERENCE_PRESET
     cfg = C.load_config("mvptr_flickr8k_cpu", ["data.shards=/data/f8k", "data.eval_max_images=300",
                                                "tracking.experiment=mine"])
-    rows = experiment.reference_rows(cfg, args.reference, [0, 1], "t4")
+    assert experiment.reference_preset(args, cfg) == experiment.REFERENCE_PRESET
+    rows = experiment.reference_rows(cfg, experiment.reference_preset(args, cfg), [0, 1], "t4")
     ((ref_cfg, grid, name),) = calls
     assert (ref_cfg.model.architecture, ref_cfg.model.dual_encoder.frozen_features) == ("dual_encoder", True)
     assert (ref_cfg.data.shards, ref_cfg.data.eval_split, ref_cfg.data.eval_max_images) == ("/data/f8k", "val", 300)
@@ -106,7 +106,29 @@ def test_reference_row_trains_the_reference_preset_on_the_experiments_data(monke
     assert rows == {"reference: reference_flickr8k": [{"eval/rsum": 200.0}, {"eval/rsum": 201.0}]}
 
 
-def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch):
+def test_a_preset_names_its_reference_row_and_the_flags_override_it():
+    """The demo's reference row (eval.reference: the uni-modal region dual encoder) runs by
+    default; --no-reference leaves it out, --reference PRESET replaces it, and it shares the
+    experiment's compositional split."""
+    from alignlab.platform import config as C
+    from alignlab.platform import experiment
+
+    demo = C.load_config("mvptr_demo")
+
+    def chosen(*argv):
+        return experiment.reference_preset(parse_args("", "mvptr_demo", ["table4"], list(argv)), demo)
+
+    assert chosen() == chosen("--reference") == "reference_synth"
+    assert chosen("--no-reference") == ""
+    assert chosen("--reference", "reference_flickr8k") == "reference_flickr8k"
+    assert experiment.reference_preset(parse_args("", "mvptr_flickr8k_cpu", ["table4"], []),
+                                       C.load_config("mvptr_flickr8k_cpu")) == ""
+    ref = C.load_config("reference_synth")
+    assert (ref.model.architecture, ref.model.image.kind) == ("dual_encoder", "regions")
+    assert "compositional_split" in experiment.SHARED_DATA_KEYS
+
+
+def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch, capsys):
     """--readings paper,official adds the architecture's reading as a grid axis, publishes the usual
     table once per reading (paired differences within it) and one table of the readings, paired
     over rows and seeds."""
@@ -119,7 +141,7 @@ def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch)
     def fake_sweep(cfg, grid, name):
         grids.append(grid)
         trials = [TrialResult({"model.simla.row": row, "seed": seed, key: reading}, {"eval/rsum": 10.0 * seed})
-                  for row in grid["model.simla.row"] for seed in grid["seed"] for reading in grid[key]]
+                  for row in grid["model.simla.row"] for seed in grid.get("seed", [0]) for reading in grid.get(key, [""])]
         return SweepResult(name, "parent", "sqlite:///unused.db", trials)
 
     def fake_publish(result, group_by, metrics, title, out_dir, *args, **kw):
@@ -135,6 +157,9 @@ def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch)
     assert grids == [{"model.simla.row": ["c", "e"], "seed": [0, 1], key: ["paper", "official"]}]
     assert tables == [(["model.simla.row"], {"paper"}, None, "paper"), (["model.simla.row"], {"official"}, None, "official"),
                       ([key], {"paper", "official"}, "paper", "readings")]
+    assert "fewer than this script's default" not in capsys.readouterr().out
+    experiment.run_experiment("", "simla_demo", ["eval/rsum"], argv=["--only", "rows", "--seeds", "1"], seeds=3)
+    assert "1 seed(s) per row, fewer than this script's default of 3 (--seeds 1)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="model.semvlp has no 'reading' switch"):
         experiment.run_experiment("", "semvlp_demo", ["eval/rsum"], argv=["--readings", "paper,official"])
 

@@ -545,6 +545,34 @@ def test_itm_alone_fits_a_fixed_batch_and_match_scores_agree_with_its_labels():
     assert p[aligned].mean() > p[~aligned].mean() + 0.1
 
 
+def _image_share_of_fused_cls(model, batch) -> float:
+    """How far the multi-modal [CLS] moves when each caption is fused with another caption's
+    image instead of its own, relative to its norm."""
+    texts = model.match_text_states(batch)
+    images = model.match_image_states(batch)
+    swapped = {k: v.roll(1, 0) for k, v in images.items()}
+    own, other = model.match_fused(images, texts)[:, 0], model.match_fused(swapped, texts)[:, 0]
+    return ((own - other).norm(dim=-1) / own.norm(dim=-1)).mean().item()
+
+
+def test_init_std_sets_every_initialised_weight_and_how_much_the_fusion_reads_its_image():
+    """``model.init_std`` (#13): BERT's 0.02 is set for width 768; at a narrow width it leaves the
+    multi-modal [CLS] nearly blind to the image at initialisation, which is where ITM starts.
+    0.02 * sqrt(768 / width) restores BERT-base's gain per layer."""
+    batch = _batch(8)
+    shares = {}
+    for std in (0.02, 0.02 * math.sqrt(768 / 16)):
+        model = _model("full", f"model.init_std={std}")
+        w = model.fusion_encoder.layers[0].attention.query.weight
+        assert abs(w.std().item() - std) < 0.2 * std
+        with torch.no_grad():
+            shares[std] = _image_share_of_fused_cls(model.eval(), batch)
+    narrow, scaled = shares.values()
+    assert narrow < 0.02 and scaled > 5 * narrow
+    with pytest.raises(ConfigError, match="model.init_std"):
+        _cfg("full", "model.init_std=0")
+
+
 def test_phrase_rows_start_as_the_mean_of_their_tokens():
     model = _model()
     words = model.text_embeddings.word_embeddings.weight
