@@ -646,14 +646,36 @@ def pass_files(files: list[str], rows: list[int], passes: int, seed: int, limit:
     return reads
 
 
-def read_pass(read: dict[str, np.ndarray], uri: str, schema: pa.Schema) -> Iterator[pa.Table]:
-    """``map_batches`` over :func:`pass_files`' reads: each file's first rows as Arrow, with its
-    path (for skip messages) and the pass."""
+def read_pass(uri: str, schema: pa.Schema, pass_index: int, path: str, rows: int) -> list[pa.Table]:
+    """One read of the training stream: ``path``'s first ``rows`` rows as Arrow, with the path
+    (for skip messages) and the pass."""
     fs, _ = shards.filesystem(uri)
-    for p, path, rows in zip(read[PASS_COLUMN], read["path"], read["rows"]):
-        table = pq.read_table(path, columns=schema.names, schema=schema, filesystem=fs).slice(0, rows)
-        yield table.append_column("path", pa.array([path] * len(table), pa.string())) \
-            .append_column(PASS_COLUMN, pa.array(np.full(len(table), p, dtype=np.int64)))
+    table = pq.read_table(path, columns=schema.names, schema=schema, filesystem=fs).slice(0, rows)
+    return [table.append_column("path", pa.array([path] * len(table), pa.string()))
+            .append_column(PASS_COLUMN, pa.array(np.full(len(table), pass_index, dtype=np.int64)))]
+
+
+def stream_source(uri: str, schema: pa.Schema, reads: list[tuple[int, str, int]]):
+    """:func:`pass_files`' reads as a Ray Data source, one read task each, its rows declared:
+    the Preprocessor's map bundles inputs up to ``preprocess_batch_size`` rows by that count, so
+    each task prepares one read and hands its rows over when done (reads declared as one-row
+    items were gathered, every pass of the stream, into a single task)."""
+    from functools import partial
+
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class PassStream(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context=None) -> list[ReadTask]:
+            return [ReadTask(partial(read_pass, uri, schema, p, path, rows),
+                             BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=(path,)))
+                    for p, path, rows in reads]
+
+    return PassStream()
 
 
 def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, train: bool,
@@ -677,9 +699,11 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
         fs, _ = shards.filesystem(uri)
         rows = [pq.read_metadata(f, filesystem=fs).num_rows for f in files]
         reads = pass_files(files, rows, passes, seed, data.max_train_rows)
-        ds = ray.data.from_items([{PASS_COLUMN: p, "path": f, "rows": n} for p, f, n in reads],
-                                 override_num_blocks=len(reads))
-        ds = ds.map_batches(read_pass, fn_kwargs=dict(uri=uri, schema=schema), batch_size=1, batch_format="numpy")
+        # As many reads at a time as Preprocessor actors: a read takes a fraction of the time its
+        # rows take to prepare, so they keep ahead, and a read task per file of every pass at
+        # once would start a worker process for each, on cores the actors need.
+        ds = ray.data.read_datasource(stream_source(uri, schema, reads), override_num_blocks=len(reads),
+                                      concurrency=data.preprocess_concurrency)
     else:
         with footer_pool(len(files)):
             ds = ray.data.read_parquet(uri, columns=schema.names, schema=schema,
