@@ -47,10 +47,9 @@ cores). CPU time and memory are read from ``/proc`` for this process and every p
   CPU second over the loop's (the target is >= 0.8) and ``overhead`` the share of Ray's CPU time
   outside its Preprocessor workers.
 * **epochs**: a few small epochs read as a Ray Train worker reads its shard (``streaming_split``
-  and ``train.shard_batches``, every epoch a new execution), no model: the first batch's wait,
-  the wait from an epoch's last batch to the next one's first, and the steady gap between
-  batches; the first architecture also with Ray Data's default Parquet footer pool
-  (``ingest.footer_pool``), side by side.
+  and ``train.shard_batches``), no model, as one execution of a stream of passes (the trainer's)
+  and, in turn, as a new execution per epoch (before it): the first batch's wait, the wait from
+  an epoch's last batch to the next one's first, and the steady gap between batches.
 * **memory**: peak RSS of the driver, the workers together, the largest worker and Ray's daemons
   while one epoch of the first architecture streams through the same iteration, on 1x and 10x
   the synthetic set; streaming keeps the 10x row within 10% of the 1x one.
@@ -1058,67 +1057,56 @@ def bench_ingest(report: Report, plan: list[dict[str, Any]], root: Path, tree: P
             report.write()
 
 
-def epoch_times(cfg: Config, epochs: int, footer_actors: int | None = None) -> list[list[float]]:
+def epoch_times(cfg: Config, epochs: int, one_stream: bool) -> list[list[float]]:
     """The arrival time of every batch of ``epochs`` epochs of the training pipeline, read as a
-    Ray Train worker reads its shard (``streaming_split`` and ``shard_batches``, each epoch a new
-    iteration), with no training step between batches. ``footer_actors``: the Parquet read's
-    footer pool instead of ``build_dataset``'s (:func:`~alignlab.platform.ingest.footer_pool`)."""
-    from alignlab.platform.ingest import FOOTER_ACTORS_ENV, build_dataset
+    Ray Train worker reads its shard (``streaming_split`` and ``shard_batches``), with no training
+    step between batches. ``one_stream``: one iteration of a stream of ``epochs`` passes, cut into
+    epochs of equal batch counts (where a trainer counting steps crosses them; the shuffle buffer
+    mixes the passes' rows near the seam); otherwise a one-pass dataset iterated once per epoch,
+    each epoch a new execution (the trainer before the stream)."""
+    from alignlab.platform.ingest import build_dataset
     from alignlab.platform.train import shard_batches
 
-    env = {FOOTER_ACTORS_ENV: str(footer_actors)} if footer_actors else {}
-    with _environment(env):
-        ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed)
+    ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed,
+                       passes=epochs if one_stream else 1)
     (shard,) = ds.streaming_split(1, equal=True)
-    times: list[list[float]] = []
     t0 = time.perf_counter()
-    for _ in range(epochs):
-        times.append([time.perf_counter() - t0 for _ in shard_batches(shard, cfg.data, cfg.data.batch_size,
-                                                                       torch.device("cpu"))])
-    return times
 
+    def arrivals() -> list[float]:
+        return [time.perf_counter() - t0 for _ in shard_batches(shard, cfg.data, cfg.data.batch_size,
+                                                                 torch.device("cpu"))]
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    if not one_stream:
+        return [arrivals() for _ in range(epochs)]
+    times = arrivals()
+    per = len(times) // epochs
+    return [times[i * per:(i + 1) * per] for i in range(epochs)]
 
 
 def bench_epochs(report: Report, plan: list[dict[str, Any]], root: Path, rows: int = EPOCH_ROWS,
-                 epochs: int = EPOCHS, ray_pool: int | None = None) -> None:
-    """Each architecture's pipeline as ``build_dataset`` makes it; the first one's also with Ray
-    Data's default footer pool (as before ``footer_pool``), in turn with it."""
-    from alignlab.platform.ingest import RAY_FOOTER_ACTORS, footer_actors
-    from alignlab.platform.shards import child_uri, list_parquet
-
+                 epochs: int = EPOCHS) -> None:
+    """Each architecture's training pipeline read for ``epochs`` epochs as one stream of passes
+    (``build_dataset(passes=epochs)``, the trainer's) and, in turn, as a one-pass dataset executed
+    anew every epoch (the trainer before the stream)."""
     compares = (f"{epochs} epochs of {rows} training rows read as a Ray Train worker reads its shard "
-                f"(streaming_split + shard_batches, each epoch a new iteration), no model: first_batch_s = the "
-                f"first epoch's start-up, boundary_s = last batch of an epoch to the first of the next (median), "
-                f"steady_ms = between batches within an epoch (median: the pipeline runs ahead of a reader without "
-                f"a model); footer_actors = the Parquet read's footer-reading pool, Ray's default "
-                f"{RAY_FOOTER_ACTORS} or build_dataset's")
+                f"(streaming_split + shard_batches), no model, for each architecture in turn: one execution of a "
+                f"stream of {epochs} passes (build_dataset's) vs a new execution per epoch (before it). "
+                f"first_batch_s = the first epoch's start-up, boundary_s = last batch of an epoch to the first of "
+                f"the next (median; the stream's epochs cut by batch count), max_gap_s = the longest wait between "
+                f"two batches after the first, steady_ms = between batches within an epoch (median: the pipeline "
+                f"runs ahead of a reader without a model)")
     with report.section("epochs", compares) as out:
-        entries = _architectures(plan)
-        files = len(list_parquet(child_uri(str(root), entries[0]["cfg"].data.train_split)))
-        runs = [(e, None) for e in entries]
-        runs.insert(1, (entries[0], ray_pool or RAY_FOOTER_ACTORS))
-        for entry, pool in runs:
+        for entry in _architectures(plan):
             cfg = on_shards(entry["cfg"], root, max_train_rows=rows)
-            times = epoch_times(cfg, epochs, pool)
-            steady = float(np.median([b - a for t in times for a, b in zip(t[1:], t[2:])]))
-            out.append({"model": entry["name"], "footer_actors": pool or footer_actors(files),
-                        "batches_per_epoch": [len(t) for t in times], "first_batch_s": times[0][0],
-                        "boundary_s": float(np.median([nxt[0] - prev[-1] for prev, nxt in zip(times, times[1:])])),
-                        "steady_ms": 1e3 * steady})
-            report.write()
+            for one_stream in (True, False):
+                times = epoch_times(cfg, epochs, one_stream)
+                flat = [t for epoch in times for t in epoch]
+                steady = float(np.median([b - a for t in times for a, b in zip(t[1:], t[2:])]))
+                out.append({"model": entry["name"], "execution": "one stream" if one_stream else "per epoch",
+                            "batches_per_epoch": [len(t) for t in times], "first_batch_s": times[0][0],
+                            "boundary_s": float(np.median([nxt[0] - prev[-1] for prev, nxt in zip(times, times[1:])])),
+                            "max_gap_s": max(b - a for a, b in zip(flat, flat[1:])), "steady_ms": 1e3 * steady})
+                report.write()
 
 
 def bench_memory(report: Report, plan: list[dict[str, Any]], sets: dict[int, Path], tree: ProcessTree) -> None:
