@@ -56,6 +56,10 @@ cores). CPU time and memory are read from ``/proc`` for this process and every p
 * **data wait**: each architecture's ``Runner`` (one CPU worker) fed by that iteration through a
   ``LocalContext``: the trainer's own ``time/data_wait_fraction`` and samples/s over steps inside
   the first epoch, after a warm-up.
+* **leftover**: the first architecture's training pipeline stopped after a few batches (the
+  iterator kept, as a trainer keeps it through its final evaluation), as one pass and as a
+  stream of passes: the CPU seconds its workers still spend until they idle, and the rows that
+  buys (estimated from the Preprocessor's CPU seconds per row).
 
 The JSON: ``{"bench": "gpu" | "quick" | "ray", "environment": {python, torch, cuda, gpu, gpu_count, driver,
 peak_tflops, ...}, "sections": [{"name", "compares", "seconds", "error", "rows": [...]}]}``.
@@ -827,6 +831,8 @@ INGEST_ROWS = 20000  # per pipeline, from a cold start
 EPOCH_ROWS = 640  # 20 batches of 32 per epoch: the boundary's cost does not grow with the epoch
 EPOCHS = 3
 MEMORY_SCALE = 10
+LEFTOVER_BATCHES = 5  # read before the reader stops
+LEFTOVER_QUIET_S, LEFTOVER_MAX_S = 3.0, 120.0  # the data stage counts as stopped after this long idle
 WAIT_WARMUP_STEPS, WAIT_STEPS = 5, 20
 
 
@@ -1096,6 +1102,10 @@ def bench_epochs(report: Report, plan: list[dict[str, Any]], root: Path, rows: i
                 f"two batches after the first, steady_ms = between batches within an epoch (median: the pipeline "
                 f"runs ahead of a reader without a model)")
     with report.section("epochs", compares) as out:
+        # Untimed: the cluster's first Ray Data execution starts more than any later one does
+        # (19.9 s against 10.6 s for the next architecture's first batch), which would weigh on
+        # whichever arm came first.
+        epoch_times(on_shards(_architectures(plan)[0]["cfg"], root, max_train_rows=rows), 1, one_stream=True)
         for entry in _architectures(plan):
             cfg = on_shards(entry["cfg"], root, max_train_rows=rows)
             for one_stream in (True, False):
@@ -1107,6 +1117,72 @@ def bench_epochs(report: Report, plan: list[dict[str, Any]], root: Path, rows: i
                             "boundary_s": float(np.median([nxt[0] - prev[-1] for prev, nxt in zip(times, times[1:])])),
                             "max_gap_s": max(b - a for a, b in zip(flat, flat[1:])), "steady_ms": 1e3 * steady})
                 report.write()
+
+
+def leftover_after_stop(cfg: Config, passes: int, batches: int, tree: ProcessTree, quiet_s: float = LEFTOVER_QUIET_S,
+                        max_s: float = LEFTOVER_MAX_S) -> dict[str, float]:
+    """Reads ``batches`` batches of the training pipeline of ``passes`` passes as the trainer does,
+    then stops reading and keeps the iterator (the trainer holds it through its final evaluation):
+    the CPU seconds the data stage's workers spend afterwards, until ``quiet_s`` pass without
+    any, and when that was (after the stop; at most ``max_s``)."""
+    from alignlab.platform.ingest import build_dataset
+    from alignlab.platform.train import shard_batches
+
+    ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed,
+                       passes=passes)
+    (shard,) = ds.streaming_split(1, equal=True)
+    reader = iter(shard_batches(shard, cfg.data, cfg.data.batch_size, torch.device("cpu")))
+    for _ in range(batches):
+        next(reader)
+
+    def data_cpu() -> dict[str, float]:
+        cpu = tree.cpu_by_kind()
+        return {k: cpu.get(k, 0.0) for k in ("preprocessing", "worker")}
+
+    start, t0 = data_cpu(), time.perf_counter()
+    last, busy_until = start, t0
+    while time.perf_counter() - t0 < max_s and time.perf_counter() - busy_until < quiet_s:
+        time.sleep(SAMPLE_INTERVAL_S)
+        now = data_cpu()
+        if sum(now.values()) - sum(last.values()) > 0.01:  # more than /proc's tick rounding
+            busy_until, last = time.perf_counter(), now
+    del reader, shard, ds
+    gc.collect()
+    return {"preprocessing_cpu_s": last["preprocessing"] - start["preprocessing"],
+            "other_workers_cpu_s": last["worker"] - start["worker"], "busy_s": busy_until - t0}
+
+
+def bench_leftover(report: Report, plan: list[dict[str, Any]], root: Path, tree: ProcessTree,
+                   batches: int = LEFTOVER_BATCHES, passes: int = EPOCHS, quiet_s: float = LEFTOVER_QUIET_S) -> None:
+    """The first architecture's training pipeline stopped after ``batches`` batches, as one pass
+    (the trainer before the stream) and as a stream of ``passes`` passes, in turn; rows are
+    estimated from the Preprocessor's CPU seconds per row in this process (``local_batches``, after
+    its first batch: the start-up left out, as it is from the CPU spent after a stop)."""
+    from alignlab.platform.ingest import count_rows, local_batches
+    from alignlab.platform.shards import child_uri
+
+    entry = _architectures(plan)[0]
+    cfg = on_shards(entry["cfg"], root)
+    compares = (f"{entry['name']}'s training pipeline read for {batches} batches as the trainer reads it, then no "
+                f"more (the iterator kept, as through the final evaluation): the CPU seconds its workers spend "
+                f"after the stop (Preprocessor workers; other workers: reads, split coordinator) until "
+                f"{quiet_s:.0f} s pass idle, busy_s = how long after the stop that was, rows_est = rows "
+                f"prepared after the stop, from the Preprocessor's CPU seconds per row in this process "
+                f"(local_batches past its first batch); as one pass and as a stream of {passes} passes")
+    with report.section("leftover", compares) as out:
+        rows = count_rows(child_uri(str(root), cfg.data.train_split))
+        local = local_batches(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, cfg.data.batch_size,
+                              train=True, seed=cfg.seed)
+        next(local)
+        t0 = time.process_time()
+        local_rows = sum(len(b["input_ids"]) for b in local)
+        cpu_per_row = (time.process_time() - t0) / local_rows
+        for n in (1, passes):
+            r = leftover_after_stop(cfg, n, batches, tree, quiet_s)
+            out.append({"model": entry["name"], "passes": n, "rows_in_stream": n * rows,
+                        "rows_read": batches * cfg.data.batch_size, **r,
+                        "rows_est": min(n * rows, r["preprocessing_cpu_s"] / cpu_per_row)})
+            report.write()
 
 
 def bench_memory(report: Report, plan: list[dict[str, Any]], sets: dict[int, Path], tree: ProcessTree) -> None:
@@ -1184,7 +1260,7 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path, warm
             gc.collect()
 
 
-RAY_SECTIONS = ("ingest", "epochs", "memory", "data_wait")
+RAY_SECTIONS = ("ingest", "epochs", "memory", "data_wait", "leftover")
 
 
 def run_ray_sections(report: Report, plan: list[dict[str, Any]], sections: list[str] = list(RAY_SECTIONS),
@@ -1204,7 +1280,8 @@ def run_ray_sections(report: Report, plan: list[dict[str, Any]], sections: list[
         run = {"ingest": lambda: bench_ingest(report, plan, scaled, tree),
                "epochs": lambda: bench_epochs(report, plan, root),
                "memory": lambda: bench_memory(report, plan, {1: root, MEMORY_SCALE: scaled}, tree),
-               "data_wait": lambda: bench_data_wait(report, plan, root)}
+               "data_wait": lambda: bench_data_wait(report, plan, root),
+               "leftover": lambda: bench_leftover(report, plan, root, tree)}
         for name in sections:
             run[name]()
 

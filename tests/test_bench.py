@@ -306,3 +306,19 @@ def test_epochs_and_data_wait_sections_rows_have_their_fields(ray_synth_root, ra
         assert row["max_gap_s"] >= row["boundary_s"]
     (row,) = wait["rows"]
     assert row["steps"] == 2 and 0 <= row["data_wait"] <= 1 and row["samples_per_s"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_leftover_section_counts_what_the_data_stage_spends_after_a_stop(ray_synth_root, ray_session, tmp_path):
+    plan = ray_plan(tmp_path, ray_synth_root)
+    report = bench.Report("ray", None, {})
+    with bench.ray_cluster(plan[0]["cfg"]), bench.ProcessTree() as tree:
+        bench.bench_leftover(report, plan, ray_synth_root, tree, batches=2, passes=3, quiet_s=1.0)
+    (section,) = report.data["sections"]
+    assert section["error"] is None
+    one, stream = section["rows"]
+    assert (one["passes"], stream["passes"]) == (1, 3)
+    assert (one["rows_in_stream"], stream["rows_in_stream"], one["rows_read"]) == (200, 600, 16)
+    for row in (one, stream):
+        assert row["preprocessing_cpu_s"] >= 0 and row["other_workers_cpu_s"] >= 0 and row["busy_s"] >= 0
+        assert 0 <= row["rows_est"] <= row["rows_in_stream"]
