@@ -74,9 +74,10 @@ def test_two_ddp_workers_see_disjoint_data(ray_session, synth, tmp_path):
 def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
     from alignlab.platform.train import train
 
+    # 64 training rows: 4 steps an epoch, so the 6 steps read a stream of two passes.
     cfg = load_config("dual_encoder_demo", _overrides(synth, tmp_path, "scaling.num_workers=2", "optim.max_steps=6",
                                                         "tracking.checkpoint_every=3", "tracking.run_name=ddp",
-                                                        "tracking.system_metrics_every=1"))
+                                                        "tracking.system_metrics_every=1", "data.max_train_rows=64"))
     out = train(cfg)
     assert out["metrics"]["train/step"] == 6.0
     assert out["checkpoint"] and Path(out["checkpoint"], "model.safetensors").exists()
@@ -90,6 +91,9 @@ def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
         assert key in run.data.metrics, key
     history = _client(tmp_path).get_metric_history(run.info.run_id, "loss/itc")
     assert [m.step for m in history] == [2, 4, 6]
+    # Both epochs of the stream reached the runner: their skip counts are logged at steps 0 and 1.
+    epochs = _client(tmp_path).get_metric_history(run.info.run_id, "data/epoch_skipped_total")
+    assert [m.step for m in epochs] == [0, 1]
     # System metrics from one monitor for the machine (its first worker), not one per worker: each
     # step once, and no second node's keys.
     system = _client(tmp_path).get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
