@@ -58,8 +58,8 @@ cores). CPU time and memory are read from ``/proc`` for this process and every p
   the first epoch, after a warm-up.
 * **leftover**: the first architecture's training pipeline stopped after a few batches (the
   iterator kept, as a trainer keeps it through its final evaluation), as one pass and as a
-  stream of passes: the CPU seconds its workers still spend until they idle, and the rows that
-  buys (estimated from the Preprocessor's CPU seconds per row).
+  stream of passes: the CPU seconds its Preprocessor workers still spend until they idle, how
+  long that takes, and the rows the stream had left.
 
 The JSON: ``{"bench": "gpu" | "quick" | "ray", "environment": {python, torch, cuda, gpu, gpu_count, driver,
 peak_tflops, ...}, "sections": [{"name", "compares", "seconds", "error", "rows": [...]}]}``.
@@ -833,6 +833,10 @@ EPOCHS = 3
 MEMORY_SCALE = 10
 LEFTOVER_BATCHES = 5  # read before the reader stops
 LEFTOVER_QUIET_S, LEFTOVER_MAX_S = 3.0, 120.0  # the data stage counts as stopped after this long idle
+# CPU seconds of the Preprocessor workers that count as work: an idle actor's threads still take a
+# little (about 0.01 CPU s/s here), and the other workers more (idle ones poll), so only the
+# Preprocessor's count, and only past this much since the last count.
+LEFTOVER_BUSY_CPU_S = 0.05
 WAIT_WARMUP_STEPS, WAIT_STEPS = 5, 20
 
 
@@ -1123,8 +1127,9 @@ def leftover_after_stop(cfg: Config, passes: int, batches: int, tree: ProcessTre
                         max_s: float = LEFTOVER_MAX_S) -> dict[str, float]:
     """Reads ``batches`` batches of the training pipeline of ``passes`` passes as the trainer does,
     then stops reading and keeps the iterator (the trainer holds it through its final evaluation):
-    the CPU seconds the data stage's workers spend afterwards, until ``quiet_s`` pass without
-    any, and when that was (after the stop; at most ``max_s``)."""
+    the CPU seconds the Preprocessor workers spend afterwards, until ``quiet_s`` pass without
+    :data:`LEFTOVER_BUSY_CPU_S` more, and when that was (after the stop; at most ``max_s``), with
+    the other workers' CPU seconds over that time."""
     from alignlab.platform.ingest import build_dataset
     from alignlab.platform.train import shard_batches
 
@@ -1144,7 +1149,7 @@ def leftover_after_stop(cfg: Config, passes: int, batches: int, tree: ProcessTre
     while time.perf_counter() - t0 < max_s and time.perf_counter() - busy_until < quiet_s:
         time.sleep(SAMPLE_INTERVAL_S)
         now = data_cpu()
-        if sum(now.values()) - sum(last.values()) > 0.01:  # more than /proc's tick rounding
+        if now["preprocessing"] - last["preprocessing"] > LEFTOVER_BUSY_CPU_S:
             busy_until, last = time.perf_counter(), now
     del reader, shard, ds
     gc.collect()
@@ -1155,33 +1160,25 @@ def leftover_after_stop(cfg: Config, passes: int, batches: int, tree: ProcessTre
 def bench_leftover(report: Report, plan: list[dict[str, Any]], root: Path, tree: ProcessTree,
                    batches: int = LEFTOVER_BATCHES, passes: int = EPOCHS, quiet_s: float = LEFTOVER_QUIET_S) -> None:
     """The first architecture's training pipeline stopped after ``batches`` batches, as one pass
-    (the trainer before the stream) and as a stream of ``passes`` passes, in turn; rows are
-    estimated from the Preprocessor's CPU seconds per row in this process (``local_batches``, after
-    its first batch: the start-up left out, as it is from the CPU spent after a stop)."""
-    from alignlab.platform.ingest import count_rows, local_batches
+    (the trainer before the stream) and as a stream of ``passes`` passes, in turn."""
+    from alignlab.platform.ingest import count_rows
     from alignlab.platform.shards import child_uri
 
     entry = _architectures(plan)[0]
     cfg = on_shards(entry["cfg"], root)
     compares = (f"{entry['name']}'s training pipeline read for {batches} batches as the trainer reads it, then no "
-                f"more (the iterator kept, as through the final evaluation): the CPU seconds its workers spend "
-                f"after the stop (Preprocessor workers; other workers: reads, split coordinator) until "
-                f"{quiet_s:.0f} s pass idle, busy_s = how long after the stop that was, rows_est = rows "
-                f"prepared after the stop, from the Preprocessor's CPU seconds per row in this process "
-                f"(local_batches past its first batch); as one pass and as a stream of {passes} passes")
+                f"more (the iterator kept, as through the final evaluation), as one pass and as a stream of {passes} "
+                f"passes: preprocessing_cpu_s = the CPU seconds its Preprocessor workers spend after the stop, "
+                f"until {quiet_s:.0f} s pass with less than {LEFTOVER_BUSY_CPU_S} more; busy_s = how long after "
+                f"the stop that was; other_workers_cpu_s = the other Ray workers' CPU seconds meanwhile (reads, "
+                f"the split coordinator, idle workers' polling); rows_left = the stream's rows not read, the most "
+                f"the stage could still prepare")
     with report.section("leftover", compares) as out:
         rows = count_rows(child_uri(str(root), cfg.data.train_split))
-        local = local_batches(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, cfg.data.batch_size,
-                              train=True, seed=cfg.seed)
-        next(local)
-        t0 = time.process_time()
-        local_rows = sum(len(b["input_ids"]) for b in local)
-        cpu_per_row = (time.process_time() - t0) / local_rows
         for n in (1, passes):
-            r = leftover_after_stop(cfg, n, batches, tree, quiet_s)
-            out.append({"model": entry["name"], "passes": n, "rows_in_stream": n * rows,
-                        "rows_read": batches * cfg.data.batch_size, **r,
-                        "rows_est": min(n * rows, r["preprocessing_cpu_s"] / cpu_per_row)})
+            read = batches * cfg.data.batch_size
+            out.append({"model": entry["name"], "passes": n, "rows_read": read, "rows_left": n * rows - read,
+                        **leftover_after_stop(cfg, n, batches, tree, quiet_s)})
             report.write()
 
 
