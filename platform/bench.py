@@ -32,6 +32,10 @@ its figures are rates or ratios taken in the same run; absolute times are contex
 * **step shares**: the demo-size training step of each architecture split into forward, backward
   and optimiser, and the cost of an objective as the step-time difference between a variant
   without it (the configs' own ablation switches, listed in ``bench.yaml``) and its reference.
+* **scaling**: the first architecture's ``Runner`` step under DDP over gloo with 1 and 2 CPU
+  workers (spawned processes, one thread each) at the preset's global batch: samples/s, the
+  speedup, and the communication share (the step's time under ``no_sync``, which skips the
+  gradient all-reduce, against the step as trained).
 
 ``--ray`` (a local Ray cluster started in this process, on the synthetic set generated into a
 temporary folder and on it 10 times over, its training files hard-linked; each architecture of
@@ -535,6 +539,110 @@ def nccl_all_gather(world: int, backend: str = "nccl", sizes_mib: tuple[int, ...
         if failed:
             raise RuntimeError(f"all-gather ranks exited with codes {failed} (their traceback is above)")
         return json.loads(Path(result).read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# DDP scaling on the CPU (--quick)
+# --------------------------------------------------------------------------------------------
+
+SCALING_STEPS = 8  # timed per arm, after one warm-up step
+SCALING_TIMEOUT_S = 300
+
+
+def _scaling_worker(rank: int, world: int, port: int, cfg: Config, steps: int, result: str) -> None:
+    """One of ``world`` gloo processes training the trainer's own Runner under DDP on synthetic
+    batches (``data.batch_size`` split over the workers, as Ray Train splits it): ``steps``
+    steps as trained, then ``steps`` under ``no_sync`` (no gradient all-reduce), timed between
+    barriers."""
+    import torch.distributed as dist
+
+    from alignlab.platform.train import LocalContext, Runner
+
+    torch.set_num_threads(1)  # the --quick convention: per-core figures, one core per worker
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+    class DDPContext(LocalContext):
+        def wrap(self, model):
+            return torch.nn.parallel.DistributedDataParallel(
+                model, find_unused_parameters=model.find_unused_parameters)
+
+        def all_mean(self, values):
+            values = values.clone()
+            dist.all_reduce(values)
+            return values / world
+
+    bench = TrainingBench(cfg, synthetic_vocab(), torch.device("cpu"), seed=rank)  # each rank its own rows
+    batch = bench.batch(cfg.data.batch_size // world)
+    ctx = DDPContext(lambda: itertools.repeat(batch))
+    ctx.rank, ctx.world = rank, world
+    runner = Runner(replace(cfg, scaling=replace(cfg.scaling, num_workers=world)), bench.spec, bench.vocab, ctx,
+                    STEPS_PER_EPOCH).setup()
+    runner.model.train()
+
+    def timed(n: int, sync: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            with contextlib.nullcontext() if sync else runner.trained.no_sync():
+                runner.train_step()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    timed(1, sync=True)
+    synced, unsynced = timed(steps, sync=True), timed(steps, sync=False)
+    if rank == 0:
+        Path(result).write_text(json.dumps({"synced_s": synced, "unsynced_s": unsynced}))
+    dist.destroy_process_group()
+
+
+def ddp_step_times(cfg: Config, world: int, steps: int = SCALING_STEPS,
+                   timeout_s: float = SCALING_TIMEOUT_S) -> dict[str, float]:
+    """Runs :func:`_scaling_worker` in ``world`` spawned processes (loopback rendezvous)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as d:
+        result = os.path.join(d, "times.json")
+        procs = [ctx.Process(target=_scaling_worker, args=(r, world, port, cfg, steps, result)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        failed = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode}
+        if failed:
+            raise RuntimeError(f"DDP ranks exited with codes {failed} (killed after {timeout_s:.0f} s if negative)")
+        return json.loads(Path(result).read_text())
+
+
+def bench_scaling(report: Report, plan: list[dict[str, Any]], worlds: tuple[int, ...] = (1, 2),
+                  steps: int = SCALING_STEPS) -> None:
+    """The first plan entry's training step under DDP over gloo with each of ``worlds`` CPU
+    workers (one thread each), at the preset's global batch."""
+    entry = plan[0]
+    cfg = entry["cfg"]
+    compares = (f"{entry['name']}'s Runner step under DDP on gloo, CPU workers of one thread each, global batch "
+                f"{cfg.data.batch_size} split over them, {steps} steps per arm: samples_per_s (global), speedup = "
+                f"over 1 worker, comm_share = 1 - the step's time under no_sync (no gradient all-reduce) / as "
+                f"trained; the workers share the machine's cores with whatever else runs")
+    with report.section("scaling", compares) as rows:
+        for world in worlds:
+            t = ddp_step_times(cfg, world, steps)
+            rows.append({"model": entry["name"], "workers": world, "batch": cfg.data.batch_size,
+                         "samples_per_s": cfg.data.batch_size * steps / t["synced_s"],
+                         "step_ms": 1e3 * t["synced_s"] / steps, "unsynced_step_ms": 1e3 * t["unsynced_s"] / steps,
+                         "comm_share": 1 - t["unsynced_s"] / t["synced_s"]})
+            rows[-1]["speedup"] = rows[-1]["samples_per_s"] / rows[0]["samples_per_s"]
+            report.write()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1417,6 +1525,7 @@ def run_quick(out: str) -> Report:
     plan = load_plan("quick")
     bench_rerank_states(report, plan)
     bench_step_shares(report, plan)
+    bench_scaling(report, plan)
     return report
 
 

@@ -613,11 +613,12 @@ def footer_actors(files: int) -> int:
 
 @contextlib.contextmanager
 def footer_pool(files: int) -> Iterator[None]:
-    """Ray Data's Parquet read lists its files anew on every execution, so at every epoch, on a
-    pool of ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` footer-reading actors (32 by default, sized for
-    object stores holding thousands of files). For a split of a few files, starting 32 Python
-    processes was most of an epoch boundary's wait: 26 s against 8 s with one actor on the
-    synthetic set's 2 files, 2 shared cores (``alignlab bench --ray``, epochs, side by side).
+    """Ray Data's Parquet read lists its files anew on every execution (every evaluation; the
+    training stream reads its files through :func:`stream_source`), on a pool of
+    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` footer-reading actors (32 by default, sized for object
+    stores holding thousands of files). For a split of a few files, starting 32 Python processes
+    was most of an epoch boundary's wait when training read that way: 26 s against 8 s with one
+    actor on the synthetic set's 2 files, 2 shared cores (``alignlab bench --ray``, side by side).
     The read takes the pool size from the environment when it is created, so it is set around
     that call only: :func:`footer_actors` of the split's files, unless the user set it."""
     if FOOTER_ACTORS_ENV in os.environ:

@@ -321,3 +321,19 @@ def test_leftover_section_counts_what_the_data_stage_spends_after_a_stop(ray_syn
     assert (one["rows_read"], one["rows_left"], stream["rows_left"]) == (16, 184, 584)
     for row in (one, stream):
         assert row["preprocessing_cpu_s"] >= 0 and row["other_workers_cpu_s"] >= 0 and row["busy_s"] >= 0
+
+
+@pytest.mark.timeout(300)
+def test_scaling_section_trains_under_ddp_with_one_and_two_gloo_workers(tmp_path):
+    plan_file = tmp_path / "bench.yaml"
+    plan_file.write_text(json.dumps({"quick": {"common": [*TINY, "data.batch_size=8"],
+                                               "models": [{"name": "mvptr", "preset": "mvptr_demo"}]}}))
+    report = bench.Report("quick", None, {})
+    bench.bench_scaling(report, bench.load_plan("quick", plan_file), steps=2)
+    (section,) = report.data["sections"]
+    assert section["error"] is None
+    one, two = section["rows"]
+    assert (one["workers"], two["workers"]) == (1, 2) and one["speedup"] == 1.0
+    for row in (one, two):
+        assert row["batch"] == 8 and row["samples_per_s"] > 0 and row["step_ms"] > 0 and row["comm_share"] < 1
+    assert two["speedup"] == pytest.approx(two["samples_per_s"] / one["samples_per_s"])
