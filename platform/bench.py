@@ -552,8 +552,9 @@ SCALING_TIMEOUT_S = 300
 def _scaling_worker(rank: int, world: int, port: int, cfg: Config, steps: int, result: str) -> None:
     """One of ``world`` gloo processes training the trainer's own Runner under DDP on synthetic
     batches (``data.batch_size`` split over the workers, as Ray Train splits it): ``steps``
-    steps as trained, then ``steps`` under ``no_sync`` (no gradient all-reduce), timed between
-    barriers."""
+    rounds of a step as trained and a step under ``no_sync`` (no gradient all-reduce), each
+    timed between barriers; the medians (interleaved, so a shared machine's load weighs on both
+    alike)."""
     import torch.distributed as dist
 
     from alignlab.platform.train import LocalContext, Runner
@@ -580,19 +581,19 @@ def _scaling_worker(rank: int, world: int, port: int, cfg: Config, steps: int, r
                     STEPS_PER_EPOCH).setup()
     runner.model.train()
 
-    def timed(n: int, sync: bool) -> float:
+    def timed(sync: bool) -> float:
         dist.barrier()
         start = time.perf_counter()
-        for _ in range(n):
-            with contextlib.nullcontext() if sync else runner.trained.no_sync():
-                runner.train_step()
+        with contextlib.nullcontext() if sync else runner.trained.no_sync():
+            runner.train_step()
         dist.barrier()
         return time.perf_counter() - start
 
-    timed(1, sync=True)
-    synced, unsynced = timed(steps, sync=True), timed(steps, sync=False)
+    timed(sync=True)
+    rounds = [(timed(sync=True), timed(sync=False)) for _ in range(steps)]
     if rank == 0:
-        Path(result).write_text(json.dumps({"synced_s": synced, "unsynced_s": unsynced}))
+        Path(result).write_text(json.dumps({"synced_s": float(np.median([s for s, _ in rounds])),
+                                            "unsynced_s": float(np.median([u for _, u in rounds]))}))
     dist.destroy_process_group()
 
 
@@ -631,16 +632,16 @@ def bench_scaling(report: Report, plan: list[dict[str, Any]], worlds: tuple[int,
     entry = plan[0]
     cfg = entry["cfg"]
     compares = (f"{entry['name']}'s Runner step under DDP on gloo, CPU workers of one thread each, global batch "
-                f"{cfg.data.batch_size} split over them, {steps} steps per arm: samples_per_s (global), speedup = "
-                f"over 1 worker, comm_share = 1 - the step's time under no_sync (no gradient all-reduce) / as "
-                f"trained; the workers share the machine's cores with whatever else runs")
+                f"{cfg.data.batch_size} split over them, medians of {steps} rounds of a step as trained and one "
+                f"under no_sync (no gradient all-reduce): samples_per_s (global), speedup = over 1 worker, "
+                f"comm_share = 1 - no_sync step / step as trained; the workers share the machine's cores with "
+                f"whatever else runs")
     with report.section("scaling", compares) as rows:
         for world in worlds:
             t = ddp_step_times(cfg, world, steps)
             rows.append({"model": entry["name"], "workers": world, "batch": cfg.data.batch_size,
-                         "samples_per_s": cfg.data.batch_size * steps / t["synced_s"],
-                         "step_ms": 1e3 * t["synced_s"] / steps, "unsynced_step_ms": 1e3 * t["unsynced_s"] / steps,
-                         "comm_share": 1 - t["unsynced_s"] / t["synced_s"]})
+                         "samples_per_s": cfg.data.batch_size / t["synced_s"], "step_ms": 1e3 * t["synced_s"],
+                         "unsynced_step_ms": 1e3 * t["unsynced_s"], "comm_share": 1 - t["unsynced_s"] / t["synced_s"]})
             rows[-1]["speedup"] = rows[-1]["samples_per_s"] / rows[0]["samples_per_s"]
             report.write()
 
