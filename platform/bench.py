@@ -32,6 +32,10 @@ its figures are rates or ratios taken in the same run; absolute times are contex
 * **step shares**: the demo-size training step of each architecture split into forward, backward
   and optimiser, and the cost of an objective as the step-time difference between a variant
   without it (the configs' own ablation switches, listed in ``bench.yaml``) and its reference.
+* **scaling**: the first architecture's ``Runner`` step under DDP over gloo with 1 and 2 CPU
+  workers (spawned processes, one thread each) at the preset's global batch: samples/s, the
+  speedup, and the communication share (the step's time under ``no_sync``, which skips the
+  gradient all-reduce, against the step as trained).
 
 ``--ray`` (a local Ray cluster started in this process, on the synthetic set generated into a
 temporary folder and on it 10 times over, its training files hard-linked; each architecture of
@@ -47,16 +51,19 @@ cores). CPU time and memory are read from ``/proc`` for this process and every p
   CPU second over the loop's (the target is >= 0.8) and ``overhead`` the share of Ray's CPU time
   outside its Preprocessor workers.
 * **epochs**: a few small epochs read as a Ray Train worker reads its shard (``streaming_split``
-  and ``train.shard_batches``, every epoch a new execution), no model: the first batch's wait,
-  the wait from an epoch's last batch to the next one's first, and the steady gap between
-  batches; the first architecture also with Ray Data's default Parquet footer pool
-  (``ingest.footer_pool``), side by side.
+  and ``train.shard_batches``), no model, as one execution of a stream of passes (the trainer's)
+  and, in turn, as a new execution per epoch (before it): the first batch's wait, the wait from
+  an epoch's last batch to the next one's first, and the steady gap between batches.
 * **memory**: peak RSS of the driver, the workers together, the largest worker and Ray's daemons
   while one epoch of the first architecture streams through the same iteration, on 1x and 10x
   the synthetic set; streaming keeps the 10x row within 10% of the 1x one.
 * **data wait**: each architecture's ``Runner`` (one CPU worker) fed by that iteration through a
   ``LocalContext``: the trainer's own ``time/data_wait_fraction`` and samples/s over steps inside
   the first epoch, after a warm-up.
+* **leftover**: the first architecture's training pipeline stopped after a few batches (the
+  iterator kept, as a trainer keeps it through its final evaluation), as one pass and as a
+  stream of passes: the CPU seconds its Preprocessor workers still spend until they idle, how
+  long that takes, and the rows the stream had left.
 
 The JSON: ``{"bench": "gpu" | "quick" | "ray", "environment": {python, torch, cuda, gpu, gpu_count, driver,
 peak_tflops, ...}, "sections": [{"name", "compares", "seconds", "error", "rows": [...]}]}``.
@@ -547,6 +554,111 @@ def nccl_all_gather(world: int, backend: str = "nccl", sizes_mib: tuple[int, ...
 
 
 # --------------------------------------------------------------------------------------------
+# DDP scaling on the CPU (--quick)
+# --------------------------------------------------------------------------------------------
+
+SCALING_STEPS = 8  # timed per arm, after one warm-up step
+SCALING_TIMEOUT_S = 300
+
+
+def _scaling_worker(rank: int, world: int, port: int, cfg: Config, steps: int, result: str) -> None:
+    """One of ``world`` gloo processes training the trainer's own Runner under DDP on synthetic
+    batches (``data.batch_size`` split over the workers, as Ray Train splits it): ``steps``
+    rounds of a step as trained and a step under ``no_sync`` (no gradient all-reduce), each
+    timed between barriers; the medians (interleaved, so a shared machine's load weighs on both
+    alike)."""
+    import torch.distributed as dist
+
+    from alignlab.platform.train import LocalContext, Runner
+
+    torch.set_num_threads(1)  # the --quick convention: per-core figures, one core per worker
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+    class DDPContext(LocalContext):
+        def wrap(self, model):
+            return torch.nn.parallel.DistributedDataParallel(
+                model, find_unused_parameters=model.find_unused_parameters)
+
+        def all_mean(self, values):
+            values = values.clone()
+            dist.all_reduce(values)
+            return values / world
+
+    bench = TrainingBench(cfg, synthetic_vocab(), torch.device("cpu"), seed=rank)  # each rank its own rows
+    batch = bench.batch(cfg.data.batch_size // world)
+    ctx = DDPContext(lambda: itertools.repeat(batch))
+    ctx.rank, ctx.world = rank, world
+    runner = Runner(replace(cfg, scaling=replace(cfg.scaling, num_workers=world)), bench.spec, bench.vocab, ctx,
+                    STEPS_PER_EPOCH).setup()
+    runner.model.train()
+
+    def timed(sync: bool) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        with contextlib.nullcontext() if sync else runner.trained.no_sync():
+            runner.train_step()
+        dist.barrier()
+        return time.perf_counter() - start
+
+    timed(sync=True)
+    rounds = [(timed(sync=True), timed(sync=False)) for _ in range(steps)]
+    if rank == 0:
+        Path(result).write_text(json.dumps({"synced_s": float(np.median([s for s, _ in rounds])),
+                                            "unsynced_s": float(np.median([u for _, u in rounds]))}))
+    dist.destroy_process_group()
+
+
+def ddp_step_times(cfg: Config, world: int, steps: int = SCALING_STEPS,
+                   timeout_s: float = SCALING_TIMEOUT_S) -> dict[str, float]:
+    """Runs :func:`_scaling_worker` in ``world`` spawned processes (loopback rendezvous)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as d:
+        result = os.path.join(d, "times.json")
+        procs = [ctx.Process(target=_scaling_worker, args=(r, world, port, cfg, steps, result)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout_s
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        failed = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode}
+        if failed:
+            raise RuntimeError(f"DDP ranks exited with codes {failed} (killed after {timeout_s:.0f} s if negative)")
+        return json.loads(Path(result).read_text())
+
+
+def bench_scaling(report: Report, plan: list[dict[str, Any]], worlds: tuple[int, ...] = (1, 2),
+                  steps: int = SCALING_STEPS) -> None:
+    """The first plan entry's training step under DDP over gloo with each of ``worlds`` CPU
+    workers (one thread each), at the preset's global batch."""
+    entry = plan[0]
+    cfg = entry["cfg"]
+    compares = (f"{entry['name']}'s Runner step under DDP on gloo, CPU workers of one thread each, global batch "
+                f"{cfg.data.batch_size} split over them, medians of {steps} rounds of a step as trained and one "
+                f"under no_sync (no gradient all-reduce): samples_per_s (global), speedup = over 1 worker, "
+                f"comm_share = 1 - no_sync step / step as trained; the workers share the machine's cores with "
+                f"whatever else runs")
+    with report.section("scaling", compares) as rows:
+        for world in worlds:
+            t = ddp_step_times(cfg, world, steps)
+            rows.append({"model": entry["name"], "workers": world, "batch": cfg.data.batch_size,
+                         "samples_per_s": cfg.data.batch_size / t["synced_s"], "step_ms": 1e3 * t["synced_s"],
+                         "unsynced_step_ms": 1e3 * t["unsynced_s"], "comm_share": 1 - t["unsynced_s"] / t["synced_s"]})
+            rows[-1]["speedup"] = rows[-1]["samples_per_s"] / rows[0]["samples_per_s"]
+            report.write()
+
+
+# --------------------------------------------------------------------------------------------
 # Objectives: batched against a per-sample loop (--quick)
 # --------------------------------------------------------------------------------------------
 # The loops below compute what the batched objectives in models/objectives.py compute, one sample
@@ -840,6 +952,12 @@ INGEST_ROWS = 20000  # per pipeline, from a cold start
 EPOCH_ROWS = 640  # 20 batches of 32 per epoch: the boundary's cost does not grow with the epoch
 EPOCHS = 3
 MEMORY_SCALE = 10
+LEFTOVER_BATCHES = 5  # read before the reader stops
+LEFTOVER_QUIET_S, LEFTOVER_MAX_S = 3.0, 120.0  # the data stage counts as stopped after this long idle
+# CPU seconds of the Preprocessor workers that count as work: an idle actor's threads still take a
+# little (about 0.01 CPU s/s here), and the other workers more (idle ones poll), so only the
+# Preprocessor's count, and only past this much since the last count.
+LEFTOVER_BUSY_CPU_S = 0.05
 WAIT_WARMUP_STEPS, WAIT_STEPS = 5, 20
 
 
@@ -1070,66 +1188,118 @@ def bench_ingest(report: Report, plan: list[dict[str, Any]], root: Path, tree: P
             report.write()
 
 
-def epoch_times(cfg: Config, epochs: int, footer_actors: int | None = None) -> list[list[float]]:
+def epoch_times(cfg: Config, epochs: int, one_stream: bool) -> list[list[float]]:
     """The arrival time of every batch of ``epochs`` epochs of the training pipeline, read as a
-    Ray Train worker reads its shard (``streaming_split`` and ``shard_batches``, each epoch a new
-    iteration), with no training step between batches. ``footer_actors``: the Parquet read's
-    footer pool instead of ``build_dataset``'s (:func:`~alignlab.platform.ingest.footer_pool`)."""
-    from alignlab.platform.ingest import FOOTER_ACTORS_ENV, build_dataset
+    Ray Train worker reads its shard (``streaming_split`` and ``shard_batches``), with no training
+    step between batches. ``one_stream``: one iteration of a stream of ``epochs`` passes, cut into
+    epochs of equal batch counts (where a trainer counting steps crosses them; the shuffle buffer
+    mixes the passes' rows near the seam); otherwise a one-pass dataset iterated once per epoch,
+    each epoch a new execution (the trainer before the stream)."""
+    from alignlab.platform.ingest import build_dataset
     from alignlab.platform.train import shard_batches
 
-    env = {FOOTER_ACTORS_ENV: str(footer_actors)} if footer_actors else {}
-    with _environment(env):
-        ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed)
+    ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed,
+                       passes=epochs if one_stream else 1)
     (shard,) = ds.streaming_split(1, equal=True)
-    times: list[list[float]] = []
     t0 = time.perf_counter()
-    for _ in range(epochs):
-        times.append([time.perf_counter() - t0 for _ in shard_batches(shard, cfg.data, cfg.data.batch_size,
-                                                                       torch.device("cpu"))])
-    return times
 
+    def arrivals() -> list[float]:
+        return [time.perf_counter() - t0 for _ in shard_batches(shard, cfg.data, cfg.data.batch_size,
+                                                                 torch.device("cpu"))]
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    if not one_stream:
+        return [arrivals() for _ in range(epochs)]
+    times = arrivals()
+    per = len(times) // epochs
+    return [times[i * per:(i + 1) * per] for i in range(epochs)]
 
 
 def bench_epochs(report: Report, plan: list[dict[str, Any]], root: Path, rows: int = EPOCH_ROWS,
-                 epochs: int = EPOCHS, ray_pool: int | None = None) -> None:
-    """Each architecture's pipeline as ``build_dataset`` makes it; the first one's also with Ray
-    Data's default footer pool (as before ``footer_pool``), in turn with it."""
-    from alignlab.platform.ingest import RAY_FOOTER_ACTORS, footer_actors
-    from alignlab.platform.shards import child_uri, list_parquet
-
+                 epochs: int = EPOCHS) -> None:
+    """Each architecture's training pipeline read for ``epochs`` epochs as one stream of passes
+    (``build_dataset(passes=epochs)``, the trainer's) and, in turn, as a one-pass dataset executed
+    anew every epoch (the trainer before the stream)."""
     compares = (f"{epochs} epochs of {rows} training rows read as a Ray Train worker reads its shard "
-                f"(streaming_split + shard_batches, each epoch a new iteration), no model: first_batch_s = the "
-                f"first epoch's start-up, boundary_s = last batch of an epoch to the first of the next (median), "
-                f"steady_ms = between batches within an epoch (median: the pipeline runs ahead of a reader without "
-                f"a model); footer_actors = the Parquet read's footer-reading pool, Ray's default "
-                f"{RAY_FOOTER_ACTORS} or build_dataset's")
+                f"(streaming_split + shard_batches), no model, for each architecture in turn: one execution of a "
+                f"stream of {epochs} passes (build_dataset's) vs a new execution per epoch (before it). "
+                f"first_batch_s = the first epoch's start-up, boundary_s = last batch of an epoch to the first of "
+                f"the next (median; the stream's epochs cut by batch count), max_gap_s = the longest wait between "
+                f"two batches after the first, steady_ms = between batches within an epoch (median: the pipeline "
+                f"runs ahead of a reader without a model)")
     with report.section("epochs", compares) as out:
-        entries = _architectures(plan)
-        files = len(list_parquet(child_uri(str(root), entries[0]["cfg"].data.train_split)))
-        runs = [(e, None) for e in entries]
-        runs.insert(1, (entries[0], ray_pool or RAY_FOOTER_ACTORS))
-        for entry, pool in runs:
+        # Untimed: the cluster's first Ray Data execution starts more than any later one does
+        # (19.9 s against 10.6 s for the next architecture's first batch), which would weigh on
+        # whichever arm came first.
+        epoch_times(on_shards(_architectures(plan)[0]["cfg"], root, max_train_rows=rows), 1, one_stream=True)
+        for entry in _architectures(plan):
             cfg = on_shards(entry["cfg"], root, max_train_rows=rows)
-            times = epoch_times(cfg, epochs, pool)
-            steady = float(np.median([b - a for t in times for a, b in zip(t[1:], t[2:])]))
-            out.append({"model": entry["name"], "footer_actors": pool or footer_actors(files),
-                        "batches_per_epoch": [len(t) for t in times], "first_batch_s": times[0][0],
-                        "boundary_s": float(np.median([nxt[0] - prev[-1] for prev, nxt in zip(times, times[1:])])),
-                        "steady_ms": 1e3 * steady})
+            for one_stream in (True, False):
+                times = epoch_times(cfg, epochs, one_stream)
+                flat = [t for epoch in times for t in epoch]
+                steady = float(np.median([b - a for t in times for a, b in zip(t[1:], t[2:])]))
+                out.append({"model": entry["name"], "execution": "one stream" if one_stream else "per epoch",
+                            "batches_per_epoch": [len(t) for t in times], "first_batch_s": times[0][0],
+                            "boundary_s": float(np.median([nxt[0] - prev[-1] for prev, nxt in zip(times, times[1:])])),
+                            "max_gap_s": max(b - a for a, b in zip(flat, flat[1:])), "steady_ms": 1e3 * steady})
+                report.write()
+
+
+def leftover_after_stop(cfg: Config, passes: int, batches: int, tree: ProcessTree, quiet_s: float = LEFTOVER_QUIET_S,
+                        max_s: float = LEFTOVER_MAX_S) -> dict[str, float]:
+    """Reads ``batches`` batches of the training pipeline of ``passes`` passes as the trainer does,
+    then stops reading and keeps the iterator (the trainer holds it through its final evaluation):
+    the CPU seconds the Preprocessor workers spend afterwards, until ``quiet_s`` pass without
+    :data:`LEFTOVER_BUSY_CPU_S` more, and when that was (after the stop; at most ``max_s``), with
+    the other workers' CPU seconds over that time."""
+    from alignlab.platform.ingest import build_dataset
+    from alignlab.platform.train import shard_batches
+
+    ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed,
+                       passes=passes)
+    (shard,) = ds.streaming_split(1, equal=True)
+    reader = iter(shard_batches(shard, cfg.data, cfg.data.batch_size, torch.device("cpu")))
+    for _ in range(batches):
+        next(reader)
+
+    def data_cpu() -> dict[str, float]:
+        cpu = tree.cpu_by_kind()
+        return {k: cpu.get(k, 0.0) for k in ("preprocessing", "worker")}
+
+    start, t0 = data_cpu(), time.perf_counter()
+    last, busy_until = start, t0
+    while time.perf_counter() - t0 < max_s and time.perf_counter() - busy_until < quiet_s:
+        time.sleep(SAMPLE_INTERVAL_S)
+        now = data_cpu()
+        if now["preprocessing"] - last["preprocessing"] > LEFTOVER_BUSY_CPU_S:
+            busy_until, last = time.perf_counter(), now
+    del reader, shard, ds
+    gc.collect()
+    return {"preprocessing_cpu_s": last["preprocessing"] - start["preprocessing"],
+            "other_workers_cpu_s": last["worker"] - start["worker"], "busy_s": busy_until - t0}
+
+
+def bench_leftover(report: Report, plan: list[dict[str, Any]], root: Path, tree: ProcessTree,
+                   batches: int = LEFTOVER_BATCHES, passes: int = EPOCHS, quiet_s: float = LEFTOVER_QUIET_S) -> None:
+    """The first architecture's training pipeline stopped after ``batches`` batches, as one pass
+    (the trainer before the stream) and as a stream of ``passes`` passes, in turn."""
+    from alignlab.platform.ingest import count_rows
+    from alignlab.platform.shards import child_uri
+
+    entry = _architectures(plan)[0]
+    cfg = on_shards(entry["cfg"], root)
+    compares = (f"{entry['name']}'s training pipeline read for {batches} batches as the trainer reads it, then no "
+                f"more (the iterator kept, as through the final evaluation), as one pass and as a stream of {passes} "
+                f"passes: preprocessing_cpu_s = the CPU seconds its Preprocessor workers spend after the stop, "
+                f"until {quiet_s:.0f} s pass with less than {LEFTOVER_BUSY_CPU_S} more; busy_s = how long after "
+                f"the stop that was; other_workers_cpu_s = the other Ray workers' CPU seconds meanwhile (reads, "
+                f"the split coordinator, idle workers' polling); rows_left = the stream's rows not read, the most "
+                f"the stage could still prepare")
+    with report.section("leftover", compares) as out:
+        rows = count_rows(child_uri(str(root), cfg.data.train_split))
+        for n in (1, passes):
+            read = batches * cfg.data.batch_size
+            out.append({"model": entry["name"], "passes": n, "rows_read": read, "rows_left": n * rows - read,
+                        **leftover_after_stop(cfg, n, batches, tree, quiet_s)})
             report.write()
 
 
@@ -1208,7 +1378,7 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path, warm
             gc.collect()
 
 
-RAY_SECTIONS = ("ingest", "epochs", "memory", "data_wait")
+RAY_SECTIONS = ("ingest", "epochs", "memory", "data_wait", "leftover")
 
 
 def run_ray_sections(report: Report, plan: list[dict[str, Any]], sections: list[str] = list(RAY_SECTIONS),
@@ -1228,7 +1398,8 @@ def run_ray_sections(report: Report, plan: list[dict[str, Any]], sections: list[
         run = {"ingest": lambda: bench_ingest(report, plan, scaled, tree),
                "epochs": lambda: bench_epochs(report, plan, root),
                "memory": lambda: bench_memory(report, plan, {1: root, MEMORY_SCALE: scaled}, tree),
-               "data_wait": lambda: bench_data_wait(report, plan, root)}
+               "data_wait": lambda: bench_data_wait(report, plan, root),
+               "leftover": lambda: bench_leftover(report, plan, root, tree)}
         for name in sections:
             run[name]()
 
@@ -1367,6 +1538,7 @@ def run_quick(out: str) -> Report:
     plan = load_plan("quick")
     bench_rerank_states(report, plan)
     bench_step_shares(report, plan)
+    bench_scaling(report, plan)
     return report
 
 

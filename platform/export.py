@@ -227,7 +227,7 @@ class _Refusals:
         self.add = self
 
     def remote(self, skipped, notes, train) -> None:
-        self.skipped.extend(example for _, _, example in skipped)
+        self.skipped.extend(example for _, _, example, _ in skipped)
 
 
 def _image_bytes(image) -> bytes:

@@ -48,7 +48,8 @@ MAX_EXAMPLES = 20
 class DataQuality:
     """Skipped and noted rows, each counted once per ``(reason, caption_id)`` however often it is
     read: every epoch and every evaluation pass reads a bad row again. Skips of the training read
-    are also kept per epoch, once the trainer marks epochs with :meth:`begin_epoch`."""
+    are also kept per epoch: the trainer marks the epoch a training stream starts at with
+    :meth:`begin_epoch`, and a skip in the stream's pass ``p`` belongs to that epoch + ``p``."""
 
     def __init__(self):
         self.skipped: set[tuple[str, str]] = set()
@@ -58,21 +59,21 @@ class DataQuality:
         self.examples: list[str] = []
 
     def begin_epoch(self, epoch: int) -> None:
-        """Training reads from now on belong to ``epoch``."""
+        """Training reads from now on start at ``epoch``: their pass 0 is that epoch."""
         self.epoch = epoch
 
-    def add(self, skipped: list[tuple[str, str, str]], notes: list[tuple[str, str]], train: bool) -> None:
-        """``skipped``: (reason, caption_id, example) per skipped row of one batch; ``notes``:
-        (note, caption_id) per kept row with a flaw; ``train``: whether the batch is of the
-        training read."""
-        for reason, caption_id, example in skipped:
+    def add(self, skipped: list[tuple[str, str, str, int]], notes: list[tuple[str, str]], train: bool) -> None:
+        """``skipped``: (reason, caption_id, example, pass of the read) per skipped row of one
+        batch; ``notes``: (note, caption_id) per kept row with a flaw; ``train``: whether the
+        batch is of the training read."""
+        for reason, caption_id, example, pass_index in skipped:
             key = (reason, caption_id)
             if key not in self.skipped:
                 self.skipped.add(key)
                 if len(self.examples) < MAX_EXAMPLES:
                     self.examples.append(example)
             if train:
-                self.train_epochs.setdefault(self.epoch, set()).add(key)
+                self.train_epochs.setdefault(self.epoch + pass_index, set()).add(key)
         self.noted.update(notes)
 
     def epoch_counts(self, epoch: int) -> dict[str, int]:
@@ -188,6 +189,10 @@ def image_key(identifier: str) -> int:
 # Free-text columns, read as bytes (see the module docstring) and decoded by :func:`decode_text`.
 TEXT_COLUMNS = ("caption", "question", "answer")
 
+# The training stream's column naming each row's pass over the split, counted from the stream's
+# start: the trainer reads its epoch boundaries from it, the data counters their epochs.
+PASS_COLUMN = "pass"
+
 
 def decode_text(column, name: str, skip) -> list[str | None]:
     """One text column of a batch as str (None stays None, so a caption row's null question
@@ -241,7 +246,8 @@ class Preprocessor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["caption"])
         keep = np.ones(n, dtype=bool)
-        skipped: list[tuple[str, str, str]] = []
+        passes = batch.get(PASS_COLUMN, np.zeros(n, dtype=np.int64))
+        skipped: list[tuple[str, str, str, int]] = []
         notes: list[tuple[str, str]] = []
 
         def skip(i: int, reason: str, detail: str = "") -> None:
@@ -250,7 +256,7 @@ class Preprocessor:
             keep[i] = False
             where = f"{batch['path'][i]} caption_id={batch['caption_id'][i]}" if "path" in batch \
                 else f"caption_id={batch['caption_id'][i]}"
-            skipped.append((reason, str(batch["caption_id"][i]), f"{reason}: {where} {detail}".strip()))
+            skipped.append((reason, str(batch["caption_id"][i]), f"{reason}: {where} {detail}".strip(), int(passes[i])))
 
         def note(i: int, kind: str) -> None:
             notes.append((kind, str(batch["caption_id"][i])))
@@ -322,10 +328,12 @@ class Preprocessor:
             out["answer_scores"] = self._answer_scores(batch, text.get("answer"), keep)
         for c in self.id_columns:
             out[c] = np.asarray(batch[c], dtype=np.int64)
+        if PASS_COLUMN in batch:
+            out[PASS_COLUMN] = passes.astype(np.int64)
         out["image_key"] = np.array([image_key(str(x)) for x in batch["image_id"]], dtype=np.int64)
         out["caption_key"] = np.array([image_key(str(x)) for x in batch["caption_id"]], dtype=np.int64)
 
-        for _, _, e in skipped[:5]:
+        for _, _, e, _ in skipped[:5]:
             log.warning("skipped row: %s", e)
         if (skipped or notes) and self.counter is not None:
             self.counter.add.remote(skipped, notes, self.train)
@@ -631,11 +639,12 @@ def footer_actors(files: int) -> int:
 
 @contextlib.contextmanager
 def footer_pool(files: int) -> Iterator[None]:
-    """Ray Data's Parquet read lists its files anew on every execution, so at every epoch, on a
-    pool of ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` footer-reading actors (32 by default, sized for
-    object stores holding thousands of files). For a split of a few files, starting 32 Python
-    processes was most of an epoch boundary's wait: 26 s against 8 s with one actor on the
-    synthetic set's 2 files, 2 shared cores (``alignlab bench --ray``, epochs, side by side).
+    """Ray Data's Parquet read lists its files anew on every execution (every evaluation; the
+    training stream reads its files through :func:`stream_source`), on a pool of
+    ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` footer-reading actors (32 by default, sized for object
+    stores holding thousands of files). For a split of a few files, starting 32 Python processes
+    was most of an epoch boundary's wait when training read that way: 26 s against 8 s with one
+    actor on the synthetic set's 2 files, 2 shared cores (``alignlab bench --ray``, side by side).
     The read takes the pool size from the environment when it is created, so it is set around
     that call only: :func:`footer_actors` of the split's files, unless the user set it."""
     if FOOTER_ACTORS_ENV in os.environ:
@@ -648,23 +657,85 @@ def footer_pool(files: int) -> Iterator[None]:
         os.environ.pop(FOOTER_ACTORS_ENV, None)
 
 
+def pass_files(files: list[str], rows: list[int], passes: int, seed: int, limit: int = 0
+               ) -> list[tuple[int, str, int]]:
+    """The training stream's reads, in stream order: per pass, every file once, in an order
+    drawn from ``(seed, pass)`` (so each pass is shuffled anew, reproducibly), as (pass, file,
+    rows to read from its start); ``limit`` > 0 caps a pass at that many rows."""
+    reads = []
+    for p in range(passes):
+        left = limit or sum(rows)
+        for i in np.random.default_rng([seed, p]).permutation(len(files)):
+            if left <= 0:
+                break
+            reads.append((p, files[i], min(rows[i], left)))
+            left -= rows[i]
+    return reads
+
+
+def read_pass(uri: str, schema: pa.Schema, pass_index: int, path: str, rows: int) -> list[pa.Table]:
+    """One read of the training stream: ``path``'s first ``rows`` rows as Arrow, with the path
+    (for skip messages) and the pass."""
+    fs, _ = shards.filesystem(uri)
+    table = pq.read_table(path, columns=schema.names, schema=schema, filesystem=fs).slice(0, rows)
+    return [table.append_column("path", pa.array([path] * len(table), pa.string()))
+            .append_column(PASS_COLUMN, pa.array(np.full(len(table), pass_index, dtype=np.int64)))]
+
+
+def stream_source(uri: str, schema: pa.Schema, reads: list[tuple[int, str, int]]):
+    """:func:`pass_files`' reads as a Ray Data source, one read task each, its rows declared:
+    the Preprocessor's map bundles inputs up to ``preprocess_batch_size`` rows by that count, so
+    each task prepares one read and hands its rows over when done (reads declared as one-row
+    items were gathered, every pass of the stream, into a single task)."""
+    from functools import partial
+
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class PassStream(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context=None) -> list[ReadTask]:
+            return [ReadTask(partial(read_pass, uri, schema, p, path, rows),
+                             BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=(path,)))
+                    for p, path, rows in reads]
+
+    return PassStream()
+
+
 def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpec, split: str, train: bool,
-                  counter=None, seed: int = 0, id_columns: tuple[str, ...] = ()):
+                  counter=None, seed: int = 0, id_columns: tuple[str, ...] = (), passes: int = 1):
     """A lazily executed Ray Dataset of model-ready rows for one split. Footers and schemas are
     validated first, so a bad file fails at start-up, naming the file and column.
-    ``id_columns`` (integer columns, such as shards.COMPOSITIONAL_COLUMNS) pass through unchanged."""
+    ``id_columns`` (integer columns, such as shards.COMPOSITIONAL_COLUMNS) pass through unchanged.
+
+    A training read is one stream of ``passes`` passes over the split (each in its own file
+    order, its rows tagged with :data:`PASS_COLUMN`), so one execution serves every epoch: Ray
+    Data re-executes a dataset at each iteration, and a new execution per epoch cost 5-8 s at
+    every boundary (new read tasks, a new Preprocessor actor, the first block; ``alignlab bench
+    --ray``, epochs). The Preprocessor actor lives through the stream, its random state running
+    on, so augmentation and masking differ from pass to pass. The stream keeps its order
+    (``preserve_order``), so every pass's rows reach the trainer before the next pass's."""
     ray = _ray()
     uri = shards.child_uri(data.shards, split)
     spec, files = _split_inputs(spec, uri, train, id_columns)
     schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
-    with footer_pool(len(files)):
-        ds = ray.data.read_parquet(uri, columns=schema.names, schema=schema,
-                                   file_extensions=["parquet"], include_paths=True)
     if train:
-        ds = ds.randomize_block_order(seed=seed)
-        if data.max_train_rows:
-            ds = ds.limit(data.max_train_rows)
-    return ds.map_batches(
+        fs, _ = shards.filesystem(uri)
+        rows = [pq.read_metadata(f, filesystem=fs).num_rows for f in files]
+        reads = pass_files(files, rows, passes, seed, data.max_train_rows)
+        # As many reads at a time as Preprocessor actors: a read takes a fraction of the time its
+        # rows take to prepare, so they keep ahead, and a read task per file of every pass at
+        # once would start a worker process for each, on cores the actors need.
+        ds = ray.data.read_datasource(stream_source(uri, schema, reads), override_num_blocks=len(reads),
+                                      concurrency=data.preprocess_concurrency)
+    else:
+        with footer_pool(len(files)):
+            ds = ray.data.read_parquet(uri, columns=schema.names, schema=schema,
+                                       file_extensions=["parquet"], include_paths=True)
+    ds = ds.map_batches(
         Preprocessor,
         fn_constructor_kwargs=dict(data=data, objectives=objectives, spec=spec, train=train, counter=counter,
                                    seed=seed, id_columns=tuple(id_columns)),
@@ -672,3 +743,6 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=data.preprocess_concurrency),
     )
+    if train:
+        ds.context.execution_options.preserve_order = True
+    return ds

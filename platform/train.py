@@ -14,8 +14,11 @@ newest checkpoint that reads back (:meth:`Runner.resume`); a killed driver resum
 when the same command is run again, because the Train run name is derived from the resolved
 config (``tracking.run_name`` overrides it) and Ray Train V2 restores a run whose name and
 storage it finds. The step count and
-learning-rate schedule continue from the checkpoint; the data stream restarts its epoch (a
-streaming order cannot be rewound).
+learning-rate schedule continue from the checkpoint; the data stream restarts at its first pass,
+counted as the checkpoint's epoch (a streaming order cannot be rewound).
+
+Epochs: the training data is one stream of passes over the split (``ingest.build_dataset``); an
+epoch ends where the next pass's first row arrives, or where the stream ends.
 
 Metrics reach MLflow exactly once per step: rank 0 holds each window's metrics until Ray Train
 has registered the next checkpoint, then logs them. A run killed between checkpoints resumes from the
@@ -49,6 +52,7 @@ from alignlab.models.config import without_init_sources
 from alignlab.platform import config as config_lib
 from alignlab.platform.checkpoint import CheckpointContents, read_checkpoint, write_checkpoint
 from alignlab.platform.config import Config, OptimConfig
+from alignlab.platform.ingest import PASS_COLUMN
 # Imported with the trainer, not at the first evaluation: a worker then evaluates with the code it
 # trained with, even when the working tree changes under a long run.
 from alignlab.platform.evaluate import (evaluate_compositional, evaluate_retrieval, evaluate_task, load_shortlist,
@@ -132,9 +136,9 @@ def run_key(cfg: Config) -> str:
 def trial_cpus(cfg: Config | None) -> int:
     """Logical CPUs one run occupies: its train workers' plus 5 slots — the Tune trial's, and a
     Parquet read and a preprocessing actor for each of the train and eval datasets. The train
-    pipeline keeps its actor until its epoch ends, even when training stops mid-epoch, so without
-    the eval pipeline's own slots the final evaluation would wait for the rest of the epoch. A
-    compositional evaluation split adds its own two."""
+    pipeline is one stream for the whole run and keeps its actor until the stream ends, after
+    training stops too, so without the eval pipeline's own slots an evaluation would wait for it.
+    A compositional evaluation split adds its own two."""
     if cfg is None:
         return 5
     workers = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
@@ -234,6 +238,7 @@ class Runner:
         self.window = Window()
         self.last_metrics: dict[str, float] = {}
         self._batches: Iterator | None = None
+        self.stream_pass = 0  # the latest pass of the training stream seen in the current iteration
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -328,15 +333,32 @@ class Runner:
             if self.ctx.rank == 0:
                 self.ctx.epoch_started(self.epoch)
             self._batches = iter(self.ctx.train_batches(self.cfg.data.batch_size // self.ctx.world))
+            self.stream_pass = 0
         t0 = time.perf_counter()
         batch = next(self._batches, None)
         self.window.wait += time.perf_counter() - t0
+        if batch is not None and PASS_COLUMN in batch:
+            # A stream of several passes (ingest.build_dataset): the first row of a later pass
+            # ends the epoch, when the pass before has been prepared whole (the stream keeps its
+            # order), so its skip counts are complete. The shuffle buffer mixes the two passes'
+            # rows around that point (data.shuffle_buffer rows and up to a block).
+            batch = dict(batch)
+            latest = int(batch.pop(PASS_COLUMN).max())
+            for _ in range(latest - self.stream_pass):
+                self._end_epoch()
+            self.stream_pass = max(self.stream_pass, latest)
         return batch
+
+    def _end_epoch(self) -> None:
+        self._record_epoch_skips()
+        self.epoch += 1
+        self.epoch_batches = 0
 
     def train_step(self) -> dict[str, float] | None:
         """Forward/backward over ``grad_accum`` micro-batches (DDP syncs gradients on the last
-        only), then one optimiser step. Returns the step's mean losses, or None when the epoch
-        ran out first (a partial accumulation is dropped, not stepped, and the epoch advances)."""
+        only), then one optimiser step. Returns the step's mean losses, or None when the training
+        stream ran out first (a partial accumulation is dropped, not stepped, and the epoch
+        advances; the next step starts the stream anew)."""
         cfg = self.cfg
         self.model.begin_step(self.step, self.steps_per_epoch)
         accum = cfg.optim.grad_accum
@@ -349,10 +371,8 @@ class Runner:
                     raise RuntimeError(f"epoch {self.epoch} of the training split yielded no batch of "
                                        f"{self.cfg.data.batch_size // self.ctx.world} rows: every row skipped "
                                        f"(see data/skipped_*), or fewer rows than a batch on this worker")
-                self.epoch_batches = 0
                 self.optimizer.zero_grad(set_to_none=True)
-                self._record_epoch_skips()
-                self.epoch += 1
+                self._end_epoch()
                 self._batches = None
                 return None
             self.epoch_batches += 1
@@ -822,8 +842,11 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         eval_inputs = inputs.union(load_shortlist(path)[1])
     counter = ingest.make_counter()
     datasets = {
+        # One stream for the whole run: enough passes for max_steps (a resumed run reads part of
+        # it; a stream cut short by skipped rows is started anew).
         "train": ingest.build_dataset(cfg.data, cfg.objectives, inputs, cfg.data.train_split, train=True,
-                                      counter=counter, seed=cfg.seed),
+                                      counter=counter, seed=cfg.seed,
+                                      passes=math.ceil(cfg.optim.max_steps / info.steps_per_epoch)),
         "eval": ingest.build_dataset(cfg.data, cfg.objectives, eval_inputs, cfg.data.eval_split, train=False,
                                      counter=counter, seed=cfg.seed),
     }

@@ -244,8 +244,9 @@ def rows_of(batches):
 
 def test_local_loop_and_ray_pipeline_prepare_the_same_rows(ray_synth_root, ray_session):
     """The ingest section's two sides do the same work: without augmentation and masking (an
-    evaluation read) the rows agree exactly; with them, every key, dtype and shape does."""
-    from alignlab.platform.ingest import build_dataset, local_batches
+    evaluation read) the rows agree exactly; with them, every key, dtype and shape does (the
+    training stream's rows also name their pass)."""
+    from alignlab.platform.ingest import PASS_COLUMN, build_dataset, local_batches
 
     cfg = tiny_cfg("simla", ray_synth_root)
     spec = get_spec("simla").input_spec(cfg.model, cfg.objectives)
@@ -255,7 +256,7 @@ def test_local_loop_and_ray_pipeline_prepare_the_same_rows(ray_synth_root, ray_s
             batch_size=50, batch_format="numpy"))
         assert sum(len(b["input_ids"]) for b in local) == sum(len(b["input_ids"]) for b in ray) == 200
         assert {k: (v.numpy().dtype, v.shape[1:]) for k, v in local[0].items()} == \
-            {k: (v.dtype, v.shape[1:]) for k, v in ray[0].items()}, train
+            {k: (v.dtype, v.shape[1:]) for k, v in ray[0].items() if k != PASS_COLUMN}, train
         if not train:
             assert rows_of(local) == rows_of(ray)
 
@@ -301,13 +302,45 @@ def test_epochs_and_data_wait_sections_rows_have_their_fields(ray_synth_root, ra
     plan = ray_plan(tmp_path, ray_synth_root)
     report = bench.Report("ray", None, {})
     with bench.ray_cluster(plan[0]["cfg"]):
-        bench.bench_epochs(report, plan, ray_synth_root, rows=32, epochs=2, ray_pool=2)
+        bench.bench_epochs(report, plan, ray_synth_root, rows=32, epochs=2)
         bench.bench_data_wait(report, plan, ray_synth_root, warmup=1, steps=2)
     epochs, wait = report.data["sections"]
     assert epochs["error"] is None and wait["error"] is None
-    built, ray_default = epochs["rows"]
-    assert (built["footer_actors"], ray_default["footer_actors"]) == (1, 2)
-    for row in (built, ray_default):
+    stream, per_epoch = epochs["rows"]
+    assert (stream["execution"], per_epoch["execution"]) == ("one stream", "per epoch")
+    for row in (stream, per_epoch):
         assert row["batches_per_epoch"] == [4, 4] and row["boundary_s"] > 0 and row["first_batch_s"] > 0
+        assert row["max_gap_s"] >= row["boundary_s"]
     (row,) = wait["rows"]
     assert row["steps"] == 2 and 0 <= row["data_wait"] <= 1 and row["samples_per_s"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_leftover_section_counts_what_the_data_stage_spends_after_a_stop(ray_synth_root, ray_session, tmp_path):
+    plan = ray_plan(tmp_path, ray_synth_root)
+    report = bench.Report("ray", None, {})
+    with bench.ray_cluster(plan[0]["cfg"]), bench.ProcessTree() as tree:
+        bench.bench_leftover(report, plan, ray_synth_root, tree, batches=2, passes=3, quiet_s=1.0)
+    (section,) = report.data["sections"]
+    assert section["error"] is None
+    one, stream = section["rows"]
+    assert (one["passes"], stream["passes"]) == (1, 3)
+    assert (one["rows_read"], one["rows_left"], stream["rows_left"]) == (16, 184, 584)
+    for row in (one, stream):
+        assert row["preprocessing_cpu_s"] >= 0 and row["other_workers_cpu_s"] >= 0 and row["busy_s"] >= 0
+
+
+@pytest.mark.timeout(300)
+def test_scaling_section_trains_under_ddp_with_one_and_two_gloo_workers(tmp_path):
+    plan_file = tmp_path / "bench.yaml"
+    plan_file.write_text(json.dumps({"quick": {"common": [*TINY, "data.batch_size=8"],
+                                               "models": [{"name": "mvptr", "preset": "mvptr_demo"}]}}))
+    report = bench.Report("quick", None, {})
+    bench.bench_scaling(report, bench.load_plan("quick", plan_file), steps=2)
+    (section,) = report.data["sections"]
+    assert section["error"] is None
+    one, two = section["rows"]
+    assert (one["workers"], two["workers"]) == (1, 2) and one["speedup"] == 1.0
+    for row in (one, two):
+        assert row["batch"] == 8 and row["samples_per_s"] > 0 and row["step_ms"] > 0 and row["comm_share"] < 1
+    assert two["speedup"] == pytest.approx(two["samples_per_s"] / one["samples_per_s"])

@@ -36,40 +36,48 @@ def _client(tmp):
 
 
 def test_two_ddp_workers_see_disjoint_data(ray_session, synth, tmp_path):
+    """A training stream of two passes split over two workers: within each pass the workers'
+    rows are disjoint and together every row once, and both read as many batches (equal
+    streaming_split: DDP steps in lockstep)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from alignlab.models.base import InputSpec
-    from alignlab.platform.ingest import build_dataset
+    from alignlab.platform.ingest import PASS_COLUMN, build_dataset
 
     cfg = load_config("dual_encoder_demo", _overrides(synth, tmp_path, "scaling.num_workers=2"))
 
     def loop(config):
         import torch.distributed as dist
 
-        keys = []
+        rows, batches = [], 0
         for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=8):
-            keys += batch["caption_key"].tolist()
+            rows += zip(batch[PASS_COLUMN].tolist(), batch["caption_key"].tolist())
+            batches += 1
         with open(os.path.join(config["dir"], f"rank{dist.get_rank()}"), "w") as f:
-            f.write("\n".join(map(str, keys)))
+            f.write("\n".join([str(batches)] + [f"{p} {k}" for p, k in rows]))
 
     seen = tmp_path / "seen"
     seen.mkdir()
-    ds = build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train", train=True)
+    ds = build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train", train=True, passes=2)
     TorchTrainer(loop, train_loop_config={"dir": str(seen)}, scaling_config=ray.train.ScalingConfig(num_workers=2),
                  run_config=ray.train.RunConfig(storage_path=str(tmp_path / "rr")), datasets={"train": ds}).fit()
-    seen_by = [set(map(int, (seen / f"rank{r}").read_text().split())) for r in (0, 1)]
-    # 128 rows: each worker saw its own half, none twice, together all.
-    assert len(seen_by[0]) == len(seen_by[1]) == 64
-    assert not seen_by[0] & seen_by[1]
+    batches, rows = zip(*((int(lines[0]), [tuple(map(int, r.split())) for r in lines[1:]])
+                          for lines in ((seen / f"rank{r}").read_text().split("\n") for r in (0, 1))))
+    assert batches[0] == batches[1] == 2 * 128 // 2 // 8
+    for p in (0, 1):
+        # 128 rows a pass: none seen twice in the pass, together all.
+        keys = [[k for q, k in worker if q == p] for worker in rows]
+        assert len(keys[0]) + len(keys[1]) == len(set(keys[0]) | set(keys[1])) == 128, p
 
 
 def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
     from alignlab.platform.train import train
 
+    # 64 training rows: 4 steps an epoch, so the 6 steps read a stream of two passes.
     cfg = load_config("dual_encoder_demo", _overrides(synth, tmp_path, "scaling.num_workers=2", "optim.max_steps=6",
                                                         "tracking.checkpoint_every=3", "tracking.run_name=ddp",
-                                                        "tracking.system_metrics_every=1"))
+                                                        "tracking.system_metrics_every=1", "data.max_train_rows=64"))
     out = train(cfg)
     assert out["metrics"]["train/step"] == 6.0
     assert out["checkpoint"] and Path(out["checkpoint"], "model.safetensors").exists()
@@ -83,6 +91,9 @@ def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
         assert key in run.data.metrics, key
     history = _client(tmp_path).get_metric_history(run.info.run_id, "loss/itc")
     assert [m.step for m in history] == [2, 4, 6]
+    # Both epochs of the stream reached the runner: their skip counts are logged at steps 0 and 1.
+    epochs = _client(tmp_path).get_metric_history(run.info.run_id, "data/epoch_skipped_total")
+    assert [m.step for m in epochs] == [0, 1]
     # System metrics from one monitor for the machine (its first worker), not one per worker: each
     # step once, and no second node's keys.
     system = _client(tmp_path).get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")

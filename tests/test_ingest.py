@@ -12,7 +12,7 @@ from PIL import Image
 from alignlab.models.base import InputSpec
 from alignlab.platform import shards as S
 from alignlab.platform.config import load_config
-from alignlab.platform.ingest import build_dataset, image_key, make_counter
+from alignlab.platform.ingest import PASS_COLUMN, build_dataset, image_key, make_counter, pass_files
 from alignlab.platform.synth import SynthConfig, generate
 
 
@@ -124,7 +124,7 @@ def test_preprocessor_skips_non_utf8_captions_and_non_finite_regions(shard_root)
     assert len(out["input_ids"]) == len(table) - 3 and np.isfinite(out["region_features"]).all()
     ((skipped, notes, train),) = calls
     ids = table.column("caption_id").to_pylist()
-    assert [(reason, cid) for reason, cid, _ in skipped] == [
+    assert [(reason, cid) for reason, cid, _, _ in skipped] == [
         ("invalid_utf8_caption", ids[1]), ("non_finite_regions", ids[2]), ("non_finite_regions", ids[3])]
     assert "byte 0xe9 at offset 6" in skipped[0][2] and "(1 feature values, 0 box values)" in skipped[1][2]
     assert notes == [] and train is True
@@ -136,16 +136,20 @@ def test_counter_counts_each_row_once_and_per_training_epoch():
     from alignlab.platform.ingest import MAX_EXAMPLES, DataQuality
 
     q = DataQuality()
-    bad = [("undecodable_image", f"c{i}", f"undecodable_image: part-0.parquet caption_id=c{i}") for i in range(40)]
+    bad = [("undecodable_image", f"c{i}", f"undecodable_image: part-0.parquet caption_id=c{i}", 0) for i in range(40)]
     q.add(bad, [("answer_not_in_vocab", "c50")], train=True)
     q.begin_epoch(1)
     q.add(bad[:8], [("answer_not_in_vocab", "c50")], train=True)  # the 0.2 epoch re-reads 8 of them
-    q.add([("empty_caption", "t1", "empty_caption: test caption_id=t1")] * 2, [], train=False)  # two evals
+    q.add([("empty_caption", "t1", "empty_caption: test caption_id=t1", 0)] * 2, [], train=False)  # two evals
     snap = q.snapshot()
     assert snap["counts"] == {"undecodable_image": 40, "empty_caption": 1}
     assert snap["notes"] == {"answer_not_in_vocab": 1}
     assert snap["train_epochs"] == {0: {"undecodable_image": 40}, 1: {"undecodable_image": 8}}
-    assert snap["examples"] == [e for _, _, e in bad[:MAX_EXAMPLES]]
+    assert snap["examples"] == [e for _, _, e, _ in bad[:MAX_EXAMPLES]]
+    # A stream of passes begun at epoch 3: its pass 1 is epoch 4.
+    q.begin_epoch(3)
+    q.add([(*b[:3], 0) for b in bad[:2]] + [(*b[:3], 1) for b in bad[:5]], [], train=True)
+    assert q.epoch_counts(3) == {"undecodable_image": 2} and q.epoch_counts(4) == {"undecodable_image": 5}
 
 
 def test_bad_rows_read_through_ray_are_skipped_and_counted_once(ray_session, shard_root):
@@ -163,9 +167,14 @@ def test_bad_rows_read_through_ray_are_skipped_and_counted_once(ray_session, sha
     for epoch in range(2):
         ray_session.get(counter.begin_epoch.remote(epoch))
         assert len(ds.take_all()) == len(table) - 3
+    # The same two epochs as one stream of two passes, begun at epoch 2.
+    stream = build_dataset(cfg.data, cfg.objectives, InputSpec(regions=True, mlm=True), "dirty", train=True,
+                           counter=counter, passes=2)
+    ray_session.get(counter.begin_epoch.remote(2))
+    assert len(stream.take_all()) == 2 * (len(table) - 3)
     snap = ray_session.get(counter.snapshot.remote())
     want = {"invalid_utf8_caption": 1, "non_finite_regions": 2}
-    assert snap["counts"] == want and snap["train_epochs"] == {0: want, 1: want}
+    assert snap["counts"] == want and snap["train_epochs"] == {0: want, 1: want, 2: want, 3: want}
     assert any("dirty" in e and "part-00000.parquet" in e and "invalid_utf8_caption" in e for e in snap["examples"])
 
 
@@ -188,3 +197,37 @@ def test_the_compositional_split_carries_candidate_type_and_group_through_ray(ra
     table = pq.read_table(shard_root / "compositional").to_pylist()
     assert sorted(got) == sorted((image_key(r["caption_id"]), r["candidate_type"], r["group_id"]) for r in table)
     assert {t for _, t, _ in got} >= {0, 3, 4}  # true captions, wrong counts, replaced objects
+
+
+def test_each_pass_of_a_training_stream_reads_every_file_once_in_its_own_order():
+    files, rows = [f"f{i}" for i in range(10)], [30] * 10
+    reads = pass_files(files, rows, passes=3, seed=7)
+    orders = [[f for p, f, _ in reads if p == q] for q in range(3)]
+    assert all(sorted(o) == files for o in orders) and len({tuple(o) for o in orders}) == 3
+    assert [p for p, _, _ in reads] == sorted(p for p, _, _ in reads)  # pass after pass
+    assert reads == pass_files(files, rows, passes=3, seed=7)  # reproducible from the seed
+    capped = pass_files(files, rows, passes=2, seed=7, limit=70)  # data.max_train_rows
+    assert [[n for p, _, n in capped if p == q] for q in range(2)] == [[30, 30, 10]] * 2
+
+
+@pytest.fixture(scope="module")
+def stream_root(tmp_path_factory):
+    """120 training rows in two files, with captions long enough to mask."""
+    root = tmp_path_factory.mktemp("stream")
+    generate(str(root), SynthConfig(n_train_images=60, n_test_images=4, rows_per_file=100))
+    return root
+
+
+def test_a_training_stream_reads_every_row_once_per_pass_and_masks_it_afresh(ray_session, stream_root):
+    """One execution serves every epoch: each pass holds every row once, passes arrive in order,
+    and the Preprocessor's masking differs from pass to pass (the same row, other positions)."""
+    cfg = load_config("mvptr_demo", [f"data.shards={stream_root}", "data.preprocess_batch_size=16"])
+    spec = InputSpec(regions=True, tags=True, mlm=True, mcr=True)
+    rows = build_dataset(cfg.data, cfg.objectives, spec, "train", train=True, passes=3).take_all()
+    passes = [int(r[PASS_COLUMN]) for r in rows]
+    assert passes == sorted(passes) and [passes.count(p) for p in range(3)] == [120] * 3
+    masks = [{int(r["caption_key"]): r["mlm_labels"] != -100 for r in rows if r[PASS_COLUMN] == p} for p in range(3)]
+    assert all(len(m) == 120 and m.keys() == masks[0].keys() for m in masks)
+    for a, b in ((0, 1), (1, 2)):
+        same = np.mean([np.array_equal(masks[a][k], masks[b][k]) for k in masks[a]])
+        assert same < 0.25, (a, b, same)

@@ -92,7 +92,7 @@ def test_the_data_stage_passes_text_features_and_skips_non_finite_ones(tmp_path)
     out, calls = _preprocess(tmp_path, batch, InputSpec(regions=True, whole_image=True, text_features=True))
     assert out["text_features"].shape == (2, TEXT_DIM) and (out["text_features"] == 0.5).all()
     ((skipped, _, _),) = calls
-    assert [(reason, cid) for reason, cid, _ in skipped] == [("non_finite_text_feature", "c1")]
+    assert [(reason, cid) for reason, cid, _, _ in skipped] == [("non_finite_text_feature", "c1")]
 
 
 def test_shards_without_the_whole_image_box_or_text_features_fail_naming_the_fix(tmp_path):

@@ -303,9 +303,9 @@ def test_skipped_rows_are_logged_per_epoch_with_the_epoch_as_the_step():
     quality, data = DataQuality(), batches()
 
     def epoch():  # the read skips two rows each epoch, and one of them again mid-epoch
-        quality.add([("undecodable_image", "c1", "x"), ("empty_caption", "c2", "y")], [], train=True)
+        quality.add([("undecodable_image", "c1", "x", 0), ("empty_caption", "c2", "y", 0)], [], train=True)
         yield from data[:2]
-        quality.add([("undecodable_image", "c1", "x")], [], train=True)
+        quality.add([("undecodable_image", "c1", "x", 0)], [], train=True)
         yield from data[2:]
 
     sink = Sink()
@@ -317,3 +317,59 @@ def test_skipped_rows_are_logged_per_epoch_with_the_epoch_as_the_step():
                  if "data/epoch_skipped_total" in m]
     assert per_epoch == [{"data/epoch_skipped_undecodable_image": 1.0, "data/epoch_skipped_empty_caption": 1.0,
                           "data/epoch_skipped_total": 2.0}] * 2
+
+
+def stream(quality, passes: int = 2, per_pass: int = 4, mixed: bool = True):
+    """A training stream as ``ingest.build_dataset`` yields it: ``passes`` passes of ``per_pass``
+    fresh batches, each row tagged with its pass, the first batch of a later pass mixing in
+    rows of the pass before (the shuffle buffer). Each pass skips rows c1 and c2, c1 again
+    mid-pass."""
+    from alignlab.platform.ingest import PASS_COLUMN
+
+    for p in range(passes):
+        quality.add([("undecodable_image", "c1", "x", p), ("empty_caption", "c2", "y", p)], [], train=True)
+        for i, b in enumerate(batches(n=per_pass, seed=p)):
+            if i == per_pass // 2:
+                quality.add([("undecodable_image", "c1", "x", p)], [], train=True)
+            tag = torch.full((len(b["input_ids"]),), p)
+            if mixed and p and i == 0:
+                tag[: len(tag) // 2] = p - 1
+            yield {**b, PASS_COLUMN: tag}
+
+
+def test_a_stream_of_passes_ends_each_epoch_at_the_next_pass_without_dropping_a_step():
+    from alignlab.platform.ingest import DataQuality, PASS_COLUMN
+
+    quality, sink = DataQuality(), Sink()
+    runner = Runner(toy_config(), TOY, VOCAB, LocalContext(lambda: stream(quality), lambda: batches()[:1],
+                                                           quality=quality), steps_per_epoch=4, sink=sink).setup()
+    seen = []
+    forward = runner.trained.forward
+    runner.trained.forward = lambda batch: (seen.append(set(batch)), forward(batch))[1]
+    runner.model.train()
+    epochs = []
+    while runner.step < 8:
+        assert runner.train_step() is not None  # the boundary inside the stream steps on
+        epochs.append(runner.epoch)
+    assert epochs == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert all(PASS_COLUMN not in keys for keys in seen)
+    runner.run()  # at max_steps: records the last epoch's skips, evaluates, checkpoints
+    assert sink.steps("data/epoch_skipped_total") == [0, 1]
+    per_epoch = [m["data/epoch_skipped_total"] for _, m in sink.logged if "data/epoch_skipped_total" in m]
+    assert per_epoch == [2.0, 2.0]
+
+
+def test_a_resumed_run_starts_a_new_stream_at_its_checkpoint_epoch(tmp_path):
+    from alignlab.platform.ingest import DataQuality
+
+    quality = DataQuality()
+    ctx = LocalContext(lambda: stream(quality, passes=2), checkpoint_root=str(tmp_path), quality=quality)
+    first = Runner(toy_config(), TOY, VOCAB, ctx, steps_per_epoch=4).setup()
+    _train(first, 6)  # mid-stream: the second pass's second batch
+    assert (first.step, first.epoch) == (6, 1)
+    first.checkpoint()
+    resumed = Runner(toy_config("optim.max_steps=12"), TOY, VOCAB, ctx, steps_per_epoch=4).setup()
+    assert (resumed.step, resumed.epoch) == (6, 1)
+    _train(resumed, 6)  # the new stream's first pass is epoch 1, its second epoch 2
+    assert (resumed.step, resumed.epoch) == (12, 2)
+    assert quality.epoch_counts(2) == {"undecodable_image": 1, "empty_caption": 1}
