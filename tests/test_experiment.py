@@ -141,7 +141,8 @@ def test_readings_run_every_row_under_each_reading_and_compare_them(monkeypatch,
     def fake_sweep(cfg, grid, name):
         grids.append(grid)
         trials = [TrialResult({"model.simla.row": row, "seed": seed, key: reading}, {"eval/rsum": 10.0 * seed})
-                  for row in grid["model.simla.row"] for seed in grid.get("seed", [0]) for reading in grid.get(key, [""])]
+                  for row in grid["model.simla.row"] for seed in grid.get("seed", [0])
+                  for reading in grid.get(key, [""])]
         return SweepResult(name, "parent", "sqlite:///unused.db", trials)
 
     def fake_publish(result, group_by, metrics, title, out_dir, *args, **kw):

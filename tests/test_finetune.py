@@ -89,7 +89,8 @@ def test_ablation_script_fine_tunes_each_trial_and_adds_a_column_per_task(ray_se
     store = f"sqlite:///{tmp_path}/mlflow.db"
     small = [o for o in SMALL if not o.startswith("data.eval_max_images")]
     outputs = run_experiment("", "mvptr_demo", ["eval/rsum"], argv=[
-        "--grid", "model.mvptr.ablation=full", "--downstream", "vqa", "--finetune", "optim.max_steps=3",
+        "--grid", "model.mvptr.ablation=full", "--no-reference", "--downstream", "vqa",
+        "--finetune", "optim.max_steps=3",
         "--finetune", "data.batch_size=16", "--name", "t4", *small, "optim.max_steps=3", "data.eval_max_images=32",
         f"tracking.mlflow_uri={store}", f"tracking.storage_path={tmp_path}/ray_results"])
     (out,) = outputs
