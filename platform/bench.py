@@ -520,10 +520,11 @@ def _gather_worker(rank: int, world: int, port: int, backend: str, sizes_mib: tu
     dist.destroy_process_group()
 
 
-def nccl_all_gather(world: int, backend: str = "nccl", sizes_mib: tuple[int, ...] = NCCL_SIZES_MIB, iters: int = 10,
-                    timeout_s: float = NCCL_TIMEOUT_S) -> list[dict[str, Any]]:
-    """Runs :func:`_gather_worker` in ``world`` spawned processes (loopback rendezvous); a hang is
-    ended after ``timeout_s``."""
+def run_ranks(target: Callable, world: int, args: tuple, timeout_s: float, what: str) -> Any:
+    """Runs ``target(rank, world, port, *args, result_path)`` in ``world`` spawned processes
+    (a loopback rendezvous on ``port``) and returns the JSON rank 0 wrote to ``result_path``. A
+    rank still running after ``timeout_s`` is killed, and a hang or a failed rank is an error
+    naming ``what`` and the ranks."""
     import socket
 
     import torch.multiprocessing as mp
@@ -533,9 +534,8 @@ def nccl_all_gather(world: int, backend: str = "nccl", sizes_mib: tuple[int, ...
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as d:
-        result = os.path.join(d, "rows.json")
-        procs = [ctx.Process(target=_gather_worker, args=(r, world, port, backend, tuple(sizes_mib), iters, result))
-                 for r in range(world)]
+        result = os.path.join(d, "result.json")
+        procs = [ctx.Process(target=target, args=(r, world, port, *args, result)) for r in range(world)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s
@@ -546,11 +546,17 @@ def nccl_all_gather(world: int, backend: str = "nccl", sizes_mib: tuple[int, ...
             if p.is_alive():
                 p.kill()
         if hung:
-            raise TimeoutError(f"all-gather ranks {hung} still running after {timeout_s:.0f} s")
+            raise TimeoutError(f"{what} ranks {hung} still running after {timeout_s:.0f} s")
         failed = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode}
         if failed:
-            raise RuntimeError(f"all-gather ranks exited with codes {failed} (their traceback is above)")
+            raise RuntimeError(f"{what} ranks exited with codes {failed} (their traceback is above)")
         return json.loads(Path(result).read_text())
+
+
+def nccl_all_gather(world: int, backend: str = "nccl", sizes_mib: tuple[int, ...] = NCCL_SIZES_MIB, iters: int = 10,
+                    timeout_s: float = NCCL_TIMEOUT_S) -> list[dict[str, Any]]:
+    """:func:`_gather_worker` on ``world`` ranks (:func:`run_ranks`)."""
+    return run_ranks(_gather_worker, world, (backend, tuple(sizes_mib), iters), timeout_s, "all-gather")
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,30 +617,8 @@ def _scaling_worker(rank: int, world: int, port: int, cfg: Config, steps: int, r
 
 def ddp_step_times(cfg: Config, world: int, steps: int = SCALING_STEPS,
                    timeout_s: float = SCALING_TIMEOUT_S) -> dict[str, float]:
-    """Runs :func:`_scaling_worker` in ``world`` spawned processes (loopback rendezvous)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as d:
-        result = os.path.join(d, "times.json")
-        procs = [ctx.Process(target=_scaling_worker, args=(r, world, port, cfg, steps, result)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        failed = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode}
-        if failed:
-            raise RuntimeError(f"DDP ranks exited with codes {failed} (killed after {timeout_s:.0f} s if negative)")
-        return json.loads(Path(result).read_text())
+    """:func:`_scaling_worker` on ``world`` ranks (:func:`run_ranks`)."""
+    return run_ranks(_scaling_worker, world, (cfg, steps), timeout_s, "DDP")
 
 
 def bench_scaling(report: Report, plan: list[dict[str, Any]], worlds: tuple[int, ...] = (1, 2),
