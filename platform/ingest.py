@@ -531,10 +531,15 @@ def columns_for(spec: InputSpec) -> list[str]:
     return cols
 
 
-def count_rows(uri: str) -> int:
-    """Rows in a split, from the Parquet footers alone."""
+def file_rows(uri: str, files: list[str]) -> list[int]:
+    """Rows in each of a split's ``files``, from their Parquet footers alone."""
     fs, _ = shards.filesystem(uri)
-    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in shards.list_parquet(uri))
+    return [pq.read_metadata(f, filesystem=fs).num_rows for f in files]
+
+
+def count_rows(uri: str) -> int:
+    """Rows in a split."""
+    return sum(file_rows(uri, shards.list_parquet(uri)))
 
 
 def read_schema(files: list[str], columns: list[str], uri: str) -> pa.Schema:
@@ -723,9 +728,7 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     spec, files = _split_inputs(spec, uri, train, id_columns)
     schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
     if train:
-        fs, _ = shards.filesystem(uri)
-        rows = [pq.read_metadata(f, filesystem=fs).num_rows for f in files]
-        reads = pass_files(files, rows, passes, seed, data.max_train_rows)
+        reads = pass_files(files, file_rows(uri, files), passes, seed, data.max_train_rows)
         # As many reads at a time as Preprocessor actors: a read takes a fraction of the time its
         # rows take to prepare, so they keep ahead, and a read task per file of every pass at
         # once would start a worker process for each, on cores the actors need.
