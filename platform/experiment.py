@@ -260,9 +260,10 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
             if t.error:
                 print(f"trial {t.overrides} failed: {t.error}")
         if n_seeds < seeds:
+            noise = ("no difference between rows can be told from seed noise" if n_seeds < 2 else
+                     "the 95% intervals are wider than with more seeds")
             print(f"{n_seeds} seed(s) per row, fewer than this script's default of {seeds} (--seeds {n_seeds}): "
-                  f"where a row has fewer than 2 seeds, its difference to the others cannot be told from seed noise; "
-                  f"run without --seeds for {seeds}.")
+                  f"{noise}; run without --seeds for {seeds}.")
         print(f"MLflow parent run {result.parent_run_id} in {result.mlflow_uri}")
         print(f"comparison artifacts: {out_dir}")
         print(f"open the MLflow UI with:\n  {ui_command(result.mlflow_uri)}\n"
