@@ -11,7 +11,9 @@ A checkpoint is a directory of three files:
 * ``trainer_state.json``: the format version, the step and epoch, the resolved config and the
   vocabulary summary the model was built with (:class:`~alignlab.models.base.Vocab`: sizes,
   special ids, tags, phrase concepts, answers) as plain data, readable without torch, so the model
-  can be rebuilt from the checkpoint alone.
+  can be rebuilt from the checkpoint alone; and the metrics the checkpoint covers that the run
+  had not yet handed to MLflow (``unlogged_metrics``), so a run killed between committing the
+  checkpoint and logging them logs them on resume instead of losing them.
 
 A missing, truncated or crafted file raises :class:`CheckpointError` naming it.
 """
@@ -47,6 +49,8 @@ class CheckpointContents:
     vocab: dict[str, Any] = field(default_factory=dict)
     # optimizer / scheduler / scaler / rng: state dicts of tensors and plain values.
     trainer: dict[str, Any] = field(default_factory=dict)
+    # [{"metrics": {key: value}, "step": MLflow step, "at_step": training step or None}], in order.
+    unlogged_metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def model_vocab(self):
         """The :class:`~alignlab.models.base.Vocab` the model was built with (the typed config
@@ -74,7 +78,8 @@ def write_checkpoint(directory: str | Path, contents: CheckpointContents) -> Non
     torch.save(contents.trainer, d / STATE_FILE)
     (d / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "step": contents.step,
                                            "epoch": contents.epoch, "config": contents.config,
-                                           "vocab": contents.vocab}))
+                                           "vocab": contents.vocab,
+                                           "unlogged_metrics": contents.unlogged_metrics}))
 
 
 def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> CheckpointContents:
@@ -92,7 +97,7 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     try:
         meta = json.loads(meta_path.read_text())
         version, step, epoch, config = meta["format_version"], int(meta["step"]), int(meta["epoch"]), meta["config"]
-        vocab = meta.get("vocab", {})
+        vocab, unlogged = meta.get("vocab", {}), list(meta.get("unlogged_metrics", []))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint file {meta_path} is not a valid trainer state ({type(e).__name__}: {e})") \
             from None
@@ -109,7 +114,8 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise CheckpointError(f"checkpoint file {state_path} was refused: it is corrupt or holds more than tensors "
                               f"and plain values ({type(e).__name__}: {load_refusal(e)}); nothing in it was "
                               f"executed") from None
-    return CheckpointContents(model=model, step=step, epoch=epoch, config=config, vocab=vocab, trainer=trainer)
+    return CheckpointContents(model=model, step=step, epoch=epoch, config=config, vocab=vocab, trainer=trainer,
+                              unlogged_metrics=unlogged)
 
 
 def read_meta(directory: str | Path) -> tuple[dict[str, Any], Any]:

@@ -59,6 +59,9 @@ from alignlab.platform.evaluate import (evaluate_compositional, evaluate_retriev
                                        resolve_checkpoint)
 
 log = logging.getLogger(__name__)
+# Logged to MLflow after the metrics a committed checkpoint covers, with its step: the mark that
+# they reached the run (Runner.resume).
+CHECKPOINT_MARK = "train/checkpoint_step"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -278,14 +281,19 @@ class Runner:
 
         Falling back means re-training steps whose metrics the run already logged. MLflow's
         history is append-only, so those steps are not logged again (the first measurement
-        stands): each step appears once in every metric's history."""
+        stands): each step appears once in every metric's history.
+
+        Metrics reach MLflow only once a committed checkpoint covers them, so a kill between
+        the commit and the logging would lose the checkpoint's own steps: the checkpoint
+        carries them, and they are logged here unless its ``train/checkpoint_step`` mark (the
+        last thing logged after a commit) shows they were."""
         from alignlab.platform.checkpoint import CheckpointError
 
         refused: list[str] = []
         for candidate in self.ctx.resume_checkpoints():
             with candidate as d:
                 try:
-                    self.load_checkpoint(d)
+                    unlogged = self.load_checkpoint(d)
                 except CheckpointError as e:
                     log.warning("rank %d: %s; trying the checkpoint before it", self.ctx.rank, e)
                     refused.append(str(e))
@@ -295,6 +303,11 @@ class Runner:
             if self.sink is not None:
                 last = self.sink.last_logged_step("train/step")
                 self.logged_through = -1 if last is None else last
+                marked = self.sink.last_logged_step(CHECKPOINT_MARK)
+                if marked is None or marked < self.step:
+                    self.pending = [(e["metrics"], e["step"], math.inf if e["at_step"] is None else e["at_step"])
+                                    for e in unlogged]
+                    self._flush()
             self._record({"train/resumed_from_step": float(self.step),
                           "train/checkpoints_refused": float(len(refused))}, replayable=False)
             return
@@ -307,13 +320,17 @@ class Runner:
         trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                    "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
                    "nonfinite_skipped": self.nonfinite_skipped}
+        unlogged = [{"metrics": m, "step": step, "at_step": None if math.isinf(at) else at}
+                    for m, step, at in self.pending]
         if self.ctx.device.type == "cuda":
             trainer["cuda_rng"] = torch.cuda.get_rng_state(self.ctx.device)
         write_checkpoint(directory, CheckpointContents(model=self.model.state_dict(), step=self.step,
                                                        epoch=self.epoch, config=config_lib.to_dict(self.cfg),
-                                                       vocab=asdict(self.vocab), trainer=trainer))
+                                                       vocab=asdict(self.vocab), trainer=trainer,
+                                                       unlogged_metrics=unlogged))
 
-    def load_checkpoint(self, directory: str) -> None:
+    def load_checkpoint(self, directory: str) -> list[dict]:
+        """Restores the training state; returns the metrics the checkpoint carries unlogged."""
         ckpt = read_checkpoint(directory, map_location=self.ctx.device)
         self.model.load_state_dict(ckpt.model)
         t = ckpt.trainer
@@ -325,6 +342,7 @@ class Runner:
             torch.cuda.set_rng_state(t["cuda_rng"].cpu(), self.ctx.device)
         self.nonfinite_skipped = int(t.get("nonfinite_skipped", 0))
         self.step, self.epoch = ckpt.step, ckpt.epoch
+        return ckpt.unlogged_metrics
 
     # -- one optimiser step ---------------------------------------------------------------
 
@@ -507,6 +525,7 @@ class Runner:
         to MLflow: they are now covered by a checkpoint, so they will never be logged again."""
         with tempfile.TemporaryDirectory() as d:
             if self.ctx.rank == 0:
+                self._record({CHECKPOINT_MARK: float(self.step)}, replayable=False)
                 self.save_checkpoint(d)
             self.ctx.report(self._progress(), d if self.ctx.rank == 0 else None)
         if self.sink is not None:

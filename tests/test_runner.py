@@ -297,6 +297,40 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before_and_logs_each_
     assert all(str(d / "trainer_state.json") in str(e.value) for d in ctx.checkpoints())
 
 
+class Killed(Exception):
+    """The process dying: nothing after it runs."""
+
+
+def test_a_kill_between_committing_a_checkpoint_and_logging_its_metrics_loses_no_step(tmp_path):
+    """Metrics reach the sink only once a committed checkpoint covers them; a kill after the commit
+    but part-way through logging them (here after the first of the flush's entries) left those
+    steps out of MLflow for good before checkpoints carried them."""
+    data, sink = batches(), Sink()
+    ctx = LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path))
+
+    def dies_after_one(metrics, step):
+        if sink.logged:
+            raise Killed
+        Sink.log_metrics(sink, metrics, step)
+
+    sink.log_metrics = dies_after_one
+    with pytest.raises(Killed):
+        Runner(toy_config(), TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup().run()
+    assert [read_checkpoint(d).step for d in ctx.checkpoints()] == [4] and sink.steps("loss/toy") == [2]
+    del sink.log_metrics
+
+    resumed = Runner(toy_config(), TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup()
+    assert resumed.step == 4 and sink.steps("loss/toy") == [2, 4] and sink.steps("train/checkpoint_step") == [4]
+    resumed.run()
+    assert sink.steps("loss/toy") == [2, 4, 6, 8] and sink.steps("train/checkpoint_step") == [4, 8]
+    assert sink.steps("train/resumed_from_step") == [4]
+    # A checkpoint whose metrics did reach the sink replays nothing.
+    before = len(sink.logged)
+    Runner(toy_config(), TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup().checkpoint()
+    assert [set(m) for _, m in sink.logged[before:]] == [
+        {"train/resumed_from_step", "train/checkpoints_refused"}, {"train/checkpoint_step"}]
+
+
 def test_skipped_rows_are_logged_per_epoch_with_the_epoch_as_the_step():
     from alignlab.platform.ingest import DataQuality
 
