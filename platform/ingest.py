@@ -558,7 +558,7 @@ def read_schema(files: list[str], columns: list[str], uri: str) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str, ...] = ()
+def split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str, ...] = ()
                   ) -> tuple[InputSpec, list[str]]:
     """The inputs to prepare for one split and its files, after validating their footers and
     schemas (a bad file fails at start-up naming the file and column; so does a file without one
@@ -610,7 +610,7 @@ def local_batches(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     import torch
 
     uri = shards.child_uri(data.shards, split)
-    spec, files = _split_inputs(spec, uri, train=train, id_columns=id_columns)
+    spec, files = split_inputs(spec, uri, train=train, id_columns=id_columns)
     pre = Preprocessor(data, objectives, spec, train=train, counter=counter, seed=seed, id_columns=id_columns)
     fs, _ = shards.filesystem(uri)
     schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
@@ -725,7 +725,7 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     (``preserve_order``), so every pass's rows reach the trainer before the next pass's."""
     ray = _ray()
     uri = shards.child_uri(data.shards, split)
-    spec, files = _split_inputs(spec, uri, train, id_columns)
+    spec, files = split_inputs(spec, uri, train, id_columns)
     schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
     if train:
         reads = pass_files(files, file_rows(uri, files), passes, seed, data.max_train_rows)

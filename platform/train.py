@@ -141,7 +141,9 @@ def trial_cpus(cfg: Config | None) -> int:
     Parquet read and a preprocessing actor for each of the train and eval datasets. The train
     pipeline is one stream for the whole run and keeps its actor until the stream ends, after
     training stops too, so without the eval pipeline's own slots an evaluation would wait for it.
-    A compositional evaluation split adds its own two."""
+    A compositional evaluation split adds its own two. A split that rank 0 prepares itself
+    (``data.eval_in_worker_rows``) uses none of its two, but they are reserved all the same: the
+    sizing comes before any shard is read."""
     if cfg is None:
         return 5
     workers = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
@@ -644,13 +646,16 @@ def shard_batches(shard, data: config_lib.DataConfig, batch_size: int, device: t
 
 
 class RayContext:
-    """:class:`WorkerContext` of a Ray Train worker."""
+    """:class:`WorkerContext` of a Ray Train worker. ``in_worker``: the evaluation datasets
+    (``eval``, ``compositional``) that rank 0 prepares itself (``data.eval_in_worker_rows``), each
+    as (split, inputs, id columns); the others are Ray Data shards."""
 
-    def __init__(self, cfg: Config, spec: ModelSpec, counter=None):
+    def __init__(self, cfg: Config, spec: ModelSpec, counter=None, in_worker: dict | None = None):
         import ray.train
         import ray.train.torch
 
         self.cfg, self.spec, self.counter = cfg, spec, counter
+        self.in_worker = in_worker or {}
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -667,14 +672,21 @@ class RayContext:
         return shard_batches(ray.train.get_dataset_shard("train"), self.cfg.data, batch_size, self.device)
 
     def eval_batches(self, batch_size):
-        import ray.train
-
-        return ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=batch_size)
+        return self._evaluation("eval", batch_size)
 
     def compositional_batches(self, batch_size):
+        return self._evaluation("compositional", batch_size)
+
+    def _evaluation(self, name: str, batch_size: int):
         import ray.train
 
-        return ray.train.get_dataset_shard("compositional").iter_torch_batches(batch_size=batch_size)
+        from alignlab.platform import ingest
+
+        if name in self.in_worker:
+            split, inputs, ids = self.in_worker[name]
+            return ingest.local_eval_batches(self.cfg.data, self.cfg.objectives, inputs, split, batch_size,
+                                             id_columns=ids, counter=self.counter)
+        return ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=batch_size)
 
     def resume_checkpoints(self):
         """Ray Train's latest checkpoint, then the older ones it keeps beside it in the run's
@@ -751,7 +763,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg: Config = loop_config["cfg"]
     uri, run_id = loop_config["mlflow_uri"], loop_config["mlflow_run_id"]
-    ctx = RayContext(cfg, loop_config["spec"], loop_config.get("counter"))
+    ctx = RayContext(cfg, loop_config["spec"], loop_config.get("counter"), loop_config.get("in_worker", {}))
     sink = RunLogger(uri, run_id) if ctx.rank == 0 else None
     runner = Runner(cfg, loop_config["spec"], loop_config["vocab"], ctx, loop_config["steps_per_epoch"], sink)
     # One system-metrics monitor per machine, in its first worker: it samples the whole machine
@@ -860,26 +872,33 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         cfg = replace(cfg, eval=replace(cfg.eval, shortlist=path))
         eval_inputs = inputs.union(load_shortlist(path)[1])
     counter = ingest.make_counter()
+    evaluation = {"eval": (cfg.data.eval_split, eval_inputs, ())}
+    if cfg.data.compositional_split:
+        evaluation["compositional"] = (cfg.data.compositional_split, inputs, shards.COMPOSITIONAL_COLUMNS)
+    in_worker = {}
     datasets = {
         # One stream for the whole run: enough passes for max_steps (a resumed run reads part of
         # it; a stream cut short by skipped rows is started anew).
         "train": ingest.build_dataset(cfg.data, cfg.objectives, inputs, cfg.data.train_split, train=True,
                                       counter=counter, seed=cfg.seed,
                                       passes=math.ceil(cfg.optim.max_steps / info.steps_per_epoch)),
-        "eval": ingest.build_dataset(cfg.data, cfg.objectives, eval_inputs, cfg.data.eval_split, train=False,
-                                     counter=counter, seed=cfg.seed),
     }
-    if cfg.data.compositional_split:
-        datasets["compositional"] = ingest.build_dataset(
-            cfg.data, cfg.objectives, inputs, cfg.data.compositional_split, train=False, counter=counter,
-            seed=cfg.seed, id_columns=shards.COMPOSITIONAL_COLUMNS)
+    for role, (split, spec, ids) in evaluation.items():
+        uri = shards.child_uri(cfg.data.shards, split)
+        if ingest.count_rows(uri) <= cfg.data.eval_in_worker_rows:
+            ingest.split_inputs(spec, uri, train=False, id_columns=ids)  # a bad file fails here, as below
+            in_worker[role] = (split, spec, ids)
+        else:
+            datasets[role] = ingest.build_dataset(cfg.data, cfg.objectives, spec, split, train=False, counter=counter,
+                                                  seed=cfg.seed, id_columns=ids)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "spec": info.spec, "vocab": info.vocab, "steps_per_epoch": info.steps_per_epoch,
-                           "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id, "counter": counter},
+                           "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id, "counter": counter,
+                           "in_worker": in_worker},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.scaling.placement_strategy),

@@ -74,10 +74,13 @@ def test_two_ddp_workers_see_disjoint_data(ray_session, synth, tmp_path):
 def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
     from alignlab.platform.train import train
 
-    # 64 training rows: 4 steps an epoch, so the 6 steps read a stream of two passes.
+    # 64 training rows: 4 steps an epoch, so the 6 steps read a stream of two passes. The run
+    # evaluates through a Ray Data pipeline (data.eval_in_worker_rows=0), which `alignlab eval`'s
+    # in-process read below must reproduce exactly; the other end-to-end runs read theirs in rank 0.
     cfg = load_config("dual_encoder_demo", _overrides(synth, tmp_path, "scaling.num_workers=2", "optim.max_steps=6",
                                                         "tracking.checkpoint_every=3", "tracking.run_name=ddp",
-                                                        "tracking.system_metrics_every=1", "data.max_train_rows=64"))
+                                                        "tracking.system_metrics_every=1", "data.max_train_rows=64",
+                                                        "data.eval_in_worker_rows=0"))
     out = train(cfg)
     assert out["metrics"]["train/step"] == 6.0
     assert out["checkpoint"] and Path(out["checkpoint"], "model.safetensors").exists()
