@@ -59,7 +59,9 @@ cores). CPU time and memory are read from ``/proc`` for this process and every p
   the synthetic set; streaming keeps the 10x row within 10% of the 1x one.
 * **data wait**: each architecture's ``Runner`` (one CPU worker) fed by that iteration through a
   ``LocalContext``: the trainer's own ``time/data_wait_fraction`` and samples/s over steps inside
-  the first epoch, after a warm-up.
+  the first epoch, after a warm-up. ``data_wait_flickr8k`` (opt-in, ``--sections``): the same
+  for each architecture's Flickr8k CPU preset on its own shards (``bench.yaml``'s
+  ``ray_flickr8k`` plan; ``data/flickr8k``, built from ``../shared/data``).
 * **leftover**: the first architecture's training pipeline stopped after a few batches (the
   iterator kept, as a trainer keeps it through its final evaluation), as one pass and as a
   stream of passes: the CPU seconds its Preprocessor workers still spend until they idle, how
@@ -1324,21 +1326,26 @@ def bench_memory(report: Report, plan: list[dict[str, Any]], sets: dict[int, Pat
                                                         "ray_system_mib") if small[k] and large[k]}})
 
 
-def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path, warmup: int = WAIT_WARMUP_STEPS,
-                    steps: int = WAIT_STEPS) -> None:
-    """Each architecture's Runner (demo size, one CPU worker) fed by the Ray pipeline as on Ray
-    Train; the fraction is the trainer's own ``time/data_wait_fraction`` over ``steps`` steps
-    after ``warmup`` (its window closed once after the warm-up), inside the first epoch."""
+def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | None, warmup: int = WAIT_WARMUP_STEPS,
+                    steps: int = WAIT_STEPS, name: str = "data wait") -> None:
+    """Each architecture's Runner (its preset's size, one CPU worker) fed by the Ray pipeline as
+    on Ray Train; the fraction is the trainer's own ``time/data_wait_fraction`` over ``steps``
+    steps after ``warmup`` (its window closed once after the warm-up), inside the first epoch.
+    ``root``: the shard set every preset reads; None: each preset's own (``ray_flickr8k``)."""
     from alignlab.platform.ingest import build_dataset
     from alignlab.platform.train import LocalContext, Runner, prepare, shard_batches
 
     compares = (f"the trainer's time/data_wait_fraction (time in next(batch) / wall time) of each architecture's "
-                f"Runner (demo size, fp32, one CPU worker) fed by build_dataset + streaming_split + shard_batches, "
+                f"Runner (its preset, one CPU worker) fed by build_dataset + streaming_split + shard_batches, "
                 f"over {steps} steps after {warmup}, inside the first epoch; the data workers share the machine's "
                 f"cores with the step")
-    with report.section("data wait", compares) as out:
+    with report.section(name, compares) as out:
         for entry in _architectures(plan):
-            cfg = on_shards(entry["cfg"], root)
+            cfg = entry["cfg"] if root is None else on_shards(entry["cfg"], root)
+            train_split = Path(cfg.data.shards) / cfg.data.train_split
+            if "://" not in cfg.data.shards and not train_split.is_dir():
+                raise BenchError(f"{entry['preset']}: no shard set at {cfg.data.shards} ({train_split} does not "
+                                 f"exist); build it as the preset's comment says")
             cfg = replace(cfg, tracking=replace(cfg.tracking, checkpoint_every=10**9, log_every=10**9))
             info = prepare(cfg)
             ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed)
@@ -1353,7 +1360,8 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path, warm
                 if runner.train_step() is None:
                     raise BenchError(f"{entry['name']}: the epoch ended inside the measured steps")
             m = runner.log()
-            out.append({"model": entry["name"], "batch": cfg.data.batch_size, "steps": steps,
+            out.append({"model": entry["name"], "preset": entry["preset"], "batch": cfg.data.batch_size,
+                        "precision": cfg.precision.precision, "steps": steps,
                         "samples_per_s": m["throughput/samples_per_s"],
                         "step_ms": 1e3 * cfg.data.batch_size / m["throughput/samples_per_s"],
                         "data_wait": m["time/data_wait_fraction"]})
@@ -1363,6 +1371,8 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path, warm
 
 
 RAY_SECTIONS = ("ingest", "epochs", "memory", "data_wait", "leftover")
+# Opt-in: they need shard sets built from ../shared/data, which a fresh clone does not have.
+REAL_DATA_SECTIONS = ("data_wait_flickr8k",)
 
 
 def run_ray_sections(report: Report, plan: list[dict[str, Any]], sections: list[str] = list(RAY_SECTIONS),
@@ -1383,6 +1393,8 @@ def run_ray_sections(report: Report, plan: list[dict[str, Any]], sections: list[
                "epochs": lambda: bench_epochs(report, plan, root),
                "memory": lambda: bench_memory(report, plan, {1: root, MEMORY_SCALE: scaled}, tree),
                "data_wait": lambda: bench_data_wait(report, plan, root),
+               "data_wait_flickr8k": lambda: bench_data_wait(report, load_plan("ray_flickr8k"), None,
+                                                             name="data wait, Flickr8k"),
                "leftover": lambda: bench_leftover(report, plan, root, tree)}
         for name in sections:
             run[name]()
@@ -1530,9 +1542,10 @@ def run_ray(out: str, sections: str = "") -> Report:
     # One thread per process, as in --quick: the data workers and the step share the cores.
     torch.set_num_threads(1)
     names = [s for s in sections.split(",") if s] or list(RAY_SECTIONS)
-    unknown = [s for s in names if s not in RAY_SECTIONS]
+    unknown = [s for s in names if s not in RAY_SECTIONS + REAL_DATA_SECTIONS]
     if unknown:
-        raise BenchError(f"--sections: no Ray section {', '.join(unknown)}; choose from {', '.join(RAY_SECTIONS)}")
+        raise BenchError(f"--sections: no Ray section {', '.join(unknown)}; choose from "
+                         f"{', '.join(RAY_SECTIONS + REAL_DATA_SECTIONS)}")
     report = Report("ray", out, environment())
     report.write()
     run_ray_sections(report, load_plan("ray"), names)

@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the Ray data path on a local cluster: ingest, epoch boundaries, memory, data wait "
                            "(5-10 minutes on 2 cores)")
     bench.add_argument("--sections", default="",
-                       help="with --ray: a comma-separated subset of ingest,epochs,memory,data_wait")
+                       help="with --ray: a comma-separated subset of ingest,epochs,memory,data_wait,leftover; "
+                            "data_wait_flickr8k (not in the default) times the Flickr8k CPU presets on "
+                            "data/flickr8k")
     bench.add_argument("--out", help="JSON file for the figures (default: bench-<mode>.json)")
     bench.add_argument("--peak-tflops", type=float, help="the GPU's dense fp16/bf16 peak, for MFU on a GPU the "
                                                         "bench does not know (H200, H100, A100)")

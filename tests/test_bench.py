@@ -344,3 +344,15 @@ def test_scaling_section_trains_under_ddp_with_one_and_two_gloo_workers(tmp_path
     for row in (one, two):
         assert row["batch"] == 8 and row["samples_per_s"] > 0 and row["step_ms"] > 0 and row["comm_share"] < 1
     assert two["speedup"] == pytest.approx(two["samples_per_s"] / one["samples_per_s"])
+
+
+def test_the_flickr8k_data_wait_plan_loads_and_names_a_missing_shard_set(tmp_path):
+    plan = bench.load_plan("ray_flickr8k")
+    assert [e["cfg"].model.architecture for e in plan] == ["mvptr", "semvlp", "simla", "dual_encoder"]
+    assert {e["cfg"].data.shards for e in plan} == {"data/flickr8k"}
+    absent = [dict(plan[0], cfg=bench.on_shards(plan[0]["cfg"], tmp_path / "absent"))]
+    report = bench.Report("ray", None, {})
+    bench.bench_data_wait(report, absent, None, name="data wait, Flickr8k")
+    (section,) = report.data["sections"]
+    assert section["name"] == "data wait, Flickr8k" and section["rows"] == []
+    assert f"mvptr_flickr8k_cpu: no shard set at {tmp_path / 'absent'}" in section["error"]
