@@ -1258,7 +1258,8 @@ def leftover_after_stop(cfg: Config, passes: int, batches: int, tree: ProcessTre
         now = data_cpu()
         if now["preprocessing"] - last["preprocessing"] > LEFTOVER_BUSY_CPU_S:
             busy_until, last = time.perf_counter(), now
-    del reader, shard, ds
+    reader.close()  # its prefetch threads, before the cluster goes (Runner.end_stream)
+    del shard, ds
     gc.collect()
     return {"preprocessing_cpu_s": last["preprocessing"] - start["preprocessing"],
             "other_workers_cpu_s": last["worker"] - start["worker"], "busy_s": busy_until - t0}
@@ -1360,6 +1361,7 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | Non
                 if runner.train_step() is None:
                     raise BenchError(f"{entry['name']}: the epoch ended inside the measured steps")
             m = runner.log()
+            runner.end_stream()
             out.append({"model": entry["name"], "preset": entry["preset"], "batch": cfg.data.batch_size,
                         "precision": cfg.precision.precision, "steps": steps,
                         "samples_per_s": m["throughput/samples_per_s"],

@@ -537,6 +537,14 @@ class Runner:
         """What a report carries: the latest metrics and the run's length (for a sweep's console)."""
         return {**self.last_metrics, "train/max_steps": float(self.cfg.optim.max_steps)}
 
+    def end_stream(self) -> None:
+        """Closes the training stream's iterator, which stops its prefetch threads (and the
+        executor, where this process runs it): a stream left open past ``ray.shutdown()`` has a
+        thread call into the shut-down core worker, which then exits the process with status 1."""
+        if self._batches is not None and hasattr(self._batches, "close"):
+            self._batches.close()
+        self._batches = None
+
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         if self.step >= cfg.optim.max_steps:
@@ -557,6 +565,7 @@ class Runner:
                 self.checkpoint()
             elif logged:
                 self.ctx.report(self._progress(), None)
+        self.end_stream()
         if self.window.sums or not self.last_metrics:
             self.log()
         self._record_epoch_skips()

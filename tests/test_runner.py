@@ -407,3 +407,20 @@ def test_a_resumed_run_starts_a_new_stream_at_its_checkpoint_epoch(tmp_path):
     _train(resumed, 6)  # the new stream's first pass is epoch 1, its second epoch 2
     assert (resumed.step, resumed.epoch) == (12, 2)
     assert quality.epoch_counts(2) == {"undecodable_image": 1, "empty_caption": 1}
+
+
+def test_a_finished_run_closes_its_training_stream():
+    """The stream is longer than the run (Ray Data's holds every pass max_steps needs); left open,
+    its prefetch threads outlive the run, and past ray.shutdown() they exit the process with 1."""
+    closed = []
+
+    def stream():
+        try:
+            yield from batches(n=4) * 3
+        finally:
+            closed.append(True)
+
+    runner = Runner(toy_config("optim.max_steps=2"), TOY, VOCAB, LocalContext(stream, lambda: batches(n=1)),
+                    steps_per_epoch=12).setup()
+    runner.run()
+    assert runner.step == 2 and closed == [True] and runner._batches is None
