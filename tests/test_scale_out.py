@@ -178,7 +178,9 @@ def _run_sweep(cfg, name: str, watch: NodeWatch, uri: str) -> dict:
             "errors": [t.error for t in result.trials if t.error],
             "finished": sum(r.info.status == "FINISHED" for r in runs), "nodes_before": before,
             "max_nodes": watch.max_between(start, end), "max_trials_at_once": _max_overlap(spans),
-            "nodes_after_idle": watch.wait_for(0, 180), "alive_on_workers": _actors_on_workers()}
+            # Idle nodes go 6 s after their last trial (idle_timeout_minutes 0.1); 60 s is ample, and a
+            # node that stays (once in four runs, see the test) would otherwise hold the suite 3 min.
+            "nodes_after_idle": watch.wait_for(0, 60), "alive_on_workers": _actors_on_workers()}
 
 
 def _actors_on_workers() -> list[str]:
