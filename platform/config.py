@@ -311,8 +311,8 @@ _AT_LEAST_ONE = ("data.max_text_len", "data.max_phrases", "data.max_regions", "d
                  "model.intermediate_size", "model.embed_dim", "model.image.region_dim", "optim.max_steps",
                  "optim.grad_accum", "optim.nonfinite_patience", "scaling.num_workers", "tracking.log_every", "tracking.checkpoint_every",
                  "eval.k_captions", "eval.k_images")
-_NON_NEGATIVE = ("data.prefetch_batches", "data.shuffle_buffer", "data.eval_in_worker_rows", "data.max_train_rows", "optim.min_lr",
-                 "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "tracking.max_failures",
+_NON_NEGATIVE = ("data.prefetch_batches", "data.shuffle_buffer", "data.eval_in_worker_rows", "data.max_train_rows",
+                 "optim.min_lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "tracking.max_failures",
                  "tracking.eval_every", "scaling.gpus_per_worker", "scaling.max_concurrent_trials")
 _POSITIVE = ("optim.lr", "optim.eps", "model.temperature", "model.init_std", "scaling.cpus_per_worker")
 _UNIT_INTERVAL = ("model.dropout", "optim.warmup_ratio", "objectives.mlm_prob", "objectives.mcr_prob",

@@ -559,7 +559,7 @@ def read_schema(files: list[str], columns: list[str], uri: str) -> pa.Schema:
 
 
 def split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str, ...] = ()
-                  ) -> tuple[InputSpec, list[str]]:
+                 ) -> tuple[InputSpec, list[str]]:
     """The inputs to prepare for one split and its files, after validating their footers and
     schemas (a bad file fails at start-up naming the file and column; so does a file without one
     of ``id_columns``). Evaluation reads clean inputs: masking for the pre-training objectives
