@@ -289,8 +289,11 @@ def test_ingest_and_memory_sections_rows_have_their_fields(ray_synth_root, ray_s
     for row in (local, ray):
         assert row["rows"] >= 96 and min(row[k] for k in ("first_batch_s", "rows_per_s", "cores", "rows_per_cpu_s")) > 0
     assert ratio["per_core"] == pytest.approx(ray["rows_per_cpu_s"] / local["rows_per_cpu_s"])
-    # The local loop prepares in this process; Ray in its workers, which the tree tells apart.
-    assert local["preprocessing_cpu_s"] == 0 and local["driver_cpu_s"] > 0 and ray["preprocessing_cpu_s"] > 0
+    # The local loop prepares in this process; Ray in its workers, which the tree tells apart. A
+    # Preprocessor worker of an earlier test's pipeline in this session's cluster may still spend a
+    # little while the loop runs (0.01 and 0.07 CPU-s in two suite runs out of many), against the
+    # seconds Ray's own run spends in them.
+    assert local["driver_cpu_s"] > 0 and local["preprocessing_cpu_s"] < 0.1 * ray["preprocessing_cpu_s"]
     assert ratio["overhead"] == pytest.approx(1 - ray["preprocessing_cpu_s"] / ray["cpu_s"])
     small, large, grown = memory["rows"]
     assert (small["rows"], large["rows"], grown["rows"]) == (200, 400, 2)
