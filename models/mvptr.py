@@ -43,7 +43,8 @@ Readings where the paper leaves a choice:
 * VSC (the paper reading; READINGS lists the official code's) uses the [CLS] outputs themselves,
   L2-normalised, without a projection ("we take the
   L2-normalized output representations of [CLS]"); τ is learnable (``model.temperature`` its
-  initial value).
+  initial value). A text checkpoint pre-trained on mean-pooled sentences reads its caption as
+  that mean instead (``MVPTRConfig.vsc_text_pooling``, the Flickr8k presets with MiniLM).
 * One visual pass on the MCR-masked tags feeds MCR, VSC and the multi-modal encoder: tags never
   enter the multi-modal encoder, so their masking cannot leak into MLM or ITM. The MLM pass
   re-runs the textual encoder on the masked caption and chain-masked phrases, then the
@@ -128,6 +129,14 @@ class MVPTRConfig(Readings):
     # ("we take the L2-normalized [CLS]"), or "linear", a learnable projection to model.embed_dim
     # before normalising (the official code's txt_proj / vis_proj).
     vsc_projection: Literal["", "none", "linear"] = ""
+    # The textual side of VSC's global embedding (eq. 1): "cls", the [CLS] output (the paper and
+    # the official code: BERT-base's [CLS] was pre-trained, by next-sentence prediction, as the
+    # sentence's summary), or "mean", the mean of the outputs at the caption's word positions
+    # ([CLS] and [SEP] included; padding and phrase concepts not). Not a reading: the choice
+    # belongs to the text checkpoint. A sentence-transformers checkpoint, such as the offline
+    # MiniLM (all-MiniLM-L6-v2), was trained on exactly that mean and never on its [CLS], so
+    # the Flickr8k presets read the sentence as it was pre-trained to be read.
+    vsc_text_pooling: Literal["cls", "mean"] = "cls"
     # The learnable temperature τ of eq. 1: "clip", τ >= 0.01 (CLIP's cap; the paper states
     # none), or "none", unclamped (the official code).
     temperature_clamp: Literal["", "clip", "none"] = ""
@@ -302,9 +311,18 @@ class MVPTR(PretrainingModel):
     def embed_images(self, batch):
         return self.vsc_embedding(self.encode_image(batch)[0][:, 0], "image")
 
+    def text_summary(self, text: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The textual encoder's sentence representation (``vsc_text_pooling``) from its outputs
+        ``text`` (B, L + P, d), ``attention_mask`` (B, L) marking the caption's word positions."""
+        if self.cfg.vsc_text_pooling == "cls":
+            return text[:, 0]
+        words = attention_mask.unsqueeze(-1).to(text.dtype)
+        return (text[:, :attention_mask.shape[1]] * words).sum(1) / words.sum(1).clamp_min(1.0)
+
     def embed_texts(self, batch):
-        return self.vsc_embedding(self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("phrase_ids"),
-                                                   batch.get("phrase_mask"))[0][:, 0], "text")
+        text = self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("phrase_ids"),
+                                batch.get("phrase_mask"))[0]
+        return self.vsc_embedding(self.text_summary(text, batch["attention_mask"]), "text")
 
     def match_scores(self, images, texts):
         """p_itm(match) of each aligned pair, for re-ranking the uni-modal top-k."""
@@ -379,7 +397,8 @@ class MVPTR(PretrainingModel):
                                       batch.get("phrase_mask"))
 
         # VSC (eq. 1) on the L2-normalised uni-modal [CLS] outputs, against the global batch.
-        img_g, txt_g = self.vsc_embedding(vis[:, 0], "image"), self.vsc_embedding(txt[:, 0], "text")
+        img_g = self.vsc_embedding(vis[:, 0], "image")
+        txt_g = self.vsc_embedding(self.text_summary(txt, batch["attention_mask"]), "text")
         img_all, offset = global_view(img_g, self.negatives)
         txt_all, _ = global_view(txt_g, self.negatives)
         scale = clamp_logit_scale(self.log_scale, max_scale=math.inf if self.cfg.switch("temperature_clamp") == "none"

@@ -245,6 +245,31 @@ def test_vsc_under_each_reading_by_hand(reading):
     torch.testing.assert_close(model.embed_texts(batch), F.normalize(txt, dim=-1), rtol=1e-5, atol=1e-5)
 
 
+def test_mean_text_pooling_averages_the_caption_words_only_by_hand():
+    """vsc_text_pooling=mean: the mean of the textual outputs at the caption's real word
+    positions, padding and phrase concepts left out, in VSC's loss and in the retrieval
+    embedding alike; "cls" (the default, the paper) is the [CLS] output."""
+    assert _cfg().model.mvptr.vsc_text_pooling == "cls"
+    model = _model("full", "model.mvptr.vsc_text_pooling=mean", "model.mvptr.text_pass=separate")
+    with torch.no_grad():
+        model.log_scale.fill_(math.log(50.0))
+    batch = _batch(4)
+    batch["attention_mask"][1, 4:] = 0  # caption 1 has 4 words and 2 padding positions
+    batch["input_ids"][1, 4:] = 0
+    out = model(batch)
+    with torch.no_grad():
+        vis = model.encode_image(batch, batch["mcr_tag_ids"])[0][:, 0]
+        states = model.encode_text(batch["input_ids"], batch["attention_mask"], batch["phrase_ids"],
+                                   batch["phrase_mask"])[0]
+        assert states.shape[1] == 6 + 3  # words, then phrase concepts
+        txt = torch.stack([states[0, :6].mean(0), states[1, :4].mean(0), states[2, :6].mean(0), states[3, :6].mean(0)])
+        want = contrastive_loss(F.normalize(vis, dim=-1), F.normalize(txt, dim=-1), torch.tensor(50.0))
+    torch.testing.assert_close(out.losses["vsc"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.embed_texts(batch), F.normalize(txt, dim=-1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="vsc_text_pooling"):
+        _cfg("full", "model.mvptr.vsc_text_pooling=max")
+
+
 def test_official_itm_takes_the_hardest_candidate_excluding_only_the_own_pair(monkeypatch):
     seen = []
     real = mvptr_module.global_hard_negatives
