@@ -133,6 +133,20 @@ class TransformerEncoder(nn.Module):
         return x, attn
 
 
+def sentence_embedding(states: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """A text encoder's sentence representation from its outputs ``states`` (B, L', d), the
+    caption's words first, ``attention_mask`` (B, L <= L') marking its real word positions.
+    "cls": the [CLS] output (BERT-base pre-trained it, by next-sentence prediction, as the
+    summary; MVPTR, SIMLA and their official code read it). "mean": the mean over the word
+    positions, [CLS] and [SEP] included, padding and anything after the words (MVPTR's phrase
+    concepts) not: what a sentence-transformers checkpoint (the offline MiniLM,
+    all-MiniLM-L6-v2) was trained on, its [CLS] never. The choice belongs to the checkpoint."""
+    if pooling == "cls":
+        return states[:, 0]
+    words = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states[:, :attention_mask.shape[1]] * words).sum(1) / words.sum(1).clamp_min(1.0)
+
+
 class TextEmbeddings(nn.Module):
     """BERT input embeddings: word + position + segment, LayerNorm, dropout (SemVLP §3.1.1)."""
 

@@ -64,7 +64,8 @@ from torch import nn
 from alignlab.models.base import (CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, Ablation, ConfigError, InputSpec, ModelOutput,
                                   ModelSpec, PretrainingModel, Readings, Vocab)
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, RegionEmbeddings, TextEmbeddings,
-                                    TransformerEncoder, TransformerSize, bert_layer_plan, init_weights)
+                                    TransformerEncoder, TransformerSize, bert_layer_plan, init_weights,
+                                    sentence_embedding)
 from alignlab.models.config import ObjectivesConfig
 from alignlab.models.objectives import (clamp_logit_scale, contrastive_logits, contrastive_loss, gather_no_grad,
                                         gather_rows, global_hard_negatives, global_view, itm_loss,
@@ -130,12 +131,9 @@ class MVPTRConfig(Readings):
     # before normalising (the official code's txt_proj / vis_proj).
     vsc_projection: Literal["", "none", "linear"] = ""
     # The textual side of VSC's global embedding (eq. 1): "cls", the [CLS] output (the paper and
-    # the official code: BERT-base's [CLS] was pre-trained, by next-sentence prediction, as the
-    # sentence's summary), or "mean", the mean of the outputs at the caption's word positions
-    # ([CLS] and [SEP] included; padding and phrase concepts not). Not a reading: the choice
-    # belongs to the text checkpoint. A sentence-transformers checkpoint, such as the offline
-    # MiniLM (all-MiniLM-L6-v2), was trained on exactly that mean and never on its [CLS], so
-    # the Flickr8k presets read the sentence as it was pre-trained to be read.
+    # the official code), or "mean", the mean over the caption's words (blocks.sentence_embedding).
+    # Not a reading: the choice belongs to the text checkpoint, and the Flickr8k presets read
+    # the offline MiniLM as it was pre-trained to be read, by the mean.
     vsc_text_pooling: Literal["cls", "mean"] = "cls"
     # The learnable temperature τ of eq. 1: "clip", τ >= 0.01 (CLIP's cap; the paper states
     # none), or "none", unclamped (the official code).
@@ -311,18 +309,10 @@ class MVPTR(PretrainingModel):
     def embed_images(self, batch):
         return self.vsc_embedding(self.encode_image(batch)[0][:, 0], "image")
 
-    def text_summary(self, text: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The textual encoder's sentence representation (``vsc_text_pooling``) from its outputs
-        ``text`` (B, L + P, d), ``attention_mask`` (B, L) marking the caption's word positions."""
-        if self.cfg.vsc_text_pooling == "cls":
-            return text[:, 0]
-        words = attention_mask.unsqueeze(-1).to(text.dtype)
-        return (text[:, :attention_mask.shape[1]] * words).sum(1) / words.sum(1).clamp_min(1.0)
-
     def embed_texts(self, batch):
         text = self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("phrase_ids"),
                                 batch.get("phrase_mask"))[0]
-        return self.vsc_embedding(self.text_summary(text, batch["attention_mask"]), "text")
+        return self.vsc_embedding(sentence_embedding(text, batch["attention_mask"], self.cfg.vsc_text_pooling), "text")
 
     def match_scores(self, images, texts):
         """p_itm(match) of each aligned pair, for re-ranking the uni-modal top-k."""
@@ -398,7 +388,7 @@ class MVPTR(PretrainingModel):
 
         # VSC (eq. 1) on the L2-normalised uni-modal [CLS] outputs, against the global batch.
         img_g = self.vsc_embedding(vis[:, 0], "image")
-        txt_g = self.vsc_embedding(self.text_summary(txt, batch["attention_mask"]), "text")
+        txt_g = self.vsc_embedding(sentence_embedding(txt, batch["attention_mask"], self.cfg.vsc_text_pooling), "text")
         img_all, offset = global_view(img_g, self.negatives)
         txt_all, _ = global_view(txt_g, self.negatives)
         scale = clamp_logit_scale(self.log_scale, max_scale=math.inf if self.cfg.switch("temperature_clamp") == "none"

@@ -39,7 +39,7 @@ from torch import nn
 from alignlab.models.base import (IGNORE, Ablation, ConfigError, InputSpec, ModelOutput, ModelSpec, PretrainingModel,
                                   Readings, Vocab)
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, TextEmbeddings, TransformerEncoder,
-                                    TransformerSize, ViTEncoder, bert_layer_plan, init_weights)
+                                    TransformerSize, ViTEncoder, bert_layer_plan, init_weights, sentence_embedding)
 from alignlab.models.objectives import (FeatureQueue, clamp_logit_scale, distillation_loss, gather_no_grad,
                                         gather_rows, global_hard_negatives, itm_loss, local_offset, multilabel_bce,
                                         own_pair_mask, positive_targets, psl_targets, psl_vote_targets)
@@ -117,6 +117,11 @@ class SIMLAConfig(Readings):
     # (objectives.positive_targets; the paper's one-hot read with several captions per image),
     # or "diagonal", the row's own pair only (official: sim_targets.fill_diagonal_(1)).
     itc_targets: Literal["", "same_image", "diagonal"] = ""
+    # What g_l reads for ITC (§2.2): "cls", E_l's [CLS] state (the paper and the official code),
+    # or "mean", the mean over the caption's words (blocks.sentence_embedding). Not a reading:
+    # the choice belongs to the text checkpoint, and the Flickr8k presets read the offline MiniLM
+    # by the mean it was pre-trained on.
+    itc_text_pooling: Literal["cls", "mean"] = "cls"
     # Bounds of the learnable temperature τ: "clip", τ >= 0.01 (§2.2 gives none), or
     # "official", τ clamped to [0.001, 0.5] (official: self.temp.clamp_(0.001, 0.5)).
     temperature_clamp: Literal["", "clip", "official"] = ""
@@ -304,7 +309,8 @@ class SIMLA(PretrainingModel):
 
     def embed_texts(self, batch):
         states = self._text(self._parts(False), batch["input_ids"], batch["attention_mask"].bool())
-        return F.normalize(self.text_proj(states[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(sentence_embedding(states, batch["attention_mask"], self.cfg.itc_text_pooling)),
+                           dim=-1)
 
     def match_scores(self, images, texts):
         """p^itm(I, T) of the match class (eq. 5), for re-ranking."""
@@ -346,7 +352,7 @@ class SIMLA(PretrainingModel):
         v = self.image.encode(patches)
         text_states = self._text(online, ids, mask)
         img_feat = F.normalize(self.vision_proj(v[:, 0]), dim=-1)
-        txt_feat = F.normalize(self.text_proj(text_states[:, 0]), dim=-1)
+        txt_feat = F.normalize(self.text_proj(sentence_embedding(text_states, mask, self.cfg.itc_text_pooling)), dim=-1)
         low, high = LOGIT_SCALE_BOUNDS[self.cfg.switch("temperature_clamp")]
         scale = clamp_logit_scale(self.log_scale, max_scale=high, min_scale=low)
         losses: dict[str, torch.Tensor] = {}
@@ -357,7 +363,8 @@ class SIMLA(PretrainingModel):
             text_m = self._text(self.momentum, ids, mask) if "itc" in c or "mim" in c else None
             p = self.momentum
             feats_m = (F.normalize(p["vision_proj"](v_m[:, 0]), dim=-1),
-                       F.normalize(p["text_proj"](text_m[:, 0]), dim=-1)) if "itc" in c else None
+                       F.normalize(p["text_proj"](sentence_embedding(text_m, mask, self.cfg.itc_text_pooling)), dim=-1)
+                       ) if "itc" in c else None
 
         if "itm" in c or "psl" in c:
             mm, attn = self._fuse(online, ids, mask, v, return_attention="psl" in c)

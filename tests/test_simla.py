@@ -349,6 +349,32 @@ def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets():
     torch.testing.assert_close(model.queue.image_queue[:B], img)  # then the batch was enqueued
 
 
+def test_mean_itc_text_pooling_reads_the_mean_of_the_real_words_by_hand():
+    """itc_text_pooling=mean: g_l reads the mean of E_l's states over the caption's real words
+    (row 0 has 3 padding positions), in the retrieval embedding, in the ITC loss and in what the
+    momentum model enqueues; "cls" (the default, the paper) reads the [CLS] state."""
+    assert tiny_cfg().model.simla.itc_text_pooling == "cls"
+    model = tiny_model(row="b", itc_text_pooling="mean")
+    batch = make_batch()
+    model.begin_step(0, 10)  # α = 0
+    queue_img = model.queue.image_queue.clone()
+    queue_txt = model.queue.text_queue.clone()
+    out = model(batch)
+    with torch.no_grad():
+        states = model._text(model._parts(False), batch["input_ids"], batch["attention_mask"].bool())
+        means = torch.stack([states[0, :L - 3].mean(0), *(states[i].mean(0) for i in range(1, B))])
+        txt = F.normalize(model.text_proj(means), dim=-1)
+        img = model.embed_images(batch)
+        scale = model.log_scale.exp()
+        cols_img, cols_txt = torch.cat([img, queue_img]), torch.cat([txt, queue_txt])
+        labels = torch.arange(B)
+        want = 0.5 * (F.cross_entropy(scale * img @ cols_txt.t(), labels)
+                      + F.cross_entropy(scale * txt @ cols_img.t(), labels))
+    torch.testing.assert_close(model.embed_texts(batch), txt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.losses["itc"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.queue.text_queue[:B], txt, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Readings: the paper's text against the official code (#15)
 # --------------------------------------------------------------------------------------------
@@ -722,6 +748,8 @@ def test_presets_validate_and_carry_the_papers_settings():
     assert paper.model.image.timm_name == "vit_base_patch16_224" and paper.model.text_init == "bert-base-uncased"
     assert paper.precision.precision == "fp16" and paper.model.simla.components() == TABLE1["e"]
     cpu = load_config("simla_flickr8k_cpu")
+    # BERT-base's [CLS] summarises the sentence; the sentence-transformers MiniLM's mean does.
+    assert (s.itc_text_pooling, cpu.model.simla.itc_text_pooling) == ("cls", "mean")
     img = cpu.model.image
     # The packaged MobileNetV2, named portably (no site-packages path), frozen, under a 384-wide ViT.
     assert (img.trunk, img.trunk_pretrained, img.trunk_checkpoint, img.freeze_trunk) == ("mobilenet_v2", True, "", True)
