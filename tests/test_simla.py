@@ -328,15 +328,23 @@ def test_positive_targets_spread_over_every_copy_of_the_image():
     assert t.tolist() == [[0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]]
 
 
-def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets():
-    model = tiny_model(row="b")
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets(pooling):
+    """g_l reads E_l's [CLS] state (itc_text_pooling "cls", the paper and the default) or the mean
+    of its states over the caption's real words ("mean"; row 0 has 3 padding positions), in the
+    retrieval embedding, in the ITC loss and in what the momentum model enqueues."""
+    assert tiny_cfg().model.simla.itc_text_pooling == "cls"
+    model = tiny_model(row="b", itc_text_pooling=pooling)
     batch = make_batch()
     model.begin_step(0, 10)  # α = 0
     queue_img, queue_txt = model.queue.image_queue.clone(), model.queue.text_queue.clone()
     out = model(batch)
     with torch.no_grad():
+        states = model._text(model._parts(False), batch["input_ids"], batch["attention_mask"].bool())
+        pooled = states[:, 0] if pooling == "cls" else \
+            torch.stack([states[0, :L - 3].mean(0), *(states[i].mean(0) for i in range(1, B))])
+        txt = F.normalize(model.text_proj(pooled), dim=-1)
         img = model.embed_images(batch)
-        txt = model.embed_texts(batch)
         scale = model.log_scale.exp()
         # A fresh momentum copy equals the online model; the initial queue holds random unit
         # vectors with id -1, so each row's only positive is its own pair: plain InfoNCE over
@@ -345,33 +353,10 @@ def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets():
         labels = torch.arange(B)
         want = 0.5 * (F.cross_entropy(scale * img @ cols_txt.t(), labels)
                       + F.cross_entropy(scale * txt @ cols_img.t(), labels))
-    torch.testing.assert_close(out.losses["itc"], want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.queue.image_queue[:B], img)  # then the batch was enqueued
-
-
-def test_mean_itc_text_pooling_reads_the_mean_of_the_real_words_by_hand():
-    """itc_text_pooling=mean: g_l reads the mean of E_l's states over the caption's real words
-    (row 0 has 3 padding positions), in the retrieval embedding, in the ITC loss and in what the
-    momentum model enqueues; "cls" (the default, the paper) reads the [CLS] state."""
-    assert tiny_cfg().model.simla.itc_text_pooling == "cls"
-    model = tiny_model(row="b", itc_text_pooling="mean")
-    batch = make_batch()
-    model.begin_step(0, 10)  # α = 0
-    queue_img = model.queue.image_queue.clone()
-    queue_txt = model.queue.text_queue.clone()
-    out = model(batch)
-    with torch.no_grad():
-        states = model._text(model._parts(False), batch["input_ids"], batch["attention_mask"].bool())
-        means = torch.stack([states[0, :L - 3].mean(0), *(states[i].mean(0) for i in range(1, B))])
-        txt = F.normalize(model.text_proj(means), dim=-1)
-        img = model.embed_images(batch)
-        scale = model.log_scale.exp()
-        cols_img, cols_txt = torch.cat([img, queue_img]), torch.cat([txt, queue_txt])
-        labels = torch.arange(B)
-        want = 0.5 * (F.cross_entropy(scale * img @ cols_txt.t(), labels)
-                      + F.cross_entropy(scale * txt @ cols_img.t(), labels))
     torch.testing.assert_close(model.embed_texts(batch), txt, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.losses["itc"], want, rtol=1e-5, atol=1e-5)
+    # then the batch was enqueued
+    torch.testing.assert_close(model.queue.image_queue[:B], img)
     torch.testing.assert_close(model.queue.text_queue[:B], txt, rtol=1e-5, atol=1e-5)
 
 
