@@ -37,6 +37,19 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger(LOGGER).setLevel(logging.INFO)
 
 
+# Ray Train's detached PlacementGroupCleaner asks the State API, every second of a run, whether
+# the train controller still lives. The State API is served by the dashboard, which the local
+# cluster (init_ray) does not start, so each answer was a warning forwarded to the driver: ~3,600
+# lines an hour of `alignlab train`. A local cluster's placement groups end with it anyway; a
+# cluster started by `ray up` / `ray start` runs the dashboard, and its cleaner works and stays loud.
+PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """A local cluster's ``worker_process_setup_hook``: the cleaner's errors only."""
+    logging.getLogger(PLACEMENT_GROUP_CLEANER).setLevel(logging.ERROR)
+
+
 def duration(seconds: float) -> str:
     """``3h05m``, ``4m10s``, ``42s``."""
     s = max(0, int(round(seconds)))

@@ -802,6 +802,7 @@ def init_ray(cfg: Config | None = None, quiet: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, configure_logging=False, log_to_driver=not quiet)
     else:
+        env["worker_process_setup_hook"] = "alignlab.platform.console.quiet_placement_group_cleaner"
         ray.init(num_cpus=local_cluster_cpus(cfg), runtime_env=env, configure_logging=False,
                  include_dashboard=False, log_to_driver=not quiet)
 

@@ -89,3 +89,25 @@ def test_labels_durations_and_the_evaluation_shown():
     assert last_evaluation({"downstream/vqa/vqa_accuracy": 36.81, "downstream/vqa/chance": 4.5}) == \
         "vqa accuracy 36.8"
     assert last_evaluation({"loss/total": 1.0}) == ""
+
+
+def test_a_local_cluster_silences_the_placement_group_cleaners_state_api_warnings_in_every_worker():
+    """Without the dashboard the cleaner's State API query fails every second; init_ray's local
+    cluster sets its logger to errors in each worker (a cluster of its own, in a subprocess)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, ray\n"
+        "from ray.train.v2._internal.execution.controller import placement_group_cleaner as m\n"
+        "from alignlab.platform.console import PLACEMENT_GROUP_CLEANER\n"
+        "from alignlab.platform.train import init_ray\n"
+        "assert m.logger.name == PLACEMENT_GROUP_CLEANER, m.logger.name\n"
+        "init_ray(quiet=True)\n"
+        "level = ray.get(ray.remote(num_cpus=0)(lambda: logging.getLogger(PLACEMENT_GROUP_CLEANER).level).remote())\n"
+        "print('level', level, logging.getLogger(m.__name__.rsplit('.', 1)[0]).level)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # ERROR in the worker; the parent logger is untouched, so other Ray Train warnings still show.
+    assert out.stdout.split()[-2:] == [str(40), str(0)]
