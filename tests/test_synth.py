@@ -398,3 +398,14 @@ def test_cli_prints_the_summary(tmp_path, capsys):
     assert "'train': {'images': 4, 'rows': 8}" in printed and "'test': {'images': 2, 'rows': 4}" in printed
     image = pq.read_table(tmp_path / "train").column("image")[0].as_py()
     assert Image.open(io.BytesIO(image)).size == (48, 48)
+
+
+def test_the_mvptr_demo_preset_keeps_every_phrase_concept_and_object_of_a_synthetic_caption(rows):
+    """MVPTR's §4.1 limit of 5 phrases is sized for real captions; the demo's must not cut a
+    synthetic one, whose relation triples come last (6-14 distinct phrase concepts a caption)."""
+    from alignlab.platform.config import load_config
+
+    data = load_config("mvptr_demo").data
+    phrases = [len({" ".join(p) for p in r["phrases"]}) for r in rows]
+    assert max(phrases) <= data.max_phrases and min(phrases) > 5
+    assert max(len(r["tags"]) for r in rows) <= min(data.max_regions, data.max_tags)
