@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("preset")
     sweep.add_argument("overrides", nargs="*")
     sweep.add_argument("--grid", action="append", required=True, help="key=v1,v2 (repeatable)")
-    sweep.add_argument("--name", required=True, help="sweep name; re-running a name resumes it")
+    sweep.add_argument("--name", required=True, help="sweep name; the same name, config and grid again resumes it")
     sweep.add_argument("--metric", default="eval/uni_rsum")
     sweep.add_argument("--max-concurrent-trials", type=int, default=0, metavar="N",
                        help="run at most N trials at once (default: as many as the cluster holds at its largest)")

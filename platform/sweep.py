@@ -6,11 +6,14 @@ The Train V2 pattern: a Tune *function* trainable launches ``TorchTrainer.fit()`
 many at a time as the cluster holds at its largest (:func:`trial_concurrency`; one at a time on a
 2-CPU machine). An interrupted sweep resumes with ``Tuner.restore``: finished trials are kept,
 unfinished ones restart and their Train runs resume from their own last checkpoints, logging into
-the same MLflow child runs.
+the same MLflow child runs. A sweep is its name and what it runs (:func:`sweep_key`): changing
+the config or the grid starts a new one.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +56,21 @@ def validate_grid(base: Config, grid: dict[str, list]) -> None:
         config_lib.load_config(data=config_lib.to_dict(base), overrides=_as_overrides(point))
 
 
-def _as_overrides(point: dict[str, Any]) -> list[str]:
-    import json
+def sweep_key(base: Config, grid: dict[str, list], name: str, finetune: dict | None = None) -> str:
+    """The sweep's identity: ``name`` and a digest of everything its trials run (the base config
+    as :func:`~alignlab.platform.train.config_digest` reads it, the grid, a downstream sweep's
+    fine-tuning). The same sweep run again resumes (``Tuner.restore`` keeps its finished trials);
+    one whose preset, overrides or seeds changed is another sweep, with a Tune directory and an
+    MLflow parent run of its own. Tune checks only the keys of a restored ``param_space``, never
+    its values, so under its name alone a changed sweep got the old trials' results back, or
+    failed where a key was added (``--seeds 3`` after ``--seeds 1``)."""
+    from alignlab.platform.train import config_digest
 
+    payload = json.dumps({"base": config_digest(base), "grid": grid, "finetune": finetune}, sort_keys=True, default=str)
+    return f"{name}-{hashlib.sha1(payload.encode()).hexdigest()[:10]}"
+
+
+def _as_overrides(point: dict[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items()]
 
 
@@ -133,11 +148,11 @@ def _parent_run(uri: str, experiment: str, sweep: str, grid: dict) -> str:
 
 def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str | None = None,
               finetune: dict | None = None) -> SweepResult:
-    """Runs (or resumes) sweep ``name``: one trial per grid point. ``finetune`` makes it a
-    downstream sweep (:func:`alignlab.platform.finetune.run_downstream`): each point names a
-    checkpoint and a task (``finetune.init``, ``finetune.task``), and its trial fine-tunes with
-    the fine-tuning ``preset`` and ``overrides``, as an MLflow child of the run in ``parents``
-    (checkpoint -> pre-training run id)."""
+    """Runs (or resumes) sweep ``name``, stored as :func:`sweep_key`: one trial per grid point.
+    ``finetune`` makes it a downstream sweep (:func:`alignlab.platform.finetune.run_downstream`):
+    each point names a checkpoint and a task (``finetune.init``, ``finetune.task``), and its trial
+    fine-tunes with the fine-tuning ``preset`` and ``overrides``, as an MLflow child of the run in
+    ``parents`` (checkpoint -> pre-training run id)."""
     import ray
     import ray.tune
 
@@ -146,6 +161,7 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
 
     validate_grid(base, grid)
     base = config_lib.with_absolute_paths(base)
+    key = sweep_key(base, grid, name, finetune)
     starts_ray = not ray.is_initialized()
     init_ray(base, quiet=not base.tracking.verbose)
     if starts_ray and not base.tracking.verbose:
@@ -157,30 +173,30 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
     check_cluster_storage(base, uri, root)
     if cluster.autoscaling_config(base.scaling.autoscaling_config):
         cluster.pin_data_bookkeeping_here()
-    parent = _parent_run(uri, base.tracking.experiment, name, grid)
+    parent = _parent_run(uri, base.tracking.experiment, key, grid)
     tune_path = _join(root, "tune")
     param_space = {
         "overrides": {k: ray.tune.grid_search(v) for k, v in grid.items()},
-        "base": config_lib.to_dict(base), "mlflow_uri": uri, "parent_run_id": parent, "sweep": name,
+        "base": config_lib.to_dict(base), "mlflow_uri": uri, "parent_run_id": parent, "sweep": key,
         "train_storage": _join(root, "train"), "finetune": finetune,
     }
     # The trainable itself only drives a Train job, whose workers request their own resources;
     # Tune needs a non-empty request, so it asks for a sliver of a CPU.
     trainable = ray.tune.with_resources(_trial, {"CPU": 0.1})
-    if ray.tune.Tuner.can_restore(_join(tune_path, name)):
-        tuner = ray.tune.Tuner.restore(_join(tune_path, name), trainable=trainable, resume_errored=True,
+    if ray.tune.Tuner.can_restore(_join(tune_path, key)):
+        tuner = ray.tune.Tuner.restore(_join(tune_path, key), trainable=trainable, resume_errored=True,
                                        param_space=param_space)
     else:
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space,
             tune_config=ray.tune.TuneConfig(max_concurrent_trials=trial_concurrency(base)),
-            run_config=ray.tune.RunConfig(name=name, storage_path=tune_path,
+            run_config=ray.tune.RunConfig(name=key, storage_path=tune_path,
                                           failure_config=ray.tune.FailureConfig(max_failures=1),
                                           verbose=None if base.tracking.verbose else 0,
                                           callbacks=[] if base.tracking.verbose else [
                                               console.TrialLines(name, len(grid_points(grid)))]))
     grid_result = tuner.fit()
-    children = _children_by_overrides(uri, base.tracking.experiment, name)
+    children = _children_by_overrides(uri, base.tracking.experiment, key)
     trials = []
     for r in grid_result:
         overrides = dict(r.config["overrides"]) if r.config else {}

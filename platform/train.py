@@ -124,16 +124,18 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
     return sum(weights.get(k, 1.0) * v for k, v in losses.items())
 
 
-def run_key(cfg: Config) -> str:
-    """A stable Train run name: the same resolved config resumes the same run. What only changes
-    what the run shows (the console's verbosity, the system metrics' sampling, the registry name
-    of its final model) is not part of it: a run restarted with ``--verbose`` resumes."""
-    if cfg.tracking.run_name:
-        return cfg.tracking.run_name
+def config_digest(cfg: Config) -> str:
+    """A digest of what a run computes. What only changes what the run shows (the console's
+    verbosity, the system metrics' sampling, the registry name of its final model) is not part of
+    it: a run or sweep restarted with ``--verbose`` resumes."""
     shown = replace(cfg.tracking, verbose=False, system_metrics_every=config_lib.TrackingConfig.system_metrics_every,
                     registered_model="")
-    digest = hashlib.sha1(config_lib.dump_yaml(replace(cfg, tracking=shown)).encode()).hexdigest()[:10]
-    return f"{cfg.model.architecture}-{digest}"
+    return hashlib.sha1(config_lib.dump_yaml(replace(cfg, tracking=shown)).encode()).hexdigest()[:10]
+
+
+def run_key(cfg: Config) -> str:
+    """A stable Train run name: the same resolved config resumes the same run."""
+    return cfg.tracking.run_name or f"{cfg.model.architecture}-{config_digest(cfg)}"
 
 
 def trial_cpus(cfg: Config | None) -> int:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from alignlab.platform.checkpoint import read_checkpoint
+from alignlab.platform import config as config_lib
 from alignlab.platform.config import load_config
 from alignlab.platform.synth import SynthConfig, generate
 
@@ -157,6 +158,13 @@ def test_two_trial_sweep_has_one_parent_and_two_children(sweep):
     assert {t.mlflow_run_id for t in again.trials} == {c.info.run_id for c in children}
     assert len(client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")) == 2
 
+    # Another config under the same name is another sweep: it trains, under a parent of its own,
+    # rather than restoring the old trials (Tune compares only a restored param_space's keys).
+    changed = load_config(data=config_lib.to_dict(cfg), overrides=["optim.max_steps=2"])
+    other = run_sweep(changed, {"model.image.kind": ["vit"]}, "sweep-test")
+    assert other.parent_run_id != result.parent_run_id
+    assert not other.trials[0].error and other.trials[0].metrics["train/step"] == 2
+
 
 @pytest.fixture(scope="module")
 def mlflow_ui(sweep):
@@ -261,10 +269,13 @@ def test_the_mlflow_ui_shows_the_sweep_as_training_runs(sweep, mlflow_ui, synth)
             assert dataset["digest"] == describe_split(str(split)).digest
             assert (dataset["source_type"], json.loads(dataset["source"])) == ("local", {"uri": str(split)})
             assert "caption" in {c["name"] for c in json.loads(dataset["schema"])["mlflow_colspec"]}
-    # Each child's final model, logged as an MLflow model (the export folder as a pyfunc).
+    # Each child's final model, logged as an MLflow model (the export folder as a pyfunc). The
+    # store also holds the changed sweep's run (test_two_trial_sweep_has_one_parent_and_two_children).
     models = _rest(mlflow_ui, "logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
     print("logged models:", [(m["info"]["name"], m["info"]["source_run_id"], m["info"]["status"]) for m in models])
-    assert sorted((m["info"]["name"], m["info"]["source_run_id"], m["info"]["status"]) for m in models) == \
+    child_ids = {c["info"]["run_id"] for c in children}
+    assert sorted((m["info"]["name"], m["info"]["source_run_id"], m["info"]["status"]) for m in models
+                  if m["info"]["source_run_id"] in child_ids) == \
         sorted(("model", c["info"]["run_id"], "LOGGED_MODEL_READY") for c in children)
     # The parent's row, over its folded trials, shows the data they read.
     assert {(d["dataset"]["name"], d["dataset"]["digest"]) for d in parent["inputs"]["dataset_inputs"]} == \

@@ -186,3 +186,19 @@ def test_the_driver_leaves_a_cluster_it_started_before_the_last_table_and_never_
     monkeypatch.setattr(experiment, "ensure_synthetic_data", lambda cfg: None)
     experiment.run_experiment("", "mvptr_demo", ["eval/rsum"], argv=["--grid", "model.mvptr.ablation=full"])
     assert events == (["table"] if joined else ["shutdown", "table"])
+
+
+def test_a_sweep_is_its_name_and_a_digest_of_what_its_trials_run():
+    """The same sweep keeps its key (so it restores); a changed config value, seed list or
+    downstream fine-tuning makes another; what only changes the console does not."""
+    from alignlab.platform.config import load_config
+    from alignlab.platform.sweep import sweep_key
+
+    base, grid = load_config("dual_encoder_demo"), {"seed": [0]}
+    key = sweep_key(base, grid, "demo")
+    assert key.startswith("demo-") and key == sweep_key(load_config("dual_encoder_demo"), {"seed": [0]}, "demo")
+    assert sweep_key(load_config("dual_encoder_demo", ["tracking.verbose=true"]), grid, "demo") == key
+    others = {sweep_key(load_config("dual_encoder_demo", ["optim.lr=0.002"]), grid, "demo"),
+              sweep_key(base, {"seed": [0, 1, 2]}, "demo"),
+              sweep_key(base, grid, "demo", finetune={"preset": "finetune_demo", "overrides": []})}
+    assert len(others) == 3 and key not in others
