@@ -343,6 +343,15 @@ def test_ssd_detects_person_on_real_coco_image():
     assert norm.min() >= 0.0 and norm.max() <= 1.0
 
 
+def test_ssd_names_the_opencv_it_needs_where_the_installed_one_cannot_read_its_graph(monkeypatch):
+    import cv2
+
+    # OpenCV 5 ships cv2.dnn without its TensorFlow importer.
+    monkeypatch.delattr(cv2.dnn, "readNetFromTensorflow")
+    with pytest.raises(RuntimeError, match=r"opencv-python-headless>=4\.8,<5"):
+        SSDMobileNetRegions().detect(np.zeros((8, 8, 3), np.uint8), None)
+
+
 def test_real_flickr8k_token_format():
     root = shared_data("flickr8k")
     reader = open_reader(str(root))

