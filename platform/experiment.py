@@ -25,21 +25,28 @@ SHARED_DATA_KEYS = ("shards", "train_split", "eval_split", "compositional_split"
 
 def ensure_synthetic_data(cfg: config_lib.Config) -> None:
     """Generate the embedded synthetic set when the config points at the demo's own default path
-    (``data/synth``) and nothing is there yet. Any other missing shard path is an error that names
-    it: a typo must never train on (or write over) other data."""
+    (``data/synth``) and nothing is there yet, or what is there came from an older generator
+    (its manifest's ``generator``). Any other missing shard path is an error that names it: a
+    typo must never train on (or write over) other data."""
     from alignlab.platform import shards
+    from alignlab.platform.synth import GENERATOR_VERSION, PRODUCER, SynthConfig, generate
 
     root = cfg.data.shards
     train = shards.child_uri(root, cfg.data.train_split)
-    if "://" not in root and Path(train).exists() or "://" in root:
+    demo = "://" not in root and os.path.abspath(root) == os.path.abspath(DEMO_SHARDS)
+    if "://" in root or Path(train).exists():
+        manifest = shards.read_manifest(root) if demo else {}
+        version = manifest.get("generator", 1)
+        if shards.producer_of(manifest) == PRODUCER and version != GENERATOR_VERSION:
+            print(f"{root} was written by version {version} of the synthetic generator; writing it again "
+                  f"with version {GENERATOR_VERSION} ...", flush=True)
+            print(generate(root, SynthConfig()), flush=True)
         return
-    if os.path.abspath(root) != os.path.abspath(DEMO_SHARDS) or Path(root).exists():
+    if not demo or Path(root).exists():
         raise config_lib.ConfigError(
             f"config key 'data.shards' = {root!r}: no split {cfg.data.train_split!r} there ({train} does not exist); "
             f"build a shard set with `alignlab data build` / `alignlab data synth`, or fix data.shards / "
             f"data.train_split")
-    from alignlab.platform.synth import SynthConfig, generate
-
     print(f"generating the synthetic data set into {root} ...", flush=True)
     print(generate(root, SynthConfig()), flush=True)
 

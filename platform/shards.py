@@ -511,6 +511,14 @@ def read_manifest(root: str) -> dict:
     return json.loads(text) if text else {}
 
 
+def data_digest(root: str) -> str:
+    """A digest of a shard set's manifest ("" where it has none), standing for its content in
+    the names of runs and sweeps: rebuilt the same, a set keeps its digest; rebuilt otherwise (a
+    newer generator, other options), its runs are new runs, never the old set's finished ones."""
+    text = read_text(child_uri(root, MANIFEST))
+    return hashlib.sha1(text.encode()).hexdigest()[:10] if text else ""
+
+
 # Manifests written before the ``producer`` key: the synthetic generator's names its module as
 # the source, the corpus builder's records its options under ``build``.
 _LEGACY_PRODUCERS = (("alignlab data synth", lambda m: m.get("source") == "alignlab.platform.synth"),

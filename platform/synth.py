@@ -70,7 +70,9 @@ The compositional split (ARO / Winoground style)
     one thing: two kinds exchange their colour or size (``swap_attribute``), a relation turns into
     its opposite (``swap_relation``), a kind's count changes (``wrong_count``), a kind's shape is
     replaced by one absent from the image (``replace_object``). A perturbation is kept only if it
-    is false of the scene (:func:`holds`). Rows are the test image's, with the candidate's caption
+    is false of the scene (:func:`holds`). The clause a relation swap reverses is said from
+    whichever side keeps the split's true relation words balanced, each as often as its opposite
+    (the one dependence between images). Rows are the test image's, with the candidate's caption
     and phrase tuples, and the columns of :data:`~alignlab.platform.shards.COMPOSITIONAL_COLUMNS`.
 
 Downstream tasks
@@ -191,6 +193,10 @@ POOL = 4  # region crop pooled to POOL × POOL cells
 REGION_DIM = POOL * POOL * 3 + 6
 SPLITS = ("train", "test", "compositional")
 PRODUCER = "alignlab data synth"  # the manifest's producer: this generator writes only into its own sets
+# Raised whenever the same SynthConfig would write other rows, and recorded in the manifest, so a
+# set written by an older generator is known as such (a manifest without it is version 1).
+# 2: the compositional split balances its relation swaps' words (compositional_candidates).
+GENERATOR_VERSION = 2
 
 _BACKGROUND = 48  # grey level; noise of ±_NOISE keeps it far from every colour
 _NOISE = 8
@@ -577,17 +583,61 @@ def perturb(d: Description, kind: str, rng: np.random.Generator, max_count: int)
     raise ValueError(f"unknown perturbation {kind!r}; expected one of {CANDIDATE_TYPES[1:]}")
 
 
-def compositional_candidates(objects: Sequence[SceneObject], rng: np.random.Generator, max_count: int
-                             ) -> list[tuple[int, Description]]:
+def reverse_clause(d: Description, c: int) -> Description:
+    """``d`` with clause ``c`` said from its object's side: "A above B" becomes "B below A", the
+    same claim in the opposite relation word."""
+    ms, relations = list(d.mentions), list(d.relations)
+    ms[2 * c], ms[2 * c + 1] = ms[2 * c + 1], ms[2 * c]
+    relations[c] = OPPOSITE[relations[c]]
+    return dataclasses.replace(d, mentions=tuple(ms), relations=tuple(relations))
+
+
+def swapped_clause(candidates: Sequence[tuple[int, Description]]) -> tuple[int, str] | None:
+    """(clause, the true caption's relation there) of the clause that the ``swap_relation``
+    candidate reverses, or None when the scene has no such candidate."""
+    swap = dict(candidates).get(CANDIDATE_TYPES.index("swap_relation"))
+    if swap is None:
+        return None
+    true = candidates[0][1]
+    c = next(c for c, (a, b) in enumerate(zip(true.relations, swap.relations)) if a != b)
+    return c, true.relations[c]
+
+
+def compositional_candidates(objects: Sequence[SceneObject], rng: np.random.Generator, max_count: int,
+                             stated: Counter | None = None) -> list[tuple[int, Description]]:
     """(candidate type, description) pairs of one scene: its true description first (a relation
     template, its kinds ordered so that the first clause states a relation where one exists),
-    then one perturbation per type the scene allows, each false of the scene."""
+    then one perturbation per type the scene allows, each false of the scene.
+
+    ``stated`` (a Counter shared by a split's scenes) balances the relation swaps: the clause
+    that ``swap_relation`` reverses is said from whichever side names the relation word counted
+    less often than its opposite so far ("A above B" or "B below A"), and counted. Over a split
+    each word is then the true one as often as its opposite, give or take one, so a scorer that
+    merely prefers "below" to "above" scores chance. Left to the kinds' random order, the 156
+    swap pairs of the default test split held a true "above" 54 times and "below" 33 times,
+    "right of" 43 times and "left of" 26: such a scorer got anywhere from 0.38 to 0.62."""
     n_kinds = len(kinds(objects))
     template = RELATION_TEMPLATES[int(rng.integers(len(RELATION_TEMPLATES)))]
     shapes = [m.shape for m in kinds(objects)]
     orders = [[int(i) for i in rng.permutation(n_kinds)] for _ in range(12)]
     order = next((o for o in orders if n_kinds > 1 and kind_relation(objects, shapes[o[0]], shapes[o[1]])), orders[0])
     true = describe(objects, template, order, rng)
+    before = rng.bit_generator.state
+    out = _with_perturbations(true, objects, rng, max_count)
+    swapped = swapped_clause(out) if stated is not None else None
+    if swapped is not None:
+        c, rel = swapped
+        if stated[rel] > stated[OPPOSITE[rel]]:
+            # The same draws again: the clause count is unchanged, so the same clause is swapped.
+            rng.bit_generator.state = before
+            out = _with_perturbations(reverse_clause(true, c), objects, rng, max_count)
+            c, rel = swapped_clause(out)
+        stated[rel] += 1
+    return out
+
+
+def _with_perturbations(true: Description, objects: Sequence[SceneObject], rng: np.random.Generator,
+                        max_count: int) -> list[tuple[int, Description]]:
     out = [(0, true)]
     for t, name in enumerate(CANDIDATE_TYPES[1:], start=1):
         p = perturb(true, name, rng, max_count)
@@ -653,6 +703,7 @@ def split_rows(split: str, n_images: int, cfg: SynthConfig) -> Iterator[dict]:
     """Yields the rows (:class:`~alignlab.platform.shards.Row` fields) of one split,
     ``captions_per_image`` per image; for the test split also those of the compositional split,
     with its extra columns."""
+    stated: Counter = Counter()  # the compositional split's relation words (compositional_candidates)
     for i, rng, pixels, objects in scenes(split, n_images, cfg):
         image_id = f"{split}-{i:06d}"
         shared = image_columns(pixels, objects, image_id)
@@ -661,7 +712,8 @@ def split_rows(split: str, n_images: int, cfg: SynthConfig) -> Iterator[dict]:
             yield dict(shared, caption=text, caption_id=f"{image_id}-{k}", split=split, phrases=phrases)
         if split != "test":
             continue
-        for t, d in compositional_candidates(objects, image_rng(cfg.seed, "compositional", i), cfg.max_count):
+        for t, d in compositional_candidates(objects, image_rng(cfg.seed, "compositional", i), cfg.max_count,
+                                             stated):
             text, phrases = render(d)
             yield dict(shared, caption=text, caption_id=f"{image_id}-{CANDIDATE_TYPES[t]}", split="compositional",
                        phrases=phrases, candidate_type=t, group_id=i)
@@ -734,6 +786,7 @@ def generate(out: str, cfg: SynthConfig | None = None) -> dict:
     }
     write_manifest(out, {
         "source": "alignlab.platform.synth",
+        "generator": GENERATOR_VERSION,
         "config": dataclasses.asdict(cfg),
         "splits": summary["splits"],
         "rows_written": writer.rows_written,

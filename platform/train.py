@@ -134,8 +134,14 @@ def config_digest(cfg: Config) -> str:
 
 
 def run_key(cfg: Config) -> str:
-    """A stable Train run name: the same resolved config resumes the same run."""
-    return cfg.tracking.run_name or f"{cfg.model.architecture}-{config_digest(cfg)}"
+    """A stable Train run name: the same resolved config on the same shard set resumes the same
+    run (the set's manifest digest is appended where it has a manifest)."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    from alignlab.platform.shards import data_digest
+
+    data = data_digest(cfg.data.shards)
+    return f"{cfg.model.architecture}-{config_digest(cfg)}" + (f"-{data}" if data else "")
 
 
 def trial_cpus(cfg: Config | None) -> int:

@@ -46,6 +46,45 @@ def test_missing_shards_are_an_error_and_only_the_demo_path_is_generated(tmp_pat
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["built", "data", "manifest.json", "synth", "train"]
 
 
+def test_the_demo_set_is_written_again_where_an_older_generator_wrote_it(tmp_path, monkeypatch):
+    """`data/synth` from an older generator (its manifest's ``generator``; none: version 1) is
+    generated again, the current version's and another producer's sets are left as they are."""
+    from alignlab.platform.config import load_config
+    from alignlab.platform.experiment import ensure_synthetic_data
+    from alignlab.platform.shards import read_manifest, write_manifest
+    from alignlab.platform.synth import GENERATOR_VERSION, PRODUCER, SynthConfig, generate
+
+    monkeypatch.chdir(tmp_path)
+    small = SynthConfig(n_train_images=8, n_test_images=4, min_concept_count=1)
+    generate("data/synth", small)
+    ensure_synthetic_data(load_config("mvptr_demo"))  # the current version: kept, however small
+    assert read_manifest("data/synth")["splits"]["train"]["images"] == 8
+    old = {k: v for k, v in read_manifest("data/synth").items() if k not in ("generator", "producer")}
+    write_manifest("data/synth", old, PRODUCER)
+    ensure_synthetic_data(load_config("mvptr_demo"))
+    manifest = read_manifest("data/synth")
+    assert manifest["generator"] == GENERATOR_VERSION and manifest["splits"]["train"]["images"] == 2000
+    mine = '{"build": {}, "producer": "alignlab data build"}'  # the user's own set there
+    (tmp_path / "data" / "synth" / "manifest.json").write_text(mine)
+    ensure_synthetic_data(load_config("mvptr_demo"))
+    assert (tmp_path / "data" / "synth" / "manifest.json").read_text() == mine
+
+
+def test_runs_and_sweeps_on_a_shard_set_rebuilt_otherwise_are_new_ones(tmp_path):
+    from alignlab.platform.config import load_config
+    from alignlab.platform.sweep import sweep_key
+    from alignlab.platform.train import run_key
+
+    cfg = load_config("dual_encoder_demo", [f"data.shards={tmp_path}"])
+    bare = (run_key(cfg), sweep_key(cfg, {"seed": [0]}, "demo"))  # no manifest: the keys as before
+    keys = []
+    for content in ('{"rows_written": 10}', '{"rows_written": 12}', '{"rows_written": 10}'):
+        (tmp_path / "manifest.json").write_text(content)
+        keys.append((run_key(cfg), sweep_key(cfg, {"seed": [0]}, "demo")))
+    assert keys[0] == keys[2] and len({*keys[:2], bare}) == 3
+    assert all(r != b for r, b in zip(keys[1], keys[0]))
+
+
 @pytest.mark.parametrize("choice, says", [
     ("model.simla.row=a", "one of this sweep's axes"),
     ("model.simla.psl_k=3", "[3]; the sweep's values of model.simla.psl_k are [1, 2, 4, 8]"),

@@ -17,7 +17,8 @@ from PIL import Image
 from alignlab.platform import cli
 from alignlab.platform.shards import CANDIDATE_TYPES, read_manifest, read_vocab_file, validate_shards
 from alignlab.platform.synth import (COLOURS, COUNT_WORDS, OPPOSITE, PLURALS, REGION_DIM, SHAPES, SIZES, Description,
-                                     Mention, SceneObject, SynthConfig, generate, holds, perturb, render)
+                                     Mention, SceneObject, SynthConfig, generate, holds, perturb, render,
+                                     reverse_clause)
 
 SMALL = dict(n_train_images=120, n_test_images=30, rows_per_file=100, min_concept_count=2)
 
@@ -283,6 +284,14 @@ def test_each_perturbation_changes_exactly_one_thing_and_is_false(kind):
                 assert dataclasses.replace(b, shape=a.shape) == a and b.shape not in {"circle", "square", "star"}
 
 
+def test_a_clause_said_from_its_object_side_makes_the_same_claim_in_the_opposite_word():
+    true = Description("there", (CIRCLE, SQUARES, STAR), ("left of",))
+    turned = reverse_clause(true, 0)
+    assert turned.mentions == (SQUARES, CIRCLE, STAR) and turned.relations == ("right of",)
+    assert holds(turned, SCENE)
+    assert render(turned)[0] == "there are two small blue squares to the right of a large red circle and a medium green star"
+
+
 def test_perturbations_that_cannot_be_made_are_none():
     same = Description("frame", (Mention("circle", "red", "large"), Mention("square", "red", "large")), frame="a photo of")
     rng = np.random.default_rng(0)
@@ -296,6 +305,26 @@ def test_perturbations_that_cannot_be_made_are_none():
 def candidates(synth) -> list[dict]:
     out, _ = synth
     return pq.read_table(out / "compositional").to_pylist()
+
+
+def test_relation_swaps_hold_each_true_relation_word_as_often_as_its_opposite(candidates):
+    """A scorer that only prefers one relation word to its opposite scores chance on the split's
+    relation swaps: the true clauses a swap reverses say each word as often as its opposite (± 1)."""
+    groups: dict[int, dict[int, dict]] = {}
+    for c in candidates:
+        groups.setdefault(c["group_id"], {})[c["candidate_type"]] = c
+    swap = CANDIDATE_TYPES.index("swap_relation")
+    said = Counter()
+    for members in groups.values():
+        if swap in members:
+            (reversed_,) = set(_claims(members[0]["phrases"])[1]) - set(_claims(members[swap]["phrases"])[1])
+            said[reversed_[1]] += 1
+    assert sum(said.values()) >= 20
+    for word in ("left of", "above"):
+        assert abs(said[word] - said[OPPOSITE[word]]) <= 1, said
+    # A scorer preferring "below" to "above" and "left of" to "right of":
+    prior = (said["below"] + said["left of"]) / sum(said.values())
+    assert abs(prior - 0.5) <= 1 / sum(said.values())
 
 
 def test_compositional_rows_change_one_thing_and_are_false_of_their_image(candidates, rows):
