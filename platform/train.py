@@ -125,23 +125,22 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
 
 
 def config_digest(cfg: Config) -> str:
-    """A digest of what a run computes. What only changes what the run shows (the console's
-    verbosity, the system metrics' sampling, the registry name of its final model) is not part of
-    it: a run or sweep restarted with ``--verbose`` resumes."""
+    """A digest of what a run computes: its config and, where the shard set has a manifest, the
+    set's :func:`~alignlab.platform.shards.data_digest`, so a set rebuilt otherwise gives new runs
+    and sweeps, never the old set's finished ones. What only changes what the run shows (the
+    console's verbosity, the system metrics' sampling, the registry name of its final model) is
+    not part of it: a run or sweep restarted with ``--verbose`` resumes."""
+    from alignlab.platform.shards import data_digest
+
     shown = replace(cfg.tracking, verbose=False, system_metrics_every=config_lib.TrackingConfig.system_metrics_every,
                     registered_model="")
-    return hashlib.sha1(config_lib.dump_yaml(replace(cfg, tracking=shown)).encode()).hexdigest()[:10]
+    text = config_lib.dump_yaml(replace(cfg, tracking=shown)) + data_digest(cfg.data.shards)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def run_key(cfg: Config) -> str:
-    """A stable Train run name: the same resolved config on the same shard set resumes the same
-    run (the set's manifest digest is appended where it has a manifest)."""
-    if cfg.tracking.run_name:
-        return cfg.tracking.run_name
-    from alignlab.platform.shards import data_digest
-
-    data = data_digest(cfg.data.shards)
-    return f"{cfg.model.architecture}-{config_digest(cfg)}" + (f"-{data}" if data else "")
+    """A stable Train run name: the same resolved config on the same shard set resumes the same run."""
+    return cfg.tracking.run_name or f"{cfg.model.architecture}-{config_digest(cfg)}"
 
 
 def trial_cpus(cfg: Config | None) -> int:

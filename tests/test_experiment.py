@@ -76,7 +76,7 @@ def test_runs_and_sweeps_on_a_shard_set_rebuilt_otherwise_are_new_ones(tmp_path)
     from alignlab.platform.train import run_key
 
     cfg = load_config("dual_encoder_demo", [f"data.shards={tmp_path}"])
-    bare = (run_key(cfg), sweep_key(cfg, {"seed": [0]}, "demo"))  # no manifest: the keys as before
+    bare = (run_key(cfg), sweep_key(cfg, {"seed": [0]}, "demo"))
     keys = []
     for content in ('{"rows_written": 10}', '{"rows_written": 12}', '{"rows_written": 10}'):
         (tmp_path / "manifest.json").write_text(content)
