@@ -89,6 +89,13 @@ class SIMLAConfig(Readings):
     psl_k: int = 4  # pseudo-labels per caption (appendix §3: k = 4 is best)
     # Layers of the language encoder from this index on hold cross-attention (the paper: all).
     cross_from: int = 0
+    # The paper fine-tunes every layer of E_l (0). k > 0 keeps the word and position embeddings
+    # and the first k layers as model.text_init loaded them and runs them without autograd. They
+    # must be text-only (k <= cross_from), so their output is a function of the caption alone,
+    # the same in the text-encoder role and in every E_mm pass, online and momentum (a frozen
+    # module's EMA is itself): it is computed once per caption and step. A budget choice for
+    # small compute (ALBEF's split of the stack into text and fusion layers), never the paper's.
+    frozen_text_layers: int = 0
     # Table-1 components; a disabled one contributes no loss and builds no head.
     itm: bool = True
     itc: bool = True
@@ -208,6 +215,9 @@ class SIMLA(PretrainingModel):
             ckpt.check_size(size, "model.text_init")
             ckpt.load_embeddings(self.embeddings)
             ckpt.load_encoder(self.encoder, bert_layer_plan(ckpt.num_layers, model_cfg.num_layers, 0))
+        self.frozen_layers = s.frozen_text_layers
+        for module in (self.embeddings, *self.encoder.layers[:self.frozen_layers]) if self.frozen_layers else ():
+            module.requires_grad_(False)
         self.register_buffer("special_ids", torch.tensor([vocab.pad_id, vocab.cls_id, vocab.sep_id, vocab.mask_id]),
                              persistent=False)
 
@@ -241,8 +251,10 @@ class SIMLA(PretrainingModel):
     # ----------------------------------------------------------------------------------------
 
     def _momentum_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        pairs = [pair for n in self.momentum_names
-                 for pair in zip(getattr(self, n).parameters(), self.momentum[n].parameters())]
+        """(online, momentum) parameters the EMA moves: frozen ones (a frozen trunk, frozen text
+        layers) never change, so their momentum copies stay as they started, equal to them."""
+        pairs = [(o, m) for n in self.momentum_names
+                 for o, m in zip(getattr(self, n).parameters(), self.momentum[n].parameters()) if o.requires_grad]
         if "mim" in self.components:
             pairs.append((self.mask_token, self.momentum_mask_token))
         return pairs
@@ -278,15 +290,31 @@ class SIMLA(PretrainingModel):
     def _parts(self, momentum: bool):
         return self.momentum if momentum else {n: getattr(self, n) for n in ("image", "embeddings", "encoder")}
 
-    @staticmethod
-    def _text(p, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """E_l: the shared stack without context (text encoder role)."""
-        return p["encoder"](p["embeddings"](ids), mask)[0]
+    def _text_inputs(self, ids: torch.Tensor, mask: torch.Tensor, momentum: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the trained part of the stack reads for a caption, for the online model and (with
+        ``momentum``) the momentum model: the embedding layer's output, or with k =
+        ``frozen_text_layers`` the output of the frozen embeddings and first k layers, one tensor
+        without autograd serving both models and every role."""
+        if self.frozen_layers:
+            with torch.no_grad():
+                x = self.encoder(self.embeddings(ids), mask, layers=slice(0, self.frozen_layers))[0]
+            return x, x
+        if not momentum:
+            return self.embeddings(ids), None
+        with torch.no_grad():
+            x_m = self.momentum["embeddings"](ids)
+        return self.embeddings(ids), x_m
 
-    @staticmethod
-    def _fuse(p, ids: torch.Tensor, mask: torch.Tensor, image_states: torch.Tensor, return_attention: bool = False):
-        """E_mm with text as queries and E_v's states as keys and values."""
-        return p["encoder"](p["embeddings"](ids), mask, context=image_states, return_attention=return_attention)
+    def _text(self, p, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """E_l: the shared stack without context (text encoder role) over :meth:`_text_inputs`."""
+        return p["encoder"](x, mask, layers=slice(self.frozen_layers, None))[0]
+
+    def _fuse(self, p, x: torch.Tensor, mask: torch.Tensor, image_states: torch.Tensor,
+              return_attention: bool = False):
+        """E_mm with text (:meth:`_text_inputs`) as queries and E_v's states as keys and values."""
+        return p["encoder"](x, mask, context=image_states, return_attention=return_attention,
+                            layers=slice(self.frozen_layers, None))
 
     @staticmethod
     def _fuse_image_queries(p, image_states: torch.Tensor, text_states: torch.Tensor,
@@ -308,7 +336,8 @@ class SIMLA(PretrainingModel):
         return F.normalize(self.vision_proj(self.image(batch["pixels"])[:, 0]), dim=-1)
 
     def embed_texts(self, batch):
-        states = self._text(self._parts(False), batch["input_ids"], batch["attention_mask"].bool())
+        mask = batch["attention_mask"].bool()
+        states = self._text(self._parts(False), self._text_inputs(batch["input_ids"], mask)[0], mask)
         return F.normalize(self.text_proj(sentence_embedding(states, batch["attention_mask"], self.cfg.itc_text_pooling)),
                            dim=-1)
 
@@ -330,12 +359,14 @@ class SIMLA(PretrainingModel):
         built)."""
         from alignlab.models.downstream import Fused
 
-        mm, _ = self._fuse(self._parts(False), batch["input_ids"], batch["attention_mask"].bool(),
+        mask = batch["attention_mask"].bool()
+        mm, _ = self._fuse(self._parts(False), self._text_inputs(batch["input_ids"], mask)[0], mask,
                            self.image(batch["pixels"]))
         return Fused(cls=mm[:, 0])
 
     def match_from_states(self, images, texts):
-        mm, _ = self._fuse(self._parts(False), texts["input_ids"], texts["attention_mask"].bool(),
+        mask = texts["attention_mask"].bool()
+        mm, _ = self._fuse(self._parts(False), self._text_inputs(texts["input_ids"], mask)[0], mask,
                            images["image_states"])
         logits = self.itm_head(mm[:, 0]).float()
         return logits[:, 1] if self.cfg.switch("rerank_score") == "match_logit" else logits.softmax(-1)[:, 1]
@@ -350,7 +381,8 @@ class SIMLA(PretrainingModel):
         online = self._parts(False)
         patches = self.image.patch_embeddings(pixels)  # shared with MIM's masked view
         v = self.image.encode(patches)
-        text_states = self._text(online, ids, mask)
+        x, x_m = self._text_inputs(ids, mask, momentum=bool(self.momentum_names))
+        text_states = self._text(online, x, mask)
         img_feat = F.normalize(self.vision_proj(v[:, 0]), dim=-1)
         txt_feat = F.normalize(self.text_proj(sentence_embedding(text_states, mask, self.cfg.itc_text_pooling)), dim=-1)
         low, high = LOGIT_SCALE_BOUNDS[self.cfg.switch("temperature_clamp")]
@@ -360,22 +392,22 @@ class SIMLA(PretrainingModel):
         with torch.no_grad():  # the momentum model's unimodal states, shared by its objectives
             patches_m = self.momentum["image"].patch_embeddings(pixels) if self.momentum_names else None
             v_m = self.momentum["image"].encode(patches_m) if self.momentum_names else None
-            text_m = self._text(self.momentum, ids, mask) if "itc" in c or "mim" in c else None
+            text_m = self._text(self.momentum, x_m, mask) if "itc" in c or "mim" in c else None
             p = self.momentum
             feats_m = (F.normalize(p["vision_proj"](v_m[:, 0]), dim=-1),
                        F.normalize(p["text_proj"](sentence_embedding(text_m, mask, self.cfg.itc_text_pooling)), dim=-1)
                        ) if "itc" in c else None
 
         if "itm" in c or "psl" in c:
-            mm, attn = self._fuse(online, ids, mask, v, return_attention="psl" in c)
+            mm, attn = self._fuse(online, x, mask, v, return_attention="psl" in c)
             if "itm" in c:  # before ITC enqueues this batch
                 columns = feats_m if self.cfg.switch("itm_similarity") == "momentum" else (img_feat, txt_feat)
-                losses["itm"], metrics["itm_acc"] = self._itm(v, ids, mask, mm[:, 0], img_feat, txt_feat, columns,
+                losses["itm"], metrics["itm_acc"] = self._itm(v, x, mask, mm[:, 0], img_feat, txt_feat, columns,
                                                               keys, scale)
         if "itc" in c:
             losses["itc"] = self._itc(feats_m, img_feat, txt_feat, keys, scale)
             if "psl" in c:
-                losses["psl"], metrics["psl_labels"] = self._psl(v, v_m, ids, mask, attn, img_feat, feats_m)
+                losses["psl"], metrics["psl_labels"] = self._psl(v, v_m, ids, x_m, mask, attn, img_feat, feats_m)
         if "mlm" in c:
             losses["mlm"] = self._mlm(v, v_m, batch["mlm_input_ids"], mask, batch["mlm_labels"])
         if "mim" in c:
@@ -405,7 +437,7 @@ class SIMLA(PretrainingModel):
         self.queue.enqueue(img_m, txt_m, keys)
         return loss
 
-    def _itm(self, v, ids, mask, pos_cls, img_feat, txt_feat, columns, keys, scale
+    def _itm(self, v, x, mask, pos_cls, img_feat, txt_feat, columns, keys, scale
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 5 over the batch's positive pairs, one hard negative text per image and one hard
         negative image per text, drawn ∝ exp(S/τ) among the (global) batch's columns (ALBEF;
@@ -421,12 +453,12 @@ class SIMLA(PretrainingModel):
         neg_text, ok_i = global_hard_negatives(sim_i2t, keys, col_ids, self.itm_negatives, exclude=exclude, offset=offset)
         neg_image, ok_t = global_hard_negatives(sim_t2i, keys, col_ids, self.itm_negatives, exclude=exclude,
                                                 offset=offset)
-        texts = self._rows({"ids": ids, "mask": mask.long()}, neg_text)
+        texts = self._rows({"x": x, "mask": mask.long()}, neg_text)
         images = self._rows({"v": v}, neg_image)
         neg_v = torch.cat([v[ok_i], images["v"][ok_t]])
-        neg_ids = torch.cat([texts["ids"][ok_i], ids[ok_t]])
+        neg_x = torch.cat([texts["x"][ok_i], x[ok_t]])
         neg_mask = torch.cat([texts["mask"][ok_i].bool(), mask[ok_t]])
-        neg_cls = self._fuse(self._parts(False), neg_ids, neg_mask, neg_v)[0][:, 0]
+        neg_cls = self._fuse(self._parts(False), neg_x, neg_mask, neg_v)[0][:, 0]
         logits = self.itm_head(torch.cat([pos_cls, neg_cls]))
         labels = torch.cat([torch.ones(len(pos_cls)), torch.zeros(len(neg_cls))]).to(logits.device)
         return itm_loss(logits, labels), (logits.argmax(-1) == labels).float().mean().detach()
@@ -436,9 +468,10 @@ class SIMLA(PretrainingModel):
         the momentum model's prediction on the same masked caption. Only masked positions are
         decoded (the head over the vocabulary is the costly part)."""
         selected = labels != IGNORE
-        logits = self.mlm_head(self._fuse(self._parts(False), mlm_ids, mask, v)[0][selected])
+        x, x_m = self._text_inputs(mlm_ids, mask, momentum=True)
+        logits = self.mlm_head(self._fuse(self._parts(False), x, mask, v)[0][selected])
         with torch.no_grad():
-            states_m = self._fuse(self.momentum, mlm_ids, mask, v_m)[0][selected]
+            states_m = self._fuse(self.momentum, x_m, mask, v_m)[0][selected]
             teacher = self.momentum["mlm_head"](states_m).float().softmax(-1)
         hard = F.one_hot(labels[selected], self.vocab_size)
         return distillation_loss(logits, hard, teacher, self.alpha)
@@ -472,7 +505,7 @@ class SIMLA(PretrainingModel):
         hard = F.one_hot(tokens[patch_mask], self.cfg.codebook_size)
         return distillation_loss(logits, hard, teacher, self.alpha)
 
-    def _psl(self, v, v_m, ids, mask, attn, img_feat, feats_m) -> tuple[torch.Tensor, torch.Tensor]:
+    def _psl(self, v, v_m, ids, x_m, mask, attn, img_feat, feats_m) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 8-9: pseudo-labels from the [CLS] row of E_mm's last self-attention layer on the
         positive pair (averaged over heads, detached: labels, not a path for gradients), predicted
         from the unimodal image [CLS] by a linear head; targets (1 - α) y + α σ(p_m). That is the
@@ -487,7 +520,7 @@ class SIMLA(PretrainingModel):
         it would be text-only, so keep num_layers >= 2."""
         if self.cfg.switch("psl_labels") == "momentum_votes":
             with torch.no_grad():
-                attn_m = self._fuse(self.momentum, ids, mask, v.detach(), return_attention=True)[1]
+                attn_m = self._fuse(self.momentum, x_m, mask, v.detach(), return_attention=True)[1]
             y = psl_vote_targets(attn_m[:, :, 0], ids, self.cfg.psl_k, PSL_VOTED_POSITIONS, self.vocab_size,
                                  self.cls_id)
         else:
@@ -516,6 +549,17 @@ def check_config(cfg) -> None:
         raise ConfigError(f"config key 'model.simla.mim_min_block' = {s.mim_min_block} must be >= 1")
     if s.psl_k < 1:
         raise ConfigError("config key 'model.simla.psl_k' must be >= 1")
+    k = s.frozen_text_layers
+    if not 0 <= k < cfg.model.num_layers:
+        raise ConfigError(f"config key 'model.simla.frozen_text_layers' = {k} must be in [0, model.num_layers = "
+                          f"{cfg.model.num_layers}): ITC trains the top of the language encoder")
+    if k and not cfg.model.text_init:
+        raise ConfigError("config key 'model.simla.frozen_text_layers' freezes pretrained layers: set "
+                          "'model.text_init' (a BERT checkpoint), or leave it at 0")
+    if k > s.cross_from:
+        raise ConfigError(f"config key 'model.simla.frozen_text_layers' = {k} exceeds model.simla.cross_from = "
+                          f"{s.cross_from}: a frozen layer must be text-only (no cross-attention) so one pass "
+                          f"serves every role; set cross_from >= {k}")
     if "psl" in components and "itc" not in components and s.switch("psl_head_input") == "itc_feature":
         raise ConfigError("config key 'model.simla.psl_head_input' = 'itc_feature' (the official reading's) reads the "
                           "ITC image feature: enable model.simla.itc, or set psl_head_input: vit_cls")

@@ -21,6 +21,7 @@ from alignlab.models.visual_tokenizers import DVAEEncoder, DVAEError, DVAETokeni
 from alignlab.platform.config import ConfigError, load_config
 from alignlab.platform.masking import bert_mask, block_mask
 from alignlab.platform.train import param_groups
+from conftest import save_tiny_bert
 
 B, L, VOCAB, GRID = 4, 8, 120, 4
 
@@ -57,6 +58,13 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
                 mlm_labels=torch.tensor(mlm_labels), mim_mask=torch.tensor(block_mask(B, GRID, (0.25, 0.5), rng)))
 
 
+def text_states(model, batch, momentum: bool = False) -> torch.Tensor:
+    """E_l's states of the batch's captions, the online or the momentum model's."""
+    mask = batch["attention_mask"].bool()
+    x, x_m = model._text_inputs(batch["input_ids"], mask, momentum=momentum)
+    return model._text(model.momentum if momentum else model._parts(False), x_m if momentum else x, mask)
+
+
 # --------------------------------------------------------------------------------------------
 # Architecture
 # --------------------------------------------------------------------------------------------
@@ -73,7 +81,8 @@ def test_text_and_multimodal_encoder_share_every_non_cross_attention_weight():
     batch = make_batch()
     text_only = _params_reached(model, model.embed_texts(batch).sum())
     v = model.image(batch["pixels"]).detach()
-    mm = model._fuse(model._parts(False), batch["input_ids"], batch["attention_mask"].bool(), v)[0][:, 0]
+    mask = batch["attention_mask"].bool()
+    mm = model._fuse(model._parts(False), model._text_inputs(batch["input_ids"], mask)[0], mask, v)[0][:, 0]
     # A random read-out: the plain sum of a LayerNorm output has no gradient but to its bias.
     multimodal = _params_reached(model, (mm * torch.randn(mm.shape, generator=torch.Generator().manual_seed(0))).sum())
     stack = {n for n, _ in model.named_parameters() if n.startswith(("encoder.", "embeddings."))}
@@ -129,6 +138,80 @@ def test_mim_needs_equal_vit_and_text_widths():
 # --------------------------------------------------------------------------------------------
 # Momentum model, queues, α
 # --------------------------------------------------------------------------------------------
+
+
+def frozen_pair(tmp_path, k: int):
+    """Two models from one saved BERT and seed, text-only below layer k: all layers trained, and
+    the embeddings and first k layers frozen."""
+    save_tiny_bert(tmp_path / "bert", layers=2, vocab_size=VOCAB, hidden=32, heads=2, intermediate=64)
+    overrides = (f"model.text_init={tmp_path / 'bert'}",)
+    models = []
+    for frozen in (0, k):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(overrides, cross_from=k, frozen_text_layers=frozen)
+        models.append(build_model(cfg.model, cfg.objectives, Vocab(size=VOCAB)))
+    return models
+
+
+def test_frozen_text_layers_change_what_trains_not_what_the_model_computes(tmp_path):
+    full, frozen = frozen_pair(tmp_path, 1)
+    batch = make_batch()
+    outputs = []
+    for model in (full, frozen):
+        model.begin_step(0, 10)
+        torch.manual_seed(1)  # the same hard negatives drawn for both
+        outputs.append(model(batch))
+    assert set(outputs[0].losses) == {"itm", "itc", "mlm", "mim", "psl"}
+    for name, loss in outputs[0].losses.items():
+        torch.testing.assert_close(outputs[1].losses[name], loss, msg=name)
+    for model, out in zip((full, frozen), outputs):
+        sum(out.losses.values()).backward()
+    grads = dict(full.named_parameters())
+    below = ("embeddings.", "encoder.layers.0.")
+    for name, p in frozen.named_parameters():
+        if name.startswith("momentum"):
+            continue
+        assert p.requires_grad != name.startswith(below) and (p.grad is None) == name.startswith(below), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+    # A frozen weight is not averaged into the momentum model: its copy stays equal to it.
+    moved = {id(m) for m in frozen._momentum_params()}
+    for name, m in frozen.momentum.named_parameters():
+        assert (id(m) in moved) != name.startswith(below), name
+
+
+def test_frozen_text_layers_run_once_per_caption_for_both_models(tmp_path):
+    """The saving: below layer k, a step runs the stack once for the caption and once for its MLM
+    masking, without autograd, where the fully trained stack runs it for the text-encoder role,
+    the positive and negative fused passes and MLM, online and momentum. MIM's image-query passes
+    run every layer in both."""
+    calls = []
+    for model in frozen_pair(tmp_path, 1):
+        seen = {}
+        for owner, encoder in (("online", model.encoder), ("momentum", model.momentum["encoder"])):
+            for i, layer in enumerate(encoder.layers):
+                layer.register_forward_hook(
+                    lambda module, args, out, key=(owner, i): seen.setdefault(key, []).append(out[0].requires_grad))
+        model(make_batch())
+        calls.append(seen)
+    full, frozen = calls
+    assert {k: len(v) for k, v in full.items()} == {("online", 0): 5, ("online", 1): 5,
+                                                    ("momentum", 0): 3, ("momentum", 1): 3}
+    assert {k: len(v) for k, v in frozen.items()} == {("online", 0): 3, ("online", 1): 5,
+                                                      ("momentum", 0): 1, ("momentum", 1): 3}
+    # The caption's and the masked caption's frozen passes record no graph; MIM's keeps one, so
+    # its loss reaches the ViT through the frozen layer.
+    assert frozen[("online", 0)] == [False, False, True]
+
+
+@pytest.mark.parametrize("simla, extra, message", [
+    ({"frozen_text_layers": 2, "cross_from": 2}, ("model.text_init=x",), "must be in \\[0, model.num_layers = 2\\)"),
+    ({"frozen_text_layers": 1, "cross_from": 1}, (), "set 'model.text_init'"),
+    ({"frozen_text_layers": 1}, ("model.text_init=x",), "exceeds model.simla.cross_from = 0.*set cross_from >= 1"),
+])
+def test_frozen_text_layers_are_checked_at_start_up(simla, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_cfg(extra, **simla)
 
 
 def test_momentum_model_moves_by_ema_only_never_by_the_optimiser():
@@ -189,8 +272,7 @@ def test_queues_take_each_steps_momentum_features_in_order_and_wrap():
         with torch.no_grad():  # what the momentum encoders make of this batch
             p = model.momentum
             img = F.normalize(p["vision_proj"](p["image"](batch["pixels"])[:, 0]), dim=-1)
-            txt = F.normalize(p["text_proj"](model._text(p, batch["input_ids"], batch["attention_mask"].bool())[:, 0]),
-                              dim=-1)
+            txt = F.normalize(p["text_proj"](text_states(model, batch, momentum=True)[:, 0]), dim=-1)
         seen.append((img, txt, batch["image_key"]))
         q = model.queue
         assert int(q.ptr) == (4 * (step + 1)) % 8
@@ -340,7 +422,7 @@ def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets(po
     queue_img, queue_txt = model.queue.image_queue.clone(), model.queue.text_queue.clone()
     out = model(batch)
     with torch.no_grad():
-        states = model._text(model._parts(False), batch["input_ids"], batch["attention_mask"].bool())
+        states = text_states(model, batch)
         pooled = states[:, 0] if pooling == "cls" else \
             torch.stack([states[0, :L - 3].mean(0), *(states[i].mean(0) for i in range(1, B))])
         txt = F.normalize(model.text_proj(pooled), dim=-1)
@@ -462,8 +544,7 @@ def test_official_itm_similarity_takes_the_momentum_features_as_columns(monkeypa
             model.text_proj.weight.add_(torch.randn_like(model.text_proj.weight))
             img, txt = model.embed_images(batch), model.embed_texts(batch)
             p = model.momentum
-            txt_m = F.normalize(p["text_proj"](model._text(p, batch["input_ids"], batch["attention_mask"].bool())[:, 0]),
-                                dim=-1)
+            txt_m = F.normalize(p["text_proj"](text_states(model, batch, momentum=True)[:, 0]), dim=-1)
         seen.clear()
         model(batch)
         sims[similarity] = seen["logits"][0]
@@ -487,7 +568,8 @@ def test_official_rerank_score_is_the_raw_match_logit(monkeypatch):
             model.itm_head.weight[:, :2] = logits.t()
             model.itm_head.bias.zero_()
         scores[reading] = model.match_from_states({"image_states": None},
-                                                  {"input_ids": None, "attention_mask": torch.ones(2, 1)})
+                                                  {"input_ids": torch.ones(2, 1, dtype=torch.long),
+                                                   "attention_mask": torch.ones(2, 1)})
     torch.testing.assert_close(scores["paper"], logits.softmax(-1)[:, 1])
     torch.testing.assert_close(scores["official"], logits[:, 1])
     assert scores["paper"].argmax() == 1 and scores["official"].argmax() == 0
@@ -521,7 +603,7 @@ def test_mim_inputs_under_each_reading(monkeypatch, reading):
             want_q, want_c = model.embeddings(None, extra=v_hat), model.embeddings(ids)
             torch.testing.assert_close(context_m, want_c)  # the online embeddings for the momentum copy too
         else:
-            want_q, want_c = v_hat, model._text(model._parts(False), ids, mask)
+            want_q, want_c = v_hat, text_states(model, batch)
     torch.testing.assert_close(queries, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(context, want_c, rtol=1e-5, atol=1e-5)
     if reading == "official":  # the embedding layer really changed the queries
