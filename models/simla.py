@@ -129,6 +129,12 @@ class SIMLAConfig(Readings):
     # the choice belongs to the text checkpoint, and the Flickr8k presets read the offline MiniLM
     # by the mean it was pre-trained on.
     itc_text_pooling: Literal["cls", "mean"] = "cls"
+    # What g_v reads for ITC: "cls", E_v's [CLS] state (the paper and the official code), or
+    # "mean", the mean over its patch states. Not a reading either: a hybrid ViT's CNN trunk was
+    # pre-trained under global average pooling, and a ViT-S block or two above it start random,
+    # so the mean of their patch states starts near the pooled ImageNet feature the reference row
+    # reads, where the [CLS] starts as a random mixture. PSL's head keeps the [CLS] (§2.4).
+    itc_image_pooling: Literal["cls", "mean"] = "cls"
     # Bounds of the learnable temperature τ: "clip", τ >= 0.01 (§2.2 gives none), or
     # "official", τ clamped to [0.001, 0.5] (official: self.temp.clamp_(0.001, 0.5)).
     temperature_clamp: Literal["", "clip", "official"] = ""
@@ -322,6 +328,11 @@ class SIMLA(PretrainingModel):
         """E_mm with image patches as queries and the caption's E_l states as keys and values (MIM)."""
         return p["encoder"](image_states, None, context=text_states, context_mask=text_mask)[0]
 
+    def _image_feature(self, proj: nn.Module, v: torch.Tensor) -> torch.Tensor:
+        """The normalised ITC image feature g_v(E_v(I)) of E_v's states ``v`` (``itc_image_pooling``)."""
+        pooled = v[:, 0] if self.cfg.itc_image_pooling == "cls" else v[:, self.image.num_prefix_tokens:].mean(1)
+        return F.normalize(proj(pooled), dim=-1)
+
     def _columns(self, x: torch.Tensor) -> torch.Tensor:
         return gather_no_grad(x) if self.negatives == "global" else x
 
@@ -333,7 +344,7 @@ class SIMLA(PretrainingModel):
     # ----------------------------------------------------------------------------------------
 
     def embed_images(self, batch):
-        return F.normalize(self.vision_proj(self.image(batch["pixels"])[:, 0]), dim=-1)
+        return self._image_feature(self.vision_proj, self.image(batch["pixels"]))
 
     def embed_texts(self, batch):
         mask = batch["attention_mask"].bool()
@@ -345,7 +356,7 @@ class SIMLA(PretrainingModel):
         """p^itm(I, T) of the match class (eq. 5), for re-ranking."""
         if "itm" not in self.components:
             return None
-        return self.match_from_states(self.match_image_states(images), texts)
+        return self.match_from_states(self.match_image_states(images), self.match_text_states(texts))
 
     def match_image_states(self, images):
         """E_v's patch states: the text side is the shared stack's own fused pass, so only the
@@ -364,9 +375,14 @@ class SIMLA(PretrainingModel):
                            self.image(batch["pixels"]))
         return Fused(cls=mm[:, 0])
 
+    def match_text_states(self, texts):
+        """What E_mm's trained layers read of the caption (:meth:`_text_inputs`): with frozen
+        text-only layers, their output, computed once per caption for all its re-ranked pairs."""
+        mask = texts["attention_mask"]
+        return {"text_inputs": self._text_inputs(texts["input_ids"], mask.bool())[0], "attention_mask": mask}
+
     def match_from_states(self, images, texts):
-        mask = texts["attention_mask"].bool()
-        mm, _ = self._fuse(self._parts(False), self._text_inputs(texts["input_ids"], mask)[0], mask,
+        mm, _ = self._fuse(self._parts(False), texts["text_inputs"], texts["attention_mask"].bool(),
                            images["image_states"])
         logits = self.itm_head(mm[:, 0]).float()
         return logits[:, 1] if self.cfg.switch("rerank_score") == "match_logit" else logits.softmax(-1)[:, 1]
@@ -383,7 +399,7 @@ class SIMLA(PretrainingModel):
         v = self.image.encode(patches)
         x, x_m = self._text_inputs(ids, mask, momentum=bool(self.momentum_names))
         text_states = self._text(online, x, mask)
-        img_feat = F.normalize(self.vision_proj(v[:, 0]), dim=-1)
+        img_feat = self._image_feature(self.vision_proj, v)
         txt_feat = F.normalize(self.text_proj(sentence_embedding(text_states, mask, self.cfg.itc_text_pooling)), dim=-1)
         low, high = LOGIT_SCALE_BOUNDS[self.cfg.switch("temperature_clamp")]
         scale = clamp_logit_scale(self.log_scale, max_scale=high, min_scale=low)
@@ -394,7 +410,7 @@ class SIMLA(PretrainingModel):
             v_m = self.momentum["image"].encode(patches_m) if self.momentum_names else None
             text_m = self._text(self.momentum, x_m, mask) if "itc" in c or "mim" in c else None
             p = self.momentum
-            feats_m = (F.normalize(p["vision_proj"](v_m[:, 0]), dim=-1),
+            feats_m = (self._image_feature(p["vision_proj"], v_m),
                        F.normalize(p["text_proj"](sentence_embedding(text_m, mask, self.cfg.itc_text_pooling)), dim=-1)
                        ) if "itc" in c else None
 

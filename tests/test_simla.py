@@ -98,10 +98,11 @@ def test_text_and_multimodal_encoder_share_every_non_cross_attention_weight():
         model.encoder.layers[1].intermediate.weight.mul_(1.5)
         assert not torch.allclose(model.embed_texts(batch), before_t)
         assert not torch.allclose(model.match_scores(batch, batch), before_m)
-        # Re-ranking encodes each image once and fuses it with any caption.
+        # Re-ranking encodes each image and each caption once and fuses any pair of them.
         shift = torch.roll(torch.arange(len(batch["input_ids"])), 1)
         texts = {k: v[shift] for k, v in batch.items()}
-        torch.testing.assert_close(model.match_from_states(model.match_image_states(batch), texts),
+        text_states = {k: v[shift] for k, v in model.match_text_states(batch).items()}
+        torch.testing.assert_close(model.match_from_states(model.match_image_states(batch), text_states),
                                    model.match_scores(batch, texts))
 
 
@@ -164,6 +165,9 @@ def test_frozen_text_layers_change_what_trains_not_what_the_model_computes(tmp_p
     assert set(outputs[0].losses) == {"itm", "itc", "mlm", "mim", "psl"}
     for name, loss in outputs[0].losses.items():
         torch.testing.assert_close(outputs[1].losses[name], loss, msg=name)
+    with torch.no_grad():  # and the retrieval interface, re-ranking from states encoded once
+        torch.testing.assert_close(frozen.embed_texts(batch), full.embed_texts(batch))
+        torch.testing.assert_close(frozen.match_scores(batch, batch), full.match_scores(batch, batch))
     for model, out in zip((full, frozen), outputs):
         sum(out.losses.values()).backward()
     grads = dict(full.named_parameters())
@@ -410,13 +414,14 @@ def test_positive_targets_spread_over_every_copy_of_the_image():
     assert t.tolist() == [[0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0]]
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets(pooling):
+@pytest.mark.parametrize("pooling, image_pooling", [("cls", "cls"), ("mean", "cls"), ("cls", "mean")])
+def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets(pooling, image_pooling):
     """g_l reads E_l's [CLS] state (itc_text_pooling "cls", the paper and the default) or the mean
-    of its states over the caption's real words ("mean"; row 0 has 3 padding positions), in the
-    retrieval embedding, in the ITC loss and in what the momentum model enqueues."""
-    assert tiny_cfg().model.simla.itc_text_pooling == "cls"
-    model = tiny_model(row="b", itc_text_pooling=pooling)
+    of its states over the caption's real words ("mean"; row 0 has 3 padding positions); g_v reads
+    E_v's [CLS] state or the mean of its patch states (itc_image_pooling); in the retrieval
+    embeddings, in the ITC loss and in what the momentum model enqueues."""
+    assert tiny_cfg().model.simla.itc_text_pooling == tiny_cfg().model.simla.itc_image_pooling == "cls"
+    model = tiny_model(row="b", itc_text_pooling=pooling, itc_image_pooling=image_pooling)
     batch = make_batch()
     model.begin_step(0, 10)  # α = 0
     queue_img, queue_txt = model.queue.image_queue.clone(), model.queue.text_queue.clone()
@@ -426,7 +431,9 @@ def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets(po
         pooled = states[:, 0] if pooling == "cls" else \
             torch.stack([states[0, :L - 3].mean(0), *(states[i].mean(0) for i in range(1, B))])
         txt = F.normalize(model.text_proj(pooled), dim=-1)
-        img = model.embed_images(batch)
+        v = model.image(batch["pixels"])
+        assert v.shape[1] == 1 + GRID * GRID
+        img = F.normalize(model.vision_proj(v[:, 0] if image_pooling == "cls" else v[:, 1:].mean(1)), dim=-1)
         scale = model.log_scale.exp()
         # A fresh momentum copy equals the online model; the initial queue holds random unit
         # vectors with id -1, so each row's only positive is its own pair: plain InfoNCE over
@@ -436,6 +443,7 @@ def test_itc_loss_at_alpha_zero_is_cross_entropy_against_the_positive_targets(po
         want = 0.5 * (F.cross_entropy(scale * img @ cols_txt.t(), labels)
                       + F.cross_entropy(scale * txt @ cols_img.t(), labels))
     torch.testing.assert_close(model.embed_texts(batch), txt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.embed_images(batch), img, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.losses["itc"], want, rtol=1e-5, atol=1e-5)
     # then the batch was enqueued
     torch.testing.assert_close(model.queue.image_queue[:B], img)
@@ -568,8 +576,7 @@ def test_official_rerank_score_is_the_raw_match_logit(monkeypatch):
             model.itm_head.weight[:, :2] = logits.t()
             model.itm_head.bias.zero_()
         scores[reading] = model.match_from_states({"image_states": None},
-                                                  {"input_ids": torch.ones(2, 1, dtype=torch.long),
-                                                   "attention_mask": torch.ones(2, 1)})
+                                                  {"text_inputs": None, "attention_mask": torch.ones(2, 1)})
     torch.testing.assert_close(scores["paper"], logits.softmax(-1)[:, 1])
     torch.testing.assert_close(scores["official"], logits[:, 1])
     assert scores["paper"].argmax() == 1 and scores["official"].argmax() == 0
