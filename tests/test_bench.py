@@ -351,7 +351,7 @@ def test_scaling_section_trains_under_ddp_with_one_and_two_gloo_workers(tmp_path
 
 def test_the_flickr8k_data_wait_plan_loads_and_a_missing_shard_set_is_the_section_error(tmp_path):
     plan = bench.load_plan("ray_flickr8k")
-    assert [e["cfg"].model.architecture for e in plan] == ["mvptr", "semvlp", "simla", "dual_encoder"]
+    assert [e["cfg"].model.architecture for e in plan] == ["mvptr", "semvlp", "simla", "simla", "dual_encoder"]
     assert {e["cfg"].data.shards for e in plan} == {"data/flickr8k"}
     absent = [dict(plan[0], cfg=bench.on_shards(plan[0]["cfg"], tmp_path / "absent"))]
     report = bench.Report("ray", None, {})
