@@ -222,8 +222,9 @@ class SIMLA(PretrainingModel):
             ckpt.load_embeddings(self.embeddings)
             ckpt.load_encoder(self.encoder, bert_layer_plan(ckpt.num_layers, model_cfg.num_layers, 0))
         self.frozen_layers = s.frozen_text_layers
-        for module in (self.embeddings, *self.encoder.layers[:self.frozen_layers]) if self.frozen_layers else ():
-            module.requires_grad_(False)
+        if self.frozen_layers:
+            for module in (self.embeddings, *self.encoder.layers[:self.frozen_layers]):
+                module.requires_grad_(False)
         self.register_buffer("special_ids", torch.tensor([vocab.pad_id, vocab.cls_id, vocab.sep_id, vocab.mask_id]),
                              persistent=False)
 
@@ -306,11 +307,11 @@ class SIMLA(PretrainingModel):
             with torch.no_grad():
                 x = self.encoder(self.embeddings(ids), mask, layers=slice(0, self.frozen_layers))[0]
             return x, x
+        x = self.embeddings(ids)
         if not momentum:
-            return self.embeddings(ids), None
+            return x, None
         with torch.no_grad():
-            x_m = self.momentum["embeddings"](ids)
-        return self.embeddings(ids), x_m
+            return x, self.momentum["embeddings"](ids)
 
     def _text(self, p, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """E_l: the shared stack without context (text encoder role) over :meth:`_text_inputs`."""

@@ -61,9 +61,10 @@ def sweep_key(base: Config, grid: dict[str, list], name: str, finetune: dict | N
     as :func:`~alignlab.platform.train.config_digest` reads it, the grid, a downstream sweep's
     fine-tuning). The same sweep run again resumes (``Tuner.restore`` keeps its finished trials);
     one whose preset, overrides or seeds changed is another sweep, with a Tune directory and an
-    MLflow parent run of its own, as is one on a shard set rebuilt otherwise. Tune checks only the keys of a restored ``param_space``, never
-    its values, so under its name alone a changed sweep got the old trials' results back, or
-    failed where a key was added (``--seeds 3`` after ``--seeds 1``)."""
+    MLflow parent run of its own, as is one on a shard set rebuilt otherwise. Tune checks only the
+    keys of a restored ``param_space``, never its values, so under its name alone a changed sweep
+    got the old trials' results back, or failed where a key was added (``--seeds 3`` after
+    ``--seeds 1``)."""
     from alignlab.platform.train import config_digest
 
     payload = json.dumps({"base": config_digest(base), "grid": grid, "finetune": finetune}, sort_keys=True, default=str)
