@@ -200,9 +200,11 @@ class Report:
 
 
 def environment() -> dict[str, Any]:
+    from alignlab.platform.train import cpu_has_native_bf16
+
     env: dict[str, Any] = {"python": host.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "gpu": None, "gpu_count": 0, "driver": None}
+                           "cpu_native_bf16": cpu_has_native_bf16(), "gpu": None, "gpu_count": 0, "driver": None}
     if torch.cuda.is_available():
         env.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(), driver=_driver_version())
     return env

@@ -104,7 +104,7 @@ class OptimConfig:
 @dataclass
 class PrecisionConfig:
     # fp16 = CUDA autocast + GradScaler; bf16 = autocast (CPU or CUDA); fp32; auto = fp16 on
-    # CUDA, fp32 on CPU.
+    # CUDA, bf16 on a CPU with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs.
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
 
 

@@ -102,13 +102,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX). Without them oneDNN
+    emulates bf16 and autocast runs slower than fp32: SIMLA's CPU step took 71 s in bf16 against
+    5.4 s in fp32 on an AVX2-only EPYC, where an AVX512-BF16 CPU ran it 1.8x faster than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision actually used, checked against the device."""
+    """The precision actually used, checked against the device: ``auto`` is fp16 on CUDA, bf16 on
+    a CPU with native bf16 (:func:`cpu_has_native_bf16`) and fp32 on any other CPU."""
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision.precision = 'fp16' needs a CUDA device (autocast + GradScaler); "
                          "valid choices on CPU: 'bf16', 'fp32', 'auto'")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("precision.precision = 'bf16' on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN "
+                    "emulates it, often several times slower than fp32; 'auto' picks fp32 here")
     return precision
 
 
@@ -262,6 +276,8 @@ class Runner:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         self.precision = resolve_precision(cfg.precision.precision, device)
         self.autocast = autocast_factory(self.precision, device)
+        if self.ctx.rank == 0:
+            log.info("precision %s (configured %s) on %s", self.precision, cfg.precision.precision, device.type)
         torch.manual_seed(cfg.seed)
         # A fine-tuning run's pre-trained weights come from its checkpoint, not the init sources.
         model_cfg = without_init_sources(cfg.model) if cfg.finetune.init else cfg.model

@@ -81,4 +81,4 @@ def test_every_preset_loads_and_passes_its_checks(preset):
         base = C.load_config(preset.removesuffix("_cpu"))
         assert (cfg.data.shards, cfg.model.text_init, cfg.model.architecture) == \
             (base.data.shards, base.model.text_init, base.model.architecture)
-        assert cfg.precision.precision in ("bf16", "fp32") and not cfg.scaling.use_gpu
+        assert cfg.precision.precision in ("auto", "bf16", "fp32") and not cfg.scaling.use_gpu
