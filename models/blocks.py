@@ -459,10 +459,23 @@ class ViTEncoder(nn.Module):
                    freeze_trunk=img.freeze_trunk, img_size=img.img_size, patch_size=img.patch_size,
                    embed_dim=img.embed_dim, depth=img.depth, num_heads=img.num_heads)
 
-    def patch_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+    def frozen_grid(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """A hybrid's frozen trunk grid of ``pixels``, or None where patch embedding trains whole
+        (a plain ViT, a trained trunk). A frozen trunk is the same function in every copy of this
+        encoder (an EMA leaves it as loaded), so a caller with a momentum copy computes the grid
+        once for both and hands it to :meth:`patch_embeddings`."""
+        trunk = getattr(self.vit.patch_embed, "backbone", None)
+        if not (isinstance(trunk, TrunkGrid) and trunk.frozen):
+            return None
+        return trunk(self.normalize(pixels))
+
+    def patch_embeddings(self, pixels: torch.Tensor | None = None, grid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, D) patch embeddings: a linear map of each patch's pixels, or the projection of
-        a hybrid's trunk grid cells."""
-        return self.vit.patch_embed(self.normalize(pixels))
+        a hybrid's trunk grid cells, from ``grid`` (:meth:`frozen_grid`) where given."""
+        if grid is None:
+            return self.vit.patch_embed(self.normalize(pixels))
+        # timm's HybridEmbed.forward past its backbone, as built here: no padding, flattened NLC.
+        return self.vit.patch_embed.proj(grid).flatten(2).transpose(1, 2)
 
     def encode(self, patches: torch.Tensor, patch_mask: torch.Tensor | None = None,
                mask_token: torch.Tensor | None = None) -> torch.Tensor:

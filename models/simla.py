@@ -396,7 +396,8 @@ class SIMLA(PretrainingModel):
         c = self.components
         ids, mask, pixels, keys = batch["input_ids"], batch["attention_mask"].bool(), batch["pixels"], batch["image_key"]
         online = self._parts(False)
-        patches = self.image.patch_embeddings(pixels)  # shared with MIM's masked view
+        grid = self.image.frozen_grid(pixels)  # a frozen trunk runs once for both models
+        patches = self.image.patch_embeddings(pixels, grid)  # shared with MIM's masked view
         v = self.image.encode(patches)
         x, x_m = self._text_inputs(ids, mask, momentum=bool(self.momentum_names))
         text_states = self._text(online, x, mask)
@@ -407,7 +408,7 @@ class SIMLA(PretrainingModel):
         losses: dict[str, torch.Tensor] = {}
         metrics = {"alpha": torch.tensor(self.alpha), "temperature": 1.0 / scale.detach()}
         with torch.no_grad():  # the momentum model's unimodal states, shared by its objectives
-            patches_m = self.momentum["image"].patch_embeddings(pixels) if self.momentum_names else None
+            patches_m = self.momentum["image"].patch_embeddings(pixels, grid) if self.momentum_names else None
             v_m = self.momentum["image"].encode(patches_m) if self.momentum_names else None
             text_m = self._text(self.momentum, x_m, mask) if "itc" in c or "mim" in c else None
             p = self.momentum
@@ -500,7 +501,7 @@ class SIMLA(PretrainingModel):
 
         Masking replaces patch embeddings (BEiT, :meth:`ViTEncoder.encode`), so the masked view
         starts from the unmasked view's ``patches`` (``patches_m``: the momentum model's): a hybrid
-        ViT's trunk runs once per model and step. ``mim_inputs`` picks the reading of E_mm's
+        ViT's trunk runs once per model and step, a frozen one once per step. ``mim_inputs`` picks the reading of E_mm's
         inputs (the paper's: states; the official code's: embedding-layer outputs)."""
         tokens = self.visual_tokenizer(pixels)  # of the unmasked image
         prefix = self.image.num_prefix_tokens

@@ -159,6 +159,19 @@ def test_frozen_trunk_takes_no_gradient_and_keeps_its_batchnorm_statistics():
     assert enc.vit.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+def test_a_frozen_trunks_grid_computed_once_gives_the_same_patch_embeddings():
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    enc = hybrid(freeze_trunk=True, trunk_pretrained=False).train()
+    grid = enc.frozen_grid(pixels)
+    assert grid.shape == (2, 1280, 2, 2) and not grid.requires_grad
+    assert torch.equal(enc.patch_embeddings(grid=grid), enc.patch_embeddings(pixels))
+    # Where patch embedding trains whole there is no shared grid to hand over.
+    assert hybrid(trunk_pretrained=False).frozen_grid(pixels) is None
+    assert ViTEncoder("vit_tiny_patch16_224", img_size=32, patch_size=16, embed_dim=32, depth=1,
+                      num_heads=2).frozen_grid(pixels[..., :32, :32]) is None
+
+
 def test_hybrid_mim_replaces_exactly_the_masked_tokens():
     torch.manual_seed(0)
     enc = hybrid(trunk_pretrained=False, img_size=96).eval()  # a 3x3 grid

@@ -119,7 +119,11 @@ def test_mim_and_psl_run_on_a_hybrid_vits_tokens():
     batch = make_batch()
     batch["pixels"] = torch.randint(0, 256, (B, 3, 64, 64), dtype=torch.uint8)
     batch["mim_mask"] = torch.tensor([[[1, 0], [0, 0]], [[0, 1], [1, 0]], [[0, 0], [0, 1]], [[1, 1], [0, 0]]]).bool()
+    trunk_calls = []
+    for owner, image in (("online", model.image), ("momentum", model.momentum["image"])):
+        image.vit.patch_embed.backbone.register_forward_hook(lambda *_, owner=owner: trunk_calls.append(owner))
     out = model(batch)
+    assert trunk_calls == ["online"]  # the frozen trunk's grid serves the momentum encoder too
     assert set(out.losses) == {"itc", "itm", "mlm", "mim", "psl"}
     assert all(torch.isfinite(v) for v in out.losses.values()) and out.metrics["psl_labels"] > 0
     sum(out.losses.values()).backward()
