@@ -323,11 +323,18 @@ class SIMLA(PretrainingModel):
         return p["encoder"](x, mask, context=image_states, return_attention=return_attention,
                             layers=slice(self.frozen_layers, None))
 
-    @staticmethod
-    def _fuse_image_queries(p, image_states: torch.Tensor, text_states: torch.Tensor,
+    def _fuse_image_queries(self, p, image_states: torch.Tensor, text_states: torch.Tensor,
                             text_mask: torch.Tensor) -> torch.Tensor:
-        """E_mm with image patches as queries and the caption's E_l states as keys and values (MIM)."""
-        return p["encoder"](image_states, None, context=text_states, context_mask=text_mask)[0]
+        """E_mm with image patches as queries and the caption's E_l states as keys and values (MIM).
+
+        The queries enter at layer ``cross_from``. In the paper (cross_from 0) that is the whole
+        stack. Under ALBEF's split (cross_from k > 0) the layers below k are the text encoder's
+        alone, E_l and never E_mm: the patches already had their own encoder, E_v, and running
+        them through text-only layers (frozen ones, with ``frozen_text_layers``) would put the
+        text encoder's early layers between E_v and the fusion layers for MIM only, where ITM,
+        MLM and PSL fuse the image as E_mm's cross-attention context."""
+        return p["encoder"](image_states, None, context=text_states, context_mask=text_mask,
+                            layers=slice(self.cfg.cross_from, None))[0]
 
     def _image_feature(self, proj: nn.Module, v: torch.Tensor) -> torch.Tensor:
         """The normalised ITC image feature g_v(E_v(I)) of E_v's states ``v`` (``itc_image_pooling``)."""
