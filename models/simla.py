@@ -508,8 +508,9 @@ class SIMLA(PretrainingModel):
 
         Masking replaces patch embeddings (BEiT, :meth:`ViTEncoder.encode`), so the masked view
         starts from the unmasked view's ``patches`` (``patches_m``: the momentum model's): a hybrid
-        ViT's trunk runs once per model and step, a frozen one once per step. ``mim_inputs`` picks the reading of E_mm's
-        inputs (the paper's: states; the official code's: embedding-layer outputs)."""
+        ViT's trunk runs once per model and step, a frozen one once per step. ``mim_inputs`` picks
+        the reading of E_mm's inputs (the paper's: states; the official code's: embedding-layer
+        outputs)."""
         tokens = self.visual_tokenizer(pixels)  # of the unmasked image
         prefix = self.image.num_prefix_tokens
         embedded = self.cfg.switch("mim_inputs") == "embeddings"
