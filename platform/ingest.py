@@ -748,4 +748,7 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     )
     if train:
         ds.context.execution_options.preserve_order = True
+    from alignlab.platform.loop_pacing import pace
+
+    pace(ds.context)
     return ds

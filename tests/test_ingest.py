@@ -231,3 +231,40 @@ def test_a_training_stream_reads_every_row_once_per_pass_and_masks_it_afresh(ray
     for a, b in ((0, 1), (1, 2)):
         same = np.mean([np.array_equal(masks[a][k], masks[b][k]) for k in masks[a]])
         assert same < 0.25, (a, b, same)
+
+
+def test_scheduling_loop_floor_sleeps_out_the_rest_of_a_fast_step():
+    from alignlab.platform.loop_pacing import SchedulingLoopFloor
+
+    now, slept = [0.0], []
+    floor = SchedulingLoopFloor(0.02, clock=lambda: now[0], sleep=lambda s: (slept.append(s), now.__setitem__(0, now[0] + s)))
+    floor.before_execution_starts(None)
+    now[0] = 0.005  # a spinning step: nothing to wait on
+    floor.on_execution_step(None)
+    assert slept == [pytest.approx(0.015)]
+    now[0] += 0.1  # a step that waited on ray.wait
+    floor.on_execution_step(None)
+    assert len(slept) == 1
+    now[0] += 0.019  # the floor counts from the end of the last step, sleep included
+    floor.on_execution_step(None)
+    assert slept[1] == pytest.approx(0.001)
+
+
+def test_every_stream_paces_its_scheduling_loop(ray_session, shard_root, monkeypatch):
+    import ray.data
+
+    from alignlab.platform.loop_pacing import SchedulingLoopFloor
+
+    steps = []
+    monkeypatch.setattr(SchedulingLoopFloor, "on_execution_step", lambda self, executor: steps.append(executor))
+    cfg = _cfg(shard_root)
+    for train in (True, False):
+        steps.clear()
+        ds = build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train", train=train)
+        assert ds.context.custom_execution_callback_classes.count(SchedulingLoopFloor) == 1
+        assert len(ds.take_all()) == 8 and steps  # the executor that ran the stream called it
+    assert SchedulingLoopFloor not in ray.data.DataContext.get_current().custom_execution_callback_classes
+    # A Ray Train worker's stream runs in a split coordinator actor, on the dataset's own context.
+    (shard,) = build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train",
+                             train=True).streaming_split(1, equal=True)
+    assert SchedulingLoopFloor in shard.get_context().custom_execution_callback_classes
