@@ -66,6 +66,9 @@ cores). CPU time and memory are read from ``/proc`` for this process and every p
   iterator kept, as a trainer keeps it through its final evaluation), as one pass and as a
   stream of passes: the CPU seconds its Preprocessor workers still spend until they idle, how
   long that takes, and the rows the stream had left.
+* **pacing**: the first architecture's training stream read by a consumer slower than it,
+  without and with the floor under Ray Data's scheduling loop (``loop_pacing``): the CPU the
+  split coordinator spends while the stream waits, and the reader's wall time.
 
 The JSON: ``{"bench": "gpu" | "quick" | "ray", "environment": {python, torch, cuda, gpu, gpu_count, driver,
 peak_tflops, ...}, "sections": [{"name", "compares", "seconds", "error", "rows": [...]}]}``.
@@ -1292,6 +1295,70 @@ def bench_leftover(report: Report, plan: list[dict[str, Any]], root: Path, tree:
             report.write()
 
 
+PACING_BATCHES, PACING_HOLD_S = 40, 0.25  # a trainer slower than its stream
+PACING_LEAD_S = 20.0  # the stream's head start, to run ahead up to its backpressure limits
+PACING_PASSES, PACING_STORE_BYTES = 100, 32 * 2**20
+
+
+def paced_read(cfg: Config, floor: bool, tree: ProcessTree, batches: int = PACING_BATCHES,
+               hold_s: float = PACING_HOLD_S, lead_s: float = PACING_LEAD_S) -> dict[str, float]:
+    """Reads ``batches`` batches of the training stream as the trainer does, after its first batch
+    and a head start of ``lead_s``, holding each for ``hold_s`` (a step the stream keeps ahead of), with the scheduling-loop floor
+    (:mod:`~alignlab.platform.loop_pacing`) or without it: wall seconds, and the CPU seconds
+    (and cores: per wall second) of the Preprocessor workers and of the other workers, where the
+    split coordinator's scheduling loop runs."""
+    from alignlab.platform.ingest import build_dataset
+    from alignlab.platform.loop_pacing import SchedulingLoopFloor
+    from alignlab.platform.train import shard_batches
+
+    # Passes enough that the stream cannot finish within the read, and an object-store budget
+    # small enough that it reaches its backpressure limits within the head start, as a training
+    # run's stream does after minutes, and then waits on its consumer for hours.
+    ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed,
+                       passes=PACING_PASSES)
+    from ray.data import ExecutionResources
+
+    ds.context.execution_options.resource_limits = ExecutionResources(object_store_memory=PACING_STORE_BYTES)
+    if not floor:
+        ds.context.custom_execution_callback_classes = [
+            c for c in ds.context.custom_execution_callback_classes if c is not SchedulingLoopFloor]
+    (shard,) = ds.streaming_split(1, equal=True)
+    reader = iter(shard_batches(shard, cfg.data, cfg.data.batch_size, torch.device("cpu")))
+    next(reader)  # start-up and the first block aside
+    time.sleep(lead_s)
+    t0, cpu0 = time.perf_counter(), tree.cpu_by_kind()
+    for _ in range(batches):
+        time.sleep(hold_s)
+        next(reader)
+    wall, cpu1 = time.perf_counter() - t0, tree.cpu_by_kind()
+    reader.close()
+    del shard, ds
+    gc.collect()
+    cpu = {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in ("preprocessing", "worker")}
+    return {"wall_s": wall, "preprocessing_cpu_s": cpu["preprocessing"], "other_workers_cpu_s": cpu["worker"],
+            "other_workers_cores": cpu["worker"] / wall}
+
+
+def bench_pacing(report: Report, plan: list[dict[str, Any]], root: Path, tree: ProcessTree,
+                 batches: int = PACING_BATCHES, hold_s: float = PACING_HOLD_S) -> None:
+    """The first architecture's training stream read by a slow consumer, without the
+    scheduling-loop floor and with it, in turn."""
+    entry = _architectures(plan)[0]
+    cfg = on_shards(entry["cfg"], root)
+    compares = (f"{entry['name']}'s training stream read as the trainer reads it, each of {batches} batches "
+                f"held {hold_s} s (a step slower than the stream), without and with the 20 ms floor under "
+                f"Ray Data's scheduling loop (loop_pacing): other_workers_cores = CPU seconds per wall second of "
+                f"the Ray workers outside the Preprocessor (the split coordinator, whose loop spins once the "
+                f"stream is ahead); wall_s should match (the floor costs the reader nothing)")
+    with report.section("pacing", compares) as out:
+        for floor in (False, True):
+            out.append({"model": entry["name"], "floor": floor, **paced_read(cfg, floor, tree, batches, hold_s)})
+            report.write()
+        without, with_ = out
+        out.append({"model": entry["name"], "floor": "without/with",
+                    **{k: without[k] / with_[k] for k in ("wall_s", "other_workers_cores") if with_[k]}})
+
+
 def bench_memory(report: Report, plan: list[dict[str, Any]], sets: dict[int, Path], tree: ProcessTree) -> None:
     """Peak RSS while one epoch of the first architecture's training split streams through the
     trainer's shard iteration, on each of ``sets`` ({times the base set: its root}, the base
@@ -1370,7 +1437,7 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | Non
             gc.collect()
 
 
-RAY_SECTIONS = ("ingest", "epochs", "memory", "data_wait", "leftover")
+RAY_SECTIONS = ("ingest", "epochs", "memory", "data_wait", "leftover", "pacing")
 # Opt-in: they need shard sets built from ../shared/data, which a fresh clone does not have.
 REAL_DATA_SECTIONS = ("data_wait_flickr8k",)
 
@@ -1395,7 +1462,8 @@ def run_ray_sections(report: Report, plan: list[dict[str, Any]], sections: list[
                "data_wait": lambda: bench_data_wait(report, plan, root),
                "data_wait_flickr8k": lambda: bench_data_wait(report, load_plan("ray_flickr8k"), None,
                                                              name="data wait, Flickr8k"),
-               "leftover": lambda: bench_leftover(report, plan, root, tree)}
+               "leftover": lambda: bench_leftover(report, plan, root, tree),
+               "pacing": lambda: bench_pacing(report, plan, root, tree)}
         for name in sections:
             run[name]()
 

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the Ray data path on a local cluster: ingest, epoch boundaries, memory, data wait "
                            "(5-10 minutes on 2 cores)")
     bench.add_argument("--sections", default="",
-                       help="with --ray: a comma-separated subset of ingest,epochs,memory,data_wait,leftover; "
+                       help="with --ray: a comma-separated subset of ingest,epochs,memory,data_wait,leftover,pacing; "
                             "data_wait_flickr8k (not in the default) times the Flickr8k CPU presets on "
                             "data/flickr8k")
     bench.add_argument("--out", help="JSON file for the figures (default: bench-<mode>.json)")

@@ -334,6 +334,21 @@ def test_leftover_section_counts_what_the_data_stage_spends_after_a_stop(ray_syn
 
 
 @pytest.mark.timeout(300)
+def test_pacing_section_reads_the_stream_without_and_with_the_loop_floor(ray_synth_root, ray_session, tmp_path):
+    plan = ray_plan(tmp_path, ray_synth_root)
+    report = bench.Report("ray", None, {})
+    with bench.ray_cluster(plan[0]["cfg"]), bench.ProcessTree() as tree:
+        bench.bench_pacing(report, plan, ray_synth_root, tree, batches=4, hold_s=0.05)
+    (section,) = report.data["sections"]
+    assert section["error"] is None
+    without, with_, ratio = section["rows"]
+    for row in (without, with_):
+        assert row["wall_s"] >= 4 * 0.05 and row["other_workers_cpu_s"] >= 0 and row["preprocessing_cpu_s"] >= 0
+    assert (without["floor"], with_["floor"], ratio["floor"]) == (False, True, "without/with")
+    assert ratio["wall_s"] == pytest.approx(without["wall_s"] / with_["wall_s"])
+
+
+@pytest.mark.timeout(300)
 def test_scaling_section_trains_under_ddp_with_one_and_two_gloo_workers(tmp_path):
     plan_file = tmp_path / "bench.yaml"
     plan_file.write_text(json.dumps({"quick": {"common": [*TINY, "data.batch_size=8"],
