@@ -1343,13 +1343,16 @@ def bench_pacing(report: Report, plan: list[dict[str, Any]], root: Path, tree: P
                  batches: int = PACING_BATCHES, hold_s: float = PACING_HOLD_S) -> None:
     """The first architecture's training stream read by a slow consumer, without the
     scheduling-loop floor and with it, in turn."""
+    from alignlab.platform.loop_pacing import LOOP_FLOOR_S
+
     entry = _architectures(plan)[0]
     cfg = on_shards(entry["cfg"], root)
     compares = (f"{entry['name']}'s training stream read as the trainer reads it, each of {batches} batches "
-                f"held {hold_s} s (a step slower than the stream), without and with the 20 ms floor under "
-                f"Ray Data's scheduling loop (loop_pacing): other_workers_cores = CPU seconds per wall second of "
-                f"the Ray workers outside the Preprocessor (the split coordinator, whose loop spins once the "
-                f"stream is ahead); wall_s should match (the floor costs the reader nothing)")
+                f"held {hold_s} s (a step slower than the stream), without and with the "
+                f"{LOOP_FLOOR_S * 1e3:.0f} ms floor under Ray Data's scheduling loop (loop_pacing): "
+                f"other_workers_cores = CPU seconds per wall second of the Ray workers outside the Preprocessor "
+                f"(the split coordinator, whose loop spins once the stream is ahead); wall_s should match (the "
+                f"floor costs the reader nothing)")
     with report.section("pacing", compares) as out:
         for floor in (False, True):
             out.append({"model": entry["name"], "floor": floor, **paced_read(cfg, floor, tree, batches, hold_s)})

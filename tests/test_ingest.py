@@ -237,7 +237,11 @@ def test_scheduling_loop_floor_sleeps_out_the_rest_of_a_fast_step():
     from alignlab.platform.loop_pacing import SchedulingLoopFloor
 
     now, slept = [0.0], []
-    floor = SchedulingLoopFloor(0.02, clock=lambda: now[0], sleep=lambda s: (slept.append(s), now.__setitem__(0, now[0] + s)))
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    floor = SchedulingLoopFloor(0.02, clock=lambda: now[0], sleep=sleep)
     floor.before_execution_starts(None)
     now[0] = 0.005  # a spinning step: nothing to wait on
     floor.on_execution_step(None)
