@@ -1340,7 +1340,7 @@ def paced_read(cfg: Config, floor: bool, tree: ProcessTree, batches: int = PACIN
 
 
 def bench_pacing(report: Report, plan: list[dict[str, Any]], root: Path, tree: ProcessTree,
-                 batches: int = PACING_BATCHES, hold_s: float = PACING_HOLD_S) -> None:
+                 batches: int = PACING_BATCHES, hold_s: float = PACING_HOLD_S, lead_s: float = PACING_LEAD_S) -> None:
     """The first architecture's training stream read by a slow consumer, without the
     scheduling-loop floor and with it, in turn."""
     from alignlab.platform.loop_pacing import LOOP_FLOOR_S
@@ -1355,7 +1355,7 @@ def bench_pacing(report: Report, plan: list[dict[str, Any]], root: Path, tree: P
                 f"floor costs the reader nothing)")
     with report.section("pacing", compares) as out:
         for floor in (False, True):
-            out.append({"model": entry["name"], "floor": floor, **paced_read(cfg, floor, tree, batches, hold_s)})
+            out.append({"model": entry["name"], "floor": floor, **paced_read(cfg, floor, tree, batches, hold_s, lead_s)})
             report.write()
         without, with_ = out
         out.append({"model": entry["name"], "floor": "without/with",

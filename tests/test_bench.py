@@ -338,7 +338,7 @@ def test_pacing_section_reads_the_stream_without_and_with_the_loop_floor(ray_syn
     plan = ray_plan(tmp_path, ray_synth_root)
     report = bench.Report("ray", None, {})
     with bench.ray_cluster(plan[0]["cfg"]), bench.ProcessTree() as tree:
-        bench.bench_pacing(report, plan, ray_synth_root, tree, batches=4, hold_s=0.05)
+        bench.bench_pacing(report, plan, ray_synth_root, tree, batches=4, hold_s=0.05, lead_s=1.0)
     (section,) = report.data["sections"]
     assert section["error"] is None
     without, with_, ratio = section["rows"]
