@@ -208,6 +208,12 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     n_seeds = args.seeds or seeds
     seed_values = [cfg.seed + i for i in range(n_seeds)]
     reference = reference_preset(args, cfg)
+    if reference:
+        from alignlab.platform.train import init_ray
+
+        # The cluster is sized from the experiment's config (its trials at once), not from the
+        # reference preset's, whose sweep would otherwise start it.
+        init_ray(cfg, quiet=not cfg.tracking.verbose)
     external = reference_rows(cfg, reference, seed_values, args.name or Path(args.preset).stem) \
         if reference else None
     outputs = []

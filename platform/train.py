@@ -172,10 +172,12 @@ def trial_cpus(cfg: Config | None) -> int:
 
 
 def local_cluster_cpus(cfg: Config | None) -> int:
-    """Logical CPUs of a local cluster: the machine's, and at least one run's
-    (:func:`trial_cpus`): Ray schedules by slots, and on a 2-core laptop or CI machine the data
-    stages would otherwise wait on the workers' slots."""
-    return max(os.cpu_count() or 1, trial_cpus(cfg))
+    """Logical CPUs of a local cluster: the machine's, and at least the slots of the runs it is
+    to hold at once (:func:`trial_cpus`, times ``scaling.max_concurrent_trials`` where set): Ray
+    schedules by slots, and on a 2-core laptop or CI machine the data stages would otherwise wait
+    on the workers' slots, or one trial's evaluation on another trial's stream."""
+    runs = cfg.scaling.max_concurrent_trials if cfg is not None and cfg.scaling.max_concurrent_trials else 1
+    return max(os.cpu_count() or 1, trial_cpus(cfg) * runs)
 
 
 # --------------------------------------------------------------------------------------------

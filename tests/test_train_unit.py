@@ -67,6 +67,8 @@ def test_local_cluster_has_slots_for_the_workers_and_the_data_stages(monkeypatch
     assert local_cluster_cpus(None) == 5
     assert local_cluster_cpus(load_config(None, [])) == 6
     assert local_cluster_cpus(load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=1.5"])) == 8
+    # Trials run at once each hold their own slots, so no trial's evaluation waits on another's.
+    assert local_cluster_cpus(load_config(None, ["scaling.max_concurrent_trials=2"])) == 12
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert local_cluster_cpus(load_config(None, ["scaling.num_workers=2"])) == 16
 
