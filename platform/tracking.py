@@ -62,13 +62,28 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 
 
+def local_artifact_location(uri: str, name: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlartifacts/<name>`` beside
+    the database. MLflow's default is ``./mlruns`` in the working directory of whichever process
+    creates the experiment: under ``ray job submit --working-dir .`` a copy of the code that Ray
+    deletes, elsewhere whatever folder the command ran in, so the store outlived its artifacts
+    (a model, a comparison table) or scattered them. None for any other store: a tracking server
+    decides its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+    return str((Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / folder).resolve())
+
+
 def experiment_id(uri: str, name: str) -> str:
-    """The experiment's id, creating it of the training kind (:data:`TRAINING_KIND`). An existing
-    experiment without a kind gets it; a kind someone set stays."""
+    """The experiment's id, creating it of the training kind (:data:`TRAINING_KIND`), its
+    artifacts beside a SQLite store (:func:`local_artifact_location`). An existing experiment
+    without a kind gets it; a kind someone set stays."""
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND},
+                                   artifact_location=local_artifact_location(uri, name))
     if EXPERIMENT_KIND_TAG not in exp.tags:
         c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return exp.experiment_id

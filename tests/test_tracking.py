@@ -21,6 +21,29 @@ def test_tracking_defaults_to_a_stable_home_not_the_working_directory(monkeypatc
     assert tracking.ui_command("sqlite:///a.db") == "mlflow ui --backend-store-uri sqlite:///a.db"
 
 
+def test_a_local_store_keeps_its_artifacts_beside_it_not_in_the_working_directory(monkeypatch, tmp_path):
+    """A run's artifacts land under the SQLite store's folder whichever directory the process
+    runs in (MLflow's default, ./mlruns, followed the working directory); a server's store is
+    left to the server."""
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "home" / "mlflow.db"
+    store.parent.mkdir()
+    elsewhere = tmp_path / "job_copy"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store}"
+    exp = tracking.experiment_id(uri, "my exp/1")
+    c = MlflowClient(tracking_uri=uri)
+    assert c.get_experiment(exp).artifact_location == str(tmp_path / "home" / "mlartifacts" / "my_exp_1")
+    run = c.create_run(exp)
+    (tmp_path / "note.txt").write_text("kept")
+    c.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    assert (tmp_path / "home" / "mlartifacts" / "my_exp_1" / run.info.run_id / "artifacts" / "note.txt").exists()
+    assert list(elsewhere.iterdir()) == []
+    assert tracking.local_artifact_location("http://head:5000", "x") is None
+
+
 def test_runs_are_found_again_for_resume_and_params_batch(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id, created = tracking.find_or_create_run(uri, "exp", {"alignlab.run_key": "k"}, "k")
