@@ -173,6 +173,9 @@ def reference_rows(cfg: config_lib.Config, preset: str, seeds: list[int], name: 
     shared = [f"data.{k}={getattr(cfg.data, k)}" for k in SHARED_DATA_KEYS]
     shared += [f"tracking.{k}={getattr(cfg.tracking, k)}" for k in ("experiment", "mlflow_uri", "storage_path")
                if getattr(cfg.tracking, k)]
+    # Its sweep runs first and so starts a local cluster: sized for the experiment's trials at once.
+    if cfg.scaling.max_concurrent_trials:
+        shared.append(f"scaling.max_concurrent_trials={cfg.scaling.max_concurrent_trials}")
     ref_cfg = config_lib.load_config(preset, shared)
     result = run_sweep(ref_cfg, {"seed": seeds}, f"{name}-reference")
     for t in result.trials:
@@ -208,12 +211,6 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     n_seeds = args.seeds or seeds
     seed_values = [cfg.seed + i for i in range(n_seeds)]
     reference = reference_preset(args, cfg)
-    if reference:
-        from alignlab.platform.train import init_ray
-
-        # The cluster is sized from the experiment's config (its trials at once), not from the
-        # reference preset's, whose sweep would otherwise start it.
-        init_ray(cfg, quiet=not cfg.tracking.verbose)
     external = reference_rows(cfg, reference, seed_values, args.name or Path(args.preset).stem) \
         if reference else None
     outputs = []
