@@ -142,13 +142,15 @@ def config_digest(cfg: Config) -> str:
     """A digest of what a run computes: its config and, where the shard set has a manifest, the
     set's :func:`~alignlab.platform.shards.data_digest`, so a set rebuilt otherwise gives new runs
     and sweeps, never the old set's finished ones. What only changes what the run shows (the
-    console's verbosity, the system metrics' sampling, the registry name of its final model) is
-    not part of it: a run or sweep restarted with ``--verbose`` resumes."""
+    console's verbosity, the system metrics' sampling, the registry name of its final model, how
+    many trials run at once) is not part of it: a run or sweep restarted with ``--verbose`` or
+    ``--max-concurrent-trials`` resumes."""
     from alignlab.platform.shards import data_digest
 
     shown = replace(cfg.tracking, verbose=False, system_metrics_every=config_lib.TrackingConfig.system_metrics_every,
                     registered_model="")
-    text = config_lib.dump_yaml(replace(cfg, tracking=shown)) + data_digest(cfg.data.shards)
+    scheduled = replace(cfg.scaling, max_concurrent_trials=0)
+    text = config_lib.dump_yaml(replace(cfg, tracking=shown, scaling=scheduled)) + data_digest(cfg.data.shards)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -176,7 +178,7 @@ def local_cluster_cpus(cfg: Config | None) -> int:
     to hold at once (:func:`trial_cpus`, times ``scaling.max_concurrent_trials`` where set): Ray
     schedules by slots, and on a 2-core laptop or CI machine the data stages would otherwise wait
     on the workers' slots, or one trial's evaluation on another trial's stream."""
-    runs = cfg.scaling.max_concurrent_trials if cfg is not None and cfg.scaling.max_concurrent_trials else 1
+    runs = max(1, cfg.scaling.max_concurrent_trials) if cfg is not None else 1
     return max(os.cpu_count() or 1, trial_cpus(cfg) * runs)
 
 

@@ -237,6 +237,8 @@ def test_a_sweep_is_its_name_and_a_digest_of_what_its_trials_run():
     key = sweep_key(base, grid, "demo")
     assert key.startswith("demo-") and key == sweep_key(load_config("dual_encoder_demo"), {"seed": [0]}, "demo")
     assert sweep_key(load_config("dual_encoder_demo", ["tracking.verbose=true"]), grid, "demo") == key
+    # How many trials run at once schedules them; each still computes the same.
+    assert sweep_key(load_config("dual_encoder_demo", ["scaling.max_concurrent_trials=2"]), grid, "demo") == key
     others = {sweep_key(load_config("dual_encoder_demo", ["optim.lr=0.002"]), grid, "demo"),
               sweep_key(base, {"seed": [0, 1, 2]}, "demo"),
               sweep_key(base, grid, "demo", finetune={"preset": "finetune_demo", "overrides": []})}
