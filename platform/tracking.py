@@ -69,10 +69,12 @@ def local_artifact_location(uri: str, name: str) -> str | None:
     deletes, elsewhere whatever folder the command ran in, so the store outlived its artifacts
     (a model, a comparison table) or scattered them. None for any other store: a tracking server
     decides its own."""
+    from alignlab.platform.cluster import local_path
+
     if not uri.startswith("sqlite:///"):
         return None
     folder = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
-    return str((Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / folder).resolve())
+    return str((Path(local_path(uri)) / "mlartifacts" / folder).resolve())
 
 
 def experiment_id(uri: str, name: str) -> str:

@@ -4,9 +4,9 @@ added on demand up to 4, given back when idle), each shrunk to one trial's slots
 
 A sweep of 2 tiny trials starts on the empty head, its concurrency read from the autoscaler's
 maximum (4, not the 1 the empty cluster would give), scales to the nodes its trials need, runs
-them at once and scales back to no worker node. Two trials show all of it: four, as until
-2026-12-03, took 215 s of the suite's time on 2 cores for nothing a second pair adds. The node count over time, the trials that
-overlapped (from their MLflow runs' start and end) and the wall time are printed. Run by hand
+them at once and scales back to no worker node (two trials show all of it: four, as until
+2026-12-03, took 215 s of the suite's time on 2 cores for nothing a second pair adds). The node
+count over time, the trials that overlapped (from their MLflow runs' start and end) and the wall time are printed. Run by hand
 (``python tests/test_scale_out.py OUT_DIR OUT.json``), the script also runs the same sweep capped
 at one trial at a time for the serial wall time: a figure for comparison, not a behaviour, so the
 test, which CI runs within its time budget, leaves that second sweep out (``--no-serial``). Then one DDP group of two Ray Train workers is placed on two nodes
