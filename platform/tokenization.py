@@ -25,11 +25,13 @@ def load_tokenizer(spec: str, shards_root: str):
             raise FileNotFoundError(
                 f"data.tokenizer = 'auto' but {shards.child_uri(shards_root, 'vocab.txt')} does not exist; "
                 f"set data.tokenizer to a Hugging Face tokenizer name or path, or a vocab.txt file")
-        # BertTokenizerFast reads a local file; object-storage vocabularies are copied down once.
-        fd, path = tempfile.mkstemp(suffix="-vocab.txt")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        return BertTokenizerFast(vocab=path, do_lower_case=True)
+        # BertTokenizerFast reads a local file, and only while it is built: the copy of an
+        # object-storage vocabulary goes as soon as it has (one was left per process before).
+        with tempfile.TemporaryDirectory(prefix="alignlab-vocab-") as folder:
+            path = os.path.join(folder, "vocab.txt")
+            with open(path, "w") as f:
+                f.write(text)
+            return BertTokenizerFast(vocab=path, do_lower_case=True)
     if spec.endswith(".txt"):
         return BertTokenizerFast(vocab=spec, do_lower_case=True)
     return AutoTokenizer.from_pretrained(resolve_pretrained(spec))

@@ -435,3 +435,18 @@ def test_the_mvptr_demo_preset_keeps_every_phrase_concept_and_object_of_a_synthe
     phrases = [len({" ".join(p) for p in r["phrases"]}) for r in rows]
     assert max(phrases) <= data.max_phrases and min(phrases) > 5
     assert max(len(r["tags"]) for r in rows) <= min(data.max_regions, data.max_tags)
+
+
+def test_the_shard_sets_vocabulary_loads_without_leaving_a_copy(synth, tmp_path, monkeypatch):
+    import tempfile
+
+    from alignlab.platform.tokenization import load_tokenizer
+
+    out, summary = synth
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    load_tokenizer.cache_clear()
+    tok = load_tokenizer("auto", str(out))
+    assert tok.vocab_size == summary["vocab_size"] and tok("red circle")["input_ids"][1:-1] == \
+        tok.convert_tokens_to_ids(["red", "circle"])
+    assert list(tmp_path.iterdir()) == []
+    load_tokenizer.cache_clear()
