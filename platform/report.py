@@ -169,15 +169,22 @@ def _value(row: dict[str, Any], metric: str, digits: int) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _signed(x: float, spec: str) -> str:
+    """``x`` formatted with a sign; summation noise (RSUMs of equal recalls added in another
+    order differ by ~1e-13) shows as +0, never as -0.00 or a difference of 1e-13."""
+    return format(round(x, 9) + 0.0, "+" + spec)
+
+
 def _diff(row: dict[str, Any], metric: str, digits: int) -> str:
     if f"{metric} diff" not in row:
         return ""
     if row[f"{metric} diff n"] == 0:
         return "no paired runs"
-    text = f"{row[f'{metric} diff']:+.{digits}f}"
+    spec = f".{digits}f"
+    text = _signed(row[f"{metric} diff"], spec)
     if row[f"{metric} diff n"] < 2:
         return text
-    text += f" [{row[f'{metric} diff low']:+.{digits}f}, {row[f'{metric} diff high']:+.{digits}f}]"
+    text += f" [{_signed(row[f'{metric} diff low'], spec)}, {_signed(row[f'{metric} diff high'], spec)}]"
     return text + (f" {MARK}" if row[f"{metric} diff excludes 0"] else "")
 
 
@@ -274,9 +281,9 @@ def claims_markdown(verdicts: list[Verdict]) -> str:
         if d is None:
             evidence = "no paired runs"
         elif d.n < 2:
-            evidence = f"{d.mean:+.3g} from one pair, no interval"
+            evidence = f"{_signed(d.mean, '.3g')} from one pair, no interval"
         else:
-            evidence = f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}], n = {d.n}"
+            evidence = f"{_signed(d.mean, '.3g')} [{_signed(d.low, '.3g')}, {_signed(d.high, '.3g')}], n = {d.n}"
         lines.append(f"- **{v.verdict}**: {c.text} ({c.row_a} − {c.row_b} on {c.metric}: {evidence})")
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,8 @@ def test_recall_on_a_known_ranking():
     assert m["i2t_r1"] == pytest.approx(100 * 2 / 3) and m["i2t_r5"] == 100.0
     assert m["t2i_r1"] == pytest.approx(100 * 5 / 6)
     assert m["rsum"] == sum(m[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    # Exact quotients of counts (a float32 mean gave 66.66666865...).
+    assert m["i2t_r1"] == 100.0 * 2 / 3 and m["t2i_r1"] == 100.0 * 5 / 6
 
 
 def test_perfect_scores_give_full_rsum_and_chance_is_low():

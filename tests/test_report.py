@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from alignlab.platform.report import (CONTRADICTED, SUPPORTED, UNRESOLVED, Claim, comparison_table, judge_claims,
-                                      paired_difference, to_csv, to_markdown)
+from alignlab.platform.report import (CONTRADICTED, SUPPORTED, UNRESOLVED, Claim, claims_markdown, comparison_table,
+                                      judge_claims, paired_difference, to_csv, to_markdown)
 from alignlab.platform.sweep import TrialResult
 
 T_975_2 = 4.302653  # Student t, 97.5% quantile, 2 degrees of freedom (statistical tables)
@@ -95,3 +95,15 @@ def test_claims_are_judged_from_the_paired_interval():
     assert verdicts[4].difference is None
     with pytest.raises(ValueError, match="row 'wo_tag' is not a row"):
         judge_claims(_trials(), [KEY], [("x", "full", "wo_tag", "eval/rsum", 1)])
+
+
+def test_equal_figures_summed_in_another_order_differ_by_nothing_shown():
+    # Two RSUMs of the same total added in another order: 1e-13 apart, shown as no difference.
+    recalls = [33.5, 200 / 3, 250 / 3, 50 / 3, 49.9, 50.1]
+    a, b = sum(recalls), sum(recalls[:4] + recalls[:3:-1])
+    assert a != b and abs(a - b) < 1e-12
+    trials = [TrialResult({KEY: r}, {"eval/rsum": v}) for r, v in (("full", a), ("wo_mcr", b))]
+    md = to_markdown(comparison_table(trials, [KEY], ["eval/rsum"], reference="full"), ["eval/rsum"], [KEY], "full")
+    assert "| wo_mcr | 1 | 300.17 | +0.00 |" in md
+    claims = claims_markdown(judge_claims(trials, [KEY], [("MCR helps", "full", "wo_mcr", "eval/rsum", +1)]))
+    assert "(full − wo_mcr on eval/rsum: +0 from one pair, no interval)" in claims
