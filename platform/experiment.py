@@ -165,19 +165,23 @@ def reference_preset(args: argparse.Namespace, cfg: config_lib.Config) -> str:
     return args.reference or cfg.eval.reference or REFERENCE_PRESET
 
 
-def reference_rows(cfg: config_lib.Config, preset: str, seeds: list[int], name: str) -> dict[str, list[dict]]:
-    """Trains the reference preset on ``cfg``'s data (:data:`SHARED_DATA_KEYS`) over ``seeds``, as a
-    sweep of its own, and returns its metrics as an external row of the comparison."""
-    from alignlab.platform.sweep import run_sweep
-
+def reference_config(cfg: config_lib.Config, preset: str) -> config_lib.Config:
+    """The reference preset on ``cfg``'s data (:data:`SHARED_DATA_KEYS`), MLflow experiment and
+    store, its trials as many at once as the experiment's."""
     shared = [f"data.{k}={getattr(cfg.data, k)}" for k in SHARED_DATA_KEYS]
     shared += [f"tracking.{k}={getattr(cfg.tracking, k)}" for k in ("experiment", "mlflow_uri", "storage_path")
                if getattr(cfg.tracking, k)]
-    # Its sweep runs first and so starts a local cluster: sized for the experiment's trials at once.
     if cfg.scaling.max_concurrent_trials:
         shared.append(f"scaling.max_concurrent_trials={cfg.scaling.max_concurrent_trials}")
-    ref_cfg = config_lib.load_config(preset, shared)
-    result = run_sweep(ref_cfg, {"seed": seeds}, f"{name}-reference")
+    return config_lib.load_config(preset, shared)
+
+
+def reference_rows(cfg: config_lib.Config, preset: str, seeds: list[int], name: str) -> dict[str, list[dict]]:
+    """Trains the reference preset (:func:`reference_config`) over ``seeds``, as a sweep of its
+    own, and returns its metrics as an external row of the comparison."""
+    from alignlab.platform.sweep import run_sweep
+
+    result = run_sweep(reference_config(cfg, preset), {"seed": seeds}, f"{name}-reference")
     for t in result.trials:
         if t.error:
             print(f"reference trial {t.overrides} failed: {t.error}")
@@ -195,6 +199,7 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     from alignlab.platform.console import configure_logging
     from alignlab.platform.sweep import publish_comparison, run_sweep
     from alignlab.platform.tracking import alignlab_home, runs_page, ui_command
+    from alignlab.platform.train import init_ray, local_cluster_cpus
 
     # The preset decides the architecture, and so which sweeps exist: read it before the rest.
     pre = argparse.ArgumentParser(add_help=False)
@@ -211,6 +216,11 @@ def run_experiment(description: str, default_preset: str, metrics: list[str], ar
     n_seeds = args.seeds or seeds
     seed_values = [cfg.seed + i for i in range(n_seeds)]
     reference = reference_preset(args, cfg)
+    # One local cluster for all the sweeps below, with the slots of the largest of their trials:
+    # sized by the first sweep alone (the reference row's), a later sweep's larger trial (two
+    # threads a worker where the reference takes one) would wait for slots that never come.
+    sized_for = [cfg] + ([reference_config(cfg, reference)] if reference else [])
+    init_ray(max(sized_for, key=local_cluster_cpus), quiet=not cfg.tracking.verbose)
     external = reference_rows(cfg, reference, seed_values, args.name or Path(args.preset).stem) \
         if reference else None
     outputs = []

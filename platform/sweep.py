@@ -163,11 +163,7 @@ def run_sweep(base: Config, grid: dict[str, list], name: str, storage_path: str 
     validate_grid(base, grid)
     base = config_lib.with_absolute_paths(base)
     key = sweep_key(base, grid, name, finetune)
-    starts_ray = not ray.is_initialized()
     init_ray(base, quiet=not base.tracking.verbose)
-    if starts_ray and not base.tracking.verbose:
-        print(f"the output of Ray's processes (train workers, data stages, Tune) goes to {console.ray_log_dir()}; "
-              f"--verbose (tracking.verbose=true) shows it here", flush=True)
     prepare(base)  # schema and vocabulary checks once, before any trial
     uri = tracking.resolve_tracking_uri(base.tracking.mlflow_uri)
     root = storage_path or tracking.resolve_storage(base.tracking.storage_path)

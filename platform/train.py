@@ -832,6 +832,11 @@ def init_ray(cfg: Config | None = None, quiet: bool = False) -> None:
         env["worker_process_setup_hook"] = "alignlab.platform.console.quiet_placement_group_cleaner"
         ray.init(num_cpus=local_cluster_cpus(cfg), runtime_env=env, configure_logging=False,
                  include_dashboard=False, log_to_driver=not quiet)
+    if quiet:
+        from alignlab.platform import console
+
+        print(f"the output of Ray's processes (train workers, data stages, Tune) goes to {console.ray_log_dir()}; "
+              f"--verbose (tracking.verbose=true) shows it here", flush=True)
 
 
 @dataclass

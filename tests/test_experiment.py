@@ -215,8 +215,11 @@ def test_the_driver_leaves_a_cluster_it_started_before_the_last_table_and_never_
     from alignlab.platform import experiment, sweep, tracking
     from alignlab.platform.sweep import SweepResult, TrialResult
 
+    from alignlab.platform import train
+
     events = []
     monkeypatch.setattr(ray, "is_initialized", lambda: joined)
+    monkeypatch.setattr(train, "init_ray", lambda cfg, quiet=False: None)
     monkeypatch.setattr(ray, "shutdown", lambda: events.append("shutdown"))
     monkeypatch.setattr(sweep, "run_sweep", lambda cfg, grid, name: SweepResult(
         name, "parent", "sqlite:///unused.db", [TrialResult({"model.mvptr.ablation": "full"}, {"eval/rsum": 1.0})]))
@@ -225,6 +228,29 @@ def test_the_driver_leaves_a_cluster_it_started_before_the_last_table_and_never_
     monkeypatch.setattr(experiment, "ensure_synthetic_data", lambda cfg: None)
     experiment.run_experiment("", "mvptr_demo", ["eval/rsum"], argv=["--grid", "model.mvptr.ablation=full"])
     assert events == (["table"] if joined else ["shutdown", "table"])
+
+
+@pytest.mark.parametrize("threads,larger", [("4", "experiment"), ("1", "reference")])
+def test_one_local_cluster_holds_the_largest_trial_of_the_experiment_and_its_reference(monkeypatch, threads, larger):
+    """The reference row's sweep runs first; the cluster it would start for its own trials must
+    also hold the experiment's, and the other way round."""
+    from alignlab.platform import experiment, sweep, train
+    from alignlab.platform.sweep import SweepResult, TrialResult
+
+    sized = []
+    monkeypatch.setattr(train, "init_ray", lambda cfg, quiet=False: sized.append(cfg))
+    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, grid, name: SweepResult(
+        name, "parent", "sqlite:///unused.db", [TrialResult({"model.mvptr.ablation": "full"}, {"eval/rsum": 1.0})]))
+    monkeypatch.setattr(sweep, "publish_comparison", lambda *a, **kw: "")
+    monkeypatch.setattr(experiment, "ensure_synthetic_data", lambda cfg: None)
+    monkeypatch.setattr("alignlab.platform.tracking.runs_page", lambda uri, run_id: "")
+    experiment.run_experiment("", "mvptr_demo", ["eval/rsum"], argv=[
+        "--grid", "model.mvptr.ablation=full", f"scaling.cpus_per_worker={threads}"])
+    (cfg,) = sized
+    # A trial's slots: its worker's threads, 5 for Tune and the data stages, 2 for the
+    # compositional split's; the reference row (reference_synth) takes 2 threads.
+    assert (cfg.model.architecture, train.trial_cpus(cfg)) == (("mvptr", 11) if larger == "experiment" else
+                                                               ("dual_encoder", 9))
 
 
 def test_a_sweep_is_its_name_and_a_digest_of_what_its_trials_run():
