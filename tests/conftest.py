@@ -35,7 +35,8 @@ def alignlab_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray cluster for the whole session, with the slots the driver's own local cluster
-    would declare for two train workers and their data stages, a compositional split's included."""
+    would declare for two train workers of two threads (the demo presets' trainers take both
+    cores) and their data stages, a compositional split's included."""
     import ray
 
     from alignlab.platform.config import load_config
@@ -48,7 +49,8 @@ def ray_session():
         # started from here (subprocesses too) and every process of the cluster inherit these.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-        cfg = load_config(None, ["scaling.num_workers=2", "data.compositional_split=compositional"])
+        cfg = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=2",
+                                 "data.compositional_split=compositional"])
         ray.init(num_cpus=local_cluster_cpus(cfg),
                  include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
