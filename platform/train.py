@@ -953,7 +953,26 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    with _sigint_handler_kept():
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def _sigint_handler_kept():
+    """Puts back the process's SIGINT handler after a Ray Train run. On the main thread
+    ``TorchTrainer.fit`` installs one (Ctrl-C aborts the run) whose closure holds the run's
+    controller actor; left installed, it kept that finished controller (~700 MB) and the actors it
+    holds alive until the next run, and a later Ctrl-C went to a run long over."""
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        # None: a handler installed outside Python, which cannot be put back from here.
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
 
 
 def check_cluster_storage(cfg: Config, mlflow_uri: str, storage_path: str) -> None:

@@ -1,5 +1,7 @@
 """End to end through Ray Data, Ray Train, Ray Tune and MLflow, on a tiny model and data set."""
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,22 @@ def synth(tmp_path_factory):
 def _overrides(synth, tmp, *extra):
     return [*TINY, f"data.shards={synth}", f"tracking.mlflow_uri=sqlite:///{tmp}/mlflow.db",
             f"tracking.storage_path={tmp}/ray_results", *extra]
+
+
+def _gone(title: str, timeout_s: float) -> bool:
+    """Whether, within ``timeout_s``, no process on this machine has ``title`` as its name."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        names = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                names.append((proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+            except OSError:
+                continue
+        if not any(n.strip() == title for n in names):
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _client(tmp):
@@ -82,9 +100,13 @@ def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
                                                         "tracking.checkpoint_every=3", "tracking.run_name=ddp",
                                                         "tracking.system_metrics_every=1", "data.max_train_rows=64",
                                                         "data.eval_in_worker_rows=0"))
+    sigint = signal.getsignal(signal.SIGINT)
     out = train(cfg)
     assert out["metrics"]["train/step"] == 6.0
     assert out["checkpoint"] and Path(out["checkpoint"], "model.safetensors").exists()
+    # The run's Ctrl-C handler (Ray Train's, holding its controller) is gone, and so is the controller.
+    assert signal.getsignal(signal.SIGINT) is sigint
+    assert _gone("ray::TrainController", timeout_s=30)
     assert read_checkpoint(out["checkpoint"]).step == 6
     run = _client(tmp_path).get_run(out["mlflow_run_id"])
     assert run.info.status == "FINISHED"
