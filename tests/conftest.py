@@ -19,6 +19,19 @@ def shared_data(sub: str) -> Path:
     return path
 
 
+def command_lines() -> dict[int, str]:
+    """Every process's command line by pid, its arguments joined by spaces (read from /proc; the
+    project does not depend on psutil). Ray names its workers "ray::<actor or task>" there."""
+    lines = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            line = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        lines[int(proc.name)] = line.replace(b"\0", b" ").decode(errors="replace").strip()
+    return lines
+
+
 @pytest.fixture(scope="session", autouse=True)
 def alignlab_home(tmp_path_factory):
     """Runs that name no store write under $ALIGNLAB_HOME: a temporary one, never the user's."""

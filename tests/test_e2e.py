@@ -34,15 +34,11 @@ def _overrides(synth, tmp, *extra):
 
 def _gone(title: str, timeout_s: float) -> bool:
     """Whether, within ``timeout_s``, no process on this machine has ``title`` as its name."""
+    from conftest import command_lines
+
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        names = []
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                names.append((proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
-            except OSError:
-                continue
-        if not any(n.strip() == title for n in names):
+        if title not in command_lines().values():
             return True
         time.sleep(0.5)
     return False

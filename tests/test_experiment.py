@@ -212,10 +212,8 @@ def test_the_driver_leaves_a_cluster_it_started_before_the_last_table_and_never_
     notebook's, a test session's) stays up."""
     import ray
 
-    from alignlab.platform import experiment, sweep, tracking
+    from alignlab.platform import experiment, sweep, tracking, train
     from alignlab.platform.sweep import SweepResult, TrialResult
-
-    from alignlab.platform import train
 
     events = []
     monkeypatch.setattr(ray, "is_initialized", lambda: joined)

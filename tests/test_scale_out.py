@@ -6,10 +6,11 @@ A sweep of 2 tiny trials starts on the empty head, its concurrency read from the
 maximum (4, not the 1 the empty cluster would give), scales to the nodes its trials need, runs
 them at once and scales back to no worker node (two trials show all of it: four, as until
 2026-12-03, took 215 s of the suite's time on 2 cores for nothing a second pair adds). The node
-count over time, the trials that overlapped (from their MLflow runs' start and end) and the wall time are printed. Run by hand
-(``python tests/test_scale_out.py OUT_DIR OUT.json``), the script also runs the same sweep capped
-at one trial at a time for the serial wall time: a figure for comparison, not a behaviour, so the
-test, which CI runs within its time budget, leaves that second sweep out (``--no-serial``). Then one DDP group of two Ray Train workers is placed on two nodes
+count over time, the trials that overlapped (from their MLflow runs' start and end) and the wall
+time are printed. Run by hand (``python tests/test_scale_out.py OUT_DIR OUT.json``), the script
+also runs the same sweep capped at one trial at a time for the serial wall time: a figure for
+comparison, not a behaviour, so the test, which CI runs within its time budget, leaves that second
+sweep out (``--no-serial``). Then one DDP group of two Ray Train workers is placed on two nodes
 (STRICT_SPREAD) and its global-batch contrastive loss and gradients over gloo equal one process's
 over the concatenated batch, as tests/test_global_batch.py shows for two local processes.
 
@@ -105,17 +106,12 @@ def _fake_cluster_yaml(path: Path, gcs_address: str, node_cpus: int) -> None:
 
 def _kill_cluster(markers: list[str]) -> None:
     """Kills the processes of this cluster only: those whose command line names its temp dir or
-    its session (read from /proc; the project does not depend on psutil)."""
+    its session."""
     import signal
 
-    mine = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if int(proc.name) != os.getpid() and any(m in cmdline for m in markers):
-            mine.append(int(proc.name))
+    from conftest import command_lines
+
+    mine = [pid for pid, line in command_lines().items() if pid != os.getpid() and any(m in line for m in markers)]
     for pid in mine:
         try:
             os.kill(pid, signal.SIGKILL)
