@@ -33,9 +33,11 @@ def _overrides(synth, tmp, *extra):
 
 
 def _named(title: str) -> set[int]:
+    """The processes of Ray actor ``title``, idle ("ray::TrainController") or in a method
+    ("ray::TrainController.run")."""
     from conftest import command_lines
 
-    return {pid for pid, line in command_lines().items() if line == title}
+    return {pid for pid, line in command_lines().items() if line.split(".")[0] == title}
 
 
 def _gone(title: str, timeout_s: float, besides: set[int]) -> bool:
