@@ -58,8 +58,10 @@ def rerank(scores: torch.Tensor, k_captions: int, k_images: int,
     """Re-score the uni-modal top-k by ``match(image_idx, caption_idx) -> score`` per pair.
 
     Returns (i2t scores, t2i scores, both image×caption, and the number of pairs scored).
-    Re-scored candidates are lifted by a constant above every cosine similarity (in [-1, 1]), so
-    candidates outside the top-k keep their uni-modal order below them.
+    Re-scored candidates are shifted above every uni-modal score, so candidates outside the top-k
+    keep their uni-modal order below them. The shift is the smallest that does it: a large
+    constant lift (1e4) leaves float32 about three decimals (its spacing at 1e4 is 2^-10), so
+    confident ITM scores such as p = 0.9996 and 0.9999 would tie and lose their order.
     """
     n_img, n_txt = scores.shape
     kc, ki = min(k_captions, n_txt), min(k_images, n_img)
@@ -76,13 +78,15 @@ def rerank(scores: torch.Tensor, k_captions: int, k_images: int,
         pairs += len(flat_rows)
         return torch.cat(out).view(top_idx.shape).float()
 
-    lift = 1e4
-    i2t = scores.clone()
+    def lifted(rescored: torch.Tensor) -> torch.Tensor:
+        return rescored - rescored.min() + scores.max().float() + 1.0
+
+    i2t = scores.to(torch.float32, copy=True)
     top_c = scores.topk(kc, dim=1).indices
-    i2t.scatter_(1, top_c, rescore(top_c, torch.arange(n_img), image_major=True) + lift)
-    t2i = scores.t().clone()
+    i2t.scatter_(1, top_c, lifted(rescore(top_c, torch.arange(n_img), image_major=True)))
+    t2i = scores.t().to(torch.float32, copy=True)
     top_i = t2i.topk(ki, dim=1).indices
-    t2i.scatter_(1, top_i, rescore(top_i, torch.arange(n_txt), image_major=False) + lift)
+    t2i.scatter_(1, top_i, lifted(rescore(top_i, torch.arange(n_txt), image_major=False)))
     return i2t, t2i.t(), pairs
 
 

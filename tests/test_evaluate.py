@@ -55,6 +55,16 @@ def test_rerank_scores_n_times_k_pairs_and_reorders():
     assert torch.equal(i2t[outside], scores[outside])
 
 
+def test_rerank_keeps_the_order_of_confident_match_scores():
+    # Three captions of one image, all in the top-k; the ITM head is confident on all three and
+    # prefers caption 2, then 0. Lifted by a constant 1e4 in float32 (spacing 2^-10 there) they tied.
+    scores = torch.tensor([[0.3, 0.2, 0.1]])
+    p = torch.tensor([0.99960, 0.99930, 0.99995])
+    i2t, t2i, _ = rerank(scores, k_captions=3, k_images=1, match=lambda i, t: p[t])
+    assert i2t.argsort(dim=1, descending=True).tolist() == [[2, 0, 1]]
+    assert torch.equal(scores, torch.tensor([[0.3, 0.2, 0.1]]))  # the caller's scores stay as they were
+
+
 # --------------------------------------------------------------------------------------------
 # Compositional evaluation
 # --------------------------------------------------------------------------------------------
