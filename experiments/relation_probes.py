@@ -1,0 +1,194 @@
+"""Probes of why relation swaps stay at chance on the synthetic set (issue #13; README, "Relation
+swaps: what was tried"). Research instruments, not part of the platform: each answers one
+question about `mvptr_demo` and prints its figures.
+
+    # a copy of a synthetic set whose region features carry their relational bag (the oracle)
+    python experiments/relation_probes.py oracle-set data/synth data/synth_relbag
+    # pre-training on it: the main job's `full` row, regions 54 -> 78 features
+    alignlab train mvptr_demo data.shards=data/synth_relbag model.image.region_dim=78
+
+    # ITM asked for the relation alone, scored on the compositional split every 400 steps
+    python experiments/relation_probes.py itm data/synth --steps 2000 --seed 0
+    python experiments/relation_probes.py itm data/synth_relbag --steps 2000 model.image.region_dim=78
+
+**The relational bag** hands each region the comparison the caption's relation needs: 4 flags
+per shape of the set (24 on the synthetic set), one set for each other object of the scene at
+(its shape, where it stands relative to this region) by the generator's own rule
+(:func:`alignlab.platform.synth.relation` on the box centres). "a circle to the left of a star"
+is then true where the star's region has the flag (circle, left of): no layer has to compare two
+boxes, only to bind the clause's subject and relation word to the object's region. The flags are
+appended to the 54 features in every split (train, test, compositional), so retrieval and the
+compositional split are scored on the same oracle features.
+
+**Relation-only ITM**: no other objective; each step takes 32 training rows whose caption states
+a relation, each beside its own caption with one clause's relation word reversed (and the
+clause's phrase tuple with it: the k-th [subject, relation, object] tuple is the k-th relation
+word in the caption, as the generator renders them) and another row's caption: 96 pairs, binary
+cross-entropy on ``match_scores`` (the model's p(match)), AdamW at the preset's rate with a 10%
+linear warm-up. A model at chance on the reversed clause that tells every other caption apart
+has a loss of (2/3)·ln 2 = 0.462; the prior alone (a third of the pairs match), 0.637.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def oracle_set(src: Path, dst: Path) -> int:
+    """Copies the synthetic set ``src`` to ``dst`` with each region's relational bag appended to
+    its features and the manifest's ``region_dim`` raised to match; returns the new width."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignlab.platform.synth import OPPOSITE, REGION_DIM, SceneObject, relation
+
+    relations = list(OPPOSITE)
+    tags = [t for t in (src / "tags.txt").read_text().split("\n") if t]
+    width = REGION_DIM + len(relations) * len(tags)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    for path in sorted(dst.glob("*/*.parquet")):
+        table = pq.read_table(path)
+        rows = table.select(["region_features", "boxes", "tags"]).to_pydict()
+        features = []
+        for feats, boxes, shapes in zip(rows["region_features"], rows["boxes"], rows["tags"]):
+            objects = [SceneObject(s, "", "", tuple(b[:4])) for b, s in zip(boxes, shapes)]
+            with_bags = []
+            for i, (f, region) in enumerate(zip(feats, objects)):
+                bag = np.zeros((len(tags), len(relations)), np.float32)
+                for j, other in enumerate(objects):
+                    if j != i:
+                        bag[tags.index(other.shape), relations.index(relation(other, region))] = 1.0
+                with_bags.append(list(f) + bag.reshape(-1).tolist())
+            features.append(with_bags)
+        column = pa.array(features, type=pa.list_(pa.list_(pa.float32(), width)))
+        pq.write_table(table.set_column(table.schema.get_field_index("region_features"), "region_features", column),
+                       path)
+
+    def widen(node):
+        if isinstance(node, dict):
+            return {k: width if k == "region_dim" else widen(v) for k, v in node.items()}
+        return [widen(v) for v in node] if isinstance(node, list) else node
+
+    manifest = dst / "manifest.json"
+    manifest.write_text(json.dumps(widen(json.loads(manifest.read_text())), indent=1))
+    return width
+
+
+def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], threads: int) -> None:
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+
+    from alignlab.models.registry import build_model
+    from alignlab.platform import ingest, shards
+    from alignlab.platform.config import load_config
+    from alignlab.platform.evaluate import evaluate_compositional
+    from alignlab.platform.synth import OPPOSITE
+    from alignlab.platform.train import prepare
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    cfg = load_config("mvptr_demo", [f"data.shards={shards_dir}"] + overrides)
+    prepared = prepare(cfg)
+    model = build_model(cfg.model, cfg.objectives, prepared.vocab)
+    spec = prepared.spec.input_spec(cfg.model, cfg.objectives)
+    uri = shards.child_uri(cfg.data.shards, cfg.data.train_split)
+    clean_spec, files = ingest.split_inputs(spec, uri, train=False)
+    preprocess = ingest.Preprocessor(cfg.data, cfg.objectives, clean_spec, train=False)
+    columns = ingest.read_schema(files, ingest.columns_for(clean_spec), uri).names
+    rows: dict[str, list] = {c: [] for c in columns}
+    for f in files:
+        part = pq.read_table(f, columns=columns).to_pydict()
+        for c in columns:
+            rows[c] += part[c]
+    word = re.compile(r"\b(" + "|".join(OPPOSITE) + r")\b")
+    with_relation = [i for i, c in enumerate(rows["caption"]) if word.search(c)]
+    print(f"{len(with_relation)} of {len(rows['caption'])} training captions state a relation", flush=True)
+    rng = np.random.default_rng(seed)
+
+    def reversed_clause(i: int) -> tuple[str, list[list[str]]]:
+        caption = rows["caption"][i]
+        found = list(word.finditer(caption))
+        k = int(rng.integers(len(found)))
+        m = found[k]
+        phrases = [list(p) for p in rows["phrases"][i]]
+        triples = [j for j, p in enumerate(phrases) if len(p) == 3 and p[1] in OPPOSITE]
+        if k < len(triples):
+            phrases[triples[k]][1] = OPPOSITE[phrases[triples[k]][1]]
+        return caption[:m.start()] + OPPOSITE[m.group(1)] + caption[m.end():], phrases
+
+    def objects(values) -> np.ndarray:
+        out = np.empty(len(values), dtype=object)
+        for j, v in enumerate(values):
+            out[j] = v
+        return out
+
+    def batch(images: list[int], captions: list[str], phrases: list) -> dict:
+        raw = {c: objects([rows[c][i] for i in images]) for c in columns}
+        raw.update(caption=objects(captions), phrases=objects(phrases),
+                   caption_id=objects([f"pair{j}" for j in range(len(images))]))
+        return {k: torch.from_numpy(v) for k, v in preprocess(raw).items()}
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    matches = torch.tensor([1.0] * 32 + [0.0] * 64)
+    losses, start = [], time.time()
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * min(1.0, step / (0.1 * steps))
+        anchors = list(rng.choice(with_relation, 32, replace=False))
+        others = list(rng.choice(len(rows["caption"]), 32))
+        flipped = [reversed_clause(i) for i in anchors]
+        captions = ([rows["caption"][i] for i in anchors] + [c for c, _ in flipped]
+                    + [rows["caption"][j] for j in others])
+        phrases = [rows["phrases"][i] for i in anchors] + [p for _, p in flipped] + [rows["phrases"][j] for j in others]
+        model.train()
+        pairs = batch(anchors * 3, captions, phrases)
+        p_match = model.match_scores(pairs, pairs).clamp(1e-6, 1 - 1e-6)
+        loss = F.binary_cross_entropy(p_match, matches)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 400 == 0 or step == steps:
+            model.eval()
+            scores = evaluate_compositional(model, ingest.local_eval_batches(
+                cfg.data, cfg.objectives, spec, cfg.data.compositional_split, 64,
+                id_columns=shards.COMPOSITIONAL_COLUMNS), torch.device("cpu"))
+            print(f"step {step}  loss (last 100) {np.mean(losses[-100:]):.3f}  "
+                  f"relation swaps: ITM {scores['compo/itm_acc_swap_relation']:.3f} "
+                  f"uni-modal {scores['compo/uni_acc_swap_relation']:.3f}  "
+                  f"attribute swaps: ITM {scores['compo/itm_acc_swap_attribute']:.3f}  {time.time() - start:.0f} s",
+                  flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="probe", required=True)
+    oracle = sub.add_parser("oracle-set", help="copy a synthetic set with each region's relational bag")
+    oracle.add_argument("src", type=Path)
+    oracle.add_argument("dst", type=Path)
+    itm = sub.add_parser("itm", help="ITM asked for the relation alone")
+    itm.add_argument("shards")
+    itm.add_argument("--steps", type=int, default=2000)
+    itm.add_argument("--seed", type=int, default=0)
+    itm.add_argument("--threads", type=int, default=2)
+    # mvptr_demo's overrides (KEY=VALUE, e.g. model.image.region_dim=78) anywhere after the probe
+    args, overrides = parser.parse_known_args()
+    if args.probe == "oracle-set" and overrides or any("=" not in o or o.startswith("-") for o in overrides):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if args.probe == "oracle-set":
+        width = oracle_set(args.src, args.dst)
+        print(f"{args.dst}: regions of {width} features; train with model.image.region_dim={width}")
+    else:
+        relation_itm(args.shards, args.steps, args.seed, overrides, args.threads)
+
+
+if __name__ == "__main__":
+    main()

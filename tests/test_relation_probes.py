@@ -1,0 +1,51 @@
+"""experiments/relation_probes.py's oracle set: each region's relational bag is the generator's
+own relation rule on the scene's boxes, the original features are kept, and the shards still
+validate with the manifest's new width (what a run then reads)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from alignlab.platform.shards import read_manifest, validate_shards
+from alignlab.platform.synth import OPPOSITE, REGION_DIM, SHAPES, SceneObject, SynthConfig, generate, relation
+from conftest import REPO
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("relation_probes", REPO / "experiments" / "relation_probes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_oracle_set_appends_each_regions_relational_bag(tmp_path):
+    src, dst = tmp_path / "synth", tmp_path / "relbag"
+    generate(str(src), SynthConfig(n_train_images=24, n_test_images=8, min_concept_count=1))
+    width = _load_script().oracle_set(src, dst)
+    tags = [t for t in (src / "tags.txt").read_text().split("\n") if t]
+    assert sorted(tags) == sorted(SHAPES) and width == REGION_DIM + 4 * len(tags) == 78
+    assert read_manifest(str(dst))["region_dim"] == width
+    relations = list(OPPOSITE)
+    for split in ("train", "test", "compositional"):
+        validate_shards(str(dst / split))
+        before, after = pq.read_table(src / split).to_pylist(), pq.read_table(dst / split).to_pylist()
+        assert len(before) == len(after) > 0
+        flags = 0
+        for old, new in zip(before, after):
+            assert {k: v for k, v in old.items() if k != "region_features"} == \
+                   {k: v for k, v in new.items() if k != "region_features"}
+            objects = [SceneObject(s, "", "", tuple(b[:4])) for b, s in zip(old["boxes"], old["tags"])]
+            for i, (feats, region) in enumerate(zip(new["region_features"], objects)):
+                np.testing.assert_allclose(feats[:REGION_DIM], old["region_features"][i], rtol=0, atol=0)
+                bag = np.asarray(feats[REGION_DIM:]).reshape(len(tags), len(relations))
+                expected = np.zeros_like(bag)
+                for j, other in enumerate(objects):
+                    if j != i:
+                        expected[tags.index(other.shape), relations.index(relation(other, region))] = 1
+                np.testing.assert_array_equal(bag, expected)
+                flags += int(bag.sum())
+        assert flags > 0  # scenes with several objects, so the bags are not all empty
