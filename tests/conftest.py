@@ -11,6 +11,18 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("ALIGNLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def experiment_script(name: str):
+    """``experiments/<name>.py`` imported as the module ``name`` (the scripts are no package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared_data(sub: str) -> Path:
     """A folder of ../shared/data, or skip the test saying what is missing."""
     path = SHARED_DATA / sub

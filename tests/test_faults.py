@@ -3,25 +3,14 @@ probes as a table, is one test here. A probe checks the good outcome itself and 
 sees another; the kills run on the session's Ray cluster, the other probes need no Ray."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from conftest import REPO
+from conftest import experiment_script
 
 pytestmark = pytest.mark.slow
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("fault_table", REPO / "experiments" / "fault_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fault_table = _load_script()
+fault_table = experiment_script("fault_table")
 
 
 @pytest.fixture(scope="module")

@@ -3,29 +3,18 @@ own relation rule on the scene's boxes, the original features are kept, and the 
 validate with the manifest's new width (what a run then reads)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pyarrow.parquet as pq
 
 from alignlab.platform.shards import read_manifest, validate_shards
 from alignlab.platform.synth import OPPOSITE, REGION_DIM, SHAPES, SceneObject, SynthConfig, generate, relation
-from conftest import REPO
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("relation_probes", REPO / "experiments" / "relation_probes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import experiment_script
 
 
 def test_oracle_set_appends_each_regions_relational_bag(tmp_path):
     src, dst = tmp_path / "synth", tmp_path / "relbag"
     generate(str(src), SynthConfig(n_train_images=24, n_test_images=8, min_concept_count=1))
-    width = _load_script().oracle_set(src, dst)
+    width = experiment_script("relation_probes").oracle_set(src, dst)
     tags = [t for t in (src / "tags.txt").read_text().split("\n") if t]
     assert sorted(tags) == sorted(SHAPES) and width == REGION_DIM + 4 * len(tags) == 78
     assert read_manifest(str(dst))["region_dim"] == width
