@@ -10,6 +10,8 @@ question about `mvptr_demo` and prints its figures.
     # ITM asked for the relation alone, scored on the compositional split every 400 steps
     python experiments/relation_probes.py itm data/synth --steps 2000 --seed 0
     python experiments/relation_probes.py itm data/synth_relbag --steps 2000 model.image.region_dim=78
+    # the same without the oracle, the model given a pairwise term that can learn the bag itself
+    python experiments/relation_probes.py itm data/synth --steps 2000 --relational-messages
 
 **The relational bag** hands each region the comparison the caption's relation needs: 4 flags
 per shape of the set (24 on the synthetic set), one set for each other object of the scene at
