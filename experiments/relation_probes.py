@@ -95,7 +95,9 @@ def with_relational_messages(embeddings, hidden: int):
         def __init__(self):
             super().__init__()
             self.inner = embeddings
-            self.message = nn.Sequential(nn.Linear(48 + 2, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            # the crop cells (every feature before the 6-d box) and the 2-d centre offset
+            self.message = nn.Sequential(nn.Linear(embeddings.proj.in_features - 6 + 2, hidden), nn.GELU(),
+                                         nn.Linear(hidden, hidden))
 
         def forward(self, features):
             crop, box = features[..., :-6], features[..., -6:]
@@ -216,7 +218,7 @@ def main() -> None:
                      help="add a learned relational bag to each region's embedding (with_relational_messages)")
     # mvptr_demo's overrides (KEY=VALUE, e.g. model.image.region_dim=78) anywhere after the probe
     args, overrides = parser.parse_known_args()
-    if args.probe == "oracle-set" and overrides or any("=" not in o or o.startswith("-") for o in overrides):
+    if overrides and (args.probe == "oracle-set" or any("=" not in o or o.startswith("-") for o in overrides)):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.probe == "oracle-set":
         width = oracle_set(args.src, args.dst)

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from alignlab.platform.shards import read_manifest, validate_shards
-from alignlab.platform.synth import OPPOSITE, REGION_DIM, SHAPES, SceneObject, SynthConfig, generate, relation
+from alignlab.platform.synth import OPPOSITE, REGION_DIM, SHAPES, SynthConfig, generate
 from conftest import experiment_script
 
 
@@ -27,14 +27,18 @@ def test_oracle_set_appends_each_regions_relational_bag(tmp_path):
         for old, new in zip(before, after):
             assert {k: v for k, v in old.items() if k != "region_features"} == \
                    {k: v for k, v in new.items() if k != "region_features"}
-            objects = [SceneObject(s, "", "", tuple(b[:4])) for b, s in zip(old["boxes"], old["tags"])]
-            for i, (feats, region) in enumerate(zip(new["region_features"], objects)):
+            # box centres; the relation is read along the axis where two centres differ most
+            centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in old["boxes"]]
+            for i, feats in enumerate(new["region_features"]):
                 np.testing.assert_allclose(feats[:REGION_DIM], old["region_features"][i], rtol=0, atol=0)
                 bag = np.asarray(feats[REGION_DIM:]).reshape(len(tags), len(relations))
                 expected = np.zeros_like(bag)
-                for j, other in enumerate(objects):
+                for j, shape in enumerate(old["tags"]):
                     if j != i:
-                        expected[tags.index(other.shape), relations.index(relation(other, region))] = 1
+                        dx, dy = centres[j][0] - centres[i][0], centres[j][1] - centres[i][1]
+                        where = (("left of" if dx < 0 else "right of") if abs(dx) >= abs(dy)
+                                 else ("above" if dy < 0 else "below"))  # where object j stands from region i
+                        expected[tags.index(shape), relations.index(where)] = 1
                 np.testing.assert_array_equal(bag, expected)
                 flags += int(bag.sum())
         assert flags > 0  # scenes with several objects, so the bags are not all empty
