@@ -56,6 +56,7 @@ def probe(preset: str, overrides: list[str], steps: int, seed: int = 0, eval_ima
     info = prepare(cfg)
     inputs = info.spec.input_spec(cfg.model, cfg.objectives)
     batches = training_rows(cfg, inputs, steps, seed)
+
     def split(name: str, ids: tuple[str, ...] = ()):
         return lambda: ingest.local_eval_batches(cfg.data, cfg.objectives, inputs, name, cfg.data.eval_batch_size,
                                                  id_columns=ids)
@@ -74,7 +75,8 @@ def probe(preset: str, overrides: list[str], steps: int, seed: int = 0, eval_ima
             print(f"step {runner.step}/{steps}  {time.perf_counter() - start:.0f} s  {losses}", flush=True)
     train_s = time.perf_counter() - start
     metrics = runner.evaluate()
-    return {"preset": preset, "overrides": overrides, "seed": seed, "steps": steps,
+    # the steps the runner took, not the ones asked for: a short epoch would show here
+    return {"preset": preset, "overrides": overrides, "seed": seed, "steps": runner.step,
             "batch_size": cfg.data.batch_size, "threads": threads, "precision": runner.precision,
             "train_s": round(train_s, 1), **losses,
             **{k: round(v, 3) for k, v in metrics.items() if k.startswith("eval/")}}

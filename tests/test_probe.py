@@ -48,7 +48,8 @@ def test_probe_trains_its_steps_and_scores_the_first_images(synth, tmp_path):
     result = experiment_script("probe").main(
         ["mvptr_demo", f"data.shards={synth}", "data.batch_size=8", "--steps", "3", "--eval-images", "6",
          "--out", str(out)])
-    assert result["steps"] == 3 and result["overrides"] == [f"data.shards={synth}", "data.batch_size=8"]
+    assert result["steps"] == 3  # the runner's own count
+    assert result["overrides"] == [f"data.shards={synth}", "data.batch_size=8"]
     assert result["eval/eval_images"] == 6 and result["eval/eval_captions"] == 12
     assert 0 <= result["eval/uni_rsum"] <= 600 and "eval/compo/itm_acc_mean" in result
     assert all(k in result for k in ("loss/vsc", "loss/itm", "loss/mlm"))
