@@ -237,17 +237,23 @@ class MetricSink(Protocol):
 class Window:
     """Per-key (sum over steps, steps that produced it), and the samples and data wait since the
     window opened. A loss present in only some steps (SemVLP's per-mode losses) is averaged over
-    those steps, not diluted by the others."""
+    those steps, not diluted by the others. ``start`` moves forward past evaluations and
+    checkpoints (:meth:`Runner._outside_window`), so the window's time is training time."""
 
     sums: dict[str, tuple[float, int]] = field(default_factory=dict)
     samples: int = 0
     wait: float = 0.0
     start: float = field(default_factory=time.perf_counter)
+    paused_at: float | None = None
 
     def add(self, step_means: dict[str, float]) -> None:
         for k, v in step_means.items():
             total, count = self.sums.get(k, (0.0, 0))
             self.sums[k] = (total + v, count + 1)
+
+    def elapsed(self) -> float:
+        end = time.perf_counter() if self.paused_at is None else self.paused_at
+        return max(1e-9, end - self.start)
 
 
 class Runner:
@@ -266,6 +272,10 @@ class Runner:
         self.pending: list[tuple[dict[str, float], int, float]] = []
         self.logged_through = -1  # training steps whose metrics the run already holds
         self.window = Window()
+        # The windows' time summed (data wait included, evaluations and checkpoints not): what a
+        # budget like "45 minutes of training" counts. A checkpoint carries it, so a resumed run
+        # counts the steps it kept, not the ones it trains again.
+        self.train_seconds = 0.0
         self.last_metrics: dict[str, float] = {}
         self._batches: Iterator | None = None
         self.stream_pass = 0  # the latest pass of the training stream seen in the current iteration
@@ -348,7 +358,8 @@ class Runner:
     def save_checkpoint(self, directory: str) -> None:
         trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                    "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
-                   "nonfinite_skipped": self.nonfinite_skipped}
+                   "nonfinite_skipped": self.nonfinite_skipped,
+                   "train_seconds": self.train_seconds + self.window.elapsed()}
         unlogged = [{"metrics": m, "step": step, "at_step": None if math.isinf(at) else at}
                     for m, step, at in self.pending]
         if self.ctx.device.type == "cuda":
@@ -370,6 +381,7 @@ class Runner:
         if "cuda_rng" in t and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(t["cuda_rng"].cpu(), self.ctx.device)
         self.nonfinite_skipped = int(t.get("nonfinite_skipped", 0))
+        self.train_seconds = float(t.get("train_seconds", 0.0))
         self.step, self.epoch = ckpt.step, ckpt.epoch
         return ckpt.unlogged_metrics
 
@@ -475,16 +487,18 @@ class Runner:
         if keys:
             values = self.ctx.all_mean(values)
         out = {k: float(v) for k, v in zip(keys, values.tolist())}
-        elapsed = max(1e-9, time.perf_counter() - w.start)
+        elapsed = w.elapsed()
+        self.train_seconds += elapsed
         out.update({"throughput/samples_per_s": w.samples / elapsed,
                     "time/data_wait_fraction": min(1.0, w.wait / elapsed),
+                    "time/train_seconds": self.train_seconds,
                     "lr": self.scheduler.get_last_lr()[0], "train/epoch": self.step / self.steps_per_epoch,
                     "train/step": float(self.step), "train/nonfinite_skipped": float(self.nonfinite_skipped)})
         if self.ctx.rank == 0:
             out.update(self.ctx.data_metrics())
-            log.info("step %d/%d  %.1f samples/s  loss %.4f  data wait %.0f%%", self.step, self.cfg.optim.max_steps,
-                     out["throughput/samples_per_s"], out.get("loss/total", float("nan")),
-                     100 * out["time/data_wait_fraction"])
+            log.info("step %d/%d  %.1f samples/s  loss %.4f  data wait %.0f%%  trained %.1f min", self.step,
+                     self.cfg.optim.max_steps, out["throughput/samples_per_s"], out.get("loss/total", float("nan")),
+                     100 * out["time/data_wait_fraction"], self.train_seconds / 60)
         self.window = Window()
         self._record(out)
         return out
@@ -572,6 +586,18 @@ class Runner:
             self._batches.close()
         self._batches = None
 
+    @contextlib.contextmanager
+    def _outside_window(self):
+        """Leaves what runs inside out of the open window's time, so neither its samples/s nor
+        ``time/train_seconds`` count a mid-run evaluation or checkpoint."""
+        w = self.window
+        w.paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            w.start += time.perf_counter() - w.paused_at
+            w.paused_at = None
+
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         if self.step >= cfg.optim.max_steps:
@@ -586,18 +612,21 @@ class Runner:
             if logged:
                 self.log()
             if cfg.tracking.eval_every and self.step % cfg.tracking.eval_every == 0 and not at_end:
-                self.evaluate()
+                with self._outside_window():
+                    self.evaluate()
             # Every rank reports at the same steps: the report is a barrier.
             if self.step % cfg.tracking.checkpoint_every == 0 and not at_end:
-                self.checkpoint()
+                with self._outside_window():
+                    self.checkpoint()
             elif logged:
                 self.ctx.report(self._progress(), None)
         self.end_stream()
         if self.window.sums or not self.last_metrics:
             self.log()
         self._record_epoch_skips()
-        self.evaluate()
-        self.checkpoint()
+        with self._outside_window():  # the checkpoint's training time leaves the final evaluation out
+            self.evaluate()
+            self.checkpoint()
         return dict(self.last_metrics)
 
 

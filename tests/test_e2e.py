@@ -117,7 +117,7 @@ def test_ddp_training_two_workers_logs_to_mlflow(ray_session, synth, tmp_path):
     assert run.data.params["scaling.num_workers"] == "2" and "git_commit" in run.data.params
     assert "version.torch" in run.data.params
     for key in ("loss/itc", "loss/total", "lr", "throughput/samples_per_s", "time/data_wait_fraction",
-                "data/skipped_total", "eval/uni_rsum"):
+                "time/train_seconds", "data/skipped_total", "eval/uni_rsum"):
         assert key in run.data.metrics, key
     history = _client(tmp_path).get_metric_history(run.info.run_id, "loss/itc")
     assert [m.step for m in history] == [2, 4, 6]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -121,6 +122,36 @@ def test_a_registered_toy_architecture_trains_through_the_runner(tmp_path):
     assert final["eval/uni_rsum"] > 0 and final["eval/eval_images"] == 8
     # Two kept, as Ray Train's CheckpointConfig(num_to_keep=2): the newest first.
     assert [read_checkpoint(d).step for d in ctx.checkpoints()] == [8, 4]
+
+
+def test_training_time_leaves_evaluations_out_and_a_resumed_run_counts_on_from_its_checkpoint(tmp_path):
+    data = batches()
+
+    def slow_evaluation():
+        time.sleep(0.5)
+        return data[:1]
+
+    sink = Sink()
+    ctx = LocalContext(lambda: data, slow_evaluation, checkpoint_root=str(tmp_path))
+    runner = Runner(toy_config("tracking.eval_every=2"), TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup()
+    t0 = time.perf_counter()
+    runner.run()
+    wall = time.perf_counter() - t0
+    windows = [m for _, m in sink.logged if "time/train_seconds" in m]
+    trained = [m["time/train_seconds"] for m in windows]
+    assert len(trained) == 4 and trained == sorted(trained) and trained[0] > 0
+    # Evaluations at steps 2, 4, 6 and 8 slept 2 s of the run; none is in a window: each window of
+    # 2 toy steps x 8 samples took far less than one evaluation's 0.5 s.
+    assert trained[-1] < wall - 2.0, (trained, wall)
+    assert all(16 / m["throughput/samples_per_s"] < 0.5 for m in windows)
+    saved = read_checkpoint(ctx.checkpoints()[0]).trainer["train_seconds"]
+    assert saved == pytest.approx(trained[-1], abs=0.05)
+
+    resumed = Runner(toy_config("tracking.eval_every=2", "optim.max_steps=12"), TOY, VOCAB,
+                     LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path)),
+                     steps_per_epoch=4).setup()
+    assert resumed.step == 8 and resumed.train_seconds == saved
+    assert resumed.run()["time/train_seconds"] > saved
 
 
 def test_unknown_architecture_lists_the_registered_ones_and_sections_are_typed():
