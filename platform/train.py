@@ -604,6 +604,8 @@ class Runner:
             log.info("rank %d: the checkpoint is at step %d of %d; nothing to train", self.ctx.rank, self.step,
                      cfg.optim.max_steps)
         self.model.train()
+        if not self.window.samples:  # building the model and resuming are not training
+            self.window.start = time.perf_counter()
         while self.step < cfg.optim.max_steps:
             if self.train_step() is None:
                 continue
