@@ -62,6 +62,22 @@ def _sweep(args: argparse.Namespace) -> None:
           f"and the runs at {runs_page(result.mlflow_uri, result.parent_run_id)}")
 
 
+def retrieval_lines(metrics: dict[str, float]) -> list[str]:
+    """What `alignlab eval` prints of a retrieval evaluation. An evaluation that did not re-rank
+    (a model without an ITM head, such as the reference's dual encoder, or ``eval.rerank=false``)
+    logs its one ranking under both names; printing it twice, once as "ITM re-ranked", would read
+    as a re-ranker that changed nothing, so it says there was none."""
+    lines = [f"{int(metrics['eval_images'])} images, {int(metrics['eval_captions'])} captions scored"]
+    reranked = "itm_pairs" in metrics
+    for prefix, label in (("uni_", "uni-modal"), ("", "ITM re-ranked")):
+        if f"{prefix}rsum" in metrics and (prefix or reranked):
+            cells = "  ".join(f"{d}_r{k} {metrics[f'{prefix}{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+            lines.append(f"{label:14s} {cells}  RSUM {metrics[f'{prefix}rsum']:.1f}")
+    if not reranked:
+        lines.append("not re-ranked (no ITM head, or eval.rerank=false): eval/rsum is the uni-modal ranking")
+    return lines
+
+
 def _eval(args: argparse.Namespace) -> None:
     from alignlab.platform.evaluate import evaluate_checkpoint
 
@@ -75,11 +91,7 @@ def _eval(args: argparse.Namespace) -> None:
         if run_id:
             print(f"logged as downstream/<task>/<split>/* in MLflow run {run_id}")
         return
-    print(f"{int(metrics['eval_images'])} images, {int(metrics['eval_captions'])} captions scored")
-    for prefix, label in (("uni_", "uni-modal"), ("", "ITM re-ranked")):
-        if f"{prefix}rsum" in metrics:
-            cells = "  ".join(f"{d}_r{k} {metrics[f'{prefix}{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10))
-            print(f"{label:14s} {cells}  RSUM {metrics[f'{prefix}rsum']:.1f}")
+    print("\n".join(retrieval_lines(metrics)))
     if run_id:
         print(f"logged as eval/<split>/* in MLflow run {run_id}")
 

@@ -258,3 +258,20 @@ def test_re_ranking_encodes_each_item_once_and_scores_as_pair_by_pair_encoding()
     per_pair = evaluate_retrieval(PerPair(noisy=True), [batch], torch.device("cpu"), k_captions=3, k_images=3)
     assert via_states == per_pair and via_states["itm_pairs"] == 48.0
     assert cached.encoded == {"images": 8, "texts": 8}
+
+
+def test_eval_prints_a_reranked_line_only_where_itm_re_ranked():
+    from alignlab.platform.cli import retrieval_lines
+
+    recalls = {f"{d}_r{k}": float(k) for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    uni = {**{f"uni_{k}": v for k, v in recalls.items()}, "uni_rsum": 32.0}
+    base = {"eval_images": 1000.0, "eval_captions": 5000.0, **uni}
+    # No ITM: the evaluation logs the uni-modal ranking under both names.
+    plain = retrieval_lines({**base, **recalls, "rsum": 32.0})
+    assert plain[0] == "1000 images, 5000 captions scored"
+    assert plain[1].startswith("uni-modal") and plain[1].endswith("RSUM 32.0")
+    assert not any(line.startswith("ITM re-ranked") for line in plain)
+    assert plain[-1].startswith("not re-ranked")
+    reranked = retrieval_lines({**base, **{k: v + 1 for k, v in recalls.items()}, "rsum": 38.0, "itm_pairs": 24.0})
+    assert [line.split()[0] for line in reranked[1:]] == ["uni-modal", "ITM"]
+    assert reranked[2].endswith("RSUM 38.0") and "i2t_r1 2.0" in reranked[2]
