@@ -69,8 +69,9 @@ def retrieval_lines(metrics: dict[str, float]) -> list[str]:
     as a re-ranker that changed nothing, so it says there was none."""
     lines = [f"{int(metrics['eval_images'])} images, {int(metrics['eval_captions'])} captions scored"]
     reranked = "itm_pairs" in metrics
-    for prefix, label in (("uni_", "uni-modal"), ("", "ITM re-ranked")):
-        if f"{prefix}rsum" in metrics and (prefix or reranked):
+    rows = [("uni_", "uni-modal")] + ([("", "ITM re-ranked")] if reranked else [])
+    for prefix, label in rows:
+        if f"{prefix}rsum" in metrics:
             cells = "  ".join(f"{d}_r{k} {metrics[f'{prefix}{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10))
             lines.append(f"{label:14s} {cells}  RSUM {metrics[f'{prefix}rsum']:.1f}")
     if not reranked:
