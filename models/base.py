@@ -33,6 +33,13 @@ class PretrainingModel(nn.Module):
 
     #: Every loss name ``forward`` may return; objective weights are validated against it.
     objectives: tuple[str, ...] = ()
+    #: Those a zero weight switches off (``ObjectivesConfig.switched_off``): not computed, their
+    #: masks not prepared. The others feed objectives that stay (VSC's similarities draw ITM's
+    #: negatives), so a zero weight only takes them out of the sum.
+    optional_objectives: tuple[str, ...] = ()
+    #: The objectives the paper fine-tunes retrieval with (``alignlab finetune retrieval`` weights
+    #: the other optional ones 0); empty where the paper names none: pre-training's continue.
+    retrieval_objectives: tuple[str, ...] = ()
 
     @classmethod
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:

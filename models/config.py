@@ -113,7 +113,9 @@ class ModelConfig:
 class ObjectivesConfig:
     """Which objectives run, their weights, and the masking that feeds them."""
 
-    # Objective name -> weight; an objective absent from the model's list is an error.
+    # Objective name -> weight (1 where absent); an objective absent from the model's list is an
+    # error. A weight of 0 switches off an objective the model lists as optional
+    # (PretrainingModel.optional_objectives): it is not computed and its masks are not prepared.
     weights: dict[str, float] = field(default_factory=dict)
     # Contrastive and hard-negative candidates: the global batch gathered across DDP workers
     # (as the papers' batch sizes are global), or each worker's local slice.
@@ -124,6 +126,10 @@ class ObjectivesConfig:
     # ITM hard negatives: sample from the contrastive distribution (MVPTR eq. 1, ALBEF)
     # or take the hardest one.
     itm_negatives: Literal["sample", "hardest"] = "sample"
+
+    def switched_off(self, optional: tuple[str, ...]) -> frozenset[str]:
+        """The objectives of ``optional`` weighted 0."""
+        return frozenset(o for o in optional if self.weights.get(o, 1.0) == 0)
 
 
 # --------------------------------------------------------------------------------------------

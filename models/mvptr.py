@@ -179,11 +179,15 @@ class MVPTRConfig(Readings):
 
 class MVPTR(PretrainingModel):
     objectives = ("vsc", "mcr", "wpg", "mlm", "itm")
+    optional_objectives = ("mcr", "wpg", "mlm")
+    # §4.2: retrieval is fine-tuned "with L_vsc + L_itm with the same setting in pre-training".
+    retrieval_objectives = ("vsc", "itm")
 
     def __init__(self, model_cfg, objectives_cfg, vocab: Vocab):
         super().__init__()
         cfg = model_cfg.mvptr
         self.parts = cfg.components
+        self.off = objectives_cfg.switched_off(self.optional_objectives)
         self.margin = cfg.wpg_margin
         self.negatives = objectives_cfg.negatives
         self.cfg = cfg
@@ -239,6 +243,8 @@ class MVPTR(PretrainingModel):
             frozen = [self.text_embeddings, *self.text_encoder.layers[:cfg.frozen_text_layers]]
             for module in frozen + ([self.phrase_embeddings] if self.parts.phrases else []):
                 module.requires_grad_(False)
+        # A switched-off objective's head gets no gradient.
+        self.find_unused_parameters = bool(self.off)
 
     @torch.no_grad()
     def _init_phrases(self, vocab: Vocab) -> None:
@@ -254,9 +260,12 @@ class MVPTR(PretrainingModel):
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
         cfg = model_cfg.mvptr
         parts = cfg.components
-        return InputSpec(regions=True, tags=parts.tags, phrases=parts.phrases, mlm=True, mcr=parts.mcr,
+        off = objectives_cfg.switched_off(cls.optional_objectives)
+        mlm = "mlm" not in off
+        return InputSpec(regions=True, tags=parts.tags, phrases=parts.phrases, mlm=mlm,
+                         mcr=parts.mcr and "mcr" not in off,
                          tag_words=parts.tags and cfg.switch("tag_vocab") == "word_pieces",
-                         random_phrases=parts.phrases and cfg.switch("phrase_masking") == "chain_and_random")
+                         random_phrases=mlm and parts.phrases and cfg.switch("phrase_masking") == "chain_and_random")
 
     # ----------------------------------------------------------------------------------------
     # Encoders
@@ -375,13 +384,15 @@ class MVPTR(PretrainingModel):
         # Stage 1, uni-modal. One visual pass on the MCR-masked tags serves MCR, VSC and the
         # multi-modal inputs (tags never reach the multi-modal encoder, so their masking cannot
         # leak there).
-        vis, vmask, start = self.encode_image(batch, batch["mcr_tag_ids"] if p.mcr else None)
+        mcr, mlm = p.mcr and "mcr" not in self.off, "mlm" not in self.off
+        vis, vmask, start = self.encode_image(batch, batch["mcr_tag_ids"] if mcr else None)
         regions, rmask = vis[:, start:], vmask[:, start:]
-        if p.mcr:
+        if mcr:
             losses["mcr"] = self.mcr_loss(vis[:, 1:start], batch["mcr_labels"])
         # The text every objective but MLM reads: the unmasked caption (the paper), or the masked
-        # one, which then serves MLM too (the official single pass, text_pass).
-        single_pass = self.cfg.switch("text_pass") == "single_masked"
+        # one, which then serves MLM too (the official single pass, text_pass). Without MLM
+        # nothing is masked.
+        single_pass = self.cfg.switch("text_pass") == "single_masked" and mlm
         text_ids, phrase_ids = ("mlm_input_ids", "mlm_phrase_ids") if single_pass else ("input_ids", "phrase_ids")
         txt, tmask = self.encode_text(batch[text_ids], batch["attention_mask"], batch.get(phrase_ids),
                                       batch.get("phrase_mask"))
@@ -417,7 +428,7 @@ class MVPTR(PretrainingModel):
         text_masks = [tmask, tmask[:h][ok_img], txt_rows["mask"][ok_txt]]
         images = [regions, img_rows["states"][ok_img], regions[h:][ok_txt]]
         image_masks = [rmask, img_rows["mask"][ok_img], rmask[h:][ok_txt]]
-        if not single_pass:
+        if mlm and not single_pass:
             mlm_txt, mlm_mask = self.encode_text(batch["mlm_input_ids"], batch["attention_mask"],
                                                  batch.get("mlm_phrase_ids"), batch.get("phrase_mask"))
             texts.append(mlm_txt), text_masks.append(mlm_mask), images.append(regions), image_masks.append(rmask)
@@ -429,12 +440,14 @@ class MVPTR(PretrainingModel):
         itm_labels = torch.zeros(n_pairs, dtype=torch.long, device=fused.device)
         itm_labels[:n] = 1
         losses["itm"] = itm_loss(itm_logits, itm_labels)
-        mlm_states = fused[:n] if single_pass else fused[n_pairs:]
-        losses["mlm"] = self.mlm_loss(mlm_states[:, :n_words], batch["mlm_labels"])
+        if mlm:
+            mlm_states = fused[:n] if single_pass else fused[n_pairs:]
+            losses["mlm"] = self.mlm_loss(mlm_states[:, :n_words], batch["mlm_labels"])
 
-        if p.wpg and self.cfg.switch("wpg_negatives") == "random_positive_pass":
+        wpg = p.wpg and "wpg" not in self.off
+        if wpg and self.cfg.switch("wpg_negatives") == "random_positive_pass":
             losses["wpg"] = self._wpg_from_positive_passes(fused[:n], n_words, txt.shape[1], text_mask_all[:n], rmask)
-        elif p.wpg:
+        elif wpg:
             # Eq. 2 on the positive pairs of the first half and their image negatives.
             n_neg_img = int(ok_img.sum())
             pairs = torch.cat([torch.arange(h, device=fused.device)[ok_img],

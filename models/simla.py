@@ -169,12 +169,16 @@ class SIMLAConfig(Readings):
 
 class SIMLA(PretrainingModel):
     objectives = ("itc", "itm", "mlm", "mim", "psl")
+    optional_objectives = ("mlm", "mim", "psl")
+    # §3.3: "We use ITC (Eq. 2) and ITM losses (Eq. 5) during fine-tuning" for retrieval.
+    retrieval_objectives = ("itc", "itm")
 
     def __init__(self, model_cfg, objectives_cfg, vocab: Vocab):
         super().__init__()
         s = model_cfg.simla
         self.cfg = s
         self.components = s.components()
+        self.off = objectives_cfg.switched_off(self.optional_objectives)
         self.negatives = objectives_cfg.negatives
         self.itm_negatives = objectives_cfg.itm_negatives
         self.vocab_size = vocab.size
@@ -242,14 +246,16 @@ class SIMLA(PretrainingModel):
         for p in self._momentum_params():
             p.requires_grad_(False)  # updated by EMA only; the optimiser never sees them
         # Without ITC (Table 1 row a) the projections and temperature only rank ITM negatives,
-        # without gradient, so DDP must allow parameters that receive none.
-        self.find_unused_parameters = "itc" not in self.components
+        # without gradient, so DDP must allow parameters that receive none; so must the heads of
+        # switched-off objectives.
+        self.find_unused_parameters = "itc" not in self.components or bool(self.off)
 
     @classmethod
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
         s, img = model_cfg.simla, model_cfg.image
-        mim = "mim" in s.components()
-        return InputSpec(pixels=True, mlm="mlm" in s.components(), mim=mim,
+        on = set(s.components()) - objectives_cfg.switched_off(cls.optional_objectives)
+        mim = "mim" in on
+        return InputSpec(pixels=True, mlm="mlm" in on, mim=mim,
                          mim_grid=img.img_size // img.patch_size if mim else 0,
                          mim_ratio=tuple(s.mim_ratio) if mim else (0.0, 0.0), mim_min_block=s.mim_min_block)
 
@@ -400,7 +406,7 @@ class SIMLA(PretrainingModel):
     # ----------------------------------------------------------------------------------------
 
     def forward(self, batch):
-        c = self.components
+        c = [o for o in self.components if o not in self.off]
         ids, mask, pixels, keys = batch["input_ids"], batch["attention_mask"].bool(), batch["pixels"], batch["image_key"]
         online = self._parts(False)
         grid = self.image.frozen_grid(pixels)  # a frozen trunk runs once for both models

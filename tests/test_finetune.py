@@ -76,6 +76,25 @@ def test_finetuning_a_model_pretrained_elsewhere_needs_the_task_shards(tmp_path)
         "data/tasks/vqa"
 
 
+@pytest.mark.parametrize("preset, off", [("mvptr_flickr8k_cpu", {"mcr", "wpg", "mlm"}),
+                                         ("simla_flickr8k_cpu", {"mlm", "mim", "psl"}),
+                                         ("semvlp_flickr8k_cpu", set()), ("reference_flickr8k", set())])
+def test_retrieval_fine_tuning_weights_off_what_the_paper_does_not_fine_tune_with(preset, off):
+    """MVPTR §4.2 (L_vsc + L_itm) and SIMLA §3.3 (ITC + ITM); SemVLP's paper and the dual encoder
+    name no retrieval objectives, so theirs continue. An override still wins."""
+    from alignlab.platform.config import to_dict
+    from alignlab.platform.finetune import task_config
+
+    base = to_dict(load_config(preset))
+    cfg = task_config("retrieval", "", base=base, overrides=["data.shards=data/flickr8k"])
+    assert cfg.objectives.weights == {o: 0.0 for o in off}
+    if off:
+        again = task_config("retrieval", "", base=base, overrides=["data.shards=data/flickr8k",
+                                                                    "objectives.weights.mlm=0.5"])
+        assert again.objectives.weights["mlm"] == 0.5
+        assert task_config("vqa", "", base=base, overrides=["data.shards=data/tasks/vqa"]).objectives.weights == {}
+
+
 @pytest.mark.slow
 def test_ablation_script_fine_tunes_each_trial_and_adds_a_column_per_task(ray_session, tmp_path, monkeypatch, capsys):
     """`--downstream vqa` on the main job, shrunk to one row: the trial's checkpoint and the

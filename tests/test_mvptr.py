@@ -495,6 +495,46 @@ def test_text_pass_decides_which_caption_vsc_itm_and_mlm_read(monkeypatch, text_
     torch.testing.assert_close(out.losses["mlm"], mlm, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("text_pass", ["separate", "single_masked"])
+def test_zero_weights_switch_off_mcr_wpg_and_mlm_as_retrieval_fine_tuning_does(monkeypatch, text_pass):
+    """§4.2 fine-tunes retrieval with L_vsc + L_itm alone: with MCR, WPG and MLM weighted 0 the
+    data stage prepares no masks, the model reads the clean caption and tags in one text pass
+    (the single masked pass has nothing to mask), returns only VSC and ITM, and the three
+    objectives' heads get no gradient."""
+    weights = ["objectives.weights.mcr=0", "objectives.weights.wpg=0", "objectives.weights.mlm=0"]
+    cfg = _cfg("full", f"model.mvptr.text_pass={text_pass}", *weights)
+    spec = MVPTR.input_spec(cfg.model, cfg.objectives)
+    assert not spec.mlm and not spec.mcr and not spec.random_phrases and spec.tags and spec.phrases
+    model = _model("full", f"model.mvptr.text_pass={text_pass}", *weights)
+    assert model.find_unused_parameters
+    batch = {k: v for k, v in _batch(4).items() if not k.startswith(("mlm_", "mcr_"))}
+    encoded = []
+    real_encode = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda ids, mask, phrases=None, pmask=None: (
+        encoded.append((ids, phrases)), real_encode(ids, mask, phrases, pmask))[1])
+    out = model(batch)
+    assert set(out.losses) == {"vsc", "itm"}
+    assert len(encoded) == 1 and torch.equal(encoded[0][0], batch["input_ids"]) \
+        and torch.equal(encoded[0][1], batch["phrase_ids"])
+    with torch.no_grad():
+        vis, _, _ = model.encode_image(batch)
+        txt, _ = real_encode(batch["input_ids"], batch["attention_mask"], batch["phrase_ids"], batch["phrase_mask"])
+        scale = model.log_scale.exp().clamp(max=100.0)
+        vsc = contrastive_loss(F.normalize(vis[:, 0], dim=-1), F.normalize(txt[:, 0], dim=-1), scale)
+    torch.testing.assert_close(out.losses["vsc"], vsc, rtol=1e-5, atol=1e-5)
+    model.zero_grad(set_to_none=True)
+    sum(out.losses.values()).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert not any(n.startswith(("mlm_head", "mcr_head")) for n in grads)
+    assert {"itm_head", "fusion_encoder", "visual_encoder", "text_encoder"} <= {n.split(".")[0] for n in grads}
+
+
+def test_a_zero_weight_on_vsc_or_itm_only_takes_it_out_of_the_sum():
+    """VSC's similarities draw ITM's negatives, so it is not optional: weighted 0 it is still computed."""
+    model = _model("full", "objectives.weights.vsc=0")
+    assert not model.off and set(model(_batch(4)).losses) == {"vsc", "mcr", "wpg", "mlm", "itm"}
+
+
 def test_official_tag_vocab_leaves_no_mcr_rate_unused():
     with pytest.raises(ConfigError, match="'objectives.mcr_prob' = 0.3 .* model.mvptr.tag_vocab=tag_classes"):
         _cfg("full", "model.mvptr.reading=official", "objectives.mcr_prob=0.3")

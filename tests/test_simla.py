@@ -16,7 +16,7 @@ from alignlab.models.base import Vocab
 from alignlab.models.objectives import distillation_loss, multilabel_bce, positive_targets, psl_targets
 from alignlab.models.registry import build_model
 from alignlab.models.base import IGNORE
-from alignlab.models.simla import TABLE1
+from alignlab.models.simla import SIMLA, TABLE1
 from alignlab.models.visual_tokenizers import DVAEEncoder, DVAEError, DVAETokenizer, RandomProjectionQuantizer
 from alignlab.platform.config import ConfigError, load_config
 from alignlab.platform.masking import bert_mask, block_mask
@@ -324,6 +324,31 @@ def test_flags_select_components_and_input_spec_follows():
     spec = tiny_cfg()
     full = build_model(spec.model, spec.objectives, Vocab(size=VOCAB)).input_spec(spec.model, spec.objectives)
     assert full.mim and full.mim_grid == 4 and full.mim_ratio == (0.35, 0.45)
+
+
+def test_zero_weights_switch_off_mlm_mim_and_psl_as_retrieval_fine_tuning_does():
+    """§3.3 fine-tunes retrieval with ITC and ITM alone: weighted 0, MLM, MIM and PSL are neither
+    prepared by the data stage nor computed, their heads keep every parameter (a pre-trained
+    checkpoint still loads) and get no gradient; ITC and ITM are those of the full model."""
+    weights = ("objectives.weights.mlm=0", "objectives.weights.mim=0", "objectives.weights.psl=0")
+    cfg = tiny_cfg(weights)
+    spec = SIMLA.input_spec(cfg.model, cfg.objectives)
+    assert spec.pixels and not spec.mlm and not spec.mim
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.objectives, Vocab(size=VOCAB))
+    full = tiny_model()
+    assert model.find_unused_parameters and model.state_dict().keys() == full.state_dict().keys()
+    batch = {k: v for k, v in make_batch().items() if not k.startswith(("mlm_", "mim_"))}
+    torch.manual_seed(1)
+    out = model(batch)
+    assert set(out.losses) == {"itc", "itm"}
+    torch.manual_seed(1)
+    want = full(make_batch())
+    torch.testing.assert_close(out.losses["itc"], want.losses["itc"])
+    torch.testing.assert_close(out.losses["itm"], want.losses["itm"])
+    grads = _params_reached(model, sum(out.losses.values()))
+    assert not any(n.startswith(("mlm_head", "mim_head", "psl_head", "mask_token")) for n in grads)
+    assert any(n.startswith("itm_head") for n in grads) and any(n.startswith("image.") for n in grads)
 
 
 # --------------------------------------------------------------------------------------------
