@@ -16,7 +16,7 @@ side.
 Task data: ``finetune.shards`` names the task's shard set (``{task}`` stands for the task's name;
 ``alignlab data build`` writes it). A model pre-trained on the embedded synthetic set defaults to
 the synthetic task sets beside it (``data/synth_tasks/<task>``, generated on first use;
-retrieval fine-tunes on the synthetic set itself).
+retrieval fine-tunes on the pre-training set itself unless ``finetune.shards`` names another).
 """
 from __future__ import annotations
 
@@ -49,10 +49,13 @@ def synthetic_task_shards(task: str, demo: str) -> str:
 
 
 def task_shards(finetune: config_lib.FinetuneConfig, pretraining_shards: str, demo: str) -> str:
-    """The task's shard set: ``finetune.shards`` with ``{task}`` filled in, else the synthetic task
-    set for a model pre-trained on the synthetic set ``demo``."""
+    """The task's shard set: ``finetune.shards`` with ``{task}`` filled in, else the pre-training
+    set itself for retrieval (its train split, scored on its evaluation split), else the synthetic
+    task set for a model pre-trained on the synthetic set ``demo``."""
     if finetune.shards:
         return finetune.shards.replace("{task}", finetune.task)
+    if finetune.task == "retrieval" and pretraining_shards:
+        return pretraining_shards
     if "://" not in pretraining_shards and os.path.abspath(pretraining_shards) == demo:
         return synthetic_task_shards(finetune.task, demo)
     raise ConfigError(f"config key 'finetune.shards' is empty, and the checkpoint was pre-trained on "
