@@ -496,7 +496,7 @@ def test_text_pass_decides_which_caption_vsc_itm_and_mlm_read(monkeypatch, text_
 
 
 @pytest.mark.parametrize("text_pass", ["separate", "single_masked"])
-def test_zero_weights_switch_off_mcr_wpg_and_mlm_as_retrieval_fine_tuning_does(monkeypatch, text_pass):
+def test_zero_weights_switch_off_mcr_wpg_and_mlm_as_retrieval_fine_tuning_does(monkeypatch, tmp_path, text_pass):
     """§4.2 fine-tunes retrieval with L_vsc + L_itm alone: with MCR, WPG and MLM weighted 0 the
     data stage prepares no masks, the model reads the clean caption and tags in one text pass
     (the single masked pass has nothing to mask), returns only VSC and ITM, and the three
@@ -505,6 +505,10 @@ def test_zero_weights_switch_off_mcr_wpg_and_mlm_as_retrieval_fine_tuning_does(m
     cfg = _cfg("full", f"model.mvptr.text_pass={text_pass}", *weights)
     spec = MVPTR.input_spec(cfg.model, cfg.objectives)
     assert not spec.mlm and not spec.mcr and not spec.random_phrases and spec.tags and spec.phrases
+    pre, row = _hand_stage(tmp_path, f"model.mvptr.text_pass={text_pass}", *weights)
+    prepared = pre(row)
+    assert {"tag_ids", "phrase_ids", "input_ids"} <= set(prepared)
+    assert not [k for k in prepared if k.startswith(("mlm_", "mcr_"))]
     model = _model("full", f"model.mvptr.text_pass={text_pass}", *weights)
     assert model.find_unused_parameters
     batch = {k: v for k, v in _batch(4).items() if not k.startswith(("mlm_", "mcr_"))}
