@@ -33,13 +33,18 @@ class PretrainingModel(nn.Module):
 
     #: Every loss name ``forward`` may return; objective weights are validated against it.
     objectives: tuple[str, ...] = ()
-    #: Those a zero weight switches off (``ObjectivesConfig.switched_off``): not computed, their
-    #: masks not prepared. The others feed objectives that stay (VSC's similarities draw ITM's
+    #: Those a zero weight switches off (:meth:`switched_off`): not computed, their masks not
+    #: prepared. The others feed objectives that stay (VSC's similarities draw ITM's
     #: negatives), so a zero weight only takes them out of the sum.
     optional_objectives: tuple[str, ...] = ()
     #: The objectives the paper fine-tunes retrieval with (``alignlab finetune retrieval`` weights
     #: the other optional ones 0); empty where the paper names none: pre-training's continue.
     retrieval_objectives: tuple[str, ...] = ()
+
+    @classmethod
+    def switched_off(cls, objectives_cfg) -> frozenset[str]:
+        """The optional objectives ``objectives_cfg`` weights 0."""
+        return frozenset(o for o in cls.optional_objectives if objectives_cfg.weights.get(o, 1.0) == 0)
 
     @classmethod
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:

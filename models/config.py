@@ -127,10 +127,6 @@ class ObjectivesConfig:
     # or take the hardest one.
     itm_negatives: Literal["sample", "hardest"] = "sample"
 
-    def switched_off(self, optional: tuple[str, ...]) -> frozenset[str]:
-        """The objectives of ``optional`` weighted 0."""
-        return frozenset(o for o in optional if self.weights.get(o, 1.0) == 0)
-
 
 # --------------------------------------------------------------------------------------------
 # Building from plain data, with validation

@@ -187,7 +187,7 @@ class MVPTR(PretrainingModel):
         super().__init__()
         cfg = model_cfg.mvptr
         self.parts = cfg.components
-        self.off = objectives_cfg.switched_off(self.optional_objectives)
+        self.off = self.switched_off(objectives_cfg)
         self.margin = cfg.wpg_margin
         self.negatives = objectives_cfg.negatives
         self.cfg = cfg
@@ -260,7 +260,7 @@ class MVPTR(PretrainingModel):
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
         cfg = model_cfg.mvptr
         parts = cfg.components
-        off = objectives_cfg.switched_off(cls.optional_objectives)
+        off = cls.switched_off(objectives_cfg)
         mlm = "mlm" not in off
         return InputSpec(regions=True, tags=parts.tags, phrases=parts.phrases, mlm=mlm,
                          mcr=parts.mcr and "mcr" not in off,

@@ -178,7 +178,7 @@ class SIMLA(PretrainingModel):
         s = model_cfg.simla
         self.cfg = s
         self.components = s.components()
-        self.off = objectives_cfg.switched_off(self.optional_objectives)
+        self.off = self.switched_off(objectives_cfg)
         self.negatives = objectives_cfg.negatives
         self.itm_negatives = objectives_cfg.itm_negatives
         self.vocab_size = vocab.size
@@ -253,7 +253,7 @@ class SIMLA(PretrainingModel):
     @classmethod
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
         s, img = model_cfg.simla, model_cfg.image
-        on = set(s.components()) - objectives_cfg.switched_off(cls.optional_objectives)
+        on = set(s.components()) - cls.switched_off(objectives_cfg)
         mim = "mim" in on
         return InputSpec(pixels=True, mlm="mlm" in on, mim=mim,
                          mim_grid=img.img_size // img.patch_size if mim else 0,
