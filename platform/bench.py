@@ -59,7 +59,9 @@ cores). CPU time and memory are read from ``/proc`` for this process and every p
   the synthetic set; streaming keeps the 10x row within 10% of the 1x one.
 * **data wait**: each architecture's ``Runner`` (one CPU worker) fed by that iteration through a
   ``LocalContext``: the trainer's own ``time/data_wait_fraction`` and samples/s over steps inside
-  the first epoch, after a warm-up. ``data_wait_flickr8k`` (opt-in, ``--sections``): the same
+  the first epoch, after a warm-up; then as many steps in alternating blocks fed by the stream
+  and by its batches replayed from memory, whose mean step times give ``stream_cost``, what the
+  data stage working beside the step costs it. ``data_wait_flickr8k`` (opt-in, ``--sections``): the same
   for each architecture's Flickr8k CPU preset on its own shards (``bench.yaml``'s
   ``ray_flickr8k`` plan; ``data/flickr8k``, built from ``../shared/data``).
 * **leftover**: the first architecture's training pipeline stopped after a few batches (the
@@ -82,6 +84,7 @@ pyarrow are installed (``experiments/gpu_check.sh``).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import itertools
@@ -89,6 +92,7 @@ import json
 import math
 import os
 import platform as host
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,7 +102,7 @@ import traceback
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -1399,11 +1403,38 @@ def bench_memory(report: Report, plan: list[dict[str, Any]], sets: dict[int, Pat
                                                         "ray_system_mib") if small[k] and large[k]}})
 
 
+class StreamOrReplay:
+    """A training stream's batches, or, while ``replay`` is set, the ones it last yielded (up to
+    ``keep``) again from memory: the same steps with and without the stream preparing batches
+    beside them. ``source`` names where the last batch came from."""
+
+    def __init__(self, stream: Iterable, keep: int):
+        self.stream, self.kept = iter(stream), collections.deque(maxlen=keep)
+        self.replay, self.source = False, ""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        replayed = 0
+        while True:
+            if self.replay and self.kept:
+                batch, self.source = self.kept[replayed % len(self.kept)], "memory"
+                replayed += 1
+            else:
+                batch = next(self.stream, None)
+                if batch is None:
+                    return
+                self.kept.append(batch)
+                self.source = "stream"
+            yield batch
+
+
 def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | None, warmup: int = WAIT_WARMUP_STEPS,
                     steps: int = WAIT_STEPS, name: str = "data wait") -> None:
     """Each architecture's Runner (its preset's size, one CPU worker) fed by the Ray pipeline as
     on Ray Train; the fraction is the trainer's own ``time/data_wait_fraction`` over ``steps``
     steps after ``warmup`` (its window closed once after the warm-up), inside the first epoch.
+    Then ``steps`` more in four alternating blocks, from the stream and replayed from memory
+    (:class:`StreamOrReplay`): ``stream_cost`` is the ratio of their mean step times, what the
+    data stage running beside the step costs it (interleaved, so a machine's drift cancels).
     ``root``: the shard set every preset reads; None: each preset's own (``ray_flickr8k``)."""
     from alignlab.platform.ingest import build_dataset
     from alignlab.platform.train import LocalContext, Runner, prepare, shard_batches
@@ -1411,7 +1442,9 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | Non
     compares = (f"the trainer's time/data_wait_fraction (time in next(batch) / wall time) of each architecture's "
                 f"Runner (its preset, one CPU worker) fed by build_dataset + streaming_split + shard_batches, "
                 f"over {steps} steps after {warmup}, inside the first epoch; the data workers share the machine's "
-                f"cores with the step")
+                f"cores with the step. Then {steps} steps in alternating blocks fed by the stream and by its "
+                f"batches replayed from memory: stream_cost = mean step from the stream / from memory")
+    block = max(1, steps // 4)
     with report.section(name, compares) as out:
         for entry in _architectures(plan):
             cfg = entry["cfg"] if root is None else on_shards(entry["cfg"], root)
@@ -1419,22 +1452,38 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | Non
             info = prepare(cfg)
             ds = build_dataset(cfg.data, cfg.objectives, _inputs(cfg), cfg.data.train_split, train=True, seed=cfg.seed)
             (shard,) = ds.streaming_split(1, equal=True)
-            ctx = LocalContext(lambda: shard_batches(shard, cfg.data, cfg.data.batch_size, torch.device("cpu")))
+            source = StreamOrReplay(shard_batches(shard, cfg.data, cfg.data.batch_size, torch.device("cpu")), block)
+            ctx = LocalContext(lambda: source)
             runner = Runner(cfg, info.spec, info.vocab, ctx, info.steps_per_epoch).setup()
             runner.model.train()
+
+            def step() -> float:
+                t0 = time.perf_counter()
+                if runner.train_step() is None:
+                    raise BenchError(f"{entry['name']}: the epoch ended inside the measured steps")
+                return time.perf_counter() - t0
+
             for _ in range(warmup):
                 runner.train_step()
             runner.log()
             for _ in range(steps):
-                if runner.train_step() is None:
-                    raise BenchError(f"{entry['name']}: the epoch ended inside the measured steps")
+                step()
             m = runner.log()
+            times: dict[str, list[float]] = {"stream": [], "memory": []}
+            for b in range(max(2, steps // block)):
+                source.replay = b % 2 == 1
+                for _ in range(block):
+                    dt = step()
+                    times[source.source].append(dt)
             runner.end_stream()
+            stream_ms, memory_ms = (1e3 * statistics.mean(times[k]) for k in ("stream", "memory"))
             out.append({"model": entry["name"], "preset": entry["preset"], "batch": cfg.data.batch_size,
                         "precision": cfg.precision.precision, "steps": steps,
                         "samples_per_s": m["throughput/samples_per_s"],
                         "step_ms": 1e3 * cfg.data.batch_size / m["throughput/samples_per_s"],
-                        "data_wait": m["time/data_wait_fraction"]})
+                        "data_wait": m["time/data_wait_fraction"],
+                        "step_ms_stream": stream_ms, "step_ms_memory": memory_ms,
+                        "stream_cost": stream_ms / memory_ms})
             report.write()
             del runner, shard, ds
             gc.collect()

@@ -316,6 +316,21 @@ def test_epochs_and_data_wait_sections_rows_have_their_fields(ray_synth_root, ra
         assert row["max_gap_s"] >= row["boundary_s"]
     (row,) = wait["rows"]
     assert row["steps"] == 2 and 0 <= row["data_wait"] <= 1 and row["samples_per_s"] > 0
+    assert row["step_ms_stream"] > 0 and row["step_ms_memory"] > 0
+    assert row["stream_cost"] == pytest.approx(row["step_ms_stream"] / row["step_ms_memory"])
+
+
+def test_stream_or_replay_replays_the_last_batches_it_streamed_and_names_their_source():
+    source = bench.StreamOrReplay(range(10), keep=2)  # an iterable, as shard_batches returns
+    it = iter(source)
+    got = [(next(it), source.source) for _ in range(3)]
+    source.replay = True
+    got += [(next(it), source.source) for _ in range(3)]
+    source.replay = False
+    got += [(next(it), source.source) for _ in range(2)]
+    assert got == [(0, "stream"), (1, "stream"), (2, "stream"), (1, "memory"), (2, "memory"), (1, "memory"),
+                   (3, "stream"), (4, "stream")]
+    assert list(bench.StreamOrReplay([], keep=2)) == []
 
 
 @pytest.mark.timeout(300)
