@@ -59,9 +59,10 @@ cores). CPU time and memory are read from ``/proc`` for this process and every p
   the synthetic set; streaming keeps the 10x row within 10% of the 1x one.
 * **data wait**: each architecture's ``Runner`` (one CPU worker) fed by that iteration through a
   ``LocalContext``: the trainer's own ``time/data_wait_fraction`` and samples/s over steps inside
-  the first epoch, after a warm-up; then as many steps in alternating blocks fed by the stream
-  and by its batches replayed from memory, whose mean step times give ``stream_cost``, what the
-  data stage working beside the step costs it. ``data_wait_flickr8k`` (opt-in, ``--sections``): the same
+  the first epoch, after a warm-up; then four alternating blocks of a quarter as many steps, fed
+  by the stream and by its batches replayed from memory, whose mean step times give
+  ``stream_cost``, what the data stage working beside the step costs it.
+  ``data_wait_flickr8k`` (opt-in, ``--sections``): the same
   for each architecture's Flickr8k CPU preset on its own shards (``bench.yaml``'s
   ``ray_flickr8k`` plan; ``data/flickr8k``, built from ``../shared/data``).
 * **leftover**: the first architecture's training pipeline stopped after a few batches (the
@@ -1432,19 +1433,19 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | Non
     """Each architecture's Runner (its preset's size, one CPU worker) fed by the Ray pipeline as
     on Ray Train; the fraction is the trainer's own ``time/data_wait_fraction`` over ``steps``
     steps after ``warmup`` (its window closed once after the warm-up), inside the first epoch.
-    Then ``steps`` more in four alternating blocks, from the stream and replayed from memory
-    (:class:`StreamOrReplay`): ``stream_cost`` is the ratio of their mean step times, what the
+    Then four alternating blocks of ``steps // 4`` steps (at least 1), from the stream and
+    replayed from memory (:class:`StreamOrReplay`): ``stream_cost`` is the ratio of their mean step times, what the
     data stage running beside the step costs it (interleaved, so a machine's drift cancels).
     ``root``: the shard set every preset reads; None: each preset's own (``ray_flickr8k``)."""
     from alignlab.platform.ingest import build_dataset
     from alignlab.platform.train import LocalContext, Runner, prepare, shard_batches
 
+    block = max(1, steps // 4)
     compares = (f"the trainer's time/data_wait_fraction (time in next(batch) / wall time) of each architecture's "
                 f"Runner (its preset, one CPU worker) fed by build_dataset + streaming_split + shard_batches, "
                 f"over {steps} steps after {warmup}, inside the first epoch; the data workers share the machine's "
-                f"cores with the step. Then {steps} steps in alternating blocks fed by the stream and by its "
+                f"cores with the step. Then 4 alternating blocks of {block} steps fed by the stream and by its "
                 f"batches replayed from memory: stream_cost = mean step from the stream / from memory")
-    block = max(1, steps // 4)
     with report.section(name, compares) as out:
         for entry in _architectures(plan):
             cfg = entry["cfg"] if root is None else on_shards(entry["cfg"], root)
@@ -1470,7 +1471,7 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | Non
                 step()
             m = runner.log()
             times: dict[str, list[float]] = {"stream": [], "memory": []}
-            for b in range(max(2, steps // block)):
+            for b in range(4):
                 source.replay = b % 2 == 1
                 for _ in range(block):
                     dt = step()
