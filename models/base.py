@@ -42,6 +42,16 @@ class PretrainingModel(nn.Module):
     retrieval_objectives: tuple[str, ...] = ()
 
     @classmethod
+    def retrieval_finetuning(cls, model_cfg) -> dict:
+        """What ``alignlab finetune retrieval`` lays over the checkpoint's config (nested, as a
+        preset): weight 0, which switches them off, for the optional objectives its paper does
+        not fine-tune retrieval with; nothing where the paper names no retrieval objectives."""
+        if not cls.retrieval_objectives:
+            return {}
+        return {"objectives": {"weights": {o: 0.0 for o in cls.optional_objectives
+                                           if o not in cls.retrieval_objectives}}}
+
+    @classmethod
     def switched_off(cls, objectives_cfg) -> frozenset[str]:
         """The optional objectives ``objectives_cfg`` weights 0."""
         return frozenset(o for o in cls.optional_objectives if objectives_cfg.weights.get(o, 1.0) == 0)

@@ -24,10 +24,11 @@ The tasks, with the papers' heads:
   [CLS] with the region's fused state (MVPTR §4.2, "Visual Grounding"), trained as binary
   classification with IoU >= 0.5 positives; accuracy of the top region at IoU >= 0.5.
 * ``retrieval``: the architecture's own objectives continued on the task's train split, those
-  its paper fine-tunes retrieval with (``PretrainingModel.retrieval_objectives``: MVPTR's L_vsc +
-  L_itm, §4.2; SIMLA's ITC + ITM, §3.3; the platform weights the others 0, which switches them
-  off), else all of its pre-training objectives; scored by the retrieval evaluation; no head, so
-  no :class:`TaskModel`.
+  its paper fine-tunes retrieval with (``PretrainingModel.retrieval_finetuning``: MVPTR's L_vsc +
+  L_itm, §4.2; SIMLA's ITC + ITM, §3.3; SemVLP's ITM in its evaluated mode with hard pairs, our
+  reading of §3.3.3; the platform weights the others 0, which switches them off), else all of
+  its pre-training objectives; scored by the retrieval evaluation; no head, so no
+  :class:`TaskModel`.
 
 Readings: MVPTR's "task-specific MLP" is read as UNITER's and VinVL's two-layer classifier
 (Linear 2d, GELU, LayerNorm, Linear); the grounding similarity's temperature is learnt (cosine

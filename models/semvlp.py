@@ -55,6 +55,17 @@ Readings where the paper leaves a choice:
 * The mismatched sentence is drawn uniformly from the local batch's captions of other images
   (LXMERT samples at random, not hard negatives); a row whose batch has no such caption stays
   matched. One pass serves every task, as in LXMERT, so ITM sees the masked inputs too.
+* Retrieval fine-tuning: the paper's settings are in a supplement we do not have. §3.3.3 fine-tunes
+  in one mode (Table 5: single-stream is better on every task), cross-modality read from h_CLS,
+  so ``alignlab finetune retrieval`` pins the step's mode to ``eval_mode`` (``single_prob`` 1 or 0),
+  keeps ITM alone (the masked-prediction tasks are ``optional_objectives``, weighted 0 there) and
+  draws its negatives hard (``itm_pairs: hard``), as the single-stream models SemVLP compares
+  with fine-tune retrieval (UNITER's hard negatives; ALBEF's sampling ∝ exp(S/τ)): the evaluation
+  re-ranks a shortlist's near misses, which LXMERT's random captions seldom resemble. SemVLP has
+  no contrastive similarity to draw them from, so S is the cosine of the captions' text-stream
+  states, mean-pooled (the sentence representation MiniLM, the CPU presets' initialisation, was
+  trained for), at temperature ``hard_temperature``: a caption like this image's own is its hard
+  negative text, and the image of a caption like this one its hard negative image.
 * Retrieval (§4, evaluated as MVPTR's): SemVLP has no contrastive objective, so the uni-modal
   embeddings (:meth:`embed_images`, :meth:`embed_texts`) only shortlist candidates; the ranking
   that matters is the ITM re-ranking in ``semvlp.eval_mode`` (Table 5: single-stream by default).
@@ -71,7 +82,8 @@ from torch import nn
 from alignlab.models.base import (IGNORE, Ablation, ConfigError, InputSpec, ModelOutput, ModelSpec, PretrainingModel,
                                   Vocab)
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, RegionEmbeddings, TextEmbeddings,
-                                    TransformerEncoder, TransformerSize, bert_layer_plan, init_weights)
+                                    TransformerEncoder, TransformerSize, bert_layer_plan, init_weights,
+                                    sentence_embedding)
 from alignlab.models.objectives import (feature_regression_loss, itm_loss, masked_token_loss,
                                         same_item_mask, sample_hard_negatives)
 
@@ -86,6 +98,7 @@ class SemVLPConfig:
     # mini-batch with probability ``single_prob`` of single-stream (§3.3.2: 0.5). "single" builds
     # no cross-modal attention at all.
     mode: Literal["single", "two", "both"] = "both"
+    # 1 or 0 pins mode "both" to one mode: fine-tuning runs in ``eval_mode`` (§3.3.3).
     single_prob: float = 0.5
     # L_s (§3.2.2): layers 1..L_s of the object stream are self-attention only, layers above
     # L_s also cross-attend to the text's last-layer states (the paper: 6 of 12).
@@ -96,15 +109,38 @@ class SemVLPConfig:
     # Image-QA answer classes (§3.3.1); 0 builds no QA head. Otherwise at least the lines of the
     # shard set's answers.txt (built from VQA / GQA); the head trains on question rows.
     num_answers: int = 0
+    # ITM's pairs: "random" (§3.3.1 after LXMERT: half the sentences replaced by a caption of
+    # another image drawn uniformly from the batch) or "hard" (every pair kept, plus one negative
+    # caption per image and one negative image per caption drawn ∝ exp(S/τ) over the batch's
+    # caption similarities, τ = ``hard_temperature``; retrieval fine-tuning, see the module's
+    # readings).
+    itm_pairs: Literal["random", "hard"] = "random"
+    hard_temperature: float = 0.05
 
 
 MODES = ("single", "two")
 TASKS = ("mlm", "roi_regression", "object_label", "itm", "qa")
+# The masked-prediction tasks; a weight of 0 switches one off (ITM pairs every step's rows).
+PREDICTION_TASKS = ("mlm", "roi_regression", "object_label", "qa")
 BOX_DIM = 4  # l_j = (x1/W, y1/H, x2/W, y2/H), §3.1.1
+
+
+def run_modes(cfg: SemVLPConfig) -> tuple[str, ...]:
+    """The modes the steps run in: ``mode``'s, less one that ``single_prob`` of 0 or 1 never draws."""
+    if cfg.mode != "both":
+        return (cfg.mode,)
+    return ("single",) if cfg.single_prob >= 1.0 else ("two",) if cfg.single_prob <= 0.0 else MODES
+
+
+def resolved_eval_mode(cfg: SemVLPConfig) -> str:
+    """``eval_mode`` with "auto" resolved: single-stream unless pre-trained two-stream only."""
+    return cfg.eval_mode if cfg.eval_mode != "auto" else ("two" if cfg.mode == "two" else "single")
 
 
 class SemVLP(PretrainingModel):
     objectives = tuple(f"{task}_{mode}" for mode in MODES for task in TASKS)
+    optional_objectives = tuple(f"{task}_{mode}" for mode in MODES for task in PREDICTION_TASKS)
+    retrieval_objectives = tuple(f"itm_{mode}" for mode in MODES)
 
     def __init__(self, model_cfg, objectives_cfg, vocab: Vocab):
         super().__init__()
@@ -119,11 +155,14 @@ class SemVLP(PretrainingModel):
             raise ValueError(f"model.semvlp.num_answers = {cfg.num_answers} is smaller than the shard set's "
                              f"answers.txt ({len(vocab.answers)} answers); set model.semvlp.num_answers="
                              f"{len(vocab.answers)}")
-        self.modes = MODES if cfg.mode == "both" else (cfg.mode,)
+        self.modes = run_modes(cfg)
         self.single_prob = cfg.single_prob
         self.cross_layer = cfg.cross_layer
-        self.eval_mode = cfg.eval_mode if cfg.eval_mode != "auto" else ("two" if cfg.mode == "two" else "single")
+        self.eval_mode = resolved_eval_mode(cfg)
         self.mode = self.modes[0]  # until the trainer's first begin_step
+        self.off = self.switched_off(objectives_cfg)
+        self.itm_pairs, self.hard_temperature = cfg.itm_pairs, cfg.hard_temperature
+        self.negative_mode = objectives_cfg.itm_negatives
         size = TransformerSize(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
                                model_cfg.dropout)
         h, region_dim = size.hidden_size, model_cfg.image.region_dim
@@ -146,12 +185,23 @@ class SemVLP(PretrainingModel):
             ckpt.load_embeddings(self.text_embeddings)
             ckpt.load_encoder(self.encoder, bert_layer_plan(ckpt.num_layers, model_cfg.num_layers, 0))
         # Single-stream steps leave the cross-attention without gradient, caption-only batches the
-        # QA head.
-        self.find_unused_parameters = cfg.mode == "both" or self.qa_head is not None
+        # QA head, a switched-off task its head.
+        self.find_unused_parameters = cfg.mode == "both" or self.qa_head is not None or bool(self.off)
 
     @classmethod
     def input_spec(cls, model_cfg, objectives_cfg) -> InputSpec:
-        return InputSpec(regions=True, mlm=True, objects=True, qa=model_cfg.semvlp.num_answers > 0)
+        cfg = model_cfg.semvlp
+        on = {f"{t}_{m}" for t in PREDICTION_TASKS for m in run_modes(cfg)} - cls.switched_off(objectives_cfg)
+        return InputSpec(regions=True, mlm=any(o.startswith("mlm_") for o in on),
+                         objects=any(o.startswith(("roi_regression_", "object_label_")) for o in on),
+                         qa=cfg.num_answers > 0 and any(o.startswith("qa_") for o in on))
+
+    @classmethod
+    def retrieval_finetuning(cls, model_cfg) -> dict:
+        """ITM alone, in ``eval_mode``, with hard negatives (the module's readings)."""
+        cfg = model_cfg.semvlp
+        pinned = {"single_prob": 1.0 if resolved_eval_mode(cfg) == "single" else 0.0} if cfg.mode == "both" else {}
+        return {**super().retrieval_finetuning(model_cfg), "model": {"semvlp": {"itm_pairs": "hard", **pinned}}}
 
     def begin_step(self, step: int, steps_per_epoch: int) -> None:
         """The step's mode: single-stream with probability ``single_prob``, from a generator seeded
@@ -229,31 +279,63 @@ class SemVLP(PretrainingModel):
         swap = valid & (torch.rand(n, device=image_key.device) < prob)
         return torch.where(swap, other, torch.arange(n, device=image_key.device)), ~swap
 
+    def hard_pairs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ITM pairing for ``itm_pairs: hard``: (image row, text row, matched) per pair. Every row's
+        own pair, then for each image one negative caption and for each caption one negative image,
+        drawn (``objectives.itm_negatives``) from softmax(S/τ) over the batch's captions of other
+        images, S the cosine of the captions' mean-pooled text-stream states (no gradient). The
+        local batch, as pre-training's random captions and ALBEF's: SemVLP gathers nothing across
+        workers."""
+        keys, mask = batch["image_key"], batch["attention_mask"]
+        rows = torch.arange(keys.shape[0], device=keys.device)
+        with torch.no_grad():
+            text = self.encoder(self.text_embeddings(batch["input_ids"]), mask.bool())[0]
+            sentence = F.normalize(sentence_embedding(text, mask, "mean").float(), dim=-1)
+            logits = sentence @ sentence.t() / self.hard_temperature
+        same = same_item_mask(keys, keys)
+        neg_text, ok_image = sample_hard_negatives(logits, same, self.negative_mode)
+        neg_image, ok_text = sample_hard_negatives(logits, same, self.negative_mode)
+        image_rows = torch.cat([rows, rows[ok_image], neg_image[ok_text]])
+        text_rows = torch.cat([rows, neg_text[ok_image], rows[ok_text]])
+        return image_rows, text_rows, image_rows == text_rows
+
     def forward(self, batch):
         mode = self.mode
-        text_rows, matched = self.mismatch(batch["image_key"])
-        objects, object_mask = self.embed_objects(batch["masked_region_features"], batch["boxes"],
-                                                  batch["region_mask"])
-        o, h = self.encode(mode, objects, object_mask, batch["mlm_input_ids"][text_rows],
+        on = {t for t in PREDICTION_TASKS if f"{t}_{mode}" not in self.off}
+        if self.itm_pairs == "hard":
+            image_rows, text_rows, matched = self.hard_pairs(batch)
+        else:
+            text_rows, matched = self.mismatch(batch["image_key"])
+            image_rows = torch.arange(len(text_rows), device=text_rows.device)
+        # A step whose masked-prediction tasks are all off reads the clean inputs.
+        predict_objects = bool(on & {"roi_regression", "object_label"})
+        features = batch["masked_region_features" if predict_objects else "region_features"]
+        objects, object_mask = self.embed_objects(features[image_rows], batch["boxes"][image_rows],
+                                                  batch["region_mask"][image_rows])
+        o, h = self.encode(mode, objects, object_mask, batch["mlm_input_ids" if "mlm" in on else "input_ids"][text_rows],
                            batch["attention_mask"][text_rows])
         regions = o[:, 1:]
         losses: dict[str, torch.Tensor] = {}
 
         # No masked-prediction loss on a mismatched pair (§3.3.1).
-        mlm_labels = batch["mlm_labels"][text_rows].masked_fill(~matched[:, None], IGNORE)
-        sel = mlm_labels != IGNORE
-        losses[f"mlm_{mode}"] = masked_token_loss(self.mlm_head(h[sel]), mlm_labels[sel])
-        masked = batch["object_mask"].bool() & matched[:, None]
-        losses[f"roi_regression_{mode}"] = feature_regression_loss(self.feature_head(regions[masked]),
-                                                                   batch["region_features"][masked])
-        labels = batch["object_labels"].masked_fill(~masked, IGNORE)
-        sel = labels != IGNORE
-        losses[f"object_label_{mode}"] = masked_token_loss(self.label_head(regions[sel]), labels[sel])
+        if "mlm" in on:
+            mlm_labels = batch["mlm_labels"][text_rows].masked_fill(~matched[:, None], IGNORE)
+            sel = mlm_labels != IGNORE
+            losses[f"mlm_{mode}"] = masked_token_loss(self.mlm_head(h[sel]), mlm_labels[sel])
+        if predict_objects:
+            masked = batch["object_mask"][image_rows].bool() & matched[:, None]
+        if "roi_regression" in on:
+            losses[f"roi_regression_{mode}"] = feature_regression_loss(
+                self.feature_head(regions[masked]), batch["region_features"][image_rows][masked])
+        if "object_label" in on:
+            labels = batch["object_labels"][image_rows].masked_fill(~masked, IGNORE)
+            sel = labels != IGNORE
+            losses[f"object_label_{mode}"] = masked_token_loss(self.label_head(regions[sel]), labels[sel])
 
         pooled = self.pooled(mode, o, h)
         itm_logits = self.itm_head(pooled)
         losses[f"itm_{mode}"] = itm_loss(itm_logits, matched)
-        if self.qa_head is not None and "answer_labels" in batch:
+        if self.qa_head is not None and "qa" in on and "answer_labels" in batch:
             answers = batch["answer_labels"][text_rows].masked_fill(~matched, IGNORE)
             losses[f"qa_{mode}"] = masked_token_loss(self.qa_head(pooled), answers)
 
@@ -281,8 +363,14 @@ def check_config(cfg) -> None:
     if s.mode == "single" and s.eval_mode == "two" or s.mode == "two" and s.eval_mode == "single":
         raise ConfigError(f"config key 'model.semvlp.eval_mode' = {s.eval_mode!r} was not pre-trained "
                           f"(model.semvlp.mode = {s.mode!r})")
-    if not 0.0 < s.single_prob < 1.0 and s.mode == "both":
-        raise ConfigError("config key 'model.semvlp.single_prob' must be in (0, 1) for mode 'both'")
+    if not 0.0 <= s.single_prob <= 1.0:
+        raise ConfigError(f"config key 'model.semvlp.single_prob' = {s.single_prob} must be in [0, 1]")
+    if s.mode == "both" and run_modes(s) != MODES and resolved_eval_mode(s) not in run_modes(s):
+        raise ConfigError(f"config key 'model.semvlp.single_prob' = {s.single_prob} runs every step "
+                          f"{run_modes(s)[0]}-stream, but eval_mode resolves to {resolved_eval_mode(s)!r}: "
+                          f"set model.semvlp.eval_mode={run_modes(s)[0]!r}")
+    if s.hard_temperature <= 0:
+        raise ConfigError(f"config key 'model.semvlp.hard_temperature' = {s.hard_temperature} must be > 0")
     if s.num_answers < 0:
         raise ConfigError("config key 'model.semvlp.num_answers' must be >= 0")
 

@@ -81,25 +81,20 @@ def task_config(task: str, checkpoint: str, preset: str = "", overrides: list[st
     data.setdefault("data", {})["compositional_split"] = ""
     data["finetune"] = {**data.get("finetune", {}), "task": task, "init": str(checkpoint)}
     if task == "retrieval":
-        objectives = data.get("objectives", {})
-        data["objectives"] = {**objectives, "weights": {
-            **objectives.get("weights", {}), **retrieval_weights(data.get("model", {}).get("architecture"))}}
+        data = config_lib._deep_merge(data, retrieval_finetuning(config_lib.load_config(data=data)))
     cfg = config_lib.load_config(data=data, overrides=list(overrides))
     if not any(o.split("=", 1)[0] == "data.shards" for o in overrides):
         cfg.data.shards = task_shards(cfg.finetune, pretrained.get("data", {}).get("shards", ""), demo or demo_root())
     return cfg
 
 
-def retrieval_weights(architecture: str | None) -> dict[str, float]:
-    """The objective weights of retrieval fine-tuning: 0 for each optional objective that the
-    architecture's paper does not fine-tune retrieval with (``retrieval_objectives``), which
-    switches it off; nothing where the paper names no retrieval objectives."""
+def retrieval_finetuning(cfg: Config) -> dict:
+    """What the architecture's retrieval fine-tuning lays over ``cfg`` (the checkpoint's config
+    with the fine-tuning preset), as a nested dict: its paper's objectives (and, for SemVLP, mode
+    and negatives; ``PretrainingModel.retrieval_finetuning``)."""
     from alignlab.models.registry import get_spec
 
-    model = get_spec(architecture or config_lib.ModelConfig().architecture).model
-    if not model.retrieval_objectives:
-        return {}
-    return {o: 0.0 for o in model.optional_objectives if o not in model.retrieval_objectives}
+    return get_spec(cfg.model.architecture).model.retrieval_finetuning(cfg.model)
 
 
 def ensure_task_data(cfg: Config) -> None:

@@ -76,12 +76,16 @@ def test_finetuning_a_model_pretrained_elsewhere_needs_the_task_shards(tmp_path)
         "data/tasks/vqa"
 
 
+SEMVLP_PREDICTION = {f"{t}_{m}" for t in ("mlm", "roi_regression", "object_label", "qa") for m in ("single", "two")}
+
+
 @pytest.mark.parametrize("preset, off", [("mvptr_flickr8k_cpu", {"mcr", "wpg", "mlm"}),
                                          ("simla_flickr8k_cpu", {"mlm", "mim", "psl"}),
-                                         ("semvlp_flickr8k_cpu", set()), ("reference_flickr8k", set())])
+                                         ("semvlp_flickr8k_cpu", SEMVLP_PREDICTION), ("reference_flickr8k", set())])
 def test_retrieval_fine_tuning_weights_off_what_the_paper_does_not_fine_tune_with(preset, off):
-    """MVPTR §4.2 (L_vsc + L_itm) and SIMLA §3.3 (ITC + ITM); SemVLP's paper and the dual encoder
-    name no retrieval objectives, so theirs continue. An override still wins."""
+    """MVPTR §4.2 (L_vsc + L_itm), SIMLA §3.3 (ITC + ITM), SemVLP ITM alone (our reading: its
+    paper's settings are in a supplement we lack); the dual encoder names none, so its objective
+    continues. An override still wins."""
     from alignlab.platform.config import to_dict
     from alignlab.platform.finetune import task_config
 
@@ -90,9 +94,26 @@ def test_retrieval_fine_tuning_weights_off_what_the_paper_does_not_fine_tune_wit
     assert cfg.objectives.weights == {o: 0.0 for o in off}
     assert cfg.data.shards == base["data"]["shards"]  # retrieval fine-tunes on the pre-training set
     if off:
-        again = task_config("retrieval", "", base=base, overrides=["objectives.weights.mlm=0.5"])
-        assert again.objectives.weights["mlm"] == 0.5
+        name = sorted(o for o in off if o.startswith("mlm"))[0]
+        again = task_config("retrieval", "", base=base, overrides=[f"objectives.weights.{name}=0.5"])
+        assert again.objectives.weights[name] == 0.5
         assert task_config("vqa", "", base=base, overrides=["data.shards=data/tasks/vqa"]).objectives.weights == {}
+
+
+@pytest.mark.parametrize("mode, eval_mode, single_prob", [("both", "auto", 1.0), ("both", "two", 0.0),
+                                                          ("single", "auto", 0.5)])
+def test_semvlp_retrieval_fine_tuning_runs_in_its_eval_mode_with_hard_negatives(mode, eval_mode, single_prob):
+    """§3.3.3 fine-tunes in one mode, the one evaluated: mode "both" is pinned to it; a model
+    pre-trained in one mode keeps it. Pre-training's random ITM pairs become hard ones."""
+    from alignlab.platform.config import to_dict
+    from alignlab.platform.finetune import task_config
+
+    base = to_dict(load_config("semvlp_flickr8k_cpu", [f"model.semvlp.mode={mode}",
+                                                       f"model.semvlp.eval_mode={eval_mode}"]))
+    assert load_config(data=base).model.semvlp.itm_pairs == "random"
+    s = task_config("retrieval", "", base=base).model.semvlp
+    assert (s.itm_pairs, s.single_prob) == ("hard", single_prob)
+    assert task_config("vqa", "", base=base, overrides=["data.shards=data/tasks/vqa"]).model.semvlp.itm_pairs == "random"
 
 
 @pytest.mark.slow

@@ -328,6 +328,84 @@ def test_retrieval_interface_and_eval_mode():
     assert _model().eval_mode == "single"  # Table 5: single-stream fine-tuning is better
 
 
+# --------------------------------------------------------------------------------------------
+# Retrieval fine-tuning: one mode, ITM alone, hard pairs
+# --------------------------------------------------------------------------------------------
+
+RETRIEVAL = ("model.semvlp.itm_pairs=hard", "model.semvlp.single_prob=1.0", "objectives.itm_negatives=hardest",
+             *(f"objectives.weights.{t}_{m}=0" for t in ("mlm", "roi_regression", "object_label", "qa")
+               for m in ("single", "two")))
+
+
+def _clean_batch(n=6, seed=1):
+    """What the CPU stage prepares with every masked-prediction task off: no masks."""
+    b = _batch(n, seed)
+    return {k: v for k, v in b.items() if k not in ("mlm_input_ids", "mlm_labels", "masked_region_features",
+                                                    "object_mask", "object_labels")}
+
+
+def test_single_prob_one_pins_every_step_to_single_stream():
+    model = _model("model.semvlp.single_prob=1.0")
+    for step in range(200):
+        model.begin_step(step, 10)
+        assert model.mode == "single"
+    assert model.modes == ("single",) and model.find_unused_parameters  # cross-attention stays, unused
+    with pytest.raises(ConfigError, match="model.semvlp.eval_mode='two'"):
+        _cfg("model.semvlp.single_prob=0.0", "model.semvlp.eval_mode=single")
+
+
+def test_switched_off_prediction_tasks_prepare_no_masks():
+    cfg = _cfg(*RETRIEVAL)
+    spec = SemVLP.input_spec(cfg.model, cfg.objectives)
+    assert not spec.mlm and not spec.objects and spec.regions
+    # Off in the pinned mode's tasks only is enough: two-stream steps never run.
+    cfg = _cfg("model.semvlp.single_prob=1.0", *(f"objectives.weights.{t}_single=0"
+                                                 for t in ("mlm", "roi_regression", "object_label")))
+    assert not SemVLP.input_spec(cfg.model, cfg.objectives).mlm
+    cfg = _cfg()
+    assert SemVLP.input_spec(cfg.model, cfg.objectives).mlm and SemVLP.input_spec(cfg.model, cfg.objectives).objects
+
+
+def test_hard_pairs_draw_the_most_similar_caption_of_another_image():
+    """Captions 0 and 3 are word for word the same (different images), so each is the other's
+    hardest negative (cosine 1); rows 4 and 5 show one image, so never each other's."""
+    model = _model(*RETRIEVAL)
+    b = _clean_batch()
+    b["input_ids"][3] = b["input_ids"][0]
+    b["image_key"] = torch.tensor([0, 1, 2, 3, 4, 4])
+    image_rows, text_rows, matched = model.hard_pairs(b)
+    n = 6
+    assert image_rows.shape == text_rows.shape == (3 * n,)
+    assert matched.tolist() == [True] * n + [False] * 2 * n
+    assert (image_rows[:n] == torch.arange(n)).all() and (text_rows[:n] == torch.arange(n)).all()
+    neg_caption = dict(zip(image_rows[n:2 * n].tolist(), text_rows[n:2 * n].tolist()))  # image -> caption
+    neg_image = dict(zip(text_rows[2 * n:].tolist(), image_rows[2 * n:].tolist()))  # caption -> image
+    assert neg_caption[0] == 3 and neg_caption[3] == 0 and neg_image[0] == 3 and neg_image[3] == 0
+    keys = b["image_key"]
+    assert (keys[image_rows[n:]] != keys[text_rows[n:]]).all()
+
+
+def test_retrieval_itm_loss_is_cross_entropy_over_positives_and_both_negatives(monkeypatch):
+    """ITM alone, on clean inputs: the loss equals the 2-way cross-entropy of each pair encoded by
+    itself, positives labelled 1 and the 2n negatives 0."""
+    model = _model(*RETRIEVAL).eval()
+    model.begin_step(0, 10)
+    b = _clean_batch()
+    out = model(b)
+    assert set(out.losses) == {"itm_single"}
+    image_rows, text_rows, matched = model.hard_pairs(b)
+    logits = []
+    for i, t in zip(image_rows.tolist(), text_rows.tolist()):
+        x, mask = model.embed_objects(b["region_features"][i:i + 1], b["boxes"][i:i + 1], b["region_mask"][i:i + 1])
+        o, h = model.encode("single", x, mask, b["input_ids"][t:t + 1], b["attention_mask"][t:t + 1])
+        logits.append(model.itm_head(model.pooled("single", o, h)))
+    expected = torch.nn.functional.cross_entropy(torch.cat(logits), matched.long())
+    torch.testing.assert_close(out.losses["itm_single"], expected, rtol=1e-4, atol=1e-5)
+    out.losses["itm_single"].backward()
+    assert model.itm_head.parameters().__next__().grad is not None
+    assert all(p.grad is None for p in model.mlm_head.parameters())
+
+
 def test_shared_encoder_initialises_from_bert(tmp_path):
     hf = save_tiny_bert(tmp_path / "bert", LAYERS)
     model = _model(f"model.text_init={tmp_path / 'bert'}")

@@ -57,6 +57,22 @@ def test_semvlp_demo_alternates_modes_on_two_workers_and_logs_per_mode_losses(ra
         for task in ("mlm", "roi_regression", "object_label", "itm"):
             assert math.isfinite(logged[f"loss/{task}_{mode}"]), (task, mode)
 
+    # Retrieval fine-tuning of that checkpoint on the same two workers: every step single-stream,
+    # ITM alone on hard pairs (the masked-prediction heads and the cross-attention get no
+    # gradient, which DDP must tolerate), the ITM re-ranked evaluation at its end.
+    from alignlab.platform.finetune import finetune
+
+    ft = finetune("retrieval", out["mlflow_run_id"], overrides=[
+        "optim.max_steps=4", "tracking.log_every=2", "tracking.checkpoint_every=4", "data.shuffle_buffer=0"],
+        mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    m = ft["metrics"]
+    assert m["train/step"] == 4 and m["model/mode_single"] == 1.0
+    assert {k for k in m if k.startswith("loss/") and k != "loss/total"} == {"loss/itm_single"}
+    # Twice as many negatives as positives: always predicting "no match" is 2/3 right, and the
+    # loss starts near the 2-way cross-entropy of a classifier at chance.
+    assert 0.3 < m["loss/itm_single"] < 1.5
+    assert m["downstream/retrieval/itm_pairs"] == 8 * 16 + 16 * 8
+
 
 def test_semvlp_trains_its_qa_head_on_real_vqa_rows(ray_session, tmp_path):
     """VQA v2 files -> QA shards (Ray build, SSD regions) -> the CPU stage's answer_labels -> a
