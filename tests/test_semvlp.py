@@ -2,7 +2,8 @@
 the cross-attention above L_s only; two-stream text never sees the image; the mode alternates at
 about 0.5 and identically on every rank; mismatched pairs carry no MLM or object loss; the object
 losses read masked objects only; the CPU stage masks objects and labels QA rows with their
-answers.txt index; BERT initialisation."""
+answers.txt index; BERT initialisation; retrieval fine-tuning's pinned mode, switched-off tasks and
+hard ITM pairs."""
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -385,7 +386,7 @@ def test_hard_pairs_draw_the_most_similar_caption_of_another_image():
     assert (keys[image_rows[n:]] != keys[text_rows[n:]]).all()
 
 
-def test_retrieval_itm_loss_is_cross_entropy_over_positives_and_both_negatives(monkeypatch):
+def test_retrieval_itm_loss_is_cross_entropy_over_positives_and_both_negatives():
     """ITM alone, on clean inputs: the loss equals the 2-way cross-entropy of each pair encoded by
     itself, positives labelled 1 and the 2n negatives 0."""
     model = _model(*RETRIEVAL).eval()
@@ -402,7 +403,7 @@ def test_retrieval_itm_loss_is_cross_entropy_over_positives_and_both_negatives(m
     expected = torch.nn.functional.cross_entropy(torch.cat(logits), matched.long())
     torch.testing.assert_close(out.losses["itm_single"], expected, rtol=1e-4, atol=1e-5)
     out.losses["itm_single"].backward()
-    assert model.itm_head.parameters().__next__().grad is not None
+    assert next(model.itm_head.parameters()).grad is not None
     assert all(p.grad is None for p in model.mlm_head.parameters())
 
 
