@@ -90,8 +90,8 @@ def task_config(task: str, checkpoint: str, preset: str = "", overrides: list[st
 
 def retrieval_finetuning(cfg: Config) -> dict:
     """What the architecture's retrieval fine-tuning lays over ``cfg`` (the checkpoint's config
-    with the fine-tuning preset), as a nested dict: its paper's objectives (and, for SemVLP, mode
-    and negatives; ``PretrainingModel.retrieval_finetuning``)."""
+    with the fine-tuning preset), as a nested dict: its paper's objectives, and whatever else its
+    reading of the paper's fine-tuning sets (``PretrainingModel.retrieval_finetuning``)."""
     from alignlab.models.registry import get_spec
 
     return get_spec(cfg.model.architecture).model.retrieval_finetuning(cfg.model)
