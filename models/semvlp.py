@@ -360,15 +360,12 @@ def check_config(cfg) -> None:
         raise ConfigError(f"config key 'model.semvlp.cross_layer' = {layers} leaves no cross-attending layer, so "
                           f"two-stream mode (model.semvlp.mode = {s.mode!r}) could not fuse; use L_s < "
                           f"{layers} or mode 'single'")
-    if s.mode == "single" and s.eval_mode == "two" or s.mode == "two" and s.eval_mode == "single":
-        raise ConfigError(f"config key 'model.semvlp.eval_mode' = {s.eval_mode!r} was not pre-trained "
-                          f"(model.semvlp.mode = {s.mode!r})")
     if not 0.0 <= s.single_prob <= 1.0:
         raise ConfigError(f"config key 'model.semvlp.single_prob' = {s.single_prob} must be in [0, 1]")
-    if s.mode == "both" and run_modes(s) != MODES and resolved_eval_mode(s) not in run_modes(s):
-        raise ConfigError(f"config key 'model.semvlp.single_prob' = {s.single_prob} runs every step "
-                          f"{run_modes(s)[0]}-stream, but eval_mode resolves to {resolved_eval_mode(s)!r}: "
-                          f"set model.semvlp.eval_mode={run_modes(s)[0]!r}")
+    if resolved_eval_mode(s) not in run_modes(s):
+        raise ConfigError(f"config key 'model.semvlp.eval_mode' = {s.eval_mode!r} scores in the "
+                          f"{resolved_eval_mode(s)}-stream mode, which no step trains (model.semvlp.mode = "
+                          f"{s.mode!r}, single_prob = {s.single_prob}): set model.semvlp.eval_mode={run_modes(s)[0]!r}")
     if s.hard_temperature <= 0:
         raise ConfigError(f"config key 'model.semvlp.hard_temperature' = {s.hard_temperature} must be > 0")
     if s.num_answers < 0:

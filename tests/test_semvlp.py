@@ -351,8 +351,13 @@ def test_single_prob_one_pins_every_step_to_single_stream():
         model.begin_step(step, 10)
         assert model.mode == "single"
     assert model.modes == ("single",) and model.find_unused_parameters  # cross-attention stays, unused
-    with pytest.raises(ConfigError, match="model.semvlp.eval_mode='two'"):
-        _cfg("model.semvlp.single_prob=0.0", "model.semvlp.eval_mode=single")
+    # One rule for a pinned mode and a single-mode model: the evaluated mode must be trained.
+    for pinned in (("model.semvlp.single_prob=0.0", "model.semvlp.eval_mode=single"),
+                   ("model.semvlp.mode=two", "model.semvlp.eval_mode=single")):
+        with pytest.raises(ConfigError, match="which no step trains.*model.semvlp.eval_mode='two'"):
+            _cfg(*pinned)
+    with pytest.raises(ConfigError, match="model.semvlp.eval_mode='single'"):
+        _cfg("model.semvlp.mode=single", "model.semvlp.eval_mode=two")
 
 
 def test_switched_off_prediction_tasks_prepare_no_masks():
