@@ -81,6 +81,11 @@ class InputSpec:
     image_pair: bool = False
     # RefCOCO+: ``target_box`` (B, 4), the referred object's normalised box.
     target_box: bool = False
+    # ``shortlist_scores`` (B, B): image i against caption j of the local batch, the cosine of the
+    # ``eval.shortlist`` retriever's embeddings, no gradient. Not a CPU-stage input: the trainer
+    # computes it on the worker (the retriever's own inputs join the stream), so a re-ranker can
+    # train on the near misses of the shortlist it will re-rank.
+    shortlist_scores: bool = False
 
     def unmasked(self) -> "InputSpec":
         """The same inputs without the pre-training objectives' masking (evaluation, fine-tuning

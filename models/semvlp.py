@@ -65,7 +65,11 @@ Readings where the paper leaves a choice:
   no contrastive similarity to draw them from, so S is the cosine of the captions' text-stream
   states, mean-pooled (the sentence representation MiniLM, the CPU presets' initialisation, was
   trained for), at temperature ``hard_temperature``: a caption like this image's own is its hard
-  negative text, and the image of a caption like this one its hard negative image.
+  negative text, and the image of a caption like this one its hard negative image. Where the
+  evaluation re-ranks another model's shortlist (``eval.shortlist``), ``itm_pairs: shortlist``
+  draws them instead from that retriever's image-caption similarities (``shortlist_scores``, the
+  trainer computes them), the near misses the re-ranking will meet, as re-rankers are trained on
+  their first stage's candidates.
 * Retrieval (§4, evaluated as MVPTR's): SemVLP has no contrastive objective, so the uni-modal
   embeddings (:meth:`embed_images`, :meth:`embed_texts`) only shortlist candidates; the ranking
   that matters is the ITM re-ranking in ``semvlp.eval_mode`` (Table 5: single-stream by default).
@@ -113,8 +117,9 @@ class SemVLPConfig:
     # another image drawn uniformly from the batch) or "hard" (every pair kept, plus one negative
     # caption per image and one negative image per caption drawn ∝ exp(S/τ) over the batch's
     # caption similarities, τ = ``hard_temperature``; retrieval fine-tuning, see the module's
-    # readings).
-    itm_pairs: Literal["random", "hard"] = "random"
+    # readings), or "shortlist": the same draw from the ``eval.shortlist`` retriever's image-caption
+    # similarities, the near misses of the ranking the evaluation re-ranks.
+    itm_pairs: Literal["random", "hard", "shortlist"] = "random"
     hard_temperature: float = 0.05
 
 
@@ -194,7 +199,8 @@ class SemVLP(PretrainingModel):
         on = {f"{t}_{m}" for t in PREDICTION_TASKS for m in run_modes(cfg)} - cls.switched_off(objectives_cfg)
         return InputSpec(regions=True, mlm=any(o.startswith("mlm_") for o in on),
                          objects=any(o.startswith(("roi_regression_", "object_label_")) for o in on),
-                         qa=cfg.num_answers > 0 and any(o.startswith("qa_") for o in on))
+                         qa=cfg.num_answers > 0 and any(o.startswith("qa_") for o in on),
+                         shortlist_scores=cfg.itm_pairs == "shortlist")
 
     @classmethod
     def retrieval_finetuning(cls, model_cfg) -> dict:
@@ -280,21 +286,27 @@ class SemVLP(PretrainingModel):
         return torch.where(swap, other, torch.arange(n, device=image_key.device)), ~swap
 
     def hard_pairs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ITM pairing for ``itm_pairs: hard``: (image row, text row, matched) per pair. Every row's
-        own pair, then for each image one negative caption and for each caption one negative image,
-        drawn (``objectives.itm_negatives``) from softmax(S/τ) over the batch's captions of other
-        images, S the cosine of the captions' mean-pooled text-stream states (no gradient). The
-        local batch, as pre-training's random captions and ALBEF's: SemVLP gathers nothing across
+        """ITM pairing for ``itm_pairs: hard`` and ``shortlist``: (image row, text row, matched)
+        per pair. Every row's own pair, then for each image one negative caption and for each
+        caption one negative image, drawn (``objectives.itm_negatives``) from softmax(S/τ) over
+        the batch's captions of other images (no gradient). S is, for ``hard``, the cosine of the
+        captions' mean-pooled text-stream states (image i stands for its caption i); for
+        ``shortlist``, ``shortlist_scores``, the retriever's image-caption cosine. The local
+        batch, as pre-training's random captions and ALBEF's: SemVLP gathers nothing across
         workers."""
-        keys, mask = batch["image_key"], batch["attention_mask"]
+        keys = batch["image_key"]
         rows = torch.arange(keys.shape[0], device=keys.device)
-        with torch.no_grad():
-            text = self.encoder(self.text_embeddings(batch["input_ids"]), mask.bool())[0]
-            sentence = F.normalize(sentence_embedding(text, mask, "mean").float(), dim=-1)
-            logits = sentence @ sentence.t() / self.hard_temperature
+        if self.itm_pairs == "shortlist":
+            scores = batch["shortlist_scores"].float()
+        else:
+            mask = batch["attention_mask"]
+            with torch.no_grad():
+                text = self.encoder(self.text_embeddings(batch["input_ids"]), mask.bool())[0]
+                sentence = F.normalize(sentence_embedding(text, mask, "mean").float(), dim=-1)
+                scores = sentence @ sentence.t()
         same = same_item_mask(keys, keys)
-        neg_text, ok_image = sample_hard_negatives(logits, same, self.negative_mode)
-        neg_image, ok_text = sample_hard_negatives(logits, same, self.negative_mode)
+        neg_text, ok_image = sample_hard_negatives(scores / self.hard_temperature, same, self.negative_mode)
+        neg_image, ok_text = sample_hard_negatives(scores.t() / self.hard_temperature, same, self.negative_mode)
         image_rows = torch.cat([rows, rows[ok_image], neg_image[ok_text]])
         text_rows = torch.cat([rows, neg_text[ok_image], rows[ok_text]])
         return image_rows, text_rows, image_rows == text_rows
@@ -302,7 +314,7 @@ class SemVLP(PretrainingModel):
     def forward(self, batch):
         mode = self.mode
         on = {t for t in PREDICTION_TASKS if f"{t}_{mode}" not in self.off}
-        if self.itm_pairs == "hard":
+        if self.itm_pairs != "random":
             image_rows, text_rows, matched = self.hard_pairs(batch)
         else:
             text_rows, matched = self.mismatch(batch["image_key"])

@@ -306,9 +306,13 @@ class Runner:
                                            betas=cfg.optim.betas, eps=cfg.optim.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg.optim))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        # The shortlist retriever: rank 0 evaluates with it; every rank scores its batches with
+        # it where the model trains on the shortlist's near misses (shortlist_scores).
+        self.scores_batches = downstream.input_spec(cfg.finetune.task, self.spec, cfg.model,
+                                                    cfg.objectives).shortlist_scores
         self.shortlist = None
-        if cfg.eval.shortlist and self.ctx.rank == 0:
-            self.shortlist = load_shortlist(cfg.eval.shortlist, map_location=device)[0]
+        if cfg.eval.shortlist and (self.ctx.rank == 0 or self.scores_batches):
+            self.shortlist = load_shortlist(cfg.eval.shortlist, map_location=device)[0].eval().requires_grad_(False)
         self.resume()
         return self
 
@@ -436,6 +440,8 @@ class Runner:
                 return None
             self.epoch_batches += 1
             sync = micro == accum - 1 or self.ctx.world == 1
+            if self.scores_batches:
+                batch = {**batch, "shortlist_scores": self.shortlist_scores(batch)}
             with contextlib.nullcontext() if sync else self.trained.no_sync():
                 with self.autocast():
                     out = self.trained(batch)
@@ -464,6 +470,14 @@ class Runner:
         self.step += 1
         self.window.add(means)
         return means
+
+    @torch.no_grad()
+    def shortlist_scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, B) cosine of the shortlist retriever's image i and caption j embeddings (its
+        embeddings are L2-normalised), the similarity its ranking sorts by."""
+        with self.autocast():
+            images, texts = self.shortlist.embed_images(batch), self.shortlist.embed_texts(batch)
+        return images.float() @ texts.float().t()
 
     def _skip_nonfinite(self, means: dict[str, float]) -> None:
         self.nonfinite_run += 1
@@ -911,7 +925,14 @@ def prepare(cfg: Config) -> Prepared:
             f"{train_uri}: the training split has {rows} rows, fewer than one optimiser step takes "
             f"(data.batch_size = {cfg.data.batch_size} x optim.grad_accum = {cfg.optim.grad_accum}); lower "
             f"data.batch_size or use a larger split")
-    return Prepared(spec=get_spec(cfg.model.architecture), vocab=vocab,
+    spec = get_spec(cfg.model.architecture)
+    if not cfg.eval.shortlist and downstream.input_spec(cfg.finetune.task, spec, cfg.model,
+                                                        cfg.objectives).shortlist_scores:
+        raise config_lib.ConfigError(
+            f"model.architecture {cfg.model.architecture!r} is configured to train on the shortlist retriever's "
+            f"near misses (shortlist_scores), but eval.shortlist is empty: set eval.shortlist=<the retriever's "
+            f"MLflow run id or checkpoint folder>, or draw the model's negatives another way")
+    return Prepared(spec=spec, vocab=vocab,
                     steps_per_epoch=rows // (cfg.data.batch_size * cfg.optim.grad_accum), train_rows=rows)
 
 
@@ -944,6 +965,8 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         path, _ = resolve_checkpoint(cfg.eval.shortlist, mlflow_uri)
         cfg = replace(cfg, eval=replace(cfg.eval, shortlist=path))
         eval_inputs = inputs.union(load_shortlist(path)[1])
+        if inputs.shortlist_scores:  # the trainer scores every batch with the retriever
+            inputs = eval_inputs
     counter = ingest.make_counter()
     evaluation = {"eval": (cfg.data.eval_split, eval_inputs, ())}
     if cfg.data.compositional_split:

@@ -26,6 +26,8 @@ class ToyConfig:
     width: int = 16
     # Steps (by the model's own step counter) whose loss is made NaN: the non-finite guard's probe.
     nan_steps: tuple[int, int] = (-1, -1)
+    # Asks the trainer for the eval.shortlist retriever's scores of every batch (shortlist_scores).
+    shortlist_scores: bool = False
 
 
 class Toy(PretrainingModel):
@@ -41,10 +43,11 @@ class Toy(PretrainingModel):
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / model_cfg.temperature)))
         self.nan_steps = set(model_cfg.toy.nan_steps)
         self.current = 0
+        self.seen_shortlist_scores: list[torch.Tensor] = []
 
     @classmethod
     def input_spec(cls, model_cfg, objectives_cfg):
-        return InputSpec(regions=True)
+        return InputSpec(regions=True, shortlist_scores=model_cfg.toy.shortlist_scores)
 
     def begin_step(self, step, steps_per_epoch):
         self.current = step
@@ -60,6 +63,8 @@ class Toy(PretrainingModel):
         loss = contrastive_loss(self.embed_images(batch), self.embed_texts(batch), clamp_logit_scale(self.log_scale))
         if self.current in self.nan_steps:
             loss = loss * float("nan")
+        if "shortlist_scores" in batch:
+            self.seen_shortlist_scores.append(batch["shortlist_scores"])
         return ModelOutput(losses={"toy": loss})
 
 
@@ -245,6 +250,36 @@ def test_an_epoch_without_a_batch_fails_instead_of_looping(tmp_path):
     with pytest.raises(ConfigError, match=r"train: the training split has 4 rows, fewer than one optimiser step takes "
                                           r"\(data.batch_size = 8 x optim.grad_accum = 1\)"):
         prepare(toy_config(f"data.shards={tmp_path}", "data.batch_size=8"))
+
+
+def test_a_model_asking_for_shortlist_scores_sees_the_retrievers_cosine_of_each_batch(tmp_path):
+    """A re-ranker that trains on its shortlist's near misses gets, with every batch, the frozen
+    eval.shortlist retriever's image-by-caption cosine (not its own), and cannot start without one."""
+    from alignlab.platform.checkpoint import load_trained
+    from alignlab.platform.synth import SynthConfig, generate
+    from alignlab.platform.train import prepare
+
+    data = batches()
+    trained = LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path / "retriever"))
+    Runner(toy_config(), TOY, VOCAB, trained, steps_per_epoch=4).setup().run()
+    retriever = str(trained.checkpoints()[0])
+    cfg = toy_config("model.toy.shortlist_scores=true", f"eval.shortlist={retriever}", "optim.max_steps=2",
+                     "precision.precision=fp32")
+    runner = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
+    assert not any(p.requires_grad for p in runner.shortlist.parameters())
+    _train(runner, 2)
+    _, shortlist, _ = load_trained(retriever)
+    for seen, batch in zip(runner.model.seen_shortlist_scores, data[:2], strict=True):
+        expected = shortlist.embed_images(batch) @ shortlist.embed_texts(batch).t()
+        assert seen.shape == (8, 8) and not seen.requires_grad
+        torch.testing.assert_close(seen, expected)
+    own = runner.model.embed_images(data[0]) @ runner.model.embed_texts(data[0]).t()
+    assert not torch.allclose(runner.model.seen_shortlist_scores[0], own)
+
+    generate(str(tmp_path / "synth"), SynthConfig(n_train_images=16, n_test_images=2, captions_per_image=1,
+                                                  family_size=1))
+    with pytest.raises(ConfigError, match="shortlist_scores.*eval.shortlist is empty: set eval.shortlist="):
+        prepare(toy_config(f"data.shards={tmp_path / 'synth'}", "model.toy.shortlist_scores=true"))
 
 
 def test_non_finite_steps_are_skipped_and_a_run_of_them_fails_naming_the_step():

@@ -391,6 +391,32 @@ def test_hard_pairs_draw_the_most_similar_caption_of_another_image():
     assert (keys[image_rows[n:]] != keys[text_rows[n:]]).all()
 
 
+def test_shortlist_pairs_draw_each_images_and_each_captions_nearest_miss_by_the_retriever():
+    """``itm_pairs: shortlist`` reads the retriever's image-by-caption scores, rows for the negative
+    caption of an image, columns for the negative image of a caption: here they differ, so a
+    transposed read would pick other rows."""
+    model = _model(*RETRIEVAL, "model.semvlp.itm_pairs=shortlist")
+    cfg = _cfg(*RETRIEVAL, "model.semvlp.itm_pairs=shortlist")
+    assert SemVLP.input_spec(cfg.model, cfg.objectives).shortlist_scores
+    assert not SemVLP.input_spec(_cfg(*RETRIEVAL).model, cfg.objectives).shortlist_scores
+    b = _clean_batch()
+    b["image_key"] = torch.tensor([0, 1, 2, 3, 4, 4])
+    scores = torch.rand(6, 6, generator=torch.Generator().manual_seed(3))
+    b["shortlist_scores"] = scores
+    image_rows, text_rows, matched = model.hard_pairs(b)
+    n = 6
+    assert matched.tolist() == [True] * n + [False] * 2 * n
+    others = scores.masked_fill(b["image_key"][:, None] == b["image_key"][None, :], -1.0)
+    best_caption, best_image = others.argmax(1), others.argmax(0)  # hardest mode: the nearest miss
+    assert (best_caption != best_image).any()
+    assert text_rows[n:2 * n].tolist() == best_caption[image_rows[n:2 * n]].tolist()
+    assert image_rows[2 * n:].tolist() == best_image[text_rows[2 * n:]].tolist()
+    assert sorted(image_rows[n:2 * n].tolist()) == sorted(text_rows[2 * n:].tolist()) == list(range(n))
+    b.pop("shortlist_scores")
+    with pytest.raises(KeyError, match="shortlist_scores"):
+        model.hard_pairs(b)
+
+
 def test_retrieval_itm_loss_is_cross_entropy_over_positives_and_both_negatives():
     """ITM alone, on clean inputs: the loss equals the 2-way cross-entropy of each pair encoded by
     itself, positives labelled 1 and the 2n negatives 0."""
