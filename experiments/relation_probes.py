@@ -42,17 +42,16 @@ from pathlib import Path
 import numpy as np
 
 
-def oracle_set(src: Path, dst: Path) -> int:
-    """Copies the synthetic set ``src`` to ``dst`` with each region's relational bag appended to
-    its features and the manifest's ``region_dim`` raised to match; returns the new width."""
+def with_region_extras(src: Path, dst: Path, extras, width: int, before_box: bool = False) -> None:
+    """Copies the synthetic set ``src`` to ``dst`` with ``extras(objects, i)`` (a list of
+    ``width`` - REGION_DIM floats) added to region i's features, after them or, with
+    ``before_box``, before the 6-d box (which then stays last, where the geometry term reads it),
+    and the manifest's ``region_dim`` raised to ``width``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from alignlab.platform.synth import OPPOSITE, REGION_DIM, SceneObject, relation
+    from alignlab.platform.synth import SceneObject
 
-    relations = list(OPPOSITE)
-    tags = [t for t in (src / "tags.txt").read_text().split("\n") if t]
-    width = REGION_DIM + len(relations) * len(tags)
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
     for path in sorted(dst.glob("*/*.parquet")):
@@ -61,14 +60,8 @@ def oracle_set(src: Path, dst: Path) -> int:
         features = []
         for feats, boxes, shapes in zip(rows["region_features"], rows["boxes"], rows["tags"]):
             objects = [SceneObject(s, "", "", tuple(b[:4])) for b, s in zip(boxes, shapes)]
-            with_bags = []
-            for i, (f, region) in enumerate(zip(feats, objects)):
-                bag = np.zeros((len(tags), len(relations)), np.float32)
-                for j, other in enumerate(objects):
-                    if j != i:
-                        bag[tags.index(other.shape), relations.index(relation(other, region))] = 1.0
-                with_bags.append(list(f) + bag.reshape(-1).tolist())
-            features.append(with_bags)
+            features.append([f[:-6] + extras(objects, i) + f[-6:] if before_box else f + extras(objects, i)
+                             for i, f in enumerate(feats)])
         column = pa.array(features, type=pa.list_(pa.list_(pa.float32(), width)))
         pq.write_table(table.set_column(table.schema.get_field_index("region_features"), "region_features", column),
                        path)
@@ -80,6 +73,38 @@ def oracle_set(src: Path, dst: Path) -> int:
 
     manifest = dst / "manifest.json"
     manifest.write_text(json.dumps(widen(json.loads(manifest.read_text())), indent=1))
+
+
+def oracle_set(src: Path, dst: Path) -> int:
+    """Copies the synthetic set ``src`` to ``dst`` with each region's relational bag appended to
+    its features; returns the new width."""
+    from alignlab.platform.synth import OPPOSITE, REGION_DIM, relation
+
+    relations = list(OPPOSITE)
+    tags = [t for t in (src / "tags.txt").read_text().split("\n") if t]
+
+    def bag(objects, i):
+        flags = np.zeros((len(tags), len(relations)), np.float32)
+        for j, other in enumerate(objects):
+            if j != i:
+                flags[tags.index(other.shape), relations.index(relation(other, objects[i]))] = 1.0
+        return flags.reshape(-1).tolist()
+
+    width = REGION_DIM + len(relations) * len(tags)
+    with_region_extras(src, dst, bag, width)
+    return width
+
+
+def shape_set(src: Path, dst: Path) -> int:
+    """Copies the synthetic set ``src`` to ``dst`` with each region's shape, a one-hot over
+    tags.txt, inserted before its box: which region is which, handed over, and no comparison;
+    returns the new width."""
+    from alignlab.platform.synth import REGION_DIM
+
+    tags = [t for t in (src / "tags.txt").read_text().split("\n") if t]
+    width = REGION_DIM + len(tags)
+    with_region_extras(src, dst, lambda objects, i: [float(objects[i].shape == t) for t in tags], width,
+                       before_box=True)
     return width
 
 
@@ -113,8 +138,62 @@ def with_relational_messages(embeddings, hidden: int):
     return RelationalMessages()
 
 
+def with_geometry_bias(model, num_heads: int, hidden: int = 64, directional: float = 0.0) -> None:
+    """Gives ``model``'s visual encoder a relative-geometry term in its self-attention between
+    regions: each head adds to the score of region i attending to region j an MLP of the pair's
+    geometry (j's centre minus i's, and the log ratios of their widths and heights), the
+    Object Relation Transformer's geometric attention (Herdade et al. 2019, after Hu et al. 2018)
+    with the offsets kept signed, since "left of" and "right of" differ only in sign. A head can
+    then gather the shapes that stand to one side of each region, which is the relational bag the
+    oracle hands over, with attention doing the comparison the Relation-Network term had to learn
+    inside its MLP. The last layer starts at zero, so training starts from the model as it was.
+    ``directional`` > 0 adds to head h a learnable slope (that value at the start) times the
+    offset along its own direction (left, right, up, down for heads 0-3, then again), an ALiBi-like
+    prior that makes heads look one way from the first step instead of having to find it."""
+    import torch
+    from torch import nn
+
+    class GeometryBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, num_heads))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+            self.slopes = nn.Parameter(torch.full((num_heads,), directional))
+            directions = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
+            self.register_buffer("directions", directions.repeat(num_heads, 1)[:num_heads], persistent=False)
+
+        def forward(self, box):
+            """(B, heads, K, K): the score added where region i (rows) attends to region j."""
+            centre = (box[..., :2] + box[..., 2:4]) / 2
+            size = box[..., 4:6].clamp_min(1e-3)
+            pair = torch.cat([centre[:, None, :, :] - centre[:, :, None, :],
+                              (size[:, None, :, :] / size[:, :, None, :]).log()], -1)  # [b, i, j]
+            along = pair[..., :2] @ self.directions.T * self.slopes  # [b, i, j, head]
+            return (self.mlp(pair) + along).permute(0, 3, 1, 2)
+
+    model.geometry_bias = GeometryBias()  # registered, so the optimiser and state_dict see it
+    encoder, embeddings = model.visual_encoder, model.region_embeddings
+    encoder_forward, embeddings_forward = encoder.forward, embeddings.forward
+    boxes = {}
+
+    def embed(features):
+        boxes["box"] = features[..., -6:]
+        return embeddings_forward(features)
+
+    def encode(x, mask=None, *args, **kwargs):
+        # the regions are the last K positions of the visual sequence ([CLS], tags, regions)
+        box = boxes.pop("box")
+        k = box.shape[1]
+        bias = x.new_zeros(x.shape[0], num_heads, x.shape[1], x.shape[1])
+        bias[:, :, -k:, -k:] = model.geometry_bias(box)
+        return encoder_forward(x, mask, *args, attn_bias=bias, **kwargs)
+
+    embeddings.forward, encoder.forward = embed, encode
+
+
 def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], threads: int,
-                 relational_messages: bool = False) -> None:
+                 relational_messages: bool = False, geometry_bias: float | None = None) -> None:
     import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
@@ -133,6 +212,8 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
     model = build_model(cfg.model, cfg.objectives, prepared.vocab)
     if relational_messages:
         model.region_embeddings = with_relational_messages(model.region_embeddings, cfg.model.hidden_size)
+    if geometry_bias is not None:
+        with_geometry_bias(model, cfg.model.num_heads, directional=geometry_bias)
     spec = prepared.spec.input_spec(cfg.model, cfg.objectives)
     uri = shards.child_uri(cfg.data.shards, cfg.data.train_split)
     clean_spec, files = ingest.split_inputs(spec, uri, train=False)
@@ -206,9 +287,10 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="probe", required=True)
-    oracle = sub.add_parser("oracle-set", help="copy a synthetic set with each region's relational bag")
-    oracle.add_argument("src", type=Path)
-    oracle.add_argument("dst", type=Path)
+    for name, what in (("oracle-set", "each region's relational bag"), ("shape-set", "each region's shape")):
+        copy = sub.add_parser(name, help=f"copy a synthetic set with {what}")
+        copy.add_argument("src", type=Path)
+        copy.add_argument("dst", type=Path)
     itm = sub.add_parser("itm", help="ITM asked for the relation alone")
     itm.add_argument("shards")
     itm.add_argument("--steps", type=int, default=2000)
@@ -216,15 +298,19 @@ def main() -> None:
     itm.add_argument("--threads", type=int, default=2)
     itm.add_argument("--relational-messages", action="store_true",
                      help="add a learned relational bag to each region's embedding (with_relational_messages)")
+    itm.add_argument("--geometry-bias", type=float, nargs="?", const=0.0, default=None, metavar="SLOPE",
+                     help="add relative box geometry to the visual encoder's attention (with_geometry_bias); "
+                          "SLOPE > 0 starts each head looking one way")
     # mvptr_demo's overrides (KEY=VALUE, e.g. model.image.region_dim=78) anywhere after the probe
     args, overrides = parser.parse_known_args()
-    if overrides and (args.probe == "oracle-set" or any("=" not in o or o.startswith("-") for o in overrides)):
+    if overrides and (args.probe != "itm" or any("=" not in o or o.startswith("-") for o in overrides)):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-    if args.probe == "oracle-set":
-        width = oracle_set(args.src, args.dst)
+    if args.probe != "itm":
+        width = (oracle_set if args.probe == "oracle-set" else shape_set)(args.src, args.dst)
         print(f"{args.dst}: regions of {width} features; train with model.image.region_dim={width}")
     else:
-        relation_itm(args.shards, args.steps, args.seed, overrides, args.threads, args.relational_messages)
+        relation_itm(args.shards, args.steps, args.seed, overrides, args.threads, args.relational_messages,
+                     args.geometry_bias)
 
 
 if __name__ == "__main__":

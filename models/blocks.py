@@ -60,12 +60,16 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None,
-                return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_attention: bool = False, attn_bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, k, v = self._heads(self.query(x)), self._heads(self.key(keys)), self._heads(self.value(keys))
         bias = None
         if key_mask is not None:
             bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill(~key_mask.bool(), torch.finfo(q.dtype).min)[:, None, None, :]
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+            bias = attn_bias if bias is None else (bias + attn_bias).clamp_min(torch.finfo(q.dtype).min)
         probs = None
         if return_attention:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
@@ -97,8 +101,9 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(size.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, return_attention: bool = False):
-        x, attn = self.attention(x, x, mask, return_attention)
+                context_mask: torch.Tensor | None = None, return_attention: bool = False,
+                attn_bias: torch.Tensor | None = None):
+        x, attn = self.attention(x, x, mask, return_attention, attn_bias)
         if context is not None:
             if self.crossattention is None:
                 raise ValueError("this layer has no cross-attention, but a context was given")
@@ -120,15 +125,16 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, return_attention: bool = False,
-                layers: slice = slice(None)):
-        """Runs ``layers`` (all by default). Context is used only by layers that cross-attend.
+                layers: slice = slice(None), attn_bias: torch.Tensor | None = None):
+        """Runs ``layers`` (all by default). Context is used only by layers that cross-attend;
+        ``attn_bias`` is added to every layer's self-attention scores.
         Returns the hidden states and, with ``return_attention``, the last layer's self-attention."""
         attn = None
         selected = self.layers[layers]
         for i, layer in enumerate(selected):
             ctx = context if layer.crossattention is not None else None
             x, a = layer(x, mask, ctx, context_mask if ctx is not None else None,
-                         return_attention and i == len(selected) - 1)
+                         return_attention and i == len(selected) - 1, attn_bias)
             attn = a if a is not None else attn
         return x, attn
 

@@ -93,6 +93,31 @@ def test_encoder_cross_from_and_padding_mask():
     assert attn.shape == (1, 2, 6, 6) and attn[..., 4:].abs().max() == 0
 
 
+def test_attention_bias_is_added_to_every_layers_self_attention_scores():
+    """A relative-position term: a bias of -1e4 on one key hides it as padding does; a per-head
+    bias reaches each head's probabilities as exp(bias) reweights them, with the padding still hidden."""
+    torch.manual_seed(0)
+    size = TransformerSize(16, 2, 32, dropout=0.0)
+    enc = TransformerEncoder(size, 2).eval()
+    x, mask = torch.randn(1, 6, 16), torch.tensor([[1, 1, 1, 1, 0, 0]]).bool()
+    hide = torch.zeros(1, 2, 6, 6)
+    hide[..., 3] = -1e4
+    hidden, _ = enc(x, torch.tensor([[1, 1, 1, 0, 0, 0]]).bool())
+    biased, _ = enc(x, mask, attn_bias=hide)
+    torch.testing.assert_close(biased[:, :3], hidden[:, :3])
+    bias = torch.randn(1, 2, 6, 6)
+    _, plain = enc(x, mask, return_attention=True)
+    _, attn = enc(x, mask, return_attention=True, attn_bias=bias)
+    assert attn[..., 4:].abs().max() == 0
+    layer = enc.layers[-1].attention  # the last layer's probabilities, from its own input
+    inner, _ = enc(x, mask, attn_bias=bias, layers=slice(0, 1))
+    q, k = layer._heads(layer.query(inner)), layer._heads(layer.key(inner))
+    scores = q @ k.transpose(-1, -2) / layer.head_dim ** 0.5 + bias
+    expected = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+    torch.testing.assert_close(attn, expected)
+    assert not torch.allclose(attn, plain)
+
+
 def test_vit_loads_a_checkpoint_file_through_timm(tmp_path):
     import timm
 
