@@ -12,6 +12,12 @@ question about `mvptr_demo` and prints its figures.
     python experiments/relation_probes.py itm data/synth_relbag --steps 2000 model.image.region_dim=78
     # the same without the oracle, the model given a pairwise term that can learn the bag itself
     python experiments/relation_probes.py itm data/synth --steps 2000 --relational-messages
+    # or a relative-geometry term in the visual encoder's attention: heads that look one way
+    # (slope 10), over the regions and the detector's tags placed at their regions' boxes
+    python experiments/relation_probes.py itm data/synth --steps 2000 --geometry-bias 10 --placed-tags
+    # each region's shape handed over (a one-hot before its box), for the term to compare
+    python experiments/relation_probes.py shape-set data/synth data/synth_shape
+    python experiments/relation_probes.py itm data/synth_shape --geometry-bias 10 model.image.region_dim=60
 
 **The relational bag** hands each region the comparison the caption's relation needs: 4 flags
 per shape of the set (24 on the synthetic set), one set for each other object of the scene at
@@ -138,7 +144,8 @@ def with_relational_messages(embeddings, hidden: int):
     return RelationalMessages()
 
 
-def with_geometry_bias(model, num_heads: int, hidden: int = 64, directional: float = 0.0) -> None:
+def with_geometry_bias(model, num_heads: int, hidden: int = 64, directional: float = 0.0,
+                       placed_tags: bool = False) -> None:
     """Gives ``model``'s visual encoder a relative-geometry term in its self-attention between
     regions: each head adds to the score of region i attending to region j an MLP of the pair's
     geometry (j's centre minus i's, and the log ratios of their widths and heights), the
@@ -149,7 +156,9 @@ def with_geometry_bias(model, num_heads: int, hidden: int = 64, directional: flo
     inside its MLP. The last layer starts at zero, so training starts from the model as it was.
     ``directional`` > 0 adds to head h a learnable slope (that value at the start) times the
     offset along its own direction (left, right, up, down for heads 0-3, then again), an ALiBi-like
-    prior that makes heads look one way from the first step instead of having to find it."""
+    prior that makes heads look one way from the first step instead of having to find it.
+    ``placed_tags``: the detector's tags (one a region, in box order) take their region's box in
+    the term too, so a tag, which names its shape outright, is placed where its region stands."""
     import torch
     from torch import nn
 
@@ -184,6 +193,10 @@ def with_geometry_bias(model, num_heads: int, hidden: int = 64, directional: flo
     def encode(x, mask=None, *args, **kwargs):
         # the regions are the last K positions of the visual sequence ([CLS], tags, regions)
         box = boxes.pop("box")
+        if placed_tags:
+            if x.shape[1] != 1 + 2 * box.shape[1]:
+                raise ValueError("placed tags need one tag a region (data.max_tags = data.max_regions)")
+            box = torch.cat([box, box], 1)
         k = box.shape[1]
         bias = x.new_zeros(x.shape[0], num_heads, x.shape[1], x.shape[1])
         bias[:, :, -k:, -k:] = model.geometry_bias(box)
@@ -193,7 +206,8 @@ def with_geometry_bias(model, num_heads: int, hidden: int = 64, directional: flo
 
 
 def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], threads: int,
-                 relational_messages: bool = False, geometry_bias: float | None = None) -> None:
+                 relational_messages: bool = False, geometry_bias: float | None = None,
+                 placed_tags: bool = False) -> None:
     import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
@@ -213,7 +227,7 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
     if relational_messages:
         model.region_embeddings = with_relational_messages(model.region_embeddings, cfg.model.hidden_size)
     if geometry_bias is not None:
-        with_geometry_bias(model, cfg.model.num_heads, directional=geometry_bias)
+        with_geometry_bias(model, cfg.model.num_heads, directional=geometry_bias, placed_tags=placed_tags)
     spec = prepared.spec.input_spec(cfg.model, cfg.objectives)
     uri = shards.child_uri(cfg.data.shards, cfg.data.train_split)
     clean_spec, files = ingest.split_inputs(spec, uri, train=False)
@@ -301,6 +315,8 @@ def main() -> None:
     itm.add_argument("--geometry-bias", type=float, nargs="?", const=0.0, default=None, metavar="SLOPE",
                      help="add relative box geometry to the visual encoder's attention (with_geometry_bias); "
                           "SLOPE > 0 starts each head looking one way")
+    itm.add_argument("--placed-tags", action="store_true",
+                     help="with --geometry-bias: each tag takes its region's box in the term")
     # mvptr_demo's overrides (KEY=VALUE, e.g. model.image.region_dim=78) anywhere after the probe
     args, overrides = parser.parse_known_args()
     if overrides and (args.probe != "itm" or any("=" not in o or o.startswith("-") for o in overrides)):
@@ -309,8 +325,10 @@ def main() -> None:
         width = (oracle_set if args.probe == "oracle-set" else shape_set)(args.src, args.dst)
         print(f"{args.dst}: regions of {width} features; train with model.image.region_dim={width}")
     else:
+        if args.placed_tags and args.geometry_bias is None:
+            parser.error("--placed-tags places the tags in the geometry term: add --geometry-bias")
         relation_itm(args.shards, args.steps, args.seed, overrides, args.threads, args.relational_messages,
-                     args.geometry_bias)
+                     args.geometry_bias, args.placed_tags)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """experiments/relation_probes.py's sets and geometry term. The oracle set: each region's
 relational bag is the generator's own relation rule on the scene's boxes, the original features
 are kept, and the shards still validate with the manifest's new width (what a run then reads).
-The shape set: each region's shape before its box. The geometry term: zero at the start, and a
-directional slope makes a head look one way."""
+The shape set: each region's shape before its box. The geometry term: zero at the start, a
+directional slope makes a head look one way, and placed tags take their regions' boxes."""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from alignlab.platform.shards import read_manifest, validate_shards
 from alignlab.platform.synth import OPPOSITE, REGION_DIM, SHAPES, SynthConfig, generate
@@ -91,4 +92,13 @@ def test_geometry_term_starts_at_zero_and_a_directional_slope_looks_one_way():
     assert bias.shape == (2, 4, 3, 3)
     torch.testing.assert_close(bias[0, :, 1], torch.tensor([[3.0, 0.0, -3.0], [-3.0, 0.0, 3.0],
                                                             [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
-    assert not torch.allclose(model.encode_image(batch)[0], before)
+    regions_only = model.encode_image(batch)[0]
+    assert not torch.allclose(regions_only, before)
+    # Placed tags: tag i takes region i's box, so the term now also reaches the tag positions.
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.objectives, vocab).eval()
+    probes.with_geometry_bias(model, cfg.model.num_heads, directional=10.0, placed_tags=True)
+    placed = model.encode_image(batch)[0]
+    assert not torch.allclose(placed[:, 1:4], regions_only[:, 1:4])
+    with pytest.raises(ValueError, match="one tag a region"):
+        model.encode_image({**batch, "tag_ids": batch["tag_ids"][:, :2], "tag_mask": batch["tag_mask"][:, :2]})
