@@ -15,6 +15,8 @@ question about `mvptr_demo` and prints its figures.
     # or a relative-geometry term in the visual encoder's attention: heads that look one way
     # (slope 10), over the regions and the detector's tags placed at their regions' boxes
     python experiments/relation_probes.py itm data/synth --steps 2000 --geometry-bias 10 --placed-tags
+    # both inside pre-training: mvptr_demo's own losses on other rows each step (weight 0: alone)
+    python experiments/relation_probes.py itm data/synth --steps 1600 --geometry-bias 10 --placed-tags --pretraining
     # each region's shape handed over (a one-hot before its box), for the term to compare
     python experiments/relation_probes.py shape-set data/synth data/synth_shape
     python experiments/relation_probes.py itm data/synth_shape --geometry-bias 10 model.image.region_dim=60
@@ -207,7 +209,7 @@ def with_geometry_bias(model, num_heads: int, hidden: int = 64, directional: flo
 
 def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], threads: int,
                  relational_messages: bool = False, geometry_bias: float | None = None,
-                 placed_tags: bool = False) -> None:
+                 placed_tags: bool = False, pretraining: bool = False, relation_weight: float = 1.0) -> None:
     import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
@@ -215,9 +217,9 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
     from alignlab.models.registry import build_model
     from alignlab.platform import ingest, shards
     from alignlab.platform.config import load_config
-    from alignlab.platform.evaluate import evaluate_compositional
+    from alignlab.platform.evaluate import evaluate_compositional, evaluate_retrieval
     from alignlab.platform.synth import OPPOSITE
-    from alignlab.platform.train import prepare
+    from alignlab.platform.train import prepare, weighted_total
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -232,7 +234,11 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
     uri = shards.child_uri(cfg.data.shards, cfg.data.train_split)
     clean_spec, files = ingest.split_inputs(spec, uri, train=False)
     preprocess = ingest.Preprocessor(cfg.data, cfg.objectives, clean_spec, train=False)
-    columns = ingest.read_schema(files, ingest.columns_for(clean_spec), uri).names
+    train_spec, _ = ingest.split_inputs(spec, uri, train=True)
+    # pre-training's own rows: masked for MLM and MCR, drawn anew each time
+    pretraining_rows = ingest.Preprocessor(cfg.data, cfg.objectives, train_spec, train=True, seed=seed)
+    wanted = set(ingest.columns_for(clean_spec)) | (set(ingest.columns_for(train_spec)) if pretraining else set())
+    columns = ingest.read_schema(files, sorted(wanted), uri).names
     rows: dict[str, list] = {c: [] for c in columns}
     for f in files:
         part = pq.read_table(f, columns=columns).to_pydict()
@@ -268,7 +274,7 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     matches = torch.tensor([1.0] * 32 + [0.0] * 64)
-    losses, start = [], time.time()
+    losses, pre_losses, start = [], [], time.time()
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * min(1.0, step / (0.1 * steps))
@@ -279,19 +285,37 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
                     + [rows["caption"][j] for j in others])
         phrases = [rows["phrases"][i] for i in anchors] + [p for _, p in flipped] + [rows["phrases"][j] for j in others]
         model.train()
-        pairs = batch(anchors * 3, captions, phrases)
-        p_match = model.match_scores(pairs, pairs).clamp(1e-6, 1 - 1e-6)
-        loss = F.binary_cross_entropy(p_match, matches)
+        loss = torch.zeros(())
+        if relation_weight:
+            pairs = batch(anchors * 3, captions, phrases)
+            p_match = model.match_scores(pairs, pairs).clamp(1e-6, 1 - 1e-6)
+            loss = F.binary_cross_entropy(p_match, matches)
+            losses.append(loss.item())
+            loss = relation_weight * loss
+        if pretraining:
+            model.begin_step(step - 1, steps)
+            chosen = rng.choice(len(rows["caption"]), 32, replace=False)
+            raw = {c: objects([rows[c][i] for i in chosen]) for c in columns}
+            out = model({k: torch.from_numpy(v) for k, v in pretraining_rows(raw).items()})
+            pre_loss = weighted_total(out.losses, cfg.objectives.weights)
+            pre_losses.append(pre_loss.item())
+            loss = loss + pre_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
         if step % 400 == 0 or step == steps:
             model.eval()
             scores = evaluate_compositional(model, ingest.local_eval_batches(
                 cfg.data, cfg.objectives, spec, cfg.data.compositional_split, 64,
                 id_columns=shards.COMPOSITIONAL_COLUMNS), torch.device("cpu"))
-            print(f"step {step}  loss (last 100) {np.mean(losses[-100:]):.3f}  "
+            if pretraining:
+                ranked = evaluate_retrieval(model, ingest.local_eval_batches(
+                    cfg.data, cfg.objectives, spec, cfg.data.eval_split, 64), torch.device("cpu"),
+                    max_images=cfg.data.eval_max_images, k_captions=cfg.eval.k_captions, k_images=cfg.eval.k_images)
+                print(f"step {step}  pre-training loss (last 100) {np.mean(pre_losses[-100:]):.3f}  "
+                      f"Uni-RSUM {ranked['uni_rsum']:.1f}  RSUM {ranked['rsum']:.1f}  "
+                      f"ITM wrong count {scores['compo/itm_acc_wrong_count']:.3f}", flush=True)
+            print(f"step {step}  loss (last 100) {np.mean(losses[-100:]) if losses else float('nan'):.3f}  "
                   f"relation swaps: ITM {scores['compo/itm_acc_swap_relation']:.3f} "
                   f"uni-modal {scores['compo/uni_acc_swap_relation']:.3f}  "
                   f"attribute swaps: ITM {scores['compo/itm_acc_swap_attribute']:.3f}  {time.time() - start:.0f} s",
@@ -317,6 +341,10 @@ def main() -> None:
                           "SLOPE > 0 starts each head looking one way")
     itm.add_argument("--placed-tags", action="store_true",
                      help="with --geometry-bias: each tag takes its region's box in the term")
+    itm.add_argument("--pretraining", action="store_true",
+                     help="each step also takes mvptr_demo's pre-training losses on 32 other training rows")
+    itm.add_argument("--relation-weight", type=float, default=1.0,
+                     help="the relation-only ITM loss's weight (0: pre-training alone)")
     # mvptr_demo's overrides (KEY=VALUE, e.g. model.image.region_dim=78) anywhere after the probe
     args, overrides = parser.parse_known_args()
     if overrides and (args.probe != "itm" or any("=" not in o or o.startswith("-") for o in overrides)):
@@ -327,8 +355,10 @@ def main() -> None:
     else:
         if args.placed_tags and args.geometry_bias is None:
             parser.error("--placed-tags places the tags in the geometry term: add --geometry-bias")
+        if not args.relation_weight and not args.pretraining:
+            parser.error("--relation-weight 0 leaves nothing to train: add --pretraining")
         relation_itm(args.shards, args.steps, args.seed, overrides, args.threads, args.relational_messages,
-                     args.geometry_bias, args.placed_tags)
+                     args.geometry_bias, args.placed_tags, args.pretraining, args.relation_weight)
 
 
 if __name__ == "__main__":
