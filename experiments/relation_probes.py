@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 
-def with_region_extras(src: Path, dst: Path, extras, width: int, before_box: bool = False) -> None:
+def copy_with_region_extras(src: Path, dst: Path, extras, width: int, before_box: bool = False) -> None:
     """Copies the synthetic set ``src`` to ``dst`` with ``extras(objects, i)`` (a list of
     ``width`` - REGION_DIM floats) added to region i's features, after them or, with
     ``before_box``, before the 6-d box (which then stays last, where the geometry term reads it),
@@ -99,7 +99,7 @@ def oracle_set(src: Path, dst: Path) -> int:
         return flags.reshape(-1).tolist()
 
     width = REGION_DIM + len(relations) * len(tags)
-    with_region_extras(src, dst, bag, width)
+    copy_with_region_extras(src, dst, bag, width)
     return width
 
 
@@ -111,7 +111,7 @@ def shape_set(src: Path, dst: Path) -> int:
 
     tags = [t for t in (src / "tags.txt").read_text().split("\n") if t]
     width = REGION_DIM + len(tags)
-    with_region_extras(src, dst, lambda objects, i: [float(objects[i].shape == t) for t in tags], width,
+    copy_with_region_extras(src, dst, lambda objects, i: [float(objects[i].shape == t) for t in tags], width,
                        before_box=True)
     return width
 
@@ -234,10 +234,12 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
     uri = shards.child_uri(cfg.data.shards, cfg.data.train_split)
     clean_spec, files = ingest.split_inputs(spec, uri, train=False)
     preprocess = ingest.Preprocessor(cfg.data, cfg.objectives, clean_spec, train=False)
-    train_spec, _ = ingest.split_inputs(spec, uri, train=True)
-    # pre-training's own rows: masked for MLM and MCR, drawn anew each time
-    pretraining_rows = ingest.Preprocessor(cfg.data, cfg.objectives, train_spec, train=True, seed=seed)
-    wanted = set(ingest.columns_for(clean_spec)) | (set(ingest.columns_for(train_spec)) if pretraining else set())
+    wanted = set(ingest.columns_for(clean_spec))
+    if pretraining:
+        train_spec, _ = ingest.split_inputs(spec, uri, train=True)
+        # pre-training's own rows: masked for MLM and MCR, drawn anew each time
+        pretraining_rows = ingest.Preprocessor(cfg.data, cfg.objectives, train_spec, train=True, seed=seed)
+        wanted |= set(ingest.columns_for(train_spec))
     columns = ingest.read_schema(files, sorted(wanted), uri).names
     rows: dict[str, list] = {c: [] for c in columns}
     for f in files:
