@@ -12,14 +12,17 @@ question about `mvptr_demo` and prints its figures.
     python experiments/relation_probes.py itm data/synth_relbag --steps 2000 model.image.region_dim=78
     # the same without the oracle, the model given a pairwise term that can learn the bag itself
     python experiments/relation_probes.py itm data/synth --steps 2000 --relational-messages
-    # or a relative-geometry term in the visual encoder's attention: heads that look one way
-    # (slope 10), over the regions and the detector's tags placed at their regions' boxes
-    python experiments/relation_probes.py itm data/synth --steps 2000 --geometry-bias 10 --placed-tags
+    # or MVPTR's relative-geometry term in the visual encoder's attention (heads that look one
+    # way, slope 10, the default), over the regions and the tags placed at their regions' boxes
+    python experiments/relation_probes.py itm data/synth --steps 2000 model.mvptr.geometry_bias=true \
+        model.mvptr.placed_tags=true
     # both inside pre-training: mvptr_demo's own losses on other rows each step (weight 0: alone)
-    python experiments/relation_probes.py itm data/synth --steps 1600 --geometry-bias 10 --placed-tags --pretraining
+    python experiments/relation_probes.py itm data/synth --steps 1600 --pretraining model.mvptr.geometry_bias=true \
+        model.mvptr.placed_tags=true
     # each region's shape handed over (a one-hot before its box), for the term to compare
     python experiments/relation_probes.py shape-set data/synth data/synth_shape
-    python experiments/relation_probes.py itm data/synth_shape --geometry-bias 10 model.image.region_dim=60
+    python experiments/relation_probes.py itm data/synth_shape model.mvptr.geometry_bias=true \
+        model.image.region_dim=60
 
 **The relational bag** hands each region the comparison the caption's relation needs: 4 flags
 per shape of the set (24 on the synthetic set), one set for each other object of the scene at
@@ -31,9 +34,8 @@ appended to the 54 features in every split (train, test, compositional), so retr
 compositional split are scored on the same oracle features.
 
 **Relation-only ITM**: no other objective; each step takes 32 training rows whose caption states
-a relation, each beside its own caption with one clause's relation word reversed (and the
-clause's phrase tuple with it: the k-th [subject, relation, object] tuple is the k-th relation
-word in the caption, as the generator renders them) and another row's caption: 96 pairs, binary
+a relation, each beside its hard negative caption (the shards' ``negative_caption``: one
+clause's relation word reversed, and its phrase tuple with it) and another row's caption: 96 pairs, binary
 cross-entropy on ``match_scores`` (the model's p(match)), AdamW at the preset's rate with a 10%
 linear warm-up. A model at chance on the reversed clause that tells every other caption apart
 has a loss of (2/3)·ln 2 = 0.462; the prior alone (a third of the pairs match), 0.637.
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ import numpy as np
 def copy_with_region_extras(src: Path, dst: Path, extras, width: int, before_box: bool = False) -> None:
     """Copies the synthetic set ``src`` to ``dst`` with ``extras(objects, i)`` (a list of
     ``width`` - REGION_DIM floats) added to region i's features, after them or, with
-    ``before_box``, before the 6-d box (which then stays last, where the geometry term reads it),
+    ``before_box``, before the 6-d box (which then stays last, as the shard format has it),
     and the manifest's ``region_dim`` raised to ``width``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -146,70 +147,8 @@ def with_relational_messages(embeddings, hidden: int):
     return RelationalMessages()
 
 
-def with_geometry_bias(model, num_heads: int, hidden: int = 64, directional: float = 0.0,
-                       placed_tags: bool = False) -> None:
-    """Gives ``model``'s visual encoder a relative-geometry term in its self-attention between
-    regions: each head adds to the score of region i attending to region j an MLP of the pair's
-    geometry (j's centre minus i's, and the log ratios of their widths and heights), the
-    Object Relation Transformer's geometric attention (Herdade et al. 2019, after Hu et al. 2018)
-    with the offsets kept signed, since "left of" and "right of" differ only in sign. A head can
-    then gather the shapes that stand to one side of each region, which is the relational bag the
-    oracle hands over, with attention doing the comparison the Relation-Network term had to learn
-    inside its MLP. The last layer starts at zero, so training starts from the model as it was.
-    ``directional`` > 0 adds to head h a learnable slope (that value at the start) times the
-    offset along its own direction (left, right, up, down for heads 0-3, then again), an ALiBi-like
-    prior that makes heads look one way from the first step instead of having to find it.
-    ``placed_tags``: the detector's tags (one a region, in box order) take their region's box in
-    the term too, so a tag, which names its shape outright, is placed where its region stands."""
-    import torch
-    from torch import nn
-
-    class GeometryBias(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, num_heads))
-            nn.init.zeros_(self.mlp[2].weight)
-            nn.init.zeros_(self.mlp[2].bias)
-            self.slopes = nn.Parameter(torch.full((num_heads,), directional))
-            directions = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
-            self.register_buffer("directions", directions.repeat(num_heads, 1)[:num_heads], persistent=False)
-
-        def forward(self, box):
-            """(B, heads, K, K): the score added where region i (rows) attends to region j."""
-            centre = (box[..., :2] + box[..., 2:4]) / 2
-            size = box[..., 4:6].clamp_min(1e-3)
-            pair = torch.cat([centre[:, None, :, :] - centre[:, :, None, :],
-                              (size[:, None, :, :] / size[:, :, None, :]).log()], -1)  # [b, i, j]
-            along = pair[..., :2] @ self.directions.T * self.slopes  # [b, i, j, head]
-            return (self.mlp(pair) + along).permute(0, 3, 1, 2)
-
-    model.geometry_bias = GeometryBias()  # registered, so the optimiser and state_dict see it
-    encoder, embeddings = model.visual_encoder, model.region_embeddings
-    encoder_forward, embeddings_forward = encoder.forward, embeddings.forward
-    boxes = {}
-
-    def embed(features):
-        boxes["box"] = features[..., -6:]
-        return embeddings_forward(features)
-
-    def encode(x, mask=None, *args, **kwargs):
-        # the regions are the last K positions of the visual sequence ([CLS], tags, regions)
-        box = boxes.pop("box")
-        if placed_tags:
-            if x.shape[1] != 1 + 2 * box.shape[1]:
-                raise ValueError("placed tags need one tag a region (data.max_tags = data.max_regions)")
-            box = torch.cat([box, box], 1)
-        k = box.shape[1]
-        bias = x.new_zeros(x.shape[0], num_heads, x.shape[1], x.shape[1])
-        bias[:, :, -k:, -k:] = model.geometry_bias(box)
-        return encoder_forward(x, mask, *args, attn_bias=bias, **kwargs)
-
-    embeddings.forward, encoder.forward = embed, encode
-
-
 def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], threads: int,
-                 relational_messages: bool = False, geometry_bias: float | None = None,
-                 placed_tags: bool = False, pretraining: bool = False, relation_weight: float = 1.0) -> None:
+                 relational_messages: bool = False, pretraining: bool = False, relation_weight: float = 1.0) -> None:
     import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
@@ -218,7 +157,6 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
     from alignlab.platform import ingest, shards
     from alignlab.platform.config import load_config
     from alignlab.platform.evaluate import evaluate_compositional, evaluate_retrieval
-    from alignlab.platform.synth import OPPOSITE
     from alignlab.platform.train import prepare, weighted_total
 
     torch.manual_seed(seed)
@@ -228,13 +166,11 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
     model = build_model(cfg.model, cfg.objectives, prepared.vocab)
     if relational_messages:
         model.region_embeddings = with_relational_messages(model.region_embeddings, cfg.model.hidden_size)
-    if geometry_bias is not None:
-        with_geometry_bias(model, cfg.model.num_heads, directional=geometry_bias, placed_tags=placed_tags)
     spec = prepared.spec.input_spec(cfg.model, cfg.objectives)
     uri = shards.child_uri(cfg.data.shards, cfg.data.train_split)
     clean_spec, files = ingest.split_inputs(spec, uri, train=False)
     preprocess = ingest.Preprocessor(cfg.data, cfg.objectives, clean_spec, train=False)
-    wanted = set(ingest.columns_for(clean_spec))
+    wanted = set(ingest.columns_for(clean_spec)) | set(shards.NEGATIVE_COLUMNS)
     if pretraining:
         train_spec, _ = ingest.split_inputs(spec, uri, train=True)
         # pre-training's own rows: masked for MLM and MCR, drawn anew each time
@@ -246,21 +182,10 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
         part = pq.read_table(f, columns=columns).to_pydict()
         for c in columns:
             rows[c] += part[c]
-    word = re.compile(r"\b(" + "|".join(OPPOSITE) + r")\b")
-    with_relation = [i for i, c in enumerate(rows["caption"]) if word.search(c)]
+    # the shards' hard negative captions: each relation caption with one clause reversed
+    with_relation = [i for i, c in enumerate(rows["negative_caption"]) if c]
     print(f"{len(with_relation)} of {len(rows['caption'])} training captions state a relation", flush=True)
     rng = np.random.default_rng(seed)
-
-    def reversed_clause(i: int) -> tuple[str, list[list[str]]]:
-        caption = rows["caption"][i]
-        found = list(word.finditer(caption))
-        k = int(rng.integers(len(found)))
-        m = found[k]
-        phrases = [list(p) for p in rows["phrases"][i]]
-        triples = [j for j, p in enumerate(phrases) if len(p) == 3 and p[1] in OPPOSITE]
-        if k < len(triples):
-            phrases[triples[k]][1] = OPPOSITE[phrases[triples[k]][1]]
-        return caption[:m.start()] + OPPOSITE[m.group(1)] + caption[m.end():], phrases
 
     def objects(values) -> np.ndarray:
         out = np.empty(len(values), dtype=object)
@@ -282,10 +207,10 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
             group["lr"] = cfg.optim.lr * min(1.0, step / (0.1 * steps))
         anchors = list(rng.choice(with_relation, 32, replace=False))
         others = list(rng.choice(len(rows["caption"]), 32))
-        flipped = [reversed_clause(i) for i in anchors]
-        captions = ([rows["caption"][i] for i in anchors] + [c for c, _ in flipped]
+        captions = ([rows["caption"][i] for i in anchors] + [rows["negative_caption"][i] for i in anchors]
                     + [rows["caption"][j] for j in others])
-        phrases = [rows["phrases"][i] for i in anchors] + [p for _, p in flipped] + [rows["phrases"][j] for j in others]
+        phrases = ([rows["phrases"][i] for i in anchors] + [rows["negative_phrases"][i] for i in anchors]
+                   + [rows["phrases"][j] for j in others])
         model.train()
         loss = torch.zeros(())
         if relation_weight:
@@ -338,11 +263,6 @@ def main() -> None:
     itm.add_argument("--threads", type=int, default=2)
     itm.add_argument("--relational-messages", action="store_true",
                      help="add a learned relational bag to each region's embedding (with_relational_messages)")
-    itm.add_argument("--geometry-bias", type=float, nargs="?", const=0.0, default=None, metavar="SLOPE",
-                     help="add relative box geometry to the visual encoder's attention (with_geometry_bias); "
-                          "SLOPE > 0 starts each head looking one way")
-    itm.add_argument("--placed-tags", action="store_true",
-                     help="with --geometry-bias: each tag takes its region's box in the term")
     itm.add_argument("--pretraining", action="store_true",
                      help="each step also takes mvptr_demo's pre-training losses on 32 other training rows")
     itm.add_argument("--relation-weight", type=float, default=1.0,
@@ -355,12 +275,10 @@ def main() -> None:
         width = (oracle_set if args.probe == "oracle-set" else shape_set)(args.src, args.dst)
         print(f"{args.dst}: regions of {width} features; train with model.image.region_dim={width}")
     else:
-        if args.placed_tags and args.geometry_bias is None:
-            parser.error("--placed-tags places the tags in the geometry term: add --geometry-bias")
         if not args.relation_weight and not args.pretraining:
             parser.error("--relation-weight 0 leaves nothing to train: add --pretraining")
         relation_itm(args.shards, args.steps, args.seed, overrides, args.threads, args.relational_messages,
-                     args.geometry_bias, args.placed_tags, args.pretraining, args.relation_weight)
+                     args.pretraining, args.relation_weight)
 
 
 if __name__ == "__main__":

@@ -86,11 +86,17 @@ class InputSpec:
     # computes it on the worker (the retriever's own inputs join the stream), so a re-ranker can
     # train on the near misses of the shortlist it will re-rank.
     shortlist_scores: bool = False
+    # Training only: each row's ``negative_caption`` (a shard column: a caption false of the image,
+    # "" where the row has none) tokenised as ``negative_input_ids`` / ``negative_attention_mask``,
+    # with phrases also ``negative_phrase_ids`` / ``negative_phrase_mask`` (from
+    # ``negative_phrases``), and ``has_negative`` (B,) where the row has one.
+    negative_captions: bool = False
 
     def unmasked(self) -> "InputSpec":
         """The same inputs without the pre-training objectives' masking (evaluation, fine-tuning
-        heads, inference): masks would only cost CPU and ship unused columns."""
-        return replace(self, mlm=False, mcr=False, objects=False, mim=False)
+        heads, inference): masks would only cost CPU and ship unused columns; so would negative
+        captions, which only a training loss reads."""
+        return replace(self, mlm=False, mcr=False, objects=False, mim=False, negative_captions=False)
 
     def union(self, other: "InputSpec") -> "InputSpec":
         """Every input either spec asks for (two models scoring the same rows: a re-ranker and

@@ -29,6 +29,12 @@ encoders start pretrained. BERT's embeddings initialise the word, position and s
 embeddings of the textual encoder; the tag embeddings, region projection and heads start from
 BERT's random initialisation.
 
+Additions that are not the paper's, off by default (``MVPTRConfig``; issue #13): a
+relative-geometry term in the visual encoder's attention, the tags placed at their regions' boxes
+in it, and the shard set's negative captions as extra ITM negatives. On the synthetic set the
+paper's objectives never learn which of two objects is left of the other (README, "Relation
+swaps"); these are what the probes found it takes.
+
 Readings where the paper leaves a choice:
 
 * ITM (eq. 4) is over "n matched and n hard negative pairs", the negatives "sampled from p_v2s,
@@ -63,7 +69,7 @@ from torch import nn
 
 from alignlab.models.base import (CONCEPT_MASK, CONCEPT_OFFSET, IGNORE, Ablation, ConfigError, InputSpec, ModelOutput,
                                   ModelSpec, PretrainingModel, Readings, Vocab)
-from alignlab.models.blocks import (BertCheckpoint, PredictionHead, RegionEmbeddings, TextEmbeddings,
+from alignlab.models.blocks import (BertCheckpoint, GeometryBias, PredictionHead, RegionEmbeddings, TextEmbeddings,
                                     TransformerEncoder, TransformerSize, bert_layer_plan, init_weights,
                                     sentence_embedding)
 from alignlab.models.config import ObjectivesConfig
@@ -171,6 +177,22 @@ class MVPTRConfig(Readings):
     # masked at objectives.mlm_prob, by BERT's 80/10/10 over the phrase vocabulary, with no target
     # (random_phrases, oscar/oscar_datasets_ml/oscar_tsv4.py).
     phrase_masking: Literal["", "chain", "chain_and_random"] = ""
+    # Not in the paper: three additions for relations between objects (issue #13; README,
+    # "Relation swaps"), all off by default. ``geometry_bias``: a relative-geometry term in the
+    # visual encoder's self-attention between regions (blocks.GeometryBias), ``geometry_slope``
+    # its heads' initial directional slope (0: the term learned from zero). ``placed_tags``: with
+    # the term, tag i takes region i's box, so a tag, which names its region's class outright,
+    # stands where its region does; it needs one tag a region in box order (the synthetic set's
+    # tags; not the word-piece tags, nor a detector set with a whole-image box) and applies in the
+    # rows that keep tags. ``itm_negative_captions``: each row's ``negative_caption`` (a shard
+    # column: a caption false of the image that differs from a true one in one thing; the
+    # synthetic set writes each relation caption with one clause reversed) is one more ITM
+    # negative with the row's own image, NegCLIP's hard negative captions (Yuksekgonul et al.
+    # 2023) in ITM instead of the contrastive loss.
+    geometry_bias: bool = False
+    geometry_slope: float = 10.0
+    placed_tags: bool = False
+    itm_negative_captions: bool = False
 
     @property
     def components(self) -> Components:
@@ -221,6 +243,9 @@ class MVPTR(PretrainingModel):
             self.vsc_image_proj = nn.Linear(h, model_cfg.embed_dim)
             self.vsc_text_proj = nn.Linear(h, model_cfg.embed_dim)
         init_weights(self, model_cfg.init_std)
+        if cfg.geometry_bias:  # after init_weights: the term's last layer must start at zero
+            self.geometry_bias = GeometryBias(size.num_heads, cfg.geometry_slope)
+        self.placed_tags = cfg.placed_tags and self.parts.tags
         if self.parts.mcr and self.tag_words:
             # Tied after the initialisation, so the shared rows are the word embeddings' (and a
             # checkpoint's word embeddings, loaded below, are the decoder's too).
@@ -265,7 +290,8 @@ class MVPTR(PretrainingModel):
         return InputSpec(regions=True, tags=parts.tags, phrases=parts.phrases, mlm=mlm,
                          mcr=parts.mcr and "mcr" not in off,
                          tag_words=parts.tags and cfg.switch("tag_vocab") == "word_pieces",
-                         random_phrases=mlm and parts.phrases and cfg.switch("phrase_masking") == "chain_and_random")
+                         random_phrases=mlm and parts.phrases and cfg.switch("phrase_masking") == "chain_and_random",
+                         negative_captions=cfg.itm_negative_captions)
 
     # ----------------------------------------------------------------------------------------
     # Encoders
@@ -297,7 +323,26 @@ class MVPTR(PretrainingModel):
         parts.append(self.region_embeddings(feats))
         masks.append(rmask)
         mask = torch.cat(masks, 1)
-        return self.visual_encoder(torch.cat(parts, 1), mask)[0], mask, start
+        x = torch.cat(parts, 1)
+        return self.visual_encoder(x, mask, attn_bias=self.geometry(batch, x.shape[1]))[0], mask, start
+
+    def geometry(self, batch: dict[str, torch.Tensor], length: int) -> torch.Tensor | None:
+        """The geometry term's scores (B, heads, length, length) over the visual sequence: between
+        the regions (the last K positions), and with ``placed_tags`` between the tags and regions
+        too, tag i at region i's box; zero elsewhere. None without the term."""
+        if not self.cfg.geometry_bias:
+            return None
+        boxes = batch["boxes"]
+        if self.placed_tags:
+            if not torch.equal(batch["tag_mask"].bool(), batch["region_mask"].bool()):
+                raise ValueError("model.mvptr.placed_tags needs one tag a region, in box order: a row's tags and "
+                                 "regions differ in number (data.max_tags must equal data.max_regions, and the "
+                                 "shards' tags name their regions one to one)")
+            boxes = torch.cat([boxes, boxes], 1)
+        k = boxes.shape[1]
+        bias = boxes.new_zeros(boxes.shape[0], self.geometry_bias.slopes.shape[0], length, length)
+        bias[:, :, length - k:, length - k:] = self.geometry_bias(boxes)
+        return bias
 
     def fuse(self, text: torch.Tensor, text_mask: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor
              ) -> torch.Tensor:
@@ -428,13 +473,24 @@ class MVPTR(PretrainingModel):
         text_masks = [tmask, tmask[:h][ok_img], txt_rows["mask"][ok_txt]]
         images = [regions, img_rows["states"][ok_img], regions[h:][ok_txt]]
         image_masks = [rmask, img_rows["mask"][ok_img], rmask[h:][ok_txt]]
+        # The shard set's hard negative captions (itm_negative_captions), each with its own image.
+        has_negative = batch["has_negative"].bool() if self.cfg.itm_negative_captions \
+            else torch.zeros(n, dtype=torch.bool, device=txt.device)
+        if has_negative.any():
+            phrases = self.parts.phrases
+            neg, neg_mask = self.encode_text(batch["negative_input_ids"][has_negative],
+                                             batch["negative_attention_mask"][has_negative],
+                                             batch["negative_phrase_ids"][has_negative] if phrases else None,
+                                             batch["negative_phrase_mask"][has_negative] if phrases else None)
+            texts.append(neg), text_masks.append(neg_mask)
+            images.append(regions[has_negative]), image_masks.append(rmask[has_negative])
         if mlm and not single_pass:
             mlm_txt, mlm_mask = self.encode_text(batch["mlm_input_ids"], batch["attention_mask"],
                                                  batch.get("mlm_phrase_ids"), batch.get("phrase_mask"))
             texts.append(mlm_txt), text_masks.append(mlm_mask), images.append(regions), image_masks.append(rmask)
         text_mask_all = torch.cat(text_masks)
         fused = self.fuse(torch.cat(texts), text_mask_all, torch.cat(images), torch.cat(image_masks))
-        n_pairs = n + int(ok_img.sum()) + int(ok_txt.sum())
+        n_pairs = n + int(ok_img.sum()) + int(ok_txt.sum()) + int(has_negative.sum())
 
         itm_logits = self.itm_head(fused[:n_pairs, 0])
         itm_labels = torch.zeros(n_pairs, dtype=torch.long, device=fused.device)
@@ -497,6 +553,15 @@ def check_config(cfg) -> None:
                           "'model.text_init' (a BERT checkpoint), or leave it at 0")
     if m.wpg_margin < 0:
         raise ConfigError(f"config key 'model.mvptr.wpg_margin' = {m.wpg_margin} must be >= 0")
+    if m.placed_tags and not m.geometry_bias:
+        raise ConfigError("config key 'model.mvptr.placed_tags' places the tags in the geometry term: set "
+                          "'model.mvptr.geometry_bias=true' too, or leave it false")
+    if m.placed_tags and m.switch("tag_vocab") == "word_pieces":
+        raise ConfigError("config key 'model.mvptr.placed_tags' needs one tag a region; word-piece tags "
+                          "(model.mvptr.tag_vocab = 'word_pieces') have several: set model.mvptr.tag_vocab=tag_classes")
+    if m.placed_tags and cfg.data.max_tags != cfg.data.max_regions:
+        raise ConfigError(f"config key 'model.mvptr.placed_tags' needs one tag a region: 'data.max_tags' = "
+                          f"{cfg.data.max_tags} must equal 'data.max_regions' = {cfg.data.max_regions}")
     paper_rate = ObjectivesConfig.mcr_prob
     if m.switch("tag_vocab") == "word_pieces" and cfg.objectives.mcr_prob != paper_rate:
         # The rate would be silently unused: word-piece tags are masked with the words.

@@ -187,7 +187,7 @@ def image_key(identifier: str) -> int:
 # --------------------------------------------------------------------------------------------
 
 # Free-text columns, read as bytes (see the module docstring) and decoded by :func:`decode_text`.
-TEXT_COLUMNS = ("caption", "question", "answer")
+TEXT_COLUMNS = ("caption", "question", "answer", "negative_caption")
 
 # The training stream's column naming each row's pass over the split, counted from the stream's
 # start: the trainer reads its epoch boundaries from it, the data counters their epochs.
@@ -282,6 +282,8 @@ class Preprocessor:
                              max_length=self.data.max_text_len, return_tensors="np")
         out["input_ids"] = tok["input_ids"].astype(np.int64)
         out["attention_mask"] = tok["attention_mask"].astype(np.int64)
+        if self.spec.negative_captions:
+            out.update(self._negative_captions(batch, skip))
         if self.spec.mlm:
             special = np.isin(out["input_ids"], self.tokenizer.all_special_ids)
             out["mlm_input_ids"], out["mlm_labels"] = bert_mask(
@@ -338,6 +340,21 @@ class Preprocessor:
         if (skipped or notes) and self.counter is not None:
             self.counter.add.remote(skipped, notes, self.train)
         return {k: v[keep] for k, v in out.items()}
+
+    def _negative_captions(self, batch, skip) -> dict[str, np.ndarray]:
+        """Each row's hard negative caption (InputSpec.negative_captions), tokenised as the caption
+        is; a row without one ("") gets a placeholder and ``has_negative`` False."""
+        negatives = [(c or "").strip() for c in decode_text(batch["negative_caption"], "negative_caption", skip)]
+        tok = self.tokenizer([c or "." for c in negatives], padding="max_length", truncation=True,
+                             max_length=self.data.max_text_len, return_tensors="np")
+        out = {"negative_input_ids": tok["input_ids"].astype(np.int64),
+               "negative_attention_mask": tok["attention_mask"].astype(np.int64),
+               "has_negative": np.array([bool(c) for c in negatives])}
+        if self.spec.phrases:
+            out["negative_phrase_ids"] = self._concept_ids(batch["negative_phrases"], shards.concept_key,
+                                                           self.concept_index, self.data.max_phrases, unique=True)
+            out["negative_phrase_mask"] = out["negative_phrase_ids"] >= CONCEPT_OFFSET
+        return out
 
     def _image_inputs(self, batch, keep: np.ndarray, skip) -> dict[str, np.ndarray]:
         """One image's inputs per row (pixels, regions, tags), from ``batch``'s image columns."""
@@ -528,6 +545,8 @@ def columns_for(spec: InputSpec) -> list[str]:
         cols.append("target_box")
     if spec.text_features:
         cols.append("text_feature")
+    if spec.negative_captions:
+        cols += list(shards.NEGATIVE_COLUMNS) if spec.phrases else ["negative_caption"]
     return cols
 
 
@@ -568,6 +587,8 @@ def split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str, 
     fs, _ = shards.filesystem(uri)
     # A downstream task's label columns (its human answers are optional: VQA falls back to the answer).
     task_columns = ["target_box"] if spec.target_box else []
+    if train and spec.negative_captions:
+        task_columns += [c for c in columns_for(spec) if c in shards.NEGATIVE_COLUMNS]
     if spec.image_pair:
         task_columns += [c + shards.PAIR_SUFFIX for c in columns_for(replace(spec, image_pair=False))
                          if c + shards.PAIR_SUFFIX in shards.PAIR_COLUMNS]
@@ -579,8 +600,10 @@ def split_inputs(spec: InputSpec, uri: str, train: bool, id_columns: tuple[str, 
                                           f"integer columns {list(id_columns)}")
         absent = [c for c in task_columns if c not in names]
         if absent:
-            what = "image pairs (NLVR2)" if spec.image_pair else "referred boxes (RefCOCO+)"
-            raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; the task reads {what}, from the columns "
+            what = "the model trains on hard negative captions (`alignlab data synth` writes them)" \
+                if absent[0] in shards.NEGATIVE_COLUMNS else \
+                f"the task reads {'image pairs (NLVR2)' if spec.image_pair else 'referred boxes (RefCOCO+)'}"
+            raise shards.ShardSchemaError(f"{f}: no column {absent[0]!r}; {what}, from the columns "
                                           f"{task_columns} (see alignlab.platform.shards)")
     if not train:  # the labels stay: a downstream evaluation scores them
         spec = spec.unmasked()

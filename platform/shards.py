@@ -46,6 +46,10 @@ region_features_b*, boxes_b*, tags_b*                        NLVR2: the second i
                                                              as their counterparts
 target_box*        fixed_size_list<float32>[4]               RefCOCO+: the referred object's box,
                                                              x1, y1, x2, y2 normalised to [0, 1]
+negative_caption*  string                                    a caption false of the image that differs
+                                                             from a true one in one thing ("" where
+                                                             the row has none): a hard negative
+negative_phrases*  list<list<string>>                        its phrase tuples, as ``phrases``
 =================  ========================================  ==========================================
 
 Columns marked * are optional; when present, ``region_features``, ``boxes`` and ``tags`` have one
@@ -116,7 +120,11 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
 }
 
 OPTIONAL_COLUMNS = ("region_features", "boxes", "tags", "phrases", "question", "answer", "text_feature",
-                    "human_answers", "image_b", "image_id_b", "region_features_b", "boxes_b", "tags_b", "target_box")
+                    "human_answers", "image_b", "image_id_b", "region_features_b", "boxes_b", "tags_b", "target_box",
+                    "negative_caption", "negative_phrases")
+# A caption false of the row's image that differs from a true caption in one thing ("" where the
+# row has none), and its phrase tuples: a hard negative for a model that trains on them.
+NEGATIVE_COLUMNS = ("negative_caption", "negative_phrases")
 # The downstream tasks a shard set's manifest may name (``"task"``).
 from alignlab.models.inputs import TASKS  # noqa: E402,F401  (torch-free)
 # An NLVR2 row's second image: each column is typed as the one it suffixes.
@@ -169,13 +177,13 @@ def _check_optional(name: str, tp: pa.DataType) -> str | None:
     if name == "tags":
         ok = pa.types.is_list(tp) and (pa.types.is_string(tp.value_type) or pa.types.is_large_string(tp.value_type))
         return None if ok else "list<string>"
-    if name == "phrases":
+    if name in ("phrases", "negative_phrases"):
         ok = pa.types.is_list(tp) and pa.types.is_list(tp.value_type) and pa.types.is_string(tp.value_type.value_type)
         return None if ok else "list<list<string>>"
     if name == "text_feature":
         ok = pa.types.is_fixed_size_list(tp) and pa.types.is_floating(tp.value_type)
         return None if ok else "fixed_size_list<float32>[D]"
-    if name in QA_COLUMNS:
+    if name in QA_COLUMNS or name == "negative_caption":
         return None if pa.types.is_string(tp) or pa.types.is_large_string(tp) else "string"
     return None
 
@@ -407,9 +415,13 @@ def rows_to_table(rows: list[dict[str, Any]], region_dim: int | None = None) -> 
         values = np.stack([np.asarray(r["target_box"], dtype=np.float32) for r in rows])
         arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), 4))
         fields.append(pa.field("target_box", pa.list_(pa.float32(), 4)))
-    if "phrases" in keys and rows[0]["phrases"] is not None:
-        arrays.append(pa.array([[list(p) for p in r["phrases"]] for r in rows], type=PHRASES_TYPE))
-        fields.append(pa.field("phrases", PHRASES_TYPE))
+    for c in ("phrases", "negative_phrases"):
+        if c in keys and rows[0][c] is not None:
+            arrays.append(pa.array([[list(p) for p in r[c]] for r in rows], type=PHRASES_TYPE))
+            fields.append(pa.field(c, PHRASES_TYPE))
+    if "negative_caption" in keys and rows[0]["negative_caption"] is not None:
+        arrays.append(pa.array([r["negative_caption"] for r in rows], type=pa.string()))
+        fields.append(pa.field("negative_caption", pa.string()))
     if "text_feature" in keys and rows[0]["text_feature"] is not None:
         values = np.stack([np.asarray(r["text_feature"], dtype=np.float32) for r in rows])
         arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1]))

@@ -63,6 +63,13 @@ Phrases and concepts
     elements ("circle left of square"), and need not be: the concept's identity is the joined
     string, and tokenising the line gives the same token ids as tokenising its elements one by one.
 
+Hard negative captions
+    Every caption row of ``train/`` and ``test/`` carries ``negative_caption`` and
+    ``negative_phrases``: the caption with one relation clause reversed, where it states a
+    relation whose reversal is false of the scene ("" and no tuples otherwise;
+    :func:`relation_negative`), for a model that takes them as ITM negatives. They are drawn from
+    a Generator of their own, so the rest of the set is as a set without them would be.
+
 The compositional split (ARO / Winoground style)
     ``compositional/`` holds, for each test image, a true caption (a relation template whose
     first clause has a relation where the scene has one) and one perturbation of it per kind in
@@ -196,7 +203,8 @@ PRODUCER = "alignlab data synth"  # the manifest's producer: this generator writ
 # Raised whenever the same SynthConfig would write other rows, and recorded in the manifest, so a
 # set written by an older generator is known as such (a manifest without it is version 1).
 # 2: the compositional split balances its relation swaps' words (compositional_candidates).
-GENERATOR_VERSION = 2
+# 3: caption rows carry a hard negative caption, a relation reversed (relation_negative).
+GENERATOR_VERSION = 3
 
 _BACKGROUND = 48  # grey level; noise of ±_NOISE keeps it far from every colour
 _NOISE = 8
@@ -583,6 +591,17 @@ def perturb(d: Description, kind: str, rng: np.random.Generator, max_count: int)
     raise ValueError(f"unknown perturbation {kind!r}; expected one of {CANDIDATE_TYPES[1:]}")
 
 
+def relation_negative(d: Description, objects: Sequence[SceneObject], rng: np.random.Generator, max_count: int
+                      ) -> tuple[str, list[list[str]]]:
+    """The shards' ``negative_caption`` and ``negative_phrases`` of a caption row: ``d`` with one
+    clause's relation reversed (the compositional split's ``swap_relation``, drawn on training
+    images), rendered, or ("", []) where ``d`` states no relation or the reversal is also true of
+    the scene. A relation is the one thing a caption's words and the image's tags cannot settle,
+    so this is the negative that asks a model to compare the regions' positions."""
+    p = perturb(d, "swap_relation", rng, max_count)
+    return render(p) if p is not None and not holds(p, objects) else ("", [])
+
+
 def reverse_clause(d: Description, c: int) -> Description:
     """``d`` with clause ``c`` said from its object's side: "A above B" becomes "B below A", the
     same claim in the opposite relation word."""
@@ -707,9 +726,12 @@ def split_rows(split: str, n_images: int, cfg: SynthConfig) -> Iterator[dict]:
     for i, rng, pixels, objects in scenes(split, n_images, cfg):
         image_id = f"{split}-{i:06d}"
         shared = image_columns(pixels, objects, image_id)
+        negative_rng = image_rng(cfg.seed, f"{split}/negative", i)  # leaves every other draw as it was
         for k, d in enumerate(describe_scene(objects, cfg.captions_per_image, rng)):
             text, phrases = render(d)
-            yield dict(shared, caption=text, caption_id=f"{image_id}-{k}", split=split, phrases=phrases)
+            negative, negative_phrases = relation_negative(d, objects, negative_rng, cfg.max_count)
+            yield dict(shared, caption=text, caption_id=f"{image_id}-{k}", split=split, phrases=phrases,
+                       negative_caption=negative, negative_phrases=negative_phrases)
         if split != "test":
             continue
         for t, d in compositional_candidates(objects, image_rng(cfg.seed, "compositional", i), cfg.max_count,

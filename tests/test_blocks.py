@@ -9,7 +9,7 @@ import torch
 
 from conftest import save_tiny_bert
 
-from alignlab.models.blocks import (BertCheckpoint, TransformerEncoder, TransformerLayer, TransformerSize, ViTEncoder,
+from alignlab.models.blocks import (BertCheckpoint, GeometryBias, TransformerEncoder, TransformerLayer, TransformerSize, ViTEncoder,
                                     bert_layer_plan, resolve_pretrained)
 from alignlab.models.inputs import TRUNKS, ConfigError
 from alignlab.models.dual_encoder import TextEncoder
@@ -116,6 +116,21 @@ def test_attention_bias_is_added_to_every_layers_self_attention_scores():
     expected = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
     torch.testing.assert_close(attn, expected)
     assert not torch.allclose(attn, plain)
+
+
+def test_geometry_bias_starts_at_zero_and_a_directional_slope_looks_one_way():
+    """Three boxes left to right, 0.3 apart. Learned from zero (slope 0) the term adds nothing;
+    with slope 10, heads 0-3 look left, right, up and down: the middle box sees its left
+    neighbour at +3 in head 0 and -3 in head 1, its right one the reverse, and no vertical offset
+    in heads 2-3; head 4 looks left again."""
+    boxes = torch.tensor([[[0.1, 0.4, 0.3, 0.6], [0.4, 0.4, 0.6, 0.6], [0.7, 0.4, 0.9, 0.6]]]).repeat(2, 1, 1)
+    assert torch.equal(GeometryBias(num_heads=5)(boxes), torch.zeros(2, 5, 3, 3))
+    bias = GeometryBias(num_heads=5, slope=10.0)(boxes)
+    assert bias.shape == (2, 5, 3, 3)
+    torch.testing.assert_close(bias[0, :, 1], torch.tensor([[3.0, 0.0, -3.0], [-3.0, 0.0, 3.0], [0.0, 0.0, 0.0],
+                                                            [0.0, 0.0, 0.0], [3.0, 0.0, -3.0]]))
+    # Antisymmetric: box j as seen from i is the opposite of i as seen from j.
+    torch.testing.assert_close(bias, -bias.transpose(-1, -2))
 
 
 def test_vit_loads_a_checkpoint_file_through_timm(tmp_path):

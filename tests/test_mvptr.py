@@ -169,6 +169,42 @@ def test_preprocessor_prepares_tags_phrases_and_chain_masks(tmp_path):
     assert masked_phrases > 0
 
 
+def test_data_stage_tokenises_negative_captions_and_a_split_without_them_fails_naming_the_file(tmp_path):
+    """Each row's negative caption is tokenised as a caption is, its phrases mapped as phrases are,
+    ``has_negative`` where it has one; a training split whose files lack the column fails at
+    start-up, naming the file and the column."""
+    import pyarrow.parquet as pq
+
+    from alignlab.platform import shards
+    from alignlab.platform.ingest import Preprocessor, split_inputs
+    from alignlab.platform.synth import SynthConfig, generate
+
+    generate(str(tmp_path), SynthConfig(n_train_images=40, n_test_images=4, rows_per_file=100))
+    cfg = load_config("mvptr_demo", [f"data.shards={tmp_path}", "model.mvptr.itm_negative_captions=true"])
+    spec = MVPTR.input_spec(cfg.model, cfg.objectives)
+    path = shards.list_parquet(str(tmp_path / "train"))[0]
+    table = pq.read_table(path, columns=columns_for(spec))
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    pre = Preprocessor(cfg.data, cfg.objectives, spec, train=True)
+    out = pre(batch)
+    captions = [c.decode() if isinstance(c, bytes) else c for c in batch["negative_caption"]]
+    assert out["has_negative"].tolist() == [bool(c) for c in captions] and 0 < out["has_negative"].sum() < len(captions)
+    concepts = shards.read_vocab_file(str(tmp_path), "concepts.txt")
+    for i in np.flatnonzero(out["has_negative"]):
+        want = pre.tokenizer(captions[i], padding="max_length", truncation=True, max_length=cfg.data.max_text_len)
+        assert out["negative_input_ids"][i].tolist() == want["input_ids"]
+        assert out["negative_attention_mask"][i].tolist() == want["attention_mask"]
+        ids = [concepts.index(shards.concept_key(p)) + CONCEPT_OFFSET for p in batch["negative_phrases"][i]
+               if shards.concept_key(p) in concepts]
+        assert out["negative_phrase_ids"][i][:len(ids)].tolist() == ids[:cfg.data.max_phrases]
+
+    pq.write_table(pq.read_table(path).drop_columns(["negative_caption", "negative_phrases"]), path)
+    with pytest.raises(shards.ShardSchemaError, match=f"{path}: no column 'negative_caption'; the model trains on "
+                                                      "hard negative captions"):
+        split_inputs(spec, str(tmp_path / "train"), train=True)
+    assert not split_inputs(spec, str(tmp_path / "train"), train=False)[0].negative_captions
+
+
 # --------------------------------------------------------------------------------------------
 # Objectives inside the model
 # --------------------------------------------------------------------------------------------
@@ -728,6 +764,107 @@ def test_rerank_scores_cross_pairs_from_states_encoded_once():
     states = model.match_text_states(b)
     via_states = model.match_from_states(model.match_image_states(b), {k: v[shift] for k, v in states.items()})
     torch.testing.assert_close(via_states, model.match_scores(b, texts))
+
+
+# --------------------------------------------------------------------------------------------
+# Additions for relations (#13): the geometry term, placed tags, negative captions
+# --------------------------------------------------------------------------------------------
+
+
+def _placed_batch():
+    """_batch with boxes left to right and one tag a region (row 0 has two of each)."""
+    batch = _batch()
+    batch["tag_ids"][1:, 2] = CONCEPT_OFFSET
+    batch["tag_mask"] = batch["tag_ids"] >= CONCEPT_OFFSET
+    batch["boxes"] = torch.tensor([[0.1, 0.4, 0.3, 0.6], [0.4, 0.4, 0.6, 0.6], [0.7, 0.4, 0.9, 0.6]]).repeat(4, 1, 1)
+    return batch
+
+
+@torch.no_grad()
+def test_the_geometry_term_biases_the_regions_and_with_placed_tags_the_tags():
+    """One visual layer over [CLS], 3 tags, 3 regions, all given the plain model's weights.
+    Learned from zero (slope 0) the term changes nothing. With directional heads (slope 10) it
+    biases the regions' attention only: the regions' outputs change, the [CLS]'s and the tags'
+    do not. With placed tags, the tags' outputs change too. A row whose tags and regions differ
+    in number fails, naming the switch."""
+    batch = _placed_batch()
+    plain = _model().eval()
+    before = plain.encode_image(batch)[0]
+
+    def with_plain_weights(*switches):
+        model = _model("full", "model.mvptr.geometry_bias=true", "data.max_tags=3", "data.max_regions=3",
+                       *switches).eval()
+        missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+        assert {k.split(".")[0] for k in missing} == {"geometry_bias"}
+        return model
+
+    torch.testing.assert_close(with_plain_weights("model.mvptr.geometry_slope=0").encode_image(batch)[0], before)
+    directional = with_plain_weights().encode_image(batch)[0]
+    torch.testing.assert_close(directional[:, :4], before[:, :4])
+    assert not torch.allclose(directional[:, 4:], before[:, 4:])
+    placed = with_plain_weights("model.mvptr.placed_tags=true").encode_image(batch)[0]
+    assert not torch.allclose(placed[:, 1:4], before[:, 1:4])
+    torch.testing.assert_close(placed[:, 0], before[:, 0])
+    with pytest.raises(ValueError, match="placed_tags needs one tag a region"):
+        with_plain_weights("model.mvptr.placed_tags=true").encode_image(_batch() | {"boxes": batch["boxes"]})
+    # A row without tags builds, its regions still biased (placed tags apply where there are tags).
+    assert not _model("wo_mcr_tag", "model.mvptr.geometry_bias=true", "model.mvptr.placed_tags=true", "data.max_tags=3",
+                      "data.max_regions=3").placed_tags
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.mvptr.placed_tags=true"], "set 'model.mvptr.geometry_bias=true'"),
+    (["model.mvptr.geometry_bias=true", "model.mvptr.placed_tags=true", "model.mvptr.tag_vocab=word_pieces"],
+     "word-piece tags"),
+    (["model.mvptr.geometry_bias=true", "model.mvptr.placed_tags=true", "data.max_tags=3", "data.max_regions=4"],
+     "'data.max_tags' = 3 must equal 'data.max_regions' = 4"),
+])
+def test_placed_tags_are_checked_at_start_up(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg("full", *extra)
+
+
+def test_negative_captions_are_itm_negatives_with_their_own_image(monkeypatch):
+    """With itm_negative_captions, the rows that have a negative caption add one ITM pair each,
+    labelled 0: the negative caption fused with the row's own image, after the 4 positives and
+    the 2 + 2 hard negatives. Without any in the batch the losses are the model's without the
+    switch. The data stage prepares them for training only."""
+    batch = _batch(4)
+    g = torch.Generator().manual_seed(2)
+    negative = torch.randint(4, 30, (4, 6), generator=g)
+    negative[:, 0], negative[:, -1] = 1, 2
+    negative_phrases = torch.tensor([[3, 2, 0]] * 4)
+    batch.update(negative_input_ids=negative, negative_attention_mask=torch.ones_like(negative),
+                 negative_phrase_ids=negative_phrases, negative_phrase_mask=negative_phrases >= CONCEPT_OFFSET,
+                 has_negative=torch.tensor([True, False, True, False]))
+    model = _model("full", "model.mvptr.itm_negative_captions=true")
+    calls = []
+    real_itm_loss = mvptr_module.itm_loss
+    monkeypatch.setattr(mvptr_module, "itm_loss", lambda logits, labels: (calls.append((logits, labels)),
+                                                                          real_itm_loss(logits, labels))[1])
+    model(batch)
+    ((logits, labels),) = calls
+    assert labels.tolist() == [1] * 4 + [0] * 4 + [0, 0]
+    with torch.no_grad():
+        vis, vmask, start = model.encode_image(batch, batch["mcr_tag_ids"])
+        rows = torch.tensor([0, 2])
+        txt, tmask = model.encode_text(negative[rows], batch["negative_attention_mask"][rows], negative_phrases[rows],
+                                       batch["negative_phrase_mask"][rows])
+        want = model.itm_head(model.fuse(txt, tmask, vis[rows, start:], vmask[rows, start:])[:, 0])
+    torch.testing.assert_close(logits[-2:].detach(), want)
+
+    none = {**batch, "has_negative": torch.zeros(4, dtype=torch.bool)}
+    with_switch = _model("full", "model.mvptr.itm_negative_captions=true")(none).losses
+    without = _model("full")(batch).losses
+    assert with_switch.keys() == without.keys()
+    for k in without:
+        torch.testing.assert_close(with_switch[k], without[k])
+
+    cfg = _cfg("full", "model.mvptr.itm_negative_captions=true")
+    spec = MVPTR.input_spec(cfg.model, cfg.objectives)
+    assert spec.negative_captions and not spec.unmasked().negative_captions
+    assert {"negative_caption", "negative_phrases"} <= set(columns_for(spec))
+    assert "negative_caption" not in columns_for(spec.unmasked())
 
 
 # --------------------------------------------------------------------------------------------

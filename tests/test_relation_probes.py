@@ -1,13 +1,11 @@
-"""experiments/relation_probes.py's sets and geometry term. The oracle set: each region's
-relational bag is the generator's own relation rule on the scene's boxes, the original features
-are kept, and the shards still validate with the manifest's new width (what a run then reads).
-The shape set: each region's shape before its box. The geometry term: zero at the start, a
-directional slope makes a head look one way, and placed tags take their regions' boxes."""
+"""experiments/relation_probes.py's sets. The oracle set: each region's relational bag is the
+generator's own relation rule on the scene's boxes, the original features are kept, and the
+shards still validate with the manifest's new width (what a run then reads). The shape set: each
+region's shape before its box. (The geometry term the probes used is MVPTR's now: test_mvptr.py.)"""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from alignlab.platform.shards import read_manifest, validate_shards
 from alignlab.platform.synth import OPPOSITE, REGION_DIM, SHAPES, SynthConfig, generate
@@ -61,44 +59,3 @@ def test_shape_set_puts_each_regions_shape_before_its_box(tmp_path):
                 assert feats[:REGION_DIM - 6] + feats[-6:] == old["region_features"][i]
                 assert feats[REGION_DIM - 6:-6] == [float(t == old["tags"][i]) for t in tags]
 
-
-def test_geometry_term_starts_at_zero_and_a_directional_slope_looks_one_way():
-    import torch
-
-    from alignlab.models.registry import build_model
-    from alignlab.models.base import Vocab
-    from alignlab.platform.config import load_config
-
-    probes = experiment_script("relation_probes")
-    cfg = load_config("mvptr_demo")
-    torch.manual_seed(0)
-    vocab = Vocab(size=30, pad_id=0, cls_id=1, sep_id=2, mask_id=3, tags=tuple(SHAPES), concepts=((5,), (6, 5)))
-    model = build_model(cfg.model, cfg.objectives, vocab).eval()
-    feats = torch.rand(2, 3, REGION_DIM)
-    boxes = torch.tensor([[0.1, 0.4, 0.3, 0.6], [0.4, 0.4, 0.6, 0.6], [0.7, 0.4, 0.9, 0.6]])  # left to right
-    feats[..., -6:] = torch.cat([boxes, boxes[:, 2:] - boxes[:, :2]], -1)
-    batch = {"region_features": feats, "region_mask": torch.ones(2, 3, dtype=torch.bool),
-             "tag_ids": torch.ones(2, 3, dtype=torch.long), "tag_mask": torch.ones(2, 3, dtype=torch.bool)}
-    before = model.encode_image(batch)[0]
-    probes.with_geometry_bias(model, cfg.model.num_heads)
-    torch.testing.assert_close(model.encode_image(batch)[0], before)  # the term starts at zero
-    assert {"geometry_bias.mlp.0.weight", "geometry_bias.slopes"} <= set(model.state_dict())
-    # Heads 0-3 look left, right, up and down: region 1, in the middle, sees its left neighbour
-    # 0.3 away at +3 in head 0 and -3 in head 1, its right one the reverse; no vertical offsets.
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.objectives, vocab).eval()
-    probes.with_geometry_bias(model, cfg.model.num_heads, directional=10.0)
-    bias = model.geometry_bias(feats[..., -6:])
-    assert bias.shape == (2, 4, 3, 3)
-    torch.testing.assert_close(bias[0, :, 1], torch.tensor([[3.0, 0.0, -3.0], [-3.0, 0.0, 3.0],
-                                                            [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
-    regions_only = model.encode_image(batch)[0]
-    assert not torch.allclose(regions_only, before)
-    # Placed tags: tag i takes region i's box, so the term now also reaches the tag positions.
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.objectives, vocab).eval()
-    probes.with_geometry_bias(model, cfg.model.num_heads, directional=10.0, placed_tags=True)
-    placed = model.encode_image(batch)[0]
-    assert not torch.allclose(placed[:, 1:4], regions_only[:, 1:4])
-    with pytest.raises(ValueError, match="one tag a region"):
-        model.encode_image({**batch, "tag_ids": batch["tag_ids"][:, :2], "tag_mask": batch["tag_mask"][:, :2]})

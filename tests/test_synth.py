@@ -371,6 +371,31 @@ def test_compositional_rows_change_one_thing_and_are_false_of_their_image(candid
     assert set(by_type) == set(CANDIDATE_TYPES[1:]) and by_type["wrong_count"] == by_type["replace_object"] == 30
 
 
+def test_a_rows_negative_caption_reverses_one_of_its_relations_and_is_false_of_its_image(rows):
+    """Read independently of the generator: a caption row stating a relation carries a hard
+    negative that differs from it in one word, that relation's opposite ("left" / "right",
+    "above" / "below"), with the same tuple reversed in its phrases, and is false of the image;
+    a row stating none carries "" and no tuples."""
+    opposite_words = {("left", "right"), ("right", "left"), ("above", "below"), ("below", "above")}
+    with_negative = 0
+    for r in rows:
+        kinds, rels = _claims(r["phrases"])
+        assert bool(r["negative_caption"]) == bool(rels), r["caption"]
+        if not rels:
+            assert r["negative_phrases"] == []
+            continue
+        with_negative += 1
+        words, negative_words = r["caption"].split(), r["negative_caption"].split()
+        changed = [(a, b) for a, b in zip(words, negative_words, strict=True) if a != b]
+        assert len(changed) == 1 and changed[0] in opposite_words, (r["caption"], r["negative_caption"])
+        negative_kinds, negative_rels = _claims(r["negative_phrases"])
+        ((old, new),) = [(a, b) for a, b in zip(rels, negative_rels, strict=True) if a != b]
+        assert negative_kinds == kinds and new == (old[0], OPPOSITE[old[1]], old[2])
+        pixels = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")).astype(int)
+        assert not _true_of(r, r["negative_phrases"], pixels), r["negative_caption"]
+    assert with_negative > 50
+
+
 def test_vocab_tokenizes_every_caption_and_concept_without_unk(synth, rows):
     from transformers import BertTokenizerFast
 
