@@ -33,7 +33,7 @@ boxes, only to bind the clause's subject and relation word to the object's regio
 appended to the 54 features in every split (train, test, compositional), so retrieval and the
 compositional split are scored on the same oracle features.
 
-**Relation-only ITM**: no other objective; each step takes 32 training rows whose caption states
+**Relation-only ITM**: no other objective; each step takes 32 (``--anchors``) training rows whose caption states
 a relation, each beside its hard negative caption (the shards' ``negative_caption``: one
 clause's relation word reversed, and its phrase tuple with it) and another row's caption: 96 pairs, binary
 cross-entropy on ``match_scores`` (the model's p(match)), AdamW at the preset's rate with a 10%
@@ -148,7 +148,8 @@ def with_relational_messages(embeddings, hidden: int):
 
 
 def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], threads: int,
-                 relational_messages: bool = False, pretraining: bool = False, relation_weight: float = 1.0) -> None:
+                 relational_messages: bool = False, pretraining: bool = False, relation_weight: float = 1.0,
+                 anchors_per_step: int = 32) -> None:
     import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
@@ -200,13 +201,14 @@ def relation_itm(shards_dir: str, steps: int, seed: int, overrides: list[str], t
         return {k: torch.from_numpy(v) for k, v in preprocess(raw).items()}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    matches = torch.tensor([1.0] * 32 + [0.0] * 64)
+    a = anchors_per_step
+    matches = torch.tensor([1.0] * a + [0.0] * 2 * a)
     losses, pre_losses, start = [], [], time.time()
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * min(1.0, step / (0.1 * steps))
-        anchors = list(rng.choice(with_relation, 32, replace=False))
-        others = list(rng.choice(len(rows["caption"]), 32))
+        anchors = list(rng.choice(with_relation, a, replace=False))
+        others = list(rng.choice(len(rows["caption"]), a))
         captions = ([rows["caption"][i] for i in anchors] + [rows["negative_caption"][i] for i in anchors]
                     + [rows["caption"][j] for j in others])
         phrases = ([rows["phrases"][i] for i in anchors] + [rows["negative_phrases"][i] for i in anchors]
@@ -265,6 +267,9 @@ def main() -> None:
                      help="add a learned relational bag to each region's embedding (with_relational_messages)")
     itm.add_argument("--pretraining", action="store_true",
                      help="each step also takes mvptr_demo's pre-training losses on 32 other training rows")
+    itm.add_argument("--anchors", type=int, default=32,
+                     help="relation captions a step of the relation-only ITM takes (each with its twin and another "
+                          "row's caption)")
     itm.add_argument("--relation-weight", type=float, default=1.0,
                      help="the relation-only ITM loss's weight (0: pre-training alone)")
     # mvptr_demo's overrides (KEY=VALUE, e.g. model.image.region_dim=78) anywhere after the probe
@@ -278,7 +283,7 @@ def main() -> None:
         if not args.relation_weight and not args.pretraining:
             parser.error("--relation-weight 0 leaves nothing to train: add --pretraining")
         relation_itm(args.shards, args.steps, args.seed, overrides, args.threads, args.relational_messages,
-                     args.pretraining, args.relation_weight)
+                     args.pretraining, args.relation_weight, args.anchors)
 
 
 if __name__ == "__main__":

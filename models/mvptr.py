@@ -186,9 +186,10 @@ class MVPTRConfig(Readings):
     # tags; not the word-piece tags, nor a detector set with a whole-image box) and applies in the
     # rows that keep tags. ``itm_negative_captions``: each row's ``negative_caption`` (a shard
     # column: a caption false of the image that differs from a true one in one thing; the
-    # synthetic set writes each relation caption with one clause reversed) is one more ITM
-    # negative with the row's own image, NegCLIP's hard negative captions (Yuksekgonul et al.
-    # 2023) in ITM instead of the contrastive loss.
+    # synthetic set writes each relation caption with one clause reversed), fused with the row's
+    # own image, is ITM's negative against the row's positive pair in a loss of its own
+    # (``itm_negative_captions``, weighted by objectives.weights like the others): NegCLIP's hard
+    # negative captions (Yuksekgonul et al. 2023) in ITM instead of the contrastive loss.
     geometry_bias: bool = False
     geometry_slope: float = 10.0
     placed_tags: bool = False
@@ -200,8 +201,8 @@ class MVPTRConfig(Readings):
 
 
 class MVPTR(PretrainingModel):
-    objectives = ("vsc", "mcr", "wpg", "mlm", "itm")
-    optional_objectives = ("mcr", "wpg", "mlm")
+    objectives = ("vsc", "mcr", "wpg", "mlm", "itm", "itm_negative_captions")
+    optional_objectives = ("mcr", "wpg", "mlm", "itm_negative_captions")
     # §4.2: retrieval is fine-tuned "with L_vsc + L_itm with the same setting in pre-training".
     retrieval_objectives = ("vsc", "itm")
 
@@ -291,7 +292,7 @@ class MVPTR(PretrainingModel):
                          mcr=parts.mcr and "mcr" not in off,
                          tag_words=parts.tags and cfg.switch("tag_vocab") == "word_pieces",
                          random_phrases=mlm and parts.phrases and cfg.switch("phrase_masking") == "chain_and_random",
-                         negative_captions=cfg.itm_negative_captions)
+                         negative_captions=cfg.itm_negative_captions and "itm_negative_captions" not in off)
 
     # ----------------------------------------------------------------------------------------
     # Encoders
@@ -409,6 +410,19 @@ class MVPTR(PretrainingModel):
         sel = labels != IGNORE
         return masked_token_loss(self.mcr_head(tag_states[sel]), labels[sel])
 
+    @staticmethod
+    def negative_caption_itm_loss(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """ITM (eq. 4's cross-entropy, the same head) over the rows that have a negative caption:
+        each row's positive pair (``positive``, its logits from the ITM pass) against its own
+        image with its negative caption (``negative``), one to one. A loss of its own rather than
+        more pairs in L_itm: there a few such pairs among 2n others moved nothing in 3,200 steps
+        (README, "Relation swaps"); paired and weighted like this, the relation probe learnt. Zero,
+        with a gradient path, for a batch without any (every worker logs the same losses)."""
+        if not len(negative):
+            return negative.sum() * 0.0
+        labels = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))]).long().to(negative.device)
+        return itm_loss(torch.cat([positive, negative]), labels)
+
     def mlm_loss(self, word_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """L_mlm (eq. 3) over the multi-modal outputs at masked words, over the word vocabulary."""
         sel = labels != IGNORE
@@ -473,8 +487,10 @@ class MVPTR(PretrainingModel):
         text_masks = [tmask, tmask[:h][ok_img], txt_rows["mask"][ok_txt]]
         images = [regions, img_rows["states"][ok_img], regions[h:][ok_txt]]
         image_masks = [rmask, img_rows["mask"][ok_img], rmask[h:][ok_txt]]
-        # The shard set's hard negative captions (itm_negative_captions), each with its own image.
-        has_negative = batch["has_negative"].bool() if self.cfg.itm_negative_captions \
+        # The shard set's negative captions (itm_negative_captions), each with its own image,
+        # fused in the same pass, after the ITM pairs.
+        negative_captions = self.cfg.itm_negative_captions and "itm_negative_captions" not in self.off
+        has_negative = batch["has_negative"].bool() if negative_captions \
             else torch.zeros(n, dtype=torch.bool, device=txt.device)
         if has_negative.any():
             phrases = self.parts.phrases
@@ -490,14 +506,18 @@ class MVPTR(PretrainingModel):
             texts.append(mlm_txt), text_masks.append(mlm_mask), images.append(regions), image_masks.append(rmask)
         text_mask_all = torch.cat(text_masks)
         fused = self.fuse(torch.cat(texts), text_mask_all, torch.cat(images), torch.cat(image_masks))
-        n_pairs = n + int(ok_img.sum()) + int(ok_txt.sum()) + int(has_negative.sum())
+        n_pairs = n + int(ok_img.sum()) + int(ok_txt.sum())
+        n_negative = int(has_negative.sum())
 
         itm_logits = self.itm_head(fused[:n_pairs, 0])
         itm_labels = torch.zeros(n_pairs, dtype=torch.long, device=fused.device)
         itm_labels[:n] = 1
         losses["itm"] = itm_loss(itm_logits, itm_labels)
+        if negative_captions:
+            losses["itm_negative_captions"] = self.negative_caption_itm_loss(
+                itm_logits[:n][has_negative], self.itm_head(fused[n_pairs:n_pairs + n_negative, 0]))
         if mlm:
-            mlm_states = fused[:n] if single_pass else fused[n_pairs:]
+            mlm_states = fused[:n] if single_pass else fused[n_pairs + n_negative:]
             losses["mlm"] = self.mlm_loss(mlm_states[:, :n_words], batch["mlm_labels"])
 
         wpg = p.wpg and "wpg" not in self.off

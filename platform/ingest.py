@@ -282,8 +282,6 @@ class Preprocessor:
                              max_length=self.data.max_text_len, return_tensors="np")
         out["input_ids"] = tok["input_ids"].astype(np.int64)
         out["attention_mask"] = tok["attention_mask"].astype(np.int64)
-        if self.spec.negative_captions:
-            out.update(self._negative_captions(batch, skip))
         if self.spec.mlm:
             special = np.isin(out["input_ids"], self.tokenizer.all_special_ids)
             out["mlm_input_ids"], out["mlm_labels"] = bert_mask(
@@ -313,6 +311,8 @@ class Preprocessor:
                     out["mlm_phrase_ids"] = random_phrase_mask(out["phrase_ids"], out["mlm_phrase_ids"],
                                                                self.objectives.mlm_prob, len(self.concept_index),
                                                                self.rng)
+        if self.spec.negative_captions:
+            out.update(self._negative_captions(batch, out, skip))
         if self.spec.objects:
             # SemVLP's masked object prediction: features zeroed, labels = the region's own tag.
             selected = object_mask(out["region_mask"], self.objectives.object_mask_prob, self.rng)
@@ -341,19 +341,24 @@ class Preprocessor:
             self.counter.add.remote(skipped, notes, self.train)
         return {k: v[keep] for k, v in out.items()}
 
-    def _negative_captions(self, batch, skip) -> dict[str, np.ndarray]:
+    def _negative_captions(self, batch, caption: dict[str, np.ndarray], skip) -> dict[str, np.ndarray]:
         """Each row's hard negative caption (InputSpec.negative_captions), tokenised as the caption
-        is; a row without one ("") gets a placeholder and ``has_negative`` False."""
+        is (``caption``: the row's own inputs). ``has_negative`` is False for a row without one
+        ("", then a placeholder) and for one that data.max_text_len and data.max_phrases cut back
+        to the caption's own inputs (its change lay past the cut): a negative label there would
+        contradict the positive one."""
         negatives = [(c or "").strip() for c in decode_text(batch["negative_caption"], "negative_caption", skip)]
         tok = self.tokenizer([c or "." for c in negatives], padding="max_length", truncation=True,
                              max_length=self.data.max_text_len, return_tensors="np")
         out = {"negative_input_ids": tok["input_ids"].astype(np.int64),
-               "negative_attention_mask": tok["attention_mask"].astype(np.int64),
-               "has_negative": np.array([bool(c) for c in negatives])}
+               "negative_attention_mask": tok["attention_mask"].astype(np.int64)}
+        differs = (out["negative_input_ids"] != caption["input_ids"]).any(1)
         if self.spec.phrases:
             out["negative_phrase_ids"] = self._concept_ids(batch["negative_phrases"], shards.concept_key,
                                                            self.concept_index, self.data.max_phrases, unique=True)
             out["negative_phrase_mask"] = out["negative_phrase_ids"] >= CONCEPT_OFFSET
+            differs |= (out["negative_phrase_ids"] != caption["phrase_ids"]).any(1)
+        out["has_negative"] = np.array([bool(c) for c in negatives]) & differs
         return out
 
     def _image_inputs(self, batch, keep: np.ndarray, skip) -> dict[str, np.ndarray]:

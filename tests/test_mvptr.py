@@ -171,8 +171,8 @@ def test_preprocessor_prepares_tags_phrases_and_chain_masks(tmp_path):
 
 def test_data_stage_tokenises_negative_captions_and_a_split_without_them_fails_naming_the_file(tmp_path):
     """Each row's negative caption is tokenised as a caption is, its phrases mapped as phrases are,
-    ``has_negative`` where it has one; a training split whose files lack the column fails at
-    start-up, naming the file and the column."""
+    ``has_negative`` where it has one and the cuts leave it different from the caption; a
+    training split whose files lack the column fails at start-up, naming the file and the column."""
     import pyarrow.parquet as pq
 
     from alignlab.platform import shards
@@ -188,10 +188,21 @@ def test_data_stage_tokenises_negative_captions_and_a_split_without_them_fails_n
     pre = Preprocessor(cfg.data, cfg.objectives, spec, train=True)
     out = pre(batch)
     captions = [c.decode() if isinstance(c, bytes) else c for c in batch["negative_caption"]]
-    assert out["has_negative"].tolist() == [bool(c) for c in captions] and 0 < out["has_negative"].sum() < len(captions)
+    def cut(text):
+        return pre.tokenizer(text, padding="max_length", truncation=True, max_length=cfg.data.max_text_len)
+
+    differs = [bool(c) and (cut(c)["input_ids"] != out["input_ids"][i].tolist()
+                            or (out["negative_phrase_ids"][i] != out["phrase_ids"][i]).any())
+               for i, c in enumerate(captions)]
+    assert out["has_negative"].tolist() == differs and 0 < sum(differs) < sum(map(bool, captions))
+    # Cut back to the caption's own inputs (the reversed word and tuple past the cuts), a negative
+    # caption would be labelled both ways: it is dropped.
+    short = load_config("mvptr_demo", [f"data.shards={tmp_path}", "model.mvptr.itm_negative_captions=true",
+                                       "data.max_text_len=4", "data.max_phrases=3"])
+    assert not Preprocessor(short.data, short.objectives, spec, train=True)(batch)["has_negative"].any()
     concepts = shards.read_vocab_file(str(tmp_path), "concepts.txt")
     for i in np.flatnonzero(out["has_negative"]):
-        want = pre.tokenizer(captions[i], padding="max_length", truncation=True, max_length=cfg.data.max_text_len)
+        want = cut(captions[i])
         assert out["negative_input_ids"][i].tolist() == want["input_ids"]
         assert out["negative_attention_mask"][i].tolist() == want["attention_mask"]
         ids = [concepts.index(shards.concept_key(p)) + CONCEPT_OFFSET for p in batch["negative_phrases"][i]
@@ -824,11 +835,13 @@ def test_placed_tags_are_checked_at_start_up(extra, message):
         _cfg("full", *extra)
 
 
-def test_negative_captions_are_itm_negatives_with_their_own_image(monkeypatch):
-    """With itm_negative_captions, the rows that have a negative caption add one ITM pair each,
-    labelled 0: the negative caption fused with the row's own image, after the 4 positives and
-    the 2 + 2 hard negatives. Without any in the batch the losses are the model's without the
-    switch. The data stage prepares them for training only."""
+def test_negative_captions_are_itm_negatives_of_their_own_rows_positive_pair(monkeypatch):
+    """With itm_negative_captions, each row that has a negative caption fuses it with its own
+    image in the ITM pass, and L_itm_negative_captions is ITM's cross-entropy over those rows'
+    positive pairs (label 1) against their negative-caption pairs (label 0); L_itm keeps its 4
+    positives and 2 + 2 hard negatives. Without any in the batch the loss is zero and the others
+    are the model's without the switch. The data stage prepares them for training only, and a
+    zero weight switches them off."""
     batch = _batch(4)
     g = torch.Generator().manual_seed(2)
     negative = torch.randint(4, 30, (4, 6), generator=g)
@@ -842,21 +855,24 @@ def test_negative_captions_are_itm_negatives_with_their_own_image(monkeypatch):
     real_itm_loss = mvptr_module.itm_loss
     monkeypatch.setattr(mvptr_module, "itm_loss", lambda logits, labels: (calls.append((logits, labels)),
                                                                           real_itm_loss(logits, labels))[1])
-    model(batch)
-    ((logits, labels),) = calls
-    assert labels.tolist() == [1] * 4 + [0] * 4 + [0, 0]
+    out = model(batch)
+    (itm_logits, itm_labels), (logits, labels) = calls
+    assert itm_labels.tolist() == [1] * 4 + [0] * 4 and labels.tolist() == [1, 1, 0, 0]
+    rows = torch.tensor([0, 2])
     with torch.no_grad():
         vis, vmask, start = model.encode_image(batch, batch["mcr_tag_ids"])
-        rows = torch.tensor([0, 2])
         txt, tmask = model.encode_text(negative[rows], batch["negative_attention_mask"][rows], negative_phrases[rows],
                                        batch["negative_phrase_mask"][rows])
         want = model.itm_head(model.fuse(txt, tmask, vis[rows, start:], vmask[rows, start:])[:, 0])
-    torch.testing.assert_close(logits[-2:].detach(), want)
+    torch.testing.assert_close(logits[:2], itm_logits[rows])
+    torch.testing.assert_close(logits[2:].detach(), want)
+    torch.testing.assert_close(out.losses["itm_negative_captions"],
+                               F.cross_entropy(torch.cat([itm_logits[rows], want]).float(), labels))
 
     none = {**batch, "has_negative": torch.zeros(4, dtype=torch.bool)}
     with_switch = _model("full", "model.mvptr.itm_negative_captions=true")(none).losses
     without = _model("full")(batch).losses
-    assert with_switch.keys() == without.keys()
+    assert with_switch.pop("itm_negative_captions") == 0.0 and with_switch.keys() == without.keys()
     for k in without:
         torch.testing.assert_close(with_switch[k], without[k])
 
@@ -865,6 +881,9 @@ def test_negative_captions_are_itm_negatives_with_their_own_image(monkeypatch):
     assert spec.negative_captions and not spec.unmasked().negative_captions
     assert {"negative_caption", "negative_phrases"} <= set(columns_for(spec))
     assert "negative_caption" not in columns_for(spec.unmasked())
+    off = _cfg("full", "model.mvptr.itm_negative_captions=true", "objectives.weights.itm_negative_captions=0")
+    assert not MVPTR.input_spec(off.model, off.objectives).negative_captions
+    assert "itm_negative_captions" not in build_model(off.model, off.objectives, VOCAB)(batch).losses
 
 
 # --------------------------------------------------------------------------------------------
