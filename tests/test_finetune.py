@@ -79,11 +79,12 @@ def test_finetuning_a_model_pretrained_elsewhere_needs_the_task_shards(tmp_path)
 SEMVLP_PREDICTION = {f"{t}_{m}" for t in ("mlm", "roi_regression", "object_label", "qa") for m in ("single", "two")}
 
 
-@pytest.mark.parametrize("preset, off", [("mvptr_flickr8k_cpu", {"mcr", "wpg", "mlm"}),
+@pytest.mark.parametrize("preset, off", [("mvptr_flickr8k_cpu", {"mcr", "wpg", "mlm", "itm_negative_captions"}),
                                          ("simla_flickr8k_cpu", {"mlm", "mim", "psl"}),
                                          ("semvlp_flickr8k_cpu", SEMVLP_PREDICTION), ("reference_flickr8k", set())])
 def test_retrieval_fine_tuning_weights_off_what_the_paper_does_not_fine_tune_with(preset, off):
-    """MVPTR §4.2 (L_vsc + L_itm), SIMLA §3.3 (ITC + ITM), SemVLP ITM alone (our reading: its
+    """MVPTR §4.2 (L_vsc + L_itm; its switch-on negative-caption loss is not the paper's either),
+    SIMLA §3.3 (ITC + ITM), SemVLP ITM alone (our reading: its
     paper's settings are in a supplement we lack); the dual encoder names none, so its objective
     continues. An override still wins."""
     from alignlab.platform.config import to_dict
