@@ -12,7 +12,7 @@ difference to ``full`` with a 95% interval, the chance levels, and which of the 
     python experiments/ablation_mvptr.py --preset mvptr_flickr8k          # real data
     # the rows with MVPTR's three switches for relations (not the paper's; README, "Relation
     # swaps"), at 4x the budget, where relation swaps began to show (0.58 and 0.88 on two seeds;
-    # 0.95 at 8x): about 10 minutes a trial on 2 CPUs
+    # 0.93 and 0.95 at 8x): about 10 minutes a trial on 2 CPUs
     python experiments/ablation_mvptr.py --seeds 1 model.mvptr.geometry_bias=true \
         model.mvptr.placed_tags=true model.mvptr.itm_negative_captions=true \
         optim.schedule=constant optim.max_steps=3200
