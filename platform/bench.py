@@ -1458,7 +1458,7 @@ def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | Non
             runner = Runner(cfg, info.spec, info.vocab, ctx, info.steps_per_epoch).setup()
             runner.model.train()
 
-            def step() -> float:
+            def step(runner: Runner = runner) -> float:
                 t0 = time.perf_counter()
                 if runner.train_step() is None:
                     raise BenchError(f"{entry['name']}: the epoch ended inside the measured steps")

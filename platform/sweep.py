@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from alignlab.platform import config as config_lib

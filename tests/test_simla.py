@@ -15,7 +15,6 @@ from torch import nn
 from alignlab.models.base import Vocab
 from alignlab.models.objectives import distillation_loss, multilabel_bce, positive_targets, psl_targets
 from alignlab.models.registry import build_model
-from alignlab.models.base import IGNORE
 from alignlab.models.simla import SIMLA, TABLE1
 from alignlab.models.visual_tokenizers import DVAEEncoder, DVAEError, DVAETokenizer, RandomProjectionQuantizer
 from alignlab.platform.config import ConfigError, load_config
@@ -630,7 +629,7 @@ def test_mim_inputs_under_each_reading(monkeypatch, reading):
     model(batch)
     (queries, context), (queries_m, context_m) = calls  # online, then momentum
     with torch.no_grad():
-        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        ids = batch["input_ids"]
         patch_mask = batch["mim_mask"].flatten(1).bool()
         v_hat = model.image.encode(model.image.patch_embeddings(batch["pixels"]), patch_mask, model.mask_token)
         if reading == "official":

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 from alignlab.platform import tracking
 
