@@ -46,6 +46,10 @@ class InputSpec:
     # with mcr MCR masks them as MLM masks words: at objectives.mlm_prob, random replacements from
     # the word vocabulary, ``mcr_labels`` the word ids (the official MVPTR's reading of §3.2).
     tag_words: bool = False
+    # With tags: tag i names region i (tags.txt ids, one a region in box order), as a model that
+    # places each tag at its region's box reads them; the data stage fails on a row whose tags and
+    # regions differ in number (a tag outside tags.txt, a whole-image box without a tag), naming it.
+    tags_by_region: bool = False
     phrases: bool = False  # phrase_ids (B, P) of phrase concepts (MVPTR §3.1)
     # SIMLA's MIM: a BEiT block-wise mask ``mim_mask`` (B, grid, grid) over the image patches,
     # True where a patch is masked, its masked fraction drawn from ``mim_ratio`` per image, in

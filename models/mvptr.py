@@ -288,7 +288,8 @@ class MVPTR(PretrainingModel):
         parts = cfg.components
         off = cls.switched_off(objectives_cfg)
         mlm = "mlm" not in off
-        return InputSpec(regions=True, tags=parts.tags, phrases=parts.phrases, mlm=mlm,
+        return InputSpec(regions=True, tags=parts.tags, tags_by_region=parts.tags and cfg.placed_tags,
+                         phrases=parts.phrases, mlm=mlm,
                          mcr=parts.mcr and "mcr" not in off,
                          tag_words=parts.tags and cfg.switch("tag_vocab") == "word_pieces",
                          random_phrases=mlm and parts.phrases and cfg.switch("phrase_masking") == "chain_and_random",
@@ -330,15 +331,13 @@ class MVPTR(PretrainingModel):
     def geometry(self, batch: dict[str, torch.Tensor], length: int) -> torch.Tensor | None:
         """The geometry term's scores (B, heads, length, length) over the visual sequence: between
         the regions (the last K positions), and with ``placed_tags`` between the tags and regions
-        too, tag i at region i's box; zero elsewhere. None without the term."""
+        too, tag i at region i's box (the data stage checks each row has one tag a region,
+        InputSpec.tags_by_region: a check here would cost a device sync a step); zero elsewhere.
+        None without the term."""
         if not self.cfg.geometry_bias:
             return None
         boxes = batch["boxes"]
         if self.placed_tags:
-            if not torch.equal(batch["tag_mask"].bool(), batch["region_mask"].bool()):
-                raise ValueError("model.mvptr.placed_tags needs one tag a region, in box order: a row's tags and "
-                                 "regions differ in number (data.max_tags must equal data.max_regions, and the "
-                                 "shards' tags name their regions one to one)")
             boxes = torch.cat([boxes, boxes], 1)
         k = boxes.shape[1]
         bias = boxes.new_zeros(boxes.shape[0], self.geometry_bias.slopes.shape[0], length, length)

@@ -390,6 +390,8 @@ class Preprocessor:
         elif self.spec.tags:
             out["tag_ids"] = self._concept_ids(batch["tags"], str, self.tag_index, self.data.max_tags)
             out["tag_mask"] = out["tag_ids"] >= CONCEPT_OFFSET
+        if self.spec.tags_by_region:
+            self._check_tags_by_region(batch, out["tag_mask"], out["region_mask"], keep)
         return out
 
     def _answer_scores(self, batch, answers: list[str | None] | None, keep: np.ndarray) -> np.ndarray:
@@ -478,6 +480,18 @@ class Preprocessor:
                 f"{self.data.shards}: caption_id={batch['caption_id'][i]}: region 0 is the box "
                 f"{[round(float(v), 3) for v in boxes[i, 0]]}, not the whole image [0, 0, 1, 1] this model reads; rebuild the "
                 f"shards with `alignlab data build` (its whole-image box is on unless --no-whole-image-box)")
+
+    def _check_tags_by_region(self, batch, tag_mask: np.ndarray, region_mask: np.ndarray, keep: np.ndarray) -> None:
+        """The model places tag i at region i's box; a row whose tags and regions differ in number
+        would place a tag at another object's box, silently."""
+        bad = keep & (tag_mask != region_mask).any(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise shards.ShardSchemaError(
+                f"{self.data.shards}: caption_id={batch['caption_id'][i]}: {int(tag_mask[i].sum())} tags of tags.txt "
+                f"for {int(region_mask[i].sum())} regions, where the model places tag i at region i's box "
+                f"(model.mvptr.placed_tags): it needs one tag a region, in box order, every tag in tags.txt, "
+                f"and data.max_tags equal to data.max_regions")
 
     def _text_features(self, batch, keep, skip) -> np.ndarray:
         if "text_feature" not in batch:

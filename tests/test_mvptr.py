@@ -796,8 +796,7 @@ def test_the_geometry_term_biases_the_regions_and_with_placed_tags_the_tags():
     """One visual layer over [CLS], 3 tags, 3 regions, all given the plain model's weights.
     Learned from zero (slope 0) the term changes nothing. With directional heads (slope 10) it
     biases the regions' attention only: the regions' outputs change, the [CLS]'s and the tags'
-    do not. With placed tags, the tags' outputs change too. A row whose tags and regions differ
-    in number fails, naming the switch."""
+    do not. With placed tags, the tags' outputs change too."""
     batch = _placed_batch()
     plain = _model().eval()
     before = plain.encode_image(batch)[0]
@@ -816,11 +815,39 @@ def test_the_geometry_term_biases_the_regions_and_with_placed_tags_the_tags():
     placed = with_plain_weights("model.mvptr.placed_tags=true").encode_image(batch)[0]
     assert not torch.allclose(placed[:, 1:4], before[:, 1:4])
     torch.testing.assert_close(placed[:, 0], before[:, 0])
-    with pytest.raises(ValueError, match="placed_tags needs one tag a region"):
-        with_plain_weights("model.mvptr.placed_tags=true").encode_image(_batch() | {"boxes": batch["boxes"]})
     # A row without tags builds, its regions still biased (placed tags apply where there are tags).
     assert not _model("wo_mcr_tag", "model.mvptr.geometry_bias=true", "model.mvptr.placed_tags=true", "data.max_tags=3",
                       "data.max_regions=3").placed_tags
+
+
+def test_the_data_stage_checks_placed_tags_have_one_tag_a_region(tmp_path):
+    """With placed_tags the data stage asks for one tag a region (InputSpec.tags_by_region): the
+    synthetic rows pass, and a row with a tag outside tags.txt (dropped, so one tag short of its
+    regions) fails naming the row and the switch. Without the switch the same row passes."""
+    import pyarrow.parquet as pq
+
+    from alignlab.platform import shards
+    from alignlab.platform.ingest import Preprocessor
+    from alignlab.platform.synth import SynthConfig, generate
+
+    generate(str(tmp_path), SynthConfig(n_train_images=40, n_test_images=4, rows_per_file=100))
+    placed = ["model.mvptr.geometry_bias=true", "model.mvptr.placed_tags=true"]
+    cfg = load_config("mvptr_demo", [f"data.shards={tmp_path}", *placed])
+    spec = MVPTR.input_spec(cfg.model, cfg.objectives)
+    untagged = _cfg("wo_mcr_tag", *placed, "data.max_tags=4", "data.max_regions=4")
+    assert spec.tags_by_region and not MVPTR.input_spec(untagged.model, untagged.objectives).tags_by_region
+    table = pq.read_table(shards.list_parquet(str(tmp_path / "train"))[0], columns=columns_for(spec))
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    out = Preprocessor(cfg.data, cfg.objectives, spec, train=True)(batch)
+    assert (out["tag_mask"] == out["region_mask"]).all()
+    i = next(i for i, t in enumerate(batch["tags"]) if len(t) > 1)
+    batch["tags"][i] = ["unicorn", *list(batch["tags"][i])[1:]]
+    with pytest.raises(shards.ShardSchemaError, match=f"caption_id={batch['caption_id'][i]}: "
+                                                      f"{len(batch['tags'][i]) - 1} tags of tags.txt for "
+                                                      f"{len(batch['tags'][i])} regions.*model.mvptr.placed_tags"):
+        Preprocessor(cfg.data, cfg.objectives, spec, train=True)(batch)
+    plain = load_config("mvptr_demo", [f"data.shards={tmp_path}"])
+    Preprocessor(plain.data, plain.objectives, MVPTR.input_spec(plain.model, plain.objectives), train=True)(batch)
 
 
 @pytest.mark.parametrize("extra, message", [
