@@ -490,8 +490,8 @@ class Preprocessor:
             raise shards.ShardSchemaError(
                 f"{self.data.shards}: caption_id={batch['caption_id'][i]}: {int(tag_mask[i].sum())} tags of tags.txt "
                 f"for {int(region_mask[i].sum())} regions, where the model places tag i at region i's box "
-                f"(model.mvptr.placed_tags): it needs one tag a region, in box order, every tag in tags.txt, "
-                f"and data.max_tags equal to data.max_regions")
+                f"(its placed tags, InputSpec.tags_by_region): it needs one tag a region, in box order, every "
+                f"tag in tags.txt, and data.max_tags equal to data.max_regions")
 
     def _text_features(self, batch, keep, skip) -> np.ndarray:
         if "text_feature" not in batch:

@@ -844,7 +844,7 @@ def test_the_data_stage_checks_placed_tags_have_one_tag_a_region(tmp_path):
     batch["tags"][i] = ["unicorn", *list(batch["tags"][i])[1:]]
     with pytest.raises(shards.ShardSchemaError, match=f"caption_id={batch['caption_id'][i]}: "
                                                       f"{len(batch['tags'][i]) - 1} tags of tags.txt for "
-                                                      f"{len(batch['tags'][i])} regions.*model.mvptr.placed_tags"):
+                                                      f"{len(batch['tags'][i])} regions.*placed tags"):
         Preprocessor(cfg.data, cfg.objectives, spec, train=True)(batch)
     plain = load_config("mvptr_demo", [f"data.shards={tmp_path}"])
     Preprocessor(plain.data, plain.objectives, MVPTR.input_spec(plain.model, plain.objectives), train=True)(batch)
