@@ -228,6 +228,7 @@ class Preprocessor:
         # Random replacements are drawn from the whole vocabulary, as BERT's and Hugging Face's
         # MLM collators do.
         self.random_range = (0, len(self.tokenizer))
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         # Tag and phrase-concept vocabularies of the shard set (ids: models.base CONCEPT_*).
         self.tag_index = {t: i for i, t in enumerate(shards.read_vocab_file(self.data.shards, "tags.txt"))} \
@@ -247,6 +248,12 @@ class Preprocessor:
         n = len(batch["caption"])
         keep = np.ones(n, dtype=bool)
         passes = batch.get(PASS_COLUMN, np.zeros(n, dtype=np.int64))
+        if self.train and PASS_COLUMN in batch and n:
+            # A training stream's batch draws from (seed, pass, its first row), not from the
+            # actor's running state: which of several actors prepares a batch varies from run to
+            # run, and actors seeded alike would draw the same masks for their k-th batches.
+            self.rng = np.random.default_rng([self.seed, int(passes[0]),
+                                              zlib.crc32(str(batch["caption_id"][0]).encode())])
         skipped: list[tuple[str, str, str, int]] = []
         notes: list[tuple[str, str]] = []
 
@@ -762,8 +769,9 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     order, its rows tagged with :data:`PASS_COLUMN`), so one execution serves every epoch: Ray
     Data re-executes a dataset at each iteration, and a new execution per epoch cost 5-8 s at
     every boundary (new read tasks, a new Preprocessor actor, the first block; ``alignlab bench
-    --ray``, epochs). The Preprocessor actor lives through the stream, its random state running
-    on, so augmentation and masking differ from pass to pass. The stream keeps its order
+    --ray``, epochs). The Preprocessor actor lives through the stream; each batch draws its
+    augmentation and masking from (seed, pass, its first row), so they differ from pass to pass
+    and not with the actor that prepares the batch. The stream keeps its order
     (``preserve_order``), so every pass's rows reach the trainer before the next pass's."""
     ray = _ray()
     uri = shards.child_uri(data.shards, split)

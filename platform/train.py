@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ContextManager, Iterable, Iterator, Protocol
 
+import numpy as np
 import torch
 
 from alignlab.models import downstream
@@ -717,13 +718,16 @@ class LocalContext:
 # --------------------------------------------------------------------------------------------
 
 
-def shard_batches(shard, data: config_lib.DataConfig, batch_size: int, device: torch.device) -> Iterator:
+def shard_batches(shard, data: config_lib.DataConfig, batch_size: int, device: torch.device,
+                  seed: int | None = None) -> Iterator:
     """One epoch of a training shard (a Ray Data ``DataIterator``) as the trainer reads it; each
-    call starts the shard's pipeline anew. Shared with ``alignlab bench``, which times this
-    iteration on a driver-side shard without Ray Train."""
+    call starts the shard's pipeline anew. ``seed`` fixes the local shuffle buffer's draws (None:
+    fresh ones). Shared with ``alignlab bench``, which times this iteration on a driver-side shard
+    without Ray Train."""
     return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
                                     prefetch_batches=data.prefetch_batches,
-                                    local_shuffle_buffer_size=data.shuffle_buffer or None)
+                                    local_shuffle_buffer_size=data.shuffle_buffer or None,
+                                    local_shuffle_seed=seed if data.shuffle_buffer else None)
 
 
 class RayContext:
@@ -750,7 +754,10 @@ class RayContext:
     def train_batches(self, batch_size):
         import ray.train
 
-        return shard_batches(ray.train.get_dataset_shard("train"), self.cfg.data, batch_size, self.device)
+        # Seeded by the run's seed and this worker's rank: a run repeats its batches, and the
+        # ranks' buffers draw apart.
+        seed = int(np.random.SeedSequence([self.cfg.seed, self.rank]).generate_state(1)[0])
+        return shard_batches(ray.train.get_dataset_shard("train"), self.cfg.data, batch_size, self.device, seed)
 
     def eval_batches(self, batch_size):
         return self._evaluation("eval", batch_size)

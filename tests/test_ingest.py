@@ -233,6 +233,45 @@ def test_a_training_stream_reads_every_row_once_per_pass_and_masks_it_afresh(ray
         assert same < 0.25, (a, b, same)
 
 
+def test_a_training_stream_masks_a_batch_alike_whichever_actor_prepares_it(ray_session, stream_root):
+    """Each batch draws its masks from (seed, pass, its first row), not from its actor's running
+    state: with one Preprocessor actor or two (which of them prepares a batch varies), a row gets
+    the same masks in the same pass; another seed draws others."""
+    spec = InputSpec(regions=True, tags=True, mlm=True, mcr=True)
+
+    def masks(concurrency: int, seed: int = 0) -> dict:
+        cfg = load_config("mvptr_demo", [f"data.shards={stream_root}", "data.preprocess_batch_size=16",
+                                         f"data.preprocess_concurrency={concurrency}"])
+        rows = build_dataset(cfg.data, cfg.objectives, spec, "train", train=True, seed=seed, passes=2).take_all()
+        return {(int(r[PASS_COLUMN]), int(r["caption_key"])): (r["mlm_labels"].tolist(), r["mcr_labels"].tolist())
+                for r in rows}
+
+    one = masks(1)
+    assert len(one) == 240 and masks(2) == one
+    other = masks(1, seed=1)
+    assert other.keys() == one.keys() and np.mean([other[k] == one[k] for k in one]) < 0.25
+
+
+def test_the_trainers_shuffle_buffer_repeats_its_draws_under_a_seed(ray_session):
+    """The trainer's local shuffle buffer (shard_batches) draws from the seed it is given: the
+    same seed, the same batches; another seed, another order."""
+    import ray
+    import torch
+
+    from alignlab.platform.train import shard_batches
+
+    cfg = load_config("mvptr_demo", ["data.shuffle_buffer=64"])
+    ds = ray.data.range(256, override_num_blocks=8)
+    ds.context.execution_options.preserve_order = True  # as build_dataset's training stream
+
+    def order(seed: int) -> list[int]:
+        return [int(i) for b in shard_batches(ds.iterator(), cfg.data, 16, torch.device("cpu"), seed) for i in b["id"]]
+
+    first = order(3)
+    assert sorted(first) == list(range(256)) and first != list(range(256))
+    assert order(3) == first and order(4) != first
+
+
 def test_scheduling_loop_floor_sleeps_out_the_rest_of_a_fast_step():
     from alignlab.platform.loop_pacing import SchedulingLoopFloor
 
