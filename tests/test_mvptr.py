@@ -823,7 +823,7 @@ def test_the_geometry_term_biases_the_regions_and_with_placed_tags_the_tags():
 def test_the_data_stage_checks_placed_tags_have_one_tag_a_region(tmp_path):
     """With placed_tags the data stage asks for one tag a region (InputSpec.tags_by_region): the
     synthetic rows pass, and a row with a tag outside tags.txt (dropped, so one tag short of its
-    regions) fails naming the row and the switch. Without the switch the same row passes."""
+    regions) fails naming the row. Without the switch the same row passes."""
     import pyarrow.parquet as pq
 
     from alignlab.platform import shards

@@ -1,4 +1,3 @@
-
 from alignlab.platform import tracking
 
 
