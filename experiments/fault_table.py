@@ -796,12 +796,26 @@ def kill_driver(lab: Lab) -> Finding:
     refused = [m.value for m in tracking.client(lab.store).get_metric_history(run_id, "train/checkpoints_refused")]
     expect(len(resumed) == 1 and every <= resumed[0] < torn_step and refused == [1.0],
            f"resumed from {resumed}, refusing {refused} checkpoint(s), after tearing the one at step {torn_step}")
+    rows = _resumed_epoch_rows(lab, key, resumed[0])
     return Finding(f"killed after step {step} was logged; the checkpoint at step {torn_step} torn; the same command "
                    f"named it, resumed from the one before (step {resumed[0]:.0f}) and finished at {MAX_STEPS}, "
                    f"FINISHED, each step of loss/total logged once",
                    f"warning: `{torn} is not a readable safetensors file (...); trying the checkpoint before it`; "
-                   f"`train/checkpoints_refused` = 1, `train/resumed_from_step` = {resumed[0]:.0f}; loss/total at "
+                   f"`train/checkpoints_refused` = 1, `train/resumed_from_step` = {resumed[0]:.0f}, "
+                   f"`train/resumed_epoch_rows` = {rows:.0f}; loss/total at "
                    f"steps {LOG_EVERY}..{MAX_STEPS}, once each")
+
+
+def _resumed_epoch_rows(lab: Lab, key: str, step: float) -> float:
+    """The rows of its epoch the resumed run's stream started past: a kill run's epoch is 16
+    steps of 8 rows, so a resume before step 16 must skip the 8 rows of each step before it."""
+    from alignlab.platform import tracking
+
+    run_id = runs_of(lab.store, key)[0].info.run_id
+    rows = [m.value for m in tracking.client(lab.store).get_metric_history(run_id, "train/resumed_epoch_rows")]
+    expect(rows == [step * 8], f"the resumed stream started past {rows} rows of its epoch, not the "
+                               f"{step * 8:.0f} that its {step:.0f} steps read")
+    return rows[0]
 
 
 @probe("SIGKILL of the Ray Data preprocessing actor (`MapWorker(MapBatches(Preprocessor))`) as the epoch's "
@@ -839,13 +853,14 @@ def kill_data_actor_then_worker(lab: Lab) -> Finding:
     after = state.actors(killed[0]["ActorID"])
     expect(after["NumRestarts"] >= 1 or after["State"] == "DEAD", f"the data actor was not hit: {after}")
     expect(len(resumed) == 1 and CHECKPOINT_EVERY <= resumed[0] < MAX_STEPS, f"resumed from {resumed}")
+    rows = _resumed_epoch_rows(lab, "kill-data-actor-then-worker", resumed[0])
     data = (f"Ray restarted it ({after['NumRestarts']} restart) and retried its tasks" if after["NumRestarts"]
             else "Ray Data replaced it")
     return Finding(f"{actor} killed: {data}; then {worker} killed: Ray Train restarted the workers from the "
                    f"checkpoint at step {resumed[0]:.0f}; finished at {MAX_STEPS}, FINISHED, each step of loss/total "
                    f"logged once",
-                   f"`train/resumed_from_step` = {resumed[0]:.0f}; loss/total at steps {LOG_EVERY}..{MAX_STEPS}, "
-                   f"once each")
+                   f"`train/resumed_from_step` = {resumed[0]:.0f}, `train/resumed_epoch_rows` = {rows:.0f}; loss/total "
+                   f"at steps {LOG_EVERY}..{MAX_STEPS}, once each")
 
 
 # --------------------------------------------------------------------------------------------

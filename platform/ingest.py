@@ -23,7 +23,8 @@ import os
 import zlib
 from collections import Counter
 from dataclasses import replace
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -48,19 +49,27 @@ MAX_EXAMPLES = 20
 class DataQuality:
     """Skipped and noted rows, each counted once per ``(reason, caption_id)`` however often it is
     read: every epoch and every evaluation pass reads a bad row again. Skips of the training read
-    are also kept per epoch: the trainer marks the epoch a training stream starts at with
-    :meth:`begin_epoch`, and a skip in the stream's pass ``p`` belongs to that epoch + ``p``."""
+    are also kept per epoch: a skip in the stream's pass ``p`` belongs to epoch ``p``.
+
+    It is also where the trainer tells the data stage where the next training stream starts
+    (:meth:`begin_stream`): the one actor both sides already hold, and the stream's read tasks
+    are made when its execution starts, after the trainer has resumed (:func:`stream_source`)."""
 
     def __init__(self):
         self.skipped: set[tuple[str, str]] = set()
         self.noted: set[tuple[str, str]] = set()
-        self.epoch = 0
+        self.start = (0, 0)
         self.train_epochs: dict[int, set[tuple[str, str]]] = {}
         self.examples: list[str] = []
 
-    def begin_epoch(self, epoch: int) -> None:
-        """Training reads from now on start at ``epoch``: their pass 0 is that epoch."""
-        self.epoch = epoch
+    def begin_stream(self, first_pass: int, rows_read: int = 0) -> None:
+        """The next training stream starts at pass ``first_pass`` (the trainer's epoch), past the
+        first ``rows_read`` rows of that pass's order: those its steps have already trained on."""
+        self.start = (first_pass, rows_read)
+
+    def stream_start(self) -> tuple[int, int]:
+        """(first pass, rows of it already read) for the next training stream."""
+        return self.start
 
     def add(self, skipped: list[tuple[str, str, str, int]], notes: list[tuple[str, str]], train: bool) -> None:
         """``skipped``: (reason, caption_id, example, pass of the read) per skipped row of one
@@ -73,7 +82,7 @@ class DataQuality:
                 if len(self.examples) < MAX_EXAMPLES:
                     self.examples.append(example)
             if train:
-                self.train_epochs.setdefault(self.epoch + pass_index, set()).add(key)
+                self.train_epochs.setdefault(pass_index, set()).add(key)
         self.noted.update(notes)
 
     def epoch_counts(self, epoch: int) -> dict[str, int]:
@@ -189,8 +198,9 @@ def image_key(identifier: str) -> int:
 # Free-text columns, read as bytes (see the module docstring) and decoded by :func:`decode_text`.
 TEXT_COLUMNS = ("caption", "question", "answer", "negative_caption")
 
-# The training stream's column naming each row's pass over the split, counted from the stream's
-# start: the trainer reads its epoch boundaries from it, the data counters their epochs.
+# The training stream's column naming each row's pass over the split, which is the run's epoch
+# (a resumed stream starts at its checkpoint's): the trainer reads its epoch boundaries from it,
+# the data counters their epochs, the Preprocessor its per-batch seed.
 PASS_COLUMN = "pass"
 
 
@@ -711,38 +721,53 @@ def footer_pool(files: int) -> Iterator[None]:
         os.environ.pop(FOOTER_ACTORS_ENV, None)
 
 
-def pass_files(files: list[str], rows: list[int], passes: int, seed: int, limit: int = 0
-               ) -> list[tuple[int, str, int]]:
+def pass_files(files: list[str], rows: list[int], passes: int, seed: int, limit: int = 0,
+               start: tuple[int, int] = (0, 0)) -> list[tuple[int, str, int, int]]:
     """The training stream's reads, in stream order: per pass, every file once, in an order
     drawn from ``(seed, pass)`` (so each pass is shuffled anew, reproducibly), as (pass, file,
-    rows to read from its start); ``limit`` > 0 caps a pass at that many rows."""
+    first row, rows to read); ``limit`` > 0 caps a pass at that many rows. The stream holds
+    ``passes`` passes from ``start`` = (first pass, rows of it already read): a resumed run's
+    stream skips the files and rows its checkpoint's steps read, in the order the run read them."""
+    first_pass, done = start
     reads = []
-    for p in range(passes):
+    for p in range(first_pass, first_pass + passes):
         left = limit or sum(rows)
+        skip = done if p == first_pass else 0
         for i in np.random.default_rng([seed, p]).permutation(len(files)):
             if left <= 0:
                 break
-            reads.append((p, files[i], min(rows[i], left)))
-            left -= rows[i]
+            n = min(rows[i], left)
+            left -= n
+            if skip >= n:
+                skip -= n
+                continue
+            reads.append((p, files[i], skip, n - skip))
+            skip = 0
     return reads
 
 
-def read_pass(uri: str, schema: pa.Schema, pass_index: int, path: str, rows: int) -> list[pa.Table]:
-    """One read of the training stream: ``path``'s first ``rows`` rows as Arrow, with the path
-    (for skip messages) and the pass."""
+def read_pass(uri: str, schema: pa.Schema, pass_index: int, path: str, first: int, rows: int) -> list[pa.Table]:
+    """One read of the training stream: ``rows`` rows of ``path`` from row ``first``, as Arrow,
+    with the path (for skip messages) and the pass."""
     fs, _ = shards.filesystem(uri)
-    table = pq.read_table(path, columns=schema.names, schema=schema, filesystem=fs).slice(0, rows)
+    table = pq.read_table(path, columns=schema.names, schema=schema, filesystem=fs).slice(first, rows)
     return [table.append_column("path", pa.array([path] * len(table), pa.string()))
             .append_column(PASS_COLUMN, pa.array(np.full(len(table), pass_index, dtype=np.int64)))]
 
 
-def stream_source(uri: str, schema: pa.Schema, reads: list[tuple[int, str, int]]):
+def stream_source(uri: str, schema: pa.Schema, reads: Callable[[tuple[int, int]], list[tuple[int, str, int, int]]],
+                  counter=None):
     """:func:`pass_files`' reads as a Ray Data source, one read task each, its rows declared:
     the Preprocessor's map bundles inputs up to ``preprocess_batch_size`` rows by that count, so
     each task prepares one read and hands its rows over when done (reads declared as one-row
-    items were gathered, every pass of the stream, into a single task)."""
-    from functools import partial
+    items were gathered, every pass of the stream, into a single task).
 
+    ``reads(start)`` gives the reads of a stream starting at ``start``, which comes from
+    ``counter`` (:meth:`DataQuality.stream_start`) each time Ray Data asks for the read tasks:
+    it does so when an execution starts, in the coordinator that splits the stream among the
+    trainers, once they ask for their first batch, after they have resumed and said where. So a
+    stream started again (a restarted worker group, a new run of a killed driver) starts where
+    the checkpoint's steps stopped, not at the first pass."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -752,9 +777,10 @@ def stream_source(uri: str, schema: pa.Schema, reads: list[tuple[int, str, int]]
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context=None) -> list[ReadTask]:
-            return [ReadTask(partial(read_pass, uri, schema, p, path, rows),
+            start = tuple(_ray().get(counter.stream_start.remote())) if counter is not None else (0, 0)
+            return [ReadTask(partial(read_pass, uri, schema, p, path, first, rows),
                              BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=(path,)))
-                    for p, path, rows in reads]
+                    for p, path, first, rows in reads(start)]
 
     return PassStream()
 
@@ -766,7 +792,8 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     ``id_columns`` (integer columns, such as shards.COMPOSITIONAL_COLUMNS) pass through unchanged.
 
     A training read is one stream of ``passes`` passes over the split (each in its own file
-    order, its rows tagged with :data:`PASS_COLUMN`), so one execution serves every epoch: Ray
+    order, its rows tagged with :data:`PASS_COLUMN`), from where ``counter`` says the trainer
+    stands (:func:`stream_source`), so one execution serves every epoch: Ray
     Data re-executes a dataset at each iteration, and a new execution per epoch cost 5-8 s at
     every boundary (new read tasks, a new Preprocessor actor, the first block; ``alignlab bench
     --ray``, epochs). The Preprocessor actor lives through the stream; each batch draws its
@@ -778,12 +805,12 @@ def build_dataset(data: DataConfig, objectives: ObjectivesConfig, spec: InputSpe
     spec, files = split_inputs(spec, uri, train, id_columns)
     schema = read_schema(files, columns_for(spec) + list(id_columns), uri)
     if train:
-        reads = pass_files(files, file_rows(uri, files), passes, seed, data.max_train_rows)
+        reads = partial(pass_files, files, file_rows(uri, files), passes, seed, data.max_train_rows)
         # As many reads at a time as Preprocessor actors: a read takes a fraction of the time its
         # rows take to prepare, so they keep ahead, and a read task per file of every pass at
         # once would start a worker process for each, on cores the actors need.
-        ds = ray.data.read_datasource(stream_source(uri, schema, reads), override_num_blocks=len(reads),
-                                      concurrency=data.preprocess_concurrency)
+        ds = ray.data.read_datasource(stream_source(uri, schema, reads, counter),
+                                      override_num_blocks=len(reads((0, 0))), concurrency=data.preprocess_concurrency)
     else:
         with footer_pool(len(files)):
             ds = ray.data.read_parquet(uri, columns=schema.names, schema=schema,

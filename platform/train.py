@@ -14,8 +14,13 @@ newest checkpoint that reads back (:meth:`Runner.resume`); a killed driver resum
 when the same command is run again, because the Train run name is derived from the resolved
 config (``tracking.run_name`` overrides it) and Ray Train V2 restores a run whose name and
 storage it finds. The step count and
-learning-rate schedule continue from the checkpoint; the data stream restarts at its first pass,
-counted as the checkpoint's epoch (a streaming order cannot be rewound).
+learning-rate schedule continue from the checkpoint, and so does the data: the checkpoint holds
+its epoch and how many batches of it the steps read, and the restarted stream begins at that
+epoch's pass past those rows (``ingest.stream_source``), in the order the run read them. That is
+exact up to the trainer's shuffle buffer (``data.shuffle_buffer`` rows: those it held at the
+checkpoint are drawn afresh, others read twice) and the rows skipped as bad before the checkpoint
+(the resumed stream skips that many fewer). Before, a resumed stream started again at the first
+rows of its pass, so a run stopped more often than once a pass never read the rest of it.
 
 Epochs: the training data is one stream of passes over the split (``ingest.build_dataset``); an
 epoch ends where the next pass's first row arrives, or where the stream ends.
@@ -220,8 +225,9 @@ class WorkerContext(Protocol):
     def data_metrics(self) -> dict[str, float]:
         """Data-quality counters (``data/skipped_*``) to log."""
 
-    def epoch_started(self, epoch: int) -> None:
-        """Rank 0 opens a training epoch (the data counters count distinct rows per epoch)."""
+    def stream_started(self, first_pass: int, rows_read: int) -> None:
+        """Every rank, before the first batch of a training stream: the stream starts at pass
+        ``first_pass`` (the epoch), past the ``rows_read`` rows of it that steps already read."""
 
     def epoch_skips(self, epoch: int) -> dict[str, int]:
         """Distinct rows skipped by the training read of ``epoch``, by reason (rank 0)."""
@@ -268,7 +274,7 @@ class Runner:
         self.sink = sink
         self.step = self.epoch = 0
         self.nonfinite_run = self.nonfinite_skipped = 0
-        self.epoch_batches = 0  # batches read in the current epoch
+        self.epoch_batches = 0  # batches this worker read in the current epoch
         # (metrics, the step MLflow shows them at, the training step that produced them)
         self.pending: list[tuple[dict[str, float], int, float]] = []
         self.logged_through = -1  # training steps whose metrics the run already holds
@@ -342,7 +348,8 @@ class Runner:
                     log.warning("rank %d: %s; trying the checkpoint before it", self.ctx.rank, e)
                     refused.append(str(e))
                     continue
-            log.info("rank %d resumed from step %d (epoch %d)%s", self.ctx.rank, self.step, self.epoch,
+            log.info("rank %d resumed from step %d (epoch %d, its stream past the %d rows read)%s", self.ctx.rank,
+                     self.step, self.epoch, self.epoch_rows_read(),
                      f", after refusing {len(refused)} newer checkpoint(s)" if refused else "")
             if self.sink is not None:
                 last = self.sink.last_logged_step("train/step")
@@ -353,6 +360,7 @@ class Runner:
                                     for e in unlogged]
                     self._flush()
             self._record({"train/resumed_from_step": float(self.step),
+                          "train/resumed_epoch_rows": float(self.epoch_rows_read()),
                           "train/checkpoints_refused": float(len(refused))}, replayable=False)
             return
         if refused:
@@ -363,7 +371,7 @@ class Runner:
     def save_checkpoint(self, directory: str) -> None:
         trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                    "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state(),
-                   "nonfinite_skipped": self.nonfinite_skipped,
+                   "nonfinite_skipped": self.nonfinite_skipped, "epoch_batches": self.epoch_batches,
                    "train_seconds": self.train_seconds + self.window.elapsed()}
         unlogged = [{"metrics": m, "step": step, "at_step": None if math.isinf(at) else at}
                     for m, step, at in self.pending]
@@ -387,17 +395,23 @@ class Runner:
             torch.cuda.set_rng_state(t["cuda_rng"].cpu(), self.ctx.device)
         self.nonfinite_skipped = int(t.get("nonfinite_skipped", 0))
         self.train_seconds = float(t.get("train_seconds", 0.0))
+        self.epoch_batches = int(t.get("epoch_batches", 0))  # checkpoints before it: the pass's start
         self.step, self.epoch = ckpt.step, ckpt.epoch
         return ckpt.unlogged_metrics
 
     # -- one optimiser step ---------------------------------------------------------------
 
+    def epoch_rows_read(self) -> int:
+        """Rows of the current epoch's pass that every worker's batches have read together."""
+        return self.epoch_batches * (self.cfg.data.batch_size // self.ctx.world) * self.ctx.world
+
     def _next_batch(self) -> dict[str, torch.Tensor] | None:
         if self._batches is None:
-            if self.ctx.rank == 0:
-                self.ctx.epoch_started(self.epoch)
+            # Every rank, not only rank 0: the stream's reads are made when the first rank asks
+            # for a batch, and all ranks resumed from the same checkpoint.
+            self.ctx.stream_started(self.epoch, self.epoch_rows_read())
             self._batches = iter(self.ctx.train_batches(self.cfg.data.batch_size // self.ctx.world))
-            self.stream_pass = 0
+            self.stream_pass = self.epoch
         t0 = time.perf_counter()
         batch = next(self._batches, None)
         self.window.wait += time.perf_counter() - t0
@@ -652,8 +666,9 @@ class LocalContext:
     benchmarks): ``train_epoch()`` yields one epoch of batches (already sized), ``eval_epoch()``
     the evaluation split. Reported checkpoints are kept as Ray keeps them, the newest
     ``num_to_keep`` as ``checkpoint_root/checkpoint_<n>``, and the next runner on the same root
-    resumes from them. ``quality``: the :class:`~alignlab.platform.ingest.DataQuality` that the
-    batches' reads count skipped rows in, if any."""
+    resumes from them; its stream then starts past the rows the checkpoint's steps read, as Ray
+    Data's does. ``quality``: the :class:`~alignlab.platform.ingest.DataQuality` that the
+    batches' reads count skipped rows in (and that hears where each stream starts), if any."""
 
     rank, world = 0, 1
 
@@ -665,12 +680,16 @@ class LocalContext:
         self.device = torch.device(device)
         self.quality, self.num_to_keep = quality, num_to_keep
         self.reports: list[tuple[dict[str, float], bool]] = []
+        self.rows_read = 0
 
     def wrap(self, model):
         return model
 
     def train_batches(self, batch_size):
-        return iter(self.train_epoch())
+        batches, skip = iter(self.train_epoch()), self.rows_read
+        while skip > 0 and (batch := next(batches, None)) is not None:
+            skip -= len(batch["input_ids"])
+        return batches
 
     def eval_batches(self, batch_size):
         return self.eval_epoch()
@@ -705,9 +724,10 @@ class LocalContext:
     def data_metrics(self):
         return {}
 
-    def epoch_started(self, epoch):
+    def stream_started(self, first_pass, rows_read):
+        self.rows_read = rows_read
         if self.quality is not None:
-            self.quality.begin_epoch(epoch)
+            self.quality.begin_stream(first_pass, rows_read)
 
     def epoch_skips(self, epoch):
         return self.quality.epoch_counts(epoch) if self.quality is not None else {}
@@ -830,11 +850,11 @@ class RayContext:
         out.update({f"data/{k}": float(v) for k, v in snapshot["notes"].items()})
         return out
 
-    def epoch_started(self, epoch):
+    def stream_started(self, first_pass, rows_read):
         if self.counter is not None:
             import ray
 
-            ray.get(self.counter.begin_epoch.remote(epoch))
+            ray.get(self.counter.begin_stream.remote(first_pass, rows_read))
 
     def epoch_skips(self, epoch):
         if self.counter is None:
@@ -980,8 +1000,9 @@ def fit(cfg: Config, mlflow_uri: str, mlflow_run_id: str, storage_path: str | No
         evaluation["compositional"] = (cfg.data.compositional_split, inputs, shards.COMPOSITIONAL_COLUMNS)
     in_worker = {}
     datasets = {
-        # One stream for the whole run: enough passes for max_steps (a resumed run reads part of
-        # it; a stream cut short by skipped rows is started anew).
+        # One stream for the whole run: enough passes for max_steps from wherever it starts (a
+        # resumed run's at its checkpoint; a stream cut short by skipped rows starts anew at the
+        # next epoch).
         "train": ingest.build_dataset(cfg.data, cfg.objectives, inputs, cfg.data.train_split, train=True,
                                       counter=counter, seed=cfg.seed,
                                       passes=math.ceil(cfg.optim.max_steps / info.steps_per_epoch)),

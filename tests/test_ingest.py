@@ -138,18 +138,18 @@ def test_counter_counts_each_row_once_and_per_training_epoch():
     q = DataQuality()
     bad = [("undecodable_image", f"c{i}", f"undecodable_image: part-0.parquet caption_id=c{i}", 0) for i in range(40)]
     q.add(bad, [("answer_not_in_vocab", "c50")], train=True)
-    q.begin_epoch(1)
-    q.add(bad[:8], [("answer_not_in_vocab", "c50")], train=True)  # the 0.2 epoch re-reads 8 of them
+    q.add([(*b[:3], 1) for b in bad[:8]], [("answer_not_in_vocab", "c50")], train=True)  # 0.2 epoch re-reads 8
     q.add([("empty_caption", "t1", "empty_caption: test caption_id=t1", 0)] * 2, [], train=False)  # two evals
     snap = q.snapshot()
     assert snap["counts"] == {"undecodable_image": 40, "empty_caption": 1}
     assert snap["notes"] == {"answer_not_in_vocab": 1}
     assert snap["train_epochs"] == {0: {"undecodable_image": 40}, 1: {"undecodable_image": 8}}
     assert snap["examples"] == [e for _, _, e, _ in bad[:MAX_EXAMPLES]]
-    # A stream of passes begun at epoch 3: its pass 1 is epoch 4.
-    q.begin_epoch(3)
-    q.add([(*b[:3], 0) for b in bad[:2]] + [(*b[:3], 1) for b in bad[:5]], [], train=True)
+    # A resumed stream's passes are the run's epochs: begun at epoch 3, its second pass is 4.
+    q.begin_stream(3, 96)
+    q.add([(*b[:3], 3) for b in bad[:2]] + [(*b[:3], 4) for b in bad[:5]], [], train=True)
     assert q.epoch_counts(3) == {"undecodable_image": 2} and q.epoch_counts(4) == {"undecodable_image": 5}
+    assert q.stream_start() == (3, 96)
 
 
 def test_bad_rows_read_through_ray_are_skipped_and_counted_once(ray_session, shard_root):
@@ -165,12 +165,12 @@ def test_bad_rows_read_through_ray_are_skipped_and_counted_once(ray_session, sha
     ds = build_dataset(cfg.data, cfg.objectives, InputSpec(regions=True, mlm=True), "dirty", train=True,
                        counter=counter)
     for epoch in range(2):
-        ray_session.get(counter.begin_epoch.remote(epoch))
+        ray_session.get(counter.begin_stream.remote(epoch))
         assert len(ds.take_all()) == len(table) - 3
     # The same two epochs as one stream of two passes, begun at epoch 2.
     stream = build_dataset(cfg.data, cfg.objectives, InputSpec(regions=True, mlm=True), "dirty", train=True,
                            counter=counter, passes=2)
-    ray_session.get(counter.begin_epoch.remote(2))
+    ray_session.get(counter.begin_stream.remote(2))
     assert len(stream.take_all()) == 2 * (len(table) - 3)
     snap = ray_session.get(counter.snapshot.remote())
     want = {"invalid_utf8_caption": 1, "non_finite_regions": 2}
@@ -202,12 +202,29 @@ def test_the_compositional_split_carries_candidate_type_and_group_through_ray(ra
 def test_each_pass_of_a_training_stream_reads_every_file_once_in_its_own_order():
     files, rows = [f"f{i}" for i in range(10)], [30] * 10
     reads = pass_files(files, rows, passes=3, seed=7)
-    orders = [[f for p, f, _ in reads if p == q] for q in range(3)]
+    orders = [[f for p, f, _, _ in reads if p == q] for q in range(3)]
     assert all(sorted(o) == files for o in orders) and len({tuple(o) for o in orders}) == 3
-    assert [p for p, _, _ in reads] == sorted(p for p, _, _ in reads)  # pass after pass
+    assert [p for p, _, _, _ in reads] == sorted(p for p, _, _, _ in reads)  # pass after pass
+    assert {(first, n) for _, _, first, n in reads} == {(0, 30)}  # whole files
     assert reads == pass_files(files, rows, passes=3, seed=7)  # reproducible from the seed
     capped = pass_files(files, rows, passes=2, seed=7, limit=70)  # data.max_train_rows
-    assert [[n for p, _, n in capped if p == q] for q in range(2)] == [[30, 30, 10]] * 2
+    assert [[n for p, _, _, n in capped if p == q] for q in range(2)] == [[30, 30, 10]] * 2
+
+
+def test_a_stream_started_mid_pass_skips_the_rows_read_and_keeps_the_order():
+    """A resumed run's stream: from pass 1, 70 of its rows already read, it reads the rest of pass
+    1 (the third file from its row 10) and the passes after, each as the unbroken stream reads
+    it; a start past a whole pass leaves that pass out."""
+    files, rows = [f"f{i}" for i in range(10)], [30] * 10
+    whole = pass_files(files, rows, passes=3, seed=7)
+    resumed = pass_files(files, rows, passes=2, seed=7, start=(1, 70))
+    pass1 = [r for r in whole if r[0] == 1]
+    assert resumed[0] == (1, pass1[2][1], 10, 20)
+    assert resumed[1:] == pass1[3:] + [r for r in whole if r[0] == 2]
+    assert sum(n for p, _, _, n in resumed if p == 1) == 300 - 70
+    assert pass_files(files, rows, passes=1, seed=7, start=(1, 300)) == []
+    capped = pass_files(files, rows, passes=1, seed=7, limit=70, start=(0, 40))  # 30 of the cap's 70 left
+    assert [(first, n) for _, _, first, n in capped] == [(10, 20), (0, 10)]
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +248,30 @@ def test_a_training_stream_reads_every_row_once_per_pass_and_masks_it_afresh(ray
     for a, b in ((0, 1), (1, 2)):
         same = np.mean([np.array_equal(masks[a][k], masks[b][k]) for k in masks[a]])
         assert same < 0.25, (a, b, same)
+
+
+def test_a_training_stream_starts_where_the_trainer_says_when_it_executes(ray_session, stream_root):
+    """The stream's reads are made when it executes, from the start the counter holds then: a
+    resumed trainer that says "pass 1, 70 rows read" after the dataset was built gets the rows of
+    the unbroken stream from that point, in its order, and as many passes after them."""
+    cfg = load_config("mvptr_demo", [f"data.shards={stream_root}", "data.preprocess_batch_size=16"])
+    counter = make_counter()
+    ds = build_dataset(cfg.data, cfg.objectives, InputSpec(regions=True, mlm=True), "train", train=True,
+                       counter=counter, passes=3)
+
+    def rows(read):
+        return [(int(r[PASS_COLUMN]), int(r["caption_key"])) for r in read]
+
+    whole = rows(ds.take_all())
+    ray_session.get(counter.begin_stream.remote(1, 70))
+    resumed = rows(ds.take_all())
+    assert len(whole) == 360 and resumed[:170] == whole[190:]
+    assert [p for p, _ in resumed[170:]] == [3] * 120 and {k for _, k in resumed[170:]} == {k for _, k in whole[:120]}
+    # As a Ray Train worker reads it: a split's coordinator executes the stream on first request.
+    (split,) = ds.streaming_split(1)
+    ray_session.get(counter.begin_stream.remote(2, 100))
+    got = rows(split.iter_rows())
+    assert got[:140] == whole[340:] + resumed[170:] and [p for p, _ in got[140:]] == [4] * 120
 
 
 def test_a_training_stream_masks_a_batch_alike_whichever_actor_prepares_it(ray_session, stream_root):

@@ -193,7 +193,7 @@ def test_resume_restores_step_schedule_scaler_and_rng_and_continues_exactly(tmp_
 
     first = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
                    steps_per_epoch=4).setup()
-    _train(first, 4)  # an epoch boundary: the resumed stream restarts its epoch, as Ray Data's does
+    _train(first, 4)  # the epoch read whole: the resumed stream skips it and starts the next
     torch.manual_seed(123)  # the RNG state at the checkpoint, distinct from the seed's
     expected_rng = torch.get_rng_state()
     first.checkpoint()
@@ -400,7 +400,7 @@ def test_a_kill_between_committing_a_checkpoint_and_logging_its_metrics_loses_no
     before = len(sink.logged)
     Runner(toy_config(), TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup().checkpoint()
     assert [set(m) for _, m in sink.logged[before:]] == [
-        {"train/resumed_from_step", "train/checkpoints_refused"}, {"train/checkpoint_step"}]
+        {"train/resumed_from_step", "train/resumed_epoch_rows", "train/checkpoints_refused"}, {"train/checkpoint_step"}]
 
 
 def test_skipped_rows_are_logged_per_epoch_with_the_epoch_as_the_step():
@@ -409,9 +409,10 @@ def test_skipped_rows_are_logged_per_epoch_with_the_epoch_as_the_step():
     quality, data = DataQuality(), batches()
 
     def epoch():  # the read skips two rows each epoch, and one of them again mid-epoch
-        quality.add([("undecodable_image", "c1", "x", 0), ("empty_caption", "c2", "y", 0)], [], train=True)
+        p = quality.stream_start()[0]  # a one-pass stream: its pass is the epoch it starts at
+        quality.add([("undecodable_image", "c1", "x", p), ("empty_caption", "c2", "y", p)], [], train=True)
         yield from data[:2]
-        quality.add([("undecodable_image", "c1", "x", 0)], [], train=True)
+        quality.add([("undecodable_image", "c1", "x", p)], [], train=True)
         yield from data[2:]
 
     sink = Sink()
@@ -427,18 +428,19 @@ def test_skipped_rows_are_logged_per_epoch_with_the_epoch_as_the_step():
 
 def stream(quality, passes: int = 2, per_pass: int = 4, mixed: bool = True):
     """A training stream as ``ingest.build_dataset`` yields it: ``passes`` passes of ``per_pass``
-    fresh batches, each row tagged with its pass, the first batch of a later pass mixing in
-    rows of the pass before (the shuffle buffer). Each pass skips rows c1 and c2, c1 again
-    mid-pass."""
+    fresh batches from the pass the trainer said it starts at, each row tagged with its pass,
+    the first batch of a later pass mixing in rows of the pass before (the shuffle buffer).
+    Each pass skips rows c1 and c2, c1 again mid-pass."""
     from alignlab.platform.ingest import PASS_COLUMN
 
-    for p in range(passes):
+    first = quality.stream_start()[0]
+    for p in range(first, first + passes):
         quality.add([("undecodable_image", "c1", "x", p), ("empty_caption", "c2", "y", p)], [], train=True)
         for i, b in enumerate(batches(n=per_pass, seed=p)):
             if i == per_pass // 2:
                 quality.add([("undecodable_image", "c1", "x", p)], [], train=True)
             tag = torch.full((len(b["input_ids"]),), p)
-            if mixed and p and i == 0:
+            if mixed and p > first and i == 0:
                 tag[: len(tag) // 2] = p - 1
             yield {**b, PASS_COLUMN: tag}
 
@@ -465,19 +467,31 @@ def test_a_stream_of_passes_ends_each_epoch_at_the_next_pass_without_dropping_a_
     assert per_epoch == [2.0, 2.0]
 
 
-def test_a_resumed_run_starts_a_new_stream_at_its_checkpoint_epoch(tmp_path):
-    from alignlab.platform.ingest import DataQuality
+def test_a_resumed_run_starts_its_stream_where_the_checkpoints_steps_stopped(tmp_path):
+    """The checkpoint holds how far into its epoch the steps read; the resumed stream starts at
+    that epoch's pass, past those rows, instead of at the first rows of the first pass (which a
+    run stopped more often than once a pass would read again and again)."""
+    from alignlab.platform.ingest import DataQuality, PASS_COLUMN
 
     quality = DataQuality()
     ctx = LocalContext(lambda: stream(quality, passes=2), checkpoint_root=str(tmp_path), quality=quality)
     first = Runner(toy_config(), TOY, VOCAB, ctx, steps_per_epoch=4).setup()
     _train(first, 6)  # mid-stream: the second pass's second batch
-    assert (first.step, first.epoch) == (6, 1)
+    assert (first.step, first.epoch, first.epoch_rows_read()) == (6, 1, 16)
     first.checkpoint()
     resumed = Runner(toy_config("optim.max_steps=12"), TOY, VOCAB, ctx, steps_per_epoch=4).setup()
-    assert (resumed.step, resumed.epoch) == (6, 1)
-    _train(resumed, 6)  # the new stream's first pass is epoch 1, its second epoch 2
+    assert (resumed.step, resumed.epoch, resumed.epoch_rows_read()) == (6, 1, 16)
+    assert resumed.last_metrics["train/resumed_epoch_rows"] == 16.0
+    straight = [b for b in stream(DataQuality(), passes=3)]  # passes 0-2 of an unbroken run
+    seen = []
+    forward = resumed.trained.forward
+    resumed.trained.forward = lambda batch: (seen.append(batch["input_ids"]), forward(batch))[1]
+    _train(resumed, 6)
+    assert quality.stream_start() == (1, 16)
     assert (resumed.step, resumed.epoch) == (12, 2)
+    # pass 1's last two batches, then pass 2's four: what the unbroken run trains on at steps 7-12
+    assert all(torch.equal(a, b["input_ids"]) for a, b in zip(seen, straight[6:], strict=True))
+    assert all(int(b[PASS_COLUMN].max()) == p for b, p in zip(straight[6:], [1, 1, 2, 2, 2, 2]))
     assert quality.epoch_counts(2) == {"undecodable_image": 1, "empty_caption": 1}
 
 
