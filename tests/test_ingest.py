@@ -274,6 +274,23 @@ def test_a_training_stream_starts_where_the_trainer_says_when_it_executes(ray_se
     assert got[:140] == whole[340:] + resumed[170:] and [p for p, _ in got[140:]] == [4] * 120
 
 
+def test_ray_train_reads_the_training_stream_in_its_order(ray_session, stream_root):
+    """Ray Train gives each dataset the driver's global execution options unless the run's
+    dataset config keeps the dataset's own: that dropped the stream's preserve_order, and a
+    seed no longer fixed the batches. A worker's split, made as Ray Train makes it, reads the
+    stream in the order build_dataset gives it."""
+    from alignlab.platform.train import dataset_config
+
+    cfg = load_config("mvptr_demo", [f"data.shards={stream_root}", "data.preprocess_batch_size=16",
+                                     "data.preprocess_concurrency=2"])
+    ds = build_dataset(cfg.data, cfg.objectives, InputSpec(regions=True, mlm=True), "train", train=True, passes=2)
+    config = dataset_config({"train": ds})
+    assert config._resolve_execution_options("train").preserve_order
+    split = config.configure({"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None)[0]["train"]
+    order = [(int(r[PASS_COLUMN]), int(r["caption_key"])) for r in split.iter_rows()]
+    assert order == [(int(r[PASS_COLUMN]), int(r["caption_key"])) for r in ds.take_all()]
+
+
 def test_a_training_stream_masks_a_batch_alike_whichever_actor_prepares_it(ray_session, stream_root):
     """Each batch draws its masks from (seed, pass, its first row), not from its actor's running
     state: with one Preprocessor actor or two (which of them prepares a batch varies), a row gets
