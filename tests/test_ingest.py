@@ -250,6 +250,11 @@ def test_a_training_stream_reads_every_row_once_per_pass_and_masks_it_afresh(ray
         assert same < 0.25, (a, b, same)
 
 
+def stream_order(rows) -> list[tuple[int, int]]:
+    """A training stream's rows as (pass, caption key), in the order read."""
+    return [(int(r[PASS_COLUMN]), int(r["caption_key"])) for r in rows]
+
+
 def test_a_training_stream_starts_where_the_trainer_says_when_it_executes(ray_session, stream_root):
     """The stream's reads are made when it executes, from the start the counter holds then: a
     resumed trainer that says "pass 1, 70 rows read" after the dataset was built gets the rows of
@@ -258,19 +263,15 @@ def test_a_training_stream_starts_where_the_trainer_says_when_it_executes(ray_se
     counter = make_counter()
     ds = build_dataset(cfg.data, cfg.objectives, InputSpec(regions=True, mlm=True), "train", train=True,
                        counter=counter, passes=3)
-
-    def rows(read):
-        return [(int(r[PASS_COLUMN]), int(r["caption_key"])) for r in read]
-
-    whole = rows(ds.take_all())
+    whole = stream_order(ds.take_all())
     ray_session.get(counter.begin_stream.remote(1, 70))
-    resumed = rows(ds.take_all())
+    resumed = stream_order(ds.take_all())
     assert len(whole) == 360 and resumed[:170] == whole[190:]
     assert [p for p, _ in resumed[170:]] == [3] * 120 and {k for _, k in resumed[170:]} == {k for _, k in whole[:120]}
     # As a Ray Train worker reads it: a split's coordinator executes the stream on first request.
     (split,) = ds.streaming_split(1)
     ray_session.get(counter.begin_stream.remote(2, 100))
-    got = rows(split.iter_rows())
+    got = stream_order(split.iter_rows())
     assert got[:140] == whole[340:] + resumed[170:] and [p for p, _ in got[140:]] == [4] * 120
 
 
@@ -287,8 +288,7 @@ def test_ray_train_reads_the_training_stream_in_its_order(ray_session, stream_ro
     config = dataset_config({"train": ds})
     assert config._resolve_execution_options("train").preserve_order
     split = config.configure({"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None)[0]["train"]
-    order = [(int(r[PASS_COLUMN]), int(r["caption_key"])) for r in split.iter_rows()]
-    assert order == [(int(r[PASS_COLUMN]), int(r["caption_key"])) for r in ds.take_all()]
+    assert stream_order(split.iter_rows()) == stream_order(ds.take_all())
 
 
 def test_a_training_stream_masks_a_batch_alike_whichever_actor_prepares_it(ray_session, stream_root):
