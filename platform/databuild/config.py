@@ -47,6 +47,13 @@ class BuildConfig:
     # features carry one, the image-level context): no image leaves a gallery for want of a
     # detection, and a model can read the image's global feature from it.
     whole_image_box: bool = True
+    # An N x N grid of boxes after the whole-image box (0: none), pooled by the same backbone and
+    # tagged as the whole image is (no detection). VinVL's 50 regions include Visual Genome's
+    # "stuff" (grass, water, snow, sky), which a COCO detector never finds; the grid gives a model
+    # those parts of the image at the detector-free cost of one RoIAlign (grid features as regions:
+    # Jiang et al. 2020, "In Defense of Grid Features for VQA"). Off by default: the papers'
+    # regions are detections alone.
+    grid_boxes: int = 0
     # A frozen sentence encoder (a BERT-family checkpoint: hub name, folder or pkg://) whose
     # mean-pooled, L2-normalised last layer each caption gets as its ``text_feature`` column, the
     # cached text side of the frozen-feature reference row; "" writes none.
@@ -71,6 +78,11 @@ class BuildConfig:
     def region_arg(self) -> str | None:
         parts = self.regions.split(":", 1)
         return parts[1] if len(parts) == 2 and parts[1] else None
+
+    @property
+    def fixed_regions(self) -> int:
+        """Regions every image has before its detections: the whole image, then the grid."""
+        return int(self.whole_image_box) + self.grid_boxes ** 2
 
     def validate(self) -> "BuildConfig":
         def fail(option: str, value: Any, valid: str) -> None:
@@ -102,6 +114,13 @@ class BuildConfig:
         if self.whole_image_box and self.region_kind == "vinvl":
             fail("whole_image_box", True, "regions=vinvl brings its own features, which the whole-image box "
                  "(pooled by --backbone) would not match; pass --no-whole-image-box")
+        if self.grid_boxes and self.region_kind in ("none", "vinvl"):
+            fail("grid_boxes", self.grid_boxes, "grid boxes are pooled by --backbone beside detected regions: "
+                 "they need --regions gt, ssd or torchvision:<model>")
+        if self.grid_boxes < 0 or self.fixed_regions >= self.max_regions:
+            fail("grid_boxes", self.grid_boxes, f"must be >= 0 and leave room for detections: the whole-image "
+                 f"box and {self.grid_boxes}x{self.grid_boxes} grid boxes are {self.fixed_regions} of "
+                 f"max_regions={self.max_regions}")
         if self.workers is not None and self.workers < 1:
             fail("workers", self.workers, "must be >= 1 (or unset for one per CPU)")
         return self

@@ -269,6 +269,13 @@ def select(regions: Regions, score_threshold: float, max_regions: int, max_tags:
                    None if regions.features is None else regions.features[idx])
 
 
+def grid_boxes(width: int, height: int, n: int) -> np.ndarray:
+    """(n * n, 4) pixel boxes tiling a ``width`` x ``height`` image, row by row from the top left."""
+    xs, ys = np.linspace(0, width, n + 1), np.linspace(0, height, n + 1)
+    return np.array([[xs[j], ys[i], xs[j + 1], ys[i + 1]] for i in range(n) for j in range(n)],
+                    np.float32).reshape(-1, 4)
+
+
 def normalise_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     """Pixel x1, y1, x2, y2 -> [0, 1], clipped (detectors and annotations can overhang)."""
     scale = np.array([width, height, width, height], np.float32)
