@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-images", type=int, default=200, help="the first N images of the evaluation split")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (two probes side by side: 1 each)")
     ap.add_argument("--out", default="probes.jsonl", help="JSON lines file the result is appended to")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may follow the options, as in the docstring
     result = probe(args.preset, args.overrides, args.steps, args.seed, args.eval_images, args.threads)
     line = json.dumps(result)
     print(line, flush=True)
