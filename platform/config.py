@@ -94,6 +94,14 @@ class OptimConfig:
     # Warm-up as a fraction of max_steps, used when warmup_steps is 0.
     warmup_ratio: float = 0.0
     max_steps: int = 1000
+    # A budget of training time in minutes (0 = none), counted as time/train_seconds counts it
+    # (data wait in, evaluations and checkpoints out): the schedule runs on the larger of the
+    # steps' and the time's fraction, and the run ends at whichever of max_steps and max_minutes
+    # it reaches first. A "45 minutes on 2 cores" preset sized in steps leaves a third of its
+    # budget unused on a CPU 1.5x faster than the one it was sized on, and overruns on a slower
+    # one; with max_minutes the run uses its minutes wherever it runs, max_steps capping it.
+    # The price: where the run stops, and so its result, depends on the machine's speed.
+    max_minutes: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
     # Steps with a non-finite loss are skipped (as fp16 overflows are); this many in a row fail
@@ -312,8 +320,9 @@ _AT_LEAST_ONE = ("data.max_text_len", "data.max_phrases", "data.max_regions", "d
                  "optim.grad_accum", "optim.nonfinite_patience", "scaling.num_workers", "tracking.log_every", "tracking.checkpoint_every",
                  "eval.k_captions", "eval.k_images")
 _NON_NEGATIVE = ("data.prefetch_batches", "data.shuffle_buffer", "data.eval_in_worker_rows", "data.max_train_rows",
-                 "optim.min_lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "tracking.max_failures",
-                 "tracking.eval_every", "scaling.gpus_per_worker", "scaling.max_concurrent_trials")
+                 "optim.min_lr", "optim.weight_decay", "optim.warmup_steps", "optim.max_minutes", "optim.grad_clip",
+                 "tracking.max_failures", "tracking.eval_every", "scaling.gpus_per_worker",
+                 "scaling.max_concurrent_trials")
 _POSITIVE = ("optim.lr", "optim.eps", "model.temperature", "model.init_std", "scaling.cpus_per_worker")
 _UNIT_INTERVAL = ("model.dropout", "optim.warmup_ratio", "objectives.mlm_prob", "objectives.mcr_prob",
                   "objectives.object_mask_prob", "optim.betas[0]", "optim.betas[1]")  # [0, 1)

@@ -80,17 +80,29 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def lr_multiplier(step: int, optim: OptimConfig) -> float:
-    """LR / peak LR at ``step``: linear warm-up from 0, then linear or cosine decay to
-    ``min_lr`` at ``max_steps`` (MVPTR §4.1: warm-up, then linear decay to 0; SIMLA: cosine to
-    1e-5)."""
+def schedule_position(step: int, optim: OptimConfig, seconds: float = 0.0) -> float:
+    """Where a run is on its schedule, in steps: ``step``, or, with a time budget
+    (``optim.max_minutes``), the step that ``seconds`` of training would be at if the budget's
+    minutes spanned ``max_steps`` steps, where that is further. The run ends at ``max_steps``."""
+    if not optim.max_minutes:
+        return float(step)
+    return max(float(step), optim.max_steps * seconds / (60.0 * optim.max_minutes))
+
+
+def lr_multiplier(step: int, optim: OptimConfig, seconds: float = 0.0) -> float:
+    """LR / peak LR at ``step`` after ``seconds`` of training: linear warm-up from 0, then
+    linear or cosine decay to ``min_lr`` at ``max_steps`` (MVPTR §4.1: warm-up, then linear decay
+    to 0; SIMLA: cosine to 1e-5). With a time budget the same schedule runs on
+    :func:`schedule_position`, so a run that its minutes end has warmed up for the same share of
+    them and decayed to ``min_lr`` at its last step, however many steps they held."""
+    position = schedule_position(step, optim, seconds)
     warmup = optim.warmup_steps or int(optim.warmup_ratio * optim.max_steps)
     floor = optim.min_lr / optim.lr if optim.lr else 0.0
-    if warmup and step < warmup:
-        return step / warmup
+    if warmup and position < warmup:
+        return position / warmup
     if optim.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, optim.max_steps - warmup))
+    progress = min(1.0, (position - warmup) / max(1, optim.max_steps - warmup))
     if optim.schedule == "cosine":
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return floor + (1.0 - floor) * (1.0 - progress)
@@ -283,6 +295,9 @@ class Runner:
         # budget like "45 minutes of training" counts. A checkpoint carries it, so a resumed run
         # counts the steps it kept, not the ones it trains again.
         self.train_seconds = 0.0
+        # The training time the schedule and a time budget read: the workers' mean, agreed on at
+        # every step, so that every DDP replica steps with the same LR and stops at the same step.
+        self.schedule_seconds = 0.0
         self.last_metrics: dict[str, float] = {}
         self._batches: Iterator | None = None
         self.stream_pass = 0  # the latest pass of the training stream seen in the current iteration
@@ -311,7 +326,8 @@ class Runner:
         self.trained = self.ctx.wrap(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                            betas=cfg.optim.betas, eps=cfg.optim.eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg.optim))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, cfg.optim, self.schedule_seconds))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         # The shortlist retriever: rank 0 evaluates with it; every rank scores its batches with
         # it where the model trains on the shortlist's near misses (shortlist_scores).
@@ -394,7 +410,7 @@ class Runner:
         if "cuda_rng" in t and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(t["cuda_rng"].cpu(), self.ctx.device)
         self.nonfinite_skipped = int(t.get("nonfinite_skipped", 0))
-        self.train_seconds = float(t.get("train_seconds", 0.0))
+        self.train_seconds = self.schedule_seconds = float(t.get("train_seconds", 0.0))
         self.epoch_batches = int(t.get("epoch_batches", 0))  # checkpoints before it: the pass's start
         self.step, self.epoch = ckpt.step, ckpt.epoch
         return ckpt.unlogged_metrics
@@ -468,8 +484,12 @@ class Runner:
                 means[k] = means.get(k, 0.0) + float(v.detach()) / accum
             for k, v in out.metrics.items():
                 means[f"model/{k}"] = means.get(f"model/{k}", 0.0) + float(v) / accum
-        # Every worker must agree to skip: the flag is the minimum over workers.
-        if self.ctx.all_mean(torch.tensor([float(finite)], device=self.ctx.device)).item() < 1.0:
+        # Every worker must agree to skip (the flag's mean is 1 only where every worker's is) and
+        # on the training time the schedule reads: one collective for both.
+        agreed = self.ctx.all_mean(torch.tensor([float(finite), self.train_seconds + self.window.elapsed()],
+                                                dtype=torch.float64, device=self.ctx.device)).tolist()
+        self.schedule_seconds = agreed[1]
+        if agreed[0] < 1.0:
             self._skip_nonfinite(means)
             if self.scaler.is_enabled():  # as after an fp16 overflow: a smaller scale next step
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
@@ -627,18 +647,24 @@ class Runner:
             w.start += time.perf_counter() - w.paused_at
             w.paused_at = None
 
+    def finished(self) -> bool:
+        """Whether the run has reached ``max_steps`` or spent ``max_minutes`` (the workers agree:
+        both read the step and :attr:`schedule_seconds`)."""
+        return schedule_position(self.step, self.cfg.optim, self.schedule_seconds) >= self.cfg.optim.max_steps
+
     def run(self) -> dict[str, float]:
         cfg = self.cfg
-        if self.step >= cfg.optim.max_steps:
-            log.info("rank %d: the checkpoint is at step %d of %d; nothing to train", self.ctx.rank, self.step,
-                     cfg.optim.max_steps)
+        if self.finished():
+            log.info("rank %d: the checkpoint is at step %d of %d after %.1f of %s minutes; nothing to train",
+                     self.ctx.rank, self.step, cfg.optim.max_steps, self.schedule_seconds / 60,
+                     cfg.optim.max_minutes or "unlimited")
         self.model.train()
         if not self.window.samples:  # building the model and resuming are not training
             self.window.start = time.perf_counter()
-        while self.step < cfg.optim.max_steps:
+        while not self.finished():
             if self.train_step() is None:
                 continue
-            at_end = self.step == cfg.optim.max_steps
+            at_end = self.finished()
             logged = self.step % cfg.tracking.log_every == 0 and not at_end
             if logged:
                 self.log()

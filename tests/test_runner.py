@@ -167,6 +167,43 @@ def test_training_time_leaves_set_up_and_evaluations_out_and_a_resumed_run_count
     assert 0 < resumed.run()["time/train_seconds"] - saved < 0.5  # its slow set-up not counted either
 
 
+def test_a_time_budget_ends_the_run_and_its_decay_at_its_minutes_and_a_resume_spends_only_the_rest(
+        tmp_path, monkeypatch):
+    forward = Toy.forward
+
+    def slow_forward(self, batch):  # 50 ms a step: a budget of 0.4 s holds about 8 steps
+        time.sleep(0.05)
+        return forward(self, batch)
+
+    monkeypatch.setattr(Toy, "forward", slow_forward)
+    data, sink = batches(), Sink()
+    budget = "optim.max_minutes=" + str(0.4 / 60)
+    cfg = toy_config("optim.max_steps=1000", budget, "optim.warmup_steps=0", "tracking.checkpoint_every=1000")
+    ctx = LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path))
+    runner = Runner(cfg, TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup()
+    final = runner.run()
+    assert 2 <= runner.step <= 8, runner.step  # the minutes, not max_steps, ended it
+    assert 0.4 <= final["time/train_seconds"] < 1.0
+    # The LR decays with the minutes: down at every window, 0 at the last step, not at step 1000.
+    lrs = [m["lr"] for _, m in sink.logged if "lr" in m]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.05 and lrs[-1] == 0.0, lrs
+    assert [read_checkpoint(d).step for d in ctx.checkpoints()] == [runner.step]
+
+    again = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path)),
+                   steps_per_epoch=4).setup()
+    assert again.finished()  # its minutes spent: nothing to train
+    again.run()
+    assert again.step == runner.step
+    longer = toy_config("optim.max_steps=1000", "optim.max_minutes=" + str(0.8 / 60), "optim.warmup_steps=0",
+                        "tracking.checkpoint_every=1000")
+    resumed = Runner(longer, TOY, VOCAB, LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path)),
+                     steps_per_epoch=4).setup()
+    assert not resumed.finished()
+    resumed.run()
+    assert runner.step + 2 <= resumed.step <= runner.step + 8  # the other 0.4 s, counted on from the checkpoint
+    assert 0.8 <= resumed.train_seconds < 1.4
+
+
 def test_unknown_architecture_lists_the_registered_ones_and_sections_are_typed():
     with pytest.raises(ConfigError, match="'mvptr', 'semvlp', 'simla', 'toy'"):
         load_config(None, ["model.architecture=toyy"])

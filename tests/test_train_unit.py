@@ -3,7 +3,7 @@ import torch
 
 from alignlab.platform.config import OptimConfig, load_config
 from alignlab.platform.train import (local_cluster_cpus, lr_multiplier, param_groups, resolve_precision,
-                                     weighted_total)
+                                     schedule_position, weighted_total)
 
 
 def test_linear_warmup_then_linear_decay_to_zero():
@@ -20,6 +20,17 @@ def test_cosine_decays_to_min_lr():
     assert lr_multiplier(10, o) == pytest.approx(1.0)
     assert lr_multiplier(55, o) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_multiplier(100, o) == pytest.approx(0.1)
+
+
+def test_a_time_budget_moves_the_schedule_by_whichever_of_steps_and_minutes_is_further():
+    o = OptimConfig(lr=1e-4, warmup_steps=10, max_steps=110, schedule="linear", max_minutes=1.0)
+    assert schedule_position(50, o, 30.0) == 55.0  # half the minutes: half of max_steps
+    assert schedule_position(80, o, 30.0) == 80.0  # the steps further on
+    assert lr_multiplier(5, o, 0.0) == 0.5
+    assert lr_multiplier(5, o, 3.0) == pytest.approx(0.55)  # 5.5 steps' worth: still warming up
+    assert lr_multiplier(5, o, 6.0) == pytest.approx(0.99)  # 11 steps' worth: 1 of 100 decay steps
+    assert lr_multiplier(20, o, 60.0) == 0.0  # the minutes spent: decayed at step 20
+    assert schedule_position(50, OptimConfig(max_steps=110), 1e6) == 50.0  # no budget: steps alone
 
 
 def test_precision_is_validated_against_the_device(monkeypatch, caplog):
