@@ -9,7 +9,8 @@ evaluation split. The training rows are the split prepared once by the same ``Pr
 Ray Data (augmentation and masking seeded by ``--seed``), shuffled by ``--seed`` and cut to
 ``steps x data.batch_size``: two probes with the same seed and batch size train on the same rows
 in the same order, so they differ by their overrides only. The schedule is the preset's compressed
-to ``--steps`` (``optim.max_steps``), as a shorter run of the preset would have it.
+to ``--steps`` (``optim.max_steps``), as a shorter run of the preset would have it, whatever
+time budget the preset sets (``optim.max_minutes`` is 0 here: probes compare at equal steps).
 
 A probe is not a run: no Ray, no checkpoints, no MLflow, one pass over a sample of the split, and a
 gallery smaller than the standard one. The README's "in-process probes" are this script; a change
@@ -50,7 +51,7 @@ def probe(preset: str, overrides: list[str], steps: int, seed: int = 0, eval_ima
     from alignlab.platform.config import load_config
     from alignlab.platform.train import LocalContext, Runner, prepare
 
-    cfg = load_config(preset, [*overrides, f"optim.max_steps={steps}", f"seed={seed}",
+    cfg = load_config(preset, [*overrides, f"optim.max_steps={steps}", "optim.max_minutes=0", f"seed={seed}",
                                f"data.eval_max_images={eval_images}", f"scaling.cpus_per_worker={threads}",
                                "scaling.num_workers=1"])
     info = prepare(cfg)

@@ -78,7 +78,7 @@ def last_evaluation(result: dict[str, Any]) -> str:
 @dataclass
 class _Progress:
     label: str
-    first: tuple[float, float] | None = None  # (time, step) of the first report: the ETA's origin
+    first: tuple[float, float] | None = None  # (time, progress) of the first report: the ETA's origin
     printed_at: float = -1e18
     printed_step: float = -1.0
     skipped: float = 0.0
@@ -90,7 +90,7 @@ class TrialLines(Callback):
     evaluation``), no more often than every ``min_interval_s`` unless it brings a new evaluation
     or the last step; a warning line whenever a trial's count of skipped rows grows; a line with
     the error file when a trial fails. The results are the Train workers' reports, which carry
-    ``train/step``, ``train/max_steps``, ``throughput/samples_per_s``, ``loss/total``, the last
+    ``train/step``, ``train/max_steps``, ``train/progress``, ``throughput/samples_per_s``, ``loss/total``, the last
     evaluation and the ``data/skipped_*`` counters. ``total``: the sweep's number of trials (Tune
     creates them one by one)."""
 
@@ -119,8 +119,11 @@ class TrialLines(Callback):
         step, total = result.get("train/step"), result.get("train/max_steps")
         if step is None:
             return
+        # The share of the run done: the trainer's (train/progress, which a time budget moves) or
+        # the steps'.
+        done = result.get("train/progress", step / total if total else None)
         if p.first is None:
-            p.first = (now, step)
+            p.first = (now, done)
         skipped = float(result.get("data/skipped_total", 0.0))
         if skipped > p.skipped:
             reasons = ", ".join(f"{k.removeprefix('data/skipped_')}: {int(v)}" for k, v in sorted(result.items())
@@ -139,9 +142,9 @@ class TrialLines(Callback):
         parts = [f"step {int(step)}/{int(total)}" if total else f"step {int(step)}"]
         if "throughput/samples_per_s" in result:
             parts.append(f"{result['throughput/samples_per_s']:.1f} samples/s")
-        t0, s0 = p.first
-        if total and s0 < step < total:
-            parts.append(f"ETA {duration((total - step) * (now - t0) / (step - s0))}")
+        t0, d0 = p.first
+        if done is not None and d0 is not None and d0 < done < 1:
+            parts.append(f"ETA {duration((1 - done) * (now - t0) / (done - d0))}")
         if "loss/total" in result:
             parts.append(f"loss {result['loss/total']:.4f}")
         if evaluation:

@@ -624,8 +624,11 @@ class Runner:
             self._flush()
 
     def _progress(self) -> dict[str, float]:
-        """What a report carries: the latest metrics and the run's length (for a sweep's console)."""
-        return {**self.last_metrics, "train/max_steps": float(self.cfg.optim.max_steps)}
+        """What a report carries: the latest metrics, the run's length and the share of it done,
+        which a time budget moves (for a sweep's console and its ETA)."""
+        optim = self.cfg.optim
+        return {**self.last_metrics, "train/max_steps": float(optim.max_steps),
+                "train/progress": min(1.0, schedule_position(self.step, optim, self.schedule_seconds) / optim.max_steps)}
 
     def end_stream(self) -> None:
         """Closes the training stream's iterator, which stops its prefetch threads (and the

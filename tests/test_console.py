@@ -51,6 +51,16 @@ def test_one_line_per_log_step_with_eta_throttled_but_never_hiding_an_evaluation
     ]
 
 
+def test_a_time_budgeted_trials_eta_follows_its_progress_not_its_step_cap():
+    out, clock, trial = io.StringIO(), Clock(), _trial()
+    lines = TrialLines("demo", 1, min_interval_s=15, out=out, clock=clock)
+    for t, step, progress in ((0, 50, 0.1), (20, 150, 0.3)):  # its minutes end long before step 5000
+        clock.now = t
+        lines.on_trial_result(0, [trial], trial, {"train/step": step, "train/max_steps": 5000.0,
+                                                  "train/progress": progress})
+    assert _lines(out)[-1] == "[demo] ablation=wo_mcr seed=1: step 150/5000  ETA 1m10s"  # 0.7 left at 0.2 / 20 s
+
+
 def test_skipped_rows_warn_when_their_count_grows_and_a_failed_trial_names_its_error_file():
     out, trial = io.StringIO(), _trial()
     lines = TrialLines("demo", 5, min_interval_s=1e9, out=out, clock=Clock())

@@ -188,6 +188,8 @@ def test_a_time_budget_ends_the_run_and_its_decay_at_its_minutes_and_a_resume_sp
     lrs = [m["lr"] for _, m in sink.logged if "lr" in m]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.05 and lrs[-1] == 0.0, lrs
     assert [read_checkpoint(d).step for d in ctx.checkpoints()] == [runner.step]
+    progress = [r["train/progress"] for r, _ in ctx.reports]  # what a sweep's console reads for its ETA
+    assert progress == sorted(progress) and 0 < progress[0] < 1 and progress[-1] == 1.0
 
     again = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path)),
                    steps_per_epoch=4).setup()
