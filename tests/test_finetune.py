@@ -72,8 +72,10 @@ def test_finetuning_a_model_pretrained_elsewhere_needs_the_task_shards(tmp_path)
     cfg = to_dict(load_config("mvptr_flickr8k_cpu"))
     with pytest.raises(ConfigError, match="finetune.shards=data/tasks/{task}"):
         task_config("vqa", "", base=cfg)
-    assert task_config("vqa", "", base=cfg, overrides=["finetune.shards=data/tasks/{task}"]).data.shards == \
-        "data/tasks/vqa"
+    finetuning = task_config("vqa", "", base=cfg, overrides=["finetune.shards=data/tasks/{task}"])
+    assert finetuning.data.shards == "data/tasks/vqa"
+    # The pre-training's 44 minutes are not fine-tuning's: it is sized in steps.
+    assert cfg["optim"]["max_minutes"] == 44 and finetuning.optim.max_minutes == 0
 
 
 SEMVLP_PREDICTION = {f"{t}_{m}" for t in ("mlm", "roi_regression", "object_label", "qa") for m in ("single", "two")}
