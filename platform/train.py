@@ -658,9 +658,9 @@ class Runner:
     def run(self) -> dict[str, float]:
         cfg = self.cfg
         if self.finished():
-            log.info("rank %d: the checkpoint is at step %d of %d after %.1f of %s minutes; nothing to train",
-                     self.ctx.rank, self.step, cfg.optim.max_steps, self.schedule_seconds / 60,
-                     cfg.optim.max_minutes or "unlimited")
+            log.info("rank %d: the checkpoint is at step %d of %d after %.1f minutes of training (budget: %s); "
+                     "nothing to train", self.ctx.rank, self.step, cfg.optim.max_steps, self.schedule_seconds / 60,
+                     f"{cfg.optim.max_minutes:g} min" if cfg.optim.max_minutes else "none")
         self.model.train()
         if not self.window.samples:  # building the model and resuming are not training
             self.window.start = time.perf_counter()
