@@ -78,7 +78,8 @@ def last_evaluation(result: dict[str, Any]) -> str:
 @dataclass
 class _Progress:
     label: str
-    first: tuple[float, float | None] | None = None  # (time, progress) of the first report: the ETA's origin
+    # (time, progress) of the first report: the ETA's origin
+    first: tuple[float, float | None] | None = None
     printed_at: float = -1e18
     printed_step: float = -1.0
     skipped: float = 0.0
@@ -91,8 +92,8 @@ class TrialLines(Callback):
     or the last step; a warning line whenever a trial's count of skipped rows grows; a line with
     the error file when a trial fails. The results are the Train workers' reports, which carry
     ``train/step``, ``train/max_steps``, ``train/progress``, ``throughput/samples_per_s``,
-    ``loss/total``, the last evaluation and the ``data/skipped_*`` counters. ``total``: the sweep's number of trials (Tune
-    creates them one by one)."""
+    ``loss/total``, the last evaluation and the ``data/skipped_*`` counters. ``total``: the
+    sweep's number of trials (Tune creates them one by one)."""
 
     def __init__(self, sweep: str, total: int, min_interval_s: float = 15.0, out: TextIO | None = None,
                  clock=time.monotonic):

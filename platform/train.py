@@ -626,9 +626,8 @@ class Runner:
     def _progress(self) -> dict[str, float]:
         """What a report carries: the latest metrics, the run's length and the share of it done,
         which a time budget moves (for a sweep's console and its ETA)."""
-        optim = self.cfg.optim
-        return {**self.last_metrics, "train/max_steps": float(optim.max_steps),
-                "train/progress": min(1.0, schedule_position(self.step, optim, self.schedule_seconds) / optim.max_steps)}
+        return {**self.last_metrics, "train/max_steps": float(self.cfg.optim.max_steps),
+                "train/progress": self.progress()}
 
     def end_stream(self) -> None:
         """Closes the training stream's iterator, which stops its prefetch threads (and the
@@ -650,10 +649,15 @@ class Runner:
             w.start += time.perf_counter() - w.paused_at
             w.paused_at = None
 
+    def progress(self) -> float:
+        """The share of the run done, in [0, 1]: its schedule position over ``max_steps`` (the
+        workers agree: it reads the step and :attr:`schedule_seconds`)."""
+        optim = self.cfg.optim
+        return min(1.0, schedule_position(self.step, optim, self.schedule_seconds) / optim.max_steps)
+
     def finished(self) -> bool:
-        """Whether the run has reached ``max_steps`` or spent ``max_minutes`` (the workers agree:
-        both read the step and :attr:`schedule_seconds`)."""
-        return schedule_position(self.step, self.cfg.optim, self.schedule_seconds) >= self.cfg.optim.max_steps
+        """Whether the run has reached ``max_steps`` or spent ``max_minutes``."""
+        return self.progress() >= 1.0
 
     def run(self) -> dict[str, float]:
         cfg = self.cfg
