@@ -32,6 +32,9 @@ its figures are rates or ratios taken in the same run; absolute times are contex
 * **step shares**: the demo-size training step of each architecture split into forward, backward
   and optimiser, and the cost of an objective as the step-time difference between a variant
   without it (the configs' own ablation switches, listed in ``bench.yaml``) and its reference.
+* **optimizer**: the trainer's AdamW step (torch's fused kernel on the CPU) against the per-tensor
+  loop it replaced, over each architecture's demo-size parameters with the same gradients;
+  ``same_result`` checks both reach the same weights.
 * **scaling**: the first architecture's ``Runner`` step under DDP over gloo with 1 and 2 CPU
   workers (spawned processes, one thread each) at the preset's global batch: samples/s, the
   speedup, and the communication share (the step's time under ``no_sync``, which skips the
@@ -833,6 +836,43 @@ def bench_step_shares(report: Report, plan: list[dict[str, Any]], repeats: int =
                          "step_ms": ms["step"], "forward_ms": ms["forward"],
                          "backward_ms": ms["step"] - ms["forward"] - ms["optimizer"], "optimizer_ms": ms["optimizer"],
                          "reference": ref, "removed_share": 1 - ms["step"] / step_ms[ref] if ref else None})
+
+
+def bench_optimizer(report: Report, plan: list[dict[str, Any]], steps: int = 3, repeats: int = 7) -> None:
+    """The trainer's AdamW (:func:`~alignlab.platform.train.adamw`: torch's fused kernel on the
+    CPU) against torch's per-tensor loop over the same parameters, each architecture of the plan
+    at its demo size (variants left out: they share their reference's parameters). Two copies of
+    the model get the same seeded gradients; ``same_result``: ``steps`` updates of each reach the
+    same weights; then the steps are timed in turn."""
+    from alignlab.platform.train import adamw, param_groups
+
+    compares = ("AdamW step over each model's trainable parameters: torch's per-tensor loop (what the trainer ran "
+                "before) against the trainer's fused kernel, the same gradients (median of interleaved steps)")
+    with report.section("optimizer", compares) as rows:
+        vocab, cpu = synthetic_vocab(), torch.device("cpu")
+        for entry in plan:
+            if entry["reference"]:
+                continue
+            cfg = entry["cfg"]
+            tb = TrainingBench(cfg, vocab, cpu)
+            models = [tb.runner("fp32", tb.batch(2)).model for _ in range(2)]
+            gen = torch.Generator().manual_seed(0)
+            for p, q in zip(*(m.parameters() for m in models)):
+                if p.requires_grad:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                    q.grad = p.grad.clone()
+            loop = torch.optim.AdamW(param_groups(models[0], cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                     betas=cfg.optim.betas, eps=cfg.optim.eps, foreach=False)
+            fused = adamw(models[1], cfg.optim, cpu)
+            for _ in range(steps):
+                loop.step(), fused.step()
+            same = same_result([p.detach() for p in models[0].parameters()],
+                               [p.detach() for p in models[1].parameters()])
+            loop_ms, fused_ms = interleaved_ms([loop.step, fused.step], repeats)
+            trainable = sum(p.numel() for p in models[0].parameters() if p.requires_grad)
+            rows.append({"model": entry["name"], "trainable_params": trainable, "loop_ms": loop_ms,
+                         "fused_ms": fused_ms, "speedup": loop_ms / fused_ms, "same_result": same})
+            report.write()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1655,6 +1695,7 @@ def run_quick(out: str) -> Report:
     plan = load_plan("quick")
     bench_rerank_states(report, plan)
     bench_step_shares(report, plan)
+    bench_optimizer(report, plan)
     bench_scaling(report, plan)
     return report
 

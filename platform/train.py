@@ -120,6 +120,21 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# Devices with torch's fused AdamW kernel, where the update runs as one pass over each group.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, with torch's fused kernel on the devices that have one.
+    The update is the same; the per-tensor loop is a dozen elementwise kernels per parameter, and
+    on the CPU it was 18% of the MVPTR Flickr8k preset's step (84 ms of 470 against 16 fused on a
+    2-core Xeon; ``alignlab bench --quick``'s "optimizer" section prints the ratio). The GradScaler
+    drives a fused AdamW on CUDA as it drives the loop (unscale, skip on overflow)."""
+    fused = True if device.type in FUSED_ADAMW_DEVICES else None
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+                             eps=optim.eps, fused=fused)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX). Without them oneDNN
     emulates bf16 and autocast runs slower than fp32: SIMLA's CPU step took 71 s in bf16 against
@@ -324,8 +339,7 @@ class Runner:
             getattr(self.model, "backbone", self.model).load_state_dict(pretrained)
         self.model = self.model.to(device)
         self.trained = self.ctx.wrap(self.model)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                           betas=cfg.optim.betas, eps=cfg.optim.eps)
+        self.optimizer = adamw(self.model, cfg.optim, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, cfg.optim, self.schedule_seconds))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")

@@ -192,6 +192,21 @@ def test_step_shares_split_phases_and_compare_a_variant_with_its_reference(tmp_p
     assert variant["removed_share"] == pytest.approx(1 - variant["step_ms"] / full["step_ms"])
 
 
+def test_optimizer_bench_times_the_fused_step_against_the_loop_with_the_same_result(tmp_path):
+    plan_file = tmp_path / "bench.yaml"
+    plan_file.write_text(json.dumps({"quick": {"common": TINY, "models": [
+        {"name": "full", "preset": "mvptr_demo"},
+        {"name": "-wpg", "preset": "mvptr_demo", "overrides": ["model.mvptr.ablation=wo_wpg"], "reference": "full"},
+        {"name": "dual_encoder", "preset": "dual_encoder_demo"}]}}))
+    report = bench.Report("quick", None, {})
+    bench.bench_optimizer(report, bench.load_plan("quick", plan_file), steps=2, repeats=1)
+    rows = report.data["sections"][0]["rows"]
+    assert [r["model"] for r in rows] == ["full", "dual_encoder"]  # the variant shares full's parameters
+    for row in rows:
+        assert row["same_result"] and row["trainable_params"] > 0
+        assert row["speedup"] == pytest.approx(row["loop_ms"] / row["fused_ms"])
+
+
 def test_bench_plans_load_every_model():
     gpu = bench.load_plan("gpu")
     assert {e["cfg"].model.architecture for e in gpu} == set(ARCHITECTURES)

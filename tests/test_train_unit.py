@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from alignlab.platform.config import OptimConfig, load_config
-from alignlab.platform.train import (local_cluster_cpus, lr_multiplier, param_groups, resolve_precision,
+from alignlab.platform.train import (adamw, local_cluster_cpus, lr_multiplier, param_groups, resolve_precision,
                                      schedule_position, weighted_total)
 
 
@@ -55,6 +55,20 @@ def test_weighted_total_and_param_groups():
     m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
     decay, no_decay = param_groups(m, 0.01)
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_adamw_is_fused_on_the_cpu_and_takes_adams_first_step():
+    """Adam's first step moves each weight by lr * g / (|g| + eps), and AdamW first decays it by
+    lr * weight_decay (decoupled): 1 -> 1 - 0.1 * 0.01 - 0.1 = 0.899; biases are not decayed."""
+    m = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        m.weight.fill_(1.0), m.bias.fill_(1.0)
+    m.weight.grad, m.bias.grad = torch.full((1, 1), 0.5), torch.full((1,), -2.0)
+    opt = adamw(m, OptimConfig(lr=0.1, weight_decay=0.01, eps=1e-8), torch.device("cpu"))
+    assert all(g["fused"] for g in opt.param_groups)
+    opt.step()
+    assert m.weight.item() == pytest.approx(0.899, abs=1e-6)
+    assert m.bias.item() == pytest.approx(1.1, abs=1e-6)
 
 
 def test_window_mean_of_a_loss_counts_only_the_steps_that_produced_it():
