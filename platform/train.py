@@ -417,7 +417,13 @@ class Runner:
         ckpt = read_checkpoint(directory, map_location=self.ctx.device)
         self.model.load_state_dict(ckpt.model)
         t = ckpt.trainer
-        self.optimizer.load_state_dict(t["optimizer"])
+        # The kernel is this device's choice, not the writer's: torch restores a saved group's
+        # `fused` / `foreach` (and places its step counters by them), so a checkpoint of the
+        # per-tensor loop, or of another device, would resume on that loop.
+        saved = t["optimizer"]
+        groups = [{**g, "fused": own["fused"], "foreach": own["foreach"]}
+                  for g, own in zip(saved["param_groups"], self.optimizer.param_groups)]
+        self.optimizer.load_state_dict({**saved, "param_groups": groups})
         self.scheduler.load_state_dict(t["scheduler"])
         self.scaler.load_state_dict(t["scaler"])
         torch.set_rng_state(t["rng"].cpu())

@@ -249,6 +249,29 @@ def test_resume_restores_step_schedule_scaler_and_rng_and_continues_exactly(tmp_
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_a_checkpoint_of_the_per_tensor_adamw_resumes_on_the_fused_kernel_exactly(tmp_path):
+    """Checkpoints written before the trainer's AdamW was fused hold ``fused: None`` in their
+    groups; the resumed run keeps this device's fused kernel and continues as a straight run."""
+    cfg = toy_config("model.dropout=0.0")
+    data = batches()
+    straight = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
+    _train(straight, 6)
+    first = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
+                   steps_per_epoch=4).setup()
+    for g in first.optimizer.param_groups:
+        g["fused"] = None  # the loop, as the trainer ran it before
+    _train(first, 4)
+    first.checkpoint()
+    saved = read_checkpoint(str(first.ctx.checkpoints()[0])).trainer["optimizer"]["param_groups"]
+    assert all(g["fused"] is None for g in saved)
+    resumed = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
+                     steps_per_epoch=4).setup()
+    assert resumed.step == 4 and all(g["fused"] for g in resumed.optimizer.param_groups)
+    _train(resumed, 2)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_accumulation_steps_the_optimiser_once_per_grad_accum():
     cfg = toy_config("optim.grad_accum=2")
     data = batches(n=4)
