@@ -224,29 +224,36 @@ def _train(runner: Runner, steps: int) -> None:
             pass
 
 
+def _toy_runner(cfg, data, checkpoint_root=None) -> Runner:
+    root = str(checkpoint_root) if checkpoint_root else None
+    return Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=root), steps_per_epoch=4).setup()
+
+
+def _assert_same_weights(a: Runner, b: Runner) -> None:
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=name)
+
+
 def test_resume_restores_step_schedule_scaler_and_rng_and_continues_exactly(tmp_path):
     cfg = toy_config("model.dropout=0.0")
     data = batches()
-    straight = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
+    straight = _toy_runner(cfg, data)
     _train(straight, 6)
 
-    first = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
-                   steps_per_epoch=4).setup()
+    first = _toy_runner(cfg, data, tmp_path)
     _train(first, 4)  # the epoch read whole: the resumed stream skips it and starts the next
     torch.manual_seed(123)  # the RNG state at the checkpoint, distinct from the seed's
     expected_rng = torch.get_rng_state()
     first.checkpoint()
     torch.manual_seed(999)
-    resumed = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
-                     steps_per_epoch=4).setup()
+    resumed = _toy_runner(cfg, data, tmp_path)
     assert (resumed.step, resumed.epoch) == (4, 0)
     assert resumed.scheduler.last_epoch == 4 and resumed.scheduler.get_last_lr() == first.scheduler.get_last_lr()
     assert torch.equal(torch.get_rng_state(), expected_rng)
     assert resumed.scaler.state_dict() == first.scaler.state_dict()
     assert resumed.optimizer.state_dict()["state"][0]["step"] == first.optimizer.state_dict()["state"][0]["step"]
     _train(resumed, 2)
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
+    _assert_same_weights(straight, resumed)
 
 
 def test_a_checkpoint_of_the_per_tensor_adamw_resumes_on_the_fused_kernel_exactly(tmp_path):
@@ -254,22 +261,19 @@ def test_a_checkpoint_of_the_per_tensor_adamw_resumes_on_the_fused_kernel_exactl
     groups; the resumed run keeps this device's fused kernel and continues as a straight run."""
     cfg = toy_config("model.dropout=0.0")
     data = batches()
-    straight = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data), steps_per_epoch=4).setup()
+    straight = _toy_runner(cfg, data)
     _train(straight, 6)
-    first = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
-                   steps_per_epoch=4).setup()
+    first = _toy_runner(cfg, data, tmp_path)
     for g in first.optimizer.param_groups:
         g["fused"] = None  # the loop, as the trainer ran it before
     _train(first, 4)
     first.checkpoint()
     saved = read_checkpoint(str(first.ctx.checkpoints()[0])).trainer["optimizer"]["param_groups"]
     assert all(g["fused"] is None for g in saved)
-    resumed = Runner(cfg, TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
-                     steps_per_epoch=4).setup()
+    resumed = _toy_runner(cfg, data, tmp_path)
     assert resumed.step == 4 and all(g["fused"] for g in resumed.optimizer.param_groups)
     _train(resumed, 2)
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
+    _assert_same_weights(straight, resumed)
 
 
 def test_accumulation_steps_the_optimiser_once_per_grad_accum():
