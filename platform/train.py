@@ -565,9 +565,13 @@ class Runner:
                     "train/step": float(self.step), "train/nonfinite_skipped": float(self.nonfinite_skipped)})
         if self.ctx.rank == 0:
             out.update(self.ctx.data_metrics())
-            log.info("step %d/%d  %.1f samples/s  loss %.4f  data wait %.0f%%  trained %.1f min", self.step,
-                     self.cfg.optim.max_steps, out["throughput/samples_per_s"], out.get("loss/total", float("nan")),
-                     100 * out["time/data_wait_fraction"], self.train_seconds / 60)
+            # A run in minutes shows its minutes: its max_steps only caps it, and read as "N/M" the
+            # cap looked like a run stopping far short of its end.
+            optim = self.cfg.optim
+            of_run = ("", f" of {optim.max_minutes:g}") if optim.max_minutes else (f"/{optim.max_steps}", "")
+            log.info("step %d%s  %.1f samples/s  loss %.4f  data wait %.0f%%  trained %.1f%s min", self.step,
+                     of_run[0], out["throughput/samples_per_s"], out.get("loss/total", float("nan")),
+                     100 * out["time/data_wait_fraction"], self.train_seconds / 60, of_run[1])
         self.window = Window()
         self._record(out)
         return out

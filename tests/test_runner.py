@@ -3,6 +3,7 @@ adding an architecture touches only models/ (here: this file) and a config, and 
 trains it, checkpoints it, resumes it and evaluates it."""
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import time
@@ -168,7 +169,7 @@ def test_training_time_leaves_set_up_and_evaluations_out_and_a_resumed_run_count
 
 
 def test_a_time_budget_ends_the_run_and_its_decay_at_its_minutes_and_a_resume_spends_only_the_rest(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, caplog):
     forward = Toy.forward
 
     def slow_forward(self, batch):  # 50 ms a step: a budget of 0.4 s holds about 8 steps
@@ -181,8 +182,11 @@ def test_a_time_budget_ends_the_run_and_its_decay_at_its_minutes_and_a_resume_sp
     cfg = toy_config("optim.max_steps=1000", budget, "optim.warmup_steps=0", "tracking.checkpoint_every=1000")
     ctx = LocalContext(lambda: data, lambda: data[:1], checkpoint_root=str(tmp_path))
     runner = Runner(cfg, TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup()
-    final = runner.run()
+    with caplog.at_level(logging.INFO, logger="alignlab.platform.train"):
+        final = runner.run()
     assert 2 <= runner.step <= 8, runner.step  # the minutes, not max_steps, ended it
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert steps and all("/1000" not in m and m.endswith(f" of {0.4 / 60:g} min") for m in steps), steps
     assert 0.4 <= final["time/train_seconds"] < 1.0
     # The LR decays with the minutes: down at every window, 0 at the last step, not at step 1000.
     lrs = [m["lr"] for _, m in sink.logged if "lr" in m]
