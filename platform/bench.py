@@ -1157,7 +1157,26 @@ def ray_cluster(cfg: Config) -> Iterator[None]:
         yield
     finally:
         if started:
+            settle_streams()
             ray.shutdown()
+
+
+# The threads of Ray Data's iterators (its make_async_gen) that read blocks with ray.get.
+RAY_DATA_ITERATOR_THREADS = ("map_tp_filling_worker", "map_tp_transforming_worker")
+
+
+def settle_streams(timeout_s: float = 30.0) -> None:
+    """Lets closed training streams finish their calls into Ray while the cluster still answers
+    them. A closed stream's reading thread can still be waiting on the block it asked for, and
+    a stream dropped in a reference cycle closes (and calls Ray) only when the garbage collector
+    finds it: after ``ray.shutdown()`` either call ends the process with status 1 ("The core
+    worker has already been shutdown"), or hangs it at exit. Threads still alive after
+    ``timeout_s`` are left to that."""
+    gc.collect()
+    deadline = time.monotonic() + timeout_s
+    for t in threading.enumerate():
+        if t.name.startswith(RAY_DATA_ITERATOR_THREADS):
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def on_shards(cfg: Config, root: str | Path, **data: Any) -> Config:
@@ -1447,7 +1466,9 @@ def bench_memory(report: Report, plan: list[dict[str, Any]], sets: dict[int, Pat
 class StreamOrReplay:
     """A training stream's batches, or, while ``replay`` is set, the ones it last yielded (up to
     ``keep``) again from memory: the same steps with and without the stream preparing batches
-    beside them. ``source`` names where the last batch came from."""
+    beside them. ``source`` names where the last batch came from. Closing the iteration (the
+    Runner's ``end_stream``) closes the stream, which stops a Ray Data iterator's threads while
+    the cluster is up; left to the garbage collector, they outlived ``ray.shutdown()``."""
 
     def __init__(self, stream: Iterable, keep: int):
         self.stream, self.kept = iter(stream), collections.deque(maxlen=keep)
@@ -1455,17 +1476,21 @@ class StreamOrReplay:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         replayed = 0
-        while True:
-            if self.replay and self.kept:
-                batch, self.source = self.kept[replayed % len(self.kept)], "memory"
-                replayed += 1
-            else:
-                batch = next(self.stream, None)
-                if batch is None:
-                    return
-                self.kept.append(batch)
-                self.source = "stream"
-            yield batch
+        try:
+            while True:
+                if self.replay and self.kept:
+                    batch, self.source = self.kept[replayed % len(self.kept)], "memory"
+                    replayed += 1
+                else:
+                    batch = next(self.stream, None)
+                    if batch is None:
+                        return
+                    self.kept.append(batch)
+                    self.source = "stream"
+                yield batch
+        finally:
+            if hasattr(self.stream, "close"):
+                self.stream.close()
 
 
 def bench_data_wait(report: Report, plan: list[dict[str, Any]], root: Path | None, warmup: int = WAIT_WARMUP_STEPS,

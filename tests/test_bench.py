@@ -3,7 +3,10 @@ trains on it, FLOPs scale with the batch, the all-gather check holds on gloo, an
 without CUDA. Tiny models on the CPU; the figures themselves come from the bench, not from here."""
 from __future__ import annotations
 
+import gc
 import json
+import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -346,6 +349,57 @@ def test_stream_or_replay_replays_the_last_batches_it_streamed_and_names_their_s
     assert got == [(0, "stream"), (1, "stream"), (2, "stream"), (1, "memory"), (2, "memory"), (1, "memory"),
                    (3, "stream"), (4, "stream")]
     assert list(bench.StreamOrReplay([], keep=2)) == []
+
+
+def test_settling_streams_finishes_dropped_generators_and_waits_for_ray_data_reading_threads():
+    finished = []
+
+    def stream():
+        try:
+            yield 1
+        finally:
+            finished.append("generator")
+
+    class Holder:  # a stream the bench dropped inside a reference cycle
+        pass
+
+    gc.disable()  # only settle_streams' own collection may find it
+    try:
+        holder = Holder()
+        holder.me, holder.it = holder, stream()
+        next(holder.it)
+        del holder
+        assert finished == []
+
+        reading = threading.Thread(target=lambda: (time.sleep(0.3), finished.append("thread")),
+                                   name="map_tp_filling_worker-7", daemon=True)
+        reading.start()
+        stuck = threading.Event()
+        other = threading.Thread(target=stuck.wait, name="some-other-thread", daemon=True)
+        other.start()
+        t0 = time.monotonic()
+        bench.settle_streams(timeout_s=5.0)
+    finally:
+        gc.enable()
+    assert finished == ["generator", "thread"] and not reading.is_alive()
+    assert other.is_alive() and time.monotonic() - t0 < 4.0  # only Ray Data's reading threads are waited for
+    stuck.set()
+
+
+def test_closing_a_stream_or_replay_iteration_closes_the_stream_it_reads():
+    closed = []
+
+    def stream():  # a Ray Data iterator stops its threads in such a finally
+        try:
+            yield from range(10)
+        finally:
+            closed.append(True)
+
+    source = bench.StreamOrReplay(stream(), keep=2)
+    it = iter(source)
+    assert next(it) == 0 and not closed
+    it.close()  # what Runner.end_stream does; source itself stays referenced
+    assert closed == [True]
 
 
 @pytest.mark.timeout(300)
