@@ -568,10 +568,11 @@ class Runner:
             # A run in minutes shows its minutes: its max_steps only caps it, and read as "N/M" the
             # cap looked like a run stopping far short of its end.
             optim = self.cfg.optim
-            of_run = ("", f" of {optim.max_minutes:g}") if optim.max_minutes else (f"/{optim.max_steps}", "")
+            of_steps = "" if optim.max_minutes else f"/{optim.max_steps}"
+            of_minutes = f" of {optim.max_minutes:g}" if optim.max_minutes else ""
             log.info("step %d%s  %.1f samples/s  loss %.4f  data wait %.0f%%  trained %.1f%s min", self.step,
-                     of_run[0], out["throughput/samples_per_s"], out.get("loss/total", float("nan")),
-                     100 * out["time/data_wait_fraction"], self.train_seconds / 60, of_run[1])
+                     of_steps, out["throughput/samples_per_s"], out.get("loss/total", float("nan")),
+                     100 * out["time/data_wait_fraction"], self.train_seconds / 60, of_minutes)
         self.window = Window()
         self._record(out)
         return out

@@ -131,7 +131,7 @@ def test_a_registered_toy_architecture_trains_through_the_runner(tmp_path):
 
 
 def test_training_time_leaves_set_up_and_evaluations_out_and_a_resumed_run_counts_on_from_it(tmp_path,
-                                                                                               monkeypatch):
+                                                                                               monkeypatch, caplog):
     data = batches()
     resume = Runner.resume
 
@@ -149,8 +149,12 @@ def test_training_time_leaves_set_up_and_evaluations_out_and_a_resumed_run_count
     ctx = LocalContext(lambda: data, slow_evaluation, checkpoint_root=str(tmp_path))
     runner = Runner(toy_config("tracking.eval_every=2"), TOY, VOCAB, ctx, steps_per_epoch=4, sink=sink).setup()
     t0 = time.perf_counter()
-    runner.run()
+    with caplog.at_level(logging.INFO, logger="alignlab.platform.train"):
+        runner.run()
     wall = time.perf_counter() - t0
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    # A run sized in steps prints them: "step 2/8 ... trained 0.0 min".
+    assert [m.split()[1] for m in steps] == ["2/8", "4/8", "6/8", "8/8"] and all(" of " not in m for m in steps), steps
     windows = [m for _, m in sink.logged if "time/train_seconds" in m]
     trained = [m["time/train_seconds"] for m in windows]
     assert len(trained) == 4 and trained == sorted(trained) and trained[0] > 0
