@@ -146,7 +146,9 @@ def sentence_embedding(states: torch.Tensor, attention_mask: torch.Tensor, pooli
     summary; MVPTR, SIMLA and their official code read it). "mean": the mean over the word
     positions, [CLS] and [SEP] included, padding and anything after the words (MVPTR's phrase
     concepts) not: what a sentence-transformers checkpoint (the offline MiniLM,
-    all-MiniLM-L6-v2) was trained on, its [CLS] never. The choice belongs to the checkpoint."""
+    all-MiniLM-L6-v2) was trained on, its [CLS] never. The choice belongs to the checkpoint.
+    MVPTR's visual encoder, started from such a checkpoint's layers, is read the same way: its
+    sequence's real positions in ``attention_mask`` (vsc_image_pooling)."""
     if pooling == "cls":
         return states[:, 0]
     words = attention_mask.unsqueeze(-1).to(states.dtype)

@@ -50,7 +50,9 @@ Readings where the paper leaves a choice:
   L2-normalised, without a projection ("we take the
   L2-normalized output representations of [CLS]"); τ is learnable (``model.temperature`` its
   initial value). A text checkpoint pre-trained on mean-pooled sentences reads its caption as
-  that mean instead (``MVPTRConfig.vsc_text_pooling``, the Flickr8k presets with MiniLM).
+  that mean instead (``MVPTRConfig.vsc_text_pooling``, the Flickr8k presets with MiniLM); a visual
+  encoder started from such a checkpoint's layers may read its sequence's mean as well
+  (``vsc_image_pooling``).
 * One visual pass on the MCR-masked tags feeds MCR, VSC and the multi-modal encoder: tags never
   enter the multi-modal encoder, so their masking cannot leak into MLM or ITM. The MLM pass
   re-runs the textual encoder on the masked caption and chain-masked phrases, then the
@@ -141,6 +143,12 @@ class MVPTRConfig(Readings):
     # Not a reading: the choice belongs to the text checkpoint, and the Flickr8k presets read
     # the offline MiniLM as it was pre-trained to be read, by the mean.
     vsc_text_pooling: Literal["cls", "mean"] = "cls"
+    # The visual side of VSC's global embedding: "cls", the visual [CLS] output (the paper and the
+    # official code), or "mean", the mean over the visual encoder's outputs at its real positions
+    # ([CLS], tags and regions; padding not). Not a reading either: a visual encoder started from
+    # a mean-read checkpoint (the Flickr8k presets' MiniLM layers, bert_layer_plan) has no [CLS]
+    # pre-trained as a summary, which SIMLA's itc_image_pooling found on its hybrid ViT too.
+    vsc_image_pooling: Literal["cls", "mean"] = "cls"
     # The learnable temperature τ of eq. 1: "clip", τ >= 0.01 (CLIP's cap; the paper states
     # none), or "none", unclamped (the official code).
     temperature_clamp: Literal["", "clip", "none"] = ""
@@ -361,7 +369,8 @@ class MVPTR(PretrainingModel):
         return F.normalize(cls, dim=-1)
 
     def embed_images(self, batch):
-        return self.vsc_embedding(self.encode_image(batch)[0][:, 0], "image")
+        vis, vmask, _ = self.encode_image(batch)
+        return self.vsc_embedding(sentence_embedding(vis, vmask, self.cfg.vsc_image_pooling), "image")
 
     def embed_texts(self, batch):
         text = self.encode_text(batch["input_ids"], batch["attention_mask"], batch.get("phrase_ids"),
@@ -456,7 +465,7 @@ class MVPTR(PretrainingModel):
                                       batch.get("phrase_mask"))
 
         # VSC (eq. 1) on the L2-normalised uni-modal [CLS] outputs, against the global batch.
-        img_g = self.vsc_embedding(vis[:, 0], "image")
+        img_g = self.vsc_embedding(sentence_embedding(vis, vmask, self.cfg.vsc_image_pooling), "image")
         txt_g = self.vsc_embedding(sentence_embedding(txt, batch["attention_mask"], self.cfg.vsc_text_pooling), "text")
         img_all, offset = global_view(img_g, self.negatives)
         txt_all, _ = global_view(txt_g, self.negatives)

@@ -317,6 +317,37 @@ def test_mean_text_pooling_averages_the_caption_words_only_by_hand():
         _cfg("full", "model.mvptr.vsc_text_pooling=max")
 
 
+def test_mean_image_pooling_averages_the_real_visual_positions_by_hand():
+    """vsc_image_pooling=mean: the mean of the visual outputs at [CLS], the tags and the regions
+    that are there (padded tags and regions left out), in VSC's loss (on the MCR-masked tags, the
+    one visual pass) and in the retrieval embedding (clean tags) alike; "cls" is the default."""
+    assert _cfg().model.mvptr.vsc_image_pooling == "cls"
+    model = _model("full", "model.mvptr.vsc_image_pooling=mean", "model.mvptr.text_pass=separate")
+    with torch.no_grad():
+        model.log_scale.fill_(math.log(50.0))
+    batch = _batch(4)
+    out = model(batch)
+
+    def by_hand(tag_ids):
+        vis = model.encode_image(batch, tag_ids)[0]
+        assert vis.shape[1] == 1 + 3 + 3  # [CLS], tags, regions
+        # Every row's third tag is padding; row 0's third region is too.
+        keep = [[0, 1, 2, 4, 5], [0, 1, 2, 4, 5, 6], [0, 1, 2, 4, 5, 6], [0, 1, 2, 4, 5, 6]]
+        return F.normalize(torch.stack([vis[i, k].mean(0) for i, k in enumerate(keep)]), dim=-1)
+
+    with torch.no_grad():
+        img = by_hand(batch["mcr_tag_ids"])
+        txt = model.encode_text(batch["input_ids"], batch["attention_mask"], batch["phrase_ids"],
+                                batch["phrase_mask"])[0][:, 0]
+        want = contrastive_loss(img, F.normalize(txt, dim=-1), torch.tensor(50.0))
+        clean = by_hand(None)
+    torch.testing.assert_close(out.losses["vsc"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.embed_images(batch), clean, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(clean, img)  # the masked tag moves the training-time mean
+    with pytest.raises(ConfigError, match="vsc_image_pooling"):
+        _cfg("full", "model.mvptr.vsc_image_pooling=max")
+
+
 def test_official_itm_takes_the_hardest_candidate_excluding_only_the_own_pair(monkeypatch):
     seen = []
     real = mvptr_module.global_hard_negatives
