@@ -147,7 +147,9 @@ class MVPTRConfig(Readings):
     # official code), or "mean", the mean over the visual encoder's outputs at its real positions
     # ([CLS], tags and regions; padding not). Not a reading either: a visual encoder started from
     # a mean-read checkpoint (the Flickr8k presets' MiniLM layers, bert_layer_plan) has no [CLS]
-    # pre-trained as a summary, which SIMLA's itc_image_pooling found on its hybrid ViT too.
+    # pre-trained as a summary (SIMLA's itc_image_pooling reads its hybrid ViT's mean for that
+    # reason). On Flickr8k it ran level with [CLS] (one seed, README "Real-data signal"), so the
+    # presets keep [CLS].
     vsc_image_pooling: Literal["cls", "mean"] = "cls"
     # The learnable temperature τ of eq. 1: "clip", τ >= 0.01 (CLIP's cap; the paper states
     # none), or "none", unclamped (the official code).
@@ -464,7 +466,8 @@ class MVPTR(PretrainingModel):
         txt, tmask = self.encode_text(batch[text_ids], batch["attention_mask"], batch.get(phrase_ids),
                                       batch.get("phrase_mask"))
 
-        # VSC (eq. 1) on the L2-normalised uni-modal [CLS] outputs, against the global batch.
+        # VSC (eq. 1) on the L2-normalised uni-modal global embeddings ([CLS] outputs, or the
+        # means that vsc_image_pooling / vsc_text_pooling choose), against the global batch.
         img_g = self.vsc_embedding(sentence_embedding(vis, vmask, self.cfg.vsc_image_pooling), "image")
         txt_g = self.vsc_embedding(sentence_embedding(txt, batch["attention_mask"], self.cfg.vsc_text_pooling), "text")
         img_all, offset = global_view(img_g, self.negatives)
