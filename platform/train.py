@@ -143,13 +143,24 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, max_minutes: float = 0.0) -> str:
     """The precision actually used, checked against the device: ``auto`` is fp16 on CUDA, bf16 on
-    a CPU with native bf16 (:func:`cpu_has_native_bf16`) and fp32 on any other CPU."""
+    a CPU with native bf16 (:func:`cpu_has_native_bf16`) and fp32 on any other CPU. A run sized in
+    minutes (``max_minutes``) that falls back to fp32 is warned: its minutes hold a fraction of the
+    steps they hold with native bf16, and nothing else in the run would say so."""
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        if cpu_has_native_bf16():
+            return "bf16"
+        if max_minutes:
+            # The MVPTR Flickr8k preset: 757 steps in its 44 minutes here against 2,659-2,742 on
+            # an AMX Xeon, and below the reference row where the Xeon's run was 1.12x above it.
+            log.warning("precision 'auto' is fp32 on this CPU (no AVX512-BF16 or AMX): optim.max_minutes = %g "
+                        "will hold about a quarter of the steps a CPU with native bf16 trains in them; compare "
+                        "runs by train/step, or size this run in steps (optim.max_minutes=0 optim.max_steps=N)",
+                        max_minutes)
+        return "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision.precision = 'fp16' needs a CUDA device (autocast + GradScaler); "
                          "valid choices on CPU: 'bf16', 'fp32', 'auto'")
@@ -325,7 +336,7 @@ class Runner:
             # Ray starts workers with one OpenMP thread whatever they hold; a CPU worker that
             # holds scaling.cpus_per_worker cores should compute on all of them.
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-        self.precision = resolve_precision(cfg.precision.precision, device)
+        self.precision = resolve_precision(cfg.precision.precision, device, cfg.optim.max_minutes)
         self.autocast = autocast_factory(self.precision, device)
         if self.ctx.rank == 0:
             log.info("precision %s (configured %s) on %s", self.precision, cfg.precision.precision, device.type)
@@ -938,7 +949,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     monitor = system_metrics(uri, run_id, cfg.tracking.system_metrics_every, train_ctx.get_node_rank()) \
         if train_ctx.get_local_rank() == 0 else contextlib.nullcontext()
     with monitor:
-        runner.setup().run()
+        runner.setup()
+        if sink is not None:
+            # What `precision: auto` became on this worker's device: runs of one config compare
+            # only where it is the same, and the params show only what was configured.
+            sink.set_tag("alignlab.precision", runner.precision)
+        runner.run()
 
 
 # --------------------------------------------------------------------------------------------

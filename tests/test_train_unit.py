@@ -38,12 +38,17 @@ def test_precision_is_validated_against_the_device(monkeypatch, caplog):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"  # bf16 would be emulated, slower than fp32
+    assert caplog.text == ""  # sized in steps: fp32 costs time, not steps
     assert resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly: kept, with a warning
     assert "without native bf16" in caplog.text and "'auto' picks fp32" in caplog.text
+    caplog.clear()
+    assert resolve_precision("auto", cpu, max_minutes=44) == "fp32"  # sized in minutes: fewer steps, said
+    assert "optim.max_minutes = 44" in caplog.text and "optim.max_minutes=0 optim.max_steps=N" in caplog.text
     caplog.clear()
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
     assert resolve_precision("bf16", cpu) == "bf16" and caplog.text == ""
+    assert resolve_precision("auto", cpu, max_minutes=44) == "bf16" and caplog.text == ""
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_precision("fp16", cpu)
