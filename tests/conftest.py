@@ -83,6 +83,36 @@ def ray_session():
     ray.shutdown()
 
 
+# The MVPTR demo shrunk to what a CPU test trains in seconds: the same model code, tiny widths.
+MVPTR_SMALL = ["data.batch_size=16", "data.eval_batch_size=16", "data.eval_max_images=16",
+               "data.preprocess_batch_size=16", "data.shuffle_buffer=0", "model.hidden_size=32", "model.num_heads=2",
+               "model.intermediate_size=64", "model.mvptr.text_layers=1", "model.mvptr.visual_layers=1",
+               "model.mvptr.fusion_layers=1", "eval.k_captions=4", "eval.k_images=2", "tracking.log_every=2"]
+
+
+@pytest.fixture(scope="session")
+def mvptr_pretrained(ray_session, tmp_path_factory):
+    """One 4-step MVPTR pre-training run through the platform (Ray Data, Ray Train, MLflow) on a
+    small synthetic set, with VQA and RefCOCO task sets built on its vocabularies: the run that
+    MVPTR's end-to-end test reads and the fine-tuning tests start from. Each Ray Train run costs
+    30-50 s of process start-up on 2 cores, so the suite trains this one once.
+    Returns (root, store, train's result)."""
+    from alignlab.platform.config import load_config
+    from alignlab.platform.synth import SynthConfig, generate, generate_task
+    from alignlab.platform.train import train
+
+    root = tmp_path_factory.mktemp("mvptr_pretrained")
+    small = SynthConfig(n_train_images=48, n_test_images=16, rows_per_file=64)
+    generate(str(root / "synth"), small)
+    for task in ("vqa", "refcoco"):
+        generate_task(str(root / "tasks" / task), task, small, vocab_from=str(root / "synth"))
+    store = f"sqlite:///{root}/mlflow.db"
+    cfg = load_config("mvptr_demo", [f"data.shards={root / 'synth'}", *MVPTR_SMALL, "optim.max_steps=4",
+                                     f"tracking.mlflow_uri={store}", f"tracking.storage_path={root}/ray_results",
+                                     "tracking.run_name=mvptr-e2e", "data.compositional_split="])
+    return root, store, train(cfg)
+
+
 @pytest.fixture
 def s3_root():
     """An S3 bucket on a moto server bound to loopback; returns a pyarrow-style URI prefix

@@ -6,34 +6,12 @@ from __future__ import annotations
 import pytest
 
 from alignlab.platform.config import ConfigError, load_config
-
-SMALL = ["data.batch_size=16", "data.eval_batch_size=16", "data.eval_max_images=16", "data.preprocess_batch_size=16",
-         "data.shuffle_buffer=0", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
-         "model.mvptr.text_layers=1", "model.mvptr.visual_layers=1", "model.mvptr.fusion_layers=1",
-         "eval.k_captions=4", "eval.k_images=2", "tracking.log_every=2"]
-
-
-@pytest.fixture(scope="module")
-def pretrained(ray_session, tmp_path_factory):
-    """A 4-step MVPTR pre-training run on a small synthetic set, and the small task sets beside it."""
-    from alignlab.platform.synth import SynthConfig, generate, generate_task
-    from alignlab.platform.train import train
-
-    root = tmp_path_factory.mktemp("finetune")
-    small = SynthConfig(n_train_images=48, n_test_images=16, rows_per_file=64)
-    generate(str(root / "synth"), small)
-    for task in ("vqa", "refcoco"):
-        generate_task(str(root / "tasks" / task), task, small, vocab_from=str(root / "synth"))
-    store = f"sqlite:///{root}/mlflow.db"
-    cfg = load_config("mvptr_demo", [f"data.shards={root / 'synth'}", *SMALL, "optim.max_steps=4",
-                                     f"tracking.mlflow_uri={store}", f"tracking.storage_path={root}/ray_results",
-                                     "data.compositional_split="])
-    return root, store, train(cfg)
+from conftest import MVPTR_SMALL
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task,metric,workers", [("vqa", "vqa_accuracy", 1), ("refcoco", "accuracy", 2)])
-def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(pretrained, task, metric, workers):
+def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(mvptr_pretrained, task, metric, workers):
     """Grounding fine-tunes on two DDP workers: the pre-training heads, which get no gradient, must
     not stop DDP."""
     from mlflow.tracking import MlflowClient
@@ -41,7 +19,7 @@ def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(pretr
     from alignlab.platform.evaluate import evaluate_checkpoint
     from alignlab.platform.finetune import finetune
 
-    root, store, pre = pretrained
+    root, store, pre = mvptr_pretrained
     out = finetune(task, pre["mlflow_run_id"], overrides=[f"finetune.shards={root}/tasks/{{task}}", "optim.max_steps=6",
                                                           "tracking.checkpoint_every=3", "tracking.log_every=3",
                                                           f"scaling.num_workers={workers}"],
@@ -130,7 +108,7 @@ def test_ablation_script_fine_tunes_each_trial_and_adds_a_column_per_task(ray_se
 
     monkeypatch.chdir(tmp_path)  # the synthetic sets are generated under ./data
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    small = [o for o in SMALL if not o.startswith("data.eval_max_images")]
+    small = [o for o in MVPTR_SMALL if not o.startswith("data.eval_max_images")]
     outputs = run_experiment("", "mvptr_demo", ["eval/rsum"], argv=[
         "--grid", "model.mvptr.ablation=full", "--no-reference", "--downstream", "vqa",
         "--finetune", "optim.max_steps=3",

@@ -1019,29 +1019,18 @@ def test_encoders_initialise_from_bert_layers(tmp_path):
 
 
 @pytest.mark.slow
-def test_mvptr_demo_trains_and_evaluates_through_the_platform(ray_session, tmp_path):
+def test_mvptr_demo_trains_and_evaluates_through_the_platform(mvptr_pretrained):
     """The demo preset, shrunk: Ray Data masks, Ray Train steps, every loss is logged, and the
     evaluation reports uni-modal and ITM re-ranked RSUM."""
     from mlflow.tracking import MlflowClient
 
-    from alignlab.platform.synth import SynthConfig, generate
-    from alignlab.platform.train import train
-
-    generate(str(tmp_path / "synth"), SynthConfig(n_train_images=64, n_test_images=16, rows_per_file=64))
-    cfg = load_config("mvptr_demo", [
-        f"data.shards={tmp_path / 'synth'}", "data.batch_size=16", "data.eval_batch_size=16",
-        "data.eval_max_images=16", "data.preprocess_batch_size=16", "data.shuffle_buffer=0",
-        "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64", "model.mvptr.text_layers=1",
-        "model.mvptr.visual_layers=1", "model.mvptr.fusion_layers=1", "optim.max_steps=4", "tracking.log_every=2",
-        "eval.k_captions=4", "eval.k_images=2", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
-        f"tracking.storage_path={tmp_path}/ray_results", "tracking.run_name=mvptr-e2e"])
-    out = train(cfg)
+    _, store, out = mvptr_pretrained
     m = out["metrics"]
     assert m["train/step"] == 4.0
     assert 0.0 <= m["eval/uni_rsum"] <= 600.0 and 0.0 <= m["eval/rsum"] <= 600.0
     # 16 images x 4 captions + 32 captions x 2 images re-scored by the ITM head.
     assert m["eval/itm_pairs"] == 16 * 4 + 32 * 2
-    logged = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(out["mlflow_run_id"]).data.metrics
+    logged = MlflowClient(tracking_uri=store).get_run(out["mlflow_run_id"]).data.metrics
     for loss in ("vsc", "mcr", "wpg", "mlm", "itm"):
         assert math.isfinite(logged[f"loss/{loss}"]), loss
     # Eq. 5: the total is the unweighted sum of the five.
