@@ -278,6 +278,8 @@ class MetricSink(Protocol):
     def last_logged_step(self, key: str) -> int | None:
         """The highest step of ``key`` the run already holds, or None."""
 
+    def set_tag(self, key: str, value: str) -> None: ...
+
 
 @dataclass
 class Window:
@@ -341,6 +343,11 @@ class Runner:
         self.autocast = autocast_factory(self.precision, device)
         if self.ctx.rank == 0:
             log.info("precision %s (configured %s) on %s", self.precision, cfg.precision.precision, device.type)
+        if self.sink is not None:
+            # What `precision: auto` became on this device: runs of one config compare only where
+            # it is the same, and the params show only what was configured. A tag, not a param: a
+            # run resumed on another machine may resolve it otherwise.
+            self.sink.set_tag("alignlab.precision", self.precision)
         torch.manual_seed(cfg.seed)
         # A fine-tuning run's pre-trained weights come from its checkpoint, not the init sources.
         model_cfg = without_init_sources(cfg.model) if cfg.finetune.init else cfg.model
@@ -950,12 +957,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     monitor = system_metrics(uri, run_id, cfg.tracking.system_metrics_every, train_ctx.get_node_rank()) \
         if train_ctx.get_local_rank() == 0 else contextlib.nullcontext()
     with monitor:
-        runner.setup()
-        if sink is not None:
-            # What `precision: auto` became on this worker's device: runs of one config compare
-            # only where it is the same, and the params show only what was configured.
-            sink.set_tag("alignlab.precision", runner.precision)
-        runner.run()
+        runner.setup().run()
 
 
 # --------------------------------------------------------------------------------------------

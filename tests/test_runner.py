@@ -96,6 +96,10 @@ def batches(n: int = 4, size: int = 8, seed: int = 0) -> list[dict[str, torch.Te
 class Sink:
     def __init__(self):
         self.logged: list[tuple[int, dict]] = []
+        self.tags: dict[str, str] = {}
+
+    def set_tag(self, key, value):
+        self.tags[key] = value
 
     def log_metrics(self, metrics, step):
         self.logged.append((step, metrics))
@@ -584,3 +588,13 @@ def test_a_finished_run_closes_its_training_stream():
                     steps_per_epoch=12).setup()
     runner.run()
     assert runner.step == 2 and closed == [True] and runner._batches is None
+
+
+def test_the_run_is_tagged_with_the_precision_auto_resolved_to_not_the_configured_one(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    data = batches()
+    sink = Sink()
+    Runner(toy_config("precision.precision=auto"), TOY, VOCAB, LocalContext(lambda: data, checkpoint_root=str(tmp_path)),
+           steps_per_epoch=4, sink=sink).setup()
+    assert sink.tags == {"alignlab.precision": "fp32"}  # a CPU without native bf16
