@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from itertools import count, islice
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Collection
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = "dual_encoder_demo"
@@ -656,24 +656,27 @@ def build_manifest(lab: Lab) -> Finding:
 # --------------------------------------------------------------------------------------------
 
 
-def _alive_actor(class_part: str, job_id: str | None = None, not_job_id: str | None = None) -> dict | None:
+def _alive_actor(class_part: str, job_id: str | None = None, not_job_id: str | None = None,
+                 not_ids: Collection[str] = ()) -> dict | None:
     """An ALIVE actor whose class name contains ``class_part`` (of job ``job_id``, or of another
-    job than ``not_job_id``, if given) and whose process is running it (Ray's actor table, from the GCS: the state API needs the
-    dashboard, which local clusters here run without; Ray titles an actor's process
-    ``ray::<class name>``)."""
+    job than ``not_job_id``, if given; none of ``not_ids``) and whose process is running it (Ray's
+    actor table, from the GCS: the state API needs the dashboard, which local clusters here run
+    without; Ray titles an actor's process ``ray::<class name>``)."""
     from ray._private import state
-
-    def running(actor: dict) -> bool:
-        if not Path("/proc").is_dir():  # no process titles to check
-            return True
-        with contextlib.suppress(OSError):
-            title = Path(f"/proc/{actor['Pid']}/cmdline").read_bytes().split(b"\0")[0].decode()
-            return title.startswith(f"ray::{actor['ActorClassName']}")
-        return False
 
     return next((a for a in state.actors(actor_state_name="ALIVE").values()
                  if class_part in a["ActorClassName"] and job_id in (None, a["JobID"]) and a["JobID"] != not_job_id
-                 and running(a)), None)
+                 and a["ActorID"] not in not_ids and _runs_actor(a)), None)
+
+
+def _runs_actor(actor: dict) -> bool:
+    """Whether the actor's process (from Ray's actor table) is still running it."""
+    if not Path("/proc").is_dir():  # no process titles to check
+        return True
+    with contextlib.suppress(OSError):
+        title = Path(f"/proc/{actor['Pid']}/cmdline").read_bytes().split(b"\0")[0].decode()
+        return title.startswith(f"ray::{actor['ActorClassName']}")
+    return False
 
 
 def _wait_for_checkpointed_metrics(lab: Lab, key: str, running: Callable[[], bool],
@@ -758,9 +761,12 @@ def kill_driver(lab: Lab) -> Finding:
     args = ["train", PRESET, *lab.overrides(home, *KILL_RUN, f"tracking.checkpoint_every={every}",
                                             f"tracking.run_name={key}")]
     import ray
+    from ray._private import state
 
     address = lab.ray_address()  # first: starting the cluster sets RAY_AUTH_MODE=token in os.environ
     env = {**os.environ, "RAY_ADDRESS": address}
+    # Controllers an earlier abnormal end left behind are not this driver's.
+    earlier = set(state.actors(actor_state_name="ALIVE"))
     with open(home / "first_driver.log", "w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "alignlab.platform.cli", *args], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
@@ -769,16 +775,21 @@ def kill_driver(lab: Lab) -> Finding:
             # The killed driver's job: Train runs of this process (its own job) may still hold
             # a controller.
             this_job = ray.get_runtime_context().get_job_id()
-            controller = _alive_actor("TrainController", not_job_id=this_job)
-            job = controller["JobID"] if controller else None
+            controller = _alive_actor("TrainController", not_job_id=this_job, not_ids=earlier)
+            expect(controller is not None, "the driver's Ray Train controller was not found to wait for its end")
+            job = controller["JobID"]
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     deadline = time.time() + 60
-    # Ray reaps the dead driver's actors; only its job's matter (another job's may live on).
-    while job and _alive_actor("TrainController", job) and time.time() < deadline:
+    # Ray reaps the dead driver's actors; only its job's matter (another job's may live on). The
+    # GCS marks the controller dead before its process exits, and in between the process can
+    # still register a checkpoint and rewrite the snapshot read below (a resume from step 6 after
+    # the one at 4 was torn, once in a loaded suite): wait for the process too.
+    while (_alive_actor("TrainController", job) or _runs_actor(controller)) and time.time() < deadline:
         time.sleep(0.2)
+    expect(not _runs_actor(controller), f"the killed driver's controller (pid {controller['Pid']}) still runs after 60 s")
     # The checkpoints Ray registered, as its snapshot (what a restored run reads) lists them: a
     # newer folder may be on disk, uploaded but not yet registered when the driver died.
     run_dir = home / "ray_results" / key
