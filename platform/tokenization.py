@@ -15,9 +15,7 @@ def load_tokenizer(spec: str, shards_root: str):
     """``spec``: "auto" (the shard set's vocab.txt), a vocab.txt path, or a Hugging Face tokenizer
     name / local directory / ``pkg://`` folder (``AutoTokenizer.from_pretrained``). Cached per
     process, so each Ray Data worker loads it once."""
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    from alignlab.models.blocks import resolve_pretrained
+    from transformers import BertTokenizerFast
 
     if spec == "auto":
         text = shards.read_text(shards.child_uri(shards_root, "vocab.txt"))
@@ -34,6 +32,12 @@ def load_tokenizer(spec: str, shards_root: str):
             return BertTokenizerFast(vocab=path, do_lower_case=True)
     if spec.endswith(".txt"):
         return BertTokenizerFast(vocab=spec, do_lower_case=True)
+    # Imported here: both import torch (AutoTokenizer through transformers' model configs), seconds
+    # of each Ray Data worker's start-up that a shard set's own vocab.txt does not need.
+    from transformers import AutoTokenizer
+
+    from alignlab.models.blocks import resolve_pretrained
+
     return AutoTokenizer.from_pretrained(resolve_pretrained(spec))
 
 

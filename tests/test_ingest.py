@@ -130,6 +130,35 @@ def test_preprocessor_skips_non_utf8_captions_and_non_finite_regions(shard_root)
     assert notes == [] and train is True
 
 
+def test_a_data_worker_prepares_a_shard_set_with_its_own_vocab_without_importing_torch(shard_root, tmp_path):
+    """A Ray Data worker is a fresh process per actor: torch's import (about 2 s of a core here,
+    through transformers' AutoTokenizer) would be paid by each, in every run, for nothing the CPU
+    stage computes. Unpickling its arguments and preparing a batch, as the actor does, must not."""
+    import pickle
+    import subprocess
+    import sys
+
+    cfg = _cfg(shard_root)
+    args = tmp_path / "args.pkl"  # the test's own objects, as Ray hands them to the actor
+    args.write_bytes(pickle.dumps((cfg.data, cfg.objectives, InputSpec(pixels=True, regions=True, mlm=True))))
+    code = f"""
+import pickle, sys
+import pyarrow.parquet as pq
+from alignlab.platform import shards
+from alignlab.platform.ingest import Preprocessor, columns_for, read_schema
+data, objectives, spec = pickle.loads(open("{args}", "rb").read())
+files = shards.list_parquet("{shard_root / 'train'}")
+schema = read_schema(files, columns_for(spec), "{shard_root}")
+table = pq.read_table(files[0], schema=schema)
+out = Preprocessor(data, objectives, spec, train=True)({{c: table.column(c).to_numpy(zero_copy_only=False)
+                                                       for c in schema.names}})
+print(len(out["input_ids"]), "torch" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["8", "False"]
+
+
 def test_counter_counts_each_row_once_and_per_training_epoch():
     """Issue #17's probe: 1.2 epochs over 40 bad rows showed 80 skips. Rows count once; the
     training read keeps its epochs apart; evaluation reads count in the totals only."""
