@@ -93,7 +93,7 @@ MVPTR_SMALL = ["data.batch_size=16", "data.eval_batch_size=16", "data.eval_max_i
 @pytest.fixture(scope="session")
 def mvptr_pretrained(ray_session, tmp_path_factory):
     """One 4-step MVPTR pre-training run through the platform (Ray Data, Ray Train, MLflow) on a
-    small synthetic set, with VQA and RefCOCO task sets built on its vocabularies: the run that
+    small synthetic set, with a RefCOCO task set built on its vocabularies: the run that
     MVPTR's end-to-end test reads and the fine-tuning tests start from. Each Ray Train run costs
     30-50 s of process start-up on 2 cores, so the suite trains this one once.
     Returns (root, store, train's result)."""
@@ -104,8 +104,7 @@ def mvptr_pretrained(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("mvptr_pretrained")
     small = SynthConfig(n_train_images=48, n_test_images=16, rows_per_file=64)
     generate(str(root / "synth"), small)
-    for task in ("vqa", "refcoco"):
-        generate_task(str(root / "tasks" / task), task, small, vocab_from=str(root / "synth"))
+    generate_task(str(root / "tasks" / "refcoco"), "refcoco", small, vocab_from=str(root / "synth"))
     store = f"sqlite:///{root}/mlflow.db"
     cfg = load_config("mvptr_demo", [f"data.shards={root / 'synth'}", *MVPTR_SMALL, "optim.max_steps=4",
                                      f"tracking.mlflow_uri={store}", f"tracking.storage_path={root}/ray_results",

@@ -10,25 +10,27 @@ from conftest import MVPTR_SMALL
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,metric,workers", [("vqa", "vqa_accuracy", 1), ("refcoco", "accuracy", 2)])
-def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(mvptr_pretrained, task, metric, workers):
+def test_finetune_is_a_child_of_its_pretraining_run_and_eval_reproduces_it(mvptr_pretrained):
     """Grounding fine-tunes on two DDP workers: the pre-training heads, which get no gradient, must
-    not stop DDP."""
+    not stop DDP. (VQA goes the same way: through Ray Tune in the ablation script's test below, and
+    in one process on the real VQA v2 fixture in test_finetune_fixtures.py; a third Ray Train run
+    here cost the suite 25-50 s for no path of its own.)"""
     from mlflow.tracking import MlflowClient
 
     from alignlab.platform.evaluate import evaluate_checkpoint
     from alignlab.platform.finetune import finetune
 
+    task, metric = "refcoco", "accuracy"
     root, store, pre = mvptr_pretrained
     out = finetune(task, pre["mlflow_run_id"], overrides=[f"finetune.shards={root}/tasks/{{task}}", "optim.max_steps=6",
                                                           "tracking.checkpoint_every=3", "tracking.log_every=3",
-                                                          f"scaling.num_workers={workers}"],
+                                                          "scaling.num_workers=2"],
                    mlflow_uri=store)
     m = out["metrics"]
     assert m["train/step"] == 6.0 and m[f"loss/{task}"] > 0
     figures = {k.rsplit("/", 1)[1]: v for k, v in m.items() if k.startswith(f"downstream/{task}/")}
     assert 0.0 <= figures[metric] <= 100.0 and figures["examples"] > 0
-    assert ("majority" in figures) if task == "vqa" else ({"chance", "oracle"} <= set(figures))
+    assert {"chance", "oracle"} <= set(figures)
     client = MlflowClient(tracking_uri=store)
     child = client.get_run(out["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == pre["mlflow_run_id"]
