@@ -143,11 +143,13 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def resolve_precision(precision: str, device: torch.device, max_minutes: float = 0.0) -> str:
+def resolve_precision(precision: str, device: torch.device, max_minutes: float = 0.0, warn: bool = True) -> str:
     """The precision actually used, checked against the device: ``auto`` is fp16 on CUDA, bf16 on
     a CPU with native bf16 (:func:`cpu_has_native_bf16`) and fp32 on any other CPU. A run sized in
     minutes (``max_minutes``) that falls back to fp32 is warned: its minutes hold a fraction of the
-    steps they hold with native bf16, and nothing else in the run would say so."""
+    steps they hold with native bf16, and nothing else in the run would say so. ``warn=False``
+    resolves alike in silence (a DDP run's ranks but the first: one warning a run, not one a rank)."""
+    warning = log.warning if warn else (lambda *args: None)
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
@@ -157,17 +159,17 @@ def resolve_precision(precision: str, device: torch.device, max_minutes: float =
             # The MVPTR Flickr8k preset: 757 steps in its 44 minutes on an AVX2-only EPYC against
             # 2,659-2,742 on an AMX Xeon, and below the reference row there where the Xeon's run
             # was 1.12x above it.
-            log.warning("precision 'auto' is fp32 on this CPU (no AVX512-BF16 or AMX): optim.max_minutes = %g "
-                        "will hold about a quarter of the steps a CPU with native bf16 trains in them; compare "
-                        "runs by train/step, or size this run in steps (optim.max_minutes=0 optim.max_steps=N)",
-                        max_minutes)
+            warning("precision 'auto' is fp32 on this CPU (no AVX512-BF16 or AMX): optim.max_minutes = %g "
+                    "will hold about a quarter of the steps a CPU with native bf16 trains in them; compare "
+                    "runs by train/step, or size this run in steps (optim.max_minutes=0 optim.max_steps=N)",
+                    max_minutes)
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision.precision = 'fp16' needs a CUDA device (autocast + GradScaler); "
                          "valid choices on CPU: 'bf16', 'fp32', 'auto'")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        log.warning("precision.precision = 'bf16' on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN "
-                    "emulates it, often several times slower than fp32; 'auto' picks fp32 here")
+        warning("precision.precision = 'bf16' on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN "
+                "emulates it, often several times slower than fp32; 'auto' picks fp32 here")
     return precision
 
 
@@ -339,7 +341,8 @@ class Runner:
             # Ray starts workers with one OpenMP thread whatever they hold; a CPU worker that
             # holds scaling.cpus_per_worker cores should compute on all of them.
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-        self.precision = resolve_precision(cfg.precision.precision, device, cfg.optim.max_minutes)
+        self.precision = resolve_precision(cfg.precision.precision, device, cfg.optim.max_minutes,
+                                           warn=self.ctx.rank == 0)
         self.autocast = autocast_factory(self.precision, device)
         if self.ctx.rank == 0:
             log.info("precision %s (configured %s) on %s", self.precision, cfg.precision.precision, device.type)

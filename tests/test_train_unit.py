@@ -45,6 +45,9 @@ def test_precision_is_validated_against_the_device(monkeypatch, caplog):
     assert resolve_precision("auto", cpu, max_minutes=44) == "fp32"  # sized in minutes: fewer steps, said
     assert "optim.max_minutes = 44" in caplog.text and "optim.max_minutes=0 optim.max_steps=N" in caplog.text
     caplog.clear()
+    # A DDP run's other ranks resolve alike, in silence: one warning a run.
+    assert resolve_precision("auto", cpu, max_minutes=44, warn=False) == "fp32"
+    assert resolve_precision("bf16", cpu, warn=False) == "bf16" and caplog.text == ""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
     assert resolve_precision("bf16", cpu) == "bf16" and caplog.text == ""
