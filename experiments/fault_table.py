@@ -656,16 +656,15 @@ def build_manifest(lab: Lab) -> Finding:
 # --------------------------------------------------------------------------------------------
 
 
-def _alive_actor(class_part: str, job_id: str | None = None, not_job_id: str | None = None,
-                 not_ids: Collection[str] = ()) -> dict | None:
-    """An ALIVE actor whose class name contains ``class_part`` (of job ``job_id``, or of another
-    job than ``not_job_id``, if given; none of ``not_ids``) and whose process is running it (Ray's
-    actor table, from the GCS: the state API needs the dashboard, which local clusters here run
-    without; Ray titles an actor's process ``ray::<class name>``)."""
+def _alive_actor(class_part: str, not_job_id: str | None = None, not_ids: Collection[str] = ()) -> dict | None:
+    """An ALIVE actor whose class name contains ``class_part`` (of another job than
+    ``not_job_id``, if given; none of ``not_ids``) and whose process is running it (Ray's actor
+    table, from the GCS: the state API needs the dashboard, which local clusters here run without;
+    Ray titles an actor's process ``ray::<class name>``)."""
     from ray._private import state
 
     return next((a for a in state.actors(actor_state_name="ALIVE").values()
-                 if class_part in a["ActorClassName"] and job_id in (None, a["JobID"]) and a["JobID"] != not_job_id
+                 if class_part in a["ActorClassName"] and a["JobID"] != not_job_id
                  and a["ActorID"] not in not_ids and _runs_actor(a)), None)
 
 
@@ -777,17 +776,16 @@ def kill_driver(lab: Lab) -> Finding:
             this_job = ray.get_runtime_context().get_job_id()
             controller = _alive_actor("TrainController", not_job_id=this_job, not_ids=earlier)
             expect(controller is not None, "the driver's Ray Train controller was not found to wait for its end")
-            job = controller["JobID"]
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     deadline = time.time() + 60
-    # Ray reaps the dead driver's actors; only its job's matter (another job's may live on). The
-    # GCS marks the controller dead before its process exits, and in between the process can
-    # still register a checkpoint and rewrite the snapshot read below (a resume from step 6 after
-    # the one at 4 was torn, once in a loaded suite): wait for the process too.
-    while (_alive_actor("TrainController", job) or _runs_actor(controller)) and time.time() < deadline:
+    # Ray reaps the dead driver's actors; only its controller matters (another job's may live on).
+    # Its process, not the GCS's word: the GCS marks it dead before the process exits, and in
+    # between the process can still register a checkpoint and rewrite the snapshot read below (a
+    # resume from step 6 after the one at 4 was torn, once in a loaded suite).
+    while _runs_actor(controller) and time.time() < deadline:
         time.sleep(0.2)
     expect(not _runs_actor(controller), f"the killed driver's controller (pid {controller['Pid']}) still runs after 60 s")
     # The checkpoints Ray registered, as its snapshot (what a restored run reads) lists them: a
