@@ -367,17 +367,31 @@ def test_scheduling_loop_floor_sleeps_out_the_rest_of_a_fast_step():
         slept.append(s)
         now[0] += s
 
-    floor = SchedulingLoopFloor(0.02, clock=lambda: now[0], sleep=sleep)
-    floor.before_execution_starts(None)
+    class Executor:  # the one thing the floor reads of Ray Data's StreamingExecutor
+        idling = True
+        def _consumer_idling(self):
+            return self.idling
+
+    ex = Executor()
+    floor = SchedulingLoopFloor(0.02, 0.1, clock=lambda: now[0], sleep=sleep)
+    floor.before_execution_starts(ex)
     now[0] = 0.005  # a spinning step: nothing to wait on
-    floor.on_execution_step(None)
+    floor.on_execution_step(ex)
     assert slept == [pytest.approx(0.015)]
     now[0] += 0.1  # a step that waited on ray.wait
-    floor.on_execution_step(None)
+    floor.on_execution_step(ex)
     assert len(slept) == 1
     now[0] += 0.019  # the floor counts from the end of the last step, sleep included
-    floor.on_execution_step(None)
+    floor.on_execution_step(ex)
     assert slept[1] == pytest.approx(0.001)
+    ex.idling = False  # the consumer holds output it has not taken: the longer floor
+    now[0] += 0.005
+    floor.on_execution_step(ex)
+    assert slept[2] == pytest.approx(0.095)
+    ex.idling = True  # it took the last block: back to the short one
+    now[0] += 0.005
+    floor.on_execution_step(ex)
+    assert slept[3] == pytest.approx(0.015)
 
 
 def test_every_stream_paces_its_scheduling_loop(ray_session, shard_root, monkeypatch):
@@ -393,6 +407,7 @@ def test_every_stream_paces_its_scheduling_loop(ray_session, shard_root, monkeyp
         ds = build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train", train=train)
         assert ds.context.custom_execution_callback_classes.count(SchedulingLoopFloor) == 1
         assert len(ds.take_all()) == 8 and steps  # the executor that ran the stream called it
+        assert {type(e._consumer_idling()) for e in steps} == {bool}  # the private test the floor reads
     assert SchedulingLoopFloor not in ray.data.DataContext.get_current().custom_execution_callback_classes
     # A Ray Train worker's stream runs in a split coordinator actor, on the dataset's own context.
     (shard,) = build_dataset(cfg.data, cfg.objectives, InputSpec(pixels=True), "train",
