@@ -1407,13 +1407,14 @@ def bench_pacing(report: Report, plan: list[dict[str, Any]], root: Path, tree: P
                  batches: int = PACING_BATCHES, hold_s: float = PACING_HOLD_S, lead_s: float = PACING_LEAD_S) -> None:
     """The first architecture's training stream read by a slow consumer, without the
     scheduling-loop floor and with it, in turn."""
-    from alignlab.platform.loop_pacing import LOOP_FLOOR_S
+    from alignlab.platform.loop_pacing import HELD_LOOP_FLOOR_S, LOOP_FLOOR_S
 
     entry = _architectures(plan)[0]
     cfg = on_shards(entry["cfg"], root)
     compares = (f"{entry['name']}'s training stream read as the trainer reads it, each of {batches} batches "
-                f"held {hold_s} s (a step slower than the stream), without and with the "
-                f"{LOOP_FLOOR_S * 1e3:.0f} ms floor under Ray Data's scheduling loop (loop_pacing): "
+                f"held {hold_s} s (a step slower than the stream), without and with the floor under Ray Data's "
+                f"scheduling loop (loop_pacing: {LOOP_FLOOR_S * 1e3:.0f} ms, {HELD_LOOP_FLOOR_S * 1e3:.0f} ms while "
+                f"the reader has output it has not taken): "
                 f"other_workers_cores = CPU seconds per wall second of the Ray workers outside the Preprocessor "
                 f"(the split coordinator, whose loop spins once the stream is ahead); wall_s should match (the "
                 f"floor costs the reader nothing)")
