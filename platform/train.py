@@ -280,7 +280,9 @@ class MetricSink(Protocol):
     def last_logged_step(self, key: str) -> int | None:
         """The highest step of ``key`` the run already holds, or None."""
 
-    def set_tag(self, key: str, value: str) -> None: ...
+    def set_tag(self, key: str, value: str) -> None:
+        """Sets a run tag: facts about this attempt that are not hyper-parameters (what
+        ``precision: auto`` resolved to), which a resumed attempt may overwrite."""
 
 
 @dataclass
