@@ -156,10 +156,10 @@ def resolve_precision(precision: str, device: torch.device, max_minutes: float =
         if cpu_has_native_bf16():
             return "bf16"
         if max_minutes:
-            # The MVPTR Flickr8k preset with dropout 0.1: 757 steps in its 44 minutes on an AVX2-only
-            # EPYC against 2,659-2,742 on an AMX Xeon, and below the reference row there where the
-            # Xeon's run was 1.12x above it (without dropout: 915 and 997 steps, 1.01-1.02x; with one
-            # multi-modal layer too, the preset since 2026-12-07: 1,443-1,471 steps, 1.09x on two seeds).
+            # A budget in minutes is sized on CPUs with native bf16: the same MVPTR Flickr8k preset
+            # (dropout 0.1, two multi-modal layers) trained 757 steps in its 44 minutes on an
+            # AVX2-only EPYC against 2,659-2,742 on an AMX Xeon, and missed the reference row the
+            # Xeon's runs beat. The preset's figures since: README, "Real-data signal".
             warning("precision 'auto' is fp32 on this CPU (no AVX512-BF16 or AMX): optim.max_minutes = %g "
                     "will hold about a quarter of the steps a CPU with native bf16 trains in them; compare "
                     "runs by train/step, or size this run in steps (optim.max_minutes=0 optim.max_steps=N)",
