@@ -70,10 +70,14 @@ def ray_session():
     if not ray.is_initialized():
         # Ray's defaults for big jobs pace the tiny test runs: Ray Train's controller takes one
         # report per worker each time it polls them (every 2 s), and every Parquet read of Ray Data
-        # starts 32 footer-reading actor processes (10-20 s on 2 cores; 1 s with one). Drivers
-        # started from here (subprocesses too) and every process of the cluster inherit these.
+        # starts 32 footer-reading actor processes (10-20 s on 2 cores; 1 s with one). Ray Train
+        # also starts a PreemptionWatcher process per run, which polls for nodes a cloud is taking
+        # back: one machine has none, and its start-up is 2.3 CPU-s of a tiny run's 35 s of wall
+        # on 2 cores. Drivers started from here (subprocesses too) and every process of the
+        # cluster inherit these.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         cfg = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=2",
                                  "data.compositional_split=compositional"])
         ray.init(num_cpus=local_cluster_cpus(cfg),

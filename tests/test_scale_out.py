@@ -3,16 +3,18 @@ local raylets, declared as cluster.yaml declares them (a head with 0 CPU / 0 GPU
 added on demand up to 4, given back when idle), each shrunk to one trial's slots.
 
 A sweep of 2 tiny trials starts on the empty head, its concurrency read from the autoscaler's
-maximum (4, not the 1 the empty cluster would give), scales to the nodes its trials need, runs
-them at once and scales back to no worker node (two trials show all of it: four, as until
-2026-12-03, took 215 s of the suite's time on 2 cores for nothing a second pair adds). The node
-count over time, the trials that overlapped (from their MLflow runs' start and end) and the wall
-time are printed. Run by hand (``python tests/test_scale_out.py OUT_DIR OUT.json``), the script
+maximum (4, not the 1 the empty cluster would give), scales to the nodes its trials need and runs
+them at once (two trials show all of it: four, as until 2026-12-03, took 215 s of the suite's time
+on 2 cores for nothing a second pair adds). The node count over time, the trials that overlapped
+(from their MLflow runs' start and end) and the wall time are printed. Run by hand (``python tests/test_scale_out.py OUT_DIR OUT.json``), the script
 also runs the same sweep capped at one trial at a time for the serial wall time: a figure for
 comparison, not a behaviour, so the test, which CI runs within its time budget, leaves that second
 sweep out (``--no-serial``). Then one DDP group of two Ray Train workers is placed on two nodes
 (STRICT_SPREAD) and its global-batch contrastive loss and gradients over gloo equal one process's
-over the concatenated batch, as tests/test_global_batch.py shows for two local processes.
+over the concatenated batch, as tests/test_global_batch.py shows for two local processes. Last,
+the cluster scales back to no worker node. The DDP group runs before that, on the nodes the sweep
+left up (the autoscaler adds one where the trials shared a node): waiting for the sweep's nodes to
+go first and then starting two again took 20-30 s of the suite's time for nothing the test reads.
 
 The scenario runs in a subprocess (this file as a script): it needs a Ray cluster of its own,
 started with ``ray start`` and torn down by killing only that cluster's processes (``ray stop``
@@ -53,9 +55,10 @@ def test_a_sweep_fills_an_autoscaling_cluster_and_gives_it_back(tmp_path):
     assert sweep["concurrency"] == MAX_NODES
     assert sweep["nodes_before"] == 0  # from no worker node
     assert sweep["errors"] == [] and sweep["finished"] == TRIALS
-    # Given back once idle. In 3 of 4 runs every node went; in one, on a loaded 2-core machine, a
-    # single node stayed up, cause not found (alive_on_workers names the actors still on one).
-    assert sweep["nodes_after_idle"] <= 1, sweep["alive_on_workers"]
+    # Given back once idle, after the sweep and the DDP group. In 3 of 4 runs every node went; in
+    # one, on a loaded 2-core machine, a single node stayed up, cause not found (alive_on_workers
+    # names the actors still on one).
+    assert r["nodes_after_idle"] <= 1, r["alive_on_workers"]
     # The autoscaler packs what the trials really hold, so the trials may share a node (4 trials
     # took 2 nodes); the DDP group below needs two.
     assert 1 <= sweep["max_nodes"] <= TRIALS
@@ -179,10 +182,7 @@ def _run_sweep(cfg, name: str, watch: NodeWatch, uri: str) -> dict:
             "max_nodes": watch.max_between(start, end), "max_trials_at_once": _max_overlap(spans),
             # How many of the machine's cores were busy on average: the fake nodes share them, so a
             # sweep that already keeps them all busy one trial at a time cannot go faster at four.
-            "busy_cores": round((busy_end - busy_start) / (end - start), 2), "machine_cores": os.cpu_count(),
-            # Idle nodes go 6 s after their last trial (idle_timeout_minutes 0.1); 60 s is ample, and a
-            # node that stays (once in four runs, see the test) would otherwise hold the suite 3 min.
-            "nodes_after_idle": watch.wait_for(0, 60), "alive_on_workers": _actors_on_workers()}
+            "busy_cores": round((busy_end - busy_start) / (end - start), 2), "machine_cores": os.cpu_count()}
 
 
 def _busy_cpu_seconds() -> float:
@@ -244,7 +244,8 @@ def main(tmp: Path, out: Path, serial: bool = True) -> None:
     # another Ray cluster on the machine may be using.
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
                        # the test session's pacing for tiny runs (conftest.ray_session)
-                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"})
+                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"})
     os.environ.pop("RAY_ADDRESS", None)
     import ray
 
@@ -285,11 +286,14 @@ def main(tmp: Path, out: Path, serial: bool = True) -> None:
                                                                                     trial_cpus(cfg), 0)}
         watch = NodeWatch()
         result["sweep"] = _run_sweep(cfg, "scale-out", watch, uri)
+        result["ddp"] = _ddp_across_nodes(tmp)
+        # Idle nodes go 6 s after their last work (idle_timeout_minutes 0.1); 60 s is ample, and a
+        # node that stays (once in four runs, see the test) would otherwise hold the suite 3 min.
+        result["nodes_after_idle"], result["alive_on_workers"] = watch.wait_for(0, 60), _actors_on_workers()
         if serial:
             result["serial"] = _run_sweep(load_config("dual_encoder_demo", [*overrides, "scaling.max_concurrent_trials=1"]),
                                           "scale-out-serial", watch, uri)
             result["speedup"] = round(result["serial"]["wall_s"] / result["sweep"]["wall_s"], 2)
-        result["ddp"] = _ddp_across_nodes(tmp)
         watch.stop()
         result["timeline"] = watch.timeline
         out.write_text(json.dumps(result))
