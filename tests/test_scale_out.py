@@ -223,7 +223,7 @@ def _ddp_across_nodes(tmp: Path) -> dict:
     TorchTrainer(loop, train_loop_config={"dir": str(out_dir)},
                  scaling_config=ray.train.ScalingConfig(num_workers=WORLD, placement_strategy="STRICT_SPREAD"),
                  run_config=ray.train.RunConfig(storage_path=str(tmp / "ddp_results"))).fit()
-    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     x_img, x_txt = full_batch()
     x_img.requires_grad_()
     x_txt.requires_grad_()
