@@ -57,6 +57,15 @@ def alignlab_home(tmp_path_factory):
         os.environ["ALIGNLAB_HOME"] = old
 
 
+# Ray's settings for the tests' tiny runs, in every cluster a test starts: Ray Train's controller
+# polls its workers every 0.2 s, not 2 (it takes one report per worker a poll); a Parquet read
+# starts one footer-reading actor, not 32 (10-20 s on 2 cores; 1 s with one);
+# and no PreemptionWatcher process per run (it polls for nodes a cloud is taking back: one
+# machine, or the fake cluster of test_scale_out, has none; 2.3 CPU-s of a tiny run's 35 s).
+RAY_TEST_PACING = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+                   "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray cluster for the whole session, with the slots the driver's own local cluster
@@ -68,16 +77,10 @@ def ray_session():
     from alignlab.platform.train import local_cluster_cpus
 
     if not ray.is_initialized():
-        # Ray's defaults for big jobs pace the tiny test runs: Ray Train's controller takes one
-        # report per worker each time it polls them (every 2 s), and every Parquet read of Ray Data
-        # starts 32 footer-reading actor processes (10-20 s on 2 cores; 1 s with one). Ray Train
-        # also starts a PreemptionWatcher process per run, which polls for nodes a cloud is taking
-        # back: one machine has none, and its start-up is 2.3 CPU-s of a tiny run's 35 s of wall
-        # on 2 cores. Drivers started from here (subprocesses too) and every process of the
-        # cluster inherit these.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray's defaults for big jobs pace the tiny test runs (RAY_TEST_PACING). Drivers started
+        # from here (subprocesses too) and every process of the cluster inherit these.
+        for key, value in RAY_TEST_PACING.items():
+            os.environ.setdefault(key, value)
         cfg = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=2",
                                  "data.compositional_split=compositional"])
         ray.init(num_cpus=local_cluster_cpus(cfg),

@@ -8,9 +8,8 @@ them at once (two trials show all of it: four, as until 2026-12-03, took 215 s o
 on 2 cores for nothing a second pair adds). The node count over time, the trials that overlapped
 (from their MLflow runs' start and end) and the wall time are printed. Run by hand (``python
 tests/test_scale_out.py OUT_DIR OUT.json``), the script also runs the same sweep capped at one
-trial at a time for the serial wall time: a figure for
-comparison, not a behaviour, so the test, which CI runs within its time budget, leaves that second
-sweep out (``--no-serial``). Then one DDP group of two Ray Train workers is placed on two nodes
+trial at a time for the serial wall time: a figure for comparison, not a behaviour, so the test,
+which CI runs within its time budget, leaves that second sweep out (``--no-serial``). Then one DDP group of two Ray Train workers is placed on two nodes
 (STRICT_SPREAD) and its global-batch contrastive loss and gradients over gloo equal one process's
 over the concatenated batch, as tests/test_global_batch.py shows for two local processes. Last,
 the cluster scales back to no worker node. The DDP group runs before that, on the nodes the sweep
@@ -244,10 +243,9 @@ def main(tmp: Path, out: Path, serial: bool = True) -> None:
     # Token authentication as cluster.yaml runs it, with a token of this cluster's own, set before
     # Ray is imported (it reads the mode once): nothing reads or writes ~/.ray/auth_token, which
     # another Ray cluster on the machine may be using.
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
-                       # the test session's pacing for tiny runs (conftest.ray_session)
-                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
-                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"})
+    from conftest import RAY_TEST_PACING
+
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex, **RAY_TEST_PACING})
     os.environ.pop("RAY_ADDRESS", None)
     import ray
 
