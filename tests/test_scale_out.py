@@ -9,13 +9,14 @@ on 2 cores for nothing a second pair adds). The node count over time, the trials
 (from their MLflow runs' start and end) and the wall time are printed. Run by hand (``python
 tests/test_scale_out.py OUT_DIR OUT.json``), the script also runs the same sweep capped at one
 trial at a time for the serial wall time: a figure for comparison, not a behaviour, so the test,
-which CI runs within its time budget, leaves that second sweep out (``--no-serial``). Then one DDP group of two Ray Train workers is placed on two nodes
-(STRICT_SPREAD) and its global-batch contrastive loss and gradients over gloo equal one process's
-over the concatenated batch, as tests/test_global_batch.py shows for two local processes. Last,
-the cluster scales back to no worker node. The DDP group runs before that, on the nodes the sweep
-left up (the autoscaler adds one where the trials shared a node). Before 2026-12-07 it waited for
-the sweep's nodes to go (6 s) and then for two new ones (7-9 s, in the printed timeline); with the
-test clusters' PreemptionWatcher off (conftest), the test alone went from 139 to 102 s.
+which CI runs within its time budget, leaves that second sweep out (``--no-serial``). Then one DDP
+group of two Ray Train workers is placed on two nodes (STRICT_SPREAD) and its global-batch
+contrastive loss and gradients over gloo equal one process's over the concatenated batch, as
+tests/test_global_batch.py shows for two local processes. Last, the cluster scales back to no
+worker node. The DDP group runs before that, on the nodes the sweep left up (the autoscaler adds
+one where the trials shared a node). Before 2026-12-07 it waited for the sweep's nodes to go (6 s)
+and then for two new ones (7-9 s, in the printed timeline); with the test clusters'
+PreemptionWatcher off (conftest), the test alone went from 139 to 102 s.
 
 The scenario runs in a subprocess (this file as a script): it needs a Ray cluster of its own,
 started with ``ray start`` and torn down by killing only that cluster's processes (``ray stop``
