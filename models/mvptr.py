@@ -54,7 +54,10 @@ Readings where the paper leaves a choice:
   encoder started from such a checkpoint's layers may read its sequence's mean as well
   (``vsc_image_pooling``).
 * One visual pass on the MCR-masked tags feeds MCR, VSC and the multi-modal encoder: tags never
-  enter the multi-modal encoder, so their masking cannot leak into MLM or ITM. The MLM pass
+  enter the multi-modal encoder, so their masking cannot leak into MLM or ITM. The paper does not
+  say which tags VSC reads; the official code's single pass reads the masked ones, and so do we
+  by default. ``MVPTRConfig.tag_pass = separate`` gives MCR a visual pass of its own on the masked
+  tags, and VSC and the multi-modal encoder the unmasked ones that evaluation sees. The MLM pass
   re-runs the textual encoder on the masked caption and chain-masked phrases, then the
   multi-modal encoder, batched with the ITM/WPG pairs into one multi-modal call (the paper
   reading of ``text_pass``; the official code's single masked pass has no MLM pass of its own).
@@ -182,6 +185,13 @@ class MVPTRConfig(Readings):
     # pairs' multi-modal outputs (BiBertImgForPreTraining.forward takes the masked input_ids_a
     # alone).
     text_pass: Literal["", "separate", "single_masked"] = ""
+    # The tags VSC and the multi-modal encoder read (§3.2-3.3). "single_masked": the visual pass
+    # on the MCR-masked tags serves MCR, VSC and the region states (the official code; the paper
+    # does not say). "separate": MCR reads a visual pass of its own on the masked tags, the rest
+    # a second one on the unmasked tags, as evaluation encodes them; a visual pass more a step,
+    # text_pass's "separate" on the visual side. Not a reading switch: the paper gives no reading
+    # to follow, and single_masked keeps every figure measured before the switch.
+    tag_pass: Literal["single_masked", "separate"] = "single_masked"
     # Phrase masking of the masked text (§3.3). "chain": a phrase is masked exactly when it holds
     # a masked word (chain masking). "chain_and_random" (official): every other phrase is also
     # masked at objectives.mlm_prob, by BERT's 80/10/10 over the phrase vocabulary, with no target
@@ -452,12 +462,14 @@ class MVPTR(PretrainingModel):
 
         # Stage 1, uni-modal. One visual pass on the MCR-masked tags serves MCR, VSC and the
         # multi-modal inputs (tags never reach the multi-modal encoder, so their masking cannot
-        # leak there).
+        # leak there), or MCR alone with tag_pass "separate".
         mcr, mlm = p.mcr and "mcr" not in self.off, "mlm" not in self.off
         vis, vmask, start = self.encode_image(batch, batch["mcr_tag_ids"] if mcr else None)
-        regions, rmask = vis[:, start:], vmask[:, start:]
         if mcr:
             losses["mcr"] = self.mcr_loss(vis[:, 1:start], batch["mcr_labels"])
+            if self.cfg.tag_pass == "separate":
+                vis, vmask, start = self.encode_image(batch)
+        regions, rmask = vis[:, start:], vmask[:, start:]
         # The text every objective but MLM reads: the unmasked caption (the paper), or the masked
         # one, which then serves MLM too (the official single pass, text_pass). Without MLM
         # nothing is masked.

@@ -573,6 +573,48 @@ def test_text_pass_decides_which_caption_vsc_itm_and_mlm_read(monkeypatch, text_
     torch.testing.assert_close(out.losses["mlm"], mlm, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tag_pass", ["single_masked", "separate"])
+def test_tag_pass_decides_which_tags_vsc_and_the_fused_regions_read(monkeypatch, tag_pass):
+    """MCR always reads the masked tags. With the single pass VSC and the multi-modal encoder read
+    that pass too; with ``tag_pass = separate`` a second visual pass on the unmasked tags feeds
+    them, so VSC's loss is the one on the tags evaluation encodes, and MCR's is unchanged."""
+    model = _model("full", f"model.mvptr.tag_pass={tag_pass}", "model.mvptr.text_pass=separate")
+    with torch.no_grad():
+        model.log_scale.fill_(math.log(200.0))  # 1/τ clamped at 100
+    batch = _batch(4)
+    tags_seen, fused_regions = [], []
+    real_image, real_fuse = model.encode_image, model.fuse
+    monkeypatch.setattr(model, "encode_image", lambda b, tag_ids=None: (
+        tags_seen.append(b["tag_ids"] if tag_ids is None else tag_ids), real_image(b, tag_ids))[1])
+    monkeypatch.setattr(model, "fuse", lambda t, tm, r, rm: (fused_regions.append(r), real_fuse(t, tm, r, rm))[1])
+    out = model(batch)
+    want = [batch["mcr_tag_ids"]] + ([batch["tag_ids"]] if tag_pass == "separate" else [])
+    assert len(tags_seen) == len(want) and all(torch.equal(a, b) for a, b in zip(tags_seen, want))
+    assert not torch.equal(batch["mcr_tag_ids"], batch["tag_ids"])  # the case tells the passes apart
+    with torch.no_grad():
+        masked, _, start = real_image(batch, batch["mcr_tag_ids"])
+        read, _, _ = real_image(batch, want[-1])
+        txt, _ = model.encode_text(batch["input_ids"], batch["attention_mask"], batch["phrase_ids"],
+                                   batch["phrase_mask"])
+        vsc = contrastive_loss(F.normalize(read[:, 0], dim=-1), F.normalize(txt[:, 0], dim=-1), torch.tensor(100.0))
+        mcr = model.mcr_loss(masked[:, 1:start], batch["mcr_labels"])
+    torch.testing.assert_close(out.losses["vsc"], vsc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.losses["mcr"], mcr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_regions[0][:4], read[:, start:], rtol=1e-5, atol=1e-5)
+    out.losses["vsc"].backward()
+    assert model.visual_cls.grad.abs().sum() > 0
+
+
+def test_tag_pass_separate_without_mcr_encodes_the_image_once(monkeypatch):
+    """Without MCR (its ablation rows, or its weight at 0) nothing is masked: one visual pass."""
+    model = _model("wo_mcr", "model.mvptr.tag_pass=separate")
+    calls = []
+    real_image = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda b, tag_ids=None: (calls.append(tag_ids), real_image(b, tag_ids))[1])
+    model(_batch(4))
+    assert calls == [None]
+
+
 @pytest.mark.parametrize("text_pass", ["separate", "single_masked"])
 def test_zero_weights_switch_off_mcr_wpg_and_mlm_as_retrieval_fine_tuning_does(monkeypatch, tmp_path, text_pass):
     """§4.2 fine-tunes retrieval with L_vsc + L_itm alone: with MCR, WPG and MLM weighted 0 the
