@@ -335,18 +335,21 @@ class FeatureQueue(nn.Module):
     @torch.no_grad()
     def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> None:
         """Write all workers' (n, d) momentum features and (n,) image ids at the pointer and
-        advance it, wrapping around. M must be a multiple of the global batch, so a batch never
-        straddles the end of the queue. A collective: every worker calls it every step."""
+        advance it; a batch that reaches the end of the queue continues at its start. ALBEF
+        requires M to be a multiple of the batch so that never happens, but a queue restored from
+        a checkpoint written at another batch size (retrieval fine-tuning at batch 64 from
+        pre-training at 32) keeps a pointer that need not be a multiple of the new batch, so
+        any batch up to M is written this way. A collective: every worker calls it every step."""
         image_all, text_all = gather_no_grad(image_feat), gather_no_grad(text_feat)
         idx_all = gather_no_grad(idx)
         size, n = self.image_queue.shape[0], image_all.shape[0]
-        if size % n:
-            raise ValueError(f"queue size {size} must be a multiple of the global batch {n} "
-                             f"(rows per worker × workers)")
+        if n > size:
+            raise ValueError(f"queue size {size} must hold the global batch {n} (rows per worker × workers)")
         ptr = int(self.ptr)
-        self.image_queue[ptr:ptr + n] = image_all
-        self.text_queue[ptr:ptr + n] = text_all
-        self.idx_queue[ptr:ptr + n] = idx_all
+        slots = (ptr + torch.arange(n, device=self.ptr.device)) % size
+        self.image_queue[slots] = image_all
+        self.text_queue[slots] = text_all
+        self.idx_queue[slots] = idx_all
         self.ptr.fill_((ptr + n) % size)
 
 

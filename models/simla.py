@@ -81,8 +81,8 @@ class SIMLAConfig(Readings):
     and block-wise image masking, PSL, and the Table-1 component switches."""
 
     momentum: float = 0.995  # EMA coefficient of the momentum encoders and heads (§2.5)
-    # Length M of the image and text feature queues (65,536 in the paper); a multiple of the
-    # global batch (data.batch_size), so small runs size it to their batch.
+    # Length M of the image and text feature queues (65,536 in the paper); at least the global
+    # batch (data.batch_size), so small runs size it to their batch.
     queue_size: int = 65536
     alpha: float = 0.4  # distillation coefficient, ramped linearly from 0 ...
     alpha_ramp_epochs: float = 1.0  # ... over this many epochs (§2.5: the first epoch)
@@ -572,9 +572,9 @@ class SIMLA(PretrainingModel):
 def check_config(cfg) -> None:
     s, img = cfg.model.simla, cfg.model.image
     components = s.components()
-    if "itc" in components and s.queue_size % cfg.data.batch_size:
-        raise ConfigError(f"config key 'model.simla.queue_size' = {s.queue_size} must be a multiple of the "
-                          f"global batch data.batch_size = {cfg.data.batch_size}")
+    if "itc" in components and s.queue_size < cfg.data.batch_size:
+        raise ConfigError(f"config key 'model.simla.queue_size' = {s.queue_size} must hold the global batch "
+                          f"data.batch_size = {cfg.data.batch_size}")
     if not 0.0 <= s.mim_ratio[0] <= s.mim_ratio[1] < 1.0:
         raise ConfigError(f"config key 'model.simla.mim_ratio' = {list(s.mim_ratio)} must be 0 <= low <= high < 1")
     if s.mim_min_block < 1:

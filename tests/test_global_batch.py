@@ -264,8 +264,14 @@ def test_single_process_hard_negatives_and_queue():
     assert torch.equal(queue.idx_queue, torch.full((6,), -1))
     queue.enqueue(torch.ones(3, 2), torch.zeros(3, 2), torch.tensor([4, 5, 6]))
     assert queue.idx_queue.tolist() == [4, 5, 6, -1, -1, -1] and int(queue.ptr) == 3
-    with pytest.raises(ValueError, match="multiple of the global batch 4"):
-        queue.enqueue(torch.ones(4, 2), torch.zeros(4, 2), torch.arange(4))
+    # A batch of 4 at pointer 3 (a queue filled at another batch size, as a resumed checkpoint
+    # holds it) continues at the start of the queue: slots 3, 4, 5, then 0.
+    queue.enqueue(torch.full((4, 2), 2.0), torch.full((4, 2), 3.0), torch.tensor([7, 8, 9, 10]))
+    assert queue.idx_queue.tolist() == [10, 5, 6, 7, 8, 9] and int(queue.ptr) == 1
+    assert queue.image_queue[:, 0].tolist() == [2.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    assert queue.text_queue[:, 0].tolist() == [3.0, 0.0, 0.0, 3.0, 3.0, 3.0]
+    with pytest.raises(ValueError, match="must hold the global batch 7"):
+        queue.enqueue(torch.ones(7, 2), torch.zeros(7, 2), torch.arange(7))
 
 
 def test_hand_computed_contrastive_loss():

@@ -288,9 +288,10 @@ def test_queues_take_each_steps_momentum_features_in_order_and_wrap():
     assert model.queue.idx_queue.tolist() == torch.cat([o[2] for o in order]).tolist()
 
 
-def test_queue_must_be_a_multiple_of_the_global_batch():
-    with pytest.raises(ConfigError, match="queue_size"):
-        load_config("simla_demo", ["model.simla.queue_size=1000"])
+def test_queue_must_hold_the_global_batch():
+    with pytest.raises(ConfigError, match="queue_size' = 16 must hold the global batch data.batch_size = 32"):
+        load_config("simla_demo", ["model.simla.queue_size=16"])
+    assert load_config("simla_demo", ["model.simla.queue_size=1000"]).model.simla.queue_size == 1000
 
 
 # --------------------------------------------------------------------------------------------
