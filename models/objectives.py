@@ -347,8 +347,9 @@ class FeatureQueue(nn.Module):
             raise ValueError(f"queue size {size} must hold the global batch {n} (rows per worker × workers)")
         ptr = int(self.ptr)
         slots = (ptr + torch.arange(n, device=self.ptr.device)) % size
-        self.image_queue[slots] = image_all
-        self.text_queue[slots] = text_all
+        # Under autocast the features are bf16 or fp16; index_put, unlike a slice, does not cast.
+        self.image_queue[slots] = image_all.to(self.image_queue.dtype)
+        self.text_queue[slots] = text_all.to(self.text_queue.dtype)
         self.idx_queue[slots] = idx_all
         self.ptr.fill_((ptr + n) % size)
 

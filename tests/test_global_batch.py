@@ -266,7 +266,9 @@ def test_single_process_hard_negatives_and_queue():
     assert queue.idx_queue.tolist() == [4, 5, 6, -1, -1, -1] and int(queue.ptr) == 3
     # A batch of 4 at pointer 3 (a queue filled at another batch size, as a resumed checkpoint
     # holds it) continues at the start of the queue: slots 3, 4, 5, then 0.
-    queue.enqueue(torch.full((4, 2), 2.0), torch.full((4, 2), 3.0), torch.tensor([7, 8, 9, 10]))
+    # (bf16 features, as autocast makes them, into the fp32 queue.)
+    queue.enqueue(torch.full((4, 2), 2.0, dtype=torch.bfloat16), torch.full((4, 2), 3.0, dtype=torch.bfloat16),
+                  torch.tensor([7, 8, 9, 10]))
     assert queue.idx_queue.tolist() == [10, 5, 6, 7, 8, 9] and int(queue.ptr) == 1
     assert queue.image_queue[:, 0].tolist() == [2.0, 1.0, 1.0, 2.0, 2.0, 2.0]
     assert queue.text_queue[:, 0].tolist() == [3.0, 0.0, 0.0, 3.0, 3.0, 3.0]
