@@ -855,7 +855,7 @@ def test_presets_validate_and_carry_the_papers_settings():
     # The packaged MobileNetV2, named portably (no site-packages path), frozen, under a 384-wide ViT.
     assert (img.trunk, img.trunk_pretrained, img.trunk_checkpoint, img.freeze_trunk) == ("mobilenet_v2", True, "", True)
     assert cpu.model.hidden_size == 384 and img.embed_dim in (0, 384) and img.timm_name == "vit_small_patch16_224"
-    assert cpu.data.image_size == img.img_size == 160 and img.patch_size == 32  # a 5x5 grid at stride 32
+    assert cpu.data.image_size == img.img_size == 224 and img.patch_size == 32  # a 7x7 grid at stride 32
     for name in ("simla_demo", "simla_flickr8k"):
         cfg = load_config(name)
         assert cfg.model.architecture == "simla" and cfg.tracking.eval_every > 0
