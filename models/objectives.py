@@ -294,6 +294,12 @@ def wpg_similarity(phrases: torch.Tensor, regions: torch.Tensor, phrase_mask: to
     return sim.sum(-1) / pm.sum(-1).clamp(min=1)
 
 
+def triplet_hinge(positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """The triplet ranking hinge (VSE++): mean over pairs of max(0, margin + s(negative) - s(positive)),
+    each negative's score set against its own positive's."""
+    return (margin + negative - positive).clamp(min=0).mean()
+
+
 def wpg_hinge(positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
     """L_wpg of MVPTR §3.3: mean over pairs of max(0, margin + S_wpg(V_i', S_i) - S_wpg(V_i, S_i)),
     with V_i' a hard negative image of text S_i.
@@ -302,7 +308,20 @@ def wpg_hinge(positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.
     margin is met and gives no gradient while the margin is violated). The authors'
     implementation clamps at zero from below, the usual triplet hinge (VSE++), and so do we.
     """
-    return (margin + negative - positive).clamp(min=0).mean()
+    return triplet_hinge(positive, negative, margin)
+
+
+def itm_ranking_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, margin: float = 0.2
+                     ) -> torch.Tensor:
+    """Retrieval fine-tuning of a cross-encoder as a ranking (UNITER §3.2 and its hard-negative
+    retrieval fine-tuning): the triplet hinge on p(match), the score the re-ranking sorts by, of
+    each positive pair against a negative that shares its image or its caption. ``*_logits`` are
+    ITM's [no-match, match] logits (N, 2), row i of each the same triplet; p(match) =
+    sigmoid(l_match - l_no-match), so the head that pre-training's :func:`itm_loss` trained scores
+    the ranking unchanged. Unlike the binary loss it asks nothing of p(match)'s level, only of its
+    order within one query's candidates, which is all a re-ranking reads."""
+    return triplet_hinge(positive_logits.float().softmax(-1)[:, 1], negative_logits.float().softmax(-1)[:, 1],
+                         margin)
 
 
 # --------------------------------------------------------------------------------------------

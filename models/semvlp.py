@@ -88,7 +88,7 @@ from alignlab.models.base import (IGNORE, Ablation, ConfigError, InputSpec, Mode
 from alignlab.models.blocks import (BertCheckpoint, PredictionHead, RegionEmbeddings, TextEmbeddings,
                                     TransformerEncoder, TransformerSize, bert_layer_plan, init_weights,
                                     sentence_embedding)
-from alignlab.models.objectives import (feature_regression_loss, itm_loss, masked_token_loss,
+from alignlab.models.objectives import (feature_regression_loss, itm_loss, itm_ranking_loss, masked_token_loss,
                                         same_item_mask, sample_hard_negatives)
 
 
@@ -121,6 +121,11 @@ class SemVLPConfig:
     # similarities, the near misses of the ranking the evaluation re-ranks.
     itm_pairs: Literal["random", "hard", "shortlist"] = "random"
     hard_temperature: float = 0.05
+    # ITM's loss: "binary" (§3.3.1: cross-entropy over [no-match, match] on every pair) or
+    # "ranking" (UNITER's hard-negative retrieval fine-tuning: the hinge of each negative pair's
+    # p(match) against its positive's, margin ``rank_margin``; needs ``itm_pairs`` hard or shortlist).
+    itm_loss: Literal["binary", "ranking"] = "binary"
+    rank_margin: float = 0.2
 
 
 MODES = ("single", "two")
@@ -167,6 +172,7 @@ class SemVLP(PretrainingModel):
         self.mode = self.modes[0]  # until the trainer's first begin_step
         self.off = self.switched_off(objectives_cfg)
         self.itm_pairs, self.hard_temperature = cfg.itm_pairs, cfg.hard_temperature
+        self.itm_ranking, self.rank_margin = cfg.itm_loss == "ranking", cfg.rank_margin
         self.negative_mode = objectives_cfg.itm_negatives
         size = TransformerSize(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
                                model_cfg.dropout)
@@ -285,9 +291,10 @@ class SemVLP(PretrainingModel):
         swap = valid & (torch.rand(n, device=image_key.device) < prob)
         return torch.where(swap, other, torch.arange(n, device=image_key.device)), ~swap
 
-    def hard_pairs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def hard_pairs(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """ITM pairing for ``itm_pairs: hard`` and ``shortlist``: (image row, text row, matched)
-        per pair. Every row's own pair, then for each image one negative caption and for each
+        per pair, and the index of each negative pair's positive (the pair sharing its image or
+        its caption). Every row's own pair, then for each image one negative caption and for each
         caption one negative image, drawn (``objectives.itm_negatives``) from softmax(S/τ) over
         the batch's captions of other images (no gradient). S is, for ``hard``, the cosine of the
         captions' mean-pooled text-stream states (image i stands for its caption i); for
@@ -309,13 +316,13 @@ class SemVLP(PretrainingModel):
         neg_image, ok_text = sample_hard_negatives(scores.t() / self.hard_temperature, same, self.negative_mode)
         image_rows = torch.cat([rows, rows[ok_image], neg_image[ok_text]])
         text_rows = torch.cat([rows, neg_text[ok_image], rows[ok_text]])
-        return image_rows, text_rows, image_rows == text_rows
+        return image_rows, text_rows, image_rows == text_rows, torch.cat([rows[ok_image], rows[ok_text]])
 
     def forward(self, batch):
         mode = self.mode
         on = {t for t in PREDICTION_TASKS if f"{t}_{mode}" not in self.off}
         if self.itm_pairs != "random":
-            image_rows, text_rows, matched = self.hard_pairs(batch)
+            image_rows, text_rows, matched, positive_of = self.hard_pairs(batch)
         else:
             text_rows, matched = self.mismatch(batch["image_key"])
             image_rows = torch.arange(len(text_rows), device=text_rows.device)
@@ -346,14 +353,26 @@ class SemVLP(PretrainingModel):
 
         pooled = self.pooled(mode, o, h)
         itm_logits = self.itm_head(pooled)
-        losses[f"itm_{mode}"] = itm_loss(itm_logits, matched)
+        metrics = {"mode_single": torch.tensor(float(mode == "single"))}
+        if self.itm_pairs != "random" and len(positive_of):
+            # hard_pairs puts the n positives first, then the negatives in positive_of's order.
+            n = len(matched) - len(positive_of)
+            positive_logits, negative_logits = itm_logits[:n][positive_of], itm_logits[n:]
+            with torch.no_grad():
+                log_odds = (itm_logits[:, 1] - itm_logits[:, 0]).float()
+                metrics[f"itm_rank_acc_{mode}"] = (log_odds[:n][positive_of] > log_odds[n:]).float().mean()
+        if self.itm_ranking:
+            # A batch of one image's captions only has no negative to rank against.
+            losses[f"itm_{mode}"] = (itm_ranking_loss(positive_logits, negative_logits, self.rank_margin)
+                                     if len(positive_of) else itm_logits.sum() * 0.0)
+        else:
+            losses[f"itm_{mode}"] = itm_loss(itm_logits, matched)
         if self.qa_head is not None and "qa" in on and "answer_labels" in batch:
             answers = batch["answer_labels"][text_rows].masked_fill(~matched, IGNORE)
             losses[f"qa_{mode}"] = masked_token_loss(self.qa_head(pooled), answers)
 
         with torch.no_grad():
-            itm_acc = (itm_logits.argmax(-1) == matched.long()).float().mean()
-        metrics = {"mode_single": torch.tensor(float(mode == "single")), f"itm_acc_{mode}": itm_acc}
+            metrics[f"itm_acc_{mode}"] = (itm_logits.argmax(-1) == matched.long()).float().mean()
         return ModelOutput(losses=losses, metrics=metrics)
 
 
@@ -372,6 +391,13 @@ def check_config(cfg) -> None:
         raise ConfigError(f"config key 'model.semvlp.cross_layer' = {layers} leaves no cross-attending layer, so "
                           f"two-stream mode (model.semvlp.mode = {s.mode!r}) could not fuse; use L_s < "
                           f"{layers} or mode 'single'")
+    if s.itm_loss == "ranking" and s.itm_pairs == "random":
+        raise ConfigError("config key 'model.semvlp.itm_loss' = 'ranking' sets each negative pair against the "
+                          "positive it shares an image or caption with, which model.semvlp.itm_pairs = 'random' "
+                          "does not keep: set model.semvlp.itm_pairs to 'hard' or 'shortlist'")
+    if not 0.0 < s.rank_margin < 1.0:
+        raise ConfigError(f"config key 'model.semvlp.rank_margin' = {s.rank_margin} must be in (0, 1): it "
+                          f"separates two probabilities")
     if not 0.0 <= s.single_prob <= 1.0:
         raise ConfigError(f"config key 'model.semvlp.single_prob' = {s.single_prob} must be in [0, 1]")
     if resolved_eval_mode(s) not in run_modes(s):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from alignlab.models.objectives import (contrastive_loss, hard_negative_weights, masked_token_loss,
+from alignlab.models.objectives import (contrastive_loss, hard_negative_weights, itm_ranking_loss, masked_token_loss,
                                         same_item_mask, sample_hard_negatives)
 
 
@@ -76,3 +76,16 @@ def test_masked_token_loss_only_counts_masked_positions():
     assert logits.grad[0, 0].abs().sum() == 0 and logits.grad[0, 2].abs().sum() == 0
     none = masked_token_loss(logits, torch.full((1, 3), -100))
     assert none.item() == 0.0 and none.requires_grad
+
+
+def test_itm_ranking_loss_by_hand():
+    """p(match) = sigmoid(l_match - l_no-match): log-odds 2 and 0 give 0.881 and 0.5; with margin
+    0.2 the first triplet (positive 0.881, negative 0.5) meets it, the second (positive 0.5,
+    negative 0.881) costs 0.2 + 0.381, so the mean is 0.2905."""
+    positive = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    negative = torch.tensor([[3.0, 3.0], [-1.0, 1.0]])
+    p_high = torch.sigmoid(torch.tensor(2.0)).item()
+    expected = (0.0 + (0.2 + p_high - 0.5)) / 2
+    assert itm_ranking_loss(positive, negative, margin=0.2).item() == pytest.approx(expected, abs=1e-6)
+    # A triplet whose margin is met costs nothing, however far from 0 and 1 its p(match) lie.
+    assert itm_ranking_loss(torch.tensor([[0.0, 9.0]]), torch.tensor([[0.0, -9.0]])).item() == 0.0

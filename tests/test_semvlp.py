@@ -379,8 +379,9 @@ def test_hard_pairs_draw_the_most_similar_caption_of_another_image():
     b = _clean_batch()
     b["input_ids"][3] = b["input_ids"][0]
     b["image_key"] = torch.tensor([0, 1, 2, 3, 4, 4])
-    image_rows, text_rows, matched = model.hard_pairs(b)
+    image_rows, text_rows, matched, positive_of = model.hard_pairs(b)
     n = 6
+    assert positive_of.tolist() == list(range(n)) * 2
     assert image_rows.shape == text_rows.shape == (3 * n,)
     assert matched.tolist() == [True] * n + [False] * 2 * n
     assert (image_rows[:n] == torch.arange(n)).all() and (text_rows[:n] == torch.arange(n)).all()
@@ -403,7 +404,7 @@ def test_shortlist_pairs_draw_each_images_and_each_captions_nearest_miss_by_the_
     b["image_key"] = torch.tensor([0, 1, 2, 3, 4, 4])
     scores = torch.rand(6, 6, generator=torch.Generator().manual_seed(3))
     b["shortlist_scores"] = scores
-    image_rows, text_rows, matched = model.hard_pairs(b)
+    image_rows, text_rows, matched, _ = model.hard_pairs(b)
     n = 6
     assert matched.tolist() == [True] * n + [False] * 2 * n
     others = scores.masked_fill(b["image_key"][:, None] == b["image_key"][None, :], -1.0)
@@ -425,17 +426,51 @@ def test_retrieval_itm_loss_is_cross_entropy_over_positives_and_both_negatives()
     b = _clean_batch()
     out = model(b)
     assert set(out.losses) == {"itm_single"}
-    image_rows, text_rows, matched = model.hard_pairs(b)
+    image_rows, text_rows, matched, _ = model.hard_pairs(b)
+    expected = torch.nn.functional.cross_entropy(_pair_logits(model, b, image_rows, text_rows), matched.long())
+    torch.testing.assert_close(out.losses["itm_single"], expected, rtol=1e-4, atol=1e-5)
+    out.losses["itm_single"].backward()
+    assert next(model.itm_head.parameters()).grad is not None
+    assert all(p.grad is None for p in model.mlm_head.parameters())
+
+
+def _pair_logits(model, b, image_rows, text_rows):
+    """ITM's logits of each (image row, text row) pair encoded by itself, in single-stream mode."""
     logits = []
     for i, t in zip(image_rows.tolist(), text_rows.tolist()):
         x, mask = model.embed_objects(b["region_features"][i:i + 1], b["boxes"][i:i + 1], b["region_mask"][i:i + 1])
         o, h = model.encode("single", x, mask, b["input_ids"][t:t + 1], b["attention_mask"][t:t + 1])
         logits.append(model.itm_head(model.pooled("single", o, h)))
-    expected = torch.nn.functional.cross_entropy(torch.cat(logits), matched.long())
-    torch.testing.assert_close(out.losses["itm_single"], expected, rtol=1e-4, atol=1e-5)
+    return torch.cat(logits)
+
+
+def test_ranking_itm_loss_hinges_each_negative_on_its_own_positive():
+    """``itm_loss: ranking``: mean over the 2n negatives of max(0, m + p(negative) - p(its
+    positive)), p = p(match) of the pair encoded by itself; rows 4 and 5 show one image, so they
+    stay each other's non-negatives and the hinge still pairs every negative with its own row."""
+    model = _model(*RETRIEVAL, "model.semvlp.itm_loss=ranking", "model.semvlp.rank_margin=0.3").eval()
+    model.begin_step(0, 10)
+    b = _clean_batch()
+    b["image_key"] = torch.tensor([0, 1, 2, 3, 4, 4])
+    out = model(b)
+    image_rows, text_rows, matched, positive_of = model.hard_pairs(b)
+    p = _pair_logits(model, b, image_rows, text_rows).softmax(-1)[:, 1]
+    n = 6
+    pos = p[:n][positive_of]
+    by_hand = torch.stack([max(torch.tensor(0.0), 0.3 + neg - q) for neg, q in zip(p[n:], pos)]).mean()
+    torch.testing.assert_close(out.losses["itm_single"], by_hand, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.metrics["itm_rank_acc_single"], (pos > p[n:]).float().mean())
     out.losses["itm_single"].backward()
-    assert next(model.itm_head.parameters()).grad is not None
-    assert all(p.grad is None for p in model.mlm_head.parameters())
+    assert next(model.itm_head.parameters()).grad.abs().sum() > 0
+
+
+def test_ranking_itm_loss_needs_pairs_that_keep_their_positive():
+    with pytest.raises(ConfigError, match="model.semvlp.itm_pairs to 'hard' or 'shortlist'"):
+        _cfg("model.semvlp.itm_loss=ranking")
+    with pytest.raises(ConfigError, match="rank_margin"):
+        _cfg(*RETRIEVAL, "model.semvlp.itm_loss=ranking", "model.semvlp.rank_margin=1.0")
+    with pytest.raises(ConfigError, match="binary.*ranking|ranking.*binary"):
+        _cfg(*RETRIEVAL, "model.semvlp.itm_loss=rank")
 
 
 def test_shared_encoder_initialises_from_bert(tmp_path):
