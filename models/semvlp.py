@@ -361,7 +361,9 @@ class SemVLP(PretrainingModel):
         pooled = self.pooled(mode, o, h)
         itm_logits = self.itm_head(pooled)
         metrics = {"mode_single": torch.tensor(float(mode == "single"))}
-        if self.itm_pairs != "random" and len(positive_of):
+        # A batch of one image's captions only has no negative to rank against.
+        ranked = self.itm_pairs != "random" and len(positive_of) > 0
+        if ranked:
             # hard_pairs puts the n positives first, then the negatives in positive_of's order.
             n = len(matched) - len(positive_of)
             positive_logits, negative_logits = itm_logits[:n][positive_of], itm_logits[n:]
@@ -369,9 +371,8 @@ class SemVLP(PretrainingModel):
                 log_odds = (itm_logits[:, 1] - itm_logits[:, 0]).float()
                 metrics[f"itm_rank_acc_{mode}"] = (log_odds[:n][positive_of] > log_odds[n:]).float().mean()
         if self.itm_ranking:
-            # A batch of one image's captions only has no negative to rank against.
             losses[f"itm_{mode}"] = (itm_ranking_loss(positive_logits, negative_logits, self.rank_margin)
-                                     if len(positive_of) else itm_logits.sum() * 0.0)
+                                     if ranked else itm_logits.sum() * 0.0)
         else:
             losses[f"itm_{mode}"] = itm_loss(itm_logits, matched)
         if self.qa_head is not None and "qa" in on and "answer_labels" in batch:

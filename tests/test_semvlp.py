@@ -456,6 +456,9 @@ def test_ranking_itm_loss_hinges_each_negative_on_its_own_positive():
     image_rows, text_rows, matched, positive_of = model.hard_pairs(b)
     p = _pair_logits(model, b, image_rows, text_rows).softmax(-1)[:, 1]
     n = 6
+    keys = b["image_key"]
+    assert (keys[image_rows[n:]] != keys[text_rows[n:]]).all()  # no negative shows its own image
+    assert ((image_rows[n:] == positive_of) | (text_rows[n:] == positive_of)).all()  # each shares one side
     pos = p[:n][positive_of]
     by_hand = torch.stack([max(torch.tensor(0.0), 0.3 + neg - q) for neg, q in zip(p[n:], pos)]).mean()
     torch.testing.assert_close(out.losses["itm_single"], by_hand, rtol=1e-4, atol=1e-5)
